@@ -1,0 +1,42 @@
+"""clipcrop-jax: ClipCrop (text/image-conditioned cropping) on Scenic's OWL-ViT, in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.5.0",
+    "flax>=0.10.0",
+    "numpy>=1.26",
+    "msgpack>=1.0",
+    "safetensors>=0.4",
+    "instant-clip-tokenizer>=0.1.1",
+    "ftfy>=6.1",
+    "Pillow>=10.0",
+    "scipy>=1.11",
+    "ml-collections>=0.1.1",
+    "absl-py>=2.0",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    # Parity tests against Hugging Face transformers need torch (CPU build) + transformers.
+    "test": [
+        "pytest>=8.0",
+        "torch==2.13.0",
+        "transformers>=4.45",
+        "scikit-image>=0.22",
+    ],
+}
+
+setuptools.setup(
+    name="clipcrop-jax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["clipcrop_jax", "clipcrop_jax.*"]),
+    package_data={"clipcrop_jax": ["assets/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
