@@ -1,0 +1,100 @@
+"""OWL-ViT detection heads with Scenic's names (`scenic/projects/owl_vit/layers.py`, `utils.py`).
+
+* `ClassPredictor` (`class_head`): Dense_0 to the query space D, cosine similarity with the queries,
+  a learned per-token shift and scale (`logit_shift`, `logit_scale`), padding queries set to -1e6.
+* `PredictorMLP` (`obj_box_head`, `objectness_head`): 3 Dense layers with tanh-approximate GELU.
+* `compute_box_bias`: Scenic's 'both' box bias (grid corners + patch size, in logit space).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NORM_EPS = 1e-6
+PADDING_QUERY_LOGIT = -1e6
+BOX_BIAS_EPS = 1e-4
+
+
+class ClassPredictor(nn.Module):
+  """Open-vocabulary class head (normalize=True, as in every released OWL-ViT).
+
+  Attributes:
+    out_dim: D, the query embedding size.
+    dtype: compute dtype.
+  """
+
+  out_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, query_embeddings: Optional[jax.Array] = None,
+               query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """Scores image tokens against queries.
+
+    Args:
+      x: image features (B, P, W).
+      query_embeddings: (B, Q, D) or None.
+      query_mask: (B, Q), nonzero = real query; zero entries get logit -1e6.
+
+    Returns:
+      {'class_embeddings': (B, P, D)} — unnormalised when no queries are given (Scenic), L2-normalised
+      (norm + 1e-6) otherwise — plus 'pred_logits' (B, P, Q) when queries are given.
+    """
+    e = nn.Dense(self.out_dim, dtype=self.dtype, name='Dense_0')(x)
+    if query_embeddings is None:
+      return {'class_embeddings': e}
+    e = e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + NORM_EPS)
+    q = query_embeddings / (jnp.linalg.norm(query_embeddings, axis=-1, keepdims=True) + NORM_EPS)
+    logits = jnp.einsum('bpd,bqd->bpq', e, q.astype(e.dtype))
+    shift = nn.Dense(1, dtype=self.dtype, name='logit_shift')(x)
+    scale = jax.nn.elu(nn.Dense(1, dtype=self.dtype, name='logit_scale')(x)) + 1
+    logits = (logits + shift) * scale
+    if query_mask is not None:
+      logits = jnp.where(query_mask[:, None, :] == 0, PADDING_QUERY_LOGIT, logits)
+    return {'pred_logits': logits, 'class_embeddings': e}
+
+
+class PredictorMLP(nn.Module):
+  """Dense(W) -> gelu -> Dense(W) -> gelu -> Dense(out_dim); gelu is tanh-approximate (Flax default).
+
+  Attributes:
+    out_dim: output size (4 for boxes, 1 for objectness).
+    num_layers: number of Dense layers (3).
+    hidden_dim: hidden width; None = input width (Scenic).
+    dtype: compute dtype.
+  """
+
+  out_dim: int
+  num_layers: int = 3
+  hidden_dim: Optional[int] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = self.hidden_dim or x.shape[-1]
+    for i in range(self.num_layers - 1):
+      x = nn.gelu(nn.Dense(hidden, dtype=self.dtype, name=f'Dense_{i}')(x), approximate=True)
+    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                    name=f'Dense_{self.num_layers - 1}')(x)
+
+
+def compute_box_bias(grid_h: int, grid_w: int) -> jax.Array:
+  """Scenic's 'both' box bias for an h×w feature map, (h·w, 4) float32 in logit space.
+
+  Token (r, c) (row-major) gets centre bias logit((c+1)/w), logit((r+1)/h) — the grid *corners*, as
+  Scenic — and size bias logit(1/w) for both width and height (Scenic uses the grid width for both).
+  logit(z) = log(z + 1e-4) - log1p(-z + 1e-4).
+  """
+  xs = jnp.arange(1, grid_w + 1, dtype=jnp.float32) / grid_w
+  ys = jnp.arange(1, grid_h + 1, dtype=jnp.float32) / grid_h
+  xx, yy = jnp.meshgrid(xs, ys)  # (h, w) each; row-major flattening below
+  coords = jnp.clip(jnp.stack([xx, yy], axis=-1).reshape(-1, 2), 0.0, 1.0)
+  logit = lambda z: jnp.log(z + BOX_BIAS_EPS) - jnp.log1p(-z + BOX_BIAS_EPS)
+  xy_bias = logit(coords)
+  wh_bias = logit(jnp.full_like(xy_bias, 1.0 / grid_w))
+  return jnp.concatenate([xy_bias, wh_bias], axis=-1)
