@@ -236,3 +236,18 @@ def test_detect_cli_bad_image_is_one_line_error(tmp_path, capsys):
                     '--out', str(tmp_path / 'o.png')])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and 'bad.jpg' in err and '\n' not in err
+
+
+def test_class_head_terms_reused_across_queries_match_class_predictor(tiny):
+  """Precomputed image-side terms + a new query give the same logits as the full class head."""
+  module, variables = tiny
+  images = _images(module.config)
+  fmap = module.apply(variables, images, method=module.image_embedder)
+  feats = fmap.reshape(2, -1, fmap.shape[-1])
+  terms = module.apply(variables, feats, method=module.class_head_terms)
+  for texts in (['a cat'], ['a dog', 'the sky']):
+    text = jnp.asarray(np.stack([tokenizer.tokenize(texts)] * 2))
+    q = module.apply(variables, text, method=module.text_embedder)
+    want = module.apply(variables, feats, q, text[..., 0] > 0, method=module.class_predictor)
+    got = heads.logits_from_image_terms(terms, q, text[..., 0] > 0)
+    np.testing.assert_allclose(got, want['pred_logits'], atol=1e-5)

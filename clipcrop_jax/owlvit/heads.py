@@ -20,8 +20,36 @@ PADDING_QUERY_LOGIT = -1e6
 BOX_BIAS_EPS = 1e-4
 
 
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """x / (‖x‖₂ + 1e-6) over the last axis (epsilon on the norm, as Scenic)."""
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def logits_from_image_terms(terms: dict[str, jax.Array], query_embeddings: jax.Array,
+                            query_mask: Optional[jax.Array] = None) -> jax.Array:
+  """Class logits from precomputed image-side terms (see `ClassPredictor.image_terms`).
+
+  Args:
+    terms: {'class_embeddings' (B, P, D) L2-normalised, 'logit_shift' (B, P, 1),
+      'logit_scale' (B, P, 1) already ELU+1}.
+    query_embeddings: (B, Q, D), unnormalised.
+    query_mask: (B, Q), zero = padding query -> logit -1e6.
+
+  Returns:
+    (B, P, Q) logits = (cos(e, q) + shift) * scale.
+  """
+  e = terms['class_embeddings']
+  q = _l2_normalize(query_embeddings).astype(e.dtype)
+  logits = (jnp.einsum('bpd,bqd->bpq', e, q) + terms['logit_shift']) * terms['logit_scale']
+  if query_mask is not None:
+    logits = jnp.where(query_mask[:, None, :] == 0, PADDING_QUERY_LOGIT, logits)
+  return logits
+
+
 class ClassPredictor(nn.Module):
   """Open-vocabulary class head (normalize=True, as in every released OWL-ViT).
+
+  Parameters: `Dense_0` (W -> D), `logit_shift` (W -> 1), `logit_scale` (W -> 1).
 
   Attributes:
     out_dim: D, the query embedding size.
@@ -31,7 +59,21 @@ class ClassPredictor(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.Dense_0 = nn.Dense(self.out_dim, dtype=self.dtype)  # pylint: disable=invalid-name
+    self.logit_shift = nn.Dense(1, dtype=self.dtype)
+    self.logit_scale = nn.Dense(1, dtype=self.dtype)
+
+  def image_terms(self, x: jax.Array) -> dict[str, jax.Array]:
+    """The query-independent part for image features x (B, P, W), reusable across queries.
+
+    Returns {'class_embeddings' (B, P, D) L2-normalised, 'logit_shift' (B, P, 1),
+    'logit_scale' (B, P, 1) = ELU(.) + 1}.
+    """
+    return {'class_embeddings': _l2_normalize(self.Dense_0(x)),
+            'logit_shift': self.logit_shift(x),
+            'logit_scale': jax.nn.elu(self.logit_scale(x)) + 1}
+
   def __call__(self, x: jax.Array, query_embeddings: Optional[jax.Array] = None,
                query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Scores image tokens against queries.
@@ -45,18 +87,13 @@ class ClassPredictor(nn.Module):
       {'class_embeddings': (B, P, D)} — unnormalised when no queries are given (Scenic), L2-normalised
       (norm + 1e-6) otherwise — plus 'pred_logits' (B, P, Q) when queries are given.
     """
-    e = nn.Dense(self.out_dim, dtype=self.dtype, name='Dense_0')(x)
     if query_embeddings is None:
-      return {'class_embeddings': e}
-    e = e / (jnp.linalg.norm(e, axis=-1, keepdims=True) + NORM_EPS)
-    q = query_embeddings / (jnp.linalg.norm(query_embeddings, axis=-1, keepdims=True) + NORM_EPS)
-    logits = jnp.einsum('bpd,bqd->bpq', e, q.astype(e.dtype))
-    shift = nn.Dense(1, dtype=self.dtype, name='logit_shift')(x)
-    scale = jax.nn.elu(nn.Dense(1, dtype=self.dtype, name='logit_scale')(x)) + 1
-    logits = (logits + shift) * scale
-    if query_mask is not None:
-      logits = jnp.where(query_mask[:, None, :] == 0, PADDING_QUERY_LOGIT, logits)
-    return {'pred_logits': logits, 'class_embeddings': e}
+      if self.is_initializing():  # create every parameter, as Scenic's init does
+        self.image_terms(x)
+      return {'class_embeddings': self.Dense_0(x)}
+    terms = self.image_terms(x)
+    return {'pred_logits': logits_from_image_terms(terms, query_embeddings, query_mask),
+            'class_embeddings': terms['class_embeddings']}
 
 
 class PredictorMLP(nn.Module):

@@ -87,6 +87,11 @@ class TextZeroShotDetectionModule(nn.Module):
     """image_features (B, P, W) -> {'class_embeddings' (B, P, D), ['pred_logits' (B, P, Q)]}."""
     return self.class_head(image_features, query_embeddings, query_mask)
 
+  def class_head_terms(self, image_features: jax.Array) -> dict[str, jax.Array]:
+    """Query-independent class-head terms for (B, P, W) features; reuse them across many queries
+    with `heads.logits_from_image_terms` so a new query costs only the text encoder."""
+    return self.class_head.image_terms(image_features)
+
   def box_predictor(self, image_features: jax.Array,
                     feature_map: jax.Array) -> dict[str, jax.Array]:
     """image_features (B, P, W), feature_map (B, h, w, W) -> {'pred_boxes': (B, P, 4) cxcywh}."""
