@@ -251,3 +251,27 @@ def test_class_head_terms_reused_across_queries_match_class_predictor(tiny):
     want = module.apply(variables, feats, q, text[..., 0] > 0, method=module.class_predictor)
     got = heads.logits_from_image_terms(terms, q, text[..., 0] > 0)
     np.testing.assert_allclose(got, want['pred_logits'], atol=1e-5)
+
+
+def test_per_head_attention_equals_batched_with_mask():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 5, 64), dtype=np.float32)) for _ in range(3))
+  mask = jnp.asarray(rng.random((2, 1, 5, 5)) > 0.3)
+  with jax.default_matmul_precision('highest'):
+    a = clip_lib.dot_product_attention(q, k, v, mask, per_head=False)
+    b = clip_lib.dot_product_attention(q, k, v, mask, per_head=True)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  # Oracle: plain numpy softmax attention.
+  logits = np.einsum('bhqd,bhkd->bhqk', np.asarray(q), np.asarray(k))
+  logits = np.where(np.asarray(mask), logits, np.finfo(np.float32).min)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  np.testing.assert_allclose(a, np.einsum('bhqk,bhkd->bhqd', w, np.asarray(v)), atol=1e-5)
+
+
+def test_package_exports():
+  from clipcrop_jax import owlvit  # pylint: disable=g-import-not-at-top
+  assert owlvit.tokenize('a photo of a cat')[0, :7].tolist() == [
+      49406, 320, 1125, 539, 320, 2368, 49407]
+  assert owlvit.get_config('clip_b32').grid_size == 24
+  assert callable(owlvit.load_checkpoint) and callable(owlvit.preprocess)

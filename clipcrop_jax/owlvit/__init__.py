@@ -1,0 +1,29 @@
+"""Scenic-compatible OWL-ViT / OWLv2 in Flax: model, checkpoints, tokenizer, preprocessing.
+
+  from clipcrop_jax import owlvit
+  module, variables = owlvit.load_checkpoint('owl2-b16-960-st-ngrams_c7e1b9a')  # or an HF dir
+  pixels = owlvit.preprocess(owlvit.load_image('cat.jpg'), module.config.image_size)[None]
+  tokens = owlvit.tokenize(['a cat', 'a remote'])[None]
+  out = module.apply(variables, pixels, tokens)   # pred_boxes, pred_logits, ...
+"""
+
+from clipcrop_jax.owlvit.checkpoints import CheckpointError
+from clipcrop_jax.owlvit.checkpoints import load_checkpoint
+from clipcrop_jax.owlvit.checkpoints import save_scenic_checkpoint
+from clipcrop_jax.owlvit.configs import CONFIGS
+from clipcrop_jax.owlvit.configs import get_config
+from clipcrop_jax.owlvit.configs import OwlViTConfig
+from clipcrop_jax.owlvit.image_query import embed_image_query
+from clipcrop_jax.owlvit.model import init_variables
+from clipcrop_jax.owlvit.model import TextZeroShotDetectionModule
+from clipcrop_jax.owlvit.preprocess import boxes_cxcywh_to_pixels_xyxy
+from clipcrop_jax.owlvit.preprocess import ImageError
+from clipcrop_jax.owlvit.preprocess import load_image
+from clipcrop_jax.owlvit.preprocess import preprocess
+from clipcrop_jax.owlvit.tokenizer import tokenize
+
+__all__ = [
+    'CheckpointError', 'load_checkpoint', 'save_scenic_checkpoint', 'CONFIGS', 'get_config',
+    'OwlViTConfig', 'embed_image_query', 'init_variables', 'TextZeroShotDetectionModule',
+    'boxes_cxcywh_to_pixels_xyxy', 'ImageError', 'load_image', 'preprocess', 'tokenize',
+]
