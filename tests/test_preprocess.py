@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.owlvit.preprocess (loading, recipes, box geometry)."""
+"""Tests for clipcrop_jax.owlvit.preprocessing (loading, recipes, box geometry)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from PIL import Image
 from PIL import ImageFile
 import pytest
 
-from clipcrop_jax.owlvit import preprocess as pp
+from clipcrop_jax.owlvit import preprocessing as pp
 
 RNG_SEED = 1234
 

@@ -16,10 +16,10 @@ from clipcrop_jax.owlvit.configs import OwlViTConfig
 from clipcrop_jax.owlvit.image_query import embed_image_query
 from clipcrop_jax.owlvit.model import init_variables
 from clipcrop_jax.owlvit.model import TextZeroShotDetectionModule
-from clipcrop_jax.owlvit.preprocess import boxes_cxcywh_to_pixels_xyxy
-from clipcrop_jax.owlvit.preprocess import ImageError
-from clipcrop_jax.owlvit.preprocess import load_image
-from clipcrop_jax.owlvit.preprocess import preprocess
+from clipcrop_jax.owlvit.preprocessing import boxes_cxcywh_to_pixels_xyxy
+from clipcrop_jax.owlvit.preprocessing import ImageError
+from clipcrop_jax.owlvit.preprocessing import load_image
+from clipcrop_jax.owlvit.preprocessing import preprocess
 from clipcrop_jax.owlvit.tokenizer import tokenize
 
 __all__ = [

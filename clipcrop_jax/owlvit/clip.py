@@ -162,7 +162,7 @@ def truncate_positional_embedding(posemb: jax.Array, grid_hw: tuple[int, int]) -
   if h > native or w > native:
     raise ValueError(
         f'Input grid {h}x{w} is larger than the checkpoint\'s native {native}x{native} grid; '
-        'resize the image to the model\'s image size (see clipcrop_jax.owlvit.preprocess).')
+        'resize the image to the model\'s image size (see clipcrop_jax.owlvit.preprocessing).')
   patches = posemb[1:].reshape(native, native, -1)[:h, :w].reshape(h * w, -1)
   return jnp.concatenate([posemb[:1], patches], axis=0)
 

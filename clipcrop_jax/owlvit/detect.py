@@ -61,7 +61,7 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str], top_k: 
     Detections sorted by query order, then score (descending).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import preprocess as pp  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
 
   if not queries:
@@ -130,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--seed', type=int, default=0, help='Seed for --random-init.')
   args = parser.parse_args(argv)
 
-  from clipcrop_jax.owlvit import preprocess as pp  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   try:
     image = pp.load_image(args.image) if args.image else demo_image()
     module, variables, model_id = _build_model(args)

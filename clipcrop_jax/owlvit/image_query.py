@@ -73,7 +73,7 @@ def embed_image_query(module, variables, query_image: Any,
     module: a `TextZeroShotDetectionModule`.
     variables: its variables.
     query_image: float32 (S, S, 3) or (1, S, S, 3) in [0, 1], already preprocessed
-      (`preprocess.preprocess`).
+      (`clipcrop_jax.owlvit.preprocess`).
     box_xyxy: the region of interest (x0, y0, x1, y1) in [0, 1] of the *preprocessed* (padded
       square) query image; default the whole image.
 

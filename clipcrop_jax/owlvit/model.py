@@ -2,7 +2,7 @@
 
 Top-level parameters: `backbone` (CLIP + `merged_class_token` LayerNorm), `class_head`,
 `obj_box_head`, and `objectness_head` for OWLv2. Images enter as float32 (B, S, S, 3) in [0, 1],
-already padded and resized (see `preprocess.py`); the CLIP mean/std normalisation happens inside.
+already padded and resized (see `preprocessing.py`); the CLIP mean/std normalisation happens inside.
 Boxes leave as cxcywh in [0, 1] of that padded square.
 """
 
