@@ -275,3 +275,46 @@ def test_package_exports():
       49406, 320, 1125, 539, 320, 2368, 49407]
   assert owlvit.get_config('clip_b32').grid_size == 24
   assert callable(owlvit.load_checkpoint) and callable(owlvit.preprocess)
+
+
+def test_encode_images_matches_full_forward(tiny):
+  module, variables = tiny
+  images = _images(module.config)
+  text = jnp.asarray(np.stack([tokenizer.tokenize(['a cat', 'a dog'])] * 2))
+  full = module.apply(variables, images, text)
+  enc = model_lib.encode_images(module, variables, images)
+  q = model_lib.embed_texts(module, variables, text)
+  np.testing.assert_allclose(enc['pred_boxes'], full['pred_boxes'], atol=1e-6)
+  np.testing.assert_allclose(enc['objectness_logits'], full['objectness_logits'], atol=1e-5)
+  np.testing.assert_allclose(q, full['query_embeddings'], atol=1e-5)
+  logits = heads.logits_from_image_terms(enc['class_terms'], q, text[..., 0] > 0)
+  np.testing.assert_allclose(logits, full['pred_logits'], atol=1e-5)
+
+
+def test_detect_with_image_query_uses_one_shot_embedding(tiny, tmp_path):
+  """An image query scores the target with the embedding chosen by Scenic's one-shot rule."""
+  module, variables = tiny
+  image = detect.demo_image(96, 96)
+  query = detect.ImageQuery('self', image)
+  dets = detect.detect(module, variables, image, [], top_k=2, image_queries=[query])
+  emb = detect.query_embeddings(module, variables, image_queries=[query])
+  pixels = image.astype(np.float32)[None] / 255  # square 96 px: preprocessing is the identity
+  want_emb, _ = image_query.embed_image_query(module, variables, pixels[0])
+  np.testing.assert_allclose(emb[0], want_emb, atol=1e-6)
+  fmap = module.apply(variables, jnp.asarray(pixels), method=module.image_embedder)
+  logits = module.apply(variables, fmap.reshape(1, -1, fmap.shape[-1]), emb[None],
+                        method=module.class_predictor)['pred_logits'][0, :, 0]
+  order = np.argsort(-np.asarray(logits))
+  assert [d.token for d in dets] == order[:2].tolist() and dets[0].query == 'self'
+  assert dets[0].score == pytest.approx(float(jax.nn.sigmoid(logits[order[0]])), abs=1e-5)
+  # CLI: text and image queries together; a box on the example image.
+  path = tmp_path / 'example.png'
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(image).save(path)
+  rc = detect.main(['--random-init', 'tiny', '--query', 'a red square', '--query-image', str(path),
+                    '--query-box', '10,10,60,60', '--top-k', '1',
+                    '--out', str(tmp_path / 'o.png')])
+  assert rc == 0
+  rc = detect.main(['--random-init', 'tiny', '--query-image', str(path), '--query-box', '5,5,1,1',
+                    '--out', str(tmp_path / 'o.png')])
+  assert rc == 2

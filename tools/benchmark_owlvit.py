@@ -93,19 +93,10 @@ def main():
   forward = jax.jit(module.apply)
 
   @jax.jit
-  def encode_image(v, x):
-    """Everything query-independent, once per image: boxes and the class-head image terms."""
-    def fn(mdl, x):
-      fmap = mdl.image_embedder(x)
-      feats = fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
-      return mdl.class_head_terms(feats), mdl.box_predictor(feats, fmap)['pred_boxes']
-    return module.apply(v, x, method=fn)
-
-  @jax.jit
-  def score_query(v, terms, q):
+  def score_query(v, class_terms, q):
     """Per query: the text encoder and a (P, D) x (D,) product."""
-    emb = module.apply(v, q, method=module.text_embedder)
-    return heads.logits_from_image_terms(terms, emb, q[..., 0] > 0)
+    emb = model_lib.embed_texts(module, v, q)
+    return heads.logits_from_image_terms(class_terms, emb, q[..., 0] > 0)
 
   x = jnp.asarray(image)
   q1 = jnp.asarray(tokens[None, :1])
@@ -114,8 +105,10 @@ def main():
     jax.block_until_ready(forward(variables, x, q1))
 
   def ours_ten():
-    terms, boxes = encode_image(variables, x)
-    outs = [score_query(variables, terms, jnp.asarray(tokens[None, i:i + 1])) for i in range(10)]
+    encoded = model_lib.encode_images(module, variables, x)  # once per image
+    boxes = encoded['pred_boxes']
+    outs = [score_query(variables, encoded['class_terms'], jnp.asarray(tokens[None, i:i + 1]))
+            for i in range(10)]
     jax.block_until_ready((boxes, outs))
 
   # --- HF ---

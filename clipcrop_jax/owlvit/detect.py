@@ -7,7 +7,8 @@ r"""Open-vocabulary detection demo: boxes and scores for text queries, in origin
 `--checkpoint` accepts everything `load_checkpoint` reads (Scenic msgpack files, Hugging Face
 directories with model.safetensors). `--random-init NAME` builds the named config with random
 weights instead (boxes are then meaningless; it shows the pipeline runs). Without `--image` a
-built-in synthetic picture is used.
+built-in synthetic picture is used. `--query-image EXAMPLE.jpg [--query-box X0,Y0,X1,Y1]` adds an
+example image as a query (Scenic's one-shot rule; the box is in the example's pixels).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -44,40 +46,80 @@ def demo_image(height: int = 360, width: int = 540) -> np.ndarray:
   return np.asarray(img)
 
 
-def detect(module, variables, image: np.ndarray, queries: Sequence[str], top_k: int = 3,
-           min_score: float = 0.0, recipe: str = 'colab') -> list[Detection]:
+@dataclasses.dataclass
+class ImageQuery:
+  """An example image used as a query (one-shot detection).
+
+  Attributes:
+    name: label used in the output.
+    image: uint8 (H, W, 3).
+    box: optional region (x0, y0, x1, y1) in pixels of `image`; default the whole image.
+  """
+
+  name: str
+  image: np.ndarray
+  box: Optional[tuple[float, float, float, float]] = None
+
+
+def query_embeddings(module, variables, texts: Sequence[str] = (),
+                     image_queries: Sequence[ImageQuery] = (), recipe: str = 'colab') -> np.ndarray:
+  """(Q, D) unnormalised query embeddings: text queries first, then image queries."""
+  from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
+
+  embeddings = []
+  if texts:
+    tokens = tokenizer.tokenize(list(texts), max_len=module.config.max_query_length)
+    embeddings.append(np.asarray(model_lib.embed_texts(module, variables, tokens)))
+  for q in image_queries:
+    pixels = pp.preprocess(q.image, module.config.image_size, recipe=recipe)
+    box = None
+    if q.box is not None:  # pixels of the query image -> [0, 1] of its padded square
+      side = pp.padded_size(*q.image.shape[:2])
+      box = [v / side for v in q.box]
+    emb, _ = image_query.embed_image_query(module, variables, pixels, box)
+    embeddings.append(np.asarray(emb)[None])
+  if not embeddings:
+    raise ValueError('Give at least one --query or --query-image.')
+  return np.concatenate(embeddings, axis=0)
+
+
+def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), top_k: int = 3,
+           min_score: float = 0.0, recipe: str = 'colab',
+           image_queries: Sequence[ImageQuery] = ()) -> list[Detection]:
   """Runs the detector on one uint8 image and returns the top-k boxes per query.
 
   Args:
     module: `TextZeroShotDetectionModule`.
     variables: its variables.
     image: uint8 (H, W, 3).
-    queries: text queries (at least one).
+    queries: text queries.
     top_k: boxes kept per query, best first.
     min_score: drop boxes whose sigmoid score is below this.
     recipe: preprocessing recipe ('colab' or 'evaluator').
+    image_queries: example images used as queries (Scenic's one-shot rule).
 
   Returns:
-    Detections sorted by query order, then score (descending).
+    Detections sorted by query order (texts, then image queries), then score (descending).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import heads  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
 
-  if not queries:
-    raise ValueError('Give at least one --query.')
-  size = module.config.image_size
-  pixels = pp.preprocess(image, size, recipe=recipe)[None]
-  tokens = tokenizer.tokenize(list(queries), max_len=module.config.max_query_length)[None]
-  out = jax.jit(module.apply)(variables, pixels, tokens)
-  logits = np.asarray(out['pred_logits'][0])  # (P, Q)
-  boxes = pp.boxes_cxcywh_to_pixels_xyxy(np.asarray(out['pred_boxes'][0]), image.shape[:2])
+  labels = list(queries) + [q.name for q in image_queries]
+  embeddings = query_embeddings(module, variables, queries, image_queries, recipe)
+  pixels = pp.preprocess(image, module.config.image_size, recipe=recipe)[None]
+  encoded = model_lib.encode_images(module, variables, pixels)
+  logits = np.asarray(heads.logits_from_image_terms(encoded['class_terms'], embeddings[None])[0])
+  boxes = pp.boxes_cxcywh_to_pixels_xyxy(np.asarray(encoded['pred_boxes'][0]), image.shape[:2])
   scores = 1.0 / (1.0 + np.exp(-logits))
   detections = []
-  for q, query in enumerate(queries):
+  for q, label in enumerate(labels):
     for token in np.argsort(-scores[:, q])[:top_k]:
       if scores[token, q] >= min_score:
-        detections.append(Detection(query, float(scores[token, q]),
+        detections.append(Detection(label, float(scores[token, q]),
                                     tuple(float(v) for v in boxes[token]), int(token)))
   return detections
 
@@ -109,6 +151,17 @@ def _build_model(args):
   return module, variables, str(args.checkpoint)
 
 
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+  """'x0,y0,x1,y1' -> floats; ValueError naming the flag otherwise."""
+  try:
+    box = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    box = ()
+  if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+    raise ValueError(f'--query-box {text!r}: expected X0,Y0,X1,Y1 pixels with X1>X0 and Y1>Y0')
+  return box
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m clipcrop_jax.owlvit.detect',
@@ -118,8 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   src.add_argument('--random-init', metavar='CONFIG',
                    help='Random weights of this config (e.g. tiny, clip_b32) instead.')
   parser.add_argument('--image', help='Image file (default: a built-in synthetic picture).')
-  parser.add_argument('--query', action='append', required=True,
+  parser.add_argument('--query', action='append', default=[],
                       help='Text query; repeat for several.')
+  parser.add_argument('--query-image', action='append', default=[],
+                      help='Example image used as a query (one-shot); repeat for several.')
+  parser.add_argument('--query-box', action='append', default=[], metavar='X0,Y0,X1,Y1',
+                      help='Region of the n-th --query-image in its pixels (default: whole image).')
   parser.add_argument('--top-k', type=int, default=3, help='Boxes per query (default 3).')
   parser.add_argument('--min-score', type=float, default=0.0, help='Score threshold.')
   parser.add_argument('--recipe', choices=['colab', 'evaluator'], default='colab',
@@ -131,16 +188,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
 
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+  if not args.query and not args.query_image:
+    parser.error('give at least one --query or --query-image')
+  if len(args.query_box) > len(args.query_image):
+    parser.error('more --query-box than --query-image')
   try:
     image = pp.load_image(args.image) if args.image else demo_image()
+    image_queries = [ImageQuery(f'image:{pathlib.Path(path).name}', pp.load_image(path),
+                                _parse_box(args.query_box[i]) if i < len(args.query_box) else None)
+                     for i, path in enumerate(args.query_image)]
     module, variables, model_id = _build_model(args)
     detections = detect(module, variables, image, args.query, args.top_k, args.min_score,
-                        args.recipe)
+                        args.recipe, image_queries)
   except (ValueError, OSError) as e:  # ImageError, CheckpointError, bad query: one line.
     print(f'error: {e}', file=sys.stderr)
     return 2
 
-  draw_overlay(image, detections, args.query).save(args.out)
+  labels = args.query + [q.name for q in image_queries]
+  draw_overlay(image, detections, labels).save(args.out)
   if args.json:
     print(json.dumps({'model': model_id, 'image': args.image or '<demo>',
                       'image_size_hw': list(image.shape[:2]), 'overlay': args.out,

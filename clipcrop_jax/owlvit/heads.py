@@ -31,7 +31,7 @@ def logits_from_image_terms(terms: dict[str, jax.Array], query_embeddings: jax.A
 
   Args:
     terms: {'class_embeddings' (B, P, D) L2-normalised, 'logit_shift' (B, P, 1),
-      'logit_scale' (B, P, 1) already ELU+1}.
+      'logit_scale' (B, P, 1) already ELU+1}; other keys are ignored.
     query_embeddings: (B, Q, D), unnormalised.
     query_mask: (B, Q), zero = padding query -> logit -1e6.
 
@@ -67,10 +67,12 @@ class ClassPredictor(nn.Module):
   def image_terms(self, x: jax.Array) -> dict[str, jax.Array]:
     """The query-independent part for image features x (B, P, W), reusable across queries.
 
-    Returns {'class_embeddings' (B, P, D) L2-normalised, 'logit_shift' (B, P, 1),
-    'logit_scale' (B, P, 1) = ELU(.) + 1}.
+    Returns {'class_embeddings' (B, P, D) L2-normalised, 'raw_class_embeddings' (B, P, D) the
+    Dense_0 outputs (what Scenic returns without queries; used by the one-shot rule),
+    'logit_shift' (B, P, 1), 'logit_scale' (B, P, 1) = ELU(.) + 1}.
     """
-    return {'class_embeddings': _l2_normalize(self.Dense_0(x)),
+    raw = self.Dense_0(x)
+    return {'class_embeddings': _l2_normalize(raw), 'raw_class_embeddings': raw,
             'logit_shift': self.logit_shift(x),
             'logit_scale': jax.nn.elu(self.logit_scale(x)) + 1}
 

@@ -11,7 +11,6 @@ With the default box (the whole image) this equals Hugging Face's `embed_image_q
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax.owlvit import model as model_lib
 
 IOU_RELATIVE_THRESHOLD = 0.8
 GIOU_RELATIVE_THRESHOLD = 1.2
@@ -50,21 +50,6 @@ def select_query_token(pred_boxes_cxcywh: jax.Array, class_embeddings: jax.Array
   return jnp.argmin(jnp.where(selected, similarity, jnp.inf)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _image_outputs(module, variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(B, S, S, 3) -> pred_boxes (B, P, 4), unnormalised class embeddings (B, P, D)."""
-
-  def fn(mdl, x):
-    feature_map = mdl.image_embedder(x)
-    b, h, w, c = feature_map.shape
-    features = feature_map.reshape(b, h * w, c)
-    pred_boxes = mdl.box_predictor(features, feature_map)['pred_boxes']
-    class_embeddings = mdl.class_predictor(features)['class_embeddings']
-    return pred_boxes, class_embeddings
-
-  return module.apply(variables, images, method=fn)
-
-
 def embed_image_query(module, variables, query_image: Any,
                       box_xyxy: Optional[Sequence[float]] = None) -> tuple[jax.Array, int]:
   """Query embedding from an example image (Scenic's one-shot rule).
@@ -88,6 +73,8 @@ def embed_image_query(module, variables, query_image: Any,
   box = WHOLE_IMAGE_XYXY if box_xyxy is None else tuple(float(v) for v in box_xyxy)
   if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
     raise ValueError(f'box_xyxy must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0; got {box}.')
-  pred_boxes, class_embeddings = _image_outputs(module, variables, images)
+  encoded = model_lib.encode_images(module, variables, images)
+  pred_boxes = encoded['pred_boxes']
+  class_embeddings = encoded['class_terms']['raw_class_embeddings']
   index = select_query_token(pred_boxes[0], class_embeddings[0], np.asarray(box, np.float32))
   return class_embeddings[0, index], int(index)

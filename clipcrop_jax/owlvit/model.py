@@ -8,6 +8,7 @@ Boxes leave as cxcywh in [0, 1] of that padded square.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -107,6 +108,23 @@ class TextZeroShotDetectionModule(nn.Module):
     x = jax.lax.stop_gradient(image_features)
     return {'objectness_logits': self.objectness_head(x)[..., 0]}
 
+  def encode_image(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Everything query-independent for images (B, S, S, 3), to compute once and reuse.
+
+    Returns {'feature_map' (B, g, g, W), 'image_features' (B, P, W), 'pred_boxes' (B, P, 4),
+    'class_terms' (see `heads.ClassPredictor.image_terms`), and 'objectness_logits' for OWLv2}.
+    Score queries against it with `heads.logits_from_image_terms(out['class_terms'], q)`.
+    """
+    feature_map = self.image_embedder(images)
+    b, h, w, c = feature_map.shape
+    image_features = feature_map.reshape(b, h * w, c)
+    out = {'feature_map': feature_map, 'image_features': image_features,
+           'class_terms': self.class_head_terms(image_features)}
+    out.update(self.box_predictor(image_features, feature_map))
+    if self.config.objectness:
+      out.update(self.objectness_predictor(image_features))
+    return out
+
   def __call__(self, images: jax.Array, text_queries: jax.Array,
                train: bool = False) -> dict[str, jax.Array]:
     """Full detector.
@@ -132,6 +150,20 @@ class TextZeroShotDetectionModule(nn.Module):
     if self.config.objectness:
       out.update(self.objectness_predictor(image_features))
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_images(module: TextZeroShotDetectionModule, variables: Any,
+                  images: jax.Array) -> dict[str, jax.Array]:
+  """jit-compiled `module.encode_image` (compiled once per module config and image shape)."""
+  return module.apply(variables, images, method=module.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_texts(module: TextZeroShotDetectionModule, variables: Any,
+                text_queries: jax.Array) -> jax.Array:
+  """jit-compiled `module.text_embedder`: int32 (..., L) -> (..., D) unnormalised."""
+  return module.apply(variables, text_queries, method=module.text_embedder)
 
 
 def init_variables(config: OwlViTConfig, seed: int = 0, batch_size: int = 1,
