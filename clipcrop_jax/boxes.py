@@ -1,13 +1,19 @@
 """Pure box math. Formats are in the names: `cxcywh` (centre, size) and `xyxy` (corners).
 
-Coordinates are whatever the caller uses (normalised [0, 1] of the padded square inside the library);
-functions work on jnp or np arrays with boxes on the last axis (..., 4).
+Coordinates are whatever the caller uses (normalised [0, 1] of the padded square inside the
+library); functions work on jnp or np arrays with boxes on the last axis (..., 4) and are jit-able,
+except `parse_aspect_ratio`, `fit_aspect_ratio_xyxy` and `nms_xyxy`, which are host-side NumPy /
+Python (inference post-processing) and take pixels or any consistent units.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Optional, Sequence, Union
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IOU_EPS = 1e-6
 
@@ -61,3 +67,256 @@ def pairwise_giou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
   wh = jnp.clip(rb - lt, 0)
   hull = wh[..., 0] * wh[..., 1]
   return iou - (hull - union) / (hull + IOU_EPS)
+
+
+def _aligned_inter_union_hull_xyxy(a: jax.Array, b: jax.Array
+                                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Intersection, union and enclosing-box areas of aligned pairs (..., 4) -> 3 x (...)."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  inter_wh = jnp.clip(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0)
+  inter = inter_wh[..., 0] * inter_wh[..., 1]
+  union = area_xyxy(a) + area_xyxy(b) - inter
+  hull_wh = jnp.clip(jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0)
+  return inter, union, hull_wh[..., 0] * hull_wh[..., 1]
+
+
+def elementwise_iou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
+  """IoU of aligned pairs: a (..., 4), b (..., 4) (broadcastable) -> (...).
+
+  Same rule as `pairwise_iou_xyxy`: intersection / (union + 1e-6).
+  """
+  inter, union, _ = _aligned_inter_union_hull_xyxy(a, b)
+  return inter / (union + IOU_EPS)
+
+
+def elementwise_giou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Generalised IoU of aligned pairs: a (..., 4), b (..., 4) (broadcastable) -> (...), in [-1, 1].
+
+  Same rule as `pairwise_giou_xyxy`; differentiable everywhere the boxes are (losses use 1 - giou).
+  """
+  inter, union, hull = _aligned_inter_union_hull_xyxy(a, b)
+  return inter / (union + IOU_EPS) - (hull - union) / (hull + IOU_EPS)
+
+
+def union_box_xyxy(boxes: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Smallest box enclosing the selected boxes: boxes (..., N, 4), mask (..., N) bool -> (..., 4).
+
+  mask=None selects every box. Where the mask selects nothing (or N = 0) the result is the whole
+  normalised frame (0, 0, 1, 1). Jit-able: unselected boxes are replaced by +inf / -inf corners.
+  """
+  boxes = jnp.asarray(boxes)
+  boxes = boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32))
+  if mask is None:
+    mask = jnp.ones(boxes.shape[:-1], dtype=bool)
+  mask = jnp.asarray(mask, dtype=bool)[..., None]  # (..., N, 1)
+  lo = jnp.min(jnp.where(mask, boxes[..., :2], jnp.inf), axis=-2, initial=jnp.inf)
+  hi = jnp.max(jnp.where(mask, boxes[..., 2:], -jnp.inf), axis=-2, initial=-jnp.inf)
+  union = jnp.concatenate([lo, hi], axis=-1)
+  frame = jnp.asarray([0.0, 0.0, 1.0, 1.0], dtype=union.dtype)
+  return jnp.where(jnp.any(mask, axis=(-2, -1))[..., None], union, frame)
+
+
+def _per_coordinate(bound: Union[float, Sequence[float], jax.Array]) -> jax.Array:
+  """Scalar or per-axis (bx, by) bound -> broadcastable to (..., 4) as (bx, by, bx, by)."""
+  bound = jnp.asarray(bound, dtype=jnp.float32)
+  if bound.ndim == 0:
+    return bound
+  if bound.shape != (2,):
+    raise ValueError(f'A bound must be a scalar or a pair (x, y); got shape {bound.shape}.')
+  return jnp.concatenate([bound, bound])
+
+
+def clip_boxes_xyxy(boxes: jax.Array,
+                    lo: Union[float, Sequence[float], jax.Array] = 0.0,
+                    hi: Union[float, Sequence[float], jax.Array] = 1.0) -> jax.Array:
+  """Orders corners and clips (..., 4) xyxy boxes to [lo, hi]; returns (..., 4).
+
+  Corners are sorted first (x0 <= x1, y0 <= y1 afterwards), so a box whose corners were swapped
+  (e.g. by a large predicted offset) becomes the box they span. `lo` and `hi` are scalars or
+  per-axis pairs (x, y): hi=(1.0, 0.75) clips to the valid (unpadded) part of a padded-square frame
+  whose image is wider than tall. Jit-able.
+  """
+  boxes = jnp.asarray(boxes)
+  x0, x1 = jnp.minimum(boxes[..., 0], boxes[..., 2]), jnp.maximum(boxes[..., 0], boxes[..., 2])
+  y0, y1 = jnp.minimum(boxes[..., 1], boxes[..., 3]), jnp.maximum(boxes[..., 1], boxes[..., 3])
+  ordered = jnp.stack([x0, y0, x1, y1], axis=-1)
+  lo_, hi_ = _per_coordinate(lo), _per_coordinate(hi)
+  return jnp.clip(ordered, lo_.astype(ordered.dtype), hi_.astype(ordered.dtype))
+
+
+def parse_aspect_ratio(value: Union[None, float, int, str]) -> Optional[float]:
+  """Aspect ratio (width / height) from None, a positive number, or 'W:H', 'W/H', '1.5'.
+
+  Returns None for None (free aspect ratio). Raises ValueError, quoting the value, for anything
+  else: non-positive, non-finite, booleans, empty or malformed strings.
+  """
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'Invalid aspect ratio {value!r}: expected a positive number or "W:H".')
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    ratio = float(value)
+  elif isinstance(value, str):
+    text = value.strip()
+    parts = re.split(r'[:/]', text)
+    try:
+      if len(parts) == 1:
+        ratio = float(parts[0])
+      elif len(parts) == 2:
+        num, den = float(parts[0]), float(parts[1])
+        if not (np.isfinite(num) and np.isfinite(den) and num > 0 and den > 0):
+          raise ValueError
+        ratio = num / den
+      else:
+        raise ValueError
+    except ValueError:
+      raise ValueError(f'Invalid aspect ratio {value!r}: expected a positive number, "W:H" or '
+                       '"W/H" (e.g. "16:9").') from None
+  else:
+    raise ValueError(f'Invalid aspect ratio {value!r}: expected a positive number or "W:H".')
+  if not (np.isfinite(ratio) and ratio > 0):
+    raise ValueError(f'Invalid aspect ratio {value!r}: must be finite and > 0.')
+  return ratio
+
+
+def _best_offset(centre: float, size: float, extent: float) -> float:
+  """Start of a segment of `size` inside [0, extent], centred on `centre` as far as allowed."""
+  return float(np.clip(centre - size / 2, 0.0, extent - size))
+
+
+def _iou_xyxy_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Exact IoU (no eps; 0 where the union is empty) of aligned float64 boxes (..., 4) -> (...)."""
+  inter_wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0,
+                     None)
+  inter = inter_wh[..., 0] * inter_wh[..., 1]
+  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+  union = area(a) + area(b) - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def fit_aspect_ratio_xyxy(box: np.ndarray,
+                          ratio: Union[float, str],
+                          image_wh: tuple[float, float]) -> np.ndarray:
+  """Box of exactly `ratio` (w / h) inside the image that contains `box`, else best covers it.
+
+  NumPy only; pixel coordinates. The image is [0, W] x [0, H].
+
+  1. The largest box of that ratio inside the image has a unique size (s, s / ratio) with
+     s = min(W, ratio * H). If some placement of it inside the image contains `box`, the result is
+     that size, placed as centred on `box` as the image allows (clamping the centred position keeps
+     the containment, since the set of containing positions is an interval that holds the centre).
+  2. Otherwise no box of that ratio inside the image contains `box` (a smaller one cannot either),
+     and the result is the ratio box inside the image with maximal IoU with `box`. For a fixed width
+     s, the centred-then-clamped position maximises the overlap in each axis separately (the
+     overlap is a trapezoid in the position, its plateau holds the centred position), so only s
+     varies. Overlaps are then piecewise linear in s, the IoU piecewise rational; each piece's
+     maximum is at an end or at a real root of a cubic, all of which are evaluated exactly.
+     Ties go to the larger box. If `box` lies entirely outside the image (IoU 0 for all), the
+     largest ratio box placed as near to `box` as possible is returned.
+
+  Args:
+    box: (4,) (x0, y0, x1, y1) in pixels; corners are sorted first.
+    ratio: width / height, anything `parse_aspect_ratio` accepts except None.
+    image_wh: (W, H) of the image in pixels, both > 0.
+
+  Returns:
+    float64 (4,) (x0, y0, x1, y1) with (x1 - x0) / (y1 - y0) == ratio (to rounding) and
+    0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H.
+  """
+  r = parse_aspect_ratio(ratio)
+  if r is None:
+    raise ValueError('fit_aspect_ratio_xyxy needs an aspect ratio, got None.')
+  img_w, img_h = float(image_wh[0]), float(image_wh[1])
+  if not (img_w > 0 and img_h > 0):
+    raise ValueError(f'image_wh must be positive, got {image_wh!r}.')
+  box = np.asarray(box, dtype=np.float64).reshape(4)
+  bx0, bx1 = min(box[0], box[2]), max(box[0], box[2])
+  by0, by1 = min(box[1], box[3]), max(box[1], box[3])
+  cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+  target = np.array([bx0, by0, bx1, by1])
+
+  def placed(s: float) -> np.ndarray:  # the ratio box of width s at its best position
+    s, h = min(s, img_w), min(s / r, img_h)  # min() only absorbs rounding at the largest size.
+    x0, y0 = _best_offset(cx, s, img_w), _best_offset(cy, h, img_h)
+    return np.array([x0, y0, x0 + s, y0 + h])
+
+  s_max = min(img_w, r * img_h)
+  h_max = min(s_max / r, img_h)
+  # Case 1: containment at the largest size.
+  x_lo, x_hi = max(bx1 - s_max, 0.0), min(bx0, img_w - s_max)
+  y_lo, y_hi = max(by1 - h_max, 0.0), min(by0, img_h - h_max)
+  if x_lo <= x_hi and y_lo <= y_hi:
+    x0 = float(np.clip(cx - s_max / 2, x_lo, x_hi))
+    y0 = float(np.clip(cy - h_max / 2, y_lo, y_hi))
+    return np.array([x0, y0, x0 + s_max, y0 + h_max])
+
+  # Case 2: maximal IoU over the width s in (0, s_max]. Breakpoints of the per-axis overlaps:
+  bw, bh = bx1 - bx0, by1 - by0
+  x_breaks = [bw, 2 * cx, 2 * (img_w - cx), bx0, bx1, img_w - bx0, img_w - bx1]
+  y_breaks = [bh, 2 * cy, 2 * (img_h - cy), by0, by1, img_h - by0, img_h - by1]
+  breaks = np.array(x_breaks + [r * b for b in y_breaks])
+  breaks = np.unique(np.concatenate([[0.0, s_max], breaks[(breaks > 0) & (breaks < s_max)]]))
+  area_b = bw * bh
+
+  def overlaps(s: float) -> tuple[float, float]:
+    c = placed(s)
+    return (max(0.0, min(c[2], bx1) - max(c[0], bx0)), max(0.0, min(c[3], by1) - max(c[1], by0)))
+
+  candidates = [s_max]
+  for lo, hi in zip(breaks[:-1], breaks[1:]):
+    candidates.append(hi)
+    if hi - lo <= 1e-12 * s_max:
+      continue
+    # Overlaps are linear on the piece: fit Ix = ax·s + kx, Iy = ay·s + ky from two inner points.
+    s1, s2 = lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3
+    (ix1, iy1), (ix2, iy2) = overlaps(s1), overlaps(s2)
+    ax, ay = (ix2 - ix1) / (s2 - s1), (iy2 - iy1) / (s2 - s1)
+    kx, ky = ix1 - ax * s1, iy1 - ay * s1
+    # I(s) = (ax s + kx)(ay s + ky); d IoU / ds = 0  <=>  I'(s)(A + s^2 / r) - 2 s I(s) / r = 0.
+    inter = np.poly1d([ax * ay, ax * ky + ay * kx, kx * ky])
+    cubic = np.polyder(inter) * np.poly1d([1 / r, 0.0, area_b]) - np.poly1d([2 / r, 0.0]) * inter
+    if np.all(np.abs(cubic.coeffs) == 0):
+      continue
+    for root in np.roots(cubic.coeffs):
+      if abs(root.imag) <= 1e-9 * max(1.0, abs(root.real)) and lo < root.real < hi:
+        candidates.append(float(root.real))
+  candidates = np.array(sorted(set(candidates), reverse=True))  # Larger first: ties -> larger.
+  boxes = np.stack([placed(s) for s in candidates])
+  ious = _iou_xyxy_np(boxes, target[None])
+  return boxes[int(np.argmax(ious))]
+
+
+def nms_xyxy(boxes: np.ndarray,
+             scores: np.ndarray,
+             iou_threshold: float,
+             max_outputs: Optional[int] = None) -> np.ndarray:
+  """Greedy non-maximum suppression (NumPy); returns int64 indices of kept boxes, best first.
+
+  Boxes are visited by descending score, ties in index order (stable sort). A box is kept unless
+  its IoU with an already kept box is > iou_threshold (IoU without eps; 0 for empty unions).
+
+  Args:
+    boxes: (N, 4) xyxy, any consistent units.
+    scores: (N,).
+    iou_threshold: suppression threshold in [0, 1].
+    max_outputs: stop after this many kept boxes (None: no limit).
+
+  Returns:
+    (K,) int64 indices into `boxes`, in the order they were kept (descending score).
+  """
+  boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  if boxes.shape[0] != scores.shape[0]:
+    raise ValueError(f'boxes {boxes.shape} and scores {scores.shape} disagree in length.')
+  limit = boxes.shape[0] if max_outputs is None else max(int(max_outputs), 0)
+  order = np.argsort(-scores, kind='stable')
+  suppressed = np.zeros(boxes.shape[0], dtype=bool)
+  keep = []
+  for i in order:
+    if len(keep) >= limit:
+      break
+    if suppressed[i]:
+      continue
+    keep.append(i)
+    suppressed |= _iou_xyxy_np(boxes, boxes[i][None]) > iou_threshold
+  return np.asarray(keep, dtype=np.int64)

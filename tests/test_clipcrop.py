@@ -1,0 +1,229 @@
+"""ClipCrop model, ClipCropper API and crop CLI on tiny random weights."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipcrop_jax import cropper as cropper_lib
+from clipcrop_jax import crop as crop_cli
+from clipcrop_jax import model as model_lib
+from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
+from clipcrop_jax.owlvit import detect
+from clipcrop_jax.owlvit import model as owl_model
+from clipcrop_jax.owlvit import tokenizer
+
+CFG = model_lib.TINY
+
+
+@pytest.fixture(scope='module')
+def variables():
+  return model_lib.init_variables(CFG, seed=1)
+
+
+@pytest.fixture(scope='module')
+def cropper(variables):
+  return cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=None, model_id='test')
+
+
+def _images(batch=2, seed=0):
+  size = CFG.owlvit_config.image_size
+  return jnp.asarray(np.random.default_rng(seed).random((batch, size, size, 3), np.float32))
+
+
+def test_output_shapes(variables):
+  module = model_lib.ClipCrop(CFG)
+  text = jnp.asarray(np.stack([tokenizer.tokenize(['a dog on a boat', 'a dog', 'a boat'])] * 2))
+  out = jax.eval_shape(module.apply, variables, _images(), text)
+  m, layers = CFG.num_queries, CFG.decoder_layers
+  assert out['pred_boxes'].shape == (2, m, 4)
+  assert out['quality'].shape == (2, m)
+  assert out['aux_boxes'].shape == (layers, 2, m, 4)
+  assert out['union_box'].shape == (2, 4)
+  assert out['selected_tokens'].shape == (2, 3)
+  assert set(variables['params']) == {'owlvit', 'decoder'}
+
+
+def test_initial_crops_equal_union_box_and_lie_in_frame(variables):
+  module = model_lib.ClipCrop(CFG)
+  text = jnp.asarray(np.stack([tokenizer.tokenize(['a dog', 'a boat'])] * 2))
+  out = module.apply(variables, _images(), text)
+  boxes = np.asarray(out['pred_boxes'])
+  assert boxes.min() >= 0 and boxes.max() <= 1
+  # The offset head's last layer starts at zero: every crop is the (clipped) union box.
+  np.testing.assert_allclose(boxes, np.broadcast_to(np.asarray(out['union_box'])[:, None],
+                                                    boxes.shape), atol=1e-6)
+  q = np.asarray(out['quality'])
+  assert np.all((q > 0) & (q < 1))
+
+
+def _hand_encoding(module, variables):
+  """A real encoding whose boxes and class terms are replaced by hand-made ones."""
+  enc = module.apply(variables, _images(1), method=module.encode_image)
+  p = enc['pred_boxes'].shape[1]
+  d = enc['class_terms']['class_embeddings'].shape[-1]
+  boxes = np.tile(np.array([0.5, 0.5, 0.1, 0.1], np.float32), (1, p, 1))
+  boxes[0, 3] = [0.2, 0.3, 0.2, 0.2]  # token 3: xyxy (0.1, 0.2, 0.3, 0.4)
+  boxes[0, 7] = [0.7, 0.6, 0.2, 0.4]  # token 7: xyxy (0.6, 0.4, 0.8, 0.8)
+  emb = np.zeros((1, p, d), np.float32)
+  emb[0, :, 0] = 1.0  # background direction
+  emb[0, 3] = np.eye(d)[1]
+  emb[0, 7] = np.eye(d)[2]
+  terms = dict(enc['class_terms'], class_embeddings=jnp.asarray(emb),
+               logit_shift=jnp.zeros((1, p, 1)), logit_scale=jnp.ones((1, p, 1)))
+  return dict(enc, pred_boxes=jnp.asarray(boxes), class_terms=terms), d
+
+
+def test_query_selection_and_union_box_by_hand(variables):
+  module = model_lib.ClipCrop(CFG)
+  enc, d = _hand_encoding(module, variables)
+  queries = jnp.asarray(np.eye(d)[None, [1, 2, 1]], jnp.float32)  # picks tokens 3, 7, (3 padded)
+  mask = jnp.asarray([[True, True, False]])
+  out = module.apply(variables, enc, queries, mask, method=module.crop_from_encoding)
+  assert np.asarray(out['selected_tokens'])[0, :2].tolist() == [3, 7]
+  np.testing.assert_allclose(out['union_box'][0], [0.1, 0.2, 0.8, 0.8], atol=1e-6)
+  # Only query 1: union = token 3's box.
+  out1 = module.apply(variables, enc, queries[:, :1], mask[:, :1],
+                      method=module.crop_from_encoding)
+  np.testing.assert_allclose(out1['union_box'][0], [0.1, 0.2, 0.3, 0.4], atol=1e-6)
+  # Training-time filter: a target around token 7 drops token 3 (entirely outside it).
+  out2 = module.apply(variables, enc, queries, mask, jnp.asarray([[0.5, 0.3, 0.9, 0.9]]),
+                      method=module.crop_from_encoding)
+  assert np.asarray(out2['selected_mask'])[0].tolist() == [False, True, False]
+  np.testing.assert_allclose(out2['union_box'][0], [0.6, 0.4, 0.8, 0.8], atol=1e-6)
+
+
+def test_filter_selected_boxes_half_area_rule():
+  sel = jnp.asarray([[[0.0, 0.0, 0.3, 0.4],     # 1/3 of its area inside the target -> dropped
+                      [0.3, 0.1, 0.5, 0.3],     # fully inside -> kept
+                      [0.15, 0.1, 0.35, 0.3],   # 3/4 inside -> kept
+                      [0.3, 0.1, 0.5, 0.3]]])   # inside, but masked out already
+  target = jnp.asarray([[0.2, 0.0, 1.0, 1.0]])
+  keep = model_lib.filter_selected_boxes(sel, jnp.asarray([[True, True, True, False]]), target)
+  assert np.asarray(keep)[0].tolist() == [False, True, True, False]
+
+
+def test_base_mode_ignores_text(variables):
+  module = model_lib.ClipCrop(CFG.replace(mode='base'))
+  images = _images(1)
+  a = module.apply(variables, images, jnp.asarray(tokenizer.tokenize(['a dog'])[None]))
+  b = module.apply(variables, images, jnp.asarray(tokenizer.tokenize(['the sky at night'])[None]))
+  np.testing.assert_array_equal(a['pred_boxes'], b['pred_boxes'])
+  np.testing.assert_allclose(a['union_box'][0], [0, 0, 1, 1])
+  assert 'selected_tokens' not in a
+
+
+# ---------------------------------------------------------------- ClipCropper
+
+
+def test_crops_inside_image_sorted_and_in_pixels(cropper):
+  image = detect.demo_image(120, 200)
+  crops = cropper.crop(image, text='a red square and a blue disc', top_k=4)
+  assert 1 <= len(crops) <= 4
+  for c in crops:
+    x0, y0, x1, y1 = c.box
+    assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 120
+    assert c.aspect_ratio == pytest.approx((x1 - x0) / (y1 - y0))
+    assert c.focal_point == pytest.approx(((x0 + x1) / 2, (y0 + y1) / 2))
+  scores = [c.score for c in crops]
+  assert scores == sorted(scores, reverse=True)
+
+
+def test_second_query_reuses_the_encoding(cropper, monkeypatch):
+  calls = []
+  real = owl_model.encode_images
+  monkeypatch.setattr(owl_model, 'encode_images', lambda *a: calls.append(1) or real(*a))
+  enc = cropper.encode(detect.demo_image())
+  cropper.crop(enc, text='a red square')
+  cropper.crop(enc, text='a blue disc', mode='main')
+  assert len(calls) == 1
+
+
+@pytest.mark.parametrize('ratio,value', [('16:9', 16 / 9), ('1:1', 1.0), (0.5, 0.5)])
+def test_aspect_ratio_honoured_to_one_pixel(cropper, ratio, value):
+  crops = cropper.crop(detect.demo_image(150, 260), text='a red square', aspect_ratio=ratio,
+                       top_k=3)
+  assert crops
+  for c in crops:
+    w, h = c.box[2] - c.box[0], c.box[3] - c.box[1]
+    assert abs(w - value * h) <= 1.0
+    assert c.box[0] >= -1e-6 and c.box[2] <= 260 + 1e-6 and c.box[3] <= 150 + 1e-6
+
+
+def test_batched_images_and_bad_requests(cropper):
+  out = cropper.crop([detect.demo_image(), detect.demo_image(90, 90)], text='a boat', top_k=2)
+  assert len(out) == 2 and all(len(c) <= 2 for c in out)
+  with pytest.raises(ValueError, match='non-empty text'):
+    cropper.crop(detect.demo_image(), text='  ')
+  with pytest.raises(ValueError, match='mode'):
+    cropper.crop(detect.demo_image(), text='x', mode='nope')
+
+
+def test_image_query_mode(cropper):
+  crops = cropper.crop(detect.demo_image(), query_image=detect.demo_image(80, 80), top_k=2)
+  assert crops and all(c.box[2] > c.box[0] for c in crops)
+
+
+def test_save_load_round_trip(cropper, tmp_path):
+  cropper.save(tmp_path / 'ckpt')
+  loaded = cropper_lib.ClipCropper.load(tmp_path / 'ckpt', keyword_pipeline=None)
+  image = detect.demo_image()
+  a = cropper.crop(image, text='a red square')
+  b = loaded.crop(image, text='a red square')
+  np.testing.assert_allclose([c.box for c in a], [c.box for c in b], atol=1e-4)
+  assert loaded.config == cropper.config
+  (tmp_path / 'ckpt' / cropper_lib.PARAMS_FILE).write_bytes(b'\x81\xa1a')
+  with pytest.raises(ValueError, match='params.msgpack'):
+    cropper_lib.ClipCropper.load(tmp_path / 'ckpt')
+
+
+def test_zero_shot_from_plain_owlvit_checkpoint(variables, tmp_path):
+  path = tmp_path / 'owl.msgpack'
+  owl_checkpoints.save_scenic_checkpoint({'params': variables['params']['owlvit']}, path)
+  zs = cropper_lib.ClipCropper.load(path, keyword_pipeline=None)
+  assert zs.zero_shot
+  image = detect.demo_image(150, 260)
+  crops = zs.crop(image, text='a red square', top_k=3)
+  assert 1 <= len(crops) <= 3
+  for c in crops:
+    assert 0 <= c.box[0] < c.box[2] <= 260 and 0 <= c.box[1] < c.box[3] <= 150
+    # GAIC rule: area > 1/2 of the image, aspect within [0.5, 2].
+    assert (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]) >= 0.5 * 260 * 150 - 1e-6
+    assert 0.5 - 1e-6 <= c.aspect_ratio <= 2 + 1e-6
+  with pytest.raises(ValueError, match='no decoder'):
+    zs.save(tmp_path / 'x')
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_crop_cli_folder_with_corrupt_file(tmp_path, capsys, cropper):
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  Image.fromarray(detect.demo_image()).save(folder / 'a.png')
+  Image.fromarray(detect.demo_image(100, 140)).save(folder / 'b.jpg')
+  (folder / 'c.jpg').write_bytes(b'\xff\xd8\xff\xe0 corrupt')
+  ckpt = cropper.save(tmp_path / 'ckpt')
+  out = tmp_path / 'out'
+  rc = crop_cli.main(['--checkpoint', str(ckpt), '--image', str(folder), '--text', 'a red square',
+                      '--top-k', '2', '--out', str(out)])
+  assert rc == 1  # one file failed, the others were cropped
+  report = json.loads((out / 'crops.json').read_text())
+  assert len(report['results']) == 2 and report['failed'] == [str(folder / 'c.jpg')]
+  assert report['mode'] == 'full' and report['text'] == 'a red square'
+  for name in ('a', 'b'):
+    assert (out / f'{name}_overlay.png').exists() and (out / f'{name}_crop0.jpg').exists()
+  assert 'c.jpg' in capsys.readouterr().err
+
+
+def test_crop_cli_random_init_demo(tmp_path):
+  rc = crop_cli.main(['--random-init', 'tiny', '--text', 'a red square', '--out',
+                      str(tmp_path), '--aspect-ratio', '1:1'])
+  assert rc == 0
+  report = json.loads((tmp_path / 'crops.json').read_text())
+  crop = report['results'][0]['crops'][0]
+  x0, y0, x1, y1 = crop['box_xyxy']
+  assert abs((x1 - x0) - (y1 - y0)) <= 1

