@@ -100,6 +100,20 @@ class ClipCropper:
     return cls(config, model_lib.init_variables(config, seed), model_id=f'random-init seed {seed}',
                **kwargs)
 
+  @classmethod
+  def from_owlvit(cls, path: Union[str, pathlib.Path],
+                  config: Optional[model_lib.ClipCropConfig] = None, seed: int = 0,
+                  **kwargs) -> 'ClipCropper':
+    """OWL-ViT weights from any checkpoint `load_checkpoint` reads + a new (untrained) decoder.
+
+    The starting point for training; for cropping without a trained decoder use `load(path)`,
+    which gives the zero-shot mode.
+    """
+    owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
+    config = config or model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
+    variables = model_lib.init_from_owlvit(config, owl_variables, seed)
+    return cls(config, variables, model_id=f'{path} + untrained decoder', **kwargs)
+
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
     """Writes `clipcrop_config.json` and `params.msgpack` (all parameters) to `directory`."""
     if self.zero_shot:

@@ -264,3 +264,28 @@ def init_variables(config: Union[ClipCropConfig, str], seed: int = 0) -> dict[st
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   text = jnp.zeros((1, 1, 16), jnp.int32).at[..., 0].set(1)
   return jax.jit(lambda r: module.init(r, images, text))(jax.random.PRNGKey(seed))
+
+
+def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
+                     seed: int = 0) -> dict[str, Any]:
+  """ClipCrop variables with OWL-ViT weights from a checkpoint and a freshly initialised decoder.
+
+  Args:
+    config: the ClipCrop config; its `owlvit` architecture must match the weights.
+    owlvit_variables: {'params': Scenic OWL-ViT tree} (from `clipcrop_jax.owlvit.load_checkpoint`).
+    seed: decoder initialisation seed.
+
+  Raises:
+    ValueError naming the first parameter whose shape differs.
+  """
+  fresh = init_variables(config, seed)
+  owl = owlvit_variables.get('params', owlvit_variables)
+  want = jax.tree_util.tree_flatten_with_path(fresh['params']['owlvit'])[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(owl)[0])
+  for path, leaf in want:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    if path not in got or tuple(got[path].shape) != tuple(leaf.shape):
+      found = 'missing' if path not in got else f'shape {tuple(got[path].shape)}'
+      raise ValueError(f'OWL-ViT parameter {name}: {found}, expected {tuple(leaf.shape)} for '
+                       f'config {config.owlvit!r}')
+  return {'params': {'owlvit': owl, 'decoder': fresh['params']['decoder']}}

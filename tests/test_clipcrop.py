@@ -227,3 +227,26 @@ def test_crop_cli_random_init_demo(tmp_path):
   crop = report['results'][0]['crops'][0]
   x0, y0, x1, y1 = crop['box_xyxy']
   assert abs((x1 - x0) - (y1 - y0)) <= 1
+
+
+def test_from_owlvit_checkpoint_keeps_encoder_weights(variables, tmp_path):
+  path = tmp_path / 'owl.msgpack'
+  owl = jax.tree_util.tree_map(lambda x: x + 0.5, variables['params']['owlvit'])
+  owl_checkpoints.save_scenic_checkpoint({'params': owl}, path)
+  c = cropper_lib.ClipCropper.from_owlvit(path, CFG, keyword_pipeline=None)
+  np.testing.assert_allclose(
+      c.variables['params']['owlvit']['class_head']['Dense_0']['kernel'],
+      owl['class_head']['Dense_0']['kernel'])
+  assert not c.zero_shot and c.crop(detect.demo_image(), text='a dog')
+  wrong = model_lib.ClipCropConfig(owlvit='tiny_v2', decoder_layers=1, decoder_width=32,
+                                   decoder_heads=2, decoder_mlp_dim=32, num_queries=4)
+  with pytest.raises(ValueError, match='objectness_head'):
+    model_lib.init_from_owlvit(wrong, {'params': owl})
+
+
+def test_top_level_exports():
+  import clipcrop_jax  # pylint: disable=g-import-not-at-top
+  assert clipcrop_jax.ClipCropper is cropper_lib.ClipCropper
+  assert clipcrop_jax.ClipCropConfig is model_lib.ClipCropConfig
+  with pytest.raises(AttributeError):
+    clipcrop_jax.nope  # pylint: disable=pointless-statement
