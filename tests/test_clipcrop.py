@@ -250,3 +250,25 @@ def test_top_level_exports():
   assert clipcrop_jax.ClipCropConfig is model_lib.ClipCropConfig
   with pytest.raises(AttributeError):
     clipcrop_jax.nope  # pylint: disable=pointless-statement
+
+
+def test_padded_queries_do_not_change_crops(variables):
+  """Zero rows padding the query count are masked: same union box and crops as without them."""
+  module = model_lib.ClipCrop(CFG)
+  images = _images(1)
+  tok = tokenizer.tokenize(['a dog on a boat', 'a dog', 'a boat'])
+  a = module.apply(variables, images, jnp.asarray(tok[None]))
+  b = module.apply(variables, images, jnp.asarray(np.pad(tok, ((0, 5), (0, 0)))[None]))
+  np.testing.assert_allclose(a['union_box'], b['union_box'], atol=1e-6)
+  np.testing.assert_allclose(a['pred_boxes'], b['pred_boxes'], atol=1e-5)
+  np.testing.assert_allclose(a['quality'], b['quality'], atol=1e-5)
+
+
+def test_crop_cli_zero_shot_with_plain_owlvit_checkpoint(variables, tmp_path):
+  path = tmp_path / 'owl.msgpack'
+  owl_checkpoints.save_scenic_checkpoint({'params': variables['params']['owlvit']}, path)
+  rc = crop_cli.main(['--checkpoint', str(path), '--text', 'a red square',
+                      '--keyword-pipeline', 'rule', '--out', str(tmp_path / 'o')])
+  assert rc == 0
+  report = json.loads((tmp_path / 'o' / 'crops.json').read_text())
+  assert report['model'].endswith('(zero-shot)') and report['results'][0]['crops']
