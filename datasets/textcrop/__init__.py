@@ -1,0 +1,1 @@
+"""TextCrop text-guided cropping test set (TFDS builder in `textcrop.py`)."""
