@@ -261,3 +261,31 @@ def test_builder_matches_generator_and_bbox_convention(tiny_builder):
         colour = ex[F.IMAGE][cy, cx].astype(int)
         assert np.abs(colour - np.array(S.COLOURS[o.colour])).max() < 40, (o, colour)
   assert checked_non_square
+
+
+def test_input_pipeline_on_built_dataset(tiny_builder):
+  """Builder output -> training (mosaic) and eval pipelines -> batches the model can take."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  train = input_pipeline.make_train_dataset(
+      tiny_builder.as_dataset(split='train', shuffle_files=False), image_size=96, batch_size=2,
+      max_crops=96, seed=0, shuffle_buffer=8)
+  batch = next(iter(tfds.as_numpy(train)))
+  assert batch['image'].shape == (2, 96, 96, 3) and batch['crops'].shape == (2, 96, 4)
+  assert batch['crop_mask'].any(axis=1).all()
+  boxes = batch['crops'][batch['crop_mask']]
+  assert (boxes[:, 2] > boxes[:, 0]).all() and boxes.min() >= 0 and boxes.max() <= 1
+  ev = input_pipeline.make_eval_dataset(tiny_builder.as_dataset(split='test', shuffle_files=False),
+                                        image_size=96, batch_size=3, max_crops=96)
+  batches = list(tfds.as_numpy(ev))
+  assert sum(int(b['mask'].sum()) for b in batches) == 4
+  # Eval boxes map back to the stored pixels: crops * max(H, W) equals bbox * (W, H).
+  ref = next(iter(tfds.as_numpy(tiny_builder.as_dataset(split='test', shuffle_files=False))))
+  first = batches[0]
+  n = len(ref['crops']['score'])
+  side = max(ref['height'], ref['width'])
+  y0, x0, y1, x1 = ref['crops']['bbox'][0]
+  np.testing.assert_allclose(first['crops'][0, 0] * side,
+                             [x0 * ref['width'], y0 * ref['height'], x1 * ref['width'],
+                              y1 * ref['height']], atol=1e-3)
+  assert int(first['crop_mask'][0].sum()) == n
