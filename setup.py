@@ -27,6 +27,9 @@ DATA_REQUIRE = [  # TFDS builders (datasets/) and the tf.data input pipeline
 
 EXTRAS_REQUIRE = {
     "data": DATA_REQUIRE,
+    # Only for the `tfds` console script itself (tensorflow-datasets 4.9.x imports these at its
+    # start-up); `python -m clipcrop_jax.build_dataset` runs the same build without them.
+    "tfds-cli": DATA_REQUIRE + ["apache-beam>=2.50", "mlcroissant>=1.0"],
     # Parity tests against Hugging Face transformers need torch (CPU build) + transformers.
     "test": [
         "pytest>=8.0",
