@@ -36,6 +36,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers>=4.45",
         "scikit-image>=0.22",
+        "dill>=0.3",  # tfds.testing imports it
     ] + DATA_REQUIRE,
 }
 
