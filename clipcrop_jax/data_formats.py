@@ -53,6 +53,44 @@ SIZE_MISMATCH = 'size_mismatch'
 NO_VALID_BOXES = 'no_valid_boxes'
 
 
+class ReferenceCropsBuilderMixin:
+  """Shared part of the reference-crop builders (horanyi_pr, textcrop): the `skip_bad_data` flag,
+  the common features, a single `test` split from the manual dir, and the skip summary log.
+
+  A builder mixes this in before `tfds.core.GeneratorBasedBuilder` and implements
+  `_info()` (via `_reference_info`) and `_reference_examples(manual_dir, skip) -> (key, example)`.
+  """
+
+  def __init__(self, *, skip_bad_data: bool | None = None, **kwargs):
+    """`skip_bad_data`: None reads env CLIPCROP_SKIP_BAD_DATA (default: raise on bad data)."""
+    super().__init__(**kwargs)
+    self._skip_bad_data = skip_bad_data
+    self.skip_report = features.SkipReport()
+
+  def _reference_info(self, description: str, homepage: str, citation: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.core.DatasetInfo(
+        builder=self, description=description,
+        features=tfds.features.FeaturesDict(features.common_features()),
+        homepage=homepage, citation=citation, disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    return {'test': self._generate_examples(dl_manager.manual_dir)}
+
+  def _generate_examples(self, manual_dir):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    skip = skip_bad_data_from_env() if self._skip_bad_data is None else self._skip_bad_data
+    self.skip_report = features.SkipReport()
+    yield from self._reference_examples(manual_dir, skip)
+    logging.info('%s: %s', self.name, self.skip_report.summary())
+    if self.skip_report.counts:
+      logging.warning('%s: %s; first messages:\n  %s', self.name, self.skip_report.summary(),
+                      '\n  '.join(self.skip_report.examples))
+
+  def _reference_examples(self, manual_dir, skip: bool):
+    raise NotImplementedError
+
+
 def skip_bad_data_from_env() -> bool:
   """True when env `CLIPCROP_SKIP_BAD_DATA` is set to 1/true/yes/on."""
   value = os.environ.get(SKIP_ENV, '').strip().lower()

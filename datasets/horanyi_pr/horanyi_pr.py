@@ -10,7 +10,6 @@ Bad raw data raises `clipcrop_jax.features.BadDataError`; set `CLIPCROP_SKIP_BAD
 
 from __future__ import annotations
 
-from absl import logging
 import tensorflow_datasets as tfds
 
 from clipcrop_jax import data_formats
@@ -30,7 +29,8 @@ _CITATION = r"""
 """
 
 
-class HoranyiPr(tfds.core.GeneratorBasedBuilder):
+class HoranyiPr(data_formats.ReferenceCropsBuilderMixin,
+                tfds.core.GeneratorBasedBuilder):
   """Horanyi-PR: images, a caption each and reference crops (all score 1.0)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -50,32 +50,11 @@ class HoranyiPr(tfds.core.GeneratorBasedBuilder):
   Set CLIPCROP_SKIP_BAD_DATA=1 to skip (and count) bad entries/boxes instead of failing.
   """
 
-  def __init__(self, *, skip_bad_data: bool | None = None, **kwargs):
-    """`skip_bad_data`: None reads env CLIPCROP_SKIP_BAD_DATA (default: raise on bad data)."""
-    super().__init__(**kwargs)
-    self._skip_bad_data = skip_bad_data
-    self.skip_report = features.SkipReport()
-
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
+    return self._reference_info(
         description='Caption-guided cropping test set of Horanyi et al. (PR 2022): one example '
                     'per (image, caption) with all reference crops (score 1.0).',
-        features=tfds.features.FeaturesDict(features.common_features()),
-        homepage='https://arxiv.org/abs/2201.02280',
-        citation=_CITATION,
-        disable_shuffling=True,
-    )
+        homepage='https://arxiv.org/abs/2201.02280', citation=_CITATION)
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    return {'test': self._generate_examples(dl_manager.manual_dir)}
-
-  def _generate_examples(self, manual_dir):
-    skip = (data_formats.skip_bad_data_from_env() if self._skip_bad_data is None
-            else self._skip_bad_data)
-    self.skip_report = features.SkipReport()
+  def _reference_examples(self, manual_dir, skip: bool):
     yield from data_formats.simple_format_examples(manual_dir, self.skip_report, skip)
-    logging.info('horanyi_pr: %s', self.skip_report.summary())
-    if self.skip_report.counts:
-      logging.warning('horanyi_pr: %s; first messages:\n  %s', self.skip_report.summary(),
-                      '\n  '.join(self.skip_report.examples))

@@ -29,7 +29,7 @@ _CITATION = r"""
 """
 
 
-class TextCrop(tfds.core.GeneratorBasedBuilder):
+class TextCrop(data_formats.ReferenceCropsBuilderMixin, tfds.core.GeneratorBasedBuilder):
   """TextCrop: images with (typically) 2 texts x 4 reference crops (score 1.0) each."""
 
   name = 'textcrop'  # Not 'text_crop': matches the folder; not in the TFDS catalogue.
@@ -53,30 +53,13 @@ class TextCrop(tfds.core.GeneratorBasedBuilder):
   reference crop (score 1.0). Set CLIPCROP_SKIP_BAD_DATA=1 to skip (and count) bad items.
   """
 
-  def __init__(self, *, skip_bad_data: bool | None = None, **kwargs):
-    """`skip_bad_data`: None reads env CLIPCROP_SKIP_BAD_DATA (default: raise on bad data)."""
-    super().__init__(**kwargs)
-    self._skip_bad_data = skip_bad_data
-    self.skip_report = features.SkipReport()
-
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
+    return self._reference_info(
         description='Text-guided cropping test set compiled for ClipCrop: one example per '
                     '(image, text) with all reference crops (score 1.0).',
-        features=tfds.features.FeaturesDict(features.common_features()),
-        homepage='https://arxiv.org/abs/2211.11492',
-        citation=_CITATION,
-        disable_shuffling=True,
-    )
+        homepage='https://arxiv.org/abs/2211.11492', citation=_CITATION)
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    return {'test': self._generate_examples(dl_manager.manual_dir)}
-
-  def _generate_examples(self, manual_dir):
-    skip = (data_formats.skip_bad_data_from_env() if self._skip_bad_data is None
-            else self._skip_bad_data)
-    self.skip_report = features.SkipReport()
+  def _reference_examples(self, manual_dir, skip: bool):
     if (manual_dir / data_formats.SIMPLE_ANNOTATIONS).exists():
       if data_formats.labelme_files(manual_dir):
         logging.warning('textcrop: %s exists, so the labelme *.json files are ignored.',
@@ -84,7 +67,3 @@ class TextCrop(tfds.core.GeneratorBasedBuilder):
       yield from data_formats.simple_format_examples(manual_dir, self.skip_report, skip)
     else:
       yield from data_formats.labelme_examples(manual_dir, self.skip_report, skip)
-    logging.info('textcrop: %s', self.skip_report.summary())
-    if self.skip_report.counts:
-      logging.warning('textcrop: %s; first messages:\n  %s', self.skip_report.summary(),
-                      '\n  '.join(self.skip_report.examples))
