@@ -32,7 +32,7 @@ from clipcrop_jax import model as model_lib
 from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import heads as owl_heads
-from clipcrop_jax.owlvit import image_query
+from clipcrop_jax.owlvit import detect
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import preprocessing as pp
 from clipcrop_jax.owlvit import tokenizer
@@ -57,11 +57,10 @@ class Crop:
 
 @dataclasses.dataclass
 class Encoding:
-  """A reusable image encoding: OWL-ViT's query-independent outputs plus the image geometry."""
+  """A reusable image encoding: OWL-ViT's query-independent outputs plus the image size (H, W)."""
 
   image_hw: tuple[int, int]
   encoded: dict[str, Any]
-  pixels: Any  # (1, S, S, 3), kept for the image-query path's preprocessing geometry
 
 
 class ClipCropper:
@@ -89,7 +88,6 @@ class ClipCropper:
     self._owl_variables = {'params': variables['params']['owlvit']}
     self._decode = jax.jit(lambda v, enc, q, m, extent: self.module.apply(
         v, enc, q, m, None, extent, method=self.module.crop_from_encoding))
-    self.encoder_calls = 0  # counted so tests (and users) can see the encoder ran once
 
   # ------------------------------------------------------------------ construction / IO
 
@@ -163,12 +161,10 @@ class ClipCropper:
     """
     if isinstance(image, (list, tuple)):
       return [self.encode(im) for im in image]
-    image = pp.load_image(image) if isinstance(image, (str, pathlib.Path)) else pp.to_uint8_rgb(
-        np.asarray(image))
+    image = _as_uint8_image(image)
     pixels = pp.preprocess(image, self.config.owlvit_config.image_size)[None]
-    self.encoder_calls += 1
     encoded = owl_model.encode_images(self.owl_module, self._owl_variables, jnp.asarray(pixels))
-    return Encoding(image.shape[:2], encoded, pixels)
+    return Encoding(image.shape[:2], encoded)
 
   def _queries(self, text: Optional[str], query_image: Any, query_box: Any, mode: str):
     """(1, Q, D) embeddings and (1, Q) mask for the request, or (None, None) in base mode."""
@@ -177,13 +173,11 @@ class ClipCropper:
     if mode == 'image' or query_image is not None:
       if query_image is None:
         raise ValueError("mode 'image' needs query_image")
-      q_img = pp.load_image(query_image) if isinstance(query_image, (str, pathlib.Path)) \
-          else pp.to_uint8_rgb(np.asarray(query_image))
-      q_pix = pp.preprocess(q_img, self.config.owlvit_config.image_size)
-      box = None if query_box is None else np.asarray(query_box, np.float32) / pp.padded_size(
-          *q_img.shape[:2])
-      emb, _ = image_query.embed_image_query(self.owl_module, self._owl_variables, q_pix, box)
-      return emb[None, None], jnp.ones((1, 1), bool)
+      q_img = _as_uint8_image(query_image)
+      box = None if query_box is None else tuple(float(v) for v in query_box)
+      emb = detect.query_embeddings(self.owl_module, self._owl_variables,
+                                    image_queries=[detect.ImageQuery('query', q_img, box)])
+      return jnp.asarray(emb)[None], jnp.ones((1, 1), bool)
     if text is None or not str(text).strip():
       raise ValueError(f'mode {mode!r} needs a non-empty text (or pass query_image)')
     texts = keywords_lib.build_queries(text, mode=mode, pipeline=self.keyword_pipeline)
@@ -228,7 +222,7 @@ class ClipCropper:
     h, w = enc.image_hw
     side = float(max(h, w))
     if self.zero_shot:
-      boxes_px, scores = self._zero_shot(enc, q, q_mask, ratio, top_k)
+      boxes_px, scores = self._zero_shot(enc, q, q_mask, ratio)
     else:
       extent = jnp.asarray([[w / side, h / side]], jnp.float32)
       out = self._decode(self.variables, enc.encoded, q, q_mask, extent)
@@ -237,7 +231,7 @@ class ClipCropper:
       scores = np.asarray(out['quality'][0])
     return self._finalise(boxes_px, scores, (w, h), ratio, top_k, min_size)
 
-  def _zero_shot(self, enc: Encoding, q, q_mask, ratio, top_k):
+  def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
     """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""
     h, w = enc.image_hw
     to_image = np.array([w, h, w, h], np.float64)
@@ -283,6 +277,13 @@ class ClipCropper:
     return crops
 
 
+def _as_uint8_image(image: Any) -> np.ndarray:
+  """A path (loaded, EXIF applied) or an array -> uint8 (H, W, 3); clear errors otherwise."""
+  if isinstance(image, (str, pathlib.Path)):
+    return pp.load_image(image)
+  return pp.to_uint8_rgb(np.asarray(image))
+
+
 def _config_name(owl_cfg, path) -> str:
   if owl_cfg.name == 'custom':
     raise ValueError(f'{path}: OWL-ViT architecture does not match a named config; convert it or '
@@ -293,14 +294,6 @@ def _config_name(owl_cfg, path) -> str:
 def _check_against(restored: dict[str, Any], config: model_lib.ClipCropConfig,
                    source: pathlib.Path) -> dict[str, Any]:
   """Checks restored variables against the config's shapes; names the first mismatch."""
-  expected = jax.eval_shape(lambda: model_lib.init_variables(config))
-  exp_flat = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  got_flat = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
-  for path, leaf in exp_flat.items():
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    if path not in got_flat:
-      raise ValueError(f'{source}: parameter {name} missing')
-    if tuple(np.shape(got_flat[path])) != tuple(leaf.shape):
-      raise ValueError(f'{source}: parameter {name} has shape {np.shape(got_flat[path])}, '
-                       f'expected {tuple(leaf.shape)}')
+  model_lib.check_param_shapes(jax.eval_shape(lambda: model_lib.init_variables(config)),
+                               restored, str(source))
   return jax.tree_util.tree_map(jnp.asarray, restored)

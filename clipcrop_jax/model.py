@@ -266,6 +266,24 @@ def init_variables(config: Union[ClipCropConfig, str], seed: int = 0) -> dict[st
   return jax.jit(lambda r: module.init(r, images, text))(jax.random.PRNGKey(seed))
 
 
+def check_param_shapes(expected: Any, got: Any, source: str) -> None:
+  """Raises ValueError naming the first leaf of `expected` that `got` lacks or has another shape.
+
+  Args:
+    expected: a tree of arrays or ShapeDtypeStructs (e.g. `jax.eval_shape` of an init).
+    got: the tree to check (extra leaves are allowed).
+    source: what is being checked, for the message (a file name, 'OWL-ViT weights ...').
+  """
+  got_flat = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    if path not in got_flat:
+      raise ValueError(f'{source}: parameter {name} missing, expected shape {tuple(leaf.shape)}')
+    if tuple(jnp.shape(got_flat[path])) != tuple(leaf.shape):
+      raise ValueError(f'{source}: parameter {name} has shape {tuple(jnp.shape(got_flat[path]))},'
+                       f' expected {tuple(leaf.shape)}')
+
+
 def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
                      seed: int = 0) -> dict[str, Any]:
   """ClipCrop variables with OWL-ViT weights from a checkpoint and a freshly initialised decoder.
@@ -280,12 +298,6 @@ def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
   """
   fresh = init_variables(config, seed)
   owl = owlvit_variables.get('params', owlvit_variables)
-  want = jax.tree_util.tree_flatten_with_path(fresh['params']['owlvit'])[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(owl)[0])
-  for path, leaf in want:
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    if path not in got or tuple(got[path].shape) != tuple(leaf.shape):
-      found = 'missing' if path not in got else f'shape {tuple(got[path].shape)}'
-      raise ValueError(f'OWL-ViT parameter {name}: {found}, expected {tuple(leaf.shape)} for '
-                       f'config {config.owlvit!r}')
+  check_param_shapes(fresh['params']['owlvit'], owl,
+                     f'OWL-ViT weights for config {config.owlvit!r}')
   return {'params': {'owlvit': owl, 'decoder': fresh['params']['decoder']}}

@@ -272,3 +272,13 @@ def test_crop_cli_zero_shot_with_plain_owlvit_checkpoint(variables, tmp_path):
   assert rc == 0
   report = json.loads((tmp_path / 'o' / 'crops.json').read_text())
   assert report['model'].endswith('(zero-shot)') and report['results'][0]['crops']
+
+
+def test_load_names_the_mis_shaped_parameter(cropper, tmp_path):
+  ckpt = cropper.save(tmp_path / 'ckpt')
+  meta = json.loads((ckpt / cropper_lib.CONFIG_FILE).read_text())
+  meta['config']['num_queries'] = CFG.num_queries + 1  # params no longer fit the config
+  (ckpt / cropper_lib.CONFIG_FILE).write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r'params\.msgpack: parameter params/decoder/query_embed '
+                                       r'has shape \(12, 32\), expected \(13, 32\)'):
+    cropper_lib.ClipCropper.load(ckpt)
