@@ -238,23 +238,17 @@ class ClipCropper:
     boxes = np.asarray(box_lib.cxcywh_to_xyxy(enc.encoded['pred_boxes'][0]), np.float64)
     boxes = np.clip(boxes * max(h, w), 0, to_image) / to_image  # [0, 1] of the image
     if q is None:
-      target, others, other_scores = np.array([0.0, 0.0, 1.0, 1.0]), None, None
-    else:
-      logits = np.asarray(owl_heads.logits_from_image_terms(
-          enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
-      centres = np.asarray(enc.encoded['pred_boxes'][0, :, :2]) * max(h, w)
-      in_image = (centres[:, 0] <= w) & (centres[:, 1] <= h)  # not a padding token
-      logits = np.where(in_image[:, None], logits, -np.inf)
-      picked = np.argmax(logits, axis=0)[np.asarray(q_mask[0])]
-      target = np.concatenate([boxes[picked, :2].min(0), boxes[picked, 2:].max(0)])
-      best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
-      others = [i for i in np.argsort(-best)[:ZERO_SHOT_OTHER_OBJECTS] if i not in set(picked)]
-      others, other_scores = boxes[others], best[others]
-    if np.prod(target[2:] - target[:2]) <= 0:  # selected boxes lie in the padding: whole image
-      target = np.array([0.0, 0.0, 1.0, 1.0])
-    ranked = zero_shot.rank_zero_shot_crops((w, h), target, others, other_scores,
-                                            aspect_ratio=ratio, top_k=None, nms_iou=None)
-    return np.array([b for b, _ in ranked]), np.array([s for _, s in ranked])
+      return zero_shot.crops_from_detections(boxes, None, None, (w, h), ratio,
+                                             other_objects=ZERO_SHOT_OTHER_OBJECTS)
+    logits = np.asarray(owl_heads.logits_from_image_terms(
+        enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
+    centres = np.asarray(enc.encoded['pred_boxes'][0, :, :2]) * max(h, w)
+    in_image = (centres[:, 0] <= w) & (centres[:, 1] <= h)  # not a padding token
+    logits = np.where(in_image[:, None], logits, -np.inf)
+    picked = np.argmax(logits, axis=0)[np.asarray(q_mask[0])]
+    best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
+    return zero_shot.crops_from_detections(boxes, best, picked, (w, h), ratio,
+                                           other_objects=ZERO_SHOT_OTHER_OBJECTS)
 
   def _finalise(self, boxes_px, scores, image_wh, ratio, top_k, min_size) -> list[Crop]:
     """Aspect-ratio fitting, min size, NMS, top-k, focal point."""

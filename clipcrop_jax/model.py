@@ -97,6 +97,30 @@ def select_query_tokens(pred_logits: jax.Array, query_mask: Optional[jax.Array] 
   return indices, query_mask.astype(bool)
 
 
+def query_mask_for_mode(text_queries: jax.Array, mode: str) -> Optional[jax.Array]:
+  """(B, Q) bool: which rows of 'full'-mode queries [full text, keywords...] a mode uses.
+
+  'full': every real row; 'main': the full text (row 0); 'key': the keywords (rows 1..), or the
+  full text when there is no keyword (as `keywords.build_queries`); 'base' / 'image': None.
+
+  Args:
+    text_queries: int32 (B, Q, 16) tokens built in 'full' mode, all-zero rows = padding.
+    mode: a ClipCrop mode.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r}; expected one of {MODES}')
+  real = text_queries[..., 0] > 0
+  if mode in ('base', 'image'):
+    return None
+  row = jnp.arange(real.shape[-1])[None, :]
+  if mode == 'main':
+    return real & (row == 0)
+  if mode == 'key':
+    keywords = real & (row > 0)
+    return jnp.where(jnp.any(keywords, axis=-1, keepdims=True), keywords, real & (row == 0))
+  return real
+
+
 def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
   """x (B, P, ...) gathered at indices (B, Q) -> (B, Q, ...)."""
   idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
@@ -125,6 +149,47 @@ def filter_selected_boxes(selected_xyxy: jax.Array, mask: jax.Array, target_xyxy
   inter = jnp.prod(jnp.clip(rb - lt, 0), axis=-1)
   area = box_lib.area_xyxy(selected_xyxy)
   return mask & (inter >= min_inside_fraction * area) & (area > 0)
+
+
+def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Array:
+  if image_extent is None:
+    return jnp.ones((batch, 2), jnp.float32)
+  return jnp.asarray(image_extent, jnp.float32)
+
+
+def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
+                     query_mask: Optional[jax.Array] = None,
+                     target_xyxy: Optional[jax.Array] = None,
+                     image_extent: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Query selection (paper Eq. 2) and union box (Eq. 3) on an encoded image; no parameters.
+
+  Args:
+    encoded: `ClipCrop.encode_image` / `TextZeroShotDetectionModule.encode_image` output.
+    query_embeddings: (B, Q, D) query embeddings.
+    query_mask: (B, Q) bool, True = real query; None = all real.
+    target_xyxy: (B, 4) training target for `filter_selected_boxes`, or None.
+    image_extent: (B, 2) real image extent in the padded square; None = the whole square. Tokens
+      whose box centre lies in the padding are never selected.
+
+  Returns:
+    dict with 'selected_tokens' (B, Q) int32, 'selected_boxes' (B, Q, 4) xyxy, 'selected_mask'
+    (B, Q) bool, 'selected_logits' (B, Q) (the selected token's class logit, -inf for padded
+    queries) and 'union_box' (B, 4) xyxy clipped to the image (the whole image when nothing is
+    selected).
+  """
+  extent = _extent_or_square(image_extent, query_embeddings.shape[0])
+  logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings, query_mask)
+  centres = encoded['pred_boxes'][..., :2]
+  token_valid = jnp.all(centres <= extent[:, None, :], axis=-1)
+  indices, mask = select_query_tokens(logits, query_mask, token_valid)
+  selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
+  if target_xyxy is not None:
+    mask = filter_selected_boxes(selected, mask, target_xyxy)
+  union = jax.vmap(box_lib.union_box_xyxy)(selected, mask)  # nothing selected: whole square
+  union = jnp.clip(union, 0.0, jnp.concatenate([extent, extent], axis=-1))
+  picked = jnp.take_along_axis(logits, indices[:, None, :], axis=1)[:, 0]
+  return dict(selected_tokens=indices, selected_boxes=selected, selected_mask=mask,
+              selected_logits=jnp.where(mask, picked, -jnp.inf), union_box=union)
 
 
 class ClipCrop(nn.Module):
@@ -188,33 +253,22 @@ class ClipCrop(nn.Module):
       dict with 'pred_boxes' (B, M, 4) xyxy in [0, 1] of the padded square, 'quality' (B, M),
       'quality_logits' (B, M), per-layer 'aux_boxes' (L, B, M, 4) and 'aux_quality_logits'
       (L, B, M), 'union_box' (B, 4) xyxy, and (with queries) 'selected_tokens' (B, Q),
-      'selected_boxes' (B, Q, 4) xyxy and 'selected_mask' (B, Q).
+      'selected_boxes' (B, Q, 4) xyxy, 'selected_mask' (B, Q) and 'selected_logits' (B, Q)
+      (see `select_and_union`).
     """
     features = encoded['image_features']  # (B, P, W)
-    batch = features.shape[0]
     grid_hw = encoded['feature_map'].shape[1:3]
-    out = {}
-    extent = (jnp.ones((batch, 2), jnp.float32) if image_extent is None
-              else jnp.asarray(image_extent, jnp.float32))
+    extent = _extent_or_square(image_extent, features.shape[0])
     if query_embeddings is None:
-      union = jnp.concatenate([jnp.zeros((batch, 2), jnp.float32), extent], axis=-1)
-      condition = None
+      union = jnp.concatenate([jnp.zeros_like(extent), extent], axis=-1)
+      condition, out = None, {}
     else:
-      logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings,
-                                                 query_mask)
-      centres = encoded['pred_boxes'][..., :2]
-      token_valid = jnp.all(centres <= extent[:, None, :], axis=-1)
-      indices, mask = select_query_tokens(logits, query_mask, token_valid)
-      selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
-      if target_xyxy is not None:
-        mask = filter_selected_boxes(selected, mask, target_xyxy)
-      union = jax.vmap(box_lib.union_box_xyxy)(selected, mask)  # nothing selected: whole square
-      union = jnp.clip(union, 0.0, jnp.concatenate([extent, extent], axis=-1))
-      weights = mask.astype(features.dtype)[..., None]
-      t_sel = gather_tokens(features, indices)  # (B, Q, W)
+      out = select_and_union(encoded, query_embeddings, query_mask, target_xyxy, extent)
+      union = out.pop('union_box')
+      weights = out['selected_mask'].astype(features.dtype)[..., None]
+      t_sel = gather_tokens(features, out['selected_tokens'])  # (B, Q, W)
       condition = (jnp.sum(t_sel * weights, axis=1) /
                    jnp.maximum(jnp.sum(weights, axis=1), 1.0))
-      out.update(selected_tokens=indices, selected_boxes=selected, selected_mask=mask)
 
     dec = self.decoder(features, grid_hw, condition, train=train)
     hi = jnp.concatenate([extent, extent], axis=-1)[None, :, None, :]  # (1, B, 1, 4)
@@ -228,7 +282,8 @@ class ClipCrop(nn.Module):
                query_embeddings: Optional[jax.Array] = None,
                target_xyxy: Optional[jax.Array] = None,
                image_extent: Optional[jax.Array] = None,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False,
+               query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Full model.
 
     Args:
@@ -238,17 +293,19 @@ class ClipCrop(nn.Module):
       target_xyxy: (B, 4) training-time target crop for the selection filter.
       image_extent: (B, 2) real image extent in the padded square (see `crop_from_encoding`).
       train: enables dropout.
+      query_mask: (B, Q) bool, the queries to use (e.g. `query_mask_for_mode`); default: the
+        non-padding rows of `text_queries` (all rows of `query_embeddings`).
 
     Returns:
       See `crop_from_encoding`.
     """
     encoded = self.encode_image(images)
-    query_mask = None
     if self.config.mode == 'base':
-      query_embeddings = None
+      query_embeddings = query_mask = None
     elif query_embeddings is None and text_queries is not None:
       query_embeddings = self.embed_text(text_queries)
-      query_mask = text_queries[..., 0] > 0
+      real = text_queries[..., 0] > 0
+      query_mask = real if query_mask is None else real & query_mask
     if self.is_initializing() and query_embeddings is None:
       # Create the text tower's parameters too, so one init serves every mode.
       self.embed_text(jnp.zeros((images.shape[0], 1, 16), jnp.int32))

@@ -520,3 +520,40 @@ def rank_zero_shot_crops(
   if top_k is not None:
     order = order[:top_k]
   return [(tuple(float(v) for v in crops_px[i]), float(scores[i])) for i in order]
+
+
+def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray | None,
+                          picked: np.ndarray | None, image_wh: tuple[float, float],
+                          aspect_ratio: float | None = None, top_k: int | None = None,
+                          nms_iou: float | None = None, other_objects: int = 20,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """Zero-shot crops from OWL-ViT detections: the union of the picked boxes is the target.
+
+  Args:
+    token_boxes_xyxy: (P, 4) every image token's box, normalised xyxy in [0, 1] of the original
+      image (clipped to it).
+    token_scores: (P,) detector confidences in [0, 1] (0 for tokens in the padding), or None.
+    picked: indices of the tokens the queries selected; None or empty = no query (the target is
+      the whole image).
+    image_wh: (W, H) of the original image in pixels.
+    aspect_ratio, top_k, nms_iou: as `rank_zero_shot_crops`.
+    other_objects: how many of the best other tokens feed the cut-through penalty.
+
+  Returns:
+    (boxes (n, 4) xyxy pixels of the original image, scores (n,)), best first.
+  """
+  boxes = np.asarray(token_boxes_xyxy, np.float64)
+  if picked is None or len(picked) == 0 or token_scores is None:
+    target, others, other_scores = np.array([0.0, 0.0, 1.0, 1.0]), None, None
+  else:
+    picked = np.asarray(picked)
+    target = np.concatenate([boxes[picked, :2].min(0), boxes[picked, 2:].max(0)])
+    scores = np.asarray(token_scores, np.float64)
+    chosen = set(picked.tolist())
+    keep = [i for i in np.argsort(-scores, kind='stable')[:other_objects] if i not in chosen]
+    others, other_scores = boxes[keep], scores[keep]
+  if np.prod(target[2:] - target[:2]) <= 0:  # selected boxes lie in the padding: whole image
+    target = np.array([0.0, 0.0, 1.0, 1.0])
+  ranked = rank_zero_shot_crops(image_wh, target, others, other_scores,
+                                aspect_ratio=aspect_ratio, top_k=top_k, nms_iou=nms_iou)
+  return np.array([b for b, _ in ranked]), np.array([s for _, s in ranked])

@@ -1,0 +1,310 @@
+"""Evaluation loop: ClipCrop and the baselines on text-conditioned sets and on GAIC.
+
+Methods, all scored by the same code (`clipcrop_jax.metrics`) on the same batches:
+  clipcrop        the trained model (its config's mode); crops ranked by predicted quality.
+  clipcrop_base   a trained ClipCrop-base (`eval.base_workdir`: a workdir or ClipCropper dir).
+  full_image      the whole image.
+  centre_crop     a box centred in the image whose size (as a fraction of the image's width and
+                  height) is the dataset's mean reference-crop size: all reference crops of a
+                  text-conditioned set, the best-scored crop of each GAIC image.
+  owlvit_top_box  the box of the token the full text selects (OWL-ViT's top detection); the
+                  whole image when the text is empty.
+  union_box       the union of the boxes selected by the full text and its keywords (Eq. 3).
+  zero_shot       GAIC-grid crops around the union box ranked by the composition score
+                  (`zero_shot.crops_from_detections`, no trained decoder).
+The baselines that read the text use OWL-ViT of the evaluated model (its encoder weights).
+
+Dataset kinds: 'text' (Horanyi-PR, TextCrop, the synthetic `ambiguity` split): one (image, text)
+example with reference crops; the top-1 crop gives IoU-Mean / IoU-Max. 'gaic' (GAIC and the other
+synthetic splits): scored candidates; each method's ranked crops are mapped to candidates and give
+Acc_K/N, wAcc_K/N and the (non-standard) SRCC / PCC. Boxes are compared in the padded-square
+coordinates of the model (IoU does not change under the uniform scale back to pixels).
+
+Results go to `<workdir>/eval_<dataset>.json` (dataset name with '/' -> '_', plus `_<split>`
+unless the split is 'test') and to the log as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import metrics as metrics_lib
+from clipcrop_jax import model as model_lib
+from clipcrop_jax import sharding as sharding_lib
+from clipcrop_jax import train_lib
+from clipcrop_jax import zero_shot
+from clipcrop_jax.owlvit import heads as owl_heads
+
+TEXT_DATASETS = ('horanyi_pr', 'textcrop')
+EVAL_KEYS = ('image', 'crops', 'crop_scores', 'crop_mask', 'image_extent', 'text_queries',
+             'height', 'width', 'mask')
+
+
+def dataset_kind(name: str, split: str) -> str:
+  """'text' for text-conditioned sets (IoU-Mean/Max), 'gaic' for scored candidates (Acc_K/N)."""
+  if name.split('/')[0] in TEXT_DATASETS or split.startswith('ambiguity'):
+    return 'text'
+  return 'gaic'
+
+
+def results_filename(name: str, split: str) -> str:
+  base = name.replace('/', '_')
+  return f'eval_{base}.json' if split == 'test' else f'eval_{base}_{split}.json'
+
+
+# ------------------------------------------------------------------------------------------------
+# Device side.
+# ------------------------------------------------------------------------------------------------
+
+
+def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent) -> dict[str, jax.Array]:
+  """Model outputs + everything the baselines need, from one image encoding."""
+  encoded = mdl.encode_image(images)
+  q = mdl.embed_text(text_queries)
+  real = text_queries[..., 0] > 0
+  full = model_lib.select_and_union(encoded, q, real, None, extent)
+  if mdl.config.mode == 'base':
+    own = mdl.crop_from_encoding(encoded, None, None, None, extent)
+  else:
+    own = mdl.crop_from_encoding(encoded, q, model_lib.query_mask_for_mode(text_queries,
+                                                                           mdl.config.mode),
+                                 None, extent)
+  logits = owl_heads.logits_from_image_terms(encoded['class_terms'], q, real)  # (B, P, Q)
+  logits = jnp.where(real[:, None, :], logits, -jnp.inf)
+  centres = encoded['pred_boxes'][..., :2]
+  in_image = jnp.all(centres <= extent[:, None, :], axis=-1)
+  token_scores = jnp.where(in_image, jax.nn.sigmoid(jnp.max(logits, axis=-1)), 0.0)
+  return dict(pred_boxes=own['pred_boxes'], quality=own['quality'],
+              top_box=full['selected_boxes'][:, 0], top_valid=full['selected_mask'][:, 0],
+              union_box=full['union_box'], selected_tokens=full['selected_tokens'],
+              selected_mask=full['selected_mask'],
+              token_boxes=box_lib.cxcywh_to_xyxy(encoded['pred_boxes']), token_scores=token_scores)
+
+
+def _forward_base(mdl: model_lib.ClipCrop, images, extent) -> dict[str, jax.Array]:
+  out = mdl.crop_from_encoding(mdl.encode_image(images), None, None, None, extent)
+  return dict(base_boxes=out['pred_boxes'], base_quality=out['quality'])
+
+
+def make_eval_step(model: model_lib.ClipCrop, mesh) -> Any:
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return jax.jit(lambda params, b: model.apply(
+      {'params': params}, b['image'], b['text_queries'], b['image_extent'], method=_forward),
+                 out_shardings=batch_sharding)
+
+
+def make_base_step(model: model_lib.ClipCrop, mesh) -> Any:
+  return jax.jit(lambda params, b: model.apply(
+      {'params': params}, b['image'], b['image_extent'], method=_forward_base),
+                 out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side.
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_host(tree: dict[str, Any]) -> dict[str, np.ndarray]:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in tree.items()}
+  return {k: np.asarray(v) for k, v in
+          multihost_utils.process_allgather(tree, tiled=True).items()}
+
+
+def _ranked(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  order = np.argsort(-scores, kind='stable')
+  return boxes[order], scores[order]
+
+
+class _Collector:
+  """Per-method ranked predictions of every example, then the dataset's metrics."""
+
+  def __init__(self, kind: str, methods: list[str]):
+    self.kind, self.methods = kind, methods
+    self.examples: list[dict[str, Any]] = []
+
+  def add(self, refs: np.ndarray, scores: np.ndarray, extent: np.ndarray,
+          ranked: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    self.examples.append(dict(refs=refs, scores=scores, extent=extent, ranked=ranked))
+
+  def _centre_size(self) -> np.ndarray:
+    sizes = []
+    for ex in self.examples:
+      refs = ex['refs'] if self.kind == 'text' else ex['refs'][[int(np.argmax(ex['scores']))]]
+      sizes.append((refs[:, 2:] - refs[:, :2]) / ex['extent'][None])
+    return np.concatenate(sizes).mean(0)
+
+  def results(self) -> dict[str, dict[str, float]]:
+    if 'centre_crop' in self.methods and self.examples:
+      rel = self._centre_size()
+      for ex in self.examples:
+        e = ex['extent']
+        lo = (1 - rel) / 2 * e
+        ex['ranked']['centre_crop'] = (np.concatenate([lo, lo + rel * e])[None], np.ones(1))
+    out = {}
+    for method in self.methods:
+      acc = (metrics_lib.TextCropMetrics() if self.kind == 'text' else metrics_lib.GaicMetrics())
+      for ex in self.examples:
+        boxes, conf = ex['ranked'][method]
+        if self.kind == 'text':
+          acc.add(boxes[0], ex['refs'])
+        else:
+          acc.add(boxes, conf, ex['refs'], ex['scores'])
+      out[method] = acc.result()
+    return out
+
+
+def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, batch_size: int):
+  """Global eval batches; every process yields the same number (padding batches are masked)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  per_process = batch_size // jax.process_count()
+  if per_process * jax.process_count() != batch_size:
+    raise ValueError(f'eval.batch_size={batch_size} is not divisible by the '
+                     f'{jax.process_count()} processes')
+  total = builder.info.splits[split].num_examples
+  n_batches = math.ceil(math.ceil(total / jax.process_count()) / per_process)
+  ds = builder.as_dataset(split=ip.split_for_process(split, drop_remainder=False),
+                          shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ('image', 'crops', 'text',
+                                                               'height', 'width')})
+  ds = ip.make_eval_dataset(ds, image_size=train_lib.clipcrop_config(config).owlvit_config
+                            .image_size, batch_size=per_process, max_crops=config.dataset.max_crops,
+                            max_queries=config.dataset.max_queries,
+                            keyword_pipeline=config.dataset.keyword_pipeline or None)
+  ds = ds.map(lambda b: {k: b[k] for k in EVAL_KEYS})
+  template = None
+  count = 0
+  for batch in ip.to_global_batches(ds, mesh):
+    template = batch if template is None else template
+    count += 1
+    yield batch
+  for _ in range(count, n_batches):  # this process ran out: masked padding batches
+    if template is None:
+      raise ValueError(f'split {split!r} gave this process no example')
+    yield {k: (jnp.zeros_like(v) if k != 'mask' else jnp.zeros_like(v, dtype=bool))
+           for k, v in template.items()}
+
+
+def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name: str, split: str,
+                     workdir: Optional[str] = None, step: Optional[int] = None,
+                     base: Optional[tuple[model_lib.ClipCrop, Any]] = None
+                     ) -> dict[str, Any]:
+  """Evaluates the model (and the configured baselines) on one dataset split.
+
+  Args:
+    config: the run config.
+    params: the model's parameters (sharded or host arrays).
+    mesh: the device mesh.
+    name, split: the TFDS dataset (prepared in `config.dataset.data_dir`) and split.
+    workdir: where `eval_<dataset>.json` is written (process 0); None = not written.
+    step: training step, recorded in the results.
+    base: (ClipCrop-base module, params) for the 'clipcrop_base' baseline, or None.
+
+  Returns:
+    {'dataset', 'split', 'kind', 'step', 'num_examples', 'methods': {method: metrics}, 'table'}.
+  """
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  kind = dataset_kind(name, split)
+  model = train_lib.build_model(config)
+  baselines = [b for b in config.eval.baselines if b != 'clipcrop_base' or base is not None]
+  methods = ['clipcrop'] + baselines
+  builder = train_lib.dataset_builder(name, config.dataset.data_dir)
+  if config.eval.max_examples > 0:
+    split = f'{split}[:{min(config.eval.max_examples, builder.info.splits[split].num_examples)}]'
+  step_fn = make_eval_step(model, mesh)
+  base_fn = make_base_step(base[0], mesh) if base is not None else None
+  collector = _Collector(kind, methods)
+  n = 0
+  bar = tqdm.tqdm(desc=f'eval {name}:{split}', unit='ex', disable=jax.process_index() != 0,
+                  mininterval=2.0)
+  for batch in _eval_batches(config, builder, split, mesh, config.eval.batch_size):
+    out = step_fn(params, batch)
+    if base_fn is not None:
+      out = {**out, **base_fn(base[1], batch)}
+    host = _to_host({**{k: batch[k] for k in EVAL_KEYS if k not in ('image', 'text_queries')},
+                     **out})
+    for i in np.nonzero(host['mask'])[0]:
+      n += 1
+      _add_example(collector, host, i, baselines)
+    bar.update(int(host['mask'].sum()))
+  bar.close()
+  results = collector.results()
+  table = metrics_lib.format_markdown_table(
+      results, _columns(kind), title=f'{name} [{split}] ({n} examples'
+      + (f', step {step})' if step is not None else ')'))
+  logging.info('\n%s', table)
+  summary = dict(dataset=name, split=split, kind=kind, step=step, num_examples=n,
+                 methods=results, table=table)
+  if workdir is not None and jax.process_index() == 0:
+    path = pathlib.Path(workdir) / results_filename(name, split.split('[')[0])
+    path.write_text(json.dumps(summary, indent=1, default=float))
+  return summary
+
+
+def _columns(kind: str) -> list[str]:
+  if kind == 'text':
+    return ['iou_mean', 'iou_max', 'num_examples']
+  return ['acc1_5', 'acc4_5', 'acc1_10', 'acc4_10', 'acc5', 'acc10', 'srcc', 'pcc',
+          'mapped_iou_mean', 'num_images']
+
+
+def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
+                 baselines: list[str]) -> None:
+  real = host['crop_mask'][i]
+  refs, scores = host['crops'][i][real].astype(np.float64), host['crop_scores'][i][real]
+  extent = host['image_extent'][i].astype(np.float64)
+  whole = np.concatenate([[0.0, 0.0], extent])[None]
+  ranked = {'clipcrop': _ranked(host['pred_boxes'][i], host['quality'][i])}
+  if 'clipcrop_base' in baselines:
+    ranked['clipcrop_base'] = _ranked(host['base_boxes'][i], host['base_quality'][i])
+  if 'full_image' in baselines:
+    ranked['full_image'] = (whole, np.ones(1))
+  if 'owlvit_top_box' in baselines:
+    top = host['top_box'][i][None] if host['top_valid'][i] else whole
+    ranked['owlvit_top_box'] = (np.clip(top, 0, np.tile(extent, 2)), np.ones(1))
+  if 'union_box' in baselines:
+    ranked['union_box'] = (host['union_box'][i][None], np.ones(1))
+  if 'zero_shot' in baselines:
+    side = float(max(host['height'][i], host['width'][i]))
+    wh = (float(host['width'][i]), float(host['height'][i]))
+    picked = host['selected_tokens'][i][host['selected_mask'][i]]
+    token_boxes = np.clip(host['token_boxes'][i] / np.tile(extent, 2), 0, 1)
+    boxes_px, conf = zero_shot.crops_from_detections(token_boxes, host['token_scores'][i],
+                                                     picked, wh)
+    ranked['zero_shot'] = (boxes_px / side, conf)
+  collector.add(refs, scores, extent, ranked)
+
+
+def load_base(config: ml_collections.ConfigDict) -> Optional[tuple[model_lib.ClipCrop, Any]]:
+  """The ClipCrop-base baseline from `eval.base_workdir`, or None when not configured."""
+  if 'clipcrop_base' not in config.eval.baselines or not config.eval.base_workdir:
+    return None
+  base_config, params = train_lib.load_trained_params(config.eval.base_workdir)
+  if base_config.mode != 'base':
+    raise ValueError(f'eval.base_workdir={config.eval.base_workdir} holds a {base_config.mode!r}'
+                     " model; the clipcrop_base baseline needs mode 'base'")
+  return model_lib.ClipCrop(base_config, dtype=train_lib.compute_dtype(config)), params
+
+
+def evaluate(config: ml_collections.ConfigDict, params: Any, mesh, workdir: Optional[str],
+             step: Optional[int] = None) -> dict[str, dict[str, Any]]:
+  """Every `config.eval.datasets` entry ((name, split) pairs); returns {name:split: summary}."""
+  base = load_base(config)
+  out = {}
+  for entry in config.eval.datasets:
+    name, split = entry[0], entry[1]
+    out[f'{name}:{split}'] = evaluate_dataset(config, params, mesh, name, split, workdir, step,
+                                              base)
+  return out

@@ -1,0 +1,261 @@
+"""Set-prediction losses of ClipCrop (Zhong et al. 2023, §3.3 and appendix B).
+
+The recipe follows Jia et al., "Rethinking Image Cropping" (CVPR 2022): annotated crops whose
+mean-opinion score is >= a threshold (4 of 1..5 on GAIC) are the positives; if an image has none,
+its best-scored crops are. Predictions are Hungarian-matched to the positives (DETR-style, see
+`clipcrop_jax.matching`), matched boxes get L1 (cxcywh) and GIoU losses, and every prediction's
+quality gets a Smooth-L1 loss towards its target: the matched crop's normalised score, else the
+score of an annotated crop it overlaps with IoU >= 0.9 (local-redundancy label smoothing), else 0.
+
+Shapes: B = batch, M = predictions, C = annotated crop slots (real + padding, `crop_mask`),
+L = decoder layers. Boxes are xyxy (x0, y0, x1, y1) normalised to [0, 1]. Everything is jit-able
+with static shapes.
+
+Normalisation: box terms are sums over matched pairs divided by `num_positives`, quality is a sum
+over predictions divided by `num_predictions`. Both default to this batch's counts; passing the
+global counts (over all devices) makes each shard's terms partial sums of the global loss.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import matching
+
+LOSS_NAMES = ('loss_l1', 'loss_giou', 'loss_quality')
+DIAGNOSTIC_NAMES = ('matched_iou_mean',)
+DEFAULT_WEIGHTS = {'loss_l1': 5.0, 'loss_giou': 2.0, 'loss_quality': 1.0}
+
+
+def normalise_scores(scores: jax.Array, score_min: float = 1.0,
+                     score_max: float = 5.0) -> jax.Array:
+  """Maps scores linearly so score_min -> 0 and score_max -> 1, without clipping; same shape."""
+  return (jnp.asarray(scores, jnp.float32) - score_min) / (score_max - score_min)
+
+
+def select_positives(crop_scores: jax.Array, crop_mask: jax.Array,
+                     threshold: float = 4.0) -> jax.Array:
+  """Positive crops: score >= threshold, else (if an example has none) those tied at its max.
+
+  Args:
+    crop_scores: (B, C) raw scores.
+    crop_mask: (B, C) bool, True for real crops.
+    threshold: positive threshold on the raw score.
+
+  Returns:
+    (B, C) bool. Padding is never positive; an example without real crops has no positive.
+  """
+  crop_scores = jnp.asarray(crop_scores, jnp.float32)
+  real = jnp.asarray(crop_mask, bool)
+  above = real & (crop_scores >= threshold)
+  best = jnp.max(jnp.where(real, crop_scores, -jnp.inf), axis=1, keepdims=True)  # (B, 1)
+  at_best = real & (crop_scores == best)
+  return jnp.where(jnp.any(above, axis=1, keepdims=True), above, at_best)
+
+
+def quality_targets(pred_boxes_xyxy: jax.Array,
+                    matched: jax.Array,
+                    matched_score: jax.Array,
+                    crop_boxes_xyxy: jax.Array,
+                    crop_scores_norm: jax.Array,
+                    crop_mask: jax.Array,
+                    smoothing_iou: Optional[float] = 0.9) -> jax.Array:
+  """Quality target of every prediction (no gradient).
+
+  Args:
+    pred_boxes_xyxy: (B, M, 4) predicted boxes.
+    matched: (B, M) bool, True for predictions matched to a positive.
+    matched_score: (B, M) normalised score of the matched crop (ignored where not matched).
+    crop_boxes_xyxy: (B, C, 4) all annotated crops.
+    crop_scores_norm: (B, C) their normalised scores.
+    crop_mask: (B, C) bool, True for real crops.
+    smoothing_iou: an unmatched prediction whose best IoU with a real crop is >= this gets that
+      crop's score; None or > 1 disables the smoothing.
+
+  Returns:
+    (B, M) float32: matched_score where matched, else the smoothed score, else 0.
+  """
+  matched = jnp.asarray(matched, bool)
+  smoothed = jnp.zeros(matched.shape, jnp.float32)
+  if smoothing_iou is not None:  # A traced value works too: the > 1 test is in jnp.
+    iou = jax.vmap(box_lib.pairwise_iou_xyxy)(pred_boxes_xyxy, crop_boxes_xyxy)  # (B, M, C)
+    iou = jnp.where(jnp.asarray(crop_mask, bool)[:, None, :], iou, -1.0)
+    best = jnp.argmax(iou, axis=-1)  # (B, M)
+    best_iou = jnp.take_along_axis(iou, best[..., None], axis=-1)[..., 0]  # (B, M)
+    best_score = jnp.take_along_axis(jnp.asarray(crop_scores_norm, jnp.float32), best, axis=1)
+    smooth = (best_iou >= smoothing_iou) & (jnp.asarray(smoothing_iou) <= 1.0)  # (B, M)
+    smoothed = jnp.where(smooth, best_score, 0.0)
+  targets = jnp.where(matched, jnp.asarray(matched_score, jnp.float32), smoothed)
+  return jax.lax.stop_gradient(targets)
+
+
+def count_positives(crop_scores: jax.Array, crop_mask: jax.Array,
+                    threshold: float = 4.0) -> jax.Array:
+  """Number of positives in the batch as a float32 scalar (not clamped; psum it across shards)."""
+  return jnp.sum(select_positives(crop_scores, crop_mask, threshold).astype(jnp.float32))
+
+
+def set_prediction_losses(pred_boxes_xyxy: jax.Array,
+                          pred_quality: jax.Array,
+                          crops_xyxy: jax.Array,
+                          crop_scores: jax.Array,
+                          crop_mask: jax.Array,
+                          *,
+                          positive_threshold: float = 4.0,
+                          score_min: float = 1.0,
+                          score_max: float = 5.0,
+                          smoothing_iou: Optional[float] = 0.9,
+                          l1_weight: float = 5.0,
+                          giou_weight: float = 2.0,
+                          quality_weight: float = 1.0,
+                          num_positives: Optional[jax.Array] = None,
+                          num_predictions: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Losses of one decoder layer's predictions.
+
+  Args:
+    pred_boxes_xyxy: (B, M, 4) predicted boxes.
+    pred_quality: (B, M) predicted quality in [0, 1] (sigmoid of the logits).
+    crops_xyxy: (B, C, 4) annotated crops.
+    crop_scores: (B, C) raw scores (score_min..score_max).
+    crop_mask: (B, C) bool, True for real crops.
+    positive_threshold: raw score of a positive (see `select_positives`).
+    score_min: raw score mapped to 0.
+    score_max: raw score mapped to 1.
+    smoothing_iou: see `quality_targets`.
+    l1_weight: matching-cost weight of the L1 term (the loss weights are in `total_loss`).
+    giou_weight: matching-cost weight of the GIoU term.
+    quality_weight: matching-cost weight of the predicted quality.
+    num_positives: normaliser of the box terms; default this batch's positive count. Clamped to
+      >= 1. Pass the global count when the batch is sharded.
+    num_predictions: normaliser of the quality term; default B * M.
+
+  Returns:
+    Dict of scalars: 'loss_l1' (sum over matched pairs of the L1 distance of the cxcywh forms,
+    4 coords summed, / num_positives), 'loss_giou' (sum of (1 - GIoU) / num_positives),
+    'loss_quality' (sum over predictions of Smooth-L1 (beta 1) to `quality_targets` /
+    num_predictions) and diagnostics without gradient: 'num_positives' (the normaliser used),
+    'matched_iou_mean' (mean IoU of matched pairs in this batch, 0 if none).
+  """
+  pred_boxes_xyxy = jnp.asarray(pred_boxes_xyxy, jnp.float32)
+  pred_quality = jnp.asarray(pred_quality, jnp.float32)
+  crops_xyxy = jnp.asarray(crops_xyxy, jnp.float32)
+  batch, num_preds = pred_quality.shape
+  positives = select_positives(crop_scores, crop_mask, positive_threshold)  # (B, C)
+  scores_norm = normalise_scores(crop_scores, score_min, score_max)  # (B, C)
+
+  pred_idx, crop_idx, valid = matching.match(
+      pred_boxes_xyxy, pred_quality, crops_xyxy, positives,
+      l1_weight=l1_weight, giou_weight=giou_weight, quality_weight=quality_weight)  # (B, K) each
+  src = matching.gather_matched(pred_boxes_xyxy, pred_idx)  # (B, K, 4)
+  tgt = matching.gather_matched(crops_xyxy, crop_idx)  # (B, K, 4)
+  weight = valid.astype(jnp.float32)  # (B, K)
+
+  if num_positives is None:
+    num_positives = jnp.sum(positives.astype(jnp.float32))
+  num_positives = jnp.maximum(jax.lax.stop_gradient(jnp.asarray(num_positives, jnp.float32)), 1.0)
+  if num_predictions is None:
+    num_predictions = batch * num_preds
+  num_predictions = jnp.maximum(jnp.asarray(num_predictions, jnp.float32), 1.0)
+
+  l1 = jnp.sum(jnp.abs(box_lib.xyxy_to_cxcywh(src) - box_lib.xyxy_to_cxcywh(tgt)), axis=-1)
+  giou = box_lib.elementwise_giou_xyxy(src, tgt)  # (B, K)
+  loss_l1 = jnp.sum(l1 * weight) / num_positives
+  loss_giou = jnp.sum((1.0 - giou) * weight) / num_positives
+
+  matched = matching.matched_mask(pred_idx, valid, num_preds)  # (B, M)
+  matched_score = matching.scatter_to_preds(
+      matching.gather_matched(scores_norm, crop_idx), pred_idx, valid, num_preds)  # (B, M)
+  targets = quality_targets(pred_boxes_xyxy, matched, matched_score, crops_xyxy, scores_norm,
+                            crop_mask, smoothing_iou)  # (B, M)
+  smooth_l1 = optax.losses.huber_loss(pred_quality, targets, delta=1.0)  # (B, M)
+  loss_quality = jnp.sum(smooth_l1) / num_predictions
+
+  iou = box_lib.elementwise_iou_xyxy(src, tgt)  # (B, K)
+  matched_iou_mean = jnp.sum(iou * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  return {
+      'loss_l1': loss_l1,
+      'loss_giou': loss_giou,
+      'loss_quality': loss_quality,
+      'num_positives': num_positives,
+      'matched_iou_mean': jax.lax.stop_gradient(matched_iou_mean),
+  }
+
+
+def total_loss(per_layer_terms: Sequence[Mapping[str, jax.Array]],
+               weights: Optional[Mapping[str, float]] = None,
+               aux: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of the loss terms of the decoder layers, and a flat dict of all terms.
+
+  Args:
+    per_layer_terms: one `set_prediction_losses` dict per layer, first layer first.
+    weights: weight per loss name (default `DEFAULT_WEIGHTS`); names missing here weigh 0.
+    aux: sum every layer's losses; False: only the last layer's.
+
+  Returns:
+    (scalar loss, dict). The dict names the last layer's terms 'loss_l1', 'loss_giou',
+    'loss_quality', 'matched_iou_mean' and layer i's (earlier layers) 'loss_l1_{i}', ...;
+    'num_positives' once (from the last layer) and 'loss' (the scalar).
+  """
+  weights = DEFAULT_WEIGHTS if weights is None else weights
+  layers = list(per_layer_terms) if aux else list(per_layer_terms)[-1:]
+  if not layers:
+    raise ValueError('total_loss needs the terms of at least one layer.')
+  num_layers = len(per_layer_terms)
+  first = num_layers - len(layers)
+  loss = jnp.zeros((), jnp.float32)
+  flat = {}
+  for layer, terms in enumerate(layers, start=first):
+    suffix = '' if layer == num_layers - 1 else f'_{layer}'
+    for name in LOSS_NAMES + DIAGNOSTIC_NAMES:
+      flat[name + suffix] = terms[name]
+    loss = loss + sum(weights.get(name, 0.0) * terms[name] for name in LOSS_NAMES)
+  flat['num_positives'] = layers[-1]['num_positives']
+  flat['loss'] = loss
+  return loss, flat
+
+
+def decoder_losses(aux_boxes_xyxy: jax.Array,
+                   aux_quality_logits: jax.Array,
+                   crops_xyxy: jax.Array,
+                   crop_scores: jax.Array,
+                   crop_mask: jax.Array,
+                   *,
+                   weights: Optional[Mapping[str, float]] = None,
+                   aux_loss: bool = True,
+                   **loss_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Losses of every decoder layer (each re-matched, as DETR) combined by `total_loss`.
+
+  Args:
+    aux_boxes_xyxy: (L, B, M, 4) predicted boxes of each layer, last layer last.
+    aux_quality_logits: (L, B, M) quality logits (sigmoid is applied here).
+    crops_xyxy: (B, C, 4) annotated crops.
+    crop_scores: (B, C) raw scores.
+    crop_mask: (B, C) bool.
+    weights: loss weights (default `DEFAULT_WEIGHTS`).
+    aux_loss: include the earlier layers; False computes and returns the last layer only.
+    **loss_kwargs: keyword arguments of `set_prediction_losses` (thresholds, matching weights,
+      num_positives, num_predictions).
+
+  Returns:
+    (scalar loss, flat dict of terms), see `total_loss`.
+  """
+  aux_boxes_xyxy = jnp.asarray(aux_boxes_xyxy)
+  aux_quality = jax.nn.sigmoid(jnp.asarray(aux_quality_logits, jnp.float32))  # (L, B, M)
+  num_layers = aux_boxes_xyxy.shape[0]
+  if not aux_loss:
+    aux_boxes_xyxy, aux_quality = aux_boxes_xyxy[-1:], aux_quality[-1:]
+
+  def one_layer(boxes, quality):
+    return set_prediction_losses(boxes, quality, crops_xyxy, crop_scores, crop_mask,
+                                 **loss_kwargs)
+
+  stacked = jax.vmap(one_layer)(aux_boxes_xyxy, aux_quality)  # dict of (L',) arrays
+  computed = [{k: v[i] for k, v in stacked.items()} for i in range(aux_boxes_xyxy.shape[0])]
+  # Layers that were skipped (aux_loss=False) are only placeholders for the naming.
+  per_layer = [{}] * (num_layers - len(computed)) + computed
+  return total_loss(per_layer, weights, aux=aux_loss)

@@ -1,0 +1,82 @@
+"""Train and/or evaluate ClipCrop.
+
+  python -m clipcrop_jax.main --config=configs/gaic_b32.py --workdir=/tmp/clipcrop
+  python -m clipcrop_jax.main --config=configs/tiny.py --workdir=/tmp/w --config.mode=eval
+
+`--config.<field>=value` overrides any field (the config is locked: a misspelt field is an error).
+`config.mode`: 'train', 'eval' (latest checkpoint of the workdir) or 'train_and_eval'. Re-running a
+command on the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+MODES = ('train', 'eval', 'train_and_eval')
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results go here.')
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` for multi-host runs (`config.distributed.initialize`)."""
+  d = config.distributed
+  if not d.initialize:
+    return
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                  process_id=d.process_id)
+  jax.distributed.initialize(**kwargs)  # without arguments: cluster auto-detection (TPU, SLURM)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs `config.mode` in `workdir`; returns the evaluation summaries (empty for 'train')."""
+  from clipcrop_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  if config.mode not in MODES:
+    raise ValueError(f'config.mode={config.mode!r}; expected one of {MODES}')
+  logging.info('%d process(es), %d device(s): %s', jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  results = {}
+  if config.mode in ('train', 'train_and_eval'):
+    def eval_fn(state, step):
+      evaluate.evaluate(config, state.params, mesh_of(state), workdir, step)
+    state = train_lib.train(config, workdir, eval_fn=eval_fn)
+    if config.mode == 'train_and_eval':
+      results = evaluate.evaluate(config, state.params, mesh_of(state), workdir,
+                                  int(jax.device_get(state.step)))
+  else:
+    state, mesh = train_lib.final_state(config, workdir)
+    results = evaluate.evaluate(config, state.params, mesh, workdir,
+                                int(jax.device_get(state.step)))
+  return results
+
+
+def mesh_of(state: Any) -> jax.sharding.Mesh:
+  return jax.tree_util.tree_leaves(state.params)[0].sharding.mesh
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('--config and --workdir are required')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep the accelerators for JAX
+  initialize_distributed(_CONFIG.value)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,167 @@
+"""Hungarian matching of predicted crops to annotated crops (DETR-style set prediction).
+
+All boxes are xyxy (x0, y0, x1, y1) normalised to [0, 1]. Shapes use B = batch, M = predictions
+per image, N = target slots per image (real targets plus padding, marked by `target_mask`) and
+K = min(M, N) matched pairs per image. Everything is jit-able with static shapes; the assignment
+is solved by `optax.assignment.hungarian_algorithm` under `jax.vmap` and carries no gradient.
+
+The matching cost follows DETR / Scenic, with the class term replaced by the predicted quality:
+  cost = l1_weight * L1(cxcywh) - giou_weight * GIoU - quality_weight * quality.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipcrop_jax import boxes as box_lib
+
+# Cost of a padded target slot (and the bound for non-finite costs), as Scenic's matchers use.
+COST_UPPER_BOUND = 1e6
+
+
+def match_cost(pred_boxes_xyxy: jax.Array,
+               pred_quality: jax.Array,
+               target_boxes_xyxy: jax.Array,
+               target_mask: jax.Array,
+               *,
+               l1_weight: float = 5.0,
+               giou_weight: float = 2.0,
+               quality_weight: float = 1.0) -> jax.Array:
+  """Pairwise matching cost between predictions and targets.
+
+  Args:
+    pred_boxes_xyxy: (B, M, 4) predicted boxes, xyxy in [0, 1].
+    pred_quality: (B, M) predicted quality in [0, 1] (higher = better crop, so cheaper to match).
+    target_boxes_xyxy: (B, N, 4) target boxes, xyxy in [0, 1].
+    target_mask: (B, N) bool, True for real targets, False for padding.
+    l1_weight: weight of the L1 distance between the cxcywh forms (summed over the 4 coords).
+    giou_weight: weight of the (negated) generalised IoU.
+    quality_weight: weight of the (negated) predicted quality.
+
+  Returns:
+    (B, M, N) float cost. Padded targets cost `COST_UPPER_BOUND`; NaN / inf are replaced by
+    +-`COST_UPPER_BOUND` (`jnp.nan_to_num`, as Scenic).
+  """
+  pred_cxcywh = box_lib.xyxy_to_cxcywh(pred_boxes_xyxy)  # (B, M, 4)
+  target_cxcywh = box_lib.xyxy_to_cxcywh(target_boxes_xyxy)  # (B, N, 4)
+  # (B, M, N): sum over coordinates of |pred - target| (DETR's torch.cdist with p=1).
+  cost_l1 = jnp.sum(jnp.abs(pred_cxcywh[:, :, None, :] - target_cxcywh[:, None, :, :]), axis=-1)
+  # (B, M, N): generalised IoU, in [-1, 1].
+  giou = jax.vmap(box_lib.pairwise_giou_xyxy)(pred_boxes_xyxy, target_boxes_xyxy)
+  # (B, M, 1): the quality does not depend on the target.
+  cost_quality = -jnp.asarray(pred_quality)[:, :, None]
+  cost = l1_weight * cost_l1 - giou_weight * giou + quality_weight * cost_quality  # (B, M, N)
+  cost = jnp.where(jnp.asarray(target_mask, dtype=bool)[:, None, :], cost, COST_UPPER_BOUND)
+  return jnp.nan_to_num(cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND,
+                        neginf=-COST_UPPER_BOUND)
+
+
+def _solvable_cost(cost: jax.Array, mask: jax.Array) -> jax.Array:
+  """Replaces padded columns of one (M, N) cost by a bound scaled to the real costs.
+
+  A constant 1e6 in float32 swamps the solver's potentials (errors of ~0.03 on the real costs).
+  Instead each padded column gets the same value P. When M >= N every column is matched, so any
+  constant works and P = max + 1. When M < N the solver must prefer real columns: a matching
+  with one more real column costs at most max + r * (max - min) more in real terms than one with
+  r real columns, r < M, so P = max + M * (max - min) + 1 suffices.
+
+  Args:
+    cost: (M, N) cost.
+    mask: (N,) bool, True for real columns.
+
+  Returns:
+    (M, N) cost whose padded columns hold P (P = 1 when every column is padding).
+  """
+  num_preds, num_targets = cost.shape
+  real = jnp.broadcast_to(mask[None, :], cost.shape)
+  hi = jnp.max(jnp.where(real, cost, -jnp.inf), initial=-jnp.inf)
+  lo = jnp.min(jnp.where(real, cost, jnp.inf), initial=jnp.inf)
+  any_real = jnp.any(mask)
+  hi, lo = jnp.where(any_real, hi, 0.0), jnp.where(any_real, lo, 0.0)
+  spread = num_preds * (hi - lo) if num_preds < num_targets else 0.0
+  return jnp.where(real, cost, hi + spread + 1.0)
+
+
+def hungarian_matching(cost: jax.Array,
+                       target_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Minimum-cost assignment of predictions to targets, per example; no gradient.
+
+  Real targets always win over padding: all of them are matched when their number is <= M, the
+  best M of them otherwise; the remaining pairs (if any) go to padded slots and are not `valid`.
+
+  Args:
+    cost: (B, M, N) cost, e.g. from `match_cost`; only its real columns matter.
+    target_mask: (B, N) bool, True for real targets.
+
+  Returns:
+    pred_idx: (B, K) int32 indices into M, K = min(M, N), each used at most once per example.
+    target_idx: (B, K) int32 indices into N, each used at most once per example.
+    valid: (B, K) bool, True where target_idx is a real target (padding never valid).
+    The pairs are in no particular order. N == 0 (or M == 0) gives (B, 0) arrays.
+  """
+  cost = jax.lax.stop_gradient(jnp.asarray(cost))
+  target_mask = jnp.asarray(target_mask, dtype=bool)
+  batch, num_preds, num_targets = cost.shape
+  num_pairs = min(num_preds, num_targets)
+  if num_pairs == 0:
+    empty = jnp.zeros((batch, 0), jnp.int32)
+    return empty, empty, jnp.zeros((batch, 0), bool)
+  solvable = jax.vmap(_solvable_cost)(cost.astype(jnp.float32), target_mask)
+  pred_idx, target_idx = jax.vmap(optax.assignment.hungarian_algorithm)(solvable)
+  pred_idx = jax.lax.stop_gradient(pred_idx.astype(jnp.int32))
+  target_idx = jax.lax.stop_gradient(target_idx.astype(jnp.int32))
+  valid = jnp.take_along_axis(target_mask, target_idx, axis=1)
+  return pred_idx, target_idx, valid
+
+
+def match(pred_boxes_xyxy: jax.Array,
+          pred_quality: jax.Array,
+          target_boxes_xyxy: jax.Array,
+          target_mask: jax.Array,
+          **weights: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`match_cost` then `hungarian_matching`; `weights` are match_cost's keyword weights.
+
+  Args:
+    pred_boxes_xyxy: (B, M, 4) xyxy in [0, 1].
+    pred_quality: (B, M) in [0, 1].
+    target_boxes_xyxy: (B, N, 4) xyxy in [0, 1].
+    target_mask: (B, N) bool.
+    **weights: l1_weight, giou_weight, quality_weight.
+
+  Returns:
+    (pred_idx (B, K) int32, target_idx (B, K) int32, valid (B, K) bool), K = min(M, N).
+  """
+  cost = match_cost(pred_boxes_xyxy, pred_quality, target_boxes_xyxy, target_mask, **weights)
+  return hungarian_matching(cost, target_mask)
+
+
+def matched_mask(pred_idx: jax.Array, valid: jax.Array, num_preds: int) -> jax.Array:
+  """(B, M) bool: True for predictions matched to a real target.
+
+  Args:
+    pred_idx: (B, K) int indices into M.
+    valid: (B, K) bool.
+    num_preds: M (static).
+  """
+  one_hot = jax.nn.one_hot(pred_idx, num_preds, dtype=bool)  # (B, K, M)
+  return jnp.any(one_hot & valid[..., None], axis=1)
+
+
+def gather_matched(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """Rows of x at idx per example: x (B, N, ...), idx (B, K) int -> (B, K, ...)."""
+  x = jnp.asarray(x)
+  idx = jnp.asarray(idx).reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def scatter_to_preds(values: jax.Array, pred_idx: jax.Array, valid: jax.Array,
+                     num_preds: int, fill: float = 0.0) -> jax.Array:
+  """Per-pair values (B, K) placed at their predictions -> (B, M); `fill` where unmatched.
+
+  Pairs with valid False are ignored. Each prediction is in at most one pair.
+  """
+  one_hot = jax.nn.one_hot(pred_idx, num_preds, dtype=bool) & valid[..., None]  # (B, K, M)
+  placed = jnp.sum(jnp.where(one_hot, values[..., None], 0.0), axis=1)  # (B, M)
+  return jnp.where(jnp.any(one_hot, axis=1), placed, fill)

@@ -1,0 +1,495 @@
+"""Sharded training of ClipCrop: state, train step, checkpoints, logging, the training loop.
+
+Lifecycle of `train(config, workdir)` (each step is a small top-level function a test can call):
+  1. mesh ('data', 'model') over all devices of all processes (`sharding.make_mesh`);
+  2. shapes of the train state by `jax.eval_shape`, shardings by the config's rules, then the
+     state is created directly sharded under `jit(out_shardings=...)`;
+  3. resume order: the latest checkpoint in `<workdir>/checkpoints` (params, optimizer state, step,
+     rng; the input position is the step) > `init_from.clipcrop` > `init_from.owlvit` (encoder
+     weights) > random init;
+  4. `jit(train_step, donate_argnums=0)` on global batches (every process feeds its own part);
+  5. every `log_every_steps`: a progress line (step, loss, steps/s, ETA), TensorBoard summaries
+     (clu metric writers) and `<workdir>/metrics.jsonl`; every `checkpoint.every_steps` and at the
+     end: an Orbax checkpoint (keep the last `checkpoint.keep`); a non-finite loss stops training
+     with an error and is never checkpointed;
+  6. at the end the trained model is exported as a `ClipCropper` directory `<workdir>/clipcrop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from clipcrop_jax import losses as losses_lib
+from clipcrop_jax import model as model_lib
+from clipcrop_jax import optim
+from clipcrop_jax import sharding as sharding_lib
+
+TRAIN_KEYS = ('image', 'crops', 'crop_scores', 'crop_mask', 'image_extent', 'text_queries')
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+EXPORT_DIR = 'clipcrop'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs. `step` counts optimizer updates (= batches consumed)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
+# Config -> model, data, optimizer.
+# ------------------------------------------------------------------------------------------------
+
+
+def clipcrop_config(config: ml_collections.ConfigDict) -> model_lib.ClipCropConfig:
+  """The `ClipCropConfig` described by `config.model`."""
+  fields = {f.name for f in dataclasses.fields(model_lib.ClipCropConfig)}
+  unknown = set(config.model.keys()) - fields
+  if unknown:
+    raise ValueError(f'config.model has unknown fields {sorted(unknown)}; expected {sorted(fields)}')
+  return model_lib.ClipCropConfig(**config.model.to_dict())
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  if config.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype={config.dtype!r}; expected 'float32' or 'bfloat16'")
+  return jnp.dtype(config.dtype)
+
+
+def build_model(config: ml_collections.ConfigDict) -> model_lib.ClipCrop:
+  return model_lib.ClipCrop(clipcrop_config(config), dtype=compute_dtype(config))
+
+
+def dataset_builder(name: str, data_dir: str):
+  """A prepared TFDS dataset `name` ('gaic/journal', 'synthetic_crops/default', ...) in `data_dir`.
+
+  Reads the prepared files (`tfds.builder_from_directory`), so the builder code need not be
+  importable; the newest version is used. A clear error names the build command when missing.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)) / name
+  versions = sorted((p for p in root.glob('*.*.*') if (p / 'dataset_info.json').is_file()),
+                    key=lambda p: tuple(int(v) for v in p.name.split('.') if v.isdigit()))
+  if not versions:
+    folder = name.split('/')[0]
+    folder = 'synthetic' if folder == 'synthetic_crops' else folder
+    raise FileNotFoundError(
+        f'dataset {name!r} is not prepared in {root.parent}; build it with `python -m '
+        f'clipcrop_jax.build_dataset datasets/{folder}'
+        + (f' --config {name.split("/")[1]}' if '/' in name else '')
+        + f' --data_dir {root.parent}` (add --manual_dir=<raw files> for real datasets)')
+  return tfds.builder_from_directory(os.fspath(versions[-1]))
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  steps = int(config.num_epochs * num_examples // config.batch_size)
+  if steps <= 0:
+    raise ValueError(f'num_epochs={config.num_epochs} x {num_examples} examples / batch_size='
+                     f'{config.batch_size} gives no training step; set num_train_steps')
+  return steps
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh, start_step: int = 0
+                        ) -> Iterator[dict[str, jax.Array]]:
+  """Global training batches (`TRAIN_KEYS`) for this process, starting after `start_step` batches.
+
+  `checkpoint.data_resume='replay'` skips the first `start_step` batches of the deterministic
+  stream (exact resume; the skipped examples are preprocessed again), 'reseed' folds the step
+  into the data seed instead (no replay; a different but deterministic order).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  per_process = config.batch_size // jax.process_count()
+  if per_process * jax.process_count() != config.batch_size:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the '
+                     f'{jax.process_count()} processes')
+  seed = config.seed
+  if start_step and config.checkpoint.data_resume == 'reseed':
+    seed = int(jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(seed), start_step), (),
+                                  0, 2**30))
+  elif config.checkpoint.data_resume not in ('replay', 'reseed'):
+    raise ValueError(f"checkpoint.data_resume={config.checkpoint.data_resume!r}; expected "
+                     "'replay' or 'reseed'")
+  split = ip.split_for_process(d.train_split)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ('image', 'crops', 'text',
+                                                               'height', 'width')})
+  ds = ip.make_train_dataset(
+      ds, image_size=clipcrop_config(config).owlvit_config.image_size, batch_size=per_process,
+      max_crops=d.max_crops, seed=seed, mosaic_probs=tuple(d.mosaic_probs),
+      shuffle_buffer=d.shuffle_buffer, jitter=d.jitter, flip=d.flip,
+      max_queries=d.max_queries, keyword_pipeline=d.keyword_pipeline or None, prefetch=0)
+  ds = ds.map(lambda b: {k: b[k] for k in TRAIN_KEYS})
+  if start_step and config.checkpoint.data_resume == 'replay':
+    ds = ds.skip(start_step)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ip.to_global_batches(ds, mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+# State, step.
+# ------------------------------------------------------------------------------------------------
+
+
+def optimizer_config(config: ml_collections.ConfigDict, total_steps: int
+                     ) -> ml_collections.ConfigDict:
+  opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+  opt.total_steps = total_steps
+  return opt
+
+
+def make_init_fn(config: ml_collections.ConfigDict, model: model_lib.ClipCrop,
+                 optimizer: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+  """rng -> a fresh TrainState (random parameters); jit it with `out_shardings`."""
+  size = model.config.owlvit_config.image_size
+
+  def init(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    text = jnp.zeros((1, 1, 16), jnp.int32).at[..., 0].set(1)
+    params = model.init(params_rng, images, text)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=state_rng)
+  del config
+  return init
+
+
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of `losses.decoder_losses` from `config.loss`."""
+  l = config.loss
+  return dict(
+      weights={'loss_l1': l.weight_l1, 'loss_giou': l.weight_giou,
+               'loss_quality': l.weight_quality},
+      aux_loss=l.aux_loss, positive_threshold=l.positive_threshold, score_min=l.score_min,
+      score_max=l.score_max, smoothing_iou=l.smoothing_iou, l1_weight=l.cost_l1,
+      giou_weight=l.cost_giou, quality_weight=l.cost_quality)
+
+
+def best_crop_xyxy(crops: jax.Array, crop_scores: jax.Array, crop_mask: jax.Array) -> jax.Array:
+  """(B, 4) the highest-scored real crop of each example (the target of the selection filter)."""
+  best = jnp.argmax(jnp.where(crop_mask, crop_scores, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(crops, best[:, None, None], axis=1)[:, 0]
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: model_lib.ClipCrop,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               loss_kw: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW update on a global batch; returns the new state and scalar metrics."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  query_mask = model_lib.query_mask_for_mode(batch['text_queries'], model.config.mode)
+  target = best_crop_xyxy(batch['crops'], batch['crop_scores'], batch['crop_mask'])
+
+  def loss_fn(params):
+    out = model.apply({'params': params}, batch['image'], text_queries=batch['text_queries'],
+                      target_xyxy=target, image_extent=batch['image_extent'], train=True,
+                      query_mask=query_mask, rngs={'dropout': dropout_rng})
+    loss, terms = losses_lib.decoder_losses(out['aux_boxes'], out['aux_quality_logits'],
+                                            batch['crops'], batch['crop_scores'],
+                                            batch['crop_mask'], **loss_kw)
+    return loss, terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**terms, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+# ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(config.checkpoint.keep)),
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                               options=options)
+
+
+def save_checkpoint(manager, state: TrainState) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, step: Optional[int] = None
+                       ) -> TrainState:
+  """The checkpoint at `step` (default: latest), restored with `abstract_state`'s shardings."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = manager.latest_step() if step is None else step
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+
+def load_params_into(state: TrainState, shardings: TrainState, config: ml_collections.ConfigDict
+                     ) -> TrainState:
+  """`init_from.clipcrop` (all params) or `init_from.owlvit` (encoder params) into a fresh state.
+
+  The optimizer state is rebuilt for the new parameters (Adam moments start at zero either way).
+  """
+  params = state.params
+  if config.init_from.clipcrop:
+    loaded = load_trained_params(config.init_from.clipcrop)[1]
+    model_lib.check_param_shapes(params, loaded, config.init_from.clipcrop)
+    params = _place(loaded, shardings.params)
+    logging.info('Initialised all parameters from %s', config.init_from.clipcrop)
+  elif config.init_from.owlvit:
+    from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+    _, owl_vars = owl_ckpt.load_checkpoint(config.init_from.owlvit)
+    owl = owl_vars.get('params', owl_vars)
+    model_lib.check_param_shapes(params['owlvit'], owl,
+                                 f'OWL-ViT weights {config.init_from.owlvit}')
+    params = {**params, 'owlvit': _place(
+        jax.tree_util.tree_map(lambda ref, x: x, params['owlvit'], owl), shardings.params['owlvit'])}
+    logging.info('Initialised the OWL-ViT encoder from %s', config.init_from.owlvit)
+  else:
+    return state
+  return state.replace(params=params)
+
+
+def load_trained_params(path: str) -> tuple[model_lib.ClipCropConfig, Any]:
+  """(ClipCropConfig, params) from a ClipCropper directory or a training workdir."""
+  from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if (path / EXPORT_DIR / cropper_lib.CONFIG_FILE).is_file():
+    path = path / EXPORT_DIR
+  if not (path / cropper_lib.CONFIG_FILE).is_file():
+    raise FileNotFoundError(f'{path}: neither a ClipCropper directory ({cropper_lib.CONFIG_FILE})'
+                            f' nor a training workdir with {EXPORT_DIR}/')
+  c = cropper_lib.ClipCropper.load(path)
+  return c.config, c.variables['params']
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging.
+# ------------------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+  """TensorBoard (clu metric writers) + `<workdir>/metrics.jsonl`; only process 0 writes files."""
+
+  def __init__(self, workdir: str):
+    self.is_main = jax.process_index() == 0
+    self.jsonl = pathlib.Path(workdir) / METRICS_FILE if self.is_main else None
+    try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self.writer = metric_writers.create_default_writer(
+          workdir, just_logging=not self.is_main, asynchronous=False)
+    except ImportError:  # clu / tensorboard not installed: JSONL only
+      logging.warning('clu is not installed: no TensorBoard summaries (pip install '
+                      '"clipcrop-jax[train]")')
+      self.writer = None
+
+  def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
+    scalars = {k: float(v) for k, v in scalars.items()}
+    if self.writer is not None:
+      self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()})
+    if self.jsonl is not None:
+      with self.jsonl.open('a') as f:
+        f.write(json.dumps({'step': step, 'kind': kind, **scalars}) + '\n')
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.flush()
+      self.writer.close()
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _check_finite(history: list[dict[str, float]], first_step: int, last_good: Optional[int],
+                  workdir: str) -> None:
+  for i, m in enumerate(history):
+    if not math.isfinite(m['loss']):
+      where = (f'the last good checkpoint (step {last_good}) is kept in '
+               f'{os.path.join(workdir, CHECKPOINT_DIR)}' if last_good is not None
+               else 'no checkpoint was written')
+      raise NonFiniteLossError(f'loss is {m["loss"]} at step {first_step + i + 1}; training '
+                               f'stopped ({where}). Lower optimizer.learning_rate or check the '
+                               'data.')
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def setup_state(config: ml_collections.ConfigDict, model: model_lib.ClipCrop, mesh,
+                total_steps: int):
+  """(abstract_state, shardings, init_fn jitted, optimizer, schedule)."""
+  size = model.config.owlvit_config.image_size
+  abstract_params = jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
+                           jnp.ones((1, 1, 16), jnp.int32))['params'], jax.random.PRNGKey(0))
+  optimizer, schedule = optim.make_optimizer(optimizer_config(config, total_steps),
+                                             abstract_params)
+  init = make_init_fn(config, model, optimizer)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding.rules)
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings, jax.jit(init, out_shardings=shardings), optimizer, schedule
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
+
+
+def export_cropper(state: TrainState, model: model_lib.ClipCrop, workdir: str,
+                   keyword_pipeline: str) -> Optional[pathlib.Path]:
+  """Saves the trained parameters as a ClipCropper directory `<workdir>/clipcrop` (process 0)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  if jax.process_index() != 0:
+    return None
+  c = cropper_lib.ClipCropper(model.config, {'params': params},
+                              keyword_pipeline=keyword_pipeline or None)
+  return c.save(pathlib.Path(workdir) / EXPORT_DIR)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          eval_fn: Optional[Callable[[TrainState, int], None]] = None,
+          max_steps_this_run: Optional[int] = None) -> TrainState:
+  """Trains (resuming from `<workdir>/checkpoints` if present); returns the final state.
+
+  Args:
+    config: the run config (`clipcrop_jax.default_config`).
+    workdir: checkpoints, metrics, config and the exported model go here.
+    eval_fn: called as eval_fn(state, step) every `eval.every_steps` (> 0).
+    max_steps_this_run: stop (after checkpointing) when this many steps ran in this call; the
+      schedule still spans the whole run (used to test interrupted runs).
+  """
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  write_config(config, workdir)
+  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+  builder = dataset_builder(config.dataset.name, config.dataset.data_dir)
+  total = num_train_steps(config, builder.info.splits[config.dataset.train_split].num_examples)
+  model = build_model(config)
+  abstract, shardings, init, optimizer, schedule = setup_state(config, model, mesh, total)
+  logging.info('Mesh %s; %s', dict(mesh.shape), optim.describe(abstract.params,
+                                                                config.optimizer.lr_multipliers))
+
+  manager = checkpoint_manager(workdir, config)
+  last_good = manager.latest_step()
+  if last_good is not None:
+    state = restore_checkpoint(manager, abstract)
+    logging.info('Resumed from %s at step %d', manager.directory, last_good)
+  else:
+    state = init(jax.random.PRNGKey(config.seed))
+    state = load_params_into(state, shardings, config)
+  start = int(jax.device_get(state.step))
+  if start >= total:
+    logging.info('Training already finished (step %d of %d)', start, total)
+    manager.close()
+    return state
+
+  step_fn = jax.jit(
+      lambda s, b: train_step(s, b, model=model, optimizer=optimizer, schedule=schedule,
+                              loss_kw=loss_kwargs(config)),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  batches = make_train_iterator(config, builder, mesh, start)
+  logger = MetricLogger(workdir)
+  end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
+  history: list[Any] = []
+  t_log, step_log = time.time(), start
+  wait = 0.0
+  bar = tqdm.tqdm(total=total, initial=start, desc='train', unit='step',
+                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  try:
+    for step in range(start + 1, end + 1):
+      t0 = time.time()
+      batch = next(batches)
+      wait += time.time() - t0
+      state, metrics = step_fn(state, batch)
+      history.append(metrics)
+      bar.update(1)
+      log_now = step % config.log_every_steps == 0 or step == end
+      save_now = step % config.checkpoint.every_steps == 0 or step == end
+      if log_now or save_now:
+        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
+        _check_finite(host, step - len(host), last_good, workdir)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        elapsed = time.time() - t_log
+        rate = (step - step_log) / max(elapsed, 1e-9)
+        mean.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size,
+                    input_wait_fraction=wait / max(elapsed, 1e-9))
+        logger.write(step, mean)
+        logging.info('step %d/%d | loss %.4f | %.2f steps/s | input wait %.0f%% | ETA %s',
+                     step, total, mean['loss'], rate, 100 * mean['input_wait_fraction'],
+                     _format_eta((total - step) / max(rate, 1e-9)))
+        bar.set_postfix(loss=f'{mean["loss"]:.4f}')
+        history, t_log, step_log, wait = [], time.time(), step, 0.0
+      if save_now:
+        save_checkpoint(manager, state)
+        last_good = step
+      if eval_fn is not None and config.eval.every_steps > 0 and (
+          step % config.eval.every_steps == 0) and step != total:
+        eval_fn(state, step)
+  finally:
+    bar.close()
+    logger.close()
+    manager.close()
+  if int(jax.device_get(state.step)) >= total:
+    path = export_cropper(state, model, workdir, config.dataset.keyword_pipeline)
+    if path is not None:
+      logging.info('Exported the trained model to %s (python -m clipcrop_jax.crop --checkpoint '
+                   '%s ...)', path, path)
+  return state
+
+
+def final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, Any]:
+  """(state restored from the latest checkpoint in workdir, mesh) for evaluation-only runs."""
+  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+  model = build_model(config)
+  abstract, *_ = setup_state(config, model, mesh, max(1, config.num_train_steps))
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is None:
+    manager.close()
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
+  state = restore_checkpoint(manager, abstract)
+  manager.close()
+  return state, mesh
