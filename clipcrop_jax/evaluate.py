@@ -288,8 +288,10 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
 
 
 def load_base(config: ml_collections.ConfigDict) -> Optional[tuple[model_lib.ClipCrop, Any]]:
-  """The ClipCrop-base baseline from `eval.base_workdir`, or None when not configured."""
-  if 'clipcrop_base' not in config.eval.baselines or not config.eval.base_workdir:
+  """The ClipCrop-base baseline from `eval.base_workdir`; None when not configured (or when the
+  evaluated model is itself a base model)."""
+  if ('clipcrop_base' not in config.eval.baselines or not config.eval.base_workdir
+      or config.model.mode == 'base'):
     return None
   base_config, params = train_lib.load_trained_params(config.eval.base_workdir)
   if base_config.mode != 'base':

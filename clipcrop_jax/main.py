@@ -10,6 +10,7 @@ command on the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import logging as python_logging
 import os
 from typing import Any
 
@@ -25,6 +26,19 @@ MODES = ('train', 'eval', 'train_and_eval')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results go here.')
+
+
+_QUIET_PACKAGES = ('orbax', 'tensorflow_datasets')
+
+
+class _QuietLibraries(python_logging.Filter):
+  """Drops INFO lines of Orbax / TFDS internals (one per checkpoint file, dataset read, ...)."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    if record.levelno >= python_logging.WARNING:
+      return True
+    path = record.pathname.replace(os.sep, '/')
+    return not any(f'/{p}/' in path for p in _QUIET_PACKAGES)
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -72,6 +86,7 @@ def main(argv) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep the accelerators for JAX
   initialize_distributed(_CONFIG.value)

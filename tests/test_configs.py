@@ -1,0 +1,302 @@
+"""Every config file in configs/ loads (locked, overridable), matches a schema and builds its model.
+
+Also the sweep library (`clipcrop_jax.sweep`), the sweep file configs/sweep.py and the runner
+tools/sweep.py (printed commands; `--launch` with a fake interpreter, nothing is trained).
+"""
+
+import functools
+import importlib.util
+import inspect
+import os
+import pathlib
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import pytest
+
+from clipcrop_jax import default_config
+from clipcrop_jax import sweep as sweep_lib
+from clipcrop_jax import train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / 'configs'
+SWEEP_TOOL = REPO / 'tools' / 'sweep.py'
+# Arguments to test per config file (files not listed here: their default only).
+ARGS = {
+    'gaic_b32.py': [None, 'full', 'main', 'key', 'base', 'no_mosaic', 'variant=key',
+                    'base,encoder=clip_b16'],
+    'horanyi_pr_eval.py': [None, 'base'],
+    'textcrop_eval.py': [None, 'base'],
+}
+GAIC_MODES = {None: 'full', 'full': 'full', 'main': 'main', 'key': 'key', 'base': 'base',
+              'no_mosaic': 'full', 'variant=key': 'key', 'base,encoder=clip_b16': 'base'}
+# The paper's architecture: B/32 OWL-ViT + 6-layer decoder with 90 queries.
+PAPER_MODEL = dict(owlvit='clip_b32', decoder_layers=6, decoder_width=512, decoder_heads=8,
+                   decoder_mlp_dim=2048, num_queries=90)
+
+
+def _load_module(path):
+  spec = importlib.util.spec_from_file_location(f'_test_cfg_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config_files():
+  out = []
+  for path in sorted(CONFIG_DIR.glob('*.py')):
+    if hasattr(_load_module(path), 'get_config'):
+      out.append(path)
+  return out
+
+
+def _sweep_files():
+  return [p for p in sorted(CONFIG_DIR.glob('*.py')) if hasattr(_load_module(p), 'get_hyper')]
+
+
+def _cases():
+  cases = []
+  for path in _config_files():
+    for arg in ARGS.get(path.name, [None]):
+      cases.append(pytest.param(path, arg, id=f'{path.name}:{arg}' if arg else path.name))
+  return cases
+
+
+def load_config(path, arg=None, overrides=()):
+  """The config as `clipcrop_jax.main` sees it (config_flags, lock_config=True)."""
+  spec = f'{path}:{arg}' if arg else str(path)
+  argv = ['test', f'--config={spec}', *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _schema(d, prefix=''):
+  """Set of dotted field paths of a (nested) ConfigDict."""
+  out = set()
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if hasattr(v, 'items') and not isinstance(v, dict):
+      out |= _schema(v, key + '.')
+    else:
+      out.add(key)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_params(model_key):
+  """Parameter shapes (jax.eval_shape, no weights) of one architecture, shared between configs."""
+  config = default_config.get_default_config()
+  config.model.update(dict(model_key))
+  model = train_lib.build_model(config)
+  size = model.config.owlvit_config.image_size
+  return jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
+                           jnp.ones((1, 1, 16), jnp.int32))['params'], jax.random.PRNGKey(0))
+
+
+def _architecture_key(config):
+  # The query mode, dropout and freezing do not change the parameter shapes.
+  return tuple(sorted((k, v) for k, v in config.model.to_dict().items()
+                      if k not in ('mode', 'dropout_rate', 'freeze_encoder')))
+
+
+def _families():
+  """{entry point: default config}: every config file extends exactly one of them."""
+  out = {'clipcrop_jax.main': default_config.get_default_config()}
+  try:
+    from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
+    out['clipcrop_jax.detection_train'] = detection_train.get_default_config()
+  except ImportError:
+    pass
+  return out
+
+
+@pytest.mark.parametrize('path,arg', _cases())
+def test_config_loads_and_builds(path, arg):
+  config = load_config(path, arg)
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.not_a_field = 1  # locked: a misspelt override is an error
+  schemas = {k: _schema(v) for k, v in _families().items()}
+  family = [k for k, v in schemas.items() if v == _schema(config)]
+  if not family:  # report the differences to the ClipCrop schema
+    expected = schemas['clipcrop_jax.main']
+    pytest.fail(f'{path.name}: fields differ from every default config; vs ClipCrop: missing '
+                f'{sorted(expected - _schema(config))}, extra {sorted(_schema(config) - expected)}')
+  if family[0] != 'clipcrop_jax.main':
+    from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
+    assert config.batch_size > 0
+    detection_train.build_module(config)  # a known OWL-ViT architecture
+    return
+  assert config.mode in ('train', 'eval', 'train_and_eval')
+  assert config.dtype in ('float32', 'bfloat16')
+  assert config.batch_size > 0
+  assert config.num_train_steps > 0 or config.num_epochs > 0
+  assert all(b in default_config.BASELINES for b in config.eval.baselines)
+  assert len(config.dataset.mosaic_probs) == 3
+  assert abs(sum(config.dataset.mosaic_probs) - 1.0) < 1e-6
+  assert config.eval.datasets and all(len(e) == 2 for e in config.eval.datasets)
+  model = train_lib.build_model(config)  # validates config.model (mode, OWL-ViT name, ...)
+  params = _abstract_params(_architecture_key(config))
+  assert {'owlvit', 'decoder'} <= set(params)
+  assert sum(l.size for l in jax.tree_util.tree_leaves(params['decoder'])) > 0
+  assert model.config.mode == config.model.mode
+
+
+@pytest.mark.parametrize('arg', ARGS['gaic_b32.py'])
+def test_gaic_b32_is_the_paper_run(arg):
+  config = load_config(CONFIG_DIR / 'gaic_b32.py', arg)
+  model = {k: config.model[k] for k in PAPER_MODEL}
+  if arg and 'encoder=clip_b16' in arg:
+    assert model.pop('owlvit') == 'clip_b16'
+    assert model == {k: v for k, v in PAPER_MODEL.items() if k != 'owlvit'}
+  else:
+    assert model == PAPER_MODEL
+  assert config.model.mode == GAIC_MODES[arg]
+  assert config.mode == 'train_and_eval'
+  assert (config.dataset.name, config.dataset.train_split) == ('gaic/journal', 'train')
+  assert (config.batch_size, config.num_epochs, config.num_train_steps) == (32, 180, -1)
+  assert (config.optimizer.learning_rate, config.optimizer.end_learning_rate) == (1e-4, 1e-6)
+  assert tuple(tuple(e) for e in config.eval.datasets) == (('gaic/journal', 'test'),)
+  no_mosaic = arg == 'no_mosaic'
+  assert tuple(config.dataset.mosaic_probs) == (
+      (1.0, 0.0, 0.0) if no_mosaic else (1 / 3, 1 / 3, 1 / 3))
+  assert ('clipcrop_base' in config.eval.baselines) == (config.model.mode != 'base')
+
+
+@pytest.mark.parametrize('bad', ['nope', 'full,owl=clip_b16', 'full,main'])
+def test_gaic_b32_rejects_bad_arguments(bad):
+  with pytest.raises(ValueError):
+    _load_module(CONFIG_DIR / 'gaic_b32.py').get_config(bad)
+
+
+@pytest.mark.parametrize('name,dataset', [('horanyi_pr_eval.py', 'horanyi_pr'),
+                                          ('textcrop_eval.py', 'textcrop')])
+def test_text_eval_configs(name, dataset):
+  for arg in (None, 'base'):
+    config = load_config(CONFIG_DIR / name, arg)
+    train = load_config(CONFIG_DIR / 'gaic_b32.py', arg)
+    assert config.mode == 'eval'
+    assert tuple(tuple(e) for e in config.eval.datasets) == ((dataset, 'test'),)
+    assert config.model.to_dict() == train.model.to_dict()  # restores the training checkpoints
+    assert config.eval.base_workdir == ''
+  config = load_config(CONFIG_DIR / name, None, ['--config.eval.base_workdir=/w/base'])
+  assert config.eval.base_workdir == '/w/base'
+  assert 'eval.base_workdir' in _load_module(CONFIG_DIR / name).__doc__
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_hyper_helpers():
+  h = sweep_lib.Hyper()
+  assert h.fixed('config.a', 1) == [{'config.a': 1}]
+  runs = h.product([h.sweep('config.a', [1, 2]), h.sweep('config.b', ['x', 'y'])])
+  assert runs == [{'config.a': 1, 'config.b': 'x'}, {'config.a': 1, 'config.b': 'y'},
+                  {'config.a': 2, 'config.b': 'x'}, {'config.a': 2, 'config.b': 'y'}]
+  assert h.zipit([h.sweep('config.a', [1, 2]), h.sweep('config.b', [3, 4])]) == [
+      {'config.a': 1, 'config.b': 3}, {'config.a': 2, 'config.b': 4}]
+  assert len(h.chainit([runs, h.fixed('config.a', 3)])) == 5
+  with pytest.raises(ValueError):
+    h.zipit([h.sweep('config.a', [1, 2]), h.sweep('config.b', [3])])
+  with pytest.raises(ValueError):
+    h.product([h.fixed('config.a', 1), h.fixed('config.a', 2)])
+  assert sweep_lib.format_value((1.0, 0.0, 0.0)) == '(1.0,0.0,0.0)'
+  assert sweep_lib.format_value(True) == 'true'
+  assert sweep_lib.run_name({'config.model.mode': 'base', 'config.seed': 1}) == 'mode=base,seed=1'
+
+
+def test_paper_sweep():
+  base, runs = sweep_lib.load_sweep(str(CONFIG_DIR / 'sweep.py'))
+  assert pathlib.Path(base).resolve() == (CONFIG_DIR / 'gaic_b32.py').resolve()
+  assert len(runs) == 4 * 2 + 1
+  names = [sweep_lib.run_name(r) for r in runs]
+  assert len(set(names)) == len(names)
+  modes = sorted((r['config.model.mode'], r['config.seed']) for r in runs
+                 if 'config.dataset.mosaic_probs' not in r)
+  assert modes == sorted((m, s) for m in ('base', 'main', 'key', 'full') for s in (0, 1))
+  no_mosaic = [r for r in runs if 'config.dataset.mosaic_probs' in r]
+  assert len(no_mosaic) == 1 and tuple(no_mosaic[0]['config.dataset.mosaic_probs']) == (1, 0, 0)
+
+
+@pytest.mark.parametrize('path', _sweep_files(), ids=lambda p: p.name)
+def test_sweep_overrides_exist_and_parse(path):
+  base, runs = sweep_lib.load_sweep(str(path))
+  assert runs
+  assert len({sweep_lib.run_name(r) for r in runs}) == len(runs)
+  schema = _schema(load_config(base))
+  for run in runs:
+    for key in run:
+      assert key.removeprefix('config.') in schema, f'{path.name}: unknown field {key}'
+    # Exactly the flags the runner passes, through config_flags on the locked config.
+    flags_ = [f'--{k}={sweep_lib.format_value(v)}' for k, v in run.items()]
+    config = load_config(base, None, flags_)
+    for key, value in run.items():
+      got = config
+      for part in key.split('.')[1:]:
+        got = got[part]
+      assert (tuple(got) if isinstance(value, tuple) else got) == value, key
+
+
+def _sweep_tool():
+  spec = importlib.util.spec_from_file_location('_test_sweep_tool', SWEEP_TOOL)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_sweep_tool_prints_commands(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(SWEEP_TOOL), 'configs/sweep.py', f'--workdir_root={tmp_path}', '--',
+       '--config.dataset.data_dir=/data'], cwd=REPO, capture_output=True, text=True, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 9
+  for line in lines:
+    assert line.startswith('python -m clipcrop_jax.main --config=configs/gaic_b32.py '
+                           f'--workdir={tmp_path}/')
+    assert line.endswith('--config.dataset.data_dir=/data')
+  assert any("'--config.dataset.mosaic_probs=(1.0,0.0,0.0)'" in l for l in lines)
+  assert not list(tmp_path.iterdir())  # printing launches nothing
+
+
+def test_sweep_tool_launch(tmp_path, capsys):
+  # A fake interpreter: the seed=1 runs fail, the others succeed; nothing is trained.
+  fake = tmp_path / 'fake_python'
+  fake.write_text('#!/bin/sh\necho "$@"\ncase "$*" in *config.seed=1*) exit 3;; esac\nexit 0\n')
+  fake.chmod(0o755)
+  root = tmp_path / 'runs'
+  tool = _sweep_tool()
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    code = tool.main(['configs/sweep.py', f'--workdir_root={root}', '--launch', '--parallel=3',
+                      f'--python={fake}'])
+  finally:
+    os.chdir(cwd)
+  assert code == 1
+  out = capsys.readouterr().out
+  assert '5/9 runs succeeded' in out
+  assert out.count('FAILED (exit 3)') == 4
+  runs = sorted(p.name for p in root.iterdir())
+  assert len(runs) == 9
+  log = (root / 'mode=key,seed=0' / 'sweep.log').read_text()
+  assert '-m clipcrop_jax.main' in log and '--config.model.mode=key' in log
+
+  codes = tool.launch([('a', [sys.executable, '-c', 'pass']), ('b', [str(tmp_path / 'nope')])],
+                      str(tmp_path / 'more'), 2)
+  assert codes == {'a': 0, 'b': 127}
+
+
+def test_sweep_signature():
+  # get_hyper(h) only takes the helper.
+  for path in _sweep_files():
+    assert list(inspect.signature(_load_module(path).get_hyper).parameters) == ['h']

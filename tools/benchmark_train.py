@@ -1,0 +1,180 @@
+r"""Training throughput: the jitted train step alone vs. the step fed by the real input pipeline.
+
+  python tools/benchmark_train.py --data_dir /tmp/data                      # tiny + B/32 (CPU)
+  python tools/benchmark_train.py --data_dir /tmp/data --models b32 --batch_size 32 \
+      --steps 20 --dtype bfloat16                                           # on an accelerator
+
+Models: `tiny` (configs/tiny.py) and `b32` (configs/gaic_b32.py, the paper's B/32 + 6-layer
+decoder; random weights). Both read the synthetic dataset `synthetic_crops/<--dataset>` prepared in
+`--data_dir` (built there with `python -m clipcrop_jax.build_dataset datasets/synthetic` when
+missing; the pipeline resizes the images to the model's input size), through
+`train_lib.make_train_iterator` (augmentation, mosaics, keywords) exactly as in training.
+
+Per model, after compiling, three timings of `--steps` steps each:
+  step only      `train_step` on one cached batch (the baseline);
+  step + input   `next(iterator)` then the step, as the training loop does (dispatch is
+                 asynchronous, so input preparation overlaps the previous step);
+  input only     `next(iterator)` alone.
+Printed: examples/s of each, the ratio to the step-only baseline of the same run, and the
+input-wait fraction (time blocked in `next` / wall time of step + input). On CPU the input
+pipeline and the step share the cores, so the wait is pessimistic for an accelerator run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CONFIGS = {'tiny': ('tiny.py', None), 'b32': ('gaic_b32.py', 'full')}
+
+
+def load_config(name: str):
+  file, arg = CONFIGS[name]
+  spec = importlib.util.spec_from_file_location(f'_bench_cfg_{name}', REPO / 'configs' / file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def ensure_dataset(data_dir: str, dataset: str) -> None:
+  """Builds `synthetic_crops/<dataset>` in data_dir unless it is already prepared."""
+  root = pathlib.Path(data_dir) / 'synthetic_crops' / dataset
+  if any((p / 'dataset_info.json').is_file() for p in root.glob('*.*.*')):
+    return
+  print(f'building synthetic_crops/{dataset} in {data_dir} ...', flush=True)
+  out = subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
+                        '--config', dataset, '--data_dir', data_dir], cwd=REPO,
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    sys.exit(f'building synthetic_crops/{dataset} failed:\n{out.stdout}\n{out.stderr}')
+
+
+def _block(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.block_until_ready(tree)
+
+
+def benchmark(name: str, args) -> dict[str, float]:
+  """{'step', 'step_input', 'input': examples/s, 'wait': input-wait fraction, ...} of one model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  config = load_config(name)
+  config.dataset.update(name=f'synthetic_crops/{args.dataset}', data_dir=args.data_dir,
+                        train_split='train')
+  if args.batch_size:
+    config.batch_size = args.batch_size
+  elif name == 'b32':
+    config.batch_size = 2  # the paper's 32 is ~1 min per step on 2 CPU cores
+  if args.keyword_pipeline is not None:
+    config.dataset.keyword_pipeline = args.keyword_pipeline
+  config.dtype = args.dtype
+  config.num_train_steps = 10_000
+  bs = config.batch_size
+
+  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+  builder = train_lib.dataset_builder(config.dataset.name, config.dataset.data_dir)
+  model = train_lib.build_model(config)
+  _, shardings, init, optimizer, schedule = train_lib.setup_state(
+      config, model, mesh, config.num_train_steps)
+  state = init(jax.random.PRNGKey(config.seed))
+  step_fn = jax.jit(
+      lambda s, b: train_lib.train_step(s, b, model=model, optimizer=optimizer,
+                                        schedule=schedule, loss_kw=train_lib.loss_kwargs(config)),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  batches = train_lib.make_train_iterator(config, builder, mesh)
+
+  t0 = time.perf_counter()
+  cached = _block(next(batches))
+  first_batch = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(max(1, args.warmup)):
+    state, metrics = step_fn(state, cached)
+    _block(metrics)
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):  # warm the pipeline (tf.data threads, prefetch buffers)
+    _block(next(batches))
+
+  n = args.steps
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, metrics = step_fn(state, cached)
+  _block((state.step, metrics))
+  step_s = time.perf_counter() - t0
+
+  wait = 0.0
+  t0 = time.perf_counter()
+  for _ in range(n):
+    t1 = time.perf_counter()
+    batch = next(batches)
+    wait += time.perf_counter() - t1
+    state, metrics = step_fn(state, batch)
+  _block((state.step, metrics))
+  step_input_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  for _ in range(n):
+    batch = next(batches)
+  _block(batch)
+  input_s = time.perf_counter() - t0
+
+  loss = float(jax.device_get(metrics['loss']))
+  return dict(batch=bs, image_size=model.config.owlvit_config.image_size, steps=n,
+              first_batch_s=first_batch, compile_s=compile_s,
+              step=n * bs / step_s, step_input=n * bs / step_input_s, input=n * bs / input_s,
+              wait=wait / step_input_s, loss=loss)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', default='tiny,b32', help='comma-separated: tiny, b32')
+  parser.add_argument('--data_dir', required=True, help='synthetic_crops/<dataset> lives here')
+  parser.add_argument('--dataset', choices=['tiny', 'default'], default='tiny')
+  parser.add_argument('--batch_size', type=int, default=0,
+                      help='0: the config batch for tiny (8), 2 for b32')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per measurement')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps/batches first')
+  parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+  parser.add_argument('--keyword_pipeline', default=None,
+                      help="spaCy pipeline for keywords ('' = rule-based); default: the config's")
+  args = parser.parse_args(argv)
+  models = [m.strip() for m in args.models.split(',') if m.strip()]
+  unknown = [m for m in models if m not in CONFIGS]
+  if unknown:
+    parser.error(f'unknown model(s) {unknown}; expected {sorted(CONFIGS)}')
+
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  import jax  # pylint: disable=g-import-not-at-top
+  ensure_dataset(args.data_dir, args.dataset)
+  print(f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), '
+        f'dtype {args.dtype}, {args.steps} timed steps, synthetic_crops/{args.dataset}')
+  header = (f'{"model":6s} {"batch":>5s} {"px":>4s} {"step ex/s":>10s} {"step+input":>11s} '
+            f'{"(ratio)":>8s} {"input ex/s":>11s} {"(ratio)":>8s} {"input wait":>10s} '
+            f'{"compile s":>9s}')
+  rows = []
+  for m in models:
+    r = benchmark(m, args)
+    rows.append(
+        f'{m:6s} {r["batch"]:5d} {r["image_size"]:4d} {r["step"]:10.3f} {r["step_input"]:11.3f} '
+        f'{r["step_input"] / r["step"]:7.2f}x {r["input"]:11.2f} {r["input"] / r["step"]:7.2f}x '
+        f'{100 * r["wait"]:9.1f}% {r["compile_s"]:9.1f}')
+    print(f'  {m}: loss {r["loss"]:.4f}, first batch {r["first_batch_s"]:.1f} s', flush=True)
+  print(header)
+  print('\n'.join(rows))
+  print('ratios: against "step ex/s" (jitted train_step on a cached batch) of the same run; '
+        'input wait = time in next(iterator) / step+input wall time.')
+
+
+if __name__ == '__main__':
+  main()
