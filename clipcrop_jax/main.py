@@ -50,6 +50,10 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   if d.coordinator_address:
     kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                   process_id=d.process_id)
+  # Cross-process collectives on CPU need gloo (the default from some jax version on; older
+  # versions default to none). Only the CPU client reads it, so GPU / TPU runs are unaffected.
+  if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)  # without arguments: cluster auto-detection (TPU, SLURM)
 
 

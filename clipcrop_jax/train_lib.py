@@ -220,7 +220,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: model_l
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**terms, 'loss': loss, 'grad_norm': optax.global_norm(grads),
+  metrics = {**terms, 'loss': loss, 'grad_norm': optax.tree_utils.tree_norm(grads),
              'learning_rate': schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -329,7 +329,7 @@ class MetricLogger:
       self.writer.close()
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
   m, s = divmod(int(seconds), 60)
@@ -337,7 +337,7 @@ def _format_eta(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
-def _check_finite(history: list[dict[str, float]], first_step: int, last_good: Optional[int],
+def check_finite(history: list[dict[str, float]], first_step: int, last_good: Optional[int],
                   workdir: str) -> None:
   for i, m in enumerate(history):
     if not math.isfinite(m['loss']):
@@ -451,7 +451,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       save_now = step % config.checkpoint.every_steps == 0 or step == end
       if log_now or save_now:
         host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
-        _check_finite(host, step - len(host), last_good, workdir)
+        check_finite(host, step - len(host), last_good, workdir)
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         elapsed = time.time() - t_log
         rate = (step - step_log) / max(elapsed, 1e-9)
@@ -460,7 +460,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         logger.write(step, mean)
         logging.info('step %d/%d | loss %.4f | %.2f steps/s | input wait %.0f%% | ETA %s',
                      step, total, mean['loss'], rate, 100 * mean['input_wait_fraction'],
-                     _format_eta((total - step) / max(rate, 1e-9)))
+                     format_eta((total - step) / max(rate, 1e-9)))
         bar.set_postfix(loss=f'{mean["loss"]:.4f}')
         history, t_log, step_log, wait = [], time.time(), step, 0.0
       if save_now:

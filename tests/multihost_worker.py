@@ -1,0 +1,131 @@
+"""One process of the multi-host training test (`tests/test_multihost.py`).
+
+  python tests/multihost_worker.py --out DIR [--port P --num_processes N --process_id I]
+      [--devices_per_process D] [--steps 3] [--batch 8]
+
+Without --port the run is single-process (the reference). With it, the process joins a
+`jax.distributed` job on localhost:P (CPU collectives over gloo) and feeds only its part of the
+fixed global batch through `jax.make_array_from_process_local_data`. The tiny ClipCrop state is
+built and stepped exactly as `train_lib.train` does (same shardings, jit, donation). Process 0
+writes `DIR/result.npz` (final params, flattened by path, and per-step losses); every process
+writes `DIR/done_<i>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+
+def global_batch(batch: int, size: int, max_crops: int, max_queries: int):
+  """A fixed deterministic batch with the `train_lib.TRAIN_KEYS` shapes (numpy)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1234)
+  image = rng.uniform(size=(batch, size, size, 3)).astype(np.float32)
+  lo = rng.uniform(0.0, 0.5, size=(batch, max_crops, 2))
+  hi = lo + rng.uniform(0.1, 0.5, size=(batch, max_crops, 2))
+  crops = np.concatenate([lo, np.minimum(hi, 1.0)], axis=-1).astype(np.float32)
+  crop_scores = rng.uniform(1.0, 5.0, size=(batch, max_crops)).astype(np.float32)
+  n_real = rng.integers(3, max_crops + 1, size=(batch,))
+  crop_mask = np.arange(max_crops)[None] < n_real[:, None]
+  crops = np.where(crop_mask[..., None], crops, 0.0).astype(np.float32)
+  crop_scores = np.where(crop_mask, crop_scores, 0.0).astype(np.float32)
+  image_extent = rng.uniform(0.6, 1.0, size=(batch, 2)).astype(np.float32)
+  image_extent[::2] = 1.0
+  text_queries = np.zeros((batch, max_queries, 16), np.int32)
+  for b in range(batch):
+    for q in range(1 + b % max_queries):  # 1..max_queries non-empty rows
+      length = int(rng.integers(2, 8))
+      text_queries[b, q, 0] = 49406  # start token
+      text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
+      text_queries[b, q, length - 1] = 49407  # end token
+  return dict(image=image, crops=crops, crop_scores=crop_scores, crop_mask=crop_mask,
+              image_extent=image_extent, text_queries=text_queries)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--port', type=int, default=0)
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--devices_per_process', type=int, default=1)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--batch', type=int, default=8)
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', args.devices_per_process)
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  if args.port:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f'localhost:{args.port}',
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               initialization_timeout=120)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+
+  pid, nproc = jax.process_index(), jax.process_count()
+  assert nproc == args.num_processes, (nproc, args.num_processes)
+  assert jax.local_device_count() == args.devices_per_process
+  assert jax.device_count() == args.num_processes * args.devices_per_process
+
+  config = tiny.get_config()
+  config.batch_size = args.batch
+  config.num_train_steps = args.steps
+  model = train_lib.build_model(config)
+  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+  _, shardings, init, optimizer, schedule = train_lib.setup_state(config, model, mesh, args.steps)
+  state = init(jax.random.PRNGKey(config.seed))
+  step_fn = jax.jit(
+      lambda s, b: train_lib.train_step(s, b, model=model, optimizer=optimizer,
+                                        schedule=schedule, loss_kw=train_lib.loss_kwargs(config)),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+
+  size = model.config.owlvit_config.image_size
+  full = global_batch(args.batch, size, config.dataset.max_crops, config.dataset.max_queries)
+  per = args.batch // nproc
+  local = {k: v[pid * per:(pid + 1) * per] for k, v in full.items()}
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+           for k, v in local.items()}
+  # Process i's rows must land at rows [i*per, (i+1)*per) of the global array (mesh order).
+  gathered = multihost_utils.process_allgather(batch, tiled=True) if nproc > 1 else batch
+  for k, v in full.items():
+    np.testing.assert_array_equal(np.asarray(gathered[k]), v, err_msg=k)
+
+  losses = []
+  for _ in range(args.steps):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(jax.device_get(metrics['loss'])))
+  params = multihost_utils.process_allgather(state.params, tiled=True) if nproc > 1 else (
+      jax.device_get(state.params))
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if pid == 0:
+    flat = {sharding_lib.path_str(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(out / 'result.npz', losses=np.asarray(losses, np.float64), **flat)
+  (out / f'done_{pid}.json').write_text(json.dumps(dict(
+      process=pid, processes=nproc, devices=jax.device_count(), step=int(
+          jax.device_get(state.step)), losses=losses)))
+  if args.port:
+    jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main()

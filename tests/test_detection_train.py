@@ -1,0 +1,194 @@
+"""Tests of the OWL-ViT detection trainer (clipcrop_jax.detection_train)."""
+
+import importlib.util
+import itertools
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from clipcrop_jax import detection_train as dt
+from clipcrop_jax import optim
+from clipcrop_jax import train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KW = dict(focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
+          weight_class=1.5, weight_l1=5.0, weight_giou=2.0)
+
+
+def _tiny_config(data_dir):
+  spec = importlib.util.spec_from_file_location(
+      'owlvit_detection_tiny', REPO / 'configs' / 'owlvit_detection_tiny.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  config.dataset.data_dir = str(data_dir)
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('data')
+  subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
+                  '--config', 'tiny', '--data_dir', str(d)], cwd=REPO, check=True,
+                 capture_output=True)
+  return d
+
+
+# ---------------------------------------------------------------------------------- NumPy reference
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _cxcywh_to_xyxy(b):
+  cx, cy, w, h = b
+  return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+def _xyxy_to_cxcywh(b):
+  x0, y0, x1, y1 = b
+  return np.array([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+
+
+def _giou(a, b):
+  area = lambda r: max(r[2] - r[0], 0) * max(r[3] - r[1], 0)
+  inter = (max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0))
+  union = area(a) + area(b) - inter
+  hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+  return inter / (union + 1e-6) - (hull - union) / (hull + 1e-6)
+
+
+def _focal_np(x, t, alpha, gamma):
+  p = _sigmoid(x)
+  ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  p_t = p * t + (1 - p) * (1 - t)
+  return (alpha * t + (1 - alpha) * (1 - t)) * ce * (1 - p_t)**gamma
+
+
+def _reference_loss(logits, boxes, query_mask, tboxes, tlabels, tmask, k):
+  """1 image; brute-force matching over all assignments of real objects to tokens."""
+  num_tokens = logits.shape[0]
+  real = [n for n in range(len(tmask)) if tmask[n]]
+
+  def cost(p, n):
+    prob = _sigmoid(logits[p, tlabels[n]])
+    c_cls = (k['focal_alpha'] * (1 - prob)**2 * -np.log(prob)
+             - (1 - k['focal_alpha']) * prob**2 * -np.log(1 - prob))
+    l1 = np.abs(boxes[p] - _xyxy_to_cxcywh(tboxes[n])).sum()
+    return (k['cost_class'] * c_cls + k['cost_l1'] * l1
+            - k['cost_giou'] * _giou(_cxcywh_to_xyxy(boxes[p]), tboxes[n]))
+
+  best = min(itertools.permutations(range(num_tokens), len(real)),
+             key=lambda perm: sum(cost(p, n) for p, n in zip(perm, real)))
+  targets = np.zeros_like(logits)
+  l1 = giou = 0.0
+  for p, n in zip(best, real):
+    targets[p, tlabels[n]] = 1.0
+    l1 += np.abs(boxes[p] - _xyxy_to_cxcywh(tboxes[n])).sum()
+    giou += 1 - _giou(_cxcywh_to_xyxy(boxes[p]), tboxes[n])
+  cls = (_focal_np(logits, targets, k['focal_alpha'], k['focal_gamma'])
+         * query_mask[None, :]).sum()
+  norm = len(real)
+  terms = {'loss_class': cls / norm, 'loss_l1': l1 / norm, 'loss_giou': giou / norm}
+  terms['loss'] = (k['weight_class'] * terms['loss_class'] + k['weight_l1'] * terms['loss_l1']
+                   + k['weight_giou'] * terms['loss_giou'])
+  return terms, dict(zip(real, best))
+
+
+def test_loss_terms_match_numpy_hand_computation():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, (4, 3)).astype(np.float32)  # 4 tokens, 3 queries (last = padding)
+  boxes = np.array([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.6, 0.6],
+                    [0.2, 0.8, 0.1, 0.1]], np.float32)
+  query_mask = np.array([1.0, 1.0, 0.0])
+  tboxes = np.array([[0.6, 0.45, 0.85, 0.7], [0.15, 0.1, 0.4, 0.5], [0, 0, 1, 1]], np.float32)
+  tlabels = np.array([1, 0, 0])
+  tmask = np.array([True, True, False])
+  expected, _ = _reference_loss(logits.astype(np.float64), boxes.astype(np.float64), query_mask,
+                                tboxes.astype(np.float64), tlabels, tmask, KW)
+  loss, terms = jax.jit(lambda *a: dt.detection_loss(*a, **KW))(
+      logits[None], boxes[None], query_mask[None] > 0, tboxes[None], tlabels[None], tmask[None])
+  for name, value in expected.items():
+    np.testing.assert_allclose(float(terms[name]), value, rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(float(loss), expected['loss'], rtol=1e-4)
+  assert float(terms['num_objects']) == 2.0
+
+
+def test_matching_picks_the_obvious_tokens():
+  tboxes = np.array([[[0.1, 0.1, 0.3, 0.4], [0.6, 0.5, 0.9, 0.9], [0, 0, 0, 0]]], np.float32)
+  tlabels = np.array([[0, 1, 0]])
+  tmask = np.array([[True, True, False]])
+  boxes = np.tile(np.array([0.5, 0.5, 0.05, 0.05], np.float32), (1, 6, 1))
+  logits = np.full((1, 6, 2), -5.0, np.float32)
+  boxes[0, 4] = np.asarray(dt.box_lib.xyxy_to_cxcywh(tboxes[0, 0]))
+  boxes[0, 1] = np.asarray(dt.box_lib.xyxy_to_cxcywh(tboxes[0, 1]))
+  logits[0, 4, 0] = logits[0, 1, 1] = 5.0
+  pred_idx, target_idx, valid = jax.jit(dt.detection_match)(logits, boxes, tboxes, tlabels,
+                                                             tmask)
+  pairs = {int(t): int(p) for p, t, v in zip(pred_idx[0], target_idx[0], valid[0]) if v}
+  assert pairs == {0: 4, 1: 1}
+
+
+def test_label_queries_are_shared_and_indexed():
+  batch = {'labels': np.array([[b'red square', b'blue star', b''], [b'blue star', b'', b'']]),
+           'box_mask': np.array([[True, True, False], [True, False, False]])}
+  out = dt.add_label_queries(batch, max_labels=4)
+  assert out['query_texts'] == ['blue star', 'red square']
+  assert out['text_queries'].shape == (2, 4, 16)
+  np.testing.assert_array_equal(out['text_queries'][0], out['text_queries'][1])
+  assert (out['text_queries'][:, 2:] == 0).all() and (out['text_queries'][:, :2, 0] > 0).all()
+  np.testing.assert_array_equal(out['label_ids'][out['box_mask']], [1, 0, 0])
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """One run of the tiny config overfitting one fixed batch (4 images, no flip / shuffle)."""
+  config = _tiny_config(data_dir)
+  config.dataset.update(train_split='train[:4]', flip=False, shuffle_buffer=0)
+  config.batch_size = 4
+  config.num_train_steps = 30
+  config.optimizer.update(learning_rate=3e-3, end_learning_rate=3e-3)
+  config.checkpoint.every_steps = 30
+  workdir = tmp_path_factory.mktemp('work')
+  state = dt.train_detection(config, str(workdir))
+  return config, workdir, state
+
+
+def test_train_writes_loadable_checkpoint(trained):
+  from clipcrop_jax.owlvit import checkpoints as owl_ckpt
+  config, workdir, state = trained
+  assert int(state.step) == config.num_train_steps
+  module, variables = owl_ckpt.load_checkpoint(workdir / dt.EXPORT_FILE, 'tiny')
+  assert module.config.name == 'tiny'
+  init = dt.make_init_fn(dt.build_module(config), optax.identity())(
+      jax.random.PRNGKey(config.seed)).params
+  flat_init = owl_ckpt.flatten_params(jax.device_get(init))
+  flat = owl_ckpt.flatten_params(variables['params'])
+  assert flat.keys() == flat_init.keys()
+  changed = [k for k in flat if not np.allclose(flat[k], flat_init[k])]
+  assert len(changed) > len(flat) // 2
+  assert (workdir / train_lib.CHECKPOINT_DIR / str(config.num_train_steps)).is_dir()
+  results = json.loads((workdir / dt.EVAL_FILE).read_text())
+  assert results['num_objects'] > 0 and results['num_images'] == 4
+  assert 0 <= results['chance'] <= 1 and 0 <= results['accuracy'] <= 1
+
+
+def test_overfitting_one_batch_lowers_the_loss(trained):
+  config, workdir, _ = trained
+  lines = [json.loads(l) for l in (workdir / train_lib.METRICS_FILE).read_text().splitlines()]
+  train = [l for l in lines if l['kind'] == 'train']
+  assert [l['step'] for l in train] == list(range(1, config.num_train_steps + 1))
+  for key in ('loss',) + dt.LOSS_TERMS:
+    assert all(np.isfinite(l[key]) for l in train), key
+  losses = [l['loss'] for l in train]
+  assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+  assert train[-1]['loss_giou'] < train[0]['loss_giou']
