@@ -69,6 +69,25 @@ def sine_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10
   return np.concatenate([pos_y, pos_x], axis=-1).reshape(h * w, dim).astype(np.float32)
 
 
+def sine_box_embedding(boxes_xyxy: jax.Array, dim: int, temperature: float = 10000.0
+                       ) -> jax.Array:
+  """Sine embedding of boxes (as DETR's positions): (..., 4) xyxy in [0, 1] -> (..., dim).
+
+  The box is described by (cx, cy, w, h); each of the four values v is embedded like one axis of
+  `sine_position_embedding_2d` with n = dim / 4 features: v * 2 pi / d_k, d_k = temperature **
+  (2 * (k // 2) / n), sin / cos interleaved; the four parts are concatenated (cx, cy, w, h).
+  """
+  if dim % 8:
+    raise ValueError(f'Sine box embedding width must be divisible by 8, got {dim}.')
+  x0, y0, x1, y1 = jnp.moveaxis(jnp.asarray(boxes_xyxy, jnp.float32), -1, 0)
+  values = jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)  # (..., 4)
+  n = dim // 4
+  dim_t = jnp.asarray(temperature**(2 * (np.arange(n) // 2) / n), jnp.float32)
+  v = values[..., None] * (2 * np.pi) / dim_t  # (..., 4, n)
+  emb = jnp.stack([jnp.sin(v[..., 0::2]), jnp.cos(v[..., 1::2])], axis=-1)  # (..., 4, n/2, 2)
+  return emb.reshape(values.shape[:-1] + (dim,))
+
+
 def _attention(num_heads: int, dropout_rate: float, dtype: Dtype, name: str
                ) -> nn.MultiHeadDotProductAttention:
   """DETR attention: xavier-uniform q/k/v/out kernels, zero biases, per-element weight dropout."""
@@ -230,7 +249,8 @@ class CropDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_tokens: jax.Array, grid_hw: tuple[int, int],
-               condition: Optional[jax.Array] = None, train: bool = False) -> dict[str, jax.Array]:
+               condition: Optional[jax.Array] = None, train: bool = False,
+               reference_xyxy: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Decodes crops.
 
     Args:
@@ -239,6 +259,10 @@ class CropDecoder(nn.Module):
       condition: (B, C') condition embedding (mean of selected tokens, or query-image embedding),
         or None for "base" mode.
       train: enables dropout (then `rngs={'dropout': key}` is required).
+      reference_xyxy: (B, 4) the box the offsets are added to (ClipCrop's union box), or None.
+        When given, `reference_proj(sine_box_embedding(reference))` is added to every query's
+        content, so the decoder knows where its reference is (as Conditional DETR's reference
+        points); created lazily like `condition_proj`.
 
     Returns:
       Dict of float32 arrays for every layer (the last layer is index -1):
@@ -266,6 +290,13 @@ class CropDecoder(nn.Module):
         raise ValueError(f'condition must be (B={batch}, C\'), got shape {condition.shape}.')
       cond = nn.Dense(self.width, dtype=self.dtype, name='condition_proj')(condition)  # (B, W)
       target = target + cond[:, None, :]
+    if reference_xyxy is not None:
+      if reference_xyxy.shape != (batch, 4):
+        raise ValueError(f'reference_xyxy must be (B={batch}, 4), got shape '
+                         f'{reference_xyxy.shape}.')
+      ref = nn.Dense(self.width, dtype=self.dtype, name='reference_proj')(
+          sine_box_embedding(reference_xyxy, self.width).astype(self.dtype))  # (B, W)
+      target = target + ref[:, None, :]
 
     outputs = []
     for i in range(self.num_layers):

@@ -184,17 +184,23 @@ def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, 
                             max_queries=config.dataset.max_queries,
                             keyword_pipeline=config.dataset.keyword_pipeline or None)
   ds = ds.map(lambda b: {k: b[k] for k in EVAL_KEYS})
-  template = None
   count = 0
   for batch in ip.to_global_batches(ds, mesh):
-    template = batch if template is None else template
     count += 1
     yield batch
-  for _ in range(count, n_batches):  # this process ran out: masked padding batches
-    if template is None:
-      raise ValueError(f'split {split!r} gave this process no example')
-    yield {k: (jnp.zeros_like(v) if k != 'mask' else jnp.zeros_like(v, dtype=bool))
-           for k, v in template.items()}
+  if count < n_batches:  # this process ran out: fully masked padding batches (the collectives
+    # of every process must run the same number of steps)
+    zeros = {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype)
+             for k, spec in ds.element_spec.items()}
+    padding = next(ip.to_global_batches(tf_from_numpy(zeros), mesh))
+    for _ in range(count, n_batches):
+      yield padding
+
+
+def tf_from_numpy(batch: dict[str, np.ndarray]):
+  """A one-element tf.data.Dataset holding `batch`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.data.Dataset.from_tensors(batch)
 
 
 def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name: str, split: str,

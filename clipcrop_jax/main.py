@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'train_and_eval')
+MODES = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -66,6 +66,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info('%d process(es), %d device(s): %s', jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   results = {}
+  if config.mode == 'synthetic_pipeline':
+    from clipcrop_jax import synthetic_pipeline  # pylint: disable=g-import-not-at-top
+    return synthetic_pipeline.run(config, workdir)
   if config.mode in ('train', 'train_and_eval'):
     def eval_fn(state, step):
       evaluate.evaluate(config, state.params, mesh_of(state), workdir, step)

@@ -6,7 +6,7 @@ Data flow for one image (all boxes normalised to the padded square the model see
   per query: the token with the highest class logit -> t_sel (Q, W), b_sel (Q, 4)
   union box b_u = smallest box enclosing b_sel
   decoder(queries = learned (M) + proj(mean(t_sel)), keys/values = all t_img) -> offsets, quality
-  crops = clip(b_u + offsets) in xyxy, ranked by quality.
+  crops = clip(sigmoid(logit(b_u in cxcywh) + offsets)), ranked by quality (`apply_offsets`).
 Mode 'base' (no condition): no selection, b_u = the whole image, the decoder gets no condition.
 
 Parameters: {'owlvit': Scenic's OWL-ViT tree, 'decoder': CropDecoder's}. An OWL-ViT checkpoint is
@@ -29,6 +29,8 @@ from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import model as owl_model
 
 MODES = ('full', 'main', 'key', 'base', 'image')
+OFFSET_SPACES = ('logit_cxcywh', 'additive_xyxy')
+_LOGIT_EPS = 1e-4
 WHOLE_IMAGE_XYXY = (0.0, 0.0, 1.0, 1.0)
 
 
@@ -47,6 +49,14 @@ class ClipCropConfig:
     num_queries: learned crop queries M (90, the size of a GAIC candidate set).
     dropout_rate: decoder dropout (training only).
     freeze_encoder: stop gradients into OWL-ViT (the optimizer may also mask it).
+    reference_embedding: give the decoder the union box it predicts offsets from (a sine
+      embedding added to every query, see `CropDecoder`); the paper does not say how its decoder
+      learns where the union box is. Without it, conditioned modes cannot regress offsets from a
+      box they do not see (measured: their loss stalls while 'base' learns).
+    offset_space: how the decoder's 4 offsets move the union box: 'logit_cxcywh' (default, as
+      Deformable / Conditional DETR and Jia et al.: crop = sigmoid(logit(union cxcywh) + offsets),
+      so a move scales with the box: a small union grows in proportion to its size) or
+      'additive_xyxy' (crop = union xyxy + offsets, in units of the padded square).
   """
 
   owlvit: str = 'clip_b32'
@@ -58,10 +68,15 @@ class ClipCropConfig:
   num_queries: int = 90
   dropout_rate: float = 0.1
   freeze_encoder: bool = True
+  reference_embedding: bool = True
+  offset_space: str = 'logit_cxcywh'
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f'ClipCropConfig.mode={self.mode!r}; expected one of {MODES}.')
+    if self.offset_space not in OFFSET_SPACES:
+      raise ValueError(f'ClipCropConfig.offset_space={self.offset_space!r}; expected one of '
+                       f'{OFFSET_SPACES}.')
     owl_configs.get_config(self.owlvit)  # raises on an unknown name
 
   @property
@@ -149,6 +164,24 @@ def filter_selected_boxes(selected_xyxy: jax.Array, mask: jax.Array, target_xyxy
   inter = jnp.prod(jnp.clip(rb - lt, 0), axis=-1)
   area = box_lib.area_xyxy(selected_xyxy)
   return mask & (inter >= min_inside_fraction * area) & (area > 0)
+
+
+def apply_offsets(reference_xyxy: jax.Array, offsets: jax.Array, offset_space: str) -> jax.Array:
+  """Crops from a reference box and decoder offsets (see `ClipCropConfig.offset_space`).
+
+  Args:
+    reference_xyxy: (..., 4) xyxy in [0, 1] (broadcast against `offsets`).
+    offsets: (..., 4) decoder offsets; zeros give back the reference box.
+    offset_space: 'logit_cxcywh' or 'additive_xyxy'.
+
+  Returns:
+    (..., 4) xyxy crops (not yet ordered / clipped).
+  """
+  if offset_space == 'additive_xyxy':
+    return reference_xyxy + offsets
+  ref = jnp.clip(box_lib.xyxy_to_cxcywh(reference_xyxy), _LOGIT_EPS, 1 - _LOGIT_EPS)
+  logits = jnp.log(ref) - jnp.log1p(-ref)
+  return box_lib.cxcywh_to_xyxy(jax.nn.sigmoid(logits + offsets))
 
 
 def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Array:
@@ -270,9 +303,11 @@ class ClipCrop(nn.Module):
       condition = (jnp.sum(t_sel * weights, axis=1) /
                    jnp.maximum(jnp.sum(weights, axis=1), 1.0))
 
-    dec = self.decoder(features, grid_hw, condition, train=train)
+    dec = self.decoder(features, grid_hw, condition, train=train,
+                       reference_xyxy=union if self.config.reference_embedding else None)
     hi = jnp.concatenate([extent, extent], axis=-1)[None, :, None, :]  # (1, B, 1, 4)
-    boxes = jnp.clip(box_lib.clip_boxes_xyxy(union[None, :, None, :] + dec['offsets']), 0.0, hi)
+    boxes = jnp.clip(box_lib.clip_boxes_xyxy(
+        apply_offsets(union[None, :, None, :], dec['offsets'], self.config.offset_space)), 0.0, hi)
     out.update(pred_boxes=boxes[-1], quality=dec['quality'][-1],
                quality_logits=dec['quality_logits'][-1], aux_boxes=boxes,
                aux_quality_logits=dec['quality_logits'], union_box=union)

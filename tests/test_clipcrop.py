@@ -282,3 +282,21 @@ def test_load_names_the_mis_shaped_parameter(cropper, tmp_path):
   with pytest.raises(ValueError, match=r'params\.msgpack: parameter params/decoder/query_embed '
                                        r'has shape \(12, 32\), expected \(13, 32\)'):
     cropper_lib.ClipCropper.load(ckpt)
+
+
+def test_apply_offsets_spaces():
+  ref = jnp.array([[0.2, 0.2, 0.4, 0.6]])
+  for space in model_lib.OFFSET_SPACES:  # zero offsets: the reference itself
+    np.testing.assert_allclose(model_lib.apply_offsets(ref, jnp.zeros((1, 4)), space), ref,
+                               atol=1e-6)
+  np.testing.assert_allclose(
+      model_lib.apply_offsets(ref, jnp.array([[0.1, 0, 0, 0]]), 'additive_xyxy'),
+      [[0.3, 0.2, 0.4, 0.6]], atol=1e-7)
+  # logit space: cx' = sigmoid(logit(0.3) + 1), w' = sigmoid(logit(0.2) + log 2) (odds doubled).
+  out = np.asarray(model_lib.apply_offsets(ref, jnp.array([[1.0, 0, np.log(2.0), 0]]),
+                                           'logit_cxcywh'))[0]
+  cx = 1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 1)))
+  w = 0.5 / (1 + 0.5) * 1.0  # odds 0.25 -> 0.5, w = 0.5 / 1.5
+  np.testing.assert_allclose([(out[0] + out[2]) / 2, out[2] - out[0]], [cx, w], atol=1e-6)
+  with pytest.raises(ValueError, match='offset_space'):
+    model_lib.ClipCropConfig(offset_space='pixels')

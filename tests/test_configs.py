@@ -16,6 +16,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
+import ml_collections
 import pytest
 
 from clipcrop_jax import default_config
@@ -125,6 +126,14 @@ def test_config_loads_and_builds(path, arg):
   with pytest.raises(AttributeError):
     config.not_a_field = 1  # locked: a misspelt override is an error
   schemas = {k: _schema(v) for k, v in _families().items()}
+  if config.get('mode') == 'synthetic_pipeline':  # ClipCrop fields + the pipeline's own
+    own = {k for k in _schema(config) if not k.startswith('pipeline.') and k != 'quick'}
+    assert own == schemas['clipcrop_jax.main']
+    assert _schema(config.pipeline.owlvit) == schemas['clipcrop_jax.detection_train']
+    assert set(config.pipeline.variants) <= set(config.pipeline.variant_steps.keys())
+    assert set(config.pipeline.quick_variants) <= set(config.pipeline.quick_variant_steps.keys())
+    config = ml_collections.ConfigDict(
+        {k: v for k, v in config.to_dict().items() if k not in ('pipeline', 'quick')})
   family = [k for k, v in schemas.items() if v == _schema(config)]
   if not family:  # report the differences to the ClipCrop schema
     expected = schemas['clipcrop_jax.main']
@@ -135,7 +144,7 @@ def test_config_loads_and_builds(path, arg):
     assert config.batch_size > 0
     detection_train.build_module(config)  # a known OWL-ViT architecture
     return
-  assert config.mode in ('train', 'eval', 'train_and_eval')
+  assert config.mode in ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
   assert config.dtype in ('float32', 'bfloat16')
   assert config.batch_size > 0
   assert config.num_train_steps > 0 or config.num_epochs > 0

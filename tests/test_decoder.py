@@ -295,3 +295,34 @@ def test_forward_matches_numpy_oracle(pre_norm, use_condition):
                                 None if c is None else np.asarray(c, np.float64), GRID, pre_norm)
   np.testing.assert_allclose(out['offsets'], offsets, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out['quality_logits'], logits, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference-box embedding (ClipCrop's union box given to the decoder).
+
+
+def test_sine_box_embedding_hand_values():
+  box = jnp.array([[0.2, 0.4, 0.6, 0.6]])  # cx 0.4, cy 0.5, w 0.4, h 0.2
+  emb = np.asarray(decoder_lib.sine_box_embedding(box, 8))[0]
+  # n = 2 features per value: d = (1, 1) -> [sin(2 pi v), cos(2 pi v)] for each of cx, cy, w, h.
+  expected = []
+  for v in (0.4, 0.5, 0.4, 0.2):
+    expected += [np.sin(2 * np.pi * v), np.cos(2 * np.pi * v)]
+  np.testing.assert_allclose(emb, expected, atol=1e-6)
+  with pytest.raises(ValueError, match='divisible by 8'):
+    decoder_lib.sine_box_embedding(box, 12)
+
+
+def test_reference_changes_outputs_and_is_lazy():
+  model = decoder_lib.CropDecoder(**TINY)
+  tokens, _ = _inputs()
+  ref = jnp.array([[0.1, 0.1, 0.5, 0.5], [0.3, 0.2, 0.9, 0.7]])
+  init = jax.jit(lambda r, t, b: model.init(r, t, GRID, reference_xyxy=b))
+  variables = init(jax.random.PRNGKey(0), tokens, ref)
+  assert 'reference_proj' in variables['params']
+  apply = jax.jit(lambda v, t, b: model.apply(v, t, GRID, reference_xyxy=b))
+  a = apply(variables, tokens, ref)['quality_logits']
+  b = apply(variables, tokens, ref[::-1])['quality_logits']
+  assert not np.allclose(a, b)
+  plain = jax.jit(lambda r, t: model.init(r, t, GRID))(jax.random.PRNGKey(0), tokens)
+  assert 'reference_proj' not in plain['params']

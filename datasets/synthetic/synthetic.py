@@ -47,6 +47,9 @@ class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       SyntheticCropsConfig(name='default', description='1000/200/200 images + 100 ambiguity '
                            'images (200 examples), ~256x256 px.'),
+      SyntheticCropsConfig(name='small', description='400/50/50 images + 50 ambiguity images '
+                           '(100 examples), ~256x256 px: the quick embedded-default run.',
+                           num_train=400, num_validation=50, num_test=50, num_ambiguity=50),
       SyntheticCropsConfig(name='tiny', description='8/4/4 images + 4 ambiguity images, for '
                            'tests.', num_train=8, num_validation=4, num_test=4, num_ambiguity=4,
                            base_size=128),

@@ -1,0 +1,55 @@
+r"""The embedded default: OWL-ViT + ClipCrop learn text-conditioned cropping on synthetic scenes.
+
+  python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=synthetic_run
+  python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=/tmp/q --config.quick=True
+
+No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_dir` is set),
+trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full / base / main /
+key on its crops with that encoder, evaluates everything on the ambiguity split and writes
+WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 10-15 minutes on
+2 CPU cores; `quick=True` (smaller dataset and budgets, full and base only) about 3 minutes.
+"""
+
+import ml_collections
+
+from clipcrop_jax import default_config
+from clipcrop_jax import detection_train
+
+
+def get_config():
+  c = default_config.get_default_config()
+  c.mode = 'synthetic_pipeline'
+  c.quick = False
+  c.model.update(owlvit='tiny', decoder_layers=2, decoder_width=64, decoder_heads=4,
+                 decoder_mlp_dim=128, num_queries=24, dropout_rate=0.0, freeze_encoder=True)
+  c.dataset.update(name='synthetic_crops/default', data_dir='', max_crops=96, max_queries=4,
+                   mosaic_probs=(0.5, 0.5, 0.0), shuffle_buffer=1000)
+  c.batch_size = 16
+  c.num_train_steps = 800
+  c.optimizer.update(learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=50,
+                     grad_clip_norm=1.0, weight_decay=1e-4)
+  c.checkpoint.update(every_steps=500, keep=1)
+  c.log_every_steps = 100
+  c.eval.update(datasets=(('synthetic_crops/default', 'ambiguity'),), batch_size=16,
+                baselines=default_config.BASELINES)
+
+  det = detection_train.get_default_config()
+  det.model.owlvit = c.model.owlvit
+  det.dataset.update(name='synthetic_crops/default', label_key='name', max_objects=8,
+                     max_labels=48, flip=True, shuffle_buffer=1000)
+  det.batch_size = 16
+  det.num_train_steps = 1000
+  det.optimizer.update(learning_rate=2e-3, end_learning_rate=1e-5, warmup_steps=50,
+                       grad_clip_norm=1.0)
+  det.checkpoint.update(every_steps=1000, keep=1)
+  det.log_every_steps = 100
+  det.eval.update(batch_size=16)
+
+  c.pipeline = ml_collections.ConfigDict(dict(
+      dataset_config='default', owlvit=det,
+      variants=('full', 'base', 'main', 'key'),
+      variant_steps=dict(full=800, base=500, main=500, key=500),
+      quick_dataset_config='small', quick_owlvit_steps=300,
+      quick_variants=('full', 'base'), quick_variant_steps=dict(full=300, base=200, main=200,
+                                                                 key=200)))
+  return c
