@@ -83,7 +83,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(owlvit=''))
   c.dataset = ml_collections.ConfigDict(dict(
       name='synthetic_crops/default', data_dir='', train_split='train', label_key='name',
-      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000))
+      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000, label_templates=()))
   c.batch_size = 16
   c.num_epochs = 10
   c.num_train_steps = -1
@@ -193,9 +193,14 @@ def _as_str(x: Any) -> str:
 
 
 def add_label_queries(batch: dict[str, np.ndarray], max_labels: int,
-                      max_query_length: int = owl_configs.MAX_QUERY_LENGTH
-                      ) -> dict[str, Any]:
+                      max_query_length: int = owl_configs.MAX_QUERY_LENGTH,
+                      templates: Sequence[str] = (),
+                      rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
   """Host numpy: the batch's distinct labels as shared text queries.
+
+  With `templates` (format strings such as 'a {}', 'the big {}'), each distinct label's query is
+  one of them drawn with `rng` (a training augmentation: the detector learns to ground the
+  name inside longer phrases, as ClipCrop's captions are); without, the query is the label.
 
   Adds text_queries int32 (B, max_labels, L) (all-zero rows = padding, masked by the model),
   label_ids int32 (B, N) (index of each object's label in the query list; 0 for padding) and
@@ -219,6 +224,8 @@ def add_label_queries(batch: dict[str, np.ndarray], max_labels: int,
         mask[pos] = False
   queries = np.zeros((max_labels, max_query_length), np.int32)
   for i, l in enumerate(distinct):
+    if templates:
+      l = templates[int((rng or np.random.default_rng(0)).integers(len(templates)))].format(l)
     queries[i] = _tokens(l, max_query_length)
   b = labels.shape[0]
   out = dict(batch)
@@ -251,8 +258,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh,
                     max_objects=d.max_objects, label_key=d.label_key, flip=d.flip, seed=seed,
                     shuffle_buffer=d.shuffle_buffer, repeat=True, skip_batches=skip)
   sharding = sharding_lib.batch_sharding(mesh)
-  for batch in ds.as_numpy_iterator():
-    batch = add_label_queries(batch, d.max_labels)
+  templates = tuple(d.get('label_templates', ()))
+  for step, batch in enumerate(ds.as_numpy_iterator(), start=skip):
+    rng = np.random.default_rng([seed, jax.process_index(), step])
+    batch = add_label_queries(batch, d.max_labels, templates=templates, rng=rng)
     yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
            for k in TRAIN_KEYS}
 

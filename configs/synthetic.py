@@ -35,8 +35,11 @@ def get_config():
 
   det = detection_train.get_default_config()
   det.model.owlvit = c.model.owlvit
+  # Object names ('red circle') inside the phrasings the captions use ('the big red circle').
   det.dataset.update(name='synthetic_crops/default', label_key='name', max_objects=8,
-                     max_labels=48, flip=True, shuffle_buffer=1000)
+                     max_labels=48, flip=True, shuffle_buffer=1000,
+                     label_templates=('{}', 'a {}', 'the {}', 'a big {}', 'the big {}',
+                                      'a small {}', 'the small {}'))
   det.batch_size = 16
   det.num_train_steps = 1000
   det.optimizer.update(learning_rate=2e-3, end_learning_rate=1e-5, warmup_steps=50,
