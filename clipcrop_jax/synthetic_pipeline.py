@@ -19,9 +19,10 @@ Re-running resumes: finished stages are skipped (their checkpoints are in WORK).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -79,12 +80,13 @@ def ensure_dataset(name: str, data_dir: str) -> None:
   if not source.is_file():
     raise FileNotFoundError(f'{source} not found: the synthetic builder lives in the source '
                             'checkout (pip install -e . from the repository)')
-  spec = importlib.util.spec_from_file_location('clipcrop_synthetic_builder', source)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   logging.info('Building %s into %s ...', name, data_dir)
-  builder = module.SyntheticCrops(config=name.split('/')[1], data_dir=data_dir)
-  builder.download_and_prepare()
+  # The same command as `tfds build datasets/synthetic` (see clipcrop_jax.build_dataset).
+  cmd = [sys.executable, '-m', 'clipcrop_jax.build_dataset', str(folder), '--config',
+         name.split('/')[1], '--data_dir', data_dir]
+  result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+  if result.returncode:
+    raise RuntimeError(f'building {name} failed ({" ".join(cmd)}):\n{result.stderr[-3000:]}')
 
 
 # ------------------------------------------------------------------------------------------------
