@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import flax.serialization
 import jax

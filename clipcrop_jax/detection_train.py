@@ -31,7 +31,8 @@ Config fields (`get_default_config`):
   model.owlvit          architecture name (`owlvit.configs`, e.g. 'clip_b32', 'tiny').
   init_from.owlvit      Scenic msgpack / HF checkpoint to fine-tune from; '' = random init.
   dataset.*             name, data_dir, train_split, label_key, max_objects, max_labels, flip
-                        (random horizontal flip), shuffle_buffer.
+                        (random horizontal flip), shuffle_buffer, label_templates (format
+                        strings such as 'a {}', one drawn per label and batch; () = the label).
   batch_size, num_epochs / num_train_steps (> 0 wins)
   optimizer.*           `clipcrop_jax.optim` (AdamW, cosine, warmup, clipping, lr_multipliers
                         with paths like 'backbone/clip/text/.*').
@@ -47,7 +48,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import time
 from typing import Any, Iterator, Optional, Sequence
 import warnings
 
@@ -521,7 +521,6 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
   with `eval.split` set, `<workdir>/eval_grounding.json`. Stops with
   `train_lib.NonFiniteLossError` on a NaN / Inf loss (that step is never checkpointed).
   """
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
   train_lib.write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
@@ -551,44 +550,20 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
   logger = train_lib.MetricLogger(workdir)
   eval_every = config.eval.every_steps if config.eval.split else -1
-  history: list[Any] = []
-  t_log, step_log, wait = time.time(), start, 0.0
-  bar = tqdm.tqdm(total=total, initial=start, desc='detection', unit='step',
-                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+
+  def on_step(state, step):
+    if eval_every > 0 and step % eval_every == 0 and step != total:
+      params = _host_params(state)
+      if jax.process_index() == 0:
+        logger.write(step, _evaluate(config, module, params, builder), kind='eval')
+
   try:
     batches = make_train_iterator(config, builder, mesh, start) if start < end else iter(())
-    for step in range(start + 1, end + 1):
-      t0 = time.time()
-      batch = next(batches)
-      wait += time.time() - t0
-      state, metrics = step_fn(state, batch)
-      history.append(metrics)
-      bar.update(1)
-      save_now = step % config.checkpoint.every_steps == 0 or step == end
-      if step % config.log_every_steps == 0 or save_now:
-        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
-        train_lib.check_finite(host, step - len(host), last_good, workdir)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        elapsed = max(time.time() - t_log, 1e-9)
-        rate = (step - step_log) / elapsed
-        mean.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size,
-                    input_wait_fraction=wait / elapsed)
-        logger.write(step, mean)
-        logging.info('step %d/%d | loss %.4f (class %.4f, l1 %.4f, giou %.4f) | %.2f steps/s | '
-                     'ETA %s', step, total, mean['loss'], mean['loss_class'], mean['loss_l1'],
-                     mean['loss_giou'], rate,
-                     train_lib.format_eta((total - step) / max(rate, 1e-9)))
-        bar.set_postfix(loss=f'{mean["loss"]:.4f}')
-        history, t_log, step_log, wait = [], time.time(), step, 0.0
-      if save_now:
-        train_lib.save_checkpoint(manager, state)
-        last_good = step
-      if eval_every > 0 and step % eval_every == 0 and step != total:
-        params = _host_params(state)
-        if jax.process_index() == 0:
-          logger.write(step, _evaluate(config, module, params, builder), kind='eval')
+    state = train_lib.run_steps(
+        step_fn, state, batches, config=config, workdir=workdir, manager=manager, logger=logger,
+        start=start, end=end, total=total, last_good=last_good, desc='detection',
+        log_terms=('loss_class', 'loss_l1', 'loss_giou'), on_step=on_step)
   finally:
-    bar.close()
     manager.close()
     if int(jax.device_get(state.step)) < total:
       logger.close()

@@ -29,7 +29,6 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 from clipcrop_jax import evaluate
 from clipcrop_jax import metrics as metrics_lib

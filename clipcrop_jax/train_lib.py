@@ -390,6 +390,60 @@ def export_cropper(state: TrainState, model: model_lib.ClipCrop, workdir: str,
   return c.save(pathlib.Path(workdir) / EXPORT_DIR)
 
 
+def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], state: Any,
+              batches: Iterator[Any], *, config: ml_collections.ConfigDict, workdir: str,
+              manager, logger: MetricLogger, start: int, end: int, total: int,
+              last_good: Optional[int], desc: str = 'train',
+              log_terms: tuple[str, ...] = (),
+              on_step: Optional[Callable[[Any, int], None]] = None) -> Any:
+  """The training loop shared by ClipCrop and OWL-ViT detection training.
+
+  Runs steps start+1 .. end: fetches a batch (timing the wait for input), applies `step_fn`,
+  and every `config.log_every_steps` (and before each save) checks the losses are finite
+  (`check_finite`), writes their means with steps/s, examples/s and the input-wait share, and
+  logs a progress line (loss, `log_terms`, steps/s, input wait, ETA); every
+  `config.checkpoint.every_steps` and at `end` it saves a checkpoint; `on_step(state, step)` runs
+  after every step (evaluation hooks). A progress bar shows on process 0. Returns the state.
+  """
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  history: list[Any] = []
+  t_log, step_log, wait = time.time(), start, 0.0
+  bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit='step',
+                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  try:
+    for step in range(start + 1, end + 1):
+      t0 = time.time()
+      batch = next(batches)
+      wait += time.time() - t0
+      state, metrics = step_fn(state, batch)
+      history.append(metrics)
+      bar.update(1)
+      save_now = step % config.checkpoint.every_steps == 0 or step == end
+      if step % config.log_every_steps == 0 or save_now:
+        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
+        check_finite(host, step - len(host), last_good, workdir)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        elapsed = max(time.time() - t_log, 1e-9)
+        rate = (step - step_log) / elapsed
+        mean.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size,
+                    input_wait_fraction=wait / elapsed)
+        logger.write(step, mean)
+        terms = ''.join(f', {k.replace("loss_", "")} {mean[k]:.4f}' for k in log_terms if k in mean)
+        logging.info('step %d/%d | loss %.4f%s | %.2f steps/s | input wait %.0f%% | ETA %s',
+                     step, total, mean['loss'], terms, rate, 100 * mean['input_wait_fraction'],
+                     format_eta((total - step) / max(rate, 1e-9)))
+        bar.set_postfix(loss=f'{mean["loss"]:.4f}')
+        history, t_log, step_log, wait = [], time.time(), step, 0.0
+      if save_now:
+        save_checkpoint(manager, state)
+        last_good = step
+      if on_step is not None:
+        on_step(state, step)
+  finally:
+    bar.close()
+  return state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           eval_fn: Optional[Callable[[TrainState, int], None]] = None,
           max_steps_this_run: Optional[int] = None) -> TrainState:
@@ -402,7 +456,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     max_steps_this_run: stop (after checkpointing) when this many steps ran in this call; the
       schedule still spans the whole run (used to test interrupted runs).
   """
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   builder = dataset_builder(config.dataset.name, config.dataset.data_dir)
@@ -434,43 +487,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   batches = make_train_iterator(config, builder, mesh, start)
   logger = MetricLogger(workdir)
   end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
-  history: list[Any] = []
-  t_log, step_log = time.time(), start
-  wait = 0.0
-  bar = tqdm.tqdm(total=total, initial=start, desc='train', unit='step',
-                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+
+  def on_step(state, step):
+    if eval_fn is not None and config.eval.every_steps > 0 and (
+        step % config.eval.every_steps == 0) and step != total:
+      eval_fn(state, step)
+
   try:
-    for step in range(start + 1, end + 1):
-      t0 = time.time()
-      batch = next(batches)
-      wait += time.time() - t0
-      state, metrics = step_fn(state, batch)
-      history.append(metrics)
-      bar.update(1)
-      log_now = step % config.log_every_steps == 0 or step == end
-      save_now = step % config.checkpoint.every_steps == 0 or step == end
-      if log_now or save_now:
-        host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
-        check_finite(host, step - len(host), last_good, workdir)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        elapsed = time.time() - t_log
-        rate = (step - step_log) / max(elapsed, 1e-9)
-        mean.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size,
-                    input_wait_fraction=wait / max(elapsed, 1e-9))
-        logger.write(step, mean)
-        logging.info('step %d/%d | loss %.4f | %.2f steps/s | input wait %.0f%% | ETA %s',
-                     step, total, mean['loss'], rate, 100 * mean['input_wait_fraction'],
-                     format_eta((total - step) / max(rate, 1e-9)))
-        bar.set_postfix(loss=f'{mean["loss"]:.4f}')
-        history, t_log, step_log, wait = [], time.time(), step, 0.0
-      if save_now:
-        save_checkpoint(manager, state)
-        last_good = step
-      if eval_fn is not None and config.eval.every_steps > 0 and (
-          step % config.eval.every_steps == 0) and step != total:
-        eval_fn(state, step)
+    state = run_steps(step_fn, state, batches, config=config, workdir=workdir, manager=manager,
+                      logger=logger, start=start, end=end, total=total, last_good=last_good,
+                      on_step=on_step)
   finally:
-    bar.close()
     logger.close()
     manager.close()
   if int(jax.device_get(state.step)) >= total:

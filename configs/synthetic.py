@@ -51,7 +51,7 @@ def get_config():
   c.pipeline = ml_collections.ConfigDict(dict(
       dataset_config='default', owlvit=det,
       variants=('full', 'base', 'main', 'key'),
-      variant_steps=dict(full=800, base=500, main=500, key=500),
+      variant_steps=dict(full=1500, base=600, main=600, key=600),
       quick_dataset_config='small', quick_owlvit_steps=250,
       quick_variants=('full', 'base'), quick_variant_steps=dict(full=300, base=200, main=200,
                                                                  key=200)))

@@ -8,14 +8,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from clipcrop_jax import detection_train as dt
-from clipcrop_jax import optim
 from clipcrop_jax import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
