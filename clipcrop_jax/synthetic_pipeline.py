@@ -174,8 +174,9 @@ def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                        num_images: int = 6) -> pathlib.Path:
-  """A grid: per ambiguity image, one panel per caption with reference crops (green) and the
-  ClipCrop (full) top crop (red) and ClipCrop-base's (blue, dashed look)."""
+  """A grid: one row per ambiguity image, one panel per caption, with the caption's reference
+  crops (thin green), ClipCrop (full)'s top crop (red) and ClipCrop-base's (blue; the same for
+  both captions, since base ignores the text)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
@@ -184,7 +185,13 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   base_dir = workdir / 'clipcrop_base' / train_lib.EXPORT_DIR
   base = cropper_lib.ClipCropper.load(base_dir) if base_dir.is_dir() else None
   builder = train_lib.dataset_builder(c.dataset.name, c.dataset.data_dir)
-  examples = list(tfds.as_numpy(builder.as_dataset(split=f'ambiguity[:{2 * num_images}]')))
+  pairs: dict[bytes, list] = {}  # one row per image: its two captions side by side
+  for ex in tfds.as_numpy(builder.as_dataset(split='ambiguity', shuffle_files=False)):
+    pairs.setdefault(ex['image/filename'], []).append(ex)
+    if sum(len(v) == 2 for v in pairs.values()) == num_images:
+      break
+  examples = [ex for v in pairs.values() if len(v) == 2 for ex in v][:2 * num_images]
+  num_images = len(examples) // 2
   cell = 220
   sheet = Image.new('RGB', (2 * cell + 30, num_images * (cell + 28) + 10), 'white')
   draw = ImageDraw.Draw(sheet)
