@@ -225,6 +225,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: model_l
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def make_step_fn(config: ml_collections.ConfigDict, model: model_lib.ClipCrop,
+                 optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                 shardings: TrainState, mesh) -> Callable[[TrainState, dict[str, jax.Array]],
+                                                         tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step` jitted as training runs it: state sharded by `shardings` (and donated), batch
+  on 'data', scalar metrics replicated."""
+  return jax.jit(
+      lambda s, b: train_step(s, b, model=model, optimizer=optimizer, schedule=schedule,
+                              loss_kw=loss_kwargs(config)),
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints.
 # ------------------------------------------------------------------------------------------------
@@ -479,11 +492,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     manager.close()
     return state
 
-  step_fn = jax.jit(
-      lambda s, b: train_step(s, b, model=model, optimizer=optimizer, schedule=schedule,
-                              loss_kw=loss_kwargs(config)),
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  step_fn = make_step_fn(config, model, optimizer, schedule, shardings, mesh)
   batches = make_train_iterator(config, builder, mesh, start)
   logger = MetricLogger(workdir)
   end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)

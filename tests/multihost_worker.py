@@ -90,11 +90,7 @@ def main() -> None:
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   _, shardings, init, optimizer, schedule = train_lib.setup_state(config, model, mesh, args.steps)
   state = init(jax.random.PRNGKey(config.seed))
-  step_fn = jax.jit(
-      lambda s, b: train_lib.train_step(s, b, model=model, optimizer=optimizer,
-                                        schedule=schedule, loss_kw=train_lib.loss_kwargs(config)),
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
 
   size = model.config.owlvit_config.image_size
   full = global_batch(args.batch, size, config.dataset.max_crops, config.dataset.max_queries)

@@ -75,11 +75,7 @@ def run_on_mesh(config, mesh, batch_np):
   _, shardings, init, optimizer, schedule = train_lib.setup_state(config, model, mesh, 4)
   state = init(jax.random.PRNGKey(config.seed))
   init_params = jax.device_get(state.params)
-  step_fn = jax.jit(
-      lambda s, b: train_lib.train_step(s, b, model=model, optimizer=optimizer,
-                                        schedule=schedule, loss_kw=train_lib.loss_kwargs(config)),
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
   batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh)) for k, v in batch_np.items()}
   losses, after = [], []
   for _ in range(NUM_STEPS):

@@ -86,11 +86,7 @@ def benchmark(name: str, args) -> dict[str, float]:
   _, shardings, init, optimizer, schedule = train_lib.setup_state(
       config, model, mesh, config.num_train_steps)
   state = init(jax.random.PRNGKey(config.seed))
-  step_fn = jax.jit(
-      lambda s, b: train_lib.train_step(s, b, model=model, optimizer=optimizer,
-                                        schedule=schedule, loss_kw=train_lib.loss_kwargs(config)),
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
   batches = train_lib.make_train_iterator(config, builder, mesh)
 
   t0 = time.perf_counter()
