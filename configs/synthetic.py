@@ -6,7 +6,7 @@ r"""The embedded default: OWL-ViT + ClipCrop learn text-conditioned cropping on 
 No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_dir` is set),
 trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full / base / main /
 key on its crops with that encoder, evaluates everything on the ambiguity split and writes
-WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 10-15 minutes on
+WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 11 minutes on
 2 CPU cores; `quick=True` (smaller dataset and budgets, full and base only) about 3 minutes.
 """
 
