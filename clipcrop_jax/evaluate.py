@@ -177,8 +177,7 @@ def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, 
   n_batches = math.ceil(math.ceil(total / jax.process_count()) / per_process)
   ds = builder.as_dataset(split=ip.split_for_process(split, drop_remainder=False),
                           shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ('image', 'crops', 'text',
-                                                               'height', 'width')})
+  ds = ds.map(train_lib.input_features)
   ds = ip.make_eval_dataset(ds, image_size=train_lib.clipcrop_config(config).owlvit_config
                             .image_size, batch_size=per_process, max_crops=config.dataset.max_crops,
                             max_queries=config.dataset.max_queries,

@@ -350,6 +350,18 @@ def _grid_key_weights(mosaic_probs: Sequence[float]) -> np.ndarray:
   return w / w.sum()
 
 
+def _add_text_features(ds: tf.data.Dataset, tokenize_text: bool, max_queries: Optional[int],
+                       keyword_pipeline: Optional[str], num_parallel_calls: int
+                       ) -> tf.data.Dataset:
+  """`text_tokens` (with `tokenize_text`) and `text_queries` (with `max_queries`) per example."""
+  if tokenize_text:
+    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
+                num_parallel_calls=num_parallel_calls, deterministic=True)
+  if max_queries:
+    ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
+  return ds
+
+
 def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                        max_crops: int = 96, seed: int = 0,
                        mosaic_probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
@@ -396,11 +408,7 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
         lambda i, tiles: mosaic({k: v for k, v in tiles.items() if k != '_grid'},
                                 _seed_for(seed, i, 2), image_size),
         num_parallel_calls=num_parallel_calls, deterministic=True)
-  if tokenize_text:
-    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
-                num_parallel_calls=num_parallel_calls, deterministic=True)
-  if max_queries:
-    ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
+  ds = _add_text_features(ds, tokenize_text, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(prefetch) if prefetch else ds
 
@@ -419,11 +427,7 @@ def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
   ds = ds.map(lambda ex: preprocess_example(ex, image_size, max_crops, seed=None,
                                             truncate=False),
               num_parallel_calls=num_parallel_calls, deterministic=True)
-  if tokenize_text:
-    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
-                num_parallel_calls=num_parallel_calls, deterministic=True)
-  if max_queries:
-    ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
+  ds = _add_text_features(ds, tokenize_text, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(True)})
   ds = ds.batch(batch_size)
 

@@ -104,6 +104,14 @@ def dataset_builder(name: str, data_dir: str):
   return tfds.builder_from_directory(os.fspath(versions[-1]))
 
 
+INPUT_FEATURES = ('image', 'crops', 'text', 'height', 'width')
+
+
+def input_features(example: dict[str, Any]) -> dict[str, Any]:
+  """The TFDS features the input pipeline reads (extras such as `objects` are dropped)."""
+  return {k: v for k, v in example.items() if k in INPUT_FEATURES}
+
+
 def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -141,8 +149,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh, start_
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(shuffle_seed=seed))
-  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in ('image', 'crops', 'text',
-                                                               'height', 'width')})
+  ds = ds.map(input_features)
   ds = ip.make_train_dataset(
       ds, image_size=clipcrop_config(config).owlvit_config.image_size, batch_size=per_process,
       max_crops=d.max_crops, seed=seed, mosaic_probs=tuple(d.mosaic_probs),
