@@ -15,17 +15,23 @@ Conventions: pixel boxes are (x0, y0, x1, y1) in continuous pixel units (the who
 pixels (pixel column c covers [c, c + 1)). `tfds_bbox` converts to TFDS's (ymin, xmin, ymax, xmax)
 normalised by (H, W). Image sizes are (H, W).
 
-Candidate scores (`score_candidates`). With the boxes normalised by (W, H), q the
-`zero_shot.composition_score` of each candidate with `SCORE_WEIGHTS` (the target box as target,
-every non-target object as "other" for the cut-through term) and cov = area(candidate ∩ target) /
-area(target):
+Candidates (`scene_candidates`): the GAIC grid of the image (`zero_shot.gaic_grid_candidates`,
+area > 1/2) plus up to `NUM_FREE_CROPS` free-form crops around the caption's target (area 12-50 %
+of the image, aspect 0.6-1.7, containing the target), the way the ambiguity split's annotators
+crop; the grid alone cannot express a crop of under half the image.
+
+Candidate scores (`score_candidates`). One simulated annotator taste, `ANNOTATOR_WEIGHTS`, scores
+the training candidates and picks the ambiguity split's reference crops. With the boxes normalised
+by (W, H), q the `zero_shot.composition_score` of each candidate with `ANNOTATOR_WEIGHTS` (the
+target box as target, every non-target object as "other" for the cut-through term) and
+cov = area(candidate ∩ target) / area(target):
 
   score = 2 + 3 * clip(q, 0, 1)   if cov == 1 (target fully inside)   -> in [2, 5]
   score = 1 + cov                 otherwise                           -> in [1, 2)
 
 so every candidate containing the whole target outranks every candidate cutting it, and among those
-the score rewards the target's size fraction (ideal 6-25 % of the crop), rule-of-thirds placement,
-a margin around the target (5 % of the crop extent), keeping more of the picture (mildly), and
+the score rewards the target's size fraction (ideal 10-35 % of the crop), rule-of-thirds placement,
+a margin around the target (8 % of the crop extent), keeping more of the picture (slightly), and
 penalises cutting through other objects (distractors, fully inside or fully outside is fine).
 
 Ambiguity examples (`generate_ambiguity_example`, TextCrop-like): two equally salient (large)
@@ -69,15 +75,16 @@ SIZE_WORDS = {'small': 'small', 'large': 'big'}
 SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2, 'ambiguity': 3}
 DEFAULT_ASPECTS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
 
-# Composition weights of the candidate scores: zero_shot's defaults with an ideal target size
-# suited to these small objects.
-SCORE_WEIGHTS = zero_shot.CompositionWeights(
-    size=1.0, thirds=0.5, margin=0.5, content=0.25, cut=1.0, ideal_size=(0.06, 0.25),
-    size_softness=0.08, ideal_margin=0.05)
-# Reference crops of the ambiguity split: a little tighter than the candidates allow.
-REFERENCE_WEIGHTS = zero_shot.CompositionWeights(
+# The simulated annotators' taste: the composition weights that score the training candidates and
+# rank the ambiguity split's reference crops (ideal target size suited to these small objects).
+ANNOTATOR_WEIGHTS = zero_shot.CompositionWeights(
     size=1.0, thirds=0.5, margin=1.0, content=0.1, cut=1.0, ideal_size=(0.1, 0.35),
     size_softness=0.1, ideal_margin=0.08)
+# Free-form candidates per training scene, besides the GAIC grid (`scene_candidates`).
+NUM_FREE_CROPS = 32
+# Area (fraction of the image) and aspect (width / height) ranges of free-form crops.
+FREE_CROP_AREA = (0.12, 0.5)
+FREE_CROP_ASPECT = (0.6, 1.7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +370,7 @@ def score_candidates(candidates: np.ndarray, target_xyxy: np.ndarray, other_boxe
   cn = np.asarray(candidates, np.float64) / scale
   tn = np.asarray(target_xyxy, np.float64) / scale
   on = np.asarray(other_boxes, np.float64).reshape(-1, 4) / scale
-  q, _ = zero_shot.composition_score(cn, tn, on if len(on) else None, weights=SCORE_WEIGHTS)
+  q, _ = zero_shot.composition_score(cn, tn, on if len(on) else None, weights=ANNOTATOR_WEIGHTS)
   cov = zero_shot.target_coverage(cn, tn)
   inside = cov >= 1 - 1e-9
   scores = np.where(inside, 2 + 3 * np.clip(q, 0, 1), 1 + np.clip(cov, 0, 1 - 1e-6))
@@ -381,7 +388,7 @@ def generate_scene(rng: np.random.Generator,
                    relation_prob: float = 0.4,
                    base_size: int = 256,
                    aspects: Sequence[float] = DEFAULT_ASPECTS) -> Scene:
-  """A scene with a caption and ~90 scored GAIC candidates.
+  """A scene with a caption and ~120 scored candidates (`scene_candidates`).
 
   Args:
     rng: the only source of randomness.
@@ -428,23 +435,37 @@ def generate_scene(rng: np.random.Generator,
   target = union_box([objects[i].box for i in target_indices])
   others = np.array([o.box for i, o in enumerate(objects) if i not in target_indices],
                     dtype=np.float64).reshape(-1, 4)
-  h, w = image_hw
-  candidates = zero_shot.gaic_grid_candidates((w, h))
+  candidates = scene_candidates(rng, image_hw, target)
   scores = score_candidates(candidates, target, others, image_hw)
   return Scene(image, objects, caption, target_indices, target, candidates, scores)
 
 
-def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, others,
-                     n: int = 4, samples: int = 400) -> np.ndarray | None:
-  """`n` diverse, well-composed crops containing `target` (with a margin) and < half of
-  `other_target`, ranked by `composition_score` with REFERENCE_WEIGHTS; None if too few."""
+def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
+                        target: Sequence[float], samples: int, margin: float = 0.0) -> np.ndarray:
+  """Free-form crops containing `target`, as the simulated annotators draw them.
+
+  Draws `samples` crops with area uniform in `FREE_CROP_AREA` (fraction of H * W) and log-uniform
+  aspect (width / height) in `FREE_CROP_ASPECT`, each placed uniformly among the positions inside
+  the image that contain `target` with a gap of `margin` times the crop's extent on each side;
+  draws with no such position are dropped.
+
+  Args:
+    rng: the only source of randomness.
+    image_hw: (H, W) in pixels.
+    target: (4,) pixel box (x0, y0, x1, y1).
+    samples: number of draws.
+    margin: wanted gap around the target, as a fraction of the crop's width / height.
+
+  Returns:
+    (n, 4) float64 pixel boxes (x0, y0, x1, y1), n <= samples, in draw order.
+  """
   h, w = image_hw
-  area = rng.uniform(0.12, 0.5, samples) * h * w
-  aspect = np.exp(rng.uniform(np.log(0.6), np.log(1.7), samples))
+  area = rng.uniform(*FREE_CROP_AREA, samples) * h * w
+  aspect = np.exp(rng.uniform(np.log(FREE_CROP_ASPECT[0]), np.log(FREE_CROP_ASPECT[1]), samples))
   cw = np.minimum(np.sqrt(area * aspect), w)
   ch = np.minimum(cw / aspect, h)
   tw, th = target[2] - target[0], target[3] - target[1]
-  mx, my = 0.04 * cw, 0.04 * ch
+  mx, my = margin * cw, margin * ch
   x_lo = np.maximum(0, target[2] + mx - cw)
   x_hi = np.minimum(w - cw, target[0] - mx)
   y_lo = np.maximum(0, target[3] + my - ch)
@@ -452,7 +473,29 @@ def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, o
   ok = (x_hi >= x_lo) & (y_hi >= y_lo) & (cw > tw + 2 * mx) & (ch > th + 2 * my)
   x0 = x_lo + rng.random(samples) * np.clip(x_hi - x_lo, 0, None)
   y0 = y_lo + rng.random(samples) * np.clip(y_hi - y_lo, 0, None)
-  crops = np.stack([x0, y0, x0 + cw, y0 + ch], axis=1)[ok]
+  return np.stack([x0, y0, x0 + cw, y0 + ch], axis=1)[ok]
+
+
+def scene_candidates(rng: np.random.Generator, image_hw: tuple[int, int],
+                     target: Sequence[float], num_free: int = NUM_FREE_CROPS) -> np.ndarray:
+  """A training scene's candidate crops: the GAIC grid, then up to `num_free` free-form crops.
+
+  The free-form crops are the first `num_free` that fit of `4 * num_free` draws of
+  `sample_crops_around` (no margin), so each contains the target; fewer (possibly none) when the
+  target is too large for the crop sizes. (N, 4) float64 pixel xyxy.
+  """
+  h, w = image_hw
+  grid = zero_shot.gaic_grid_candidates((w, h))
+  free = sample_crops_around(rng, image_hw, target, samples=4 * num_free)[:num_free]
+  return np.concatenate([grid, free], axis=0)
+
+
+def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, others,
+                     n: int = 4, samples: int = 400) -> np.ndarray | None:
+  """`n` diverse, well-composed crops containing `target` (with a margin) and < half of
+  `other_target`, ranked by `composition_score` with ANNOTATOR_WEIGHTS; None if too few."""
+  h, w = image_hw
+  crops = sample_crops_around(rng, image_hw, target, samples, margin=0.04)
   if len(crops) < n:
     return None
   scale = np.array([w, h, w, h], dtype=np.float64)
@@ -462,7 +505,7 @@ def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, o
     return None
   q, _ = zero_shot.composition_score(crops / scale, np.asarray(target) / scale,
                                      np.asarray(others).reshape(-1, 4) / scale,
-                                     weights=REFERENCE_WEIGHTS)
+                                     weights=ANNOTATOR_WEIGHTS)
   order = np.argsort(-q, kind='stable')
   for iou_max in (0.7, 0.8, 0.9):
     picked: list[int] = []

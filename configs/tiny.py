@@ -14,7 +14,7 @@ def get_config():
   config = default_config.get_default_config()
   config.model.update(owlvit='tiny', decoder_layers=2, decoder_width=32, decoder_heads=2,
                       decoder_mlp_dim=64, num_queries=12)
-  config.dataset.update(name='synthetic_crops/tiny', data_dir='', max_crops=96, max_queries=4,
+  config.dataset.update(name='synthetic_crops/tiny', data_dir='', max_crops=128, max_queries=4,
                         shuffle_buffer=16)
   config.batch_size = 8
   config.num_train_steps = 2

@@ -49,7 +49,9 @@ def test_deterministic_from_seed():
 def test_image_size_configurable_and_non_square():
   s = _scene(0, image_size=(200, 300))
   assert s.image.shape == (200, 300, 3) and s.image.dtype == np.uint8
-  assert len(s.candidates) == len(zero_shot.gaic_grid_candidates((300, 200)))
+  grid = zero_shot.gaic_grid_candidates((300, 200))
+  np.testing.assert_array_equal(s.candidates[:len(grid)], grid)
+  assert len(grid) < len(s.candidates) <= len(grid) + S.NUM_FREE_CROPS
   sizes = {_scene(i, base_size=160).image.shape[:2] for i in SEEDS}
   assert len(sizes) > 1 and any(h != w for h, w in sizes)
   for h, w in sizes:
@@ -114,7 +116,8 @@ def test_relation_words_are_true():
 @pytest.mark.parametrize('i', SEEDS)
 def test_candidates_and_scores(i):
   s = _scene(i)
-  assert 80 <= len(s.candidates) <= 90
+  grid = zero_shot.gaic_grid_candidates((s.width, s.height))
+  assert len(grid) <= len(s.candidates) <= len(grid) + S.NUM_FREE_CROPS
   assert s.scores.shape == (len(s.candidates),)
   assert np.all(s.scores >= 1) and np.all(s.scores <= 5)
   best = s.candidates[int(np.argmax(s.scores))]
@@ -123,6 +126,55 @@ def test_candidates_and_scores(i):
   assert inside.any()
   assert np.all(s.scores[inside] >= 2) and np.all(s.scores[~inside] < 2)
   assert s.scores.max() > 3  # some candidate is well composed
+
+
+@pytest.mark.parametrize('i', SEEDS)
+def test_free_form_candidates(i):
+  # After the GAIC grid: crops of 12-50 % of the image, aspect 0.6-1.7, inside the image, each
+  # containing the caption's target; some of them are smaller than any grid crop can be.
+  s = _scene(i)
+  h, w = s.height, s.width
+  free = s.candidates[len(zero_shot.gaic_grid_candidates((w, h))):]
+  t = s.target_xyxy
+  # All of them, unless the (union) target is big (seeds 0-11 all get 32; 11 and 16 get ~20).
+  assert len(free) == S.NUM_FREE_CROPS or (t[2] - t[0]) * (t[3] - t[1]) > 0.1 * h * w
+  cw, ch = free[:, 2] - free[:, 0], free[:, 3] - free[:, 1]
+  area = cw * ch / (h * w)
+  assert np.all(area > 0.12 - 1e-9) and np.all(area < 0.5 + 1e-9)
+  assert np.all(cw / ch > 0.6 - 1e-9) and np.all(cw / ch < 1.7 + 1e-9)
+  assert np.all(free[:, :2] >= -1e-9) and np.all(free[:, 2] <= w + 1e-9)
+  assert np.all(free[:, 3] <= h + 1e-9)
+  assert all(S.contains(c, s.target_xyxy) for c in free)
+  assert area.min() < 0.45  # below the grid's minimum of one half
+
+
+def test_sample_crops_around_margin():
+  rng = np.random.default_rng(0)
+  target = np.array([100.0, 80.0, 140.0, 120.0])
+  crops = S.sample_crops_around(rng, (240, 320), target, samples=200, margin=0.05)
+  assert len(crops) > 50
+  cw, ch = crops[:, 2] - crops[:, 0], crops[:, 3] - crops[:, 1]
+  assert np.all(target[0] - crops[:, 0] >= 0.05 * cw - 1e-9)
+  assert np.all(crops[:, 2] - target[2] >= 0.05 * cw - 1e-9)
+  assert np.all(target[1] - crops[:, 1] >= 0.05 * ch - 1e-9)
+  assert np.all(crops[:, 3] - target[3] >= 0.05 * ch - 1e-9)
+  # Positions are spread, not pinned to one side of the target.
+  assert np.std((crops[:, 0] + crops[:, 2]) / 2) > 10
+
+
+def test_references_outscore_most_training_candidates_of_the_same_target():
+  # One annotator taste: the ambiguity split's reference crops, scored by the training rule
+  # (target, distractors and the other target as "other"), beat the median grid candidate.
+  for i in range(6):
+    ex = _amb(i)
+    boxes = np.array([o.box for o in ex.objects])
+    hw = (ex.height, ex.width)
+    for t in range(2):
+      others = np.delete(boxes, t, axis=0)
+      ref = S.score_candidates(ex.reference_crops[t], boxes[t], others, hw)
+      grid = S.score_candidates(zero_shot.gaic_grid_candidates((ex.width, ex.height)), boxes[t],
+                                others, hw)
+      assert np.all(ref >= 2) and ref.mean() > np.median(grid)
 
 
 def test_score_rule_penalises_cutting_distractors():
@@ -222,7 +274,7 @@ def test_builder_counts_and_features(tiny_builder):
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
     assert ex[F.IMAGE].shape == (ex[F.HEIGHT], ex[F.WIDTH], 3)
     n = len(ex[F.CROPS][F.CROP_SCORE])
-    assert 80 <= n <= 90
+    assert 72 <= n <= 90 + S.NUM_FREE_CROPS
     assert ex[F.TEXT]
     assert np.all((ex[F.CROPS][F.CROP_SCORE] >= 1) & (ex[F.CROPS][F.CROP_SCORE] <= 5))
   amb = list(tfds.as_numpy(tiny_builder.as_dataset(split='ambiguity')))
@@ -269,14 +321,14 @@ def test_input_pipeline_on_built_dataset(tiny_builder):
   from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   train = input_pipeline.make_train_dataset(
       tiny_builder.as_dataset(split='train', shuffle_files=False), image_size=96, batch_size=2,
-      max_crops=96, seed=0, shuffle_buffer=8)
+      max_crops=128, seed=0, shuffle_buffer=8)
   batch = next(iter(tfds.as_numpy(train)))
-  assert batch['image'].shape == (2, 96, 96, 3) and batch['crops'].shape == (2, 96, 4)
+  assert batch['image'].shape == (2, 96, 96, 3) and batch['crops'].shape == (2, 128, 4)
   assert batch['crop_mask'].any(axis=1).all()
   boxes = batch['crops'][batch['crop_mask']]
   assert (boxes[:, 2] > boxes[:, 0]).all() and boxes.min() >= 0 and boxes.max() <= 1
   ev = input_pipeline.make_eval_dataset(tiny_builder.as_dataset(split='test', shuffle_files=False),
-                                        image_size=96, batch_size=3, max_crops=96)
+                                        image_size=96, batch_size=3, max_crops=128)
   batches = list(tfds.as_numpy(ev))
   assert sum(int(b['mask'].sum()) for b in batches) == 4
   # Eval boxes map back to the stored pixels: crops * max(H, W) equals bbox * (W, H).

@@ -6,8 +6,9 @@ No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic
   tfds build datasets/synthetic --config=tiny        # a few images, for tests
 
 Splits: train / validation / test (one example per image: caption, target, ~90 GAIC grid-anchor
-candidates scored 1..5) and ambiguity (TextCrop-like: two examples per image, one per caption,
-each with four reference crops of score 1.0). See README.md for the features and the score rule.
+plus up to 32 free-form candidates scored 1..5) and ambiguity (TextCrop-like: two examples per
+image, one per caption, each with four reference crops of score 1.0).
+See README.md for the features and the score rule.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class SyntheticCropsConfig(tfds.core.BuilderConfig):
 class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated cropping scenes of coloured shapes (needs no download)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Training candidates: the GAIC grid plus up to 32 free-form crops around the '
+               'target, scored with the same annotator taste as the ambiguity references.',
+  }
   BUILDER_CONFIGS = [
       SyntheticCropsConfig(name='default', description='1000/200/200 images + 100 ambiguity '
                            'images (200 examples), ~256x256 px.'),
