@@ -286,6 +286,30 @@ def fit_aspect_ratio_xyxy(box: np.ndarray,
   return boxes[int(np.argmax(ious))]
 
 
+def fuse_top_k_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+  """Box voting: the mean of the `k` best-scored boxes (NumPy) and the mean of their scores.
+
+  Ties keep index order (stable sort); `k` larger than N uses every box.
+
+  Args:
+    boxes: (N, 4) xyxy, N >= 1, any consistent units.
+    scores: (N,).
+    k: number of boxes averaged, >= 1 (1 = the best box itself).
+
+  Returns:
+    ((4,) float64 fused box, float mean score of the fused boxes).
+  """
+  boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  if boxes.shape[0] != scores.shape[0] or boxes.shape[0] == 0:
+    raise ValueError(f'need N >= 1 boxes and N scores, got boxes {boxes.shape} and scores '
+                     f'{scores.shape}.')
+  if int(k) != k or k < 1:
+    raise ValueError(f'k must be an integer >= 1, got {k}')
+  top = np.argsort(-scores, kind='stable')[:int(k)]
+  return boxes[top].mean(axis=0), float(scores[top].mean())
+
+
 def nms_xyxy(boxes: np.ndarray,
              scores: np.ndarray,
              iou_threshold: float,

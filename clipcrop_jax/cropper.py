@@ -191,7 +191,8 @@ class ClipCropper:
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
            top_k: int = 5, aspect_ratio: Any = None, min_size: Optional[float] = None,
-           mode: Optional[str] = None, query_box: Any = None) -> Union[list[Crop], list[list[Crop]]]:
+           mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None
+           ) -> Union[list[Crop], list[list[Crop]]]:
     """Ranked crops for one image (or a list of images -> list of lists).
 
     Args:
@@ -204,15 +205,21 @@ class ClipCropper:
       min_size: drop crops whose shorter side is below this many pixels.
       mode: overrides the config's mode ('full', 'main', 'key', 'base', 'image').
       query_box: (x0, y0, x1, y1) pixels on the query image (image mode; default whole image).
+      fuse_top_k: overrides the config's `fuse_top_k`: the first crop is then the mean of the k
+        highest-quality predictions (box voting), the others follow as usual. Trained decoders
+        only (ignored in zero-shot mode).
 
     Returns:
       list of `Crop`, best first.
     """
     if isinstance(image, (list, tuple)):
-      return [self.crop(im, text, query_image, top_k, aspect_ratio, min_size, mode, query_box)
-              for im in image]
+      return [self.crop(im, text, query_image, top_k, aspect_ratio, min_size, mode, query_box,
+                        fuse_top_k) for im in image]
     if top_k < 1:
       raise ValueError(f'top_k must be >= 1, got {top_k}')
+    fuse_top_k = self.config.fuse_top_k if fuse_top_k is None else fuse_top_k
+    if int(fuse_top_k) != fuse_top_k or fuse_top_k < 1:
+      raise ValueError(f'fuse_top_k must be an integer >= 1, got {fuse_top_k}')
     ratio = box_lib.parse_aspect_ratio(aspect_ratio)
     enc = image if isinstance(image, Encoding) else self.encode(image)
     mode = mode or self.config.mode
@@ -229,6 +236,11 @@ class ClipCropper:
       boxes_px = np.asarray(out['pred_boxes'][0]) * side
       boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
       scores = np.asarray(out['quality'][0])
+      if fuse_top_k > 1:  # box voting: the fused crop is ranked first
+        fused, fused_score = box_lib.fuse_top_k_xyxy(boxes_px, scores, fuse_top_k)
+        return self._finalise(np.concatenate([fused[None], boxes_px]),
+                              np.concatenate([[fused_score], scores]), (w, h), ratio, top_k,
+                              min_size, first_is_best=True)
     return self._finalise(boxes_px, scores, (w, h), ratio, top_k, min_size)
 
   def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
@@ -250,8 +262,10 @@ class ClipCropper:
     return zero_shot.crops_from_detections(boxes, best, picked, (w, h), ratio,
                                            other_objects=ZERO_SHOT_OTHER_OBJECTS)
 
-  def _finalise(self, boxes_px, scores, image_wh, ratio, top_k, min_size) -> list[Crop]:
-    """Aspect-ratio fitting, min size, NMS, top-k, focal point."""
+  def _finalise(self, boxes_px, scores, image_wh, ratio, top_k, min_size,
+                first_is_best: bool = False) -> list[Crop]:
+    """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0 first), top-k,
+    focal point."""
     w, h = image_wh
     if ratio is not None:
       boxes_px = np.array([box_lib.fit_aspect_ratio_xyxy(b, ratio, (w, h)) for b in boxes_px])
@@ -262,7 +276,10 @@ class ClipCropper:
     idx = np.nonzero(keep)[0]
     if len(idx) == 0:
       return []
-    order = box_lib.nms_xyxy(boxes_px[idx], scores[idx], self.nms_iou, max_outputs=top_k)
+    priority = np.asarray(scores, np.float64).copy()
+    if first_is_best:
+      priority[0] = np.inf
+    order = box_lib.nms_xyxy(boxes_px[idx], priority[idx], self.nms_iou, max_outputs=top_k)
     crops = []
     for i in idx[order]:
       b = tuple(float(v) for v in boxes_px[i])

@@ -47,7 +47,8 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       owlvit='clip_b32', mode='full', decoder_layers=6, decoder_width=512, decoder_heads=8,
-      decoder_mlp_dim=2048, num_queries=90, dropout_rate=0.1, freeze_encoder=True))
+      decoder_mlp_dim=2048, num_queries=90, dropout_rate=0.1, freeze_encoder=True,
+      fuse_top_k=1))
 
   c.init_from = ml_collections.ConfigDict(dict(owlvit='', clipcrop=''))
 

@@ -1,8 +1,10 @@
 """Evaluation loop: ClipCrop and the baselines on text-conditioned sets and on GAIC.
 
 Methods, all scored by the same code (`clipcrop_jax.metrics`) on the same batches:
-  clipcrop        the trained model (its config's mode); crops ranked by predicted quality.
-  clipcrop_base   a trained ClipCrop-base (`eval.base_workdir`: a workdir or ClipCropper dir).
+  clipcrop        the trained model (its config's mode); crops ranked by predicted quality; with
+                  `model.fuse_top_k` > 1 the mean of the k best (box voting) is ranked first.
+  clipcrop_base   a trained ClipCrop-base (`eval.base_workdir`: a workdir or ClipCropper dir),
+                  ranked the same way with its own `fuse_top_k`.
   full_image      the whole image.
   centre_crop     a box centred in the image whose size (as a fraction of the image's width and
                   height) is the dataset's mean reference-crop size: all reference crops of a
@@ -122,9 +124,16 @@ def _to_host(tree: dict[str, Any]) -> dict[str, np.ndarray]:
           multihost_utils.process_allgather(tree, tiled=True).items()}
 
 
-def _ranked(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ranked(boxes: np.ndarray, scores: np.ndarray, fuse_top_k: int = 1
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Predictions by descending score; with `fuse_top_k` > 1 the fused box (box voting) first."""
   order = np.argsort(-scores, kind='stable')
-  return boxes[order], scores[order]
+  boxes, scores = boxes[order], scores[order]
+  if fuse_top_k > 1:
+    fused, fused_score = box_lib.fuse_top_k_xyxy(boxes, scores, fuse_top_k)
+    boxes = np.concatenate([fused[None].astype(boxes.dtype), boxes])
+    scores = np.concatenate([[fused_score], scores]).astype(scores.dtype)
+  return boxes, scores
 
 
 class _Collector:
@@ -230,6 +239,8 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
     split = f'{split}[:{min(config.eval.max_examples, builder.info.splits[split].num_examples)}]'
   step_fn = make_eval_step(model, mesh)
   base_fn = make_base_step(base[0], mesh) if base is not None else None
+  fuse = {'clipcrop': model.config.fuse_top_k,
+          'clipcrop_base': base[0].config.fuse_top_k if base is not None else 1}
   collector = _Collector(kind, methods)
   n = 0
   bar = tqdm.tqdm(desc=f'eval {name}:{split}', unit='ex', disable=jax.process_index() != 0,
@@ -242,7 +253,7 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
                      **out})
     for i in np.nonzero(host['mask'])[0]:
       n += 1
-      _add_example(collector, host, i, baselines)
+      _add_example(collector, host, i, baselines, fuse)
     bar.update(int(host['mask'].sum()))
   bar.close()
   results = collector.results()
@@ -266,14 +277,19 @@ def _columns(kind: str) -> list[str]:
 
 
 def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
-                 baselines: list[str]) -> None:
+                 baselines: list[str], fuse: Optional[dict[str, int]] = None) -> None:
+  """Ranked crops of every method for example `i`; `fuse`: fuse_top_k of the ClipCrop models
+  ('clipcrop', 'clipcrop_base'; default 1)."""
+  fuse = fuse or {}
   real = host['crop_mask'][i]
   refs, scores = host['crops'][i][real].astype(np.float64), host['crop_scores'][i][real]
   extent = host['image_extent'][i].astype(np.float64)
   whole = np.concatenate([[0.0, 0.0], extent])[None]
-  ranked = {'clipcrop': _ranked(host['pred_boxes'][i], host['quality'][i])}
+  ranked = {'clipcrop': _ranked(host['pred_boxes'][i], host['quality'][i],
+                                 fuse.get('clipcrop', 1))}
   if 'clipcrop_base' in baselines:
-    ranked['clipcrop_base'] = _ranked(host['base_boxes'][i], host['base_quality'][i])
+    ranked['clipcrop_base'] = _ranked(host['base_boxes'][i], host['base_quality'][i],
+                                      fuse.get('clipcrop_base', 1))
   if 'full_image' in baselines:
     ranked['full_image'] = (whole, np.ones(1))
   if 'owlvit_top_box' in baselines:

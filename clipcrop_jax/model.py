@@ -57,6 +57,9 @@ class ClipCropConfig:
       Deformable / Conditional DETR and Jia et al.: crop = sigmoid(logit(union cxcywh) + offsets),
       so a move scales with the box: a small union grows in proportion to its size) or
       'additive_xyxy' (crop = union xyxy + offsets, in units of the padded square).
+    fuse_top_k: how the top crop is chosen at inference: the mean box of the `fuse_top_k`
+      highest-quality predictions (box voting, `boxes.fuse_top_k_xyxy`), ranked before the
+      others; 1 = the single highest-quality prediction (the paper). Training ignores it.
   """
 
   owlvit: str = 'clip_b32'
@@ -70,6 +73,7 @@ class ClipCropConfig:
   freeze_encoder: bool = True
   reference_embedding: bool = True
   offset_space: str = 'logit_cxcywh'
+  fuse_top_k: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -77,6 +81,8 @@ class ClipCropConfig:
     if self.offset_space not in OFFSET_SPACES:
       raise ValueError(f'ClipCropConfig.offset_space={self.offset_space!r}; expected one of '
                        f'{OFFSET_SPACES}.')
+    if int(self.fuse_top_k) != self.fuse_top_k or self.fuse_top_k < 1:
+      raise ValueError(f'ClipCropConfig.fuse_top_k={self.fuse_top_k!r}; expected an integer >= 1.')
     owl_configs.get_config(self.owlvit)  # raises on an unknown name
 
   @property

@@ -144,6 +144,28 @@ def test_clip_boxes_sorts_corners_and_clips():
 # Aspect ratios.
 
 
+def test_fuse_top_k_hand_values_and_errors():
+  boxes = np.array([[0, 0, 10, 10], [2, 2, 12, 12], [100, 100, 110, 110], [4, 0, 8, 4]], float)
+  scores = np.array([0.9, 0.8, 0.1, 0.8])  # tie between boxes 1 and 3: index order
+  box, score = box_lib.fuse_top_k_xyxy(boxes, scores, 1)
+  np.testing.assert_array_equal(box, boxes[0])
+  assert score == pytest.approx(0.9)
+  box, score = box_lib.fuse_top_k_xyxy(boxes, scores, 2)
+  np.testing.assert_allclose(box, [1, 1, 11, 11])
+  assert score == pytest.approx(0.85)
+  box, score = box_lib.fuse_top_k_xyxy(boxes, scores, 3)
+  np.testing.assert_allclose(box, [2, 2 / 3, 10, 26 / 3])
+  box, _ = box_lib.fuse_top_k_xyxy(boxes, scores, 99)  # more than N: all of them
+  np.testing.assert_allclose(box, boxes.mean(0))
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match='k must be'):
+      box_lib.fuse_top_k_xyxy(boxes, scores, bad)
+  with pytest.raises(ValueError, match='N >= 1'):
+    box_lib.fuse_top_k_xyxy(np.zeros((0, 4)), np.zeros(0), 1)
+  with pytest.raises(ValueError, match='N >= 1'):
+    box_lib.fuse_top_k_xyxy(boxes, scores[:2], 1)
+
+
 @pytest.mark.parametrize('value, expected', [
     (None, None), (1.5, 1.5), (2, 2.0), ('16:9', 16 / 9), ('16/9', 16 / 9), (' 4 : 3 ', 4 / 3),
     ('1.5', 1.5), (np.float32(0.5), 0.5)])

@@ -132,6 +132,33 @@ def test_crops_inside_image_sorted_and_in_pixels(cropper):
   assert scores == sorted(scores, reverse=True)
 
 
+def test_fused_top_crop(variables):
+  # fuse_top_k=3: the first crop is the mean of the three highest-quality predictions (read off
+  # a fuse_top_k=1 cropper without NMS), the rest are the usual NMS-ranked predictions.
+  image = detect.demo_image(120, 200)
+  text = 'a red square and a blue disc'
+  plain = cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=None, nms_iou=1.0)
+  every = plain.crop(image, text=text, top_k=CFG.num_queries)
+  assert len(every) == CFG.num_queries
+  fused_cfg = CFG.replace(fuse_top_k=3)
+  fused = cropper_lib.ClipCropper(fused_cfg, variables, keyword_pipeline=None, nms_iou=1.0)
+  crops = fused.crop(image, text=text, top_k=4)
+  expected = np.mean([c.box for c in every[:3]], axis=0)
+  np.testing.assert_allclose(crops[0].box, expected, atol=1e-3)
+  assert crops[0].score == pytest.approx(np.mean([c.score for c in every[:3]]), abs=1e-6)
+  for got, want in zip(crops[1:], every[:3]):
+    np.testing.assert_allclose(got.box, want.box, atol=1e-3)
+  # The per-call override gives the same; 1 turns it off.
+  np.testing.assert_allclose(plain.crop(image, text=text, fuse_top_k=3)[0].box, crops[0].box,
+                             atol=1e-4)
+  np.testing.assert_allclose(fused.crop(image, text=text, fuse_top_k=1)[0].box, every[0].box,
+                             atol=1e-4)
+  with pytest.raises(ValueError, match='fuse_top_k'):
+    CFG.replace(fuse_top_k=0)
+  with pytest.raises(ValueError, match='fuse_top_k'):
+    plain.crop(image, text=text, fuse_top_k=0)
+
+
 def test_second_query_reuses_the_encoding(cropper, monkeypatch):
   calls = []
   real = owl_model.encode_images

@@ -82,6 +82,23 @@ def test_text_baselines_by_hand():
   assert np.all(zs_box[2:] <= np.array([1.0, 0.5]) + 1e-6)
 
 
+def test_fused_top_crop_is_the_mean_of_the_best_k():
+  host = _host()
+  boxes, quality = host['pred_boxes'][0].astype(np.float64), host['quality'][0]
+  assert len(quality) >= 3
+  best = np.argsort(-quality, kind='stable')
+  for k in (1, 2, 3):
+    col = evaluate._Collector('text', ['clipcrop'])
+    evaluate._add_example(col, host, 0, [], {'clipcrop': k})
+    ranked, scores = col.examples[0]['ranked']['clipcrop']
+    np.testing.assert_allclose(ranked[0], boxes[best[:k]].mean(0), atol=1e-6)
+    # The rest follow by quality; with k > 1 the fused box is prepended.
+    np.testing.assert_allclose(ranked[int(k > 1):], boxes[best], atol=1e-6)
+    refs = host['crops'][0, :2].astype(np.float64)
+    assert col.results()['clipcrop']['iou_mean'] == pytest.approx(
+        np.mean([_iou(boxes[best[:k]].mean(0), r) for r in refs]), abs=1e-6)
+
+
 def test_top_box_falls_back_to_whole_image_without_text():
   host = _host()
   host['top_valid'] = np.array([False])
