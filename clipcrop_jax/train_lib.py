@@ -107,6 +107,38 @@ def dataset_builder(name: str, data_dir: str):
 INPUT_FEATURES = ('image', 'crops', 'text', 'height', 'width')
 
 
+def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
+                 seed: int = 1234) -> dict[str, np.ndarray]:
+  """A fixed random batch with the `TRAIN_KEYS` shapes (NumPy), for benchmarks and tests.
+
+  Images uniform in [0, 1); 3..max_crops real crops per example (xyxy in [0, 1], scores 1..5,
+  the rest zero padding); every other example has a non-square extent; example b has
+  1 + b % max_queries non-empty text queries of random CLIP token ids between the start (49406)
+  and end (49407) tokens, 16 tokens per query.
+  """
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  lo = rng.uniform(0.0, 0.5, size=(batch, max_crops, 2))
+  hi = lo + rng.uniform(0.1, 0.5, size=(batch, max_crops, 2))
+  crops = np.concatenate([lo, np.minimum(hi, 1.0)], axis=-1).astype(np.float32)
+  crop_scores = rng.uniform(1.0, 5.0, size=(batch, max_crops)).astype(np.float32)
+  n_real = rng.integers(3, max_crops + 1, size=(batch,))
+  crop_mask = np.arange(max_crops)[None] < n_real[:, None]
+  crops = np.where(crop_mask[..., None], crops, 0.0).astype(np.float32)
+  crop_scores = np.where(crop_mask, crop_scores, 0.0).astype(np.float32)
+  image_extent = rng.uniform(0.6, 1.0, size=(batch, 2)).astype(np.float32)
+  image_extent[::2] = 1.0
+  text_queries = np.zeros((batch, max_queries, 16), np.int32)
+  for b in range(batch):
+    for q in range(1 + b % max_queries):
+      length = int(rng.integers(2, 8))
+      text_queries[b, q, 0] = 49406
+      text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
+      text_queries[b, q, length - 1] = 49407
+  return dict(image=image, crops=crops, crop_scores=crop_scores, crop_mask=crop_mask,
+              image_extent=image_extent, text_queries=text_queries)
+
+
 def input_features(example: dict[str, Any]) -> dict[str, Any]:
   """The TFDS features the input pipeline reads (extras such as `objects` are dropped)."""
   return {k: v for k, v in example.items() if k in INPUT_FEATURES}

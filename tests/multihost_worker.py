@@ -26,32 +26,6 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 
-def global_batch(batch: int, size: int, max_crops: int, max_queries: int):
-  """A fixed deterministic batch with the `train_lib.TRAIN_KEYS` shapes (numpy)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(1234)
-  image = rng.uniform(size=(batch, size, size, 3)).astype(np.float32)
-  lo = rng.uniform(0.0, 0.5, size=(batch, max_crops, 2))
-  hi = lo + rng.uniform(0.1, 0.5, size=(batch, max_crops, 2))
-  crops = np.concatenate([lo, np.minimum(hi, 1.0)], axis=-1).astype(np.float32)
-  crop_scores = rng.uniform(1.0, 5.0, size=(batch, max_crops)).astype(np.float32)
-  n_real = rng.integers(3, max_crops + 1, size=(batch,))
-  crop_mask = np.arange(max_crops)[None] < n_real[:, None]
-  crops = np.where(crop_mask[..., None], crops, 0.0).astype(np.float32)
-  crop_scores = np.where(crop_mask, crop_scores, 0.0).astype(np.float32)
-  image_extent = rng.uniform(0.6, 1.0, size=(batch, 2)).astype(np.float32)
-  image_extent[::2] = 1.0
-  text_queries = np.zeros((batch, max_queries, 16), np.int32)
-  for b in range(batch):
-    for q in range(1 + b % max_queries):  # 1..max_queries non-empty rows
-      length = int(rng.integers(2, 8))
-      text_queries[b, q, 0] = 49406  # start token
-      text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
-      text_queries[b, q, length - 1] = 49407  # end token
-  return dict(image=image, crops=crops, crop_scores=crop_scores, crop_mask=crop_mask,
-              image_extent=image_extent, text_queries=text_queries)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', required=True)
@@ -93,7 +67,8 @@ def main() -> None:
   step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
 
   size = model.config.owlvit_config.image_size
-  full = global_batch(args.batch, size, config.dataset.max_crops, config.dataset.max_queries)
+  full = train_lib.random_batch(args.batch, size, config.dataset.max_crops,
+                               config.dataset.max_queries)
   per = args.batch // nproc
   local = {k: v[pid * per:(pid + 1) * per] for k, v in full.items()}
   batch_sharding = sharding_lib.batch_sharding(mesh)

@@ -3,6 +3,8 @@ r"""Training throughput: the jitted train step alone vs. the step fed by the rea
   python tools/benchmark_train.py --data_dir /tmp/data                      # tiny + B/32 (CPU)
   python tools/benchmark_train.py --data_dir /tmp/data --models b32 --batch_size 32 \
       --steps 20 --dtype bfloat16                                           # on an accelerator
+  python tools/benchmark_train.py --synthetic --models b32 --batch_size 8,32 --steps 20
+                                      # step only, no tf.data / TensorFlow / dataset needed
 
 Models: `tiny` (configs/tiny.py) and `b32` (configs/gaic_b32.py, the paper's B/32 + 6-layer
 decoder; random weights). Both read the synthetic dataset `synthetic_crops/<--dataset>` prepared in
@@ -18,6 +20,13 @@ Per model, after compiling, three timings of `--steps` steps each:
 Printed: examples/s of each, the ratio to the step-only baseline of the same run, and the
 input-wait fraction (time blocked in `next` / wall time of step + input). On CPU the input
 pipeline and the step share the cores, so the wait is pessimistic for an accelerator run.
+
+`--synthetic`: the step-only timing alone, on a fixed random batch of the training shapes (no
+dataset, tf.data or TensorFlow import), per model and per `--batch_size` (comma-separated list);
+prints steps/s, examples/s, compile time, the loss of the first and last step, and the device's
+peak memory (`memory_stats()['peak_bytes_in_use']`, process-wide so far: run batch sizes in
+ascending order; '-' where the backend has no stats). `--trainable_encoder` fine-tunes OWL-ViT
+(model.freeze_encoder=False, encoder lr x0.1) instead of freezing it.
 """
 
 from __future__ import annotations
@@ -54,6 +63,96 @@ def ensure_dataset(data_dir: str, dataset: str) -> None:
                        capture_output=True, text=True, check=False)
   if out.returncode:
     sys.exit(f'building synthetic_crops/{dataset} failed:\n{out.stdout}\n{out.stderr}')
+
+
+def _peak_memory_gib() -> float | None:
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return stats['peak_bytes_in_use'] / 2**30
+
+
+def benchmark_synthetic(name: str, batch_size: int, args) -> dict[str, float]:
+  """Step-only timing of one model on a fixed random batch (no input pipeline, no TensorFlow)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import optim  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  t_setup = time.perf_counter()
+  config = load_config(name)
+  config.batch_size = batch_size
+  config.dtype = args.dtype
+  config.num_train_steps = 10_000
+  if args.trainable_encoder:
+    config.model.freeze_encoder = False
+    config.optimizer.lr_multipliers = tuple(optim.default_lr_multipliers(False))
+  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+  model = train_lib.build_model(config)
+  abstract, shardings, init, optimizer, schedule = train_lib.setup_state(
+      config, model, mesh, config.num_train_steps)
+  groups = optim.describe(abstract.params, config.optimizer.lr_multipliers)
+  state = init(jax.random.PRNGKey(config.seed))
+  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
+  size = model.config.owlvit_config.image_size
+  host = train_lib.random_batch(batch_size, size, config.dataset.max_crops,
+                                config.dataset.max_queries)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in host.items()}
+  print(f'  {name} batch {batch_size}: set-up {time.perf_counter() - t_setup:.1f} s', flush=True)
+
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batch)
+  first_loss = float(jax.device_get(metrics['loss']))
+  compile_s = time.perf_counter() - t0
+  print(f'  {name} batch {batch_size}: first step (compile + run) {compile_s:.1f} s', flush=True)
+  for _ in range(max(0, args.warmup - 1)):
+    t1 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    _block((state.step, metrics))
+    print(f'  {name} batch {batch_size}: warm-up step {time.perf_counter() - t1:.2f} s', flush=True)
+
+  n = args.steps
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, metrics = step_fn(state, batch)
+  _block((state.step, metrics))
+  step_s = time.perf_counter() - t0
+  metrics = jax.device_get(metrics)
+  return dict(batch=batch_size, image_size=size, steps=n, compile_s=compile_s,
+              steps_per_s=n / step_s, step=n * batch_size / step_s, first_loss=first_loss,
+              loss=float(metrics['loss']), grad_norm=float(metrics['grad_norm']),
+              peak_gib=_peak_memory_gib(), groups=groups)
+
+
+def run_synthetic(models: list[str], batch_sizes: list[int], args) -> None:
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
+        f'{args.steps} timed steps, synthetic batch (step only), encoder '
+        f'{"trainable" if args.trainable_encoder else "frozen"}', flush=True)
+  header = (f'{"model":6s} {"batch":>5s} {"px":>4s} {"steps/s":>8s} {"ex/s":>9s} '
+            f'{"compile s":>9s} {"peak GiB":>8s} {"loss[0]":>8s} {"loss[-1]":>8s}')
+  rows, finite = [], True
+  for m in models:
+    for bs in batch_sizes:
+      r = benchmark_synthetic(m, bs, args)
+      finite &= all(math.isfinite(r[k]) for k in ('first_loss', 'loss', 'grad_norm'))
+      peak = '-' if r['peak_gib'] is None else f'{r["peak_gib"]:.2f}'
+      rows.append(f'{m:6s} {bs:5d} {r["image_size"]:4d} {r["steps_per_s"]:8.3f} {r["step"]:9.2f} '
+                  f'{r["compile_s"]:9.1f} {peak:>8s} {r["first_loss"]:8.4f} {r["loss"]:8.4f}')
+      print(f'  {m} batch {bs}: {r["groups"]}; grad_norm {r["grad_norm"]:.4g}', flush=True)
+      print(header + '\n' + rows[-1], flush=True)
+  print(header)
+  print('\n'.join(rows))
+  print(f'all losses and grad norms finite: {finite}')
+  if not finite:
+    sys.exit(1)
 
 
 def _block(tree):
@@ -133,20 +232,39 @@ def benchmark(name: str, args) -> dict[str, float]:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default='tiny,b32', help='comma-separated: tiny, b32')
-  parser.add_argument('--data_dir', required=True, help='synthetic_crops/<dataset> lives here')
+  parser.add_argument('--data_dir', default='',
+                      help='synthetic_crops/<dataset> lives here (required without --synthetic)')
   parser.add_argument('--dataset', choices=['tiny', 'default'], default='tiny')
-  parser.add_argument('--batch_size', type=int, default=0,
-                      help='0: the config batch for tiny (8), 2 for b32')
+  parser.add_argument('--batch_size', default='0',
+                      help='0: the config batch for tiny (8), 2 for b32; a comma-separated list '
+                      'runs each in turn')
   parser.add_argument('--steps', type=int, default=5, help='timed steps per measurement')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps/batches first')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--keyword_pipeline', default=None,
                       help="spaCy pipeline for keywords ('' = rule-based); default: the config's")
+  parser.add_argument('--synthetic', action='store_true',
+                      help='step only on a fixed random batch: no dataset, no TensorFlow')
+  parser.add_argument('--trainable_encoder', action='store_true',
+                      help='--synthetic: fine-tune OWL-ViT (freeze_encoder=False) instead')
   args = parser.parse_args(argv)
   models = [m.strip() for m in args.models.split(',') if m.strip()]
   unknown = [m for m in models if m not in CONFIGS]
   if unknown:
     parser.error(f'unknown model(s) {unknown}; expected {sorted(CONFIGS)}')
+  try:
+    batch_sizes = [int(b) for b in str(args.batch_size).split(',') if b.strip()] or [0]
+  except ValueError:
+    parser.error(f'--batch_size {args.batch_size!r}: expected integers, comma-separated')
+  if args.synthetic:
+    if 0 in batch_sizes:
+      batch_sizes = [8]
+    run_synthetic(models, batch_sizes, args)
+    return
+  if not args.data_dir:
+    parser.error('--data_dir is required (or pass --synthetic)')
+  if args.trainable_encoder:
+    parser.error('--trainable_encoder needs --synthetic')
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -160,12 +278,14 @@ def main(argv=None) -> None:
             f'{"compile s":>9s}')
   rows = []
   for m in models:
-    r = benchmark(m, args)
-    rows.append(
-        f'{m:6s} {r["batch"]:5d} {r["image_size"]:4d} {r["step"]:10.3f} {r["step_input"]:11.3f} '
-        f'{r["step_input"] / r["step"]:7.2f}x {r["input"]:11.2f} {r["input"] / r["step"]:7.2f}x '
-        f'{100 * r["wait"]:9.1f}% {r["compile_s"]:9.1f}')
-    print(f'  {m}: loss {r["loss"]:.4f}, first batch {r["first_batch_s"]:.1f} s', flush=True)
+    for bs in batch_sizes:
+      args.batch_size = bs
+      r = benchmark(m, args)
+      rows.append(
+          f'{m:6s} {r["batch"]:5d} {r["image_size"]:4d} {r["step"]:10.3f} '
+          f'{r["step_input"]:11.3f} {r["step_input"] / r["step"]:7.2f}x {r["input"]:11.2f} '
+          f'{r["input"] / r["step"]:7.2f}x {100 * r["wait"]:9.1f}% {r["compile_s"]:9.1f}')
+      print(f'  {m}: loss {r["loss"]:.4f}, first batch {r["first_batch_s"]:.1f} s', flush=True)
   print(header)
   print('\n'.join(rows))
   print('ratios: against "step ex/s" (jitted train_step on a cached batch) of the same run; '
