@@ -7,7 +7,7 @@ No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_
 trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full / base / main /
 key on its crops with that encoder, evaluates everything on the ambiguity split and writes
 WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 11 minutes on
-2 CPU cores; `quick=True` (smaller dataset and budgets, full and base only) about 3 minutes.
+2 CPU cores; `quick=True` (smaller dataset and budgets, full and base only) under 3 minutes.
 """
 
 import ml_collections
@@ -21,8 +21,9 @@ def get_config():
   c.mode = 'synthetic_pipeline'
   c.quick = False
   c.model.update(owlvit='tiny', decoder_layers=2, decoder_width=64, decoder_heads=4,
-                 decoder_mlp_dim=128, num_queries=24, dropout_rate=0.0, freeze_encoder=True)
-  c.dataset.update(name='synthetic_crops/default', data_dir='', max_crops=96, max_queries=4,
+                 decoder_mlp_dim=128, num_queries=24, dropout_rate=0.0, freeze_encoder=True,
+                 fuse_top_k=5)
+  c.dataset.update(name='synthetic_crops/default', data_dir='', max_crops=128, max_queries=4,
                    mosaic_probs=(0.5, 0.5, 0.0), shuffle_buffer=1000)
   c.batch_size = 16
   c.num_train_steps = 800
@@ -52,7 +53,7 @@ def get_config():
       dataset_config='default', owlvit=det,
       variants=('full', 'base', 'main', 'key'),
       variant_steps=dict(full=1500, base=600, main=600, key=600),
-      quick_dataset_config='small', quick_owlvit_steps=250,
+      quick_dataset_config='small', quick_owlvit_steps=220,
       quick_variants=('full', 'base'), quick_variant_steps=dict(full=300, base=200, main=200,
                                                                  key=200)))
   return c

@@ -21,8 +21,9 @@ from clipcrop_jax import synthetic_pipeline  # pylint: disable=g-import-not-at-t
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Margins (IoU-Mean on the ambiguity split) the quick run must show; see the module docstring.
-MARGIN_OVER_BASE = 0.02
-MARGIN_OVER_CENTRE = 0.02
+MARGIN_OVER_BASE = 0.05
+MARGIN_OVER_CENTRE = 0.05
+MARGIN_OVER_ZERO_SHOT = 0.01
 GROUNDING_OVER_CHANCE = 5.0
 
 
@@ -53,6 +54,7 @@ def test_quick_run_learns_text_conditioned_cropping(quick_run):
   full = rows['clipcrop_full']['iou_mean']
   assert full >= rows['clipcrop_base']['iou_mean'] + MARGIN_OVER_BASE, rows
   assert full >= rows['centre_crop']['iou_mean'] + MARGIN_OVER_CENTRE, rows
+  assert full >= rows['zero_shot']['iou_mean'] + MARGIN_OVER_ZERO_SHOT, rows
   g = summary['grounding']['validation']
   assert g['accuracy'] >= GROUNDING_OVER_CHANCE * g['chance'], g
   report = (workdir / synthetic_pipeline.REPORT_FILE).read_text()
