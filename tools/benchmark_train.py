@@ -117,11 +117,7 @@ def benchmark_synthetic(name: str, batch_size: int, args) -> dict[str, float]:
     print(f'  {name} batch {batch_size}: warm-up step {time.perf_counter() - t1:.2f} s', flush=True)
 
   n = args.steps
-  t0 = time.perf_counter()
-  for _ in range(n):
-    state, metrics = step_fn(state, batch)
-  _block((state.step, metrics))
-  step_s = time.perf_counter() - t0
+  state, metrics, step_s = _timed_steps(step_fn, state, batch, n)
   metrics = jax.device_get(metrics)
   return dict(batch=batch_size, image_size=size, steps=n, compile_s=compile_s,
               steps_per_s=n / step_s, step=n * batch_size / step_s, first_loss=first_loss,
@@ -153,6 +149,16 @@ def run_synthetic(models: list[str], batch_sizes: list[int], args) -> None:
   print(f'all losses and grad norms finite: {finite}')
   if not finite:
     sys.exit(1)
+
+
+def _timed_steps(step_fn, state, batch, n: int):
+  """Runs `n` steps on the same batch; returns (state, last metrics, seconds until all done)."""
+  t0 = time.perf_counter()
+  metrics = None
+  for _ in range(n):
+    state, metrics = step_fn(state, batch)
+  _block((state.step, metrics))
+  return state, metrics, time.perf_counter() - t0
 
 
 def _block(tree):
@@ -200,11 +206,7 @@ def benchmark(name: str, args) -> dict[str, float]:
     _block(next(batches))
 
   n = args.steps
-  t0 = time.perf_counter()
-  for _ in range(n):
-    state, metrics = step_fn(state, cached)
-  _block((state.step, metrics))
-  step_s = time.perf_counter() - t0
+  state, metrics, step_s = _timed_steps(step_fn, state, cached, n)
 
   wait = 0.0
   t0 = time.perf_counter()
