@@ -310,6 +310,19 @@ def fuse_top_k_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.n
   return boxes[top].mean(axis=0), float(scores[top].mean())
 
 
+def with_fused_first_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """(boxes, scores) with the `fuse_top_k_xyxy` box and score prepended when k > 1 (N + 1 rows,
+  dtypes kept); unchanged for k == 1."""
+  if k <= 1:
+    return boxes, scores
+  fused, fused_score = fuse_top_k_xyxy(boxes, scores, k)
+  boxes = np.asarray(boxes)
+  scores = np.asarray(scores)
+  return (np.concatenate([fused[None].astype(boxes.dtype), boxes]),
+          np.concatenate([[fused_score], scores]).astype(scores.dtype))
+
+
 def nms_xyxy(boxes: np.ndarray,
              scores: np.ndarray,
              iou_threshold: float,

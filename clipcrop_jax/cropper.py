@@ -236,12 +236,10 @@ class ClipCropper:
       boxes_px = np.asarray(out['pred_boxes'][0]) * side
       boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
       scores = np.asarray(out['quality'][0])
-      if fuse_top_k > 1:  # box voting: the fused crop is ranked first
-        fused, fused_score = box_lib.fuse_top_k_xyxy(boxes_px, scores, fuse_top_k)
-        return self._finalise(np.concatenate([fused[None], boxes_px]),
-                              np.concatenate([[fused_score], scores]), (w, h), ratio, top_k,
-                              min_size, first_is_best=True)
-    return self._finalise(boxes_px, scores, (w, h), ratio, top_k, min_size)
+      # Box voting: the fused crop (if any) is ranked first.
+      boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, fuse_top_k)
+    return self._finalise(boxes_px, scores, (w, h), ratio, top_k, min_size,
+                          first_is_best=fuse_top_k > 1 and not self.zero_shot)
 
   def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
     """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""

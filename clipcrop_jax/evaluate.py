@@ -128,12 +128,7 @@ def _ranked(boxes: np.ndarray, scores: np.ndarray, fuse_top_k: int = 1
             ) -> tuple[np.ndarray, np.ndarray]:
   """Predictions by descending score; with `fuse_top_k` > 1 the fused box (box voting) first."""
   order = np.argsort(-scores, kind='stable')
-  boxes, scores = boxes[order], scores[order]
-  if fuse_top_k > 1:
-    fused, fused_score = box_lib.fuse_top_k_xyxy(boxes, scores, fuse_top_k)
-    boxes = np.concatenate([fused[None].astype(boxes.dtype), boxes])
-    scores = np.concatenate([[fused_score], scores]).astype(scores.dtype)
-  return boxes, scores
+  return box_lib.with_fused_first_xyxy(boxes[order], scores[order], fuse_top_k)
 
 
 class _Collector:

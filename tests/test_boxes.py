@@ -164,6 +164,14 @@ def test_fuse_top_k_hand_values_and_errors():
     box_lib.fuse_top_k_xyxy(np.zeros((0, 4)), np.zeros(0), 1)
   with pytest.raises(ValueError, match='N >= 1'):
     box_lib.fuse_top_k_xyxy(boxes, scores[:2], 1)
+  # with_fused_first_xyxy: unchanged for k = 1, else the fused box and score prepended.
+  same_boxes, same_scores = box_lib.with_fused_first_xyxy(boxes, scores, 1)
+  assert same_boxes is boxes and same_scores is scores
+  b32, s32 = boxes.astype(np.float32), scores.astype(np.float32)
+  first_boxes, first_scores = box_lib.with_fused_first_xyxy(b32, s32, 2)
+  assert first_boxes.dtype == np.float32 and first_scores.dtype == np.float32
+  np.testing.assert_allclose(first_boxes, np.concatenate([[[1, 1, 11, 11]], boxes]))
+  np.testing.assert_allclose(first_scores, np.concatenate([[0.85], scores]), rtol=1e-6)
 
 
 @pytest.mark.parametrize('value, expected', [
