@@ -286,6 +286,32 @@ def fit_aspect_ratio_xyxy(box: np.ndarray,
   return boxes[int(np.argmax(ious))]
 
 
+def widen_to_min_side_xyxy(boxes: np.ndarray, image_wh: tuple[float, float],
+                           min_side: float = 1.0) -> np.ndarray:
+  """Widens every side shorter than `min_side` to it, about the box centre, inside the image.
+
+  NumPy only; pixel coordinates, the image is [0, W] x [0, H]. A side of the image shorter than
+  `min_side` bounds the result (the box then spans the whole image on that axis).
+
+  Args:
+    boxes: (N, 4) xyxy with x0 <= x1, y0 <= y1.
+    image_wh: (W, H) of the image, both > 0.
+    min_side: the smallest side allowed.
+
+  Returns:
+    float64 (N, 4) xyxy; boxes whose sides are already long enough are unchanged.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+  for axis, extent in enumerate(image_wh):
+    lo, hi = boxes[:, axis], boxes[:, axis + 2]
+    need = min(float(min_side), float(extent))
+    short = hi - lo < need
+    start = np.clip((lo + hi) / 2 - need / 2, 0.0, extent - need)
+    boxes[:, axis] = np.where(short, start, lo)
+    boxes[:, axis + 2] = np.where(short, start + need, hi)
+  return boxes
+
+
 def fuse_top_k_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, float]:
   """Box voting: the mean of the `k` best-scored boxes (NumPy) and the mean of their scores.
 

@@ -16,10 +16,14 @@ Two ways of producing crops:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import json
+import math
 import pathlib
 from typing import Any, Optional, Union
+import uuid
 
 import flax.serialization
 import jax
@@ -27,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import fileio
 from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
+from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import detect
 from clipcrop_jax.owlvit import model as owl_model
@@ -43,6 +49,9 @@ FORMAT_VERSION = 1
 DEFAULT_NMS_IOU = 0.7
 QUERY_PAD = 4
 ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
+MAX_ASPECT_RATIO = 100.0  # aspect ratios outside [1/100, 100] are refused
+MIN_CROP_SIDE = 1.0  # pixels: no crop is ever thinner than one pixel
+QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example image -> embedding)
 
 
 @dataclasses.dataclass
@@ -57,10 +66,28 @@ class Crop:
 
 @dataclasses.dataclass
 class Encoding:
-  """A reusable image encoding: OWL-ViT's query-independent outputs plus the image size (H, W)."""
+  """A reusable image encoding: OWL-ViT's query-independent outputs plus the image size (H, W).
+
+  `encoder` identifies the cropper that made it; another cropper refuses it (its tokens would be
+  meaningless to a different OWL-ViT).
+  """
 
   image_hw: tuple[int, int]
   encoded: dict[str, Any]
+  encoder: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  """A validated crop request (shared by every image of a call)."""
+
+  mode: str
+  queries: Any  # (1, Q, D) query embeddings, None in base mode
+  query_mask: Any  # (1, Q) bool, None in base mode
+  top_k: int
+  ratio: Optional[float]
+  min_size: float
+  fuse_top_k: int
 
 
 class ClipCropper:
@@ -86,6 +113,8 @@ class ClipCropper:
     self.module = model_lib.ClipCrop(config)
     self.owl_module = owl_model.TextZeroShotDetectionModule(config.owlvit_config)
     self._owl_variables = {'params': variables['params']['owlvit']}
+    self._encoder_key = f'{config.owlvit}:{uuid.uuid4().hex}'
+    self._query_cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
     self._decode = jax.jit(lambda v, enc, q, m, extent: self.module.apply(
         v, enc, q, m, None, extent, method=self.module.crop_from_encoding))
 
@@ -94,8 +123,15 @@ class ClipCropper:
   @classmethod
   def init_random(cls, config: Union[model_lib.ClipCropConfig, str] = 'tiny',
                   seed: int = 0, **kwargs) -> 'ClipCropper':
-    """Random weights (for tests and demos); `config` is a ClipCropConfig or 'tiny'."""
-    config = model_lib.TINY if config == 'tiny' else config
+    """Random weights (for tests and demos).
+
+    Args:
+      config: a ClipCropConfig, 'tiny' (tiny OWL-ViT + small decoder) or an OWL-ViT config name
+        (`clipcrop_jax.owlvit.CONFIGS`, e.g. 'clip_b32') with the paper's decoder.
+      seed: PRNG seed.
+      **kwargs: passed to the constructor (keyword_pipeline, nms_iou, ...).
+    """
+    config = _named_config(config)
     return cls(config, model_lib.init_variables(config, seed), model_id=f'random-init seed {seed}',
                **kwargs)
 
@@ -114,17 +150,31 @@ class ClipCropper:
     return cls(config, variables, model_id=f'{path} + untrained decoder', **kwargs)
 
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
-    """Writes `clipcrop_config.json` and `params.msgpack` (all parameters) to `directory`."""
+    """Writes `clipcrop_config.json` and `params.msgpack` (all parameters) to `directory`.
+
+    Atomic: the files are written into a temporary sibling directory that then takes
+    `directory`'s place in one step, so an interruption leaves the old model (or nothing), never
+    a mix. An existing `directory` is replaced only if it is empty or a ClipCrop model directory
+    (holds nothing but those two files); anything else is refused with a ValueError.
+    """
     if self.zero_shot:
       raise ValueError('A zero-shot cropper has no decoder to save; save the OWL-ViT checkpoint.')
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+      if not directory.is_dir():
+        raise ValueError(f'{directory}: exists and is not a directory')
+      foreign = sorted(p.name for p in directory.iterdir()
+                       if p.name not in (CONFIG_FILE, PARAMS_FILE))
+      if foreign:
+        raise ValueError(f'{directory}: not a ClipCrop model directory (it holds '
+                         f'{", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}); '
+                         'refusing to replace it, save into a new or empty directory')
+    params = flax.serialization.msgpack_serialize(
+        jax.tree_util.tree_map(np.asarray, self.variables))
     meta = {'format_version': FORMAT_VERSION, 'config': dataclasses.asdict(self.config)}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    tmp = directory / (PARAMS_FILE + '.tmp')
-    tmp.write_bytes(flax.serialization.msgpack_serialize(
-        jax.tree_util.tree_map(np.asarray, self.variables)))
-    tmp.replace(directory / PARAMS_FILE)
+    with fileio.replace_directory(directory) as tmp:
+      (tmp / PARAMS_FILE).write_bytes(params)
+      (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
   @classmethod
@@ -134,9 +184,11 @@ class ClipCropper:
     if (path / CONFIG_FILE).is_file():
       try:
         meta = json.loads((path / CONFIG_FILE).read_text())
-        config = model_lib.ClipCropConfig(**meta['config'])
-      except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{path / CONFIG_FILE}: not a valid ClipCrop config ({e})') from e
+      except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path / CONFIG_FILE}: not valid JSON ({e})') from None
+      if not isinstance(meta, dict) or 'config' not in meta:
+        raise ValueError(f'{path / CONFIG_FILE}: not a ClipCrop config (no "config" entry)')
+      config = model_lib.ClipCropConfig.from_dict(meta['config'], str(path / CONFIG_FILE))
       params_path = path / PARAMS_FILE
       if not params_path.is_file():
         raise ValueError(f'{params_path}: missing (ClipCrop checkpoint without parameters)')
@@ -164,30 +216,76 @@ class ClipCropper:
     image = _as_uint8_image(image)
     pixels = pp.preprocess(image, self.config.owlvit_config.image_size)[None]
     encoded = owl_model.encode_images(self.owl_module, self._owl_variables, jnp.asarray(pixels))
-    return Encoding(image.shape[:2], encoded)
+    return Encoding(image.shape[:2], encoded, self._encoder_key)
+
+  def _cached(self, key: Any, compute) -> tuple[Any, Any]:
+    """`compute()` memoised under `key` (LRU, QUERY_CACHE_SIZE entries)."""
+    if key in self._query_cache:
+      self._query_cache.move_to_end(key)
+      return self._query_cache[key]
+    value = compute()
+    self._query_cache[key] = value
+    while len(self._query_cache) > QUERY_CACHE_SIZE:
+      self._query_cache.popitem(last=False)
+    return value
 
   def _queries(self, text: Optional[str], query_image: Any, query_box: Any, mode: str):
     """(1, Q, D) embeddings and (1, Q) mask for the request, or (None, None) in base mode."""
     if mode == 'base':
       return None, None
-    if mode == 'image' or query_image is not None:
-      if query_image is None:
-        raise ValueError("mode 'image' needs query_image")
+    if mode == 'image':
       q_img = _as_uint8_image(query_image)
       box = None if query_box is None else tuple(float(v) for v in query_box)
-      emb = detect.query_embeddings(self.owl_module, self._owl_variables,
-                                    image_queries=[detect.ImageQuery('query', q_img, box)])
-      return jnp.asarray(emb)[None], jnp.ones((1, 1), bool)
-    if text is None or not str(text).strip():
+      key = ('image', hashlib.sha1(q_img.tobytes()).hexdigest(), q_img.shape, box)
+
+      def embed_image():
+        emb = detect.query_embeddings(self.owl_module, self._owl_variables,
+                                      image_queries=[detect.ImageQuery('query', q_img, box)])
+        return jnp.asarray(emb)[None], jnp.ones((1, 1), bool)
+      return self._cached(key, embed_image)
+
+    def embed_text():
+      texts = keywords_lib.build_queries(text, mode=mode, pipeline=self.keyword_pipeline)
+      tokens = tokenizer.tokenize(texts)
+      # Pad the query count to a multiple of QUERY_PAD with all-zero (masked) rows, so that texts
+      # with different keyword counts reuse one compiled decoder (as Scenic pads its queries).
+      padded = -(-len(texts) // QUERY_PAD) * QUERY_PAD
+      tokens = np.pad(tokens, ((0, padded - len(texts)), (0, 0)))[None]
+      emb = owl_model.embed_texts(self.owl_module, self._owl_variables, jnp.asarray(tokens))
+      return emb, jnp.asarray(tokens[..., 0] > 0)
+    return self._cached(('text', mode, text), embed_text)
+
+  def check_request(self, text: Optional[str] = None, query_image: Any = None, top_k: int = 5,
+                    aspect_ratio: Any = None, min_size: Optional[float] = None,
+                    mode: Optional[str] = None, query_box: Any = None,
+                    fuse_top_k: Optional[int] = None) -> _Request:
+    """Validates `crop`'s arguments (no image needed) and embeds the query (cached).
+
+    A command line calls it once before a folder of images, so that a bad argument is reported
+    once, before any image is encoded. Raises ValueError / TypeError naming the argument.
+    """
+    top_k = check_int('top_k', top_k)
+    fuse_top_k = check_int('fuse_top_k', self.config.fuse_top_k if fuse_top_k is None
+                           else fuse_top_k)
+    min_size = 0.0 if min_size is None else check_real('min_size', min_size)
+    ratio = parse_crop_aspect_ratio(aspect_ratio)
+    if mode is not None and mode not in model_lib.MODES:
+      raise ValueError(f'mode {mode!r}; expected one of {model_lib.MODES}')
+    if text is not None and not isinstance(text, str):
+      raise TypeError(f'text must be a string, got {type(text).__name__}')
+    if text is not None and query_image is not None:
+      raise ValueError('give text or query_image, not both (a crop follows one condition)')
+    if query_box is not None and query_image is None:
+      raise ValueError('query_box needs query_image (it is a region of the example image)')
+    mode = mode or self.config.mode
+    if query_image is not None and mode != 'base':
+      mode = 'image'
+    if mode == 'image' and query_image is None:
+      raise ValueError("mode 'image' needs query_image")
+    if mode not in ('image', 'base') and (text is None or not text.strip()):
       raise ValueError(f'mode {mode!r} needs a non-empty text (or pass query_image)')
-    texts = keywords_lib.build_queries(text, mode=mode, pipeline=self.keyword_pipeline)
-    tokens = tokenizer.tokenize(texts)
-    # Pad the query count to a multiple of QUERY_PAD with all-zero (masked) rows, so that texts
-    # with different keyword counts reuse one compiled decoder (as Scenic pads its queries).
-    padded = -(-len(texts) // QUERY_PAD) * QUERY_PAD
-    tokens = np.pad(tokens, ((0, padded - len(texts)), (0, 0)))[None]
-    emb = owl_model.embed_texts(self.owl_module, self._owl_variables, jnp.asarray(tokens))
-    return emb, jnp.asarray(tokens[..., 0] > 0)
+    queries, query_mask = self._queries(text, query_image, query_box, mode)
+    return _Request(mode, queries, query_mask, top_k, ratio, min_size, fuse_top_k)
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
            top_k: int = 5, aspect_ratio: Any = None, min_size: Optional[float] = None,
@@ -195,14 +293,22 @@ class ClipCropper:
            ) -> Union[list[Crop], list[list[Crop]]]:
     """Ranked crops for one image (or a list of images -> list of lists).
 
+    Every argument is validated once, before any image is encoded: bad values raise ValueError
+    (TypeError for a wrong type) naming the argument.
+
     Args:
-      image: uint8 (H, W, 3), a path, an `Encoding` from `encode`, or a list of those.
+      image: uint8 (H, W, 3), a path, an `Encoding` from this cropper's `encode`, or a list of
+        those.
       text: the request ("a woman and three dogs on the boat").
-      query_image: an example image (array or path) instead of text (one-shot embedding).
-      top_k: number of crops returned (after NMS with IoU `nms_iou`).
-      aspect_ratio: '16:9', '4/3', 1.5 or None; each crop becomes the largest box of exactly that
-        ratio inside the image that contains it (or, if impossible, covers it best).
-      min_size: drop crops whose shorter side is below this many pixels.
+      query_image: an example image (array or path) instead of text (one-shot embedding); giving
+        both is an error.
+      top_k: number of crops returned (after NMS with IoU `nms_iou`), an integer >= 1.
+      aspect_ratio: '16:9', '4/3', 1.5 or None, within [1/100, 100]; each crop becomes the largest
+        box of exactly that ratio inside the image that contains it (or, if impossible, covers it
+        best).
+      min_size: drop crops whose shorter side is below this many pixels (a number >= 0). Crops
+        are never thinner than 1 pixel: smaller predictions are widened to 1 pixel, and
+        aspect-ratio boxes that cannot be 1 pixel wide are dropped.
       mode: overrides the config's mode ('full', 'main', 'key', 'base', 'image').
       query_box: (x0, y0, x1, y1) pixels on the query image (image mode; default whole image).
       fuse_top_k: overrides the config's `fuse_top_k`: the first crop is then the mean of the k
@@ -210,26 +316,29 @@ class ClipCropper:
         only (ignored in zero-shot mode).
 
     Returns:
-      list of `Crop`, best first.
+      list of `Crop`, best first; possibly empty (e.g. when `min_size` exceeds the image).
     """
+    request = self.check_request(text, query_image, top_k, aspect_ratio, min_size, mode,
+                                 query_box, fuse_top_k)
     if isinstance(image, (list, tuple)):
-      return [self.crop(im, text, query_image, top_k, aspect_ratio, min_size, mode, query_box,
-                        fuse_top_k) for im in image]
-    if top_k < 1:
-      raise ValueError(f'top_k must be >= 1, got {top_k}')
-    fuse_top_k = self.config.fuse_top_k if fuse_top_k is None else fuse_top_k
-    if int(fuse_top_k) != fuse_top_k or fuse_top_k < 1:
-      raise ValueError(f'fuse_top_k must be an integer >= 1, got {fuse_top_k}')
-    ratio = box_lib.parse_aspect_ratio(aspect_ratio)
-    enc = image if isinstance(image, Encoding) else self.encode(image)
-    mode = mode or self.config.mode
-    if mode not in model_lib.MODES:
-      raise ValueError(f'mode {mode!r}; expected one of {model_lib.MODES}')
-    q, q_mask = self._queries(text, query_image, query_box, mode)
+      return [self._crop_one(im, request) for im in image]
+    return self._crop_one(image, request)
+
+  def _crop_one(self, image: Any, request: _Request) -> list[Crop]:
+    """Crops for one image (array, path or Encoding) under a validated request."""
+    if isinstance(image, Encoding):
+      if image.encoder != self._encoder_key:
+        raise ValueError('this Encoding was made by another ClipCropper (its image tokens belong '
+                         'to another OWL-ViT); encode the image with this cropper')
+      enc = image
+    else:
+      enc = self.encode(image)
+    q, q_mask = request.queries, request.query_mask
     h, w = enc.image_hw
     side = float(max(h, w))
+    fuse = request.fuse_top_k > 1 and not self.zero_shot
     if self.zero_shot:
-      boxes_px, scores = self._zero_shot(enc, q, q_mask, ratio)
+      boxes_px, scores = self._zero_shot(enc, q, q_mask, request.ratio)
     else:
       extent = jnp.asarray([[w / side, h / side]], jnp.float32)
       out = self._decode(self.variables, enc.encoded, q, q_mask, extent)
@@ -237,9 +346,9 @@ class ClipCropper:
       boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
       scores = np.asarray(out['quality'][0])
       # Box voting: the fused crop (if any) is ranked first.
-      boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, fuse_top_k)
-    return self._finalise(boxes_px, scores, (w, h), ratio, top_k, min_size,
-                          first_is_best=fuse_top_k > 1 and not self.zero_shot)
+      boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, request.fuse_top_k)
+    return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
+                          request.min_size, first_is_best=fuse)
 
   def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
     """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""
@@ -252,8 +361,7 @@ class ClipCropper:
                                              other_objects=ZERO_SHOT_OTHER_OBJECTS)
     logits = np.asarray(owl_heads.logits_from_image_terms(
         enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
-    centres = np.asarray(enc.encoded['pred_boxes'][0, :, :2]) * max(h, w)
-    in_image = (centres[:, 0] <= w) & (centres[:, 1] <= h)  # not a padding token
+    in_image = detect.tokens_in_image(enc.encoded['pred_boxes'][0], (h, w))  # not padding
     logits = np.where(in_image[:, None], logits, -np.inf)
     picked = np.argmax(logits, axis=0)[np.asarray(q_mask[0])]
     best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
@@ -265,12 +373,12 @@ class ClipCropper:
     """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0 first), top-k,
     focal point."""
     w, h = image_wh
+    boxes_px = box_lib.widen_to_min_side_xyxy(np.asarray(boxes_px, np.float64), (w, h), MIN_CROP_SIDE)
     if ratio is not None:
       boxes_px = np.array([box_lib.fit_aspect_ratio_xyxy(b, ratio, (w, h)) for b in boxes_px])
-    keep = np.ones(len(boxes_px), bool)
-    if min_size is not None:
-      keep &= np.minimum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1]) >= min_size
-    keep &= (boxes_px[:, 2] > boxes_px[:, 0]) & (boxes_px[:, 3] > boxes_px[:, 1])
+    sides = np.minimum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
+    # 1e-9: a box widened to exactly 1 px (or fitted to one) may be a rounding step short.
+    keep = sides >= max(min_size, MIN_CROP_SIDE) - 1e-9
     idx = np.nonzero(keep)[0]
     if len(idx) == 0:
       return []
@@ -284,6 +392,47 @@ class ClipCropper:
       crops.append(Crop(b, float(scores[i]), (b[2] - b[0]) / (b[3] - b[1]),
                         ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
     return crops
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+  """`value` as an int >= `minimum`; TypeError (not an integer) / ValueError naming `name`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be an integer, got {value!r} ({type(value).__name__})')
+  if value < minimum:
+    raise ValueError(f'{name} must be >= {minimum}, got {value}')
+  return int(value)
+
+
+def check_real(name: str, value: Any, minimum: float = 0.0) -> float:
+  """`value` as a finite float >= `minimum`; TypeError / ValueError naming `name`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                   np.floating)):
+    raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
+  value = float(value)
+  if not math.isfinite(value) or value < minimum:
+    raise ValueError(f'{name} must be a finite number >= {minimum:g}, got {value}')
+  return value
+
+
+def parse_crop_aspect_ratio(value: Any) -> Optional[float]:
+  """`boxes.parse_aspect_ratio`, limited to [1 / MAX_ASPECT_RATIO, MAX_ASPECT_RATIO]."""
+  ratio = box_lib.parse_aspect_ratio(value)
+  if ratio is not None and not 1 / MAX_ASPECT_RATIO <= ratio <= MAX_ASPECT_RATIO:
+    raise ValueError(f'aspect ratio {value!r} (= {ratio:g}) is outside [1/{MAX_ASPECT_RATIO:g}, '
+                     f'{MAX_ASPECT_RATIO:g}]')
+  return ratio
+
+
+def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.ClipCropConfig:
+  """A ClipCropConfig, 'tiny', or an OWL-ViT config name (paper decoder) -> ClipCropConfig."""
+  if isinstance(config, model_lib.ClipCropConfig):
+    return config
+  if config == 'tiny':
+    return model_lib.TINY
+  if isinstance(config, str) and config in owl_configs.CONFIGS:
+    return model_lib.ClipCropConfig(owlvit=config)
+  raise ValueError(f'unknown config {config!r} for a random model; expected a ClipCropConfig, '
+                   f"'tiny' or an OWL-ViT config name ({', '.join(sorted(owl_configs.CONFIGS))})")
 
 
 def _as_uint8_image(image: Any) -> np.ndarray:

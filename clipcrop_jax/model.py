@@ -76,14 +76,40 @@ class ClipCropConfig:
   fuse_top_k: int = 1
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):  # types first: a wrong type fails here, not in JAX
+      _check_field_type(field.name, getattr(self, field.name), field.default)
+    for name in ('decoder_layers', 'decoder_width', 'decoder_heads', 'decoder_mlp_dim',
+                 'num_queries'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'ClipCropConfig.{name}={getattr(self, name)!r}; expected >= 1.')
+    if self.decoder_width % self.decoder_heads:
+      raise ValueError(f'ClipCropConfig.decoder_width={self.decoder_width} is not divisible by '
+                       f'decoder_heads={self.decoder_heads}.')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'ClipCropConfig.dropout_rate={self.dropout_rate!r}; expected [0, 1).')
     if self.mode not in MODES:
       raise ValueError(f'ClipCropConfig.mode={self.mode!r}; expected one of {MODES}.')
     if self.offset_space not in OFFSET_SPACES:
       raise ValueError(f'ClipCropConfig.offset_space={self.offset_space!r}; expected one of '
                        f'{OFFSET_SPACES}.')
-    if int(self.fuse_top_k) != self.fuse_top_k or self.fuse_top_k < 1:
+    if self.fuse_top_k < 1:
       raise ValueError(f'ClipCropConfig.fuse_top_k={self.fuse_top_k!r}; expected an integer >= 1.')
     owl_configs.get_config(self.owlvit)  # raises on an unknown name
+
+  @classmethod
+  def from_dict(cls, fields: Any, source: str = 'config') -> 'ClipCropConfig':
+    """A config from a JSON-like dict; ValueError naming `source` and the bad or unknown field."""
+    if not isinstance(fields, dict):
+      raise ValueError(f'{source}: expected a mapping of ClipCropConfig fields, got '
+                       f'{type(fields).__name__}')
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f'{source}: unknown ClipCropConfig field(s) {", ".join(unknown)}')
+    try:
+      return cls(**fields)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{source}: {e}') from None
 
   @property
   def owlvit_config(self) -> owl_configs.OwlViTConfig:
@@ -91,6 +117,22 @@ class ClipCropConfig:
 
   def replace(self, **changes) -> 'ClipCropConfig':
     return dataclasses.replace(self, **changes)
+
+
+def _check_field_type(name: str, value: Any, default: Any) -> None:
+  """TypeError unless `value` has the type of the field's default (int for float is fine)."""
+  kind = type(default)
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif kind is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  else:
+    ok = isinstance(value, kind)
+  if not ok:
+    raise TypeError(f'ClipCropConfig.{name}={value!r} has type {type(value).__name__}; expected '
+                    f'{kind.__name__}.')
 
 
 TINY = ClipCropConfig(owlvit='tiny', decoder_layers=2, decoder_width=32, decoder_heads=2,

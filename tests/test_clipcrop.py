@@ -239,7 +239,9 @@ def test_crop_cli_folder_with_corrupt_file(tmp_path, capsys, cropper):
                       '--top-k', '2', '--out', str(out)])
   assert rc == 1  # one file failed, the others were cropped
   report = json.loads((out / 'crops.json').read_text())
-  assert len(report['results']) == 2 and report['failed'] == [str(folder / 'c.jpg')]
+  assert len(report['results']) == 2 and [f['image'] for f in report['failed']] == [
+      str(folder / 'c.jpg')]
+  assert 'c.jpg: corrupt or truncated' in report['failed'][0]['error']
   assert report['mode'] == 'full' and report['text'] == 'a red square'
   for name in ('a', 'b'):
     assert (out / f'{name}_overlay.png').exists() and (out / f'{name}_crop0.jpg').exists()

@@ -224,7 +224,7 @@ def test_detect_boxes_are_in_original_pixels(tiny):
   image = detect.demo_image(120, 200)
   dets = detect.detect(module, variables, image, ['a cat'], top_k=36)
   boxes = np.array([d.box for d in dets])
-  assert len(dets) == 36
+  assert 12 <= len(dets) < 36  # tokens of the bottom padding are no detections
   assert boxes[:, [0, 2]].max() <= 200 and boxes[:, [1, 3]].max() <= 120 and boxes.min() >= 0
   assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
 
@@ -316,5 +316,5 @@ def test_detect_with_image_query_uses_one_shot_embedding(tiny, tmp_path):
                     '--out', str(tmp_path / 'o.png')])
   assert rc == 0
   rc = detect.main(['--random-init', 'tiny', '--query-image', str(path), '--query-box', '5,5,1,1',
-                    '--out', str(tmp_path / 'o.png')])
-  assert rc == 2
+                    '--out', str(tmp_path / 'o2.png')])
+  assert rc == 2 and not (tmp_path / 'o2.png').exists()

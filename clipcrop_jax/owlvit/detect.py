@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import pathlib
 import sys
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+OVERLAY_SUFFIXES = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.webp': 'WEBP'}
 COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45']
 
 
@@ -61,6 +63,38 @@ class ImageQuery:
   box: Optional[tuple[float, float, float, float]] = None
 
 
+def check_query_box(query: ImageQuery) -> None:
+  """ValueError (in pixels of the query image) unless `query.box` is a box inside the image."""
+  if query.box is None:
+    return
+  h, w = query.image.shape[:2]
+  try:
+    x0, y0, x1, y1 = (float(v) for v in query.box)
+  except (TypeError, ValueError):
+    raise ValueError(f'query box of {query.name}: expected (x0, y0, x1, y1) pixels, got '
+                     f'{query.box!r}') from None
+  if not all(np.isfinite([x0, y0, x1, y1])):
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not finite')
+  if not (x1 > x0 and y1 > y0):
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 '
+                     'and y1 > y0')
+  if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) px is not '
+                     f'inside the {w}x{h} px query image')
+
+
+def tokens_in_image(pred_boxes_cxcywh: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+  """(P,) bool: the token's box centre lies in the real image, not in the bottom/right padding.
+
+  Args:
+    pred_boxes_cxcywh: (P, 4) model boxes in [0, 1] of the padded square (side max(H, W)).
+    image_hw: original (H, W).
+  """
+  h, w = image_hw
+  centres = np.asarray(pred_boxes_cxcywh)[:, :2] * max(h, w)
+  return (centres[:, 0] <= w) & (centres[:, 1] <= h)
+
+
 def query_embeddings(module, variables, texts: Sequence[str] = (),
                      image_queries: Sequence[ImageQuery] = (), recipe: str = 'colab') -> np.ndarray:
   """(Q, D) unnormalised query embeddings: text queries first, then image queries."""
@@ -69,6 +103,8 @@ def query_embeddings(module, variables, texts: Sequence[str] = (),
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
 
+  for q in image_queries:
+    check_query_box(q)
   embeddings = []
   if texts:
     tokens = tokenizer.tokenize(list(texts), max_len=module.config.max_query_length)
@@ -108,17 +144,25 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
 
+  if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+    raise ValueError(f'top_k must be an integer >= 1, got {top_k!r}')
+  if isinstance(min_score, (bool, np.bool_)) or not 0.0 <= float(min_score) <= 1.0:
+    raise ValueError(f'min_score must be a number in [0, 1], got {min_score!r}')
   labels = list(queries) + [q.name for q in image_queries]
   embeddings = query_embeddings(module, variables, queries, image_queries, recipe)
   pixels = pp.preprocess(image, module.config.image_size, recipe=recipe)[None]
   encoded = model_lib.encode_images(module, variables, pixels)
   logits = np.asarray(heads.logits_from_image_terms(encoded['class_terms'], embeddings[None])[0])
-  boxes = pp.boxes_cxcywh_to_pixels_xyxy(np.asarray(encoded['pred_boxes'][0]), image.shape[:2])
-  scores = 1.0 / (1.0 + np.exp(-logits))
+  pred_boxes = np.asarray(encoded['pred_boxes'][0])
+  boxes = pp.boxes_cxcywh_to_pixels_xyxy(pred_boxes, image.shape[:2])
+  # Tokens of the padding, and boxes with no area once clipped to the image, are no detections.
+  valid = tokens_in_image(pred_boxes, image.shape[:2])
+  valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)
   detections = []
   for q, label in enumerate(labels):
-    for token in np.argsort(-scores[:, q])[:top_k]:
-      if scores[token, q] >= min_score:
+    for token in np.argsort(-scores[:, q], kind='stable')[:top_k]:
+      if scores[token, q] >= min_score and valid[token]:
         detections.append(Detection(label, float(scores[token, q]),
                                     tuple(float(v) for v in boxes[token]), int(token)))
   return detections
@@ -182,21 +226,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--recipe', choices=['colab', 'evaluator'], default='colab',
                       help='Preprocessing: pad 0.5 + anti-aliased resize (colab) or resize + pad '
                       '0.0 (evaluator).')
-  parser.add_argument('--out', default='detections.png', help='Overlay PNG path.')
+  parser.add_argument('--out', default='detections.png',
+                      help='Overlay image path (.png/.jpg; must not exist unless --overwrite).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='Replace an existing --out file (never one of the input images).')
   parser.add_argument('--json', action='store_true', help='Print JSON instead of a table.')
   parser.add_argument('--seed', type=int, default=0, help='Seed for --random-init.')
   args = parser.parse_args(argv)
 
+  from clipcrop_jax import fileio  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   if not args.query and not args.query_image:
     parser.error('give at least one --query or --query-image')
   if len(args.query_box) > len(args.query_image):
     parser.error('more --query-box than --query-image')
-  try:
+  if args.top_k < 1:
+    parser.error(f'--top-k must be >= 1, got {args.top_k}')
+  if not 0.0 <= args.min_score <= 1.0:  # also refuses nan
+    parser.error(f'--min-score must be in [0, 1], got {args.min_score}')
+  if any(not q.strip() for q in args.query):
+    parser.error('--query is empty (only whitespace)')
+  try:  # Arguments and inputs first, the model last: nothing is computed for a bad command.
+    fileio.check_output_file(args.out, suffixes=OVERLAY_SUFFIXES, overwrite=args.overwrite,
+                             inputs=[p for p in [args.image] + args.query_image if p])
     image = pp.load_image(args.image) if args.image else demo_image()
     image_queries = [ImageQuery(f'image:{pathlib.Path(path).name}', pp.load_image(path),
                                 _parse_box(args.query_box[i]) if i < len(args.query_box) else None)
                      for i, path in enumerate(args.query_image)]
+    for q in image_queries:
+      check_query_box(q)
     module, variables, model_id = _build_model(args)
     detections = detect(module, variables, image, args.query, args.top_k, args.min_score,
                         args.recipe, image_queries)
@@ -205,7 +263,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
   labels = args.query + [q.name for q in image_queries]
-  draw_overlay(image, detections, labels).save(args.out)
+  overlay = io.BytesIO()
+  draw_overlay(image, detections, labels).convert('RGB').save(
+      overlay, format=OVERLAY_SUFFIXES[pathlib.Path(args.out).suffix.lower()])
+  write = fileio.atomic_write_bytes if args.overwrite else fileio.create_new_bytes
+  try:
+    write(args.out, overlay.getvalue())
+  except OSError as e:
+    print(f'error: --out {args.out}: {e}', file=sys.stderr)
+    return 1
   if args.json:
     print(json.dumps({'model': model_id, 'image': args.image or '<demo>',
                       'image_size_hw': list(image.shape[:2]), 'overlay': args.out,
