@@ -268,6 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return pp.load_image(path, **kwargs)
 
   out_dir = pathlib.Path(args.out)
+  out_is_new = not out_dir.exists()
   try:  # Everything that can be wrong with the arguments, before any model is loaded.
     _check_args(args, cropper_lib)
     if args.image:
@@ -294,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    fuse_top_k=args.fuse_top_k)
     cropper.check_request(**request)  # validates and embeds the query once
   except (ValueError, TypeError, OSError) as e:
+    if out_is_new and out_dir.is_dir() and not any(out_dir.iterdir()):
+      out_dir.rmdir()  # made by prepare_out_dir for nothing
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
 

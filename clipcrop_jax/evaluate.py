@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import fileio
 from clipcrop_jax import metrics as metrics_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import sharding as sharding_lib
@@ -260,7 +261,7 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
                  methods=results, table=table)
   if workdir is not None and jax.process_index() == 0:
     path = pathlib.Path(workdir) / results_filename(name, split.split('[')[0])
-    path.write_text(json.dumps(summary, indent=1, default=float))
+    fileio.atomic_write_text(path, json.dumps(summary, indent=1, default=float))
   return summary
 
 

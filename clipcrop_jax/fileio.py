@@ -99,7 +99,7 @@ def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
 
   Raises ValueError with one line naming `flag` when: the name lacks one of `suffixes`, is a
   folder, is one of the run's `inputs` (never replaced, even with `overwrite`), exists and
-  `overwrite` is False, or its folder is missing or not writable.
+  `overwrite` is False, or its folder cannot be created or written. A missing folder is created.
   """
   path = pathlib.Path(path)
   if suffixes and path.suffix.lower() not in suffixes:
@@ -111,9 +111,8 @@ def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
       raise ValueError(f'{flag} {path} is an input file of this run; never overwriting it')
   if path.exists() and not overwrite:
     raise ValueError(f'{flag} {path}: exists; choose another name or pass --overwrite')
-  if not path.parent.is_dir():
-    raise ValueError(f'{flag} {path}: folder {path.parent} does not exist')
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path.parent):
       pass
   except OSError as e:

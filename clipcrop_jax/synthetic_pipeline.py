@@ -19,6 +19,7 @@ Re-running resumes: finished stages are skipped (their checkpoints are in WORK).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import pathlib
 import subprocess
@@ -31,6 +32,7 @@ import jax
 import ml_collections
 
 from clipcrop_jax import evaluate
+from clipcrop_jax import fileio
 from clipcrop_jax import metrics as metrics_lib
 from clipcrop_jax import train_lib
 
@@ -215,7 +217,9 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     sheet.paste(panel, (x, y + 18))
     draw.text((x, y), text[:40], fill=(0, 0, 0))
   path = workdir / EXAMPLES_FILE
-  sheet.save(path)
+  buf = io.BytesIO()
+  sheet.save(buf, format='PNG')
+  fileio.atomic_write_bytes(path, buf.getvalue())
   return path
 
 
@@ -249,7 +253,7 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, rows: dict
   lines += [f'| {k} | {v:.1f} |' for k, v in timings.items()]
   lines += ['', f'![examples]({EXAMPLES_FILE})', '']
   path = workdir / REPORT_FILE
-  path.write_text('\n'.join(lines))
+  fileio.atomic_write_text(path, '\n'.join(lines))
   return path
 
 
@@ -280,7 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   timings['total'] = sum(timings.values())
   report = write_report(c, work, rows, grounding, timings)
   summary = dict(rows=rows, grounding=grounding, timings=timings, seed=c.seed, quick=c.quick)
-  (work / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=float))
+  fileio.atomic_write_text(work / SUMMARY_FILE, json.dumps(summary, indent=1, default=float))
   logging.info('Report: %s\n%s', report, report.read_text())
   print(report.read_text())
   return summary

@@ -473,8 +473,8 @@ def test_detect_never_overwrites_an_input_or_an_existing_file(detect_cli, tmp_pa
 def test_detect_out_problems_are_found_before_the_model(detect_cli, tmp_path, capsys):
   photo = _save(tmp_path / 'photo.png')
   (tmp_path / 'afile').write_text('x')
-  for out in [tmp_path / 'noext', tmp_path, tmp_path / 'missing' / 'o.png',
-              tmp_path / 'afile' / 'o.png']:
+  for out in [tmp_path / 'noext', tmp_path, tmp_path / 'afile' / 'o.png',
+              tmp_path / 'afile' / 'sub' / 'o.png']:
     assert detect_cli('--image', photo, '--query', 'x', '--out', out) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: --out') and '\n' not in err
@@ -505,3 +505,35 @@ def test_detect_lists_no_padding_or_zero_area_boxes():
     for d in dets:
       x0, y0, x1, y1 = d.box
       assert x1 > x0 and y1 > y0 and (x0 + x1) / 2 <= hw[1] and (y0 + y1) / 2 <= hw[0]
+
+
+def test_converter_never_overwrites_its_input_and_asks_before_replacing(tmp_path, capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import checkpoints  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('convert_checkpoint',
+                                                REPO / 'tools' / 'convert_checkpoint.py')
+  converter = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(converter)
+  cfg = owl_configs.get_config('tiny')
+  src = checkpoints.save_scenic_checkpoint(owl_model.init_variables(cfg), tmp_path / 'v1.msgpack',
+                                           layout='v1')
+  before = src.read_bytes()
+  for argv in (['--output', src], ['--output', src, '--overwrite']):
+    assert converter.main(['--input', str(src), *map(str, argv)]) == 2
+  assert src.read_bytes() == before and 'input file' in capsys.readouterr().err
+  out = tmp_path / 'new' / 'current.msgpack'  # a missing folder is created
+  assert converter.main(['--input', str(src), '--output', str(out)]) == 0
+  assert converter.main(['--input', str(src), '--output', str(out)]) == 2
+  assert 'exists' in capsys.readouterr().err
+  assert converter.main(['--input', str(src), '--output', str(out), '--overwrite']) == 0
+
+
+def test_unloadable_checkpoint_is_one_line_and_leaves_no_output_folder(tmp_path, capsys):
+  photo = _save(tmp_path / 'a.jpg')
+  (tmp_path / 'junk.msgpack').write_bytes(b'\x00\x01 not msgpack')
+  for ckpt in [tmp_path / 'missing', tmp_path / 'junk.msgpack']:
+    rc = crop_cli.main(['--checkpoint', str(ckpt), '--image', str(photo), '--text', 'x',
+                        '--out', str(tmp_path / 'o')])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith('error:') and '\n' not in err
+    assert not (tmp_path / 'o').exists()

@@ -8,6 +8,9 @@ Usage:
   python tools/convert_checkpoint.py --input google-owlv2-base-patch16/ --output owl2_b16.msgpack
   python tools/convert_checkpoint.py --input clip_vit_b32_b0203fc --output b32.msgpack \
       --config clip_b32
+
+An existing --output is replaced only with --overwrite (atomically), and never when it is the
+--input itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from clipcrop_jax import fileio
 from clipcrop_jax.owlvit import checkpoints
 
 
@@ -29,12 +33,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='Expected config name (e.g. clip_b32); default: inferred.')
   parser.add_argument('--layout', default='current', choices=('current', 'v2', 'v1'),
                       help='Layout of the written file (default: current).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='Replace an existing --output file (never the --input).')
   return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the conversion; returns a process exit code (0 ok, 1 checkpoint error)."""
+  """Runs the conversion; returns a process exit code (0 ok, 1 checkpoint error, 2 usage)."""
   args = parse_args(argv)
+  try:  # The output is checked before the (possibly long) load.
+    fileio.check_output_file(args.output, inputs=[args.input], overwrite=args.overwrite,
+                             flag='--output')
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   try:
     module, variables = checkpoints.load_checkpoint(args.input, args.config)
   except checkpoints.CheckpointError as e:
