@@ -43,7 +43,7 @@ def _scenic_colab_reference(image: np.ndarray, size: int, pad_value: float) -> n
 ])
 def test_colab_matches_skimage(h, w, size, pad_value):
   image = _random_uint8(h, w, seed=h * w)
-  ours = pp.preprocess(image, size, recipe="colab", pad_value=pad_value)
+  ours = pp.preprocess(image, size, recipe="colab", pad_value=pad_value, exact=True)
   ref = _scenic_colab_reference(image, size, pad_value)
   assert ours.shape == (size, size, 3)
   assert ours.dtype == np.float32
@@ -52,7 +52,7 @@ def test_colab_matches_skimage(h, w, size, pad_value):
 
 def test_colab_default_pad_is_grey():
   image = _random_uint8(40, 100)
-  out = pp.preprocess(image, 50)
+  out = pp.preprocess(image, 50, exact=True)
   np.testing.assert_allclose(out, _scenic_colab_reference(image, 50, 0.5), atol=1e-5)
   np.testing.assert_allclose(out[-5:], 0.5, atol=1e-6)  # Bottom rows are padding.
 
@@ -69,7 +69,7 @@ def test_colab_matches_hf_owlv2_processor(h, w, size):
   proc = cls(do_normalize=False, do_rescale=True, size={"height": size, "width": size})
   image = _random_uint8(h, w, seed=h + w)
   hf = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-  ours = pp.preprocess(image, size, recipe="colab", pad_value=0.0)
+  ours = pp.preprocess(image, size, recipe="colab", pad_value=0.0, exact=True)
   np.testing.assert_allclose(ours, hf, rtol=0, atol=1e-5)
 
 
@@ -85,7 +85,69 @@ def test_colab_matches_hf_owlv2_processor_grey_pad():
   proc = GreyPad(do_normalize=False, size={"height": 72, "width": 72})
   image = _random_uint8(120, 70)
   hf = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-  np.testing.assert_allclose(pp.preprocess(image, 72), hf, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(pp.preprocess(image, 72, exact=True), hf, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w, size", [(700, 300, 64), (40, 900, 48), (301, 1207, 96)])
+def test_colab_exact_matches_skimage_strong_downscale(h, w, size):
+  """max(H, W) >= 4 * size: wide Gaussians, several taps per output; the exact path is unchanged."""
+  image = _random_uint8(h, w, seed=h + 7 * w)
+  ours = pp.preprocess(image, size, exact=True)
+  np.testing.assert_allclose(ours, _scenic_colab_reference(image, size, 0.5), rtol=0, atol=1e-5)
+
+
+def test_colab_exact_matches_padded_reference_edge_cases():
+  """The separable operator vs the literal padded recipe, incl. 1-pixel images, sizes 1-2,
+  upsampling and kernels wider than the image (several mirror reflections)."""
+  rng = np.random.default_rng(0)
+  cases = [(1, 1, 1), (1, 1, 5), (2, 1, 1), (1, 7, 1), (3, 2, 1), (5, 9, 2), (13, 4, 3),
+           (1, 300, 7), (300, 1, 7), (65, 3, 16), (2, 2, 9), (9, 1, 2), (120, 80, 3)]
+  cases += [tuple(int(v) for v in rng.integers(1, 200, 2)) + (int(rng.integers(1, 90)),)
+            for _ in range(12)]
+  for h, w, size in cases:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    for pad_value in (0.5, 0.0, 0.9):
+      ours = pp.preprocess(image, size, pad_value=pad_value, exact=True)
+      ref = pp._colab_padded_reference(image, size, pad_value)  # pylint: disable=protected-access
+      np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=f"{h}x{w} -> {size}")
+
+
+@pytest.mark.parametrize("h, w, size", [(150, 230, 64), (211, 97, 96), (383, 100, 96),
+                                         (37, 53, 96)])
+def test_colab_fast_equals_exact_below_4x(h, w, size):
+  """No pre-reduction while max(H, W) < 4 * size: the default path is the exact one."""
+  assert pp._colab_cell_size(max(h, w), size) == 1  # pylint: disable=protected-access
+  image = _random_uint8(h, w, seed=3)
+  np.testing.assert_array_equal(pp.preprocess(image, size), pp.preprocess(image, size, exact=True))
+
+
+@pytest.mark.parametrize("cell", [2, 3, 5])
+@pytest.mark.parametrize("partial_first", [(False, False), (True, False), (False, True),
+                                           (True, True)])
+def test_colab_cells_exact_for_cell_constant_images(cell, partial_first):
+  """Summing the reference weights over each cell is exact when the image is constant on cells,
+  including an incomplete first or last cell and padding on either axis."""
+  rng = np.random.default_rng(cell)
+  for h, w, size in [(97, 61, 9), (23, 160, 13), (200, 199, 20)]:
+    offsets = [(-n) % cell if first else 0 for n, first in zip((h, w), partial_first)]
+    n_cells = [-(-(n + off) // cell) for n, off in zip((h, w), offsets)]
+    cells = rng.integers(0, 256, (*n_cells, 3), dtype=np.uint8)
+    rows = (np.arange(h) + offsets[0]) // cell
+    cols = (np.arange(w) + offsets[1]) // cell
+    full = cells[rows][:, cols]
+    ours = pp._colab_resize(  # pylint: disable=protected-access
+        cells, (h, w), size, 0.5, cell, partial_first)
+    ref = pp._colab_padded_reference(full, size, 0.5)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=f"{h}x{w} -> {size}")
+
+
+def test_colab_fast_close_to_exact_on_noise():
+  """Worst case for cells (independent random pixels); measured max 0.021, mean 0.0028."""
+  image = _random_uint8(600, 410, seed=11)
+  fast = pp.preprocess(image, 64)
+  assert pp._colab_cell_size(600, 64) == 4  # pylint: disable=protected-access
+  diff = np.abs(fast - pp.preprocess(image, 64, exact=True))
+  assert diff.max() < 0.05 and diff.mean() < 0.006, (diff.max(), diff.mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,6 +198,19 @@ def test_evaluator_layout_and_values():
   grey = pp.preprocess(image, 50, recipe="evaluator", pad_value=0.5)
   assert (grey[30:] == 0.5).all()
   np.testing.assert_array_equal(grey[:30], out[:30])
+
+
+@pytest.mark.parametrize("h, w, size", [(60, 100, 50), (1000, 31, 96), (31, 1000, 96),
+                                         (37, 53, 96)])
+def test_evaluator_uint8_gather_is_bit_identical(h, w, size):
+  """Gathering uint8 pixels before the float conversion changes nothing (and bounds memory)."""
+  image = _random_uint8(h, w, seed=h)
+  fit_h, fit_w = pp.evaluator_fit_size(h, w, size)
+  as_float = image.astype(np.float32) / np.float32(255.0)
+  expected = pp._resize_tf_bilinear(as_float, fit_h, fit_w)  # pylint: disable=protected-access
+  out = pp.preprocess(image, size, recipe="evaluator")
+  np.testing.assert_array_equal(out[:fit_h, :fit_w], expected)
+  np.testing.assert_array_equal(pp.preprocess(image, size, recipe="evaluator", exact=True), out)
 
 
 def test_evaluator_same_size_is_identity():

@@ -17,7 +17,9 @@ from clipcrop_jax.owlvit.image_query import embed_image_query
 from clipcrop_jax.owlvit.model import init_variables
 from clipcrop_jax.owlvit.model import TextZeroShotDetectionModule
 from clipcrop_jax.owlvit.preprocessing import boxes_cxcywh_to_pixels_xyxy
+from clipcrop_jax.owlvit.preprocessing import DEFAULT_MAX_PIXELS
 from clipcrop_jax.owlvit.preprocessing import ImageError
+from clipcrop_jax.owlvit.preprocessing import load_for_model
 from clipcrop_jax.owlvit.preprocessing import load_image
 from clipcrop_jax.owlvit.preprocessing import preprocess
 from clipcrop_jax.owlvit.tokenizer import tokenize
@@ -25,5 +27,6 @@ from clipcrop_jax.owlvit.tokenizer import tokenize
 __all__ = [
     'CheckpointError', 'load_checkpoint', 'save_scenic_checkpoint', 'CONFIGS', 'get_config',
     'OwlViTConfig', 'embed_image_query', 'init_variables', 'TextZeroShotDetectionModule',
-    'boxes_cxcywh_to_pixels_xyxy', 'ImageError', 'load_image', 'preprocess', 'tokenize',
+    'boxes_cxcywh_to_pixels_xyxy', 'DEFAULT_MAX_PIXELS', 'ImageError', 'load_for_model',
+    'load_image', 'preprocess', 'tokenize',
 ]
