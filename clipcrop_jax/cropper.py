@@ -103,13 +103,14 @@ class ClipCropper:
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
                zero_shot_mode: bool = False, model_id: str = '',
                keyword_pipeline: Optional[str] = keywords_lib.DEFAULT_PIPELINE,
-               nms_iou: float = DEFAULT_NMS_IOU):
+               nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None):
     self.config = config
     self.variables = variables
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
     self.keyword_pipeline = keyword_pipeline
     self.nms_iou = nms_iou
+    self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
     self.module = model_lib.ClipCrop(config)
     self.owl_module = owl_model.TextZeroShotDetectionModule(config.owlvit_config)
     self._owl_variables = {'params': variables['params']['owlvit']}
@@ -208,15 +209,24 @@ class ClipCropper:
   def encode(self, image: Any) -> Encoding:
     """Runs the image encoder once; pass the result to `crop` for any number of queries.
 
+    A path is decoded straight to the model's resolution (`preprocessing.load_for_model`: JPEG
+    draft decoding, EXIF orientation, the `max_pixels` limit); an array is preprocessed with the
+    fast (pixel-bounded) default of `preprocessing.preprocess`.
+
     Args:
       image: uint8 (H, W, 3) array, a path, or a list of those (-> list of Encodings).
     """
     if isinstance(image, (list, tuple)):
       return [self.encode(im) for im in image]
-    image = _as_uint8_image(image)
-    pixels = pp.preprocess(image, self.config.owlvit_config.image_size)[None]
-    encoded = owl_model.encode_images(self.owl_module, self._owl_variables, jnp.asarray(pixels))
-    return Encoding(image.shape[:2], encoded, self._encoder_key)
+    size = self.config.owlvit_config.image_size
+    if isinstance(image, (str, pathlib.Path)):
+      pixels, image_hw = pp.load_for_model(image, size, max_pixels=self.max_pixels)
+    else:
+      image = pp.to_uint8_rgb(np.asarray(image))
+      pixels, image_hw = pp.preprocess(image, size), image.shape[:2]
+    encoded = owl_model.encode_images(self.owl_module, self._owl_variables,
+                                      jnp.asarray(pixels[None]))
+    return Encoding(tuple(image_hw), encoded, self._encoder_key)
 
   def _cached(self, key: Any, compute) -> tuple[Any, Any]:
     """`compute()` memoised under `key` (LRU, QUERY_CACHE_SIZE entries)."""
@@ -234,7 +244,7 @@ class ClipCropper:
     if mode == 'base':
       return None, None
     if mode == 'image':
-      q_img = _as_uint8_image(query_image)
+      q_img = _as_uint8_image(query_image, self.max_pixels)
       box = None if query_box is None else tuple(float(v) for v in query_box)
       key = ('image', hashlib.sha1(q_img.tobytes()).hexdigest(), q_img.shape, box)
 
@@ -435,10 +445,10 @@ def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.Cli
                    f"'tiny' or an OWL-ViT config name ({', '.join(sorted(owl_configs.CONFIGS))})")
 
 
-def _as_uint8_image(image: Any) -> np.ndarray:
+def _as_uint8_image(image: Any, max_pixels: Optional[int] = None) -> np.ndarray:
   """A path (loaded, EXIF applied) or an array -> uint8 (H, W, 3); clear errors otherwise."""
   if isinstance(image, (str, pathlib.Path)):
-    return pp.load_image(image)
+    return pp.load_image(image, max_pixels=max_pixels)
   return pp.to_uint8_rgb(np.asarray(image))
 
 

@@ -537,3 +537,27 @@ def test_unloadable_checkpoint_is_one_line_and_leaves_no_output_folder(tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith('error:') and '\n' not in err
     assert not (tmp_path / 'o').exists()
+
+
+def test_pixel_limit_fails_only_that_image(cli, tmp_path):
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  _save(photos / 'big.png', 120, 180)  # 21600 px
+  _save(photos / 'small.png', 60, 80)  # 4800 px
+  assert cli('--image', photos, '--text', 'a red square', '--max-pixels', 10000,
+             '--out', tmp_path / 'o') == 1
+  report = _report(tmp_path / 'o')
+  assert [r['name'] for r in report['results']] == ['small']
+  assert 'above the decoding limit' in report['failed'][0]['error']
+
+
+def test_encode_from_a_path_matches_the_array_and_honours_the_limit(cropper, tmp_path):
+  path = _save(tmp_path / 'a.png', 100, 150)
+  by_path, by_array = cropper.encode(path), cropper.encode(np.asarray(Image.open(path)))
+  assert by_path.image_hw == by_array.image_hw == (100, 150)
+  np.testing.assert_allclose(by_path.encoded['pred_boxes'], by_array.encoded['pred_boxes'],
+                             atol=1e-6)
+  limited = cropper_lib.ClipCropper(CFG, cropper.variables, keyword_pipeline=None,
+                                    max_pixels=1000)
+  with pytest.raises(ValueError, match='a.png.*above the decoding limit'):
+    limited.encode(path)
