@@ -56,17 +56,21 @@ def _write_temp(path: pathlib.Path, data: bytes) -> str:
   return tmp
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` atomically (replacing it if it exists); returns the path."""
+def _publish(path: PathLike, data: bytes, place) -> pathlib.Path:
+  """Writes `data` to a temporary sibling, then `place(tmp, path)` makes it visible at once."""
   path = pathlib.Path(path)
   tmp = _write_temp(path, data)
   try:
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
+    place(tmp, path)
+  finally:
+    with contextlib.suppress(OSError):  # gone already after os.replace
       os.unlink(tmp)
-    raise
   return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
+  """Writes `data` to `path` atomically (replacing it if it exists); returns the path."""
+  return _publish(path, data, os.replace)
 
 
 def atomic_write_text(path: PathLike, text: str) -> pathlib.Path:
@@ -80,16 +84,10 @@ def create_new_bytes(path: PathLike, data: bytes) -> pathlib.Path:
   The content is complete before the name appears (temporary file + hard link), and an existing
   file, whoever made it, is never replaced.
   """
-  path = pathlib.Path(path)
-  tmp = _write_temp(path, data)
   try:
-    os.link(tmp, path)
+    return _publish(path, data, os.link)
   except FileExistsError:
     raise FileExistsError(f'{path}: already exists; not overwriting it') from None
-  finally:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-  return path
 
 
 def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
