@@ -23,8 +23,12 @@ token and its object's label, plus L1 and 1 - GIoU on the matched pairs; every t
 and divided by the number of real objects in the global batch.
 
 Outputs in the workdir: config.json, metrics.jsonl (+ TensorBoard), Orbax checkpoints (resumed
-automatically), and at the end `owlvit_checkpoint.msgpack`, a Scenic checkpoint that
-`clipcrop_jax.owlvit.load_checkpoint` reads.
+automatically from the newest step that restores; unusable newer steps are moved to
+checkpoints_unusable/, as in `train_lib.restore_latest`), and at the end
+`owlvit_checkpoint.msgpack`, a Scenic checkpoint that `clipcrop_jax.owlvit.load_checkpoint` reads.
+The config is checked first (`default_config.validate_config(config, workdir, task='detection')`);
+the command line prints a bad flag or config as one `error:` line (exit code 2) and a
+`train_lib.RunError` as one line (exit code 1).
 
 Config fields (`get_default_config`):
   seed, dtype ('float32' | 'bfloat16')
@@ -48,6 +52,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import sys
 from typing import Any, Iterator, Optional, Sequence
 import warnings
 
@@ -59,6 +64,8 @@ import numpy as np
 import optax
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import default_config
+from clipcrop_jax import fileio
 from clipcrop_jax import matching
 from clipcrop_jax import optim
 from clipcrop_jax import sharding as sharding_lib
@@ -522,6 +529,7 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
   `train_lib.NonFiniteLossError` on a NaN / Inf loss (that step is never checkpointed).
   """
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+  default_config.validate_config(config, workdir, task='detection')
   train_lib.write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   builder = train_lib.dataset_builder(config.dataset.name, config.dataset.data_dir)
@@ -533,13 +541,13 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Mesh %s; %s', dict(mesh.shape),
                optim.describe(abstract.params, config.optimizer.lr_multipliers))
 
-  manager = train_lib.checkpoint_manager(workdir, config)
-  last_good = manager.latest_step()
-  if last_good is not None:
-    state = train_lib.restore_checkpoint(manager, abstract)
-    logging.info('Resumed from %s at step %d', manager.directory, last_good)
+  state, last_good = train_lib.restore_latest(workdir, abstract, set_aside=True)
+  if state is not None:
+    logging.info('Resumed from %s at step %d', pathlib.Path(workdir) / train_lib.CHECKPOINT_DIR,
+                 last_good)
   else:
     state = load_owlvit_into(init(jax.random.PRNGKey(config.seed)), shardings, config)
+  manager = train_lib.checkpoint_manager(workdir, config)
   start = int(jax.device_get(state.step))
   end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
 
@@ -548,7 +556,7 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
                         loss_kw=loss_kwargs(config)),
       in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
       out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  logger = train_lib.MetricLogger(workdir)
+  logger = train_lib.MetricLogger(workdir, resume_step=start)
   eval_every = config.eval.every_steps if config.eval.split else -1
 
   def on_step(state, step):
@@ -577,8 +585,8 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
                    path)
       if config.eval.split:
         results = _evaluate(config, module, params, builder)
-        logger.write(total, results, kind='eval')
-        (pathlib.Path(workdir) / EVAL_FILE).write_text(json.dumps(results, indent=1))
+        logger.write(total, results, kind='eval', replace=True)  # a re-run evaluates again
+        fileio.atomic_write_text(pathlib.Path(workdir) / EVAL_FILE, json.dumps(results, indent=1))
         logging.info('Grounding on %s: accuracy %.3f (chance %.3f) over %d objects',
                      config.eval.split, results['accuracy'], results['chance'],
                      results['num_objects'])
@@ -587,8 +595,14 @@ def train_detection(config: ml_collections.ConfigDict, workdir: str,
 
 
 def main(argv) -> None:
-  del argv
-  config = _CONFIG.value
+  """The command line: one `error:` line for a bad config (exit 2) or a `RunError` (exit 1)."""
+  if len(argv) > 1:
+    default_config.usage_exit(f'unexpected arguments {argv[1:]}')
+  config, workdir = default_config.config_or_exit(_CONFIG), _WORKDIR.value
+  try:
+    default_config.validate_config(config, workdir, task='detection')
+  except default_config.ConfigError as e:
+    default_config.usage_exit(str(e))
   d = config.distributed
   if d.initialize:  # multi-host, as clipcrop_jax.main
     kwargs = {}
@@ -596,7 +610,11 @@ def main(argv) -> None:
       kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                     process_id=d.process_id)
     jax.distributed.initialize(**kwargs)
-  train_detection(config, _WORKDIR.value)
+  try:
+    train_detection(config, workdir)
+  except train_lib.RunError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
@@ -606,4 +624,4 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the export go here.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=default_config.parse_flags)

@@ -5,13 +5,19 @@
 
 `--config.<field>=value` overrides any field (the config is locked: a misspelt field is an error).
 `config.mode`: 'train', 'eval' (latest checkpoint of the workdir) or 'train_and_eval'. Re-running a
-command on the same workdir resumes from its latest checkpoint.
+command on the same workdir resumes from its newest usable checkpoint.
+
+Errors print one `error: ...` line on stderr, without a traceback: exit code 2 for a bad command
+line or config (unknown or misspelt flag or field, a value out of range, a workdir that is a file;
+checked by `default_config.validate_config` before any data or model is built), 1 for a run that
+cannot go on (`train_lib.RunError`: dataset not prepared, no usable checkpoint, non-finite loss).
 """
 
 from __future__ import annotations
 
 import logging as python_logging
 import os
+import sys
 from typing import Any
 
 from absl import app
@@ -21,7 +27,9 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
+from clipcrop_jax import default_config
+
+MODES = default_config.MODES
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -89,16 +97,26 @@ def mesh_of(state: Any) -> jax.sharding.Mesh:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError('--config and --workdir are required')
+    default_config.usage_exit(f'unexpected arguments {argv[1:]}')
+  config, workdir = default_config.config_or_exit(_CONFIG), _WORKDIR.value
+  if config is None or not workdir:
+    default_config.usage_exit('--config and --workdir are required')
+  try:
+    default_config.validate_config(config, workdir)
+  except default_config.ConfigError as e:
+    default_config.usage_exit(str(e))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep the accelerators for JAX
-  initialize_distributed(_CONFIG.value)
-  run(_CONFIG.value, _WORKDIR.value)
+  initialize_distributed(config)
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    run(config, workdir)
+  except train_lib.RunError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=default_config.parse_flags)

@@ -1,27 +1,42 @@
 """Sharded training of ClipCrop: state, train step, checkpoints, logging, the training loop.
 
 Lifecycle of `train(config, workdir)` (each step is a small top-level function a test can call):
+  0. `default_config.validate_config(config, workdir)`: a bad config fails here, in one line;
   1. mesh ('data', 'model') over all devices of all processes (`sharding.make_mesh`);
   2. shapes of the train state by `jax.eval_shape`, shardings by the config's rules, then the
      state is created directly sharded under `jit(out_shardings=...)`;
-  3. resume order: the latest checkpoint in `<workdir>/checkpoints` (params, optimizer state, step,
-     rng; the input position is the step) > `init_from.clipcrop` > `init_from.owlvit` (encoder
-     weights) > random init;
+  3. resume order: the newest checkpoint in `<workdir>/checkpoints` that restores (params,
+     optimizer state, step, rng; the input position is the step) > `init_from.clipcrop` >
+     `init_from.owlvit` (encoder weights) > random init. Step folders are tried newest first; an
+     unusable one (empty, truncated, corrupt) is logged with the reason and moved to
+     `<workdir>/checkpoints_unusable/<N>` (never deleted), so that Orbax neither skips the
+     re-saved step nor garbage-collects a good step in its place (`restore_latest`). When step
+     folders exist but none restores, `CheckpointRestoreError` lists them and nothing is moved.
+     `<workdir>/metrics.jsonl` is rewritten (atomically) without the records of steps after the
+     resumed one, so that it holds one record per (step, kind);
   4. `jit(train_step, donate_argnums=0)` on global batches (every process feeds its own part);
   5. every `log_every_steps`: a progress line (step, loss, steps/s, ETA), TensorBoard summaries
      (clu metric writers) and `<workdir>/metrics.jsonl`; every `checkpoint.every_steps` and at the
      end: an Orbax checkpoint (keep the last `checkpoint.keep`); a non-finite loss stops training
      with an error and is never checkpointed;
   6. at the end the trained model is exported as a `ClipCropper` directory `<workdir>/clipcrop`.
+
+Errors a user can act on (no usable checkpoint, dataset not prepared, a non-finite loss) are
+`RunError`s: the command lines print their message as one line, without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import inspect
 import json
+import logging as python_logging
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -34,6 +49,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from clipcrop_jax import default_config
+from clipcrop_jax import fileio
 from clipcrop_jax import losses as losses_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import optim
@@ -44,10 +61,32 @@ CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 EXPORT_DIR = 'clipcrop'
 CHECKPOINT_DIR = 'checkpoints'
+UNUSABLE_CHECKPOINT_DIR = 'checkpoints_unusable'
+# After a failed restore, how long its abandoned reads get to end quietly (`_restore_step`).
+ABANDONED_READS_SETTLE_S = 1.0
 
 
-class NonFiniteLossError(FloatingPointError):
+class RunError(Exception):
+  """A run cannot start or go on for a reason the user can act on (not a bug in this code).
+
+  The command lines print the message as one `error:` line (exit code 1), without a traceback.
+  """
+
+
+class NonFiniteLossError(RunError, FloatingPointError):
   """The training loss became NaN or Inf."""
+
+
+class CheckpointRestoreError(RunError):
+  """`<workdir>/checkpoints` has step folders but none of them restores."""
+
+
+class NoCheckpointError(RunError, FileNotFoundError):
+  """`<workdir>/checkpoints` has no step folder (evaluation of an untrained workdir)."""
+
+
+class DatasetNotPreparedError(RunError, FileNotFoundError):
+  """The TFDS dataset a config names is not prepared in its data_dir."""
 
 
 @flax.struct.dataclass
@@ -96,7 +135,7 @@ def dataset_builder(name: str, data_dir: str):
   if not versions:
     folder = name.split('/')[0]
     folder = 'synthetic' if folder == 'synthetic_crops' else folder
-    raise FileNotFoundError(
+    raise DatasetNotPreparedError(
         f'dataset {name!r} is not prepared in {root.parent}; build it with `python -m '
         f'clipcrop_jax.build_dataset datasets/{folder}'
         + (f' --config {name.split("/")[1]}' if '/' in name else '')
@@ -291,8 +330,12 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
 
 
 def save_checkpoint(manager, state: TrainState) -> None:
+  """Saves `state` at its step; raises if Orbax skips it (it does when a step >= it exists)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state))
+  step = int(jax.device_get(state.step))
+  if manager.save(step, args=ocp.args.StandardSave(state)) is False:
+    raise RuntimeError(f'Orbax did not save step {step} in {manager.directory}: it already holds '
+                       f'step {manager.latest_step()}')
   manager.wait_until_finished()
 
 
@@ -302,6 +345,158 @@ def restore_checkpoint(manager, abstract_state: TrainState, step: Optional[int] 
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   step = manager.latest_step() if step is None else step
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The step folders `<workdir>/checkpoints/<N>` on disk, ascending (usable or not)."""
+  directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _error_summary(error: BaseException) -> str:
+  """'Type: first line' of the innermost cause of `error` (Orbax wraps TensorStore's errors)."""
+  seen = set()
+  while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  text = f'{type(error).__name__}: {lines[0].strip()}' if lines else type(error).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _abandoned_read(report: Any) -> bool:
+  """An "Exception ignored" report left by a read of a failed Orbax restore."""
+  return inspect.iscoroutine(report.object) or (
+      isinstance(report.exc_value, RuntimeError) and 'Event loop is closed' in str(
+          report.exc_value))
+
+
+def _unretrieved_read_error(record: python_logging.LogRecord) -> bool:
+  """asyncio's log line for a failed read whose error nobody awaited (a failed Orbax restore)."""
+  return record.getMessage().split('\n', 1)[0].endswith('exception was never retrieved')
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[Callable[[], None]]:
+  """Silences the reads a failed Orbax restore abandons, then frees them.
+
+  When one read of a step fails, Orbax closes its event loop with the other reads pending. Left
+  alone, they print tracebacks at random later times: "Exception ignored" reports (TensorStore
+  callbacks finding the loop closed; the coroutines when garbage-collected) and asyncio's
+  "exception was never retrieved" log lines. Within this block those are dropped (any other
+  report or log line passes). The block yields `settle`, which gives the stragglers
+  `ABANDONED_READS_SETTLE_S` to end and collects them; one that ends later still prints.
+  """
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda report: None if _abandoned_read(report) else hook(report)
+  asyncio_logger = python_logging.getLogger('asyncio')
+  log_filter = lambda record: not _unretrieved_read_error(record)
+  asyncio_logger.addFilter(log_filter)
+
+  def settle():
+    time.sleep(ABANDONED_READS_SETTLE_S)
+    gc.collect()
+
+  try:
+    yield settle
+  finally:
+    asyncio_logger.removeFilter(log_filter)
+    sys.unraisablehook = hook
+
+
+def _restore_step(checkpointer, step_dir: pathlib.Path, abstract_state: TrainState
+                  ) -> tuple[Optional[TrainState], Optional[str]]:
+  """(state, None) from one step folder, restored as `CheckpointManager` does, or (None, why)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if not any(step_dir.iterdir()):
+    return None, 'empty folder'
+  reason = None
+  with _quiet_abandoned_reads() as settle:
+    try:
+      restored = checkpointer.restore(
+          step_dir, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _error_summary(e)
+    if reason is not None:  # outside the `except`: its traceback no longer holds the reads
+      settle()
+  if reason is not None:
+    return None, reason
+  state = restored['default']
+  found = int(jax.device_get(state.step))
+  if found != int(step_dir.name):
+    return None, f'holds step {found}'
+  return state, None
+
+
+def _set_aside(workdir: str, failed: list[tuple[int, str]]) -> None:
+  """Moves unusable step folders to `<workdir>/checkpoints_unusable/<N>[.k]` (process 0)."""
+  if jax.process_index() == 0:
+    root = pathlib.Path(workdir) / UNUSABLE_CHECKPOINT_DIR
+    root.mkdir(exist_ok=True)
+    for step, reason in failed:
+      target, k = root / str(step), 1
+      while target.exists():
+        target, k = root / f'{step}.{k}', k + 1
+      os.rename(pathlib.Path(workdir) / CHECKPOINT_DIR / str(step), target)
+      logging.warning('Moved the unusable checkpoint step %d (%s) to %s; nothing was deleted. '
+                      'Training goes on and saves step %d again.', step, reason, target, step)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('clipcrop_set_aside_checkpoints')
+
+
+def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
+                   ) -> tuple[Optional[TrainState], Optional[int]]:
+  """The newest checkpoint of `<workdir>/checkpoints` that restores, as (state, step).
+
+  Step folders are listed here (not by Orbax's CheckpointManager, which an empty or corrupt step
+  folder confuses) and tried newest first. A folder that does not restore (empty, truncated or
+  corrupt files, other shapes, a different step inside) is logged with the reason and the
+  previous step is tried.
+
+  Args:
+    workdir: the run's workdir.
+    abstract_state: shapes, dtypes and shardings to restore into.
+    set_aside: True when the caller will save checkpoints again (training): the unusable folders
+      newer than the restored step are then moved to `<workdir>/checkpoints_unusable/<N>` (never
+      deleted), since Orbax would otherwise skip saving any step up to theirs and, with
+      `checkpoint.keep`, garbage-collect good steps while keeping them. False (evaluation)
+      changes nothing on disk.
+
+  Returns:
+    (state, step), or (None, None) when there is no step folder at all.
+
+  Raises:
+    CheckpointRestoreError: step folders exist but none restores (one line listing every step
+      and why; nothing is moved).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(workdir) / CHECKPOINT_DIR
+  failed: list[tuple[int, str]] = []
+  state, restored_step = None, None
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    for step in reversed(checkpoint_steps(workdir)):
+      state, reason = _restore_step(checkpointer, directory / str(step), abstract_state)
+      if state is not None:
+        restored_step = step
+        break
+      failed.append((step, reason))
+      logging.warning('Checkpoint step %d in %s is unusable (%s); trying the previous step.',
+                      step, directory, reason)
+  finally:
+    checkpointer.close()
+  if state is None and failed:
+    raise CheckpointRestoreError(
+        f'no usable checkpoint in {directory}: '
+        + '; '.join(f'step {s}: {r}' for s, r in failed)
+        + ' (nothing was moved or deleted; repair or remove these step folders, or use a new '
+        'workdir)')
+  if failed and set_aside:
+    _set_aside(workdir, failed)
+  return state, restored_step
 
 
 def _place(tree: Any, shardings: Any) -> Any:
@@ -352,12 +547,49 @@ def load_trained_params(path: str) -> tuple[model_lib.ClipCropConfig, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-class MetricLogger:
-  """TensorBoard (clu metric writers) + `<workdir>/metrics.jsonl`; only process 0 writes files."""
+def _rewrite_jsonl(path: pathlib.Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+  """Atomically rewrites a JSONL file with the records `keep` accepts; returns how many it dropped.
 
-  def __init__(self, workdir: str):
+  A line that does not parse (torn by a killed process) is dropped too.
+  """
+  if not path.is_file():
+    return 0
+  text = path.read_text(encoding='utf-8')
+  kept, dropped = [], 0
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      ok = bool(keep(json.loads(line)))
+    except (ValueError, KeyError, TypeError):
+      ok = False
+    if ok:
+      kept.append(line + '\n')
+    else:
+      dropped += 1
+  if dropped or (text and not text.endswith('\n')):
+    fileio.atomic_write_text(path, ''.join(kept))
+  return dropped
+
+
+class MetricLogger:
+  """TensorBoard (clu metric writers) + `<workdir>/metrics.jsonl`; only process 0 writes files.
+
+  `resume_step`: the step training goes on from. Records of later steps in metrics.jsonl (written
+  by an interrupted run after its last usable checkpoint; this run writes them again) are dropped,
+  so that the file holds one record per (step, kind). TensorBoard event files are append-only:
+  they keep both (TensorBoard shows the newest).
+  """
+
+  def __init__(self, workdir: str, resume_step: Optional[int] = None):
     self.is_main = jax.process_index() == 0
     self.jsonl = pathlib.Path(workdir) / METRICS_FILE if self.is_main else None
+    if self.jsonl is not None and resume_step is not None:
+      dropped = _rewrite_jsonl(self.jsonl, lambda r: int(r['step']) <= resume_step)
+      if dropped:
+        logging.info('%s: dropped %d record(s) after step %d (the interrupted run wrote them '
+                     'after its last usable checkpoint; they are written again)', self.jsonl,
+                     dropped, resume_step)
     try:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self.writer = metric_writers.create_default_writer(
@@ -367,11 +599,15 @@ class MetricLogger:
                       '"clipcrop-jax[train]")')
       self.writer = None
 
-  def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
+  def write(self, step: int, scalars: dict[str, float], kind: str = 'train',
+            replace: bool = False) -> None:
+    """Logs `scalars` at `step`; `replace` first drops an earlier (step, kind) record."""
     scalars = {k: float(v) for k, v in scalars.items()}
     if self.writer is not None:
       self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()})
     if self.jsonl is not None:
+      if replace:
+        _rewrite_jsonl(self.jsonl, lambda r: (r['step'], r['kind']) != (step, kind))
       with self.jsonl.open('a') as f:
         f.write(json.dumps({'step': step, 'kind': kind, **scalars}) + '\n')
 
@@ -424,9 +660,11 @@ def setup_state(config: ml_collections.ConfigDict, model: model_lib.ClipCrop, me
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`<workdir>/config.json` (atomically: a reader never sees half of it), process 0."""
   if jax.process_index() == 0:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1))
+    fileio.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE,
+                             config.to_json_best_effort(indent=1))
 
 
 def export_cropper(state: TrainState, model: model_lib.ClipCrop, workdir: str,
@@ -507,7 +745,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     eval_fn: called as eval_fn(state, step) every `eval.every_steps` (> 0).
     max_steps_this_run: stop (after checkpointing) when this many steps ran in this call; the
       schedule still spans the whole run (used to test interrupted runs).
+
+  Raises:
+    default_config.ConfigError: invalid config or workdir (before anything is built).
+    CheckpointRestoreError: checkpoints exist but none restores.
+    NonFiniteLossError: the loss became NaN / Inf (the last good checkpoint is kept).
   """
+  default_config.validate_config(config, workdir)
   write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   builder = dataset_builder(config.dataset.name, config.dataset.data_dir)
@@ -517,23 +761,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Mesh %s; %s', dict(mesh.shape), optim.describe(abstract.params,
                                                                 config.optimizer.lr_multipliers))
 
-  manager = checkpoint_manager(workdir, config)
-  last_good = manager.latest_step()
-  if last_good is not None:
-    state = restore_checkpoint(manager, abstract)
-    logging.info('Resumed from %s at step %d', manager.directory, last_good)
+  state, last_good = restore_latest(workdir, abstract, set_aside=True)
+  if state is not None:
+    logging.info('Resumed from %s at step %d', os.path.join(workdir, CHECKPOINT_DIR), last_good)
   else:
     state = init(jax.random.PRNGKey(config.seed))
     state = load_params_into(state, shardings, config)
   start = int(jax.device_get(state.step))
   if start >= total:
     logging.info('Training already finished (step %d of %d)', start, total)
-    manager.close()
     return state
 
+  manager = checkpoint_manager(workdir, config)
   step_fn = make_step_fn(config, model, optimizer, schedule, shardings, mesh)
   batches = make_train_iterator(config, builder, mesh, start)
-  logger = MetricLogger(workdir)
+  logger = MetricLogger(workdir, resume_step=start)
   end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
 
   def on_step(state, step):
@@ -557,14 +799,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, Any]:
-  """(state restored from the latest checkpoint in workdir, mesh) for evaluation-only runs."""
+  """(state of the newest usable checkpoint in workdir, mesh) for evaluation-only runs.
+
+  Unusable newer steps are logged and skipped, never moved (`restore_latest`).
+  """
+  default_config.validate_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   model = build_model(config)
   abstract, *_ = setup_state(config, model, mesh, max(1, config.num_train_steps))
-  manager = checkpoint_manager(workdir, config)
-  if manager.latest_step() is None:
-    manager.close()
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
-  state = restore_checkpoint(manager, abstract)
-  manager.close()
+  state, step = restore_latest(workdir, abstract, set_aside=False)
+  if state is None:
+    raise NoCheckpointError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} (train '
+                            'first, or point --workdir at a trained run)')
+  logging.info('Restored %s at step %d', os.path.join(workdir, CHECKPOINT_DIR), step)
   return state, mesh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import pickle
 import re
@@ -111,6 +112,23 @@ def test_saved_layouts_use_legacy_names(tiny_variables, tmp_path):
     assert set(blocks) == {block0, block0[:-1] + '1'}
     assert set(blocks[block0]) == {ln[0], ln[1], 'attn', 'mlp'}
     assert 'resblocks.0' in raw['backbone']['clip']['text']['transformer'] or layout == 'current'
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_saved_checkpoint_has_normal_permissions_and_no_leftovers(tiny_variables, tmp_path, umask):
+  """0666 & ~umask like any new file (mkstemp's 0600 made converted checkpoints unreadable to
+  others), written atomically over an existing file, no temporary file left behind."""
+  old = os.umask(umask)
+  try:
+    path = tmp_path / 'out' / 'tiny.msgpack'
+    path.parent.mkdir()
+    path.write_bytes(b'an older checkpoint')
+    assert ck.save_scenic_checkpoint(tiny_variables, path) == path
+  finally:
+    os.umask(old)
+  assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+  assert [p.name for p in path.parent.iterdir()] == ['tiny.msgpack']
+  _assert_same_params(ck.load_checkpoint(path)[1], tiny_variables)
 
 
 def test_legacy_layernorms_detected_by_ln2_not_by_key_style(tiny_variables, tmp_path):

@@ -309,3 +309,120 @@ def test_sweep_signature():
   # get_hyper(h) only takes the helper.
   for path in _sweep_files():
     assert list(inspect.signature(_load_module(path).get_hyper).parameters) == ['h']
+
+
+# ------------------------------------------------------------------------------------------------
+# validate_config and the command-line flag errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def _task(config):
+  return 'clipcrop' if 'mode' in config else 'detection'
+
+
+@pytest.mark.parametrize('path,arg', _cases())
+def test_every_config_file_validates(path, arg, tmp_path):
+  config = load_config(path, arg)
+  default_config.validate_config(config, str(tmp_path / 'new' / 'workdir'), task=_task(config))
+
+
+def _tiny():
+  return load_config(CONFIG_DIR / 'tiny.py')
+
+
+@pytest.mark.parametrize('field,value,expected', [
+    ('mode', 'trian', "mode='trian': expected one of"),
+    ('batch_size', -1, 'batch_size=-1: expected an integer >= 1'),
+    ('batch_size', 0, 'batch_size=0: expected an integer >= 1'),
+    ('num_train_steps', -1, 'no training length'),  # with num_epochs = 0 below
+    ('checkpoint.every_steps', 0, 'checkpoint.every_steps=0'),
+    ('checkpoint.keep', 0, 'checkpoint.keep=0'),
+    ('checkpoint.data_resume', 'rewind', "checkpoint.data_resume='rewind'"),
+    ('log_every_steps', 0, 'log_every_steps=0'),
+    ('dtype', 'float16', "dtype='float16'"),
+    ('optimizer.b2', 1.0, 'optimizer.b2=1.0: expected a number in [0, 1)'),
+    ('optimizer.warmup_steps', 50, 'optimizer.warmup_steps=50: longer than num_train_steps=2'),
+    ('optimizer.lr_multipliers', (('owlvit/(', 0.0),), 'optimizer.lr_multipliers='),
+    ('dataset.mosaic_probs', (0.5, 0.6, 0.0), 'dataset.mosaic_probs='),
+    ('dataset.max_crops', 0, 'dataset.max_crops=0'),
+    ('dataset.data_dir', '/no/such/dir', "dataset.data_dir='/no/such/dir': no such directory"),
+    ('init_from.clipcrop', '/no/such/run', "init_from.clipcrop='/no/such/run'"),
+    ('loss.score_min', 5.0, 'loss.score_min=5.0: must be < loss.score_max=5.0'),
+    ('sharding.mesh_shape', (-1, -1), 'sharding.mesh_shape=(-1, -1)'),
+    ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
+    ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),
+    ('eval.baselines', ('full_image', 'oracle'), 'eval.baselines='),
+    ('eval.datasets', (), 'eval.datasets=(): expected (tfds name, split) pairs, at least one'),
+])
+def test_validate_config_names_the_bad_field(field, value, expected):
+  config = _tiny()
+  if field == 'num_train_steps':
+    config.num_epochs = 0
+  node = config
+  *parents, leaf = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(default_config.ConfigError) as err:
+    default_config.validate_config(config)
+  message = str(err.value)
+  assert '\n' not in message and message.startswith('invalid config: ')
+  assert expected in message
+
+
+def test_validate_config_lists_every_problem_and_checks_detection():
+  config = _tiny()
+  config.batch_size, config.log_every_steps = -2, 0
+  with pytest.raises(default_config.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
+    default_config.validate_config(config)
+  from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
+  det = detection_train.get_default_config()
+  default_config.validate_config(det, task='detection')
+  det.loss.focal_alpha, det.dataset.label_templates = 1.5, ('a cat',)
+  with pytest.raises(default_config.ConfigError,
+                     match=r'label_templates=.*; loss.focal_alpha=1.5'):
+    default_config.validate_config(det, task='detection')
+  synthetic = load_config(CONFIG_DIR / 'synthetic.py')
+  synthetic.pipeline.owlvit.batch_size = 0
+  with pytest.raises(default_config.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
+    default_config.validate_config(synthetic)
+
+
+def test_validate_config_workdir(tmp_path):
+  config = _tiny()
+  default_config.validate_config(config, str(tmp_path))  # exists
+  default_config.validate_config(config, str(tmp_path / 'a' / 'b'))  # creatable
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(default_config.ConfigError, match='exists and is not a directory'):
+    default_config.validate_config(config, str(tmp_path / 'file'))
+  with pytest.raises(default_config.ConfigError, match='cannot be created, .*file is a file'):
+    default_config.validate_config(config, str(tmp_path / 'file' / 'sub'))
+  if os.geteuid() != 0:  # root may write anywhere
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    with pytest.raises(default_config.ConfigError, match='is not writable'):
+      default_config.validate_config(config, str(locked / 'run'))
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.foo=1', "--config.foo: the config has no field 'foo' (fields of the config: "),
+    ('--config.optimizer.learning_rat=1.0', "--config.optimizer.learning_rat: config.optimizer "
+     "has no field 'learning_rat' (did you mean learning_rate, end_learning_rate?)"),
+    ('--config.batch_size=abc', "flag --config.batch_size=abc: invalid literal for int()"),
+])
+def test_flag_error_message_names_the_field(override, expected):
+  argv = ['main', f'--config={CONFIG_DIR / "tiny.py"}', override]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  with pytest.raises(Exception) as err:  # pylint: disable=broad-except
+    fv(argv)
+  message = default_config.flag_error_message(err.value, argv, fv)
+  assert '\n' not in message and message.startswith(expected), message
+
+
+def test_validation_names_match_the_modules_that_use_them():
+  from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
+  assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
+  assert main.MODES == default_config.MODES

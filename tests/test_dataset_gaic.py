@@ -221,6 +221,10 @@ def _parse(tmp_path, text, h=40, w=64, skip=False):
     ('-2 8 20 48 3.0', 'outside'),
     ('4 8 4 48 3.0', 'empty box'),
     ('4 48 20 8 3.0', 'empty box'),
+    ('4 8 20 48 99', r'score 99 is outside \[1, 5\]'),  # would train as (99 - 1) / 4 = 24.5
+    ('4 8 20 48 0.5', r'score 0.5 is outside \[1, 5\]'),
+    ('4 8 20 48 5.01', r'score 5.01 is outside \[1, 5\]'),
+    ('4 8 20 48 -1', r'score -1 is outside \[1, 5\]'),  # only -2 means "ignore"
 ])
 def test_bad_line_names_file_and_line(tmp_path, bad_line, reason):
   with pytest.raises(F.BadDataError, match=reason) as e:
@@ -240,6 +244,14 @@ def test_bad_lines_skipped_and_counted(tmp_path):
       skip=True)
   assert len(crops) == 1
   assert report.counts == {'malformed_line': 2, 'out_of_bounds': 1, 'empty_box': 1}
+
+
+def test_score_range_is_closed_and_minus_two_ignored(tmp_path):
+  crops, report = _parse(tmp_path, '0 0 40 64 1\n0 0 40 64 5\n0 0 40 64 -2\n0 0 40 64 7\n',
+                         skip=True)
+  np.testing.assert_allclose([c[F.CROP_SCORE] for c in crops], [1.0, 5.0])
+  assert report.counts == {'score_out_of_range': 1}
+  assert '123.txt:4: score 7 is outside [1, 5]' in report.examples[0]
 
 
 # --- bad data end to end ---------------------------------------------------------------------
@@ -297,6 +309,51 @@ def test_skip_mode_counts(tmp_path):
   assert len(examples(builder, 'train')['100002'][F.CROPS][F.CROP_SCORE]) == 1
 
 
+# --- one stem, one image: annotations are matched unambiguously ------------------------------
+
+
+def test_image_stem_clash_names_both_files(tmp_path):
+  root = make_journal(tmp_path / 'raw')
+  # x.jpg and x.png: which one does x.txt annotate? Before, the last one silently won.
+  _write_jpeg(root / 'images/train/100001.png', 64, 40)
+  with pytest.raises(F.BadDataError, match='share the stem') as e:
+    build(tmp_path, tmp_path / 'raw')
+  assert '100001.jpg and 100001.png' in str(e.value)
+
+
+def test_stem_clashes_skipped_and_counted(tmp_path):
+  root = make_journal(tmp_path / 'raw')
+  _write_jpeg(root / 'images/train/100001.png', 64, 40)
+  (root / 'annotations/val/200002.TXT').write_text('0 0 36 54 2.0\n')  # beside 200002.txt
+  builder = build(tmp_path, tmp_path / 'raw', skip_bad_data=True)
+  assert builder.skip_reports['train'].counts == {'ambiguous_image': 1}
+  assert builder.skip_reports['val'].counts == {'ambiguous_annotation': 1}
+  assert builder.skip_reports['test'].counts == {}
+  assert sorted(examples(builder, 'train')) == ['100002', '100003']
+  assert sorted(examples(builder, 'val')) == ['200001']
+
+
+def test_annotation_stem_clash_raises(tmp_path):
+  root = make_journal(tmp_path / 'raw')
+  (root / 'annotations/val/200002.TXT').write_text('0 0 36 54 2.0\n')
+  with pytest.raises(F.BadDataError, match='two annotation files') as e:
+    build(tmp_path, tmp_path / 'raw')
+  assert '200002.TXT' in str(e.value) and '200002.txt' in str(e.value)
+
+
+def test_conference_stem_in_two_splits_is_ambiguous(tmp_path):
+  root = make_conference(tmp_path / 'raw', captions=False)
+  # The flat annotations/100001.txt would annotate both images.
+  _write_jpeg(root / 'images/test/100001.jpg', 40, 64)
+  with pytest.raises(F.BadDataError, match='matches .*train/100001.jpg and .*test/100001.jpg'):
+    build(tmp_path, tmp_path / 'raw', config='conference')
+  builder = build(tmp_path / 'skip', tmp_path / 'raw', config='conference', skip_bad_data=True)
+  assert builder.skip_reports['train'].counts == {'ambiguous_image': 1}
+  assert builder.skip_reports['test'].counts == {'ambiguous_image': 1}
+  assert sorted(examples(builder, 'train')) == ['100002']
+  assert sorted(examples(builder, 'test')) == ['200001', '300002']
+
+
 def test_skip_mode_from_env(monkeypatch):
   monkeypatch.setenv(gaic.SKIP_ENV_VAR, '1')
   assert gaic.Gaic(data_dir='/nonexistent-unused', config='journal').skip_bad_data
@@ -342,6 +399,28 @@ def test_tfds_build_cli(tmp_path):
          else [sys.executable, '-m', 'tensorflow_datasets.scripts.cli.main'])
   _run_build(cmd + ['build'], tmp_path, tmp_path / 'data')
   _check_built(tmp_path / 'data', {'train': 3, 'val': 2, 'test': 2})
+
+
+def test_build_command_errors_are_one_line(tmp_path):
+  """Bad data: `error: <file:line: why>`, exit 1; a missing --manual_dir: exit 2; no traceback."""
+  root = make_journal(tmp_path / 'raw')
+  (root / 'annotations/train/100002.txt').write_text('0 0 48 32 4.0\n0 0 48 32 99\n')
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop(gaic.SKIP_ENV_VAR, None)
+  cmd = [sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/gaic', '--config',
+         'journal', f'--data_dir={tmp_path / "data"}']
+  bad = subprocess.run(cmd + [f'--manual_dir={tmp_path / "raw"}'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1, bad.stderr[-3000:]
+  assert 'Traceback' not in bad.stderr
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and '100002.txt:2: score 99 is outside [1, 5]' in last
+  missing = subprocess.run(cmd + [f'--manual_dir={tmp_path / "nope"}'], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2 and 'Traceback' not in missing.stderr
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f'error: --manual_dir={tmp_path / "nope"}: no such folder (see the dataset README for its '
+      'raw files)')
 
 
 @pytest.mark.slow

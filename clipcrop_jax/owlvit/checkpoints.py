@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 from typing import Any, Mapping, Optional, Union
 
 from absl import logging
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipcrop_jax import fileio
 from clipcrop_jax.owlvit.configs import CONFIGS, HEAD_DIM, OwlViTConfig, get_config
 
 PathLike = Union[str, os.PathLike]
@@ -819,16 +819,6 @@ def save_scenic_checkpoint(variables_or_params: Mapping[str, Any], path: PathLik
   data = flax.serialization.msgpack_serialize(tree)
   path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  # Atomic, with a normal new file's permissions (0666 & ~umask; mkstemp alone gives 0600).
+  return fileio.atomic_write_bytes(path, data)
 

@@ -30,6 +30,9 @@ SKIP_ENV_VAR = 'CLIPCROP_SKIP_BAD_DATA'
 BOUNDS_TOLERANCE_PX = 1.0
 # GAIC's sentinel score for "ignore this crop".
 IGNORE_SCORE = -2.0
+# Every other score is a mean opinion score on GAIC's 1..5 scale; anything else is bad data
+# (training maps a score s to (s - 1) / 4 without clipping).
+SCORE_MIN, SCORE_MAX = 1.0, 5.0
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 TEXT_DIR = 'GAIC-Text-Annotations'
 # ClipCrop caption file -> split of the journal version ("valid" is GAIC's "val").
@@ -77,23 +80,33 @@ def _is_image(name: str) -> bool:
   return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_images(folder: str) -> dict[str, str]:
-  """{stem: filename} of the image files directly inside `folder`."""
+def _list_images(folder: str) -> dict[str, list[str]]:
+  """{stem: [filenames]} of the image files directly inside `folder` (sorted).
+
+  An annotation `<stem>.txt` belongs to the image `<stem>.<ext>`: two images with one stem
+  (`x.jpg` and `x.png`) make that match ambiguous (`_split_clashes`).
+  """
   out = {}
   for name in sorted(os.listdir(folder)):
     if _is_image(name) and os.path.isfile(os.path.join(folder, name)):
-      out[os.path.splitext(name)[0]] = name
+      out.setdefault(os.path.splitext(name)[0], []).append(name)
   return out
 
 
-def _list_txt(folder: str) -> dict[str, str]:
-  """{stem: path} of the *.txt files directly inside `folder`."""
+def _list_txt(folder: str) -> dict[str, list[str]]:
+  """{stem: [paths]} of the *.txt files directly inside `folder` (`x.txt` and `x.TXT` clash)."""
   out = {}
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
     if not name.startswith('.') and name.lower().endswith('.txt') and os.path.isfile(path):
-      out[os.path.splitext(name)[0]] = path
+      out.setdefault(os.path.splitext(name)[0], []).append(path)
   return out
+
+
+def _split_clashes(files: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+  """({stem: file} of the stems with one file, {stem: files} of the stems with several)."""
+  unique = {stem: names[0] for stem, names in files.items() if len(names) == 1}
+  return unique, {stem: names for stem, names in files.items() if len(names) > 1}
 
 
 def parse_annotation_file(path: str, height: int, width: int, report: F.SkipReport,
@@ -128,6 +141,12 @@ def parse_annotation_file(path: str, height: int, width: int, report: F.SkipRepo
       continue
     y1, x1, y2, x2, score = values
     if score == IGNORE_SCORE:
+      continue
+    if not SCORE_MIN <= score <= SCORE_MAX:
+      report.handle(F.BadDataError(
+          f'{where}: score {score:g} is outside [{SCORE_MIN:g}, {SCORE_MAX:g}] (GAIC mean '
+          f'opinion scores; {IGNORE_SCORE:g} = ignore)'),
+          skip_bad_data, 'score_out_of_range')
       continue
     tol = BOUNDS_TOLERANCE_PX
     if (min(y1, x1, y2, x2) < -tol or max(y1, y2) > height + tol
@@ -279,7 +298,7 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
               if layout == 'journal' else 'images/{train,test}/ and a flat annotations/')
       raise F.BadDataError(
           f'{manual_dir}: no folder (up to two levels down) has the GAIC {layout} layout '
-          f'({want}).\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+          f'({want}); see datasets/gaic/README.md (Gaic.MANUAL_DOWNLOAD_INSTRUCTIONS)')
     return found[0]
 
   def _find_text_dir(self, manual_dir: str, root: str) -> str | None:
@@ -345,25 +364,67 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
         for split in self._split_names
     }
 
+  def _match_files(self, split: str, image_dir: str, annotation_dir: str, report: F.SkipReport
+                   ) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str], set[str]]:
+    """Pairs images and annotation files by stem; every ambiguous stem is reported.
+
+    Annotations are matched to images by file stem, so a stem must name one image and one
+    annotation file (and, with the flat conference annotation folder, one split): a clash is bad
+    data. The image is skipped in skip mode, never guessed.
+
+    Returns:
+      (all image files {stem: [names]}, unambiguous images {stem: name}, annotations
+      {stem: path}, the stems already reported).
+    """
+    skip = self.skip_bad_data
+    all_files = _list_images(image_dir)
+    images, clashes = _split_clashes(all_files)
+    annotations, ann_clashes = _split_clashes(_list_txt(annotation_dir))
+    conference = self.builder_config.layout != 'journal'
+    images_root = os.path.dirname(image_dir)
+    other_splits = {s: _list_images(os.path.join(images_root, s))
+                    for s in self._split_names if conference and s != split}
+    for stem, names in sorted(clashes.items()):
+      report.handle(F.BadDataError(
+          f'{image_dir}: {" and ".join(names)} share the stem {stem!r}, so {stem}.txt cannot be '
+          'matched to one image; rename or remove one of them'), skip, 'ambiguous_image')
+    known_stems = set(all_files).union(*other_splits.values())
+    for stem, paths in sorted(ann_clashes.items()):
+      # Reported in the split of its image (conference: in the first split when it has none).
+      if stem in all_files or (stem not in known_stems and split == self._split_names[0]):
+        report.handle(F.BadDataError(
+            f'{" and ".join(paths)}: two annotation files for the image stem {stem!r}; remove '
+            'one of them'), skip, 'ambiguous_annotation')
+    for other, files in other_splits.items():
+      for stem in sorted(set(images) & set(files)):
+        report.handle(F.BadDataError(
+            f'{annotations.get(stem, stem + ".txt")}: matches {images_root}/{split}/'
+            f'{images[stem]} and {images_root}/{other}/{files[stem][0]}; the flat conference '
+            'annotation folder needs a distinct stem per image'), skip, 'ambiguous_image')
+    images = {stem: name for stem, name in images.items()
+              if stem not in ann_clashes and not any(stem in f for f in other_splits.values())}
+    return all_files, images, annotations, set(clashes) | set(ann_clashes)
+
   def _generate_examples(self, *, split: str, image_dir: str, annotation_dir: str,
                          captions: dict[str, str], caption_path: str | None,
                          has_captions: bool) -> Iterator[tuple[str, dict[str, Any]]]:
     report = F.SkipReport()
     self.skip_reports[split] = report
     skip = self.skip_bad_data
-    images = _list_images(image_dir)
-    annotations = _list_txt(annotation_dir)
+    all_files, images, annotations, consumed = self._match_files(split, image_dir,
+                                                                 annotation_dir, report)
+    conference = self.builder_config.layout != 'journal'
 
-    if self.builder_config.layout == 'journal':
+    if not conference:
       # Annotation txt without an image (the flat conference folder mixes train and test, so
       # that check is done on both splits together, below).
-      for stem in sorted(set(annotations) - set(images)):
+      for stem in sorted(set(annotations) - set(images) - consumed):
         report.handle(F.BadDataError(
             f'{annotations[stem]}: annotation without image (no {stem}.jpg in {image_dir})'),
             skip, 'missing_image')
       # Caption without an image.
       if caption_path is not None:
-        filenames = set(images.values())
+        filenames = {name for names in all_files.values() for name in names}
         for key in sorted(captions):
           if key not in filenames:
             report.handle(F.BadDataError(
@@ -374,7 +435,7 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
       for s in self._split_names:
         all_images |= set(_list_images(os.path.join(os.path.dirname(image_dir), s)))
       if split == self._split_names[0]:
-        for stem in sorted(set(annotations) - all_images):
+        for stem in sorted(set(annotations) - all_images - consumed):
           report.handle(F.BadDataError(
               f'{annotations[stem]}: annotation without image (no {stem}.jpg in '
               f'{os.path.dirname(image_dir)}/{{train,test}})'), skip, 'missing_image')
