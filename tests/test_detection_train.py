@@ -1,11 +1,8 @@
 """Tests of the OWL-ViT detection trainer (clipcrop_jax.detection_train)."""
 
-import importlib.util
 import itertools
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,28 +12,13 @@ import pytest
 from clipcrop_jax import detection_train as dt
 from clipcrop_jax import train_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 KW = dict(focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
           weight_class=1.5, weight_l1=5.0, weight_giou=2.0)
 
 
-def _tiny_config(data_dir):
-  spec = importlib.util.spec_from_file_location(
-      'owlvit_detection_tiny', REPO / 'configs' / 'owlvit_detection_tiny.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
-  config.dataset.data_dir = str(data_dir)
-  return config
-
-
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
-                  '--config', 'tiny', '--data_dir', str(d)], cwd=REPO, check=True,
-                 capture_output=True)
-  return d
+def data_dir(synthetic_tiny_dir):
+  return synthetic_tiny_dir
 
 
 # ---------------------------------------------------------------------------------- NumPy reference
@@ -147,9 +129,9 @@ def test_label_queries_are_shared_and_indexed():
 
 
 @pytest.fixture(scope='module')
-def trained(data_dir, tmp_path_factory):
+def trained(data_dir, load_config, tmp_path_factory):
   """One run of the tiny config overfitting one fixed batch (4 images, no flip / shuffle)."""
-  config = _tiny_config(data_dir)
+  config = load_config('configs/owlvit_detection_tiny.py', **{'dataset.data_dir': str(data_dir)})
   config.dataset.update(train_split='train[:4]', flip=False, shuffle_buffer=0)
   config.batch_size = 4
   config.num_train_steps = 30

@@ -6,7 +6,6 @@ The ClipCrop trainer's equivalents are in tests/test_train.py (they share its fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,23 +19,6 @@ from clipcrop_jax import detection_train as dt
 from clipcrop_jax import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_detection_config(data_dir, **updates):
-  """configs/owlvit_detection_tiny.py (3 steps) on the fixture data, with `updates`."""
-  spec = importlib.util.spec_from_file_location(
-      'owlvit_detection_tiny', REPO / 'configs' / 'owlvit_detection_tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.dataset.data_dir = str(data_dir)
-  for key, value in updates.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def records(workdir) -> list[tuple[int, str]]:
@@ -55,15 +37,19 @@ def cli_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('data')
-  subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
-                  '--config', 'tiny', '--data_dir', str(d)], cwd=REPO, check=True,
-                 capture_output=True)
-  return d
+def data_dir(synthetic_tiny_dir):
+  return synthetic_tiny_dir
 
 
-def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tmp_path, caplog):
+@pytest.fixture
+def tiny_detection_config(load_config):
+  """configs/owlvit_detection_tiny.py (3 steps) on the fixture data, with `updates`."""
+  return lambda data_dir, **updates: load_config(
+      'configs/owlvit_detection_tiny.py', **{'dataset.data_dir': str(data_dir), **updates})
+
+
+def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tiny_detection_config,
+                                                             tmp_path, caplog):
   config = tiny_detection_config(data_dir, **{'checkpoint.every_steps': 1,
                                               'checkpoint.keep': 5})
   work = tmp_path / 'det'
