@@ -35,12 +35,13 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 import tqdm
+
+from clipcrop_jax import fileio
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 RANK_COLORS = ['#e6194b', '#f58231', '#ffe119', '#3cb44b', '#4363d8', '#911eb4']
@@ -138,9 +139,7 @@ def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
                        ' --overwrite only replaces a crop run\'s own outputs, so nothing there '
                        'is touched: choose a new or empty folder')
   try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out_dir):
-      pass
+    fileio.make_writable_dir(out_dir)
   except OSError as e:
     raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
   return stale
@@ -238,17 +237,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args, cropper_lib) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
-  cropper_lib.check_int('--top-k', args.top_k)
-  if args.fuse_top_k is not None:
-    cropper_lib.check_int('--fuse-top-k', args.fuse_top_k)
-  if args.min_size is not None:
-    cropper_lib.check_real('--min-size', args.min_size)
+  cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
+                                   name=lambda arg: '--' + arg.replace('_', '-'))
   if args.max_pixels is not None:
     cropper_lib.check_int('--max-pixels', args.max_pixels)
-  try:
-    cropper_lib.parse_crop_aspect_ratio(args.aspect_ratio)
-  except ValueError as e:
-    raise ValueError(f'--aspect-ratio: {e}') from None
   if args.text is not None and not args.text.strip():
     raise ValueError('--text is empty (only whitespace)')
   if args.mode == 'image' and args.query_image is None:
@@ -258,7 +250,6 @@ def _check_args(args, cropper_lib) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import fileio  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
@@ -350,7 +341,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _crop_one(cropper, request: dict[str, Any], path: Optional[pathlib.Path], name: str,
               out_dir: pathlib.Path, log: '_RunLog', load, demo_image, args) -> dict[str, Any]:
   """Crops one image and writes its files (each created exclusively); returns its record."""
-  from clipcrop_jax import fileio  # pylint: disable=g-import-not-at-top
   image = load(path) if path is not None else demo_image()
   h, w = image.shape[:2]
   crops = cropper.crop(image, **request)

@@ -274,11 +274,9 @@ class ClipCropper:
     A command line calls it once before a folder of images, so that a bad argument is reported
     once, before any image is encoded. Raises ValueError / TypeError naming the argument.
     """
-    top_k = check_int('top_k', top_k)
-    fuse_top_k = check_int('fuse_top_k', self.config.fuse_top_k if fuse_top_k is None
-                           else fuse_top_k)
-    min_size = 0.0 if min_size is None else check_real('min_size', min_size)
-    ratio = parse_crop_aspect_ratio(aspect_ratio)
+    top_k, ratio, min_size, fuse_top_k = check_crop_arguments(top_k, aspect_ratio, min_size,
+                                                              fuse_top_k)
+    fuse_top_k = self.config.fuse_top_k if fuse_top_k is None else fuse_top_k
     if mode is not None and mode not in model_lib.MODES:
       raise ValueError(f'mode {mode!r}; expected one of {model_lib.MODES}')
     if text is not None and not isinstance(text, str):
@@ -431,6 +429,26 @@ def parse_crop_aspect_ratio(value: Any) -> Optional[float]:
     raise ValueError(f'aspect ratio {value!r} (= {ratio:g}) is outside [1/{MAX_ASPECT_RATIO:g}, '
                      f'{MAX_ASPECT_RATIO:g}]')
   return ratio
+
+
+def check_crop_arguments(top_k: Any, aspect_ratio: Any = None, min_size: Any = None,
+                         fuse_top_k: Any = None, name=lambda arg: arg
+                         ) -> tuple[int, Optional[float], float, Optional[int]]:
+  """The image-independent numbers of a crop request, checked (`crop`, and command lines before
+  they load a model).
+
+  Returns:
+    (top_k, aspect ratio or None, min_size (0 when None), fuse_top_k or None). Errors name the
+    argument as `name(argument)` (e.g. a command line's flag).
+  """
+  top_k = check_int(name('top_k'), top_k)
+  fuse_top_k = None if fuse_top_k is None else check_int(name('fuse_top_k'), fuse_top_k)
+  min_size = 0.0 if min_size is None else check_real(name('min_size'), min_size)
+  try:
+    ratio = parse_crop_aspect_ratio(aspect_ratio)
+  except ValueError as e:
+    raise ValueError(f'{name("aspect_ratio")}: {e}') from None
+  return top_k, ratio, min_size, fuse_top_k
 
 
 def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.ClipCropConfig:

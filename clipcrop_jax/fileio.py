@@ -90,6 +90,17 @@ def create_new_bytes(path: PathLike, data: bytes) -> pathlib.Path:
     raise FileExistsError(f'{path}: already exists; not overwriting it') from None
 
 
+def make_writable_dir(folder: PathLike) -> None:
+  """Creates `folder` (and its parents) if missing and proves a file can be created in it.
+
+  Raises OSError (e.g. a parent is a file, a read-only file system) otherwise.
+  """
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryFile(dir=folder):
+    pass
+
+
 def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
                       inputs: Sequence[PathLike] = (), overwrite: bool = False,
                       flag: str = '--out') -> pathlib.Path:
@@ -110,9 +121,7 @@ def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
   if path.exists() and not overwrite:
     raise ValueError(f'{flag} {path}: exists; choose another name or pass --overwrite')
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path.parent):
-      pass
+    make_writable_dir(path.parent)
   except OSError as e:
     raise ValueError(f'{flag} {path}: cannot write in {path.parent} ({e.strerror or e})') from None
   return path

@@ -158,11 +158,11 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   # Tokens of the padding, and boxes with no area once clipped to the image, are no detections.
   valid = tokens_in_image(pred_boxes, image.shape[:2])
   valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-  scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)
+  scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)  # < any min_score
   detections = []
   for q, label in enumerate(labels):
     for token in np.argsort(-scores[:, q], kind='stable')[:top_k]:
-      if scores[token, q] >= min_score and valid[token]:
+      if scores[token, q] >= min_score:
         detections.append(Detection(label, float(scores[token, q]),
                                     tuple(float(v) for v in boxes[token]), int(token)))
   return detections
