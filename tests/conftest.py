@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -14,12 +12,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='session')
 def synthetic_tiny_dir(tmp_path_factory) -> pathlib.Path:
-  """A TFDS data dir holding `synthetic_crops/tiny`, built once with the real build command."""
-  d = tmp_path_factory.mktemp('synthetic_tiny')
-  subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
-                  '--config', 'tiny', '--data_dir', str(d)], cwd=REPO, check=True,
-                 capture_output=True)
-  return d
+  """A TFDS data dir holding `synthetic_crops/tiny`, built once per session by TFDS's own build
+  code (the builder `python -m clipcrop_jax.build_dataset datasets/synthetic` runs)."""
+  pytest.importorskip('tensorflow_datasets')
+  from tensorflow_datasets.scripts.cli import build  # pylint: disable=g-import-not-at-top
+  builder_cls, _ = build._get_builder_cls_and_kwargs(  # pylint: disable=protected-access
+      str(REPO / 'datasets' / 'synthetic'), has_imports=False)
+  data_dir = tmp_path_factory.mktemp('synthetic_tiny')
+  builder_cls(config='tiny', data_dir=str(data_dir)).download_and_prepare()
+  return data_dir
 
 
 @pytest.fixture(scope='session')

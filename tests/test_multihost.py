@@ -119,11 +119,8 @@ def test_two_processes_match_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_train_and_eval_two_processes(tmp_path):
-  data = tmp_path / 'data'
-  subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
-                  '--config', 'tiny', '--data_dir', str(data)], cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=TIMEOUT_S)
+def test_main_train_and_eval_two_processes(synthetic_tiny_dir, tmp_path):
+  data = synthetic_tiny_dir
   workdir = tmp_path / 'workdir'
   port = _free_port()
   _run_all([[sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',

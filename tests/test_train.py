@@ -7,7 +7,6 @@ the 8-device subprocess runs start in the background when the module starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -25,24 +24,6 @@ STEPS = 3  # every in-process run trains this many steps (same schedule -> same 
 METHODS = {'clipcrop', 'full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_shot'}
 BACKGROUND_TESTS = ('test_eight_device_pulse_subprocess', 'test_sharding_equivalence_subprocess')
 SUBPROCESS_TIMEOUT = 420
-
-
-def tiny_config(data_dir: pathlib.Path, **updates):
-  """configs/tiny.py as `config_flags` loads it (the module's get_config()), on the fixture."""
-  spec = importlib.util.spec_from_file_location('configs_tiny', REPO / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.dataset.data_dir = str(data_dir)
-  config.eval.datasets = (('synthetic_crops/tiny', 'ambiguity'), ('synthetic_crops/tiny', 'test'))
-  config.num_train_steps = STEPS
-  for key, value in updates.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -106,15 +87,19 @@ def main_command(workdir, data_dir, *flags) -> list[str]:
 
 
 @pytest.fixture(scope='session')
-def synthetic_data(tmp_path_factory) -> pathlib.Path:
-  """The tiny synthetic dataset (`synthetic_crops/tiny`), built once per session."""
-  pytest.importorskip('tensorflow_datasets')
-  from tensorflow_datasets.scripts.cli import build  # pylint: disable=g-import-not-at-top
-  builder_cls, _ = build._get_builder_cls_and_kwargs(  # pylint: disable=protected-access
-      str(REPO / 'datasets' / 'synthetic'), has_imports=False)
-  data_dir = tmp_path_factory.mktemp('train_tfds')
-  builder_cls(config='tiny', data_dir=str(data_dir)).download_and_prepare()
-  return data_dir
+def synthetic_data(synthetic_tiny_dir) -> pathlib.Path:
+  """The tiny synthetic dataset (`synthetic_crops/tiny`, conftest's session build)."""
+  return synthetic_tiny_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_config(load_config):
+  """`tiny_config(data_dir, **{'a.b': v})`: configs/tiny.py (as `config_flags` loads it) on the
+  fixture data, STEPS steps, evaluated on the ambiguity and test splits."""
+  return lambda data_dir, **updates: load_config('configs/tiny.py', **{
+      'dataset.data_dir': str(data_dir), 'num_train_steps': STEPS,
+      'eval.datasets': (('synthetic_crops/tiny', 'ambiguity'), ('synthetic_crops/tiny', 'test')),
+      **updates})
 
 
 @pytest.fixture(scope='module')
@@ -175,7 +160,7 @@ def wait_for(background, name):
 
 
 @pytest.fixture(scope='module')
-def pulse(synthetic_data, tmp_path_factory):
+def pulse(synthetic_data, tiny_config, tmp_path_factory):
   """train_and_eval of configs/tiny.py (3 steps, checkpoint every step, keep 2) in-process."""
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('pulse')
@@ -260,7 +245,7 @@ def test_pulse_exported_cropper_crops(pulse):
   assert_trees_close(c.variables['params'], state.params, atol=0.0)
 
 
-def test_resume_matches_uninterrupted_run(synthetic_data, tmp_path):
+def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 2, 'checkpoint.keep': 5,
                                           'checkpoint.data_resume': 'replay'})
@@ -285,7 +270,7 @@ def test_resume_matches_uninterrupted_run(synthetic_data, tmp_path):
   assert int(again.step) == STEPS and checkpoint_steps(split) == [2, 3]
 
 
-def test_resume_skips_unusable_newest_steps(synthetic_data, tmp_path, caplog):
+def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_path, caplog):
   """A truncated newest step, then an empty newest step folder: each run resumes from the step
   before, logs why, moves the bad folder aside (nothing deleted), saves that step again, and
   metrics.jsonl keeps one record per step."""
@@ -366,8 +351,8 @@ def test_metrics_jsonl_rewrite_on_resume(tmp_path):
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.clipcrop-tmp')] == []
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, tmp_path,
-                                                              monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, tiny_config,
+                                                              tmp_path, monkeypatch):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   real = train_lib.make_train_iterator
@@ -389,7 +374,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, tm
   assert not (tmp_path / 'clipcrop').exists()
 
 
-def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tmp_path):
+def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit.configs import get_config  # pylint: disable=g-import-not-at-top
