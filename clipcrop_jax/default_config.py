@@ -1,8 +1,15 @@
-"""Default training / evaluation config; every file in configs/ starts from `get_default_config()`.
+"""Both tasks' default configs, their validation, and the builders of their models.
 
-Field reference (ml_collections.ConfigDict; `--config.<field>=value` overrides any of them):
+Every file in configs/ starts from `get_default_config()` (ClipCrop, `python -m clipcrop_jax.main`)
+or `get_detection_config()` (OWL-ViT detection, `python -m clipcrop_jax.detection_train`).
+`clipcrop_config` / `build_model` and `owlvit_config` / `build_detection_module` turn them into
+models; they import jax only when called, so loading a config file imports no jax.
 
-  mode                 'train', 'eval' or 'train_and_eval'.
+ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` overrides any):
+
+  run                  what `python -m clipcrop_jax.main` does: 'train', 'eval' (the workdir's
+                       latest checkpoint), 'train_and_eval' or 'synthetic_pipeline' (the embedded
+                       default, configs/synthetic.py). Not `model.mode`, the query mode.
   seed                 model init, dropout and data order (same seed, same run).
   model.*              `clipcrop_jax.model.ClipCropConfig` fields (owlvit, mode, decoder_*, ...).
   dtype                compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
@@ -12,7 +19,8 @@ Field reference (ml_collections.ConfigDict; `--config.<field>=value` overrides a
   dataset.*            training data: TFDS `name` ('gaic/journal', 'synthetic_crops/default', ...)
                        under `data_dir`, `train_split`, `max_crops`, `max_queries` (text + keyword
                        queries per example), augmentation (`mosaic_probs`, `jitter`, `flip`),
-                       `shuffle_buffer`, `keyword_pipeline` (spaCy pipeline name, '' = rules).
+                       `shuffle_buffer`, `keyword_pipeline` (a spaCy pipeline name, or
+                       'rules' = the rule-based extractor).
   batch_size           global batch size (split over processes and the 'data' mesh axis).
   num_epochs / num_train_steps
                        training length; `num_train_steps` wins when > 0.
@@ -28,6 +36,13 @@ Field reference (ml_collections.ConfigDict; `--config.<field>=value` overrides a
   log_every_steps      progress line + metrics (TensorBoard + metrics.jsonl in the workdir).
   eval.*               datasets to evaluate [(tfds name, split), ...], `batch_size`, `baselines`,
                        `base_workdir` (a trained ClipCrop-base for that baseline), `every_steps`.
+  pipeline.*           run='synthetic_pipeline' only (configs/synthetic.py): `owlvit` (the
+                       detector's detection config), `variants` (ClipCrop modes) and their
+                       `variant_steps`, `quick` (a report label; `get_config('quick')` sets
+                       the budgets). Each stage uses `dataset.name` (checked by validation).
+
+Fields of older configs are refused with their replacement named: `mode` (now `run`) and
+`quick` (now the argument of configs/synthetic.py: `--config=configs/synthetic.py:quick`).
 
 `validate_config(config, workdir)` checks all of the above (types, ranges, known names, existing
 paths) in milliseconds and raises one `ConfigError` listing every problem on one line; the command
@@ -43,13 +58,20 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import ml_collections
 
+from clipcrop_jax import keywords
+
+if TYPE_CHECKING:
+  from clipcrop_jax import model as model_lib
+  from clipcrop_jax.owlvit import configs as owl_configs
+  from clipcrop_jax.owlvit import model as owl_model
+
 BASELINES = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_shot',
              'clipcrop_base')
-MODES = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
+RUNS = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
 DTYPES = ('float32', 'bfloat16')
 DATA_RESUME = ('replay', 'reseed')
 SHARDING_KINDS = ('replicate', 'shard_largest')  # = sharding.RULE_KINDS (no jax import here)
@@ -63,7 +85,7 @@ class ConfigError(ValueError):
 def get_default_config() -> ml_collections.ConfigDict:
   """The paper's run on GAIC (journal + ClipCrop captions), B/32, batch 32, 180 epochs."""
   c = ml_collections.ConfigDict()
-  c.mode = 'train_and_eval'
+  c.run = 'train_and_eval'
   c.seed = 0
   c.dtype = 'float32'
 
@@ -105,6 +127,79 @@ def get_default_config() -> ml_collections.ConfigDict:
       datasets=(('gaic/journal', 'test'),), batch_size=8, every_steps=-1,
       baselines=BASELINES, base_workdir='', max_examples=-1))
   return c
+
+
+def get_detection_config() -> ml_collections.ConfigDict:
+  """Fine-tuning OWL-ViT B/32 on a detection dataset (edit name / init_from for your data)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'
+  c.model = ml_collections.ConfigDict(dict(owlvit='clip_b32'))
+  c.init_from = ml_collections.ConfigDict(dict(owlvit=''))
+  c.dataset = ml_collections.ConfigDict(dict(
+      name='synthetic_crops/default', data_dir='', train_split='train', label_key='name',
+      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000, label_templates=()))
+  c.batch_size = 16
+  c.num_epochs = 10
+  c.num_train_steps = -1
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-5, end_learning_rate=0.0, warmup_steps=0, weight_decay=1e-4,
+      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, lr_multipliers=()))
+  c.loss = ml_collections.ConfigDict(dict(
+      focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
+      weight_class=2.0, weight_l1=5.0, weight_giou=2.0))
+  c.sharding = ml_collections.ConfigDict(dict(mesh_shape=(-1, 1), rules=(('.*', 'replicate'),)))
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False, coordinator_address='', num_processes=-1, process_id=-1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, data_resume='replay'))
+  c.log_every_steps = 50
+  c.eval = ml_collections.ConfigDict(dict(split='validation', batch_size=16, every_steps=-1,
+                                          max_examples=-1))
+  return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Config -> model (jax and flax are imported on first use).
+# ------------------------------------------------------------------------------------------------
+
+
+def clipcrop_config(config: ml_collections.ConfigDict) -> model_lib.ClipCropConfig:
+  """The `model.ClipCropConfig` described by `config.model` (unknown fields are an error)."""
+  from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(model_lib.ClipCropConfig)}
+  unknown = set(config.model.keys()) - fields
+  if unknown:
+    raise ValueError(f'config.model has unknown fields {sorted(unknown)}; '
+                     f'expected {sorted(fields)}')
+  return model_lib.ClipCropConfig(**config.model.to_dict())
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """`config.dtype` as a jnp dtype: the activations' dtype (parameters stay float32)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; expected 'float32' or 'bfloat16'")
+  return jnp.dtype(config.dtype)
+
+
+def build_model(config: ml_collections.ConfigDict) -> model_lib.ClipCrop:
+  """The `model.ClipCrop` module of a ClipCrop config (`get_default_config`)."""
+  from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  return model_lib.ClipCrop(clipcrop_config(config), dtype=compute_dtype(config))
+
+
+def owlvit_config(config: ml_collections.ConfigDict) -> owl_configs.OwlViTConfig:
+  """The `owlvit.configs.OwlViTConfig` named by a detection config's `model.owlvit`."""
+  from clipcrop_jax.owlvit import configs as owl_configs  # pylint: disable=g-import-not-at-top
+  return owl_configs.get_config(config.model.owlvit)
+
+
+def build_detection_module(config: ml_collections.ConfigDict
+                           ) -> owl_model.TextZeroShotDetectionModule:
+  """The OWL-ViT detector of a detection config (`get_detection_config`)."""
+  from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
+  return owl_model.TextZeroShotDetectionModule(owlvit_config(config),
+                                               dtype=compute_dtype(config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,12 +352,32 @@ def _check_common(c: _Checks, training: bool, data_dir_must_exist: bool) -> None
   c.existing_path('init_from.owlvit')
 
 
+def _retired_field(name: str, value: Optional[str] = None) -> Optional[str]:
+  """What replaced the top-level field `name` of older configs (None when `name` is current).
+
+  Args:
+    name: a top-level field name.
+    value: its value on the command line (`--config.<name>=<value>`), for the replacement flag.
+  """
+  if name == 'mode':
+    use = f'; use --config.run={value}' if value is not None else ''
+    return f'config.mode was renamed to config.run ({" | ".join(RUNS)}){use}'
+  if name == 'quick':
+    return ('config.quick was replaced by the config argument: '
+            '--config=configs/synthetic.py:quick')
+  return None
+
+
 def _check_clipcrop(c: _Checks) -> None:
   """ClipCrop fields (`get_default_config`)."""
-  mode = c.get('mode')
-  c.check('mode', lambda v: v in MODES, f'one of {MODES}')
-  pipeline = mode == 'synthetic_pipeline'
-  _check_common(c, training=mode != 'eval', data_dir_must_exist=not pipeline)
+  for name in ('mode', 'quick'):
+    if c.get(name) is not _MISSING:
+      c.problems.append(c.prefix + _retired_field(name))
+  run = c.get('run')
+  if run is not _MISSING or c.get('mode') is _MISSING:  # else the rename above says it
+    c.check('run', lambda v: v in RUNS, f'one of {RUNS}')
+  pipeline = run == 'synthetic_pipeline'
+  _check_common(c, training=run != 'eval', data_dir_must_exist=not pipeline)
   model = c.get('model')
   if c.check('model', lambda v: hasattr(v, 'to_dict'), 'a ConfigDict of ClipCropConfig fields'):
     from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -281,8 +396,8 @@ def _check_clipcrop(c: _Checks) -> None:
   c.check('dataset.mosaic_probs', _mosaic_probs,
           '3 probabilities (1, 2x2, 3x3 mosaic) in [0, 1] summing to 1')
   c.check('dataset.jitter', lambda v: isinstance(v, bool), 'True or False')
-  c.check('dataset.keyword_pipeline', lambda v: isinstance(v, str),
-          "a spaCy pipeline name ('' = rules)")
+  c.check('dataset.keyword_pipeline', _nonempty_str,
+          f'a spaCy pipeline name, or {keywords.RULES!r} for the rule-based extractor')
   for name in ('positive_threshold', 'score_min', 'score_max'):
     c.check(f'loss.{name}', _is_number, 'a finite number')
   if _is_number(c.get('loss.score_min')) and _is_number(c.get('loss.score_max')) and (
@@ -295,9 +410,9 @@ def _check_clipcrop(c: _Checks) -> None:
                'weight_quality'):
     c.check(f'loss.{name}', _number_at_least(0), 'a finite number >= 0')
   c.check('loss.aux_loss', lambda v: isinstance(v, bool), 'True or False')
-  needs_eval = mode in ('eval', 'train_and_eval')
+  needs_eval = run in ('eval', 'train_and_eval')
   c.check('eval.datasets', lambda v: _dataset_pairs(v) and (len(v) > 0 or not needs_eval),
-          '(tfds name, split) pairs' + (f', at least one for mode={mode!r}' if needs_eval else ''))
+          '(tfds name, split) pairs' + (f', at least one for run={run!r}' if needs_eval else ''))
   c.check('eval.batch_size', _int_at_least(1), 'an integer >= 1')
   c.check('eval.every_steps', _is_int, 'an integer (<= 0: only at the end)')
   c.check('eval.max_examples', _is_int, 'an integer (<= 0: all)')
@@ -305,16 +420,26 @@ def _check_clipcrop(c: _Checks) -> None:
           f'names from {BASELINES}')
   c.existing_path('eval.base_workdir', 'dir')
   if pipeline:
-    c.check('quick', lambda v: isinstance(v, bool), 'True or False')
-    owlvit = c.get('pipeline.owlvit')
-    if c.check('pipeline.owlvit', lambda v: hasattr(v, 'keys'), 'a detection config'):
-      sub = _Checks(owlvit, prefix=f'{c.prefix}pipeline.owlvit.')
-      _check_detection(sub, data_dir_must_exist=False)
-      c.problems += sub.problems
+    _check_pipeline(c)
+
+
+def _check_pipeline(c: _Checks) -> None:
+  """The embedded default's own fields (`pipeline.*` of configs/synthetic.py)."""
+  c.check('pipeline.quick', lambda v: isinstance(v, bool), 'True or False')
+  owlvit = c.get('pipeline.owlvit')
+  if c.check('pipeline.owlvit', lambda v: hasattr(v, 'keys'), 'a detection config'):
+    sub = _Checks(owlvit, prefix=f'{c.prefix}pipeline.owlvit.')
+    _check_detection(sub, data_dir_must_exist=False)
+    c.problems += sub.problems
+  # One dataset for every stage (`dataset.name`): the detector's training set and the evaluation.
+  name = c.get('dataset.name')
+  c.check('pipeline.owlvit.dataset.name', lambda v: v == name, f'the same as dataset.name={name!r}')
+  c.check('eval.datasets', lambda v: len(v) == 1 and v[0][0] == name,
+          f"one pair ({name!r}, split) for the pipeline's evaluation")
 
 
 def _check_detection(c: _Checks, data_dir_must_exist: bool = True) -> None:
-  """OWL-ViT detection fields (`detection_train.get_default_config`)."""
+  """OWL-ViT detection fields (`get_detection_config`)."""
   _check_common(c, training=True, data_dir_must_exist=data_dir_must_exist)
   from clipcrop_jax.owlvit import configs as owl_configs  # pylint: disable=g-import-not-at-top
   c.check('model.owlvit', lambda v: owl_configs.get_config(v) is not None,
@@ -358,7 +483,7 @@ def validate_config(config: Any, workdir: Optional[str] = None, *,
                     task: str = 'clipcrop') -> None:
   """Checks a run config before anything is built; `ConfigError` lists every problem.
 
-  Checks known run modes and names, types, positive sizes and step counts, fractions and
+  Checks known runs and names, types, positive sizes and step counts, fractions and
   probabilities in range, regexes that compile, that `dataset.data_dir`, `init_from.*` and
   `eval.base_workdir` exist when given, and that `workdir` (when given) is, or can be created as,
   a writable directory. Only looks at whether paths exist; reads no data and builds no model
@@ -366,7 +491,7 @@ def validate_config(config: Any, workdir: Optional[str] = None, *,
 
   Args:
     config: a ClipCrop config (`get_default_config`) or, with task='detection', an OWL-ViT
-      detection config (`detection_train.get_default_config`).
+      detection config (`get_detection_config`).
     workdir: the run's output folder, or None to skip that check.
     task: 'clipcrop' or 'detection'.
 
@@ -399,8 +524,12 @@ def usage_exit(message: str) -> None:
   sys.exit(USAGE_EXIT_CODE)
 
 
-def _unknown_field(config: Any, path: str) -> Optional[str]:
-  """A message when the dotted `path` (of a `--config.<path>` flag) is not a field of `config`."""
+def _unknown_field(config: Any, path: str, value: Optional[str] = None) -> Optional[str]:
+  """A message when the dotted `path` (of a `--config.<path>=<value>` flag) is not a field of
+  `config`; a field of older configs names its replacement."""
+  retired = _retired_field(path, value)
+  if retired and path not in config:
+    return f'--config.{path}: {retired}'
   node, done = config, []
   for part in path.split('.'):
     name = part.split('[')[0]
@@ -441,8 +570,8 @@ def flag_error_message(error: BaseException, argv: Sequence[str], flag_values: A
   config = _config_of_argv(argv, flag_values)
   if config is not None:
     for arg in argv[1:]:
-      match = re.match(r'--?config\.([^=\s]+)', arg)
-      message = match and _unknown_field(config, match.group(1))
+      match = re.match(r'--?config\.([^=\s]+)(?:=(.*))?', arg)
+      message = match and _unknown_field(config, match.group(1), match.group(2))
       if message:
         return message
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]

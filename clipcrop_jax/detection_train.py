@@ -4,7 +4,7 @@ r"""Fine-tuning (or training from scratch) the OWL-ViT detector on your own labe
   python -m clipcrop_jax.detection_train --config=configs/owlvit_detection_tiny.py \
       --workdir=/tmp/det --config.dataset.data_dir=/tmp/data
 
-Data: any prepared TFDS dataset (`train_lib.dataset_builder`) whose examples have
+Data: any prepared TFDS dataset (`input_pipeline.dataset_builder`) whose examples have
   image                  Image (H, W, 3) uint8 (encoded or decoded);
   objects/bbox           Sequence of BBoxFeature: (N, 4) (ymin, xmin, ymax, xmax) normalised to
                          the image (the TFDS convention);
@@ -16,21 +16,23 @@ image are kept. Per batch, the distinct labels (sorted, at most `dataset.max_lab
 labels beyond that are dropped with a warning) are tokenized into the text queries, the same list
 for every image of the batch, so the other labels of the batch are negatives for every image.
 
-Loss (DETR / Scenic OWL-ViT style, `detection_loss`): Hungarian matching of the P image tokens to
+Loss (DETR / Scenic OWL-ViT style, `losses.detection_loss`, `matching.detection_match`): Hungarian matching of the P image tokens to
 the objects with cost = cost_class * focal class cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU;
 then a sigmoid focal loss over all (token, real query) logits with target 1 only for a matched
 token and its object's label, plus L1 and 1 - GIoU on the matched pairs; every term is summed
 and divided by the number of real objects in the global batch.
 
-Outputs in the workdir: config.json, metrics.jsonl (+ TensorBoard), Orbax checkpoints (resumed
-automatically from the newest step that restores; unusable newer steps are moved to
-checkpoints_unusable/, as in `train_lib.restore_latest`), and at the end
+Training runs on the task-agnostic core (`trainer.train`: sharded set-up, resume, loop,
+checkpoints, logs; `DetectionTask` supplies the data, loss, init and export). Outputs in the
+workdir: config.json, metrics.jsonl (+ TensorBoard), Orbax checkpoints (resumed automatically
+from the newest step that restores; unusable newer steps are moved to checkpoints_unusable/, as
+`trainer.restore_latest` describes), and at the end
 `owlvit_checkpoint.msgpack`, a Scenic checkpoint that `clipcrop_jax.owlvit.load_checkpoint` reads.
 The config is checked first (`default_config.validate_config(config, workdir, task='detection')`);
-the command line prints a bad flag or config as one `error:` line (exit code 2) and a
-`train_lib.RunError` as one line (exit code 1).
+the command line prints a bad flag or config as one `error:` line (exit code 2) and an
+`errors.RunError` as one line (exit code 1).
 
-Config fields (`get_default_config`):
+Config fields (`default_config.get_detection_config`):
   seed, dtype ('float32' | 'bfloat16')
   model.owlvit          architecture name (`owlvit.configs`, e.g. 'clip_b32', 'tiny').
   init_from.owlvit      Scenic msgpack / HF checkpoint to fine-tune from; '' = random init.
@@ -42,72 +44,37 @@ Config fields (`get_default_config`):
                         with paths like 'backbone/clip/text/.*').
   loss.*                focal_alpha, focal_gamma; cost_class / cost_l1 / cost_giou (matching);
                         weight_class / weight_l1 / weight_giou (loss).
-  sharding.*, checkpoint.* (every_steps, keep, data_resume), log_every_steps  (as train_lib)
+  sharding.*, distributed.*, checkpoint.* (every_steps, keep, data_resume), log_every_steps
+                        (as for ClipCrop, `default_config`)
   eval.*                split ('' = none), batch_size, every_steps (-1 = only at the end),
                         max_examples (-1 = all): `evaluate_grounding`, logged as kind 'eval'.
 """
 
-from __future__ import annotations
-
 import functools
 import json
 import pathlib
-import sys
 from typing import Any, Iterator, Optional, Sequence
 import warnings
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import default_config
+from clipcrop_jax import features as F
 from clipcrop_jax import fileio
-from clipcrop_jax import matching
-from clipcrop_jax import optim
+from clipcrop_jax import losses
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import train_lib
-from clipcrop_jax.owlvit import configs as owl_configs
+from clipcrop_jax import trainer
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import tokenizer as owl_tokenizer
 
-TrainState = train_lib.TrainState
-TRAIN_KEYS = ('image', 'boxes', 'box_mask', 'label_ids', 'text_queries')
+TrainState = trainer.TrainState
 EXPORT_FILE = 'owlvit_checkpoint.msgpack'
 EVAL_FILE = 'eval_grounding.json'
 LOSS_TERMS = ('loss_class', 'loss_l1', 'loss_giou')
-
-
-def get_default_config() -> ml_collections.ConfigDict:
-  """Fine-tuning OWL-ViT B/32 on a detection dataset (edit name / init_from for your data)."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.dtype = 'float32'
-  c.model = ml_collections.ConfigDict(dict(owlvit='clip_b32'))
-  c.init_from = ml_collections.ConfigDict(dict(owlvit=''))
-  c.dataset = ml_collections.ConfigDict(dict(
-      name='synthetic_crops/default', data_dir='', train_split='train', label_key='name',
-      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000, label_templates=()))
-  c.batch_size = 16
-  c.num_epochs = 10
-  c.num_train_steps = -1
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=2e-5, end_learning_rate=0.0, warmup_steps=0, weight_decay=1e-4,
-      b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, lr_multipliers=()))
-  c.loss = ml_collections.ConfigDict(dict(
-      focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
-      weight_class=2.0, weight_l1=5.0, weight_giou=2.0))
-  c.sharding = ml_collections.ConfigDict(dict(mesh_shape=(-1, 1), rules=(('.*', 'replicate'),)))
-  c.distributed = ml_collections.ConfigDict(dict(
-      initialize=False, coordinator_address='', num_processes=-1, process_id=-1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, data_resume='replay'))
-  c.log_every_steps = 50
-  c.eval = ml_collections.ConfigDict(dict(split='validation', batch_size=16, every_steps=-1,
-                                          max_examples=-1))
-  return c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,12 +85,12 @@ def get_default_config() -> ml_collections.ConfigDict:
 def _label_names(builder, label_key: str) -> Optional[list[str]]:
   """Class names when objects/<label_key> is a ClassLabel, None for Text; KeyError if absent."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  features = builder.info.features
-  if 'objects' not in features:
+  info_features = builder.info.features
+  if F.OBJECTS not in info_features:
     raise KeyError(f'{builder.info.full_name}: no `objects` feature (need objects/bbox and '
                    f'objects/{label_key})')
-  objects = features['objects'].feature
-  for key in ('bbox', label_key):
+  objects = info_features[F.OBJECTS].feature
+  for key in (F.OBJECT_BBOX, label_key):
     if key not in objects:
       raise KeyError(f'{builder.info.full_name}: no `objects/{key}` feature; has '
                      f'{sorted(objects.keys())} (set dataset.label_key)')
@@ -141,9 +108,9 @@ def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  image = tf.image.convert_image_dtype(ip.decode_image(example['image']), tf.float32)
-  objects = example['objects']
-  boxes = ip.yxyx_to_xyxy(tf.reshape(tf.cast(objects['bbox'], tf.float32), (-1, 4)))
+  image = tf.image.convert_image_dtype(ip.decode_image(example[F.IMAGE]), tf.float32)
+  objects = example[F.OBJECTS]
+  boxes = ip.yxyx_to_xyxy(tf.reshape(tf.cast(objects[F.OBJECT_BBOX], tf.float32), (-1, 4)))
   labels = tf.reshape(objects[label_key], (-1,))
   if names is not None:
     labels = tf.gather(tf.constant(list(names)), tf.cast(labels, tf.int32))
@@ -156,9 +123,9 @@ def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects:
   boxes = tf.pad(boxes[:n], [[0, pad], [0, 0]])
   labels = tf.pad(labels[:n], [[0, pad]], constant_values='')
   mask = tf.range(max_objects) < n
-  return {'image': tf.ensure_shape(image, (image_size, image_size, 3)),
-          'boxes': tf.ensure_shape(boxes, (max_objects, 4)),
-          'box_mask': mask, 'labels': tf.ensure_shape(labels, (max_objects,))}
+  return {F.IMAGES: tf.ensure_shape(image, (image_size, image_size, 3)),
+          F.BOXES: tf.ensure_shape(boxes, (max_objects, 4)),
+          F.BOX_MASK: mask, F.LABELS: tf.ensure_shape(labels, (max_objects,))}
 
 
 def make_dataset(builder, split: Any, *, image_size: int, batch_size: int, max_objects: int,
@@ -170,8 +137,8 @@ def make_dataset(builder, split: Any, *, image_size: int, batch_size: int, max_o
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   names = _label_names(builder, label_key)
   ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'image': ex['image'], 'objects': ex['objects']})
+                          decoders={F.IMAGE: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {F.IMAGE: ex[F.IMAGE], F.OBJECTS: ex[F.OBJECTS]})
   if repeat:
     ds = ds.repeat()
   if shuffle_buffer > 0:
@@ -200,7 +167,7 @@ def _as_str(x: Any) -> str:
 
 
 def add_label_queries(batch: dict[str, np.ndarray], max_labels: int,
-                      max_query_length: int = owl_configs.MAX_QUERY_LENGTH,
+                      max_query_length: int = F.MAX_QUERY_LENGTH,
                       templates: Sequence[str] = (),
                       rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
   """Host numpy: the batch's distinct labels as shared text queries.
@@ -214,8 +181,8 @@ def add_label_queries(batch: dict[str, np.ndarray], max_labels: int,
   query_texts (the label strings, a list). Objects whose label is past `max_labels` (sorted
   order) are dropped from box_mask with a warning.
   """
-  labels = np.vectorize(_as_str, otypes=[object])(batch['labels'])
-  mask = np.asarray(batch['box_mask'], bool).copy()
+  labels = np.vectorize(_as_str, otypes=[object])(batch[F.LABELS])
+  mask = np.asarray(batch[F.BOX_MASK], bool).copy()
   distinct = sorted({l for l, m in zip(labels.ravel(), mask.ravel()) if m and l.strip()})
   if len(distinct) > max_labels:
     warnings.warn(f'{len(distinct)} distinct labels in a batch > max_labels={max_labels}; the '
@@ -236,222 +203,137 @@ def add_label_queries(batch: dict[str, np.ndarray], max_labels: int,
     queries[i] = _tokens(l, max_query_length)
   b = labels.shape[0]
   out = dict(batch)
-  out.update(box_mask=mask, label_ids=label_ids, query_texts=distinct,
-             text_queries=np.broadcast_to(queries, (b,) + queries.shape).copy())
+  out.update({F.BOX_MASK: mask, F.LABEL_IDS: label_ids, 'query_texts': distinct,
+              F.TEXT_QUERIES: np.broadcast_to(queries, (b,) + queries.shape).copy()})
   return out
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh,
                         start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
-  """Global training batches (`TRAIN_KEYS`, sharded on 'data') after `start_step` batches."""
+  """Global training batches (`features.DETECTION_TRAIN_KEYS`, sharded on 'data') after
+  `start_step` batches (`trainer.data_position`: replay or reseed)."""
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   d = config.dataset
-  per_process = config.batch_size // jax.process_count()
-  if per_process * jax.process_count() != config.batch_size:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes')
-  seed, skip = int(config.seed), 0
-  if start_step:
-    if config.checkpoint.data_resume == 'replay':
-      skip = start_step
-    elif config.checkpoint.data_resume == 'reseed':
-      seed = int(jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(seed), start_step),
-                                    (), 0, 2**30))
-    else:
-      raise ValueError(f"checkpoint.data_resume={config.checkpoint.data_resume!r}; expected "
-                       "'replay' or 'reseed'")
+  per_process = sharding_lib.process_batch_size(config.batch_size)
+  seed, skip = trainer.data_position(config, start_step)
   ds = make_dataset(builder, ip.split_for_process(d.train_split),
-                    image_size=owlvit_config(config).image_size, batch_size=per_process,
-                    max_objects=d.max_objects, label_key=d.label_key, flip=d.flip, seed=seed,
-                    shuffle_buffer=d.shuffle_buffer, repeat=True, skip_batches=skip)
+                    image_size=default_config.owlvit_config(config).image_size,
+                    batch_size=per_process, max_objects=d.max_objects, label_key=d.label_key,
+                    flip=d.flip, seed=seed, shuffle_buffer=d.shuffle_buffer, repeat=True,
+                    skip_batches=skip)
   sharding = sharding_lib.batch_sharding(mesh)
   templates = tuple(d.get('label_templates', ()))
   for step, batch in enumerate(ds.as_numpy_iterator(), start=skip):
     rng = np.random.default_rng([seed, jax.process_index(), step])
     batch = add_label_queries(batch, d.max_labels, templates=templates, rng=rng)
     yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-           for k in TRAIN_KEYS}
+           for k in F.DETECTION_TRAIN_KEYS}
 
 
 # ------------------------------------------------------------------------------------------------
-# Matching and loss (jit-able).
+# The task.
 # ------------------------------------------------------------------------------------------------
-
-
-def _target_logits(pred_logits: jax.Array, target_labels: jax.Array) -> jax.Array:
-  """(B, P, Q) logits, (B, N) label ids -> (B, P, N): each token's logit for each object's label."""
-  idx = jnp.broadcast_to(target_labels[:, None, :], pred_logits.shape[:2] + target_labels.shape[1:])
-  return jnp.take_along_axis(pred_logits, idx.astype(jnp.int32), axis=2)
-
-
-def focal_class_cost(logits: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
-  """DETR / Scenic focal matching cost of a logit for the positive class (lower = better):
-  alpha (1-p)^g (-log p) - (1-alpha) p^g (-log(1-p)), p = sigmoid(logit)."""
-  p = jax.nn.sigmoid(logits)
-  pos = alpha * (1 - p)**gamma * -jax.nn.log_sigmoid(logits)
-  neg = (1 - alpha) * p**gamma * -jax.nn.log_sigmoid(-logits)
-  return pos - neg
-
-
-def detection_match_cost(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array,
-                         target_boxes_xyxy: jax.Array, target_labels: jax.Array,
-                         target_mask: jax.Array, *, focal_alpha: float = 0.25,
-                         focal_gamma: float = 2.0, cost_class: float = 2.0,
-                         cost_l1: float = 5.0, cost_giou: float = 2.0) -> jax.Array:
-  """(B, P, N) cost: cost_class * focal cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU."""
-  pred_xyxy = box_lib.cxcywh_to_xyxy(pred_boxes_cxcywh)
-  box_cost = matching.match_cost(
-      pred_xyxy, jnp.zeros(pred_xyxy.shape[:2], jnp.float32), target_boxes_xyxy, target_mask,
-      l1_weight=cost_l1, giou_weight=cost_giou, quality_weight=0.0)
-  class_cost = focal_class_cost(_target_logits(pred_logits, target_labels).astype(jnp.float32),
-                                focal_alpha, focal_gamma)
-  cost = jnp.where(jnp.asarray(target_mask, bool)[:, None, :], box_cost + cost_class * class_cost,
-                   box_cost)
-  return jnp.nan_to_num(cost, nan=matching.COST_UPPER_BOUND, posinf=matching.COST_UPPER_BOUND,
-                        neginf=-matching.COST_UPPER_BOUND)
-
-
-def detection_match(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
-                    target_mask, **cost_kw):
-  """Hungarian matching -> (pred_idx, target_idx, valid), each (B, min(P, N))."""
-  cost = detection_match_cost(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
-                              target_mask, **cost_kw)
-  return matching.hungarian_matching(cost, target_mask)
-
-
-def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_mask: jax.Array,
-                   target_boxes_xyxy: jax.Array, target_labels: jax.Array,
-                   target_mask: jax.Array, *, focal_alpha: float = 0.25,
-                   focal_gamma: float = 2.0, cost_class: float = 2.0, cost_l1: float = 5.0,
-                   cost_giou: float = 2.0, weight_class: float = 2.0, weight_l1: float = 5.0,
-                   weight_giou: float = 2.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Set-prediction detection loss.
-
-  Args:
-    pred_logits: (B, P, Q) token x query logits (`pred_logits` of the model).
-    pred_boxes_cxcywh: (B, P, 4) predicted boxes, cxcywh in [0, 1].
-    query_mask: (B, Q) bool, True for real queries (padded ones add no loss).
-    target_boxes_xyxy: (B, N, 4) object boxes, xyxy in [0, 1].
-    target_labels: (B, N) int, each object's query index.
-    target_mask: (B, N) bool, True for real objects.
-    focal_alpha, focal_gamma, cost_*: matching / focal parameters; weight_*: loss weights.
-
-  Returns:
-    (loss, terms) with terms loss_class, loss_l1, loss_giou (unweighted, each summed and divided
-    by the number of real objects in the whole batch, at least 1), loss and num_objects.
-  """
-  target_mask = jnp.asarray(target_mask, bool)
-  query_mask = jnp.asarray(query_mask, bool)
-  b, p, q = pred_logits.shape
-  pred_idx, target_idx, valid = detection_match(
-      pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels, target_mask,
-      focal_alpha=focal_alpha, focal_gamma=focal_gamma, cost_class=cost_class,
-      cost_l1=cost_l1, cost_giou=cost_giou)
-  num_objects = jnp.sum(target_mask.astype(jnp.float32))
-  norm = jnp.maximum(num_objects, 1.0)
-
-  # Class targets: 1 at (matched token, its object's label), 0 elsewhere.
-  matched_labels = matching.gather_matched(target_labels, target_idx)  # (B, K)
-  pair_token = jax.nn.one_hot(pred_idx, p) * valid[..., None]  # (B, K, P)
-  pair_label = jax.nn.one_hot(matched_labels, q)  # (B, K, Q)
-  targets = jnp.minimum(jnp.einsum('bkp,bkq->bpq', pair_token, pair_label), 1.0)
-  focal = optax.sigmoid_focal_loss(pred_logits.astype(jnp.float32), targets, alpha=focal_alpha,
-                                   gamma=focal_gamma)
-  loss_class = jnp.sum(jnp.where(query_mask[:, None, :], focal, 0.0)) / norm
-
-  # Box terms on the matched pairs.
-  pred_m = matching.gather_matched(pred_boxes_cxcywh.astype(jnp.float32), pred_idx)  # (B, K, 4)
-  tgt_m = matching.gather_matched(target_boxes_xyxy.astype(jnp.float32), target_idx)
-  l1 = jnp.sum(jnp.abs(pred_m - box_lib.xyxy_to_cxcywh(tgt_m)), axis=-1)
-  giou = box_lib.elementwise_giou_xyxy(box_lib.cxcywh_to_xyxy(pred_m), tgt_m)
-  loss_l1 = jnp.sum(jnp.where(valid, l1, 0.0)) / norm
-  loss_giou = jnp.sum(jnp.where(valid, 1.0 - giou, 0.0)) / norm
-
-  loss = weight_class * loss_class + weight_l1 * loss_l1 + weight_giou * loss_giou
-  return loss, {'loss': loss, 'loss_class': loss_class, 'loss_l1': loss_l1,
-                'loss_giou': loss_giou, 'num_objects': num_objects}
-
-
-# ------------------------------------------------------------------------------------------------
-# Model, state, train step.
-# ------------------------------------------------------------------------------------------------
-
-
-def owlvit_config(config: ml_collections.ConfigDict) -> owl_configs.OwlViTConfig:
-  return owl_configs.get_config(config.model.owlvit)
-
-
-def build_module(config: ml_collections.ConfigDict) -> owl_model.TextZeroShotDetectionModule:
-  return owl_model.TextZeroShotDetectionModule(owlvit_config(config),
-                                               dtype=train_lib.compute_dtype(config))
 
 
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Keyword arguments of `losses.detection_loss` from `config.loss`."""
   return {k: float(v) for k, v in config.loss.to_dict().items()}
 
 
-def _dummy_inputs(module) -> tuple[jax.Array, jax.Array]:
-  c = module.config
-  images = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-  text = jnp.zeros((1, 1, c.max_query_length), jnp.int32).at[..., 0].set(1)
-  return images, text
+def detection_loss_fn(module: owl_model.TextZeroShotDetectionModule, params: Any,
+                      batch: dict[str, jax.Array], loss_kw: dict[str, float]
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, terms) of the detector on a batch of `features.DETECTION_TRAIN_KEYS`."""
+  queries = batch[F.TEXT_QUERIES]
+  out = module.apply({'params': params}, batch[F.IMAGES], queries)
+  return losses.detection_loss(out['pred_logits'], out['pred_boxes'], queries[..., 0] > 0,
+                               batch[F.BOXES], batch[F.LABEL_IDS], batch[F.BOX_MASK], **loss_kw)
 
 
-def make_init_fn(module, optimizer: optax.GradientTransformation):
-  """rng -> a fresh TrainState with random parameters (jit it with out_shardings)."""
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = module.init(params_rng, *_dummy_inputs(module))['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=state_rng)
-  return init
+class DetectionTask(trainer.Task):
+  """OWL-ViT detection fine-tuning on labelled boxes (see the module docstring).
+
+  Attributes:
+    module: the detector (`default_config.build_detection_module`).
+  """
+
+  name = 'detection'
+  log_terms = LOSS_TERMS
+
+  @functools.cached_property
+  def module(self) -> owl_model.TextZeroShotDetectionModule:  # after `validate_config`
+    return default_config.build_detection_module(self.config)
+
+  def dataset_builder(self):
+    builder = super().dataset_builder()
+    _label_names(builder, self.config.dataset.label_key)  # fail early on missing features
+    self._builder = builder  # pylint: disable=attribute-defined-outside-init
+    return builder
+
+  def init_params(self, rng: jax.Array, pretrained: dict[str, Any]) -> Any:
+    if pretrained:  # `init_from.owlvit`: every parameter
+      return pretrained
+    return self.module.init(rng, *owl_model.dummy_inputs(self.module.config))['params']
+
+  def pretrained_params(self, abstract_params: Any) -> dict[str, Any]:
+    """`init_from.owlvit` (checked against `model.owlvit`), or {} for a random init."""
+    if not self.config.init_from.owlvit:
+      return {}
+    from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+    _, variables = owl_ckpt.load_checkpoint(self.config.init_from.owlvit,
+                                            default_config.owlvit_config(self.config))
+    logging.info('Initialising the detector from %s', self.config.init_from.owlvit)
+    return dict(variables['params'])
+
+  def train_batches(self, builder, mesh, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    return make_train_iterator(self.config, builder, mesh, start_step)
+
+  def loss_fn(self, params, batch, rng):
+    del rng  # deterministic
+    return detection_loss_fn(self.module, params, batch, loss_kwargs(self.config))
+
+  def _evaluate(self, params: Any, builder) -> dict[str, float]:
+    c = self.config
+    return evaluate_grounding(self.module, {'params': params}, builder, c.eval.split,
+                              batch_size=c.eval.batch_size, max_objects=c.dataset.max_objects,
+                              max_labels=c.dataset.max_labels, label_key=c.dataset.label_key,
+                              max_examples=c.eval.max_examples)
+
+  def on_step(self, state, step, total, logger) -> None:
+    every = self.config.eval.every_steps if self.config.eval.split else -1
+    if every > 0 and step % every == 0 and step != total:
+      params = trainer.host_params(state)
+      if jax.process_index() == 0:
+        logger.write(step, self._evaluate(params, self._builder), kind='eval')
+
+  def finish(self, state, workdir, builder, logger) -> None:
+    """Writes `<workdir>/owlvit_checkpoint.msgpack` (Scenic layout) and, with `eval.split`,
+    evaluates grounding into `<workdir>/eval_grounding.json` (again on a re-run)."""
+    from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+    params = trainer.host_params(state)
+    if jax.process_index() != 0:
+      return
+    path = owl_ckpt.save_scenic_checkpoint({'params': params}, pathlib.Path(workdir) / EXPORT_FILE)
+    logging.info('Wrote the detector checkpoint %s (clipcrop_jax.owlvit.load_checkpoint)', path)
+    if self.config.eval.split:
+      results = self._evaluate(params, builder)
+      total = int(jax.device_get(state.step))
+      logger.write(total, results, kind='eval', replace=True)  # a re-run evaluates again
+      fileio.atomic_write_text(pathlib.Path(workdir) / EVAL_FILE, json.dumps(results, indent=1))
+      logging.info('Grounding on %s: accuracy %.3f (chance %.3f) over %d objects',
+                   self.config.eval.split, results['accuracy'], results['chance'],
+                   results['num_objects'])
 
 
-def setup_state(config: ml_collections.ConfigDict, module, mesh, total_steps: int):
-  """(abstract_state, shardings, jitted init, optimizer, schedule)."""
-  abstract_params = jax.eval_shape(
-      lambda r: module.init(r, *_dummy_inputs(module))['params'], jax.random.PRNGKey(0))
-  optimizer, schedule = optim.make_optimizer(train_lib.optimizer_config(config, total_steps),
-                                             abstract_params)
-  init = make_init_fn(module, optimizer)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding.rules)
-  abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return abstract, shardings, jax.jit(init, out_shardings=shardings), optimizer, schedule
+def train_detection(config: ml_collections.ConfigDict, workdir: str,
+                    max_steps_this_run: Optional[int] = None) -> TrainState:
+  """Trains the detector (resuming from `<workdir>/checkpoints`); returns the final state.
 
-
-def load_owlvit_into(state: TrainState, shardings: TrainState, config: ml_collections.ConfigDict
-                     ) -> TrainState:
-  """`init_from.owlvit` weights (checked against `model.owlvit`) into a fresh state."""
-  if not config.init_from.owlvit:
-    return state
-  from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
-  _, variables = owl_ckpt.load_checkpoint(config.init_from.owlvit, owlvit_config(config))
-  params = jax.tree_util.tree_map(lambda s, x: jax.device_put(np.asarray(x), s),
-                                  shardings.params, variables['params'])
-  logging.info('Initialised the detector from %s', config.init_from.owlvit)
-  # Adam moments of zeros fit any params; only the params change.
-  return state.replace(params=params)
-
-
-def loss_fn(params, batch: dict[str, jax.Array], *, module, loss_kw: dict[str, float]):
-  out = module.apply({'params': params}, batch['image'], batch['text_queries'])
-  return detection_loss(out['pred_logits'], out['pred_boxes'], batch['text_queries'][..., 0] > 0,
-                        batch['boxes'], batch['label_ids'], batch['box_mask'], **loss_kw)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, module,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               loss_kw: dict[str, float]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW update on a global batch; returns (new state, scalar metrics)."""
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, module=module, loss_kw=loss_kw),
-                               has_aux=True)
-  (_, terms), grads = grad_fn(state.params, batch)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(terms, learning_rate=schedule(state.step), grad_norm=optax.tree_utils.tree_norm(grads))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  At the end (all steps done) writes `<workdir>/owlvit_checkpoint.msgpack` (Scenic layout) and,
+  with `eval.split` set, `<workdir>/eval_grounding.json`. See `trainer.train` for the errors
+  (`errors.NonFiniteLossError` on a NaN / Inf loss: that step is never checkpointed).
+  """
+  return trainer.train(DetectionTask(config), workdir, max_steps_this_run)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,18 +361,18 @@ def evaluate_grounding(module, variables: Any, builder, split: str, *, batch_siz
   apply = jax.jit(module.apply)
   hits, chance, top_iou, images = [], [], [], 0
   for batch in ds.as_numpy_iterator():
-    n = batch['image'].shape[0]
+    n = batch[F.IMAGES].shape[0]
     images += n
     if n < batch_size:  # pad the last batch so that one compiled shape serves all
-      batch = {k: np.concatenate([v, np.repeat(v[-1:] if k != 'box_mask' else
+      batch = {k: np.concatenate([v, np.repeat(v[-1:] if k != F.BOX_MASK else
                                                np.zeros_like(v[-1:]), batch_size - n, axis=0)])
                for k, v in batch.items()}
     batch = add_label_queries(batch, max_labels)
-    out = jax.device_get(apply(variables, batch['image'], batch['text_queries']))
+    out = jax.device_get(apply(variables, batch[F.IMAGES], batch[F.TEXT_QUERIES]))
     logits, pred_xyxy = out['pred_logits'], np.asarray(box_lib.cxcywh_to_xyxy(out['pred_boxes']))
-    for i, j in zip(*np.nonzero(batch['box_mask'][:n])):
-      iou = np.asarray(box_lib.pairwise_iou_xyxy(pred_xyxy[i], batch['boxes'][i, j][None]))[:, 0]
-      top = int(np.argmax(logits[i, :, batch['label_ids'][i, j]]))
+    for i, j in zip(*np.nonzero(batch[F.BOX_MASK][:n])):
+      iou = np.asarray(box_lib.pairwise_iou_xyxy(pred_xyxy[i], batch[F.BOXES][i, j][None]))[:, 0]
+      top = int(np.argmax(logits[i, :, batch[F.LABEL_IDS][i, j]]))
       hits.append(iou[top] >= iou_threshold)
       chance.append(np.mean(iou >= iou_threshold))
       top_iou.append(iou[top])
@@ -499,99 +381,9 @@ def evaluate_grounding(module, variables: Any, builder, split: str, *, batch_siz
           'num_objects': float(len(hits)), 'num_images': float(images)}
 
 
-def _evaluate(config: ml_collections.ConfigDict, module, params: Any, builder
-              ) -> dict[str, float]:
-  d = config.dataset
-  return evaluate_grounding(module, {'params': params}, builder, config.eval.split,
-                            batch_size=config.eval.batch_size, max_objects=d.max_objects,
-                            max_labels=d.max_labels, label_key=d.label_key,
-                            max_examples=config.eval.max_examples)
-
-
 # ------------------------------------------------------------------------------------------------
-# Training loop.
+# Command line.
 # ------------------------------------------------------------------------------------------------
-
-
-def _host_params(state: TrainState) -> Any:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(state.params, tiled=True)
-  return jax.device_get(state.params)
-
-
-def train_detection(config: ml_collections.ConfigDict, workdir: str,
-                    max_steps_this_run: Optional[int] = None) -> TrainState:
-  """Trains the detector (resuming from `<workdir>/checkpoints`); returns the final state.
-
-  At the end (all steps done) writes `<workdir>/owlvit_checkpoint.msgpack` (Scenic layout) and,
-  with `eval.split` set, `<workdir>/eval_grounding.json`. Stops with
-  `train_lib.NonFiniteLossError` on a NaN / Inf loss (that step is never checkpointed).
-  """
-  from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
-  default_config.validate_config(config, workdir, task='detection')
-  train_lib.write_config(config, workdir)
-  mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
-  builder = train_lib.dataset_builder(config.dataset.name, config.dataset.data_dir)
-  _label_names(builder, config.dataset.label_key)  # fail early on missing features
-  total = train_lib.num_train_steps(
-      config, builder.info.splits[config.dataset.train_split].num_examples)
-  module = build_module(config)
-  abstract, shardings, init, optimizer, schedule = setup_state(config, module, mesh, total)
-  logging.info('Mesh %s; %s', dict(mesh.shape),
-               optim.describe(abstract.params, config.optimizer.lr_multipliers))
-
-  state, last_good = train_lib.restore_latest(workdir, abstract, set_aside=True)
-  if state is not None:
-    logging.info('Resumed from %s at step %d', pathlib.Path(workdir) / train_lib.CHECKPOINT_DIR,
-                 last_good)
-  else:
-    state = load_owlvit_into(init(jax.random.PRNGKey(config.seed)), shardings, config)
-  manager = train_lib.checkpoint_manager(workdir, config)
-  start = int(jax.device_get(state.step))
-  end = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, module=module, optimizer=optimizer, schedule=schedule,
-                        loss_kw=loss_kwargs(config)),
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  logger = train_lib.MetricLogger(workdir, resume_step=start)
-  eval_every = config.eval.every_steps if config.eval.split else -1
-
-  def on_step(state, step):
-    if eval_every > 0 and step % eval_every == 0 and step != total:
-      params = _host_params(state)
-      if jax.process_index() == 0:
-        logger.write(step, _evaluate(config, module, params, builder), kind='eval')
-
-  try:
-    batches = make_train_iterator(config, builder, mesh, start) if start < end else iter(())
-    state = train_lib.run_steps(
-        step_fn, state, batches, config=config, workdir=workdir, manager=manager, logger=logger,
-        start=start, end=end, total=total, last_good=last_good, desc='detection',
-        log_terms=('loss_class', 'loss_l1', 'loss_giou'), on_step=on_step)
-  finally:
-    manager.close()
-    if int(jax.device_get(state.step)) < total:
-      logger.close()
-
-  if int(jax.device_get(state.step)) >= total:
-    params = _host_params(state)
-    if jax.process_index() == 0:
-      path = owl_ckpt.save_scenic_checkpoint({'params': params},
-                                             pathlib.Path(workdir) / EXPORT_FILE)
-      logging.info('Wrote the detector checkpoint %s (clipcrop_jax.owlvit.load_checkpoint)',
-                   path)
-      if config.eval.split:
-        results = _evaluate(config, module, params, builder)
-        logger.write(total, results, kind='eval', replace=True)  # a re-run evaluates again
-        fileio.atomic_write_text(pathlib.Path(workdir) / EVAL_FILE, json.dumps(results, indent=1))
-        logging.info('Grounding on %s: accuracy %.3f (chance %.3f) over %d objects',
-                     config.eval.split, results['accuracy'], results['chance'],
-                     results['num_objects'])
-    logger.close()
-  return state
 
 
 def main(argv) -> None:
@@ -599,22 +391,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     default_config.usage_exit(f'unexpected arguments {argv[1:]}')
   config, workdir = default_config.config_or_exit(_CONFIG), _WORKDIR.value
-  try:
-    default_config.validate_config(config, workdir, task='detection')
-  except default_config.ConfigError as e:
-    default_config.usage_exit(str(e))
-  d = config.distributed
-  if d.initialize:  # multi-host, as clipcrop_jax.main
-    kwargs = {}
-    if d.coordinator_address:
-      kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                    process_id=d.process_id)
-    jax.distributed.initialize(**kwargs)
-  try:
-    train_detection(config, workdir)
-  except train_lib.RunError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  trainer.run_command(config, workdir, lambda: train_detection(config, workdir),
+                      task=DetectionTask.name)
 
 
 if __name__ == '__main__':

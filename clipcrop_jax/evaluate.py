@@ -40,17 +40,17 @@ import ml_collections
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import default_config
+from clipcrop_jax import export
+from clipcrop_jax import features as F
 from clipcrop_jax import fileio
 from clipcrop_jax import metrics as metrics_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import train_lib
 from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import heads as owl_heads
 
 TEXT_DATASETS = ('horanyi_pr', 'textcrop')
-EVAL_KEYS = ('image', 'crops', 'crop_scores', 'crop_mask', 'image_extent', 'text_queries',
-             'height', 'width', 'mask')
 
 
 def dataset_kind(name: str, split: str) -> str:
@@ -84,8 +84,7 @@ def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent) -> dict[str,
                                  None, extent)
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], q, real)  # (B, P, Q)
   logits = jnp.where(real[:, None, :], logits, -jnp.inf)
-  centres = encoded['pred_boxes'][..., :2]
-  in_image = jnp.all(centres <= extent[:, None, :], axis=-1)
+  in_image = model_lib.token_in_image(encoded['pred_boxes'], extent)
   token_scores = jnp.where(in_image, jax.nn.sigmoid(jnp.max(logits, axis=-1)), 0.0)
   return dict(pred_boxes=own['pred_boxes'], quality=own['quality'],
               top_box=full['selected_boxes'][:, 0], top_valid=full['selected_mask'][:, 0],
@@ -102,13 +101,13 @@ def _forward_base(mdl: model_lib.ClipCrop, images, extent) -> dict[str, jax.Arra
 def make_eval_step(model: model_lib.ClipCrop, mesh) -> Any:
   batch_sharding = sharding_lib.batch_sharding(mesh)
   return jax.jit(lambda params, b: model.apply(
-      {'params': params}, b['image'], b['text_queries'], b['image_extent'], method=_forward),
+      {'params': params}, b[F.IMAGES], b[F.TEXT_QUERIES], b[F.IMAGE_EXTENT], method=_forward),
                  out_shardings=batch_sharding)
 
 
 def make_base_step(model: model_lib.ClipCrop, mesh) -> Any:
   return jax.jit(lambda params, b: model.apply(
-      {'params': params}, b['image'], b['image_extent'], method=_forward_base),
+      {'params': params}, b[F.IMAGES], b[F.IMAGE_EXTENT], method=_forward_base),
                  out_shardings=sharding_lib.batch_sharding(mesh))
 
 
@@ -174,20 +173,17 @@ def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, 
   """Global eval batches; every process yields the same number (padding batches are masked)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  per_process = batch_size // jax.process_count()
-  if per_process * jax.process_count() != batch_size:
-    raise ValueError(f'eval.batch_size={batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes')
+  per_process = sharding_lib.process_batch_size(batch_size, 'eval.batch_size')
   total = builder.info.splits[split].num_examples
   n_batches = math.ceil(math.ceil(total / jax.process_count()) / per_process)
   ds = builder.as_dataset(split=ip.split_for_process(split, drop_remainder=False),
-                          shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(train_lib.input_features)
-  ds = ip.make_eval_dataset(ds, image_size=train_lib.clipcrop_config(config).owlvit_config
+                          shuffle_files=False, decoders={F.IMAGE: tfds.decode.SkipDecoding()})
+  ds = ds.map(ip.input_features)
+  ds = ip.make_eval_dataset(ds, image_size=default_config.clipcrop_config(config).owlvit_config
                             .image_size, batch_size=per_process, max_crops=config.dataset.max_crops,
                             max_queries=config.dataset.max_queries,
-                            keyword_pipeline=config.dataset.keyword_pipeline or None)
-  ds = ds.map(lambda b: {k: b[k] for k in EVAL_KEYS})
+                            keyword_pipeline=config.dataset.keyword_pipeline)
+  ds = ds.map(lambda b: {k: b[k] for k in F.EVAL_KEYS})
   count = 0
   for batch in ip.to_global_batches(ds, mesh):
     count += 1
@@ -227,10 +223,11 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
   """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   kind = dataset_kind(name, split)
-  model = train_lib.build_model(config)
+  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  model = default_config.build_model(config)
   baselines = [b for b in config.eval.baselines if b != 'clipcrop_base' or base is not None]
   methods = ['clipcrop'] + baselines
-  builder = train_lib.dataset_builder(name, config.dataset.data_dir)
+  builder = ip.dataset_builder(name, config.dataset.data_dir)
   if config.eval.max_examples > 0:
     split = f'{split}[:{min(config.eval.max_examples, builder.info.splits[split].num_examples)}]'
   step_fn = make_eval_step(model, mesh)
@@ -245,12 +242,12 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
     out = step_fn(params, batch)
     if base_fn is not None:
       out = {**out, **base_fn(base[1], batch)}
-    host = _to_host({**{k: batch[k] for k in EVAL_KEYS if k not in ('image', 'text_queries')},
-                     **out})
-    for i in np.nonzero(host['mask'])[0]:
+    host = _to_host({**{k: batch[k] for k in F.EVAL_KEYS
+                        if k not in (F.IMAGES, F.TEXT_QUERIES)}, **out})
+    for i in np.nonzero(host[F.EXAMPLE_MASK])[0]:
       n += 1
       _add_example(collector, host, i, baselines, fuse)
-    bar.update(int(host['mask'].sum()))
+    bar.update(int(host[F.EXAMPLE_MASK].sum()))
   bar.close()
   results = collector.results()
   table = metrics_lib.format_markdown_table(
@@ -277,9 +274,10 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
   """Ranked crops of every method for example `i`; `fuse`: fuse_top_k of the ClipCrop models
   ('clipcrop', 'clipcrop_base'; default 1)."""
   fuse = fuse or {}
-  real = host['crop_mask'][i]
-  refs, scores = host['crops'][i][real].astype(np.float64), host['crop_scores'][i][real]
-  extent = host['image_extent'][i].astype(np.float64)
+  real = host[F.CROP_MASK][i]
+  refs = host[F.CROP_BOXES][i][real].astype(np.float64)
+  scores = host[F.CROP_SCORES][i][real]
+  extent = host[F.IMAGE_EXTENT][i].astype(np.float64)
   whole = np.concatenate([[0.0, 0.0], extent])[None]
   ranked = {'clipcrop': _ranked(host['pred_boxes'][i], host['quality'][i],
                                  fuse.get('clipcrop', 1))}
@@ -294,8 +292,8 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
   if 'union_box' in baselines:
     ranked['union_box'] = (host['union_box'][i][None], np.ones(1))
   if 'zero_shot' in baselines:
-    side = float(max(host['height'][i], host['width'][i]))
-    wh = (float(host['width'][i]), float(host['height'][i]))
+    side = float(max(host[F.HEIGHT][i], host[F.WIDTH][i]))
+    wh = (float(host[F.WIDTH][i]), float(host[F.HEIGHT][i]))
     picked = host['selected_tokens'][i][host['selected_mask'][i]]
     token_boxes = np.clip(host['token_boxes'][i] / np.tile(extent, 2), 0, 1)
     boxes_px, conf = zero_shot.crops_from_detections(token_boxes, host['token_scores'][i],
@@ -310,11 +308,12 @@ def load_base(config: ml_collections.ConfigDict) -> Optional[tuple[model_lib.Cli
   if ('clipcrop_base' not in config.eval.baselines or not config.eval.base_workdir
       or config.model.mode == 'base'):
     return None
-  base_config, params = train_lib.load_trained_params(config.eval.base_workdir)
+  loaded = export.load_model(config.eval.base_workdir)
+  base_config, params = loaded.config, loaded.params
   if base_config.mode != 'base':
     raise ValueError(f'eval.base_workdir={config.eval.base_workdir} holds a {base_config.mode!r}'
                      " model; the clipcrop_base baseline needs mode 'base'")
-  return model_lib.ClipCrop(base_config, dtype=train_lib.compute_dtype(config)), params
+  return model_lib.ClipCrop(base_config, dtype=default_config.compute_dtype(config)), params
 
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, mesh, workdir: Optional[str],

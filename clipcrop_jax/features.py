@@ -1,5 +1,7 @@
-"""Feature keys and the shared TFDS feature spec of every cropping dataset (GAIC, Horanyi-PR,
-TextCrop, synthetic), plus the bad-data policy the builders share.
+"""Names the data and the model agree on (like Scenic's `modalities.py`): the TFDS feature keys
+and shared feature spec of every cropping dataset (GAIC, Horanyi-PR, TextCrop, synthetic), the
+batch keys the model eats, the query modes and the query length, plus the bad-data policy the
+builders share.
 
 Every builder emits at least these features (box convention: TFDS `BBoxFeature`, i.e.
 (ymin, xmin, ymax, xmax) normalised to [0, 1] of the *original image*):
@@ -18,6 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+MAX_QUERY_LENGTH = 16  # CLIP tokens per text query (OWL-ViT's text positional embedding rows)
+
+# ------------------------------------------------------------------------------------------------
+# TFDS feature keys (what the builders write).
+# ------------------------------------------------------------------------------------------------
+
 IMAGE = 'image'
 FILENAME = 'image/filename'
 HEIGHT = 'height'
@@ -26,6 +34,41 @@ TEXT = 'text'
 CROPS = 'crops'
 CROP_BBOX = 'bbox'
 CROP_SCORE = 'score'
+OBJECTS = 'objects'  # detection annotations (synthetic set): objects/bbox, objects/<label_key>
+OBJECT_BBOX = 'bbox'
+
+# ------------------------------------------------------------------------------------------------
+# Batch keys (what `input_pipeline` yields and the train / eval steps read). Boxes are xyxy in
+# [0, 1] of the padded square the model sees.
+# ------------------------------------------------------------------------------------------------
+
+# ClipCrop batches.
+IMAGES = 'image'                # float32 (B, S, S, 3) in [0, 1], padded + resized
+CROP_BOXES = 'crops'            # float32 (B, N, 4) reference / candidate crops
+CROP_SCORES = 'crop_scores'     # float32 (B, N) their scores (GAIC MOS; 1 for reference crops)
+CROP_MASK = 'crop_mask'         # bool (B, N) real (not padding) crops
+IMAGE_EXTENT = 'image_extent'   # float32 (B, 2) (w, h) of the real image in the padded square
+TEXT_QUERIES = 'text_queries'   # int32 (B, Q, MAX_QUERY_LENGTH) [full text, keywords...], 0 = pad
+EXAMPLE_MASK = 'mask'           # bool (B,) real (not padding) examples of an eval batch
+TRAIN_KEYS = (IMAGES, CROP_BOXES, CROP_SCORES, CROP_MASK, IMAGE_EXTENT, TEXT_QUERIES)
+EVAL_KEYS = TRAIN_KEYS + (HEIGHT, WIDTH, EXAMPLE_MASK)
+INPUT_FEATURES = (IMAGE, CROPS, TEXT, HEIGHT, WIDTH)  # the TFDS features the pipeline reads
+
+# Detection batches (`detection_train`).
+BOXES = 'boxes'                 # float32 (B, N, 4) object boxes
+BOX_MASK = 'box_mask'           # bool (B, N) real objects
+LABELS = 'labels'               # str (B, N) object labels (host side only)
+LABEL_IDS = 'label_ids'         # int32 (B, N) index of each object's label among the queries
+DETECTION_TRAIN_KEYS = (IMAGES, BOXES, BOX_MASK, LABEL_IDS, TEXT_QUERIES)
+
+# ------------------------------------------------------------------------------------------------
+# Query modes of a ClipCrop model: which queries condition the decoder.
+# ------------------------------------------------------------------------------------------------
+
+# 'full' (text + keywords), 'main' (the text), 'key' (the keywords), 'base' (no condition),
+# 'image' (an example image's one-shot embedding).
+QUERY_MODES = ('full', 'main', 'key', 'base', 'image')
+TEXT_QUERY_MODES = ('full', 'main', 'key')
 
 
 def common_features(**extras: Any):

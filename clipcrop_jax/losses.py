@@ -14,6 +14,10 @@ with static shapes.
 Normalisation: box terms are sums over matched pairs divided by `num_positives`, quality is a sum
 over predictions divided by `num_predictions`. Both default to this batch's counts; passing the
 global counts (over all devices) makes each shard's terms partial sums of the global loss.
+
+`detection_loss` is the other task's criterion (OWL-ViT fine-tuning, `detection_train`): DETR /
+Scenic OWL-ViT's sigmoid focal class loss plus L1 and GIoU on Hungarian-matched tokens
+(`matching.detection_match`).
 """
 
 from __future__ import annotations
@@ -259,3 +263,61 @@ def decoder_losses(aux_boxes_xyxy: jax.Array,
   # Layers that were skipped (aux_loss=False) are only placeholders for the naming.
   per_layer = [{}] * (num_layers - len(computed)) + computed
   return total_loss(per_layer, weights, aux=aux_loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection (OWL-ViT fine-tuning, `detection_train`).
+# ------------------------------------------------------------------------------------------------
+
+
+def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_mask: jax.Array,
+                   target_boxes_xyxy: jax.Array, target_labels: jax.Array,
+                   target_mask: jax.Array, *, focal_alpha: float = 0.25,
+                   focal_gamma: float = 2.0, cost_class: float = 2.0, cost_l1: float = 5.0,
+                   cost_giou: float = 2.0, weight_class: float = 2.0, weight_l1: float = 5.0,
+                   weight_giou: float = 2.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Set-prediction detection loss.
+
+  Args:
+    pred_logits: (B, P, Q) token x query logits (`pred_logits` of the model).
+    pred_boxes_cxcywh: (B, P, 4) predicted boxes, cxcywh in [0, 1].
+    query_mask: (B, Q) bool, True for real queries (padded ones add no loss).
+    target_boxes_xyxy: (B, N, 4) object boxes, xyxy in [0, 1].
+    target_labels: (B, N) int, each object's query index.
+    target_mask: (B, N) bool, True for real objects.
+    focal_alpha, focal_gamma, cost_*: matching / focal parameters; weight_*: loss weights.
+
+  Returns:
+    (loss, terms) with terms loss_class, loss_l1, loss_giou (unweighted, each summed and divided
+    by the number of real objects in the whole batch, at least 1), loss and num_objects.
+  """
+  target_mask = jnp.asarray(target_mask, bool)
+  query_mask = jnp.asarray(query_mask, bool)
+  b, p, q = pred_logits.shape
+  pred_idx, target_idx, valid = matching.detection_match(
+      pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels, target_mask,
+      focal_alpha=focal_alpha, focal_gamma=focal_gamma, cost_class=cost_class,
+      cost_l1=cost_l1, cost_giou=cost_giou)
+  num_objects = jnp.sum(target_mask.astype(jnp.float32))
+  norm = jnp.maximum(num_objects, 1.0)
+
+  # Class targets: 1 at (matched token, its object's label), 0 elsewhere.
+  matched_labels = matching.gather_matched(target_labels, target_idx)  # (B, K)
+  pair_token = jax.nn.one_hot(pred_idx, p) * valid[..., None]  # (B, K, P)
+  pair_label = jax.nn.one_hot(matched_labels, q)  # (B, K, Q)
+  targets = jnp.minimum(jnp.einsum('bkp,bkq->bpq', pair_token, pair_label), 1.0)
+  focal = optax.sigmoid_focal_loss(pred_logits.astype(jnp.float32), targets, alpha=focal_alpha,
+                                   gamma=focal_gamma)
+  loss_class = jnp.sum(jnp.where(query_mask[:, None, :], focal, 0.0)) / norm
+
+  # Box terms on the matched pairs.
+  pred_m = matching.gather_matched(pred_boxes_cxcywh.astype(jnp.float32), pred_idx)  # (B, K, 4)
+  tgt_m = matching.gather_matched(target_boxes_xyxy.astype(jnp.float32), target_idx)
+  l1 = jnp.sum(jnp.abs(pred_m - box_lib.xyxy_to_cxcywh(tgt_m)), axis=-1)
+  giou = box_lib.elementwise_giou_xyxy(box_lib.cxcywh_to_xyxy(pred_m), tgt_m)
+  loss_l1 = jnp.sum(jnp.where(valid, l1, 0.0)) / norm
+  loss_giou = jnp.sum(jnp.where(valid, 1.0 - giou, 0.0)) / norm
+
+  loss = weight_class * loss_class + weight_l1 * loss_l1 + weight_giou * loss_giou
+  return loss, {'loss': loss, 'loss_class': loss_class, 'loss_l1': loss_l1,
+                'loss_giou': loss_giou, 'num_objects': num_objects}

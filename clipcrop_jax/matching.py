@@ -7,6 +7,8 @@ is solved by `optax.assignment.hungarian_algorithm` under `jax.vmap` and carries
 
 The matching cost follows DETR / Scenic, with the class term replaced by the predicted quality:
   cost = l1_weight * L1(cxcywh) - giou_weight * GIoU - quality_weight * quality.
+Detection (`detection_match`, OWL-ViT fine-tuning) matches image tokens to labelled objects with
+DETR's focal class cost in place of the quality term.
 """
 
 from __future__ import annotations
@@ -165,3 +167,49 @@ def scatter_to_preds(values: jax.Array, pred_idx: jax.Array, valid: jax.Array,
   one_hot = jax.nn.one_hot(pred_idx, num_preds, dtype=bool) & valid[..., None]  # (B, K, M)
   placed = jnp.sum(jnp.where(one_hot, values[..., None], 0.0), axis=1)  # (B, M)
   return jnp.where(jnp.any(one_hot, axis=1), placed, fill)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection (OWL-ViT fine-tuning, `detection_train`): tokens matched to labelled objects.
+# ------------------------------------------------------------------------------------------------
+
+
+def target_logits(pred_logits: jax.Array, target_labels: jax.Array) -> jax.Array:
+  """(B, P, Q) logits, (B, N) label ids -> (B, P, N): each token's logit for each object's label."""
+  idx = jnp.broadcast_to(target_labels[:, None, :], pred_logits.shape[:2] + target_labels.shape[1:])
+  return jnp.take_along_axis(pred_logits, idx.astype(jnp.int32), axis=2)
+
+
+def focal_class_cost(logits: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+  """DETR / Scenic focal matching cost of a logit for the positive class (lower = better):
+  alpha (1-p)^g (-log p) - (1-alpha) p^g (-log(1-p)), p = sigmoid(logit)."""
+  p = jax.nn.sigmoid(logits)
+  pos = alpha * (1 - p)**gamma * -jax.nn.log_sigmoid(logits)
+  neg = (1 - alpha) * p**gamma * -jax.nn.log_sigmoid(-logits)
+  return pos - neg
+
+
+def detection_match_cost(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array,
+                         target_boxes_xyxy: jax.Array, target_labels: jax.Array,
+                         target_mask: jax.Array, *, focal_alpha: float = 0.25,
+                         focal_gamma: float = 2.0, cost_class: float = 2.0,
+                         cost_l1: float = 5.0, cost_giou: float = 2.0) -> jax.Array:
+  """(B, P, N) cost: cost_class * focal cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU."""
+  pred_xyxy = box_lib.cxcywh_to_xyxy(pred_boxes_cxcywh)
+  box_cost = match_cost(
+      pred_xyxy, jnp.zeros(pred_xyxy.shape[:2], jnp.float32), target_boxes_xyxy, target_mask,
+      l1_weight=cost_l1, giou_weight=cost_giou, quality_weight=0.0)
+  class_cost = focal_class_cost(target_logits(pred_logits, target_labels).astype(jnp.float32),
+                                focal_alpha, focal_gamma)
+  cost = jnp.where(jnp.asarray(target_mask, bool)[:, None, :], box_cost + cost_class * class_cost,
+                   box_cost)
+  return jnp.nan_to_num(cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND,
+                        neginf=-COST_UPPER_BOUND)
+
+
+def detection_match(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
+                    target_mask, **cost_kw):
+  """Hungarian matching -> (pred_idx, target_idx, valid), each (B, min(P, N))."""
+  cost = detection_match_cost(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
+                              target_mask, **cost_kw)
+  return hungarian_matching(cost, target_mask)

@@ -2,8 +2,9 @@
 
 Everything here is NumPy / SciPy on the host (evaluation does not run under jit). Boxes are
 (x0, y0, x1, y1) corners (`xyxy`) in any consistent units (pixels or normalised); a box with
-x1 <= x0 or y1 <= y0 has area 0. IoU is exact (intersection / union, no epsilon) and 0 where the
-union is empty.
+x1 <= x0 or y1 <= y0 has area 0. IoU is `boxes.pairwise_iou_xyxy_np`: exact (intersection / union,
+no epsilon) and 0 where the union is empty. Non-finite predicted or reference boxes are not
+rejected: they score IoU 0 (a diverged model is scored, not a crash).
 
 Text-conditioned benchmarks (Horanyi-PR, TextCrop, the synthetic ambiguity split): one predicted
 (top-1) crop per (image, text) example is scored against the example's R reference crops:
@@ -26,42 +27,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats
 
+from clipcrop_jax import boxes as box_lib
+
 GAIC_KS = (1, 2, 3, 4)
 GAIC_NS = (5, 10)
-
-
-def _as_boxes(boxes: Any, name: str) -> np.ndarray:
-  """Any array-like of shape (4,) or (M, 4) -> float64 (M, 4); raises ValueError otherwise."""
-  arr = np.asarray(boxes, dtype=np.float64)
-  if arr.ndim == 1:
-    arr = arr[None]
-  if arr.ndim != 2 or arr.shape[1] != 4:
-    raise ValueError(f'{name} must have shape (4,) or (M, 4) in xyxy; got {np.shape(boxes)}')
-  return arr
-
-
-def pairwise_iou_np(a: Any, b: Any) -> np.ndarray:
-  """Exact IoU of every pair of xyxy boxes: a (N, 4), b (M, 4) -> (N, M) float64.
-
-  Args:
-    a: (N, 4) or (4,) boxes (x0, y0, x1, y1).
-    b: (M, 4) or (4,) boxes (x0, y0, x1, y1).
-
-  Returns:
-    (N, M) array of intersection / union; 0 where the union is empty (both boxes degenerate).
-  """
-  a, b = _as_boxes(a, 'a'), _as_boxes(b, 'b')
-  top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-  bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = np.clip(bottom_right - top_left, 0.0, None)
-  inter = wh[..., 0] * wh[..., 1]
-
-  def area(x: np.ndarray) -> np.ndarray:
-    return np.clip(x[:, 2] - x[:, 0], 0.0, None) * np.clip(x[:, 3] - x[:, 1], 0.0, None)
-
-  union = area(a)[:, None] + area(b)[None, :] - inter
-  safe = np.where(union > 0, union, 1.0)
-  return np.where(union > 0, inter / safe, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,15 +51,10 @@ def iou_mean_max(pred_box_xyxy: Any, reference_boxes_xyxy: Any) -> tuple[float, 
   Raises:
     ValueError: if the prediction is not a single box or there are no reference boxes (R = 0).
   """
-  pred = np.asarray(pred_box_xyxy, dtype=np.float64)
-  if pred.shape != (4,):
-    raise ValueError(f'pred_box_xyxy must have shape (4,); got {pred.shape}')
-  refs = np.asarray(reference_boxes_xyxy, dtype=np.float64)
-  if refs.ndim != 2 or refs.shape[1] != 4:
-    raise ValueError(f'reference_boxes_xyxy must have shape (R, 4); got {refs.shape}')
-  if refs.shape[0] < 1:
-    raise ValueError('reference_boxes_xyxy is empty: need at least one reference box (R >= 1)')
-  ious = pairwise_iou_np(pred, refs)[0]
+  pred = box_lib.as_box_xyxy_np(pred_box_xyxy, 'pred_box_xyxy', finite=False)
+  refs = box_lib.as_boxes_xyxy_np(reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1,
+                                  finite=False)
+  ious = box_lib.pairwise_iou_xyxy_np(pred[None], refs)[0]
   return float(ious.mean()), float(ious.max())
 
 
@@ -159,9 +123,7 @@ def map_to_candidates(ranked_pred_xyxy: Any, candidates_xyxy: Any,
   Raises:
     ValueError: on bad shapes, C = 0 or a negative max_outputs.
   """
-  cands = np.asarray(candidates_xyxy, dtype=np.float64)
-  if cands.ndim != 2 or cands.shape[1] != 4 or cands.shape[0] == 0:
-    raise ValueError(f'candidates_xyxy must have shape (C, 4) with C >= 1; got {cands.shape}')
+  cands = box_lib.as_boxes_xyxy_np(candidates_xyxy, 'candidates_xyxy', min_count=1, finite=False)
   preds = np.asarray(ranked_pred_xyxy, dtype=np.float64).reshape(-1, 4)
   if max_outputs is not None and max_outputs < 0:
     raise ValueError(f'max_outputs must be >= 0 or None; got {max_outputs}')
@@ -169,7 +131,7 @@ def map_to_candidates(ranked_pred_xyxy: Any, candidates_xyxy: Any,
   chosen: list[int] = []
   chosen_ious: list[float] = []
   if len(preds) and limit > 0:
-    iou = pairwise_iou_np(preds, cands)  # (K, C)
+    iou = box_lib.pairwise_iou_xyxy_np(preds, cands)  # (K, C)
     best = np.argmax(iou, axis=1)  # first maximum = lowest index on ties
     seen: set[int] = set()
     for row, cand in enumerate(best):
@@ -298,9 +260,7 @@ def candidate_scores_from_predictions(pred_xyxy: Any, pred_conf: Any, candidates
   Returns:
     (C,) float64 candidate scores.
   """
-  cands = np.asarray(candidates_xyxy, dtype=np.float64)
-  if cands.ndim != 2 or cands.shape[1] != 4 or cands.shape[0] == 0:
-    raise ValueError(f'candidates_xyxy must have shape (C, 4) with C >= 1; got {cands.shape}')
+  cands = box_lib.as_boxes_xyxy_np(candidates_xyxy, 'candidates_xyxy', min_count=1, finite=False)
   preds = np.asarray(pred_xyxy, dtype=np.float64).reshape(-1, 4)
   conf = np.asarray(pred_conf, dtype=np.float64).reshape(-1)
   if len(conf) != len(preds):
@@ -308,7 +268,7 @@ def candidate_scores_from_predictions(pred_xyxy: Any, pred_conf: Any, candidates
   scores = np.zeros(len(cands), dtype=np.float64)
   if len(preds) == 0:
     return scores
-  iou = pairwise_iou_np(preds, cands)
+  iou = box_lib.pairwise_iou_xyxy_np(preds, cands)
   best = np.argmax(iou, axis=1)
   best_iou = iou[np.arange(len(preds)), best]
   keep = best_iou >= iou_threshold

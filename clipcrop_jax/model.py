@@ -24,11 +24,12 @@ import jax.numpy as jnp
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import decoder as decoder_lib
+from clipcrop_jax import features
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import model as owl_model
 
-MODES = ('full', 'main', 'key', 'base', 'image')
+MODES = features.QUERY_MODES  # 'full', 'main', 'key', 'base', 'image'
 OFFSET_SPACES = ('logit_cxcywh', 'additive_xyxy')
 _LOGIT_EPS = 1e-4
 WHOLE_IMAGE_XYXY = (0.0, 0.0, 1.0, 1.0)
@@ -167,7 +168,7 @@ def query_mask_for_mode(text_queries: jax.Array, mode: str) -> Optional[jax.Arra
   full text when there is no keyword (as `keywords.build_queries`); 'base' / 'image': None.
 
   Args:
-    text_queries: int32 (B, Q, 16) tokens built in 'full' mode, all-zero rows = padding.
+    text_queries: int32 (B, Q, L) tokens built in 'full' mode, all-zero rows = padding.
     mode: a ClipCrop mode.
   """
   if mode not in MODES:
@@ -232,6 +233,22 @@ def apply_offsets(reference_xyxy: jax.Array, offsets: jax.Array, offset_space: s
   return box_lib.cxcywh_to_xyxy(jax.nn.sigmoid(logits + offsets))
 
 
+def token_in_image(pred_boxes_cxcywh: Any, image_extent: Any) -> jax.Array:
+  """(..., P) bool: the token's box centre lies in the real image, not in the padding.
+
+  Images are padded at the bottom / right to a square; a token whose predicted box centre
+  (cx, cy) is beyond the real image's extent (w, h) sees only padding and is never selected.
+
+  Args:
+    pred_boxes_cxcywh: (..., P, 4) token boxes, cxcywh in [0, 1] of the padded square.
+    image_extent: (..., 2) the real image's (width, height) in [0, 1] of the padded square,
+      (W / max(H, W), H / max(H, W)); NumPy or jnp.
+  """
+  centres = jnp.asarray(pred_boxes_cxcywh)[..., :2]
+  extent = jnp.asarray(image_extent, centres.dtype)[..., None, :]
+  return jnp.all(centres <= extent, axis=-1)
+
+
 def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Array:
   if image_extent is None:
     return jnp.ones((batch, 2), jnp.float32)
@@ -260,8 +277,7 @@ def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
   """
   extent = _extent_or_square(image_extent, query_embeddings.shape[0])
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings, query_mask)
-  centres = encoded['pred_boxes'][..., :2]
-  token_valid = jnp.all(centres <= extent[:, None, :], axis=-1)
+  token_valid = token_in_image(encoded['pred_boxes'], extent)
   indices, mask = select_query_tokens(logits, query_mask, token_valid)
   selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
   if target_xyxy is not None:
@@ -303,7 +319,7 @@ class ClipCrop(nn.Module):
     return encoded
 
   def embed_text(self, text_queries: jax.Array) -> jax.Array:
-    """int32 (B, Q, 16) -> (B, Q, D) unnormalised query embeddings."""
+    """int32 (B, Q, L) -> (B, Q, D) unnormalised query embeddings."""
     embeddings = self.owlvit.text_embedder(text_queries)
     if self.config.freeze_encoder:
       embeddings = jax.lax.stop_gradient(embeddings)
@@ -371,7 +387,7 @@ class ClipCrop(nn.Module):
 
     Args:
       images: float32 (B, S, S, 3) in [0, 1], padded and resized (OWL-ViT preprocessing).
-      text_queries: int32 (B, Q, 16) token ids ([full text, keywords...]); 0 rows = padding.
+      text_queries: int32 (B, Q, L) token ids ([full text, keywords...]); 0 rows = padding.
       query_embeddings: (B, Q, D) precomputed queries (image mode); overrides text_queries.
       target_xyxy: (B, 4) training-time target crop for the selection filter.
       image_extent: (B, 2) real image extent in the padded square (see `crop_from_encoding`).
@@ -391,19 +407,52 @@ class ClipCrop(nn.Module):
       query_mask = real if query_mask is None else real & query_mask
     if self.is_initializing() and query_embeddings is None:
       # Create the text tower's parameters too, so one init serves every mode.
-      self.embed_text(jnp.zeros((images.shape[0], 1, 16), jnp.int32))
+      self.embed_text(jnp.zeros((images.shape[0], 1, features.MAX_QUERY_LENGTH), jnp.int32))
     return self.crop_from_encoding(encoded, query_embeddings, query_mask, target_xyxy,
                                    image_extent, train)
 
 
+  def init_decoder(self, image_features: jax.Array, grid_hw: tuple[int, int]) -> None:
+    """Creates the decoder's parameters only (no OWL-ViT); for `init(..., method=...)`.
+
+    Called under `init` with the rng `ClipCrop.__call__` would get, it creates exactly the
+    decoder parameters a full init creates (Flax derives a submodule's rng from its name), so
+    `init_decoder_params` equals the 'decoder' part of a full init, without the encoder's cost.
+
+    Args:
+      image_features: (B, P, W) (zeros; only the shape matters).
+      grid_hw: the feature map's (rows, columns), rows * columns = P.
+    """
+    extent = _extent_or_square(None, image_features.shape[0])
+    union = jnp.concatenate([jnp.zeros_like(extent), extent], axis=-1)
+    condition = None if self.config.mode == 'base' else image_features[:, 0]
+    self.decoder(image_features, grid_hw, condition, train=False,
+                 reference_xyxy=union if self.config.reference_embedding else None)
+
+
+def dummy_inputs(config: ClipCropConfig) -> tuple[jax.Array, jax.Array]:
+  """(images, text_queries) that create every parameter of a ClipCrop model under `init`."""
+  return owl_model.dummy_inputs(config.owlvit_config)
+
+
+def init_params(model: ClipCrop, rng: jax.Array) -> Any:
+  """A full random init of `model`: {'owlvit': ..., 'decoder': ...} (the 'params' collection)."""
+  return model.init(rng, *dummy_inputs(model.config))['params']
+
+
+def init_decoder_params(model: ClipCrop, rng: jax.Array) -> Any:
+  """The 'decoder' parameters `init_params(model, rng)` would create, without initialising (or
+  even tracing) OWL-ViT's encoders: what training from pretrained OWL-ViT weights needs."""
+  owl = model.config.owlvit_config
+  grid = owl.image_size // owl.patch_size
+  features = jnp.zeros((1, grid * grid, owl.vision_width), jnp.float32)
+  return model.init(rng, features, (grid, grid), method=ClipCrop.init_decoder)['params']['decoder']
+
+
 def init_variables(config: Union[ClipCropConfig, str], seed: int = 0) -> dict[str, Any]:
   """Random variables for a ClipCrop config (jit-compiled init, condition path included)."""
-  config = TINY if config == 'tiny' else config
-  module = ClipCrop(config)
-  size = config.owlvit_config.image_size
-  images = jnp.zeros((1, size, size, 3), jnp.float32)
-  text = jnp.zeros((1, 1, 16), jnp.int32).at[..., 0].set(1)
-  return jax.jit(lambda r: module.init(r, images, text))(jax.random.PRNGKey(seed))
+  model = ClipCrop(TINY if config == 'tiny' else config)
+  return {'params': jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(seed))}
 
 
 def check_param_shapes(expected: Any, got: Any, source: str) -> None:
@@ -428,6 +477,9 @@ def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
                      seed: int = 0) -> dict[str, Any]:
   """ClipCrop variables with OWL-ViT weights from a checkpoint and a freshly initialised decoder.
 
+  The decoder is initialised alone (`init_decoder_params`); its values equal those of
+  `init_variables(config, seed)`.
+
   Args:
     config: the ClipCrop config; its `owlvit` architecture must match the weights.
     owlvit_variables: {'params': Scenic OWL-ViT tree} (from `clipcrop_jax.owlvit.load_checkpoint`).
@@ -436,8 +488,9 @@ def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
   Raises:
     ValueError naming the first parameter whose shape differs.
   """
-  fresh = init_variables(config, seed)
   owl = owlvit_variables.get('params', owlvit_variables)
-  check_param_shapes(fresh['params']['owlvit'], owl,
+  check_param_shapes(owl_model.param_shapes(config.owlvit_config)['params'], owl,
                      f'OWL-ViT weights for config {config.owlvit!r}')
-  return {'params': {'owlvit': owl, 'decoder': fresh['params']['decoder']}}
+  model = ClipCrop(config)
+  decoder = jax.jit(lambda r: init_decoder_params(model, r))(jax.random.PRNGKey(seed))
+  return {'params': {'owlvit': owl, 'decoder': decoder}}

@@ -109,3 +109,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def mesh_of(tree: Any) -> Mesh:
+  """The mesh the (first) array of `tree` is sharded on, e.g. a TrainState's parameters."""
+  return jax.tree_util.tree_leaves(tree)[0].sharding.mesh
+
+
+def process_batch_size(global_batch_size: int, field: str = 'batch_size') -> int:
+  """This process's share of a global batch; ValueError naming `field` when it does not divide.
+
+  Every process feeds its own `global_batch_size // jax.process_count()` examples of each
+  global batch (`input_pipeline.to_global_batches`).
+  """
+  n = jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f'{field}={global_batch_size} is not divisible by the {n} processes')
+  return global_batch_size // n

@@ -19,11 +19,12 @@ Every helper returns a list of dicts {'config.a.b': value}, one dict per run:
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import re
 from typing import Any, Sequence
+
+from clipcrop_jax import config_lib
 
 Run = dict[str, Any]
 
@@ -95,9 +96,7 @@ def run_name(run: Run) -> str:
 
 def load_sweep(path: str) -> tuple[str, list[Run]]:
   """(base config path, runs) of a sweep file."""
-  spec = importlib.util.spec_from_file_location('clipcrop_sweep_file', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_module(path)
   base = os.path.join(os.path.dirname(path), module.BASE_CONFIG)
   runs = module.get_hyper(Hyper())
   for r in runs:

@@ -55,6 +55,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import zero_shot
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -163,16 +164,6 @@ def tfds_bbox(box_xyxy: Sequence[float], image_hw: tuple[int, int]) -> tuple[flo
   x0, y0, x1, y1 = (float(v) for v in box_xyxy)
   out = (y0 / h, x0 / w, y1 / h, x1 / w)
   return tuple(float(min(max(v, 0.0), 1.0)) for v in out)
-
-
-def union_box(boxes: Sequence[Sequence[float]]) -> np.ndarray:
-  b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-  return np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
-
-
-def contains(outer: Sequence[float], inner: Sequence[float], tol: float = 1e-9) -> bool:
-  return (outer[0] <= inner[0] + tol and outer[1] <= inner[1] + tol and
-          outer[2] >= inner[2] - tol and outer[3] >= inner[3] - tol)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -432,7 +423,7 @@ def generate_scene(rng: np.random.Generator,
     a = int(rng.integers(len(objects)))
     caption = describe(objects[a], rng, article=rng.random() < 0.7)
     target_indices = (a,)
-  target = union_box([objects[i].box for i in target_indices])
+  target = box_lib.union_box_xyxy_np([objects[i].box for i in target_indices])
   others = np.array([o.box for i, o in enumerate(objects) if i not in target_indices],
                     dtype=np.float64).reshape(-1, 4)
   candidates = scene_candidates(rng, image_hw, target)
@@ -510,7 +501,7 @@ def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, o
   for iou_max in (0.7, 0.8, 0.9):
     picked: list[int] = []
     for i in order:
-      if all(zero_shot._pairwise_iou(crops[i:i + 1], crops[j:j + 1])[0, 0] < iou_max  # pylint: disable=protected-access
+      if all(box_lib.pairwise_iou_xyxy_np(crops[i:i + 1], crops[j:j + 1])[0, 0] < iou_max
              for j in picked):
         picked.append(int(i))
         if len(picked) == n:

@@ -13,7 +13,7 @@
   5. write WORK/report.md (tables, grounding, timings) and WORK/examples.png (test images with
      both texts, reference crops and predicted crops).
 Re-running resumes: finished stages are skipped (their checkpoints are in WORK).
-`--config.quick=True` shrinks every budget (the `quick_*` fields) for tests.
+`--config=configs/synthetic.py:quick` is the same with the `small` set and smaller budgets (tests).
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ import jax
 import ml_collections
 
 from clipcrop_jax import evaluate
+from clipcrop_jax import export
 from clipcrop_jax import fileio
+from clipcrop_jax import input_pipeline
 from clipcrop_jax import metrics as metrics_lib
+from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax import train_lib
 
 REPORT_FILE = 'report.md'
@@ -48,21 +51,6 @@ ROW_NAMES = {
     'clipcrop_key': 'ClipCrop-key', 'clipcrop_full': 'ClipCrop (full)'}
 
 
-def effective(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with the quick budgets applied when `config.quick` (a copy; input untouched)."""
-  c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
-  p = c.pipeline
-  if c.quick:
-    p.dataset_config = p.quick_dataset_config
-    p.owlvit.num_train_steps = p.quick_owlvit_steps
-    p.variant_steps = dict(p.quick_variant_steps)
-    p.variants = tuple(p.quick_variants)
-  c.dataset.name = f'synthetic_crops/{p.dataset_config}'
-  p.owlvit.dataset.name = c.dataset.name
-  c.eval.datasets = ((c.dataset.name, 'ambiguity'),)
-  return c
-
-
 # ------------------------------------------------------------------------------------------------
 # Stage 1: data.
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +59,7 @@ def effective(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def ensure_dataset(name: str, data_dir: str) -> None:
   """Builds `synthetic_crops/<config>` into `data_dir` unless it is already prepared."""
   try:
-    train_lib.dataset_builder(name, data_dir)
+    input_pipeline.dataset_builder(name, data_dir)
     logging.info('Dataset %s found in %s', name, data_dir)
     return
   except FileNotFoundError:
@@ -108,7 +96,7 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
   if not ckpt.is_file():
     detection_train.train_detection(det, str(out))
   module, variables = owl_ckpt.load_checkpoint(ckpt, det.model.owlvit)
-  builder = train_lib.dataset_builder(c.dataset.name, c.dataset.data_dir)
+  builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
   grounding = {}
   for split in ('validation', 'ambiguity'):
     grounding[split] = detection_train.evaluate_grounding(
@@ -130,7 +118,7 @@ def variant_config(c: ml_collections.ConfigDict, mode: str, owlvit_ckpt: str
   v.model.mode = mode
   v.init_from.owlvit = owlvit_ckpt
   v.num_train_steps = int(c.pipeline.variant_steps[mode])
-  v.mode = 'train'
+  v.run = 'train'
   return v
 
 
@@ -160,7 +148,7 @@ def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     ve = ml_collections.ConfigDict(v.to_dict())
     ve.eval.baselines = tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (
         mode == 'full') else ()
-    mesh = jax.tree_util.tree_leaves(state.params)[0].sharding.mesh
+    mesh = sharding_lib.mesh_of(state.params)
     summary = evaluate.evaluate_dataset(ve, state.params, mesh, name, split,
                                         str(workdir / f'clipcrop_{mode}'),
                                         int(jax.device_get(state.step)))
@@ -182,11 +170,10 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-  full = cropper_lib.ClipCropper.load(workdir / 'clipcrop_full' / train_lib.EXPORT_DIR,
-                                      keyword_pipeline=c.dataset.keyword_pipeline or None)
-  base_dir = workdir / 'clipcrop_base' / train_lib.EXPORT_DIR
+  full = cropper_lib.ClipCropper.load(workdir / 'clipcrop_full' / export.EXPORT_DIR)
+  base_dir = workdir / 'clipcrop_base' / export.EXPORT_DIR
   base = cropper_lib.ClipCropper.load(base_dir) if base_dir.is_dir() else None
-  builder = train_lib.dataset_builder(c.dataset.name, c.dataset.data_dir)
+  builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
   pairs: dict[bytes, list] = {}  # one row per image: its two captions side by side
   for ex in tfds.as_numpy(builder.as_dataset(split='ambiguity', shuffle_files=False)):
     pairs.setdefault(ex['image/filename'], []).append(ex)
@@ -236,7 +223,7 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, rows: dict
       '# ClipCrop on the synthetic set (embedded default)', '',
       f'Dataset `{name}`, split `{split}` ({int(n)} (image, text) examples: two far-apart '
       'salient objects per image, one caption each, four reference crops per caption). '
-      f'Seed {c.seed}{", quick budgets" if c.quick else ""}.', '',
+      f'Seed {c.seed}{", quick budgets" if c.pipeline.quick else ""}.', '',
       metrics_lib.format_markdown_table(table_rows, ['IoU-Mean', 'IoU-Max'],
                                         title='Top-1 crop vs the reference crops'), '']
   if best_other is not None:
@@ -258,8 +245,11 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, rows: dict
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the five stages; returns the summary also written to WORK/summary.json."""
-  c = effective(config)
+  """Runs the five stages; returns the summary also written to WORK/summary.json.
+
+  `config` (configs/synthetic.py) is not modified.
+  """
+  c = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
   if not c.dataset.data_dir:
@@ -283,7 +273,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   timings['5. examples.png'] = time.time() - t
   timings['total'] = sum(timings.values())
   report = write_report(c, work, rows, grounding, timings)
-  summary = dict(rows=rows, grounding=grounding, timings=timings, seed=c.seed, quick=c.quick)
+  summary = dict(rows=rows, grounding=grounding, timings=timings, seed=c.seed,
+                 quick=c.pipeline.quick)
   fileio.atomic_write_text(work / SUMMARY_FILE, json.dumps(summary, indent=1, default=float))
   logging.info('Report: %s\n%s', report, report.read_text())
   print(report.read_text())

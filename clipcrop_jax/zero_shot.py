@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from clipcrop_jax import boxes as box_lib
+
 # Tolerance on the area rule: GAIC keeps a crop if its area is > 0.4999 of the image, i.e. a crop of
 # exactly half the image counts. We keep `fraction > min_area_fraction - _AREA_TOL`.
 _AREA_TOL = 1e-4
@@ -38,58 +40,15 @@ _BORDER_EPS = 1e-6
 
 
 # ------------------------------------------------------------------------------------------------
-# Small numpy box helpers (local on purpose: float64 numpy, no jax dispatch).
+# Target validation (box math: the NumPy section of `clipcrop_jax.boxes`).
 # ------------------------------------------------------------------------------------------------
-
-
-def _as_boxes(boxes: np.ndarray | Sequence[Sequence[float]], name: str) -> np.ndarray:
-  """Returns `boxes` as a float64 (N, 4) array; raises ValueError on any other shape."""
-  arr = np.asarray(boxes, dtype=np.float64)
-  if arr.ndim == 1 and arr.shape[0] == 0:
-    arr = arr.reshape(0, 4)
-  if arr.ndim != 2 or arr.shape[1] != 4:
-    raise ValueError(f"{name} must have shape (N, 4) (x0, y0, x1, y1), got {arr.shape}")
-  if not np.all(np.isfinite(arr)):
-    raise ValueError(f"{name} contains non-finite values")
-  return arr
-
-
-def _as_box(box: np.ndarray | Sequence[float], name: str) -> np.ndarray:
-  """Returns a single box as a float64 (4,) array; raises ValueError on any other shape."""
-  arr = np.asarray(box, dtype=np.float64)
-  if arr.shape != (4,):
-    raise ValueError(f"{name} must be one box (x0, y0, x1, y1) of shape (4,), got {arr.shape}")
-  if not np.all(np.isfinite(arr)):
-    raise ValueError(f"{name} contains non-finite values: {arr.tolist()}")
-  return arr
-
-
-def _area(boxes: np.ndarray) -> np.ndarray:
-  """(..., 4) xyxy -> (...,) area; inverted boxes have area 0."""
-  return np.clip(boxes[..., 2] - boxes[..., 0], 0, None) * np.clip(
-      boxes[..., 3] - boxes[..., 1], 0, None)
-
-
-def _pairwise_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Intersection areas of a (N, 4) and b (M, 4) xyxy boxes -> (N, M)."""
-  lo = np.maximum(a[:, None, :2], b[None, :, :2])
-  hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = np.clip(hi - lo, 0, None)
-  return wh[..., 0] * wh[..., 1]
-
-
-def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of a (N, 4) and b (M, 4) xyxy boxes -> (N, M); 0 where the union is empty."""
-  inter = _pairwise_intersection(a, b)
-  union = _area(a)[:, None] + _area(b)[None, :] - inter
-  return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _validated_target(target_xyxy: np.ndarray | Sequence[float], clip_to_unit: bool) -> np.ndarray:
   """Returns the target box (4,), clipped to [0, 1] if asked; ValueError if it has no area."""
-  target = _as_box(target_xyxy, "target_xyxy")
+  target = box_lib.as_box_xyxy_np(target_xyxy, "target_xyxy")
   clipped = np.clip(target, 0.0, 1.0) if clip_to_unit else target
-  if _area(clipped) <= 0:
+  if box_lib.area_xyxy_np(clipped) <= 0:
     where = " after clipping to the image [0, 1]" if clip_to_unit else ""
     raise ValueError(
         f"target_xyxy {target.tolist()} has zero area{where}; expected (x0, y0, x1, y1) with "
@@ -182,9 +141,10 @@ def target_coverage(candidates: np.ndarray, target_xyxy: np.ndarray) -> np.ndarr
   Returns:
     (N,) coverage in [0, 1]; 1 means the candidate contains the whole target.
   """
-  candidates = _as_boxes(candidates, "candidates")
+  candidates = box_lib.as_boxes_xyxy_np(candidates, "candidates")
   target = _validated_target(target_xyxy, clip_to_unit=False)
-  return _pairwise_intersection(candidates, target[None])[:, 0] / _area(target)
+  return (box_lib.pairwise_intersection_xyxy_np(candidates, target[None])[:, 0] /
+          box_lib.area_xyxy_np(target))
 
 
 def filter_containing(candidates: np.ndarray,
@@ -214,7 +174,7 @@ def filter_containing(candidates: np.ndarray,
     raise ValueError(f"min_coverage must be in (0, 1], got {min_coverage}")
   if fallback_k < 1:
     raise ValueError(f"fallback_k must be >= 1, got {fallback_k}")
-  candidates = _as_boxes(candidates, "candidates")
+  candidates = box_lib.as_boxes_xyxy_np(candidates, "candidates")
   coverage = target_coverage(candidates, target_xyxy)
   if candidates.shape[0] == 0:
     return candidates, np.zeros((0,), dtype=np.int64)
@@ -332,17 +292,17 @@ def composition_score(
     (scores (N,), terms) where terms maps "size", "thirds", "margin", "content", "cut" to the (N,)
     term values above, plus the raw "size_fraction" (f) and "thirds_distance" (d).
   """
-  crops = _as_boxes(candidates, "candidates")
+  crops = box_lib.as_boxes_xyxy_np(candidates, "candidates")
   target = _validated_target(target_xyxy, clip_to_unit=True)
   n = crops.shape[0]
   cw = crops[:, 2] - crops[:, 0]
   ch = crops[:, 3] - crops[:, 1]
-  crop_area = _area(crops)
+  crop_area = box_lib.area_xyxy_np(crops)
   if n and np.any(crop_area <= 0):
     raise ValueError("candidates must all have positive width and height")
 
   # Size.
-  inter = _pairwise_intersection(crops, target[None])[:, 0]
+  inter = box_lib.pairwise_intersection_xyxy_np(crops, target[None])[:, 0]
   size_fraction = np.divide(inter, crop_area, out=np.zeros(n), where=crop_area > 0)
   lo, hi = weights.ideal_size
   below = np.clip(lo - size_fraction, 0, None)
@@ -373,7 +333,7 @@ def composition_score(
   # Cut-through.
   cut_term = np.zeros(n)
   if other_boxes is not None:
-    others = np.clip(_as_boxes(other_boxes, "other_boxes"), 0.0, 1.0)
+    others = np.clip(box_lib.as_boxes_xyxy_np(other_boxes, "other_boxes"), 0.0, 1.0)
     if other_scores is None:
       conf = np.ones(others.shape[0])
     else:
@@ -382,11 +342,11 @@ def composition_score(
         raise ValueError(f"other_scores has {conf.shape[0]} entries for {others.shape[0]} "
                          "other_boxes")
     conf = np.clip(conf, 0, 1)
-    other_area = _area(others)
+    other_area = box_lib.area_xyxy_np(others)
     valid = other_area > 0
     others, conf, other_area = others[valid], conf[valid], other_area[valid]
     if others.shape[0] and n:
-      inside = _pairwise_intersection(crops, others) / other_area[None]
+      inside = box_lib.pairwise_intersection_xyxy_np(crops, others) / other_area[None]
       cut = 2 * np.minimum(inside, 1 - inside)
       cut_term = 1 - np.prod(1 - conf[None] * np.clip(cut, 0, 1), axis=-1)
 
@@ -409,32 +369,6 @@ def composition_score(
 # ------------------------------------------------------------------------------------------------
 # 4. Ranking.
 # ------------------------------------------------------------------------------------------------
-
-
-def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-  """Greedy non-maximum suppression.
-
-  Visits boxes by descending score (ties: lower index first) and drops every box whose IoU with an
-  already kept box is > iou_threshold.
-
-  Args:
-    boxes: (N, 4) xyxy boxes, any frame.
-    scores: (N,) scores.
-    iou_threshold: suppression threshold.
-
-  Returns:
-    (K,) int64 indices of the kept boxes, by descending score.
-  """
-  order = np.argsort(-scores, kind="stable")
-  iou = _pairwise_iou(boxes, boxes)
-  suppressed = np.zeros(boxes.shape[0], dtype=bool)
-  kept = []
-  for i in order:
-    if suppressed[i]:
-      continue
-    kept.append(i)
-    suppressed |= iou[i] > iou_threshold
-  return np.asarray(kept, dtype=np.int64)
 
 
 def rank_zero_shot_crops(
@@ -516,7 +450,7 @@ def rank_zero_shot_crops(
   if nms_iou is None:
     order = np.argsort(-scores, kind="stable")
   else:
-    order = _greedy_nms(crops_px, scores, nms_iou)
+    order = box_lib.nms_xyxy(crops_px, scores, nms_iou)
   if top_k is not None:
     order = order[:top_k]
   return [(tuple(float(v) for v in crops_px[i]), float(scores[i])) for i in order]
@@ -547,7 +481,7 @@ def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray
     target, others, other_scores = np.array([0.0, 0.0, 1.0, 1.0]), None, None
   else:
     picked = np.asarray(picked)
-    target = np.concatenate([boxes[picked, :2].min(0), boxes[picked, 2:].max(0)])
+    target = box_lib.union_box_xyxy_np(boxes[picked])
     scores = np.asarray(token_scores, np.float64)
     chosen = set(picked.tolist())
     keep = [i for i in np.argsort(-scores, kind='stable')[:other_objects] if i not in chosen]

@@ -7,11 +7,11 @@ r"""Tiny OWL-ViT detection fine-tuning run (tests, smoke checks): random-init `t
 A few seconds on CPU; random weights, so the numbers mean nothing.
 """
 
-from clipcrop_jax import detection_train
+from clipcrop_jax import default_config
 
 
 def get_config():
-  config = detection_train.get_default_config()
+  config = default_config.get_detection_config()
   config.model.owlvit = 'tiny'
   config.init_from.owlvit = ''
   config.dataset.update(name='synthetic_crops/tiny', data_dir='', train_split='train',

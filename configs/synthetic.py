@@ -1,29 +1,33 @@
 r"""The embedded default: OWL-ViT + ClipCrop learn text-conditioned cropping on synthetic scenes.
 
+`get_config` argument: none for the full run, `quick` for the quick one.
+
   python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=synthetic_run
-  python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=/tmp/q --config.quick=True
+  python -m clipcrop_jax.main --config=configs/synthetic.py:quick --workdir=/tmp/q
 
 No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_dir` is set),
 trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full / base / main /
 key on its crops with that encoder, evaluates everything on the ambiguity split and writes
 WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 11 minutes on
-2 CPU cores; `quick=True` (smaller dataset and budgets, full and base only) under 3 minutes.
+2 CPU cores; `quick` (the `small` dataset, smaller budgets, full and base only) under 3 minutes.
+`pipeline.quick` only labels the report: the budgets are the fields themselves.
 """
 
 import ml_collections
 
+from clipcrop_jax import config_lib
 from clipcrop_jax import default_config
-from clipcrop_jax import detection_train
 
 
-def get_config():
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, quick=False)
+  dataset = 'synthetic_crops/small' if arg.quick else 'synthetic_crops/default'
   c = default_config.get_default_config()
-  c.mode = 'synthetic_pipeline'
-  c.quick = False
+  c.run = 'synthetic_pipeline'
   c.model.update(owlvit='tiny', decoder_layers=2, decoder_width=64, decoder_heads=4,
                  decoder_mlp_dim=128, num_queries=24, dropout_rate=0.0, freeze_encoder=True,
                  fuse_top_k=5)
-  c.dataset.update(name='synthetic_crops/default', data_dir='', max_crops=128, max_queries=4,
+  c.dataset.update(name=dataset, data_dir='', max_crops=128, max_queries=4,
                    mosaic_probs=(0.5, 0.5, 0.0), shuffle_buffer=1000)
   c.batch_size = 16
   c.num_train_steps = 800
@@ -31,29 +35,31 @@ def get_config():
                      grad_clip_norm=1.0, weight_decay=1e-4)
   c.checkpoint.update(every_steps=500, keep=1)
   c.log_every_steps = 100
-  c.eval.update(datasets=(('synthetic_crops/default', 'ambiguity'),), batch_size=16,
+  c.eval.update(datasets=((dataset, 'ambiguity'),), batch_size=16,
                 baselines=default_config.BASELINES)
 
-  det = detection_train.get_default_config()
+  det = default_config.get_detection_config()
   det.model.owlvit = c.model.owlvit
   # Object names ('red circle') inside the phrasings the captions use ('the big red circle').
-  det.dataset.update(name='synthetic_crops/default', label_key='name', max_objects=8,
+  det.dataset.update(name=dataset, label_key='name', max_objects=8,
                      max_labels=48, flip=True, shuffle_buffer=1000,
                      label_templates=('{}', 'a {}', 'the {}', 'a big {}', 'the big {}',
                                       'a small {}', 'the small {}'))
   det.batch_size = 16
-  det.num_train_steps = 1000
+  det.num_train_steps = 220 if arg.quick else 1000
   det.optimizer.update(learning_rate=2e-3, end_learning_rate=1e-5, warmup_steps=50,
                        grad_clip_norm=1.0)
   det.checkpoint.update(every_steps=1000, keep=1)
   det.log_every_steps = 100
   det.eval.update(batch_size=16)
 
+  # ClipCrop modes to train (`variants`) and their training steps.
+  if arg.quick:
+    variants = ('full', 'base')
+    variant_steps = dict(full=300, base=200, main=200, key=200)
+  else:
+    variants = ('full', 'base', 'main', 'key')
+    variant_steps = dict(full=1500, base=600, main=600, key=600)
   c.pipeline = ml_collections.ConfigDict(dict(
-      dataset_config='default', owlvit=det,
-      variants=('full', 'base', 'main', 'key'),
-      variant_steps=dict(full=1500, base=600, main=600, key=600),
-      quick_dataset_config='small', quick_owlvit_steps=220,
-      quick_variants=('full', 'base'), quick_variant_steps=dict(full=300, base=200, main=200,
-                                                                 key=200)))
+      quick=arg.quick, owlvit=det, variants=variants, variant_steps=variant_steps))
   return c

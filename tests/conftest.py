@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -25,13 +24,13 @@ def synthetic_tiny_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope='session')
 def load_config():
-  """`load_config('configs/x.py', **{'a.b': value})`: the file's get_config() with overrides."""
+  """`load_config('configs/x.py[:arg]', **{'a.b': value})`: the file's get_config(arg) with
+  overrides (`config_lib.load_config_file`)."""
+  from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   def load(path: str, **updates):
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    file, _, arg = path.partition(':')
+    config = config_lib.load_config_file(REPO / file, arg or None)
     for key, value in updates.items():
       node = config
       *parents, leaf = key.split('.')

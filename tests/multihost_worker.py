@@ -6,7 +6,7 @@
 Without --port the run is single-process (the reference). With it, the process joins a
 `jax.distributed` job on localhost:P (CPU collectives over gloo) and feeds only its part of the
 fixed global batch through `jax.make_array_from_process_local_data`. The tiny ClipCrop state is
-built and stepped exactly as `train_lib.train` does (same shardings, jit, donation). Process 0
+built and stepped exactly as `trainer.train` does (same shardings, jit, donation). Process 0
 writes `DIR/result.npz` (final params, flattened by path, and per-step losses); every process
 writes `DIR/done_<i>.json`.
 """
@@ -48,27 +48,29 @@ def main() -> None:
                                initialization_timeout=120)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
 
   pid, nproc = jax.process_index(), jax.process_count()
   assert nproc == args.num_processes, (nproc, args.num_processes)
   assert jax.local_device_count() == args.devices_per_process
   assert jax.device_count() == args.num_processes * args.devices_per_process
 
-  config = tiny.get_config()
+  config = config_lib.load_config_file(ROOT / 'configs' / 'tiny.py')
   config.batch_size = args.batch
   config.num_train_steps = args.steps
-  model = train_lib.build_model(config)
+  task = train_lib.ClipCropTask(config)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
-  _, shardings, init, optimizer, schedule = train_lib.setup_state(config, model, mesh, args.steps)
-  state = init(jax.random.PRNGKey(config.seed))
-  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
+  setup = trainer.setup_state(task, mesh, args.steps)
+  state = trainer.fresh_state(task, setup)
+  step_fn = trainer.make_step_fn(task, setup, mesh)
 
-  size = model.config.owlvit_config.image_size
-  full = train_lib.random_batch(args.batch, size, config.dataset.max_crops,
-                               config.dataset.max_queries)
+  size = task.model.config.owlvit_config.image_size
+  full = input_pipeline.random_batch(args.batch, size, config.dataset.max_crops,
+                                     config.dataset.max_queries)
   per = args.batch // nproc
   local = {k: v[pid * per:(pid + 1) * per] for k, v in full.items()}
   batch_sharding = sharding_lib.batch_sharding(mesh)

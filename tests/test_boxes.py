@@ -141,6 +141,95 @@ def test_clip_boxes_sorts_corners_and_clips():
 
 
 # --------------------------------------------------------------------------------------------------
+# NumPy: validation, area, exact IoU, union, containment.
+
+
+def test_as_boxes_np_shapes_and_one_line_errors():
+  out = box_lib.as_boxes_xyxy_np([[0, 0, 1, 2]], 'crops')
+  assert out.dtype == np.float64 and out.shape == (1, 4)
+  assert box_lib.as_boxes_xyxy_np([], 'crops').shape == (0, 4)
+  same = np.zeros((3, 4))
+  assert box_lib.as_boxes_xyxy_np(same, 'crops') is same
+  for bad, match in [([0, 0, 1, 1], r'crops must have shape \(N, 4\)'),
+                     (np.zeros((2, 3)), r'crops must have shape \(N, 4\)'),
+                     (np.zeros((1, 2, 4)), r'crops must have shape \(N, 4\)'),
+                     ([[0, 0, np.nan, 1]], 'crops contains non-finite'),
+                     ([[0, 0, np.inf, 1]], 'crops contains non-finite')]:
+    with pytest.raises(ValueError, match=match) as err:
+      box_lib.as_boxes_xyxy_np(bad, 'crops')
+    assert '\n' not in str(err.value)
+  with pytest.raises(ValueError, match=r'refs must hold at least 1 box'):
+    box_lib.as_boxes_xyxy_np(np.zeros((0, 4)), 'refs', min_count=1)
+  kept = box_lib.as_boxes_xyxy_np([[0, 0, np.nan, 1]], 'crops', finite=False)
+  assert np.isnan(kept[0, 2])
+  np.testing.assert_array_equal(box_lib.as_box_xyxy_np((1, 2, 3, 4), 'target'), [1, 2, 3, 4])
+  with pytest.raises(ValueError, match=r'target must be one box .* shape \(4,\); got \(1, 4\)'):
+    box_lib.as_box_xyxy_np([[1, 2, 3, 4]], 'target')
+  with pytest.raises(ValueError, match=r'target contains non-finite values: \[1.0, nan'):
+    box_lib.as_box_xyxy_np([1, np.nan, 3, 4], 'target')
+  assert np.isinf(box_lib.as_box_xyxy_np([1, np.inf, 3, 4], 'target', finite=False)[1])
+
+
+def test_area_np_clips_inverted_boxes():
+  boxes = np.array([[[0, 0, 2, 3], [2, 0, 1, 3]], [[0, 5, 4, 1], [1, 1, 1, 1]]], float)
+  np.testing.assert_array_equal(box_lib.area_xyxy_np(boxes), [[6.0, 0.0], [0.0, 0.0]])
+
+
+def test_pairwise_iou_np_hand_values():
+  # (0,0,2,2) vs (1,1,3,3): inter 1, union 7. vs (0,0,1,2): inter 2, union 4. Two degenerate
+  # boxes: empty union -> 0 (no eps anywhere: 1/7 and 1/2 are exact).
+  a = [[0, 0, 2, 2], [0, 0, 0, 0]]
+  b = [[1, 1, 3, 3], [0, 0, 1, 2], [0, 0, 0, 0]]
+  iou = box_lib.pairwise_iou_xyxy_np(a, b)
+  assert iou.dtype == np.float64 and iou.shape == (2, 3)
+  np.testing.assert_array_equal(iou, [[1 / 7, 0.5, 0.0], [0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(box_lib.pairwise_intersection_xyxy_np(a, b),
+                                [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+  # A NaN box overlaps nothing (IoU 0), it is not an error here.
+  np.testing.assert_array_equal(box_lib.pairwise_iou_xyxy_np([[0, 0, np.nan, 2]], a), [[0, 0]])
+  assert box_lib.pairwise_iou_xyxy_np(np.zeros((0, 4)), b).shape == (0, 3)
+  with pytest.raises(ValueError, match=r'a must have shape \(N, 4\)'):
+    box_lib.pairwise_iou_xyxy_np([0, 0, 2, 2], b)
+
+
+def test_pairwise_iou_np_against_pixel_count_oracle():
+  rng = np.random.default_rng(8)
+  a = _random_int_boxes(rng, 30)  # many degenerate boxes
+  b = np.concatenate([_random_int_boxes(rng, 17), a[:3]])  # and some identical ones
+  inter = np.array([[np.sum(_raster(x) & _raster(y)) for y in b] for x in a], float)
+  union = np.array([[np.sum(_raster(x) | _raster(y)) for y in b] for x in a], float)
+  oracle = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+  assert (union == 0).any() and ((union > 0) & (inter == 0)).any() and (oracle == 1).any()
+  iou = box_lib.pairwise_iou_xyxy_np(a, b)
+  np.testing.assert_allclose(iou, oracle, rtol=1e-15, atol=0)
+  np.testing.assert_array_equal(box_lib.pairwise_intersection_xyxy_np(a, b), inter)
+  # Bitwise symmetric (greedy NMS relies on it) and equal to the JAX version up to its eps.
+  assert box_lib.pairwise_iou_xyxy_np(b, a).T.tobytes() == iou.tobytes()
+  np.testing.assert_allclose(box_lib.pairwise_iou_xyxy(a, b), iou, atol=1e-5)
+
+
+def test_union_box_np_matches_jax_union_and_rejects_empty():
+  boxes = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.6, 0.3], [0.0, 0.3, 0.05, 0.9]])
+  np.testing.assert_array_equal(box_lib.union_box_xyxy_np(boxes), [0.0, 0.1, 0.6, 0.9])
+  np.testing.assert_array_equal(box_lib.union_box_xyxy_np([(1, 2, 3, 4)]), [1, 2, 3, 4])
+  np.testing.assert_allclose(box_lib.union_box_xyxy_np(boxes), box_lib.union_box_xyxy(boxes),
+                             atol=1e-7)
+  with pytest.raises(ValueError, match='boxes must hold at least 1 box'):
+    box_lib.union_box_xyxy_np(np.zeros((0, 4)))
+
+
+def test_contains_np_with_tolerance():
+  outer = (0.0, 0.0, 10.0, 10.0)
+  assert box_lib.contains_xyxy_np(outer, (0, 0, 10, 10))
+  assert box_lib.contains_xyxy_np(outer, (2, 3, 4, 5))
+  assert box_lib.contains_xyxy_np(outer, (-1e-10, 0, 10, 10 + 1e-10))
+  for inner in [(-1e-6, 0, 5, 5), (0, -1e-6, 5, 5), (0, 0, 10.001, 5), (0, 0, 5, 10.001)]:
+    assert not box_lib.contains_xyxy_np(outer, inner), inner
+  assert box_lib.contains_xyxy_np(outer, (-0.5, 0, 5, 5), tol=0.5)
+  assert not box_lib.contains_xyxy_np(outer, (-0.5, 0, 5, 5), tol=0.4)
+
+
+# --------------------------------------------------------------------------------------------------
 # Aspect ratios.
 
 
@@ -221,7 +310,8 @@ def _grid_oracle_best_iou(box: np.ndarray, ratio: float, image_wh: tuple[float, 
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-  return float(box_lib._iou_xyxy_np(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+  """Exact IoU of two (4,) boxes by the library (`pairwise_iou_xyxy_np` has its own oracle test)."""
+  return float(box_lib.pairwise_iou_xyxy_np(np.asarray(a)[None], np.asarray(b)[None])[0, 0])
 
 
 def test_fit_aspect_ratio_contains_when_possible():
@@ -321,6 +411,18 @@ def test_nms_hand_cases():
   np.testing.assert_array_equal(box_lib.nms_xyxy(boxes[[2, 0]], np.ones(2), 0.5), [0, 1])
   empty = box_lib.nms_xyxy(np.zeros((0, 4)), np.zeros(0), 0.5)
   assert empty.dtype == np.int64 and empty.shape == (0,)
+  # Near duplicates (the zero-shot ranking's case): IoU 10/10.5 and 9.8/10 exceed 0.7, not 0.99.
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0.2, 0, 10, 10]], float)
+  scores = np.array([0.5, 0.9, 0.3, 0.5])
+  np.testing.assert_array_equal(box_lib.nms_xyxy(boxes, scores, 0.7), [1, 2])
+  np.testing.assert_array_equal(box_lib.nms_xyxy(boxes, scores, 0.99), [1, 0, 3, 2])
+  # Strict '>': IoU exactly at the threshold (0.5) does not suppress.
+  half = np.array([[0, 0, 2, 1], [0, 0, 1, 1]], float)
+  np.testing.assert_array_equal(box_lib.nms_xyxy(half, [1.0, 0.5], 0.5), [0, 1])
+  np.testing.assert_array_equal(box_lib.nms_xyxy(half, [1.0, 0.5], 0.49), [0])
+  # Boxes of area 0 (IoU 0 with everything) neither suppress nor are suppressed.
+  flat = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 2, 2]], float)
+  np.testing.assert_array_equal(box_lib.nms_xyxy(flat, [3.0, 2.0, 1.0], 0.0), [0, 1, 2])
 
 
 def test_nms_matches_reference():

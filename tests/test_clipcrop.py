@@ -10,6 +10,8 @@ from PIL import Image
 
 from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import crop as crop_cli
+from clipcrop_jax import export
+from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import detect
@@ -26,7 +28,7 @@ def variables():
 
 @pytest.fixture(scope='module')
 def cropper(variables):
-  return cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=None, model_id='test')
+  return cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=keywords.RULES, model_id='test')
 
 
 def _images(batch=2, seed=0):
@@ -137,11 +139,12 @@ def test_fused_top_crop(variables):
   # a fuse_top_k=1 cropper without NMS), the rest are the usual NMS-ranked predictions.
   image = detect.demo_image(120, 200)
   text = 'a red square and a blue disc'
-  plain = cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=None, nms_iou=1.0)
+  plain = cropper_lib.ClipCropper(CFG, variables, keyword_pipeline=keywords.RULES, nms_iou=1.0)
   every = plain.crop(image, text=text, top_k=CFG.num_queries)
   assert len(every) == CFG.num_queries
   fused_cfg = CFG.replace(fuse_top_k=3)
-  fused = cropper_lib.ClipCropper(fused_cfg, variables, keyword_pipeline=None, nms_iou=1.0)
+  fused = cropper_lib.ClipCropper(fused_cfg, variables, keyword_pipeline=keywords.RULES,
+                                  nms_iou=1.0)
   crops = fused.crop(image, text=text, top_k=4)
   expected = np.mean([c.box for c in every[:3]], axis=0)
   np.testing.assert_allclose(crops[0].box, expected, atol=1e-3)
@@ -196,13 +199,13 @@ def test_image_query_mode(cropper):
 
 def test_save_load_round_trip(cropper, tmp_path):
   cropper.save(tmp_path / 'ckpt')
-  loaded = cropper_lib.ClipCropper.load(tmp_path / 'ckpt', keyword_pipeline=None)
+  loaded = cropper_lib.ClipCropper.load(tmp_path / 'ckpt')  # the recorded keyword pipeline
   image = detect.demo_image()
   a = cropper.crop(image, text='a red square')
   b = loaded.crop(image, text='a red square')
   np.testing.assert_allclose([c.box for c in a], [c.box for c in b], atol=1e-4)
-  assert loaded.config == cropper.config
-  (tmp_path / 'ckpt' / cropper_lib.PARAMS_FILE).write_bytes(b'\x81\xa1a')
+  assert loaded.config == cropper.config and loaded.keyword_pipeline == keywords.RULES
+  (tmp_path / 'ckpt' / export.PARAMS_FILE).write_bytes(b'\x81\xa1a')
   with pytest.raises(ValueError, match='params.msgpack'):
     cropper_lib.ClipCropper.load(tmp_path / 'ckpt')
 
@@ -210,7 +213,7 @@ def test_save_load_round_trip(cropper, tmp_path):
 def test_zero_shot_from_plain_owlvit_checkpoint(variables, tmp_path):
   path = tmp_path / 'owl.msgpack'
   owl_checkpoints.save_scenic_checkpoint({'params': variables['params']['owlvit']}, path)
-  zs = cropper_lib.ClipCropper.load(path, keyword_pipeline=None)
+  zs = cropper_lib.ClipCropper.load(path, keyword_pipeline=keywords.RULES)
   assert zs.zero_shot
   image = detect.demo_image(150, 260)
   crops = zs.crop(image, text='a red square', top_k=3)
@@ -262,7 +265,7 @@ def test_from_owlvit_checkpoint_keeps_encoder_weights(variables, tmp_path):
   path = tmp_path / 'owl.msgpack'
   owl = jax.tree_util.tree_map(lambda x: x + 0.5, variables['params']['owlvit'])
   owl_checkpoints.save_scenic_checkpoint({'params': owl}, path)
-  c = cropper_lib.ClipCropper.from_owlvit(path, CFG, keyword_pipeline=None)
+  c = cropper_lib.ClipCropper.from_owlvit(path, CFG, keyword_pipeline=keywords.RULES)
   np.testing.assert_allclose(
       c.variables['params']['owlvit']['class_head']['Dense_0']['kernel'],
       owl['class_head']['Dense_0']['kernel'])
@@ -297,7 +300,7 @@ def test_crop_cli_zero_shot_with_plain_owlvit_checkpoint(variables, tmp_path):
   path = tmp_path / 'owl.msgpack'
   owl_checkpoints.save_scenic_checkpoint({'params': variables['params']['owlvit']}, path)
   rc = crop_cli.main(['--checkpoint', str(path), '--text', 'a red square',
-                      '--keyword-pipeline', 'rule', '--out', str(tmp_path / 'o')])
+                      '--keyword-pipeline', 'rules', '--out', str(tmp_path / 'o')])
   assert rc == 0
   report = json.loads((tmp_path / 'o' / 'crops.json').read_text())
   assert report['model'].endswith('(zero-shot)') and report['results'][0]['crops']
@@ -305,9 +308,9 @@ def test_crop_cli_zero_shot_with_plain_owlvit_checkpoint(variables, tmp_path):
 
 def test_load_names_the_mis_shaped_parameter(cropper, tmp_path):
   ckpt = cropper.save(tmp_path / 'ckpt')
-  meta = json.loads((ckpt / cropper_lib.CONFIG_FILE).read_text())
+  meta = json.loads((ckpt / export.CONFIG_FILE).read_text())
   meta['config']['num_queries'] = CFG.num_queries + 1  # params no longer fit the config
-  (ckpt / cropper_lib.CONFIG_FILE).write_text(json.dumps(meta))
+  (ckpt / export.CONFIG_FILE).write_text(json.dumps(meta))
   with pytest.raises(ValueError, match=r'params\.msgpack: parameter params/decoder/query_embed '
                                        r'has shape \(12, 32\), expected \(13, 32\)'):
     cropper_lib.ClipCropper.load(ckpt)
@@ -329,3 +332,24 @@ def test_apply_offsets_spaces():
   np.testing.assert_allclose([(out[0] + out[2]) / 2, out[2] - out[0]], [cx, w], atol=1e-6)
   with pytest.raises(ValueError, match='offset_space'):
     model_lib.ClipCropConfig(offset_space='pixels')
+
+
+def test_crop_cli_keyword_pipeline_defaults_to_the_recorded_one(cropper, tmp_path, monkeypatch,
+                                                                 capsys):
+  used = []
+  real = keywords.build_queries
+
+  def spy(text, mode, pipeline):
+    used.append(pipeline)
+    return real(text, mode, pipeline=pipeline)
+  monkeypatch.setattr(keywords, 'build_queries', spy)
+  ckpt = cropper.save(tmp_path / 'ckpt')  # records keywords.RULES
+  argv = ['--checkpoint', str(ckpt), '--text', 'a red square', '--top-k', '1']
+  assert crop_cli.main(argv + ['--out', str(tmp_path / 'a')]) == 0
+  assert used == [keywords.RULES]
+  # The old spelling 'rule' is refused before the model is loaded, naming the new one.
+  assert crop_cli.main(argv + ['--keyword-pipeline', 'rule', '--out', str(tmp_path / 'b')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --keyword-pipeline: keyword pipeline 'rule'") and "'rules'" in err
+  assert '\n' not in err
+  assert not (tmp_path / 'b').exists()

@@ -1,11 +1,12 @@
 """Every config file in configs/ loads (locked, overridable), matches a schema and builds its model.
 
-Also the sweep library (`clipcrop_jax.sweep`), the sweep file configs/sweep.py and the runner
-tools/sweep.py (printed commands; `--launch` with a fake interpreter, nothing is trained).
+Also `clipcrop_jax.config_lib` (loading config files, parsing their argument), the model builders
+of `clipcrop_jax.default_config`, the sweep library (`clipcrop_jax.sweep`), the sweep file
+configs/sweep.py and the runner tools/sweep.py (printed commands; `--launch` with a fake
+interpreter, nothing is trained).
 """
 
 import functools
-import importlib.util
 import inspect
 import os
 import pathlib
@@ -19,9 +20,9 @@ from ml_collections import config_flags
 import ml_collections
 import pytest
 
+from clipcrop_jax import config_lib
 from clipcrop_jax import default_config
 from clipcrop_jax import sweep as sweep_lib
-from clipcrop_jax import train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
@@ -30,8 +31,9 @@ SWEEP_TOOL = REPO / 'tools' / 'sweep.py'
 ARGS = {
     'gaic_b32.py': [None, 'full', 'main', 'key', 'base', 'no_mosaic', 'variant=key',
                     'base,encoder=clip_b16'],
-    'horanyi_pr_eval.py': [None, 'base'],
-    'textcrop_eval.py': [None, 'base'],
+    'synthetic.py': [None, 'quick'],
+    'text_eval.py': ['horanyi_pr', 'textcrop', 'textcrop,variant=base',
+                     'dataset=horanyi_pr,variant=key', 'horanyi_pr,variant=base,encoder=clip_b16'],
 }
 GAIC_MODES = {None: 'full', 'full': 'full', 'main': 'main', 'key': 'key', 'base': 'base',
               'no_mosaic': 'full', 'variant=key': 'key', 'base,encoder=clip_b16': 'base'}
@@ -40,31 +42,23 @@ PAPER_MODEL = dict(owlvit='clip_b32', decoder_layers=6, decoder_width=512, decod
                    decoder_mlp_dim=2048, num_queries=90)
 
 
-def _load_module(path):
-  spec = importlib.util.spec_from_file_location(f'_test_cfg_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _config_files():
-  out = []
-  for path in sorted(CONFIG_DIR.glob('*.py')):
-    if hasattr(_load_module(path), 'get_config'):
-      out.append(path)
-  return out
+  return [p for p in sorted(CONFIG_DIR.glob('*.py'))
+          if hasattr(config_lib.load_module(p), 'get_config')]
 
 
 def _sweep_files():
-  return [p for p in sorted(CONFIG_DIR.glob('*.py')) if hasattr(_load_module(p), 'get_hyper')]
+  return [p for p in sorted(CONFIG_DIR.glob('*.py'))
+          if hasattr(config_lib.load_module(p), 'get_hyper')]
+
+
+def _case_args():
+  return [(path, arg) for path in _config_files() for arg in ARGS.get(path.name, [None])]
 
 
 def _cases():
-  cases = []
-  for path in _config_files():
-    for arg in ARGS.get(path.name, [None]):
-      cases.append(pytest.param(path, arg, id=f'{path.name}:{arg}' if arg else path.name))
-  return cases
+  return [pytest.param(path, arg, id=f'{path.name}:{arg}' if arg else path.name)
+          for path, arg in _case_args()]
 
 
 def load_config(path, arg=None, overrides=()):
@@ -95,7 +89,7 @@ def _abstract_params(model_key):
   """Parameter shapes (jax.eval_shape, no weights) of one architecture, shared between configs."""
   config = default_config.get_default_config()
   config.model.update(dict(model_key))
-  model = train_lib.build_model(config)
+  model = default_config.build_model(config)
   size = model.config.owlvit_config.image_size
   return jax.eval_shape(
       lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
@@ -110,13 +104,8 @@ def _architecture_key(config):
 
 def _families():
   """{entry point: default config}: every config file extends exactly one of them."""
-  out = {'clipcrop_jax.main': default_config.get_default_config()}
-  try:
-    from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
-    out['clipcrop_jax.detection_train'] = detection_train.get_default_config()
-  except ImportError:
-    pass
-  return out
+  return {'clipcrop_jax.main': default_config.get_default_config(),
+          'clipcrop_jax.detection_train': default_config.get_detection_config()}
 
 
 @pytest.mark.parametrize('path,arg', _cases())
@@ -126,25 +115,23 @@ def test_config_loads_and_builds(path, arg):
   with pytest.raises(AttributeError):
     config.not_a_field = 1  # locked: a misspelt override is an error
   schemas = {k: _schema(v) for k, v in _families().items()}
-  if config.get('mode') == 'synthetic_pipeline':  # ClipCrop fields + the pipeline's own
-    own = {k for k in _schema(config) if not k.startswith('pipeline.') and k != 'quick'}
+  if config.get('run') == 'synthetic_pipeline':  # ClipCrop fields + the pipeline's own
+    own = {k for k in _schema(config) if not k.startswith('pipeline.')}
     assert own == schemas['clipcrop_jax.main']
     assert _schema(config.pipeline.owlvit) == schemas['clipcrop_jax.detection_train']
     assert set(config.pipeline.variants) <= set(config.pipeline.variant_steps.keys())
-    assert set(config.pipeline.quick_variants) <= set(config.pipeline.quick_variant_steps.keys())
     config = ml_collections.ConfigDict(
-        {k: v for k, v in config.to_dict().items() if k not in ('pipeline', 'quick')})
+        {k: v for k, v in config.to_dict().items() if k != 'pipeline'})
   family = [k for k, v in schemas.items() if v == _schema(config)]
   if not family:  # report the differences to the ClipCrop schema
     expected = schemas['clipcrop_jax.main']
     pytest.fail(f'{path.name}: fields differ from every default config; vs ClipCrop: missing '
                 f'{sorted(expected - _schema(config))}, extra {sorted(_schema(config) - expected)}')
   if family[0] != 'clipcrop_jax.main':
-    from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
     assert config.batch_size > 0
-    detection_train.build_module(config)  # a known OWL-ViT architecture
+    default_config.build_detection_module(config)  # a known OWL-ViT architecture
     return
-  assert config.mode in ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
+  assert config.run in ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
   assert config.dtype in ('float32', 'bfloat16')
   assert config.batch_size > 0
   assert config.num_train_steps > 0 or config.num_epochs > 0
@@ -152,7 +139,7 @@ def test_config_loads_and_builds(path, arg):
   assert len(config.dataset.mosaic_probs) == 3
   assert abs(sum(config.dataset.mosaic_probs) - 1.0) < 1e-6
   assert config.eval.datasets and all(len(e) == 2 for e in config.eval.datasets)
-  model = train_lib.build_model(config)  # validates config.model (mode, OWL-ViT name, ...)
+  model = default_config.build_model(config)  # validates config.model (mode, OWL-ViT name, ...)
   params = _abstract_params(_architecture_key(config))
   assert {'owlvit', 'decoder'} <= set(params)
   assert sum(l.size for l in jax.tree_util.tree_leaves(params['decoder'])) > 0
@@ -169,7 +156,7 @@ def test_gaic_b32_is_the_paper_run(arg):
   else:
     assert model == PAPER_MODEL
   assert config.model.mode == GAIC_MODES[arg]
-  assert config.mode == 'train_and_eval'
+  assert config.run == 'train_and_eval'
   assert (config.dataset.name, config.dataset.train_split) == ('gaic/journal', 'train')
   assert (config.batch_size, config.num_epochs, config.num_train_steps) == (32, 180, -1)
   assert (config.optimizer.learning_rate, config.optimizer.end_learning_rate) == (1e-4, 1e-6)
@@ -180,25 +167,201 @@ def test_gaic_b32_is_the_paper_run(arg):
   assert ('clipcrop_base' in config.eval.baselines) == (config.model.mode != 'base')
 
 
-@pytest.mark.parametrize('bad', ['nope', 'full,owl=clip_b16', 'full,main'])
-def test_gaic_b32_rejects_bad_arguments(bad):
-  with pytest.raises(ValueError):
-    _load_module(CONFIG_DIR / 'gaic_b32.py').get_config(bad)
+@pytest.mark.parametrize('bad,expected', [
+    ('nope', "gaic_b32.py: variant='nope'; expected one of"),
+    ('variant=nope', "gaic_b32.py: variant='nope'; expected one of"),
+    ('full,owl=clip_b16', "gaic_b32.py: unknown option 'owl'='clip_b16'"),
+    ('full,main', "gaic_b32.py: unknown option 'main'"),
+    ('full,variant=key', 'gaic_b32.py: variant given twice'),
+])
+def test_gaic_b32_rejects_bad_arguments(bad, expected):
+  with pytest.raises(ValueError) as err:
+    config_lib.load_config_file(CONFIG_DIR / 'gaic_b32.py', bad)
+  assert str(err.value).startswith(expected) and '\n' not in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize('name,dataset', [('horanyi_pr_eval.py', 'horanyi_pr'),
-                                          ('textcrop_eval.py', 'textcrop')])
-def test_text_eval_configs(name, dataset):
-  for arg in (None, 'base'):
-    config = load_config(CONFIG_DIR / name, arg)
-    train = load_config(CONFIG_DIR / 'gaic_b32.py', arg)
-    assert config.mode == 'eval'
+@pytest.mark.parametrize('dataset', ['horanyi_pr', 'textcrop'])
+def test_text_eval_config(dataset):
+  for variant in (None, 'base', 'key'):
+    arg = dataset + (f',variant={variant}' if variant else '')
+    config = load_config(CONFIG_DIR / 'text_eval.py', arg)
+    train = load_config(CONFIG_DIR / 'gaic_b32.py', variant)
+    assert config.run == 'eval'
     assert tuple(tuple(e) for e in config.eval.datasets) == ((dataset, 'test'),)
     assert config.model.to_dict() == train.model.to_dict()  # restores the training checkpoints
     assert config.eval.base_workdir == ''
-  config = load_config(CONFIG_DIR / name, None, ['--config.eval.base_workdir=/w/base'])
+    # Apart from what an evaluation changes, the training run's config.
+    config.run, config.eval.datasets = train.run, train.eval.datasets
+    assert config.to_dict() == train.to_dict()
+  config = load_config(CONFIG_DIR / 'text_eval.py', f'dataset={dataset},encoder=clip_b16',
+                       ['--config.eval.base_workdir=/w/base'])
+  assert config.model.owlvit == 'clip_b16'
   assert config.eval.base_workdir == '/w/base'
-  assert 'eval.base_workdir' in _load_module(CONFIG_DIR / name).__doc__
+  assert 'eval.base_workdir' in config_lib.load_module(CONFIG_DIR / 'text_eval.py').__doc__
+
+
+@pytest.mark.parametrize('bad,expected', [
+    (None, "text_eval.py: dataset=''; expected one of ('horanyi_pr', 'textcrop')"),
+    ('gaic', "text_eval.py: dataset='gaic'; expected one of"),
+    ('textcrop,variant=nope', "gaic_b32.py: variant='nope'"),
+    ('textcrop,seed=1', "text_eval.py: unknown option 'seed'='1'"),
+])
+def test_text_eval_rejects_bad_arguments(bad, expected):
+  with pytest.raises(ValueError) as err:
+    config_lib.load_config_file(CONFIG_DIR / 'text_eval.py', bad)
+  assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_synthetic_quick_is_its_own_config():
+  full, quick = load_config(CONFIG_DIR / 'synthetic.py'), load_config(CONFIG_DIR / 'synthetic.py',
+                                                                          'quick')
+  assert load_config(CONFIG_DIR / 'synthetic.py', '').to_dict() == full.to_dict()
+  assert (full.pipeline.quick, quick.pipeline.quick) == (False, True)
+  for config, name in ((full, 'synthetic_crops/default'), (quick, 'synthetic_crops/small')):
+    assert config.run == 'synthetic_pipeline'
+    assert config.dataset.name == config.pipeline.owlvit.dataset.name == name
+    assert tuple(tuple(e) for e in config.eval.datasets) == ((name, 'ambiguity'),)
+  assert tuple(full.pipeline.variants) == ('full', 'base', 'main', 'key')
+  assert full.pipeline.variant_steps.to_dict() == dict(full=1500, base=600, main=600, key=600)
+  assert full.pipeline.owlvit.num_train_steps == 1000
+  assert tuple(quick.pipeline.variants) == ('full', 'base')
+  assert quick.pipeline.variant_steps.to_dict() == dict(full=300, base=200, main=200, key=200)
+  assert quick.pipeline.owlvit.num_train_steps == 220
+  # Nothing else differs.
+  for config in (full, quick):
+    config.dataset.name = config.pipeline.owlvit.dataset.name = 'x'
+    config.eval.datasets = ()
+    config.pipeline.quick, config.pipeline.variants = None, ()
+    config.pipeline.variant_steps, config.pipeline.owlvit.num_train_steps = {}, 0
+  assert full.to_dict() == quick.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# config_lib.
+# ------------------------------------------------------------------------------------------------
+
+
+def _parse(arg, **spec):
+  return config_lib.parse_arg(arg, **spec).to_dict()
+
+
+def test_parse_arg_fields_and_types():
+  spec = dict(variant='full', encoder='clip_b32', steps=10, lr=0.5, quick=False)
+  assert _parse(None, **spec) == spec
+  assert _parse('', **spec) == spec
+  assert _parse(' , ', **spec) == spec
+  assert _parse('base', **spec) == dict(spec, variant='base')  # leading bare value: first field
+  assert _parse('base,encoder=clip_b16', **spec) == dict(spec, variant='base', encoder='clip_b16')
+  assert _parse('variant=key', **spec) == dict(spec, variant='key')
+  assert _parse('quick', **spec) == dict(spec, quick=True)  # bare bool field: True
+  assert _parse('key,quick,steps=3,lr=1e-3', **spec) == dict(
+      spec, variant='key', quick=True, steps=3, lr=1e-3)
+  for word, value in (('true', True), ('Yes', True), ('1', True), ('FALSE', False), ('no', False),
+                      ('0', False)):
+    got = config_lib.parse_arg(f'quick={word}', **spec).quick
+    assert got is value, word
+  assert isinstance(config_lib.parse_arg('steps=3', **spec).steps, int)
+  assert isinstance(config_lib.parse_arg('lr=1', **spec).lr, float)
+  assert isinstance(config_lib.parse_arg('x', **spec), ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize('arg,expected', [
+    ('steps=ten', "test_configs.py: steps='ten': expected an int"),
+    ('lr=fast', "test_configs.py: lr='fast': expected a float"),
+    ('quick=maybe', "test_configs.py: quick='maybe': expected a bool (true/false, yes/no, 1/0)"),
+    ('speed=3', "test_configs.py: unknown option 'speed'='3' in 'speed=3' (options: variant, "
+     "steps, quick, lr)"),
+    ('full,fast', "test_configs.py: unknown option 'fast' in 'full,fast'"),
+    ('steps', 'test_configs.py: steps needs a value'),
+    ('quick,quick=no', 'test_configs.py: quick given twice'),
+])
+def test_parse_arg_errors_name_the_key_value_and_config(arg, expected):
+  with pytest.raises(ValueError) as err:
+    config_lib.parse_arg(arg, variant='full', steps=10, quick=False, lr=0.1)
+  assert str(err.value).startswith(expected) and '\n' not in str(err.value), str(err.value)
+
+
+def test_parse_arg_first_bool_field_takes_no_bare_value():
+  with pytest.raises(ValueError, match="unknown option 'quikc'"):
+    config_lib.parse_arg('quikc', quick=False, dataset='')
+  with pytest.raises(TypeError, match='tuple'):
+    config_lib.parse_arg('', sizes=(1, 2))
+
+
+def test_parse_arg_lazy():
+  got = _parse('full,steps=3,lr=0.5,name=abc,on=true,flag', lazy=True, variant='x')
+  assert got == dict(variant='full', steps=3, lr=0.5, name='abc', on=True, flag=True)
+  assert type(got['steps']) is int and type(got['lr']) is float
+  with pytest.raises(ValueError, match='unknown option'):
+    config_lib.parse_arg('steps=3', variant='x')
+
+
+def test_load_config_file(tmp_path):
+  (tmp_path / 'plain.py').write_text('import ml_collections\nSTATE = []\n'
+                                     'def get_config():\n  STATE.append(1)\n'
+                                     '  return ml_collections.ConfigDict(dict(n=len(STATE)))\n')
+  (tmp_path / 'witharg.py').write_text('import ml_collections\ndef get_config(arg):\n'
+                                       '  return ml_collections.ConfigDict(dict(arg=arg))\n')
+  (tmp_path / 'none.py').write_text('def get_config():\n  pass\n')
+  assert config_lib.load_config_file(tmp_path / 'plain.py').n == 1
+  assert config_lib.load_config_file(str(tmp_path / 'plain.py'), '').n == 1  # a fresh module
+  assert config_lib.load_config_file(tmp_path / 'witharg.py', 'a=1').arg == 'a=1'
+  assert config_lib.load_config_file(tmp_path / 'witharg.py').arg is None
+  with pytest.raises(ValueError, match=r'plain\.py: get_config\(\) takes no argument'):
+    config_lib.load_config_file(tmp_path / 'plain.py', 'quick')
+  with pytest.raises(ValueError, match='returned None'):
+    config_lib.load_config_file(tmp_path / 'none.py')
+  with pytest.raises(FileNotFoundError):
+    config_lib.load_config_file(tmp_path / 'missing.py')
+  with pytest.raises(AttributeError, match='defines no get_config'):
+    config_lib.load_config_file(CONFIG_DIR / 'sweep.py')
+  a = config_lib.load_module(tmp_path / 'plain.py')
+  b = config_lib.load_module(tmp_path / 'plain.py')
+  assert a is not b and a.__name__ == b.__name__ and a.__name__ not in sys.modules
+
+
+@pytest.mark.parametrize('path,arg', _cases())
+def test_load_config_file_matches_config_flags(path, arg):
+  assert config_lib.load_config_file(path, arg).to_dict() == load_config(path, arg).to_dict()
+
+
+def test_loading_configs_imports_no_jax():
+  code = ('import sys\nfrom clipcrop_jax import config_lib, default_config\n'
+          f'for path, arg in {[(str(p), a) for p, a in _case_args()]!r}:\n'
+          '  config_lib.load_config_file(path, arg)\n'
+          "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == '[]', out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Config -> model builders.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_builders():
+  config = _tiny()
+  cc = default_config.clipcrop_config(config)
+  assert (cc.owlvit, cc.decoder_layers, cc.num_queries) == ('tiny', 2, 12)
+  assert default_config.compute_dtype(config) == jnp.float32
+  config.dtype = 'bfloat16'
+  model = default_config.build_model(config)
+  assert model.dtype == jnp.bfloat16 and model.config == cc
+  config.dtype = 'float16'
+  with pytest.raises(ValueError, match="config.dtype='float16'"):
+    default_config.compute_dtype(config)
+  config.dtype = 'float32'
+  config.model.unlock()
+  config.model.decoder_depth = 3
+  with pytest.raises(ValueError, match=r"config.model has unknown fields \['decoder_depth'\]"):
+    default_config.clipcrop_config(config)
+  det = load_config(CONFIG_DIR / 'owlvit_detection_tiny.py')
+  from clipcrop_jax.owlvit import configs as owl_configs  # pylint: disable=g-import-not-at-top
+  assert default_config.owlvit_config(det) == owl_configs.get_config('tiny')
+  det.dtype = 'bfloat16'
+  module = default_config.build_detection_module(det)
+  assert module.config == owl_configs.get_config('tiny') and module.dtype == jnp.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,10 +420,7 @@ def test_sweep_overrides_exist_and_parse(path):
 
 
 def _sweep_tool():
-  spec = importlib.util.spec_from_file_location('_test_sweep_tool', SWEEP_TOOL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(SWEEP_TOOL)
 
 
 def test_sweep_tool_prints_commands(tmp_path):
@@ -308,7 +468,7 @@ def test_sweep_tool_launch(tmp_path, capsys):
 def test_sweep_signature():
   # get_hyper(h) only takes the helper.
   for path in _sweep_files():
-    assert list(inspect.signature(_load_module(path).get_hyper).parameters) == ['h']
+    assert list(inspect.signature(config_lib.load_module(path).get_hyper).parameters) == ['h']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +477,7 @@ def test_sweep_signature():
 
 
 def _task(config):
-  return 'clipcrop' if 'mode' in config else 'detection'
+  return 'clipcrop' if 'run' in config else 'detection'
 
 
 @pytest.mark.parametrize('path,arg', _cases())
@@ -331,7 +491,7 @@ def _tiny():
 
 
 @pytest.mark.parametrize('field,value,expected', [
-    ('mode', 'trian', "mode='trian': expected one of"),
+    ('run', 'trian', "run='trian': expected one of"),
     ('batch_size', -1, 'batch_size=-1: expected an integer >= 1'),
     ('batch_size', 0, 'batch_size=0: expected an integer >= 1'),
     ('num_train_steps', -1, 'no training length'),  # with num_epochs = 0 below
@@ -352,7 +512,10 @@ def _tiny():
     ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
     ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),
     ('eval.baselines', ('full_image', 'oracle'), 'eval.baselines='),
-    ('eval.datasets', (), 'eval.datasets=(): expected (tfds name, split) pairs, at least one'),
+    ('eval.datasets', (), 'eval.datasets=(): expected (tfds name, split) pairs, at least one '
+     "for run='train_and_eval'"),
+    ('dataset.keyword_pipeline', '', "dataset.keyword_pipeline='': expected a spaCy pipeline "
+     "name, or 'rules' for the rule-based extractor"),
 ])
 def test_validate_config_names_the_bad_field(field, value, expected):
   config = _tiny()
@@ -375,8 +538,7 @@ def test_validate_config_lists_every_problem_and_checks_detection():
   config.batch_size, config.log_every_steps = -2, 0
   with pytest.raises(default_config.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
     default_config.validate_config(config)
-  from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
-  det = detection_train.get_default_config()
+  det = default_config.get_detection_config()
   default_config.validate_config(det, task='detection')
   det.loss.focal_alpha, det.dataset.label_templates = 1.5, ('a cat',)
   with pytest.raises(default_config.ConfigError,
@@ -386,6 +548,34 @@ def test_validate_config_lists_every_problem_and_checks_detection():
   synthetic.pipeline.owlvit.batch_size = 0
   with pytest.raises(default_config.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
     default_config.validate_config(synthetic)
+
+
+def test_validate_config_synthetic_pipeline_uses_one_dataset():
+  synthetic = load_config(CONFIG_DIR / 'synthetic.py', 'quick')
+  synthetic.dataset.name = 'synthetic_crops/default'
+  with pytest.raises(default_config.ConfigError) as err:
+    default_config.validate_config(synthetic)
+  assert str(err.value) == (
+      "invalid config: pipeline.owlvit.dataset.name='synthetic_crops/small': expected the same "
+      "as dataset.name='synthetic_crops/default'; eval.datasets=(('synthetic_crops/small', "
+      "'ambiguity'),): expected one pair ('synthetic_crops/default', split) for the pipeline's "
+      'evaluation')
+
+
+def test_validate_config_names_retired_fields():
+  """Configs of older versions: `mode` (now `run`) and the embedded default's `quick`."""
+  config = _tiny().to_dict()
+  config['mode'] = config.pop('run')
+  with pytest.raises(default_config.ConfigError) as err:
+    default_config.validate_config(ml_collections.ConfigDict(config))
+  assert str(err.value) == ('invalid config: config.mode was renamed to config.run (train | eval '
+                            '| train_and_eval | synthetic_pipeline)')
+  config = load_config(CONFIG_DIR / 'synthetic.py').to_dict()
+  config['quick'] = True
+  with pytest.raises(default_config.ConfigError) as err:
+    default_config.validate_config(ml_collections.ConfigDict(config))
+  assert str(err.value) == ('invalid config: config.quick was replaced by the config argument: '
+                            '--config=configs/synthetic.py:quick')
 
 
 def test_validate_config_workdir(tmp_path):
@@ -409,9 +599,16 @@ def test_validate_config_workdir(tmp_path):
     ('--config.optimizer.learning_rat=1.0', "--config.optimizer.learning_rat: config.optimizer "
      "has no field 'learning_rat' (did you mean learning_rate, end_learning_rate?)"),
     ('--config.batch_size=abc', "flag --config.batch_size=abc: invalid literal for int()"),
+    ('--config.mode=eval', '--config.mode: config.mode was renamed to config.run (train | eval | '
+     'train_and_eval | synthetic_pipeline); use --config.run=eval'),
+    ('--config.mode', '--config.mode: config.mode was renamed to config.run (train | eval | '
+     'train_and_eval | synthetic_pipeline)'),
+    ('--config.quick=True', '--config.quick: config.quick was replaced by the config argument: '
+     '--config=configs/synthetic.py:quick'),
 ])
 def test_flag_error_message_names_the_field(override, expected):
-  argv = ['main', f'--config={CONFIG_DIR / "tiny.py"}', override]
+  config_file = 'synthetic.py' if 'quick' in override else 'tiny.py'
+  argv = ['main', f'--config={CONFIG_DIR / config_file}', override]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
                                   sys_argv=argv)
@@ -425,4 +622,4 @@ def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
-  assert main.MODES == default_config.MODES
+  assert main.RUNS == default_config.RUNS

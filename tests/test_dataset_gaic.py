@@ -16,6 +16,7 @@ tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 Image = pytest.importorskip('PIL.Image')
 
+from clipcrop_jax import data_formats  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -354,13 +355,27 @@ def test_conference_stem_in_two_splits_is_ambiguous(tmp_path):
   assert sorted(examples(builder, 'test')) == ['200001', '300002']
 
 
+def _gaic_skip(**kwargs):
+  return gaic.Gaic(data_dir='/nonexistent-unused', config='journal', **kwargs).skip_bad_data
+
+
 def test_skip_mode_from_env(monkeypatch):
-  monkeypatch.setenv(gaic.SKIP_ENV_VAR, '1')
-  assert gaic.Gaic(data_dir='/nonexistent-unused', config='journal').skip_bad_data
-  monkeypatch.setenv(gaic.SKIP_ENV_VAR, '0')
-  assert not gaic.Gaic(data_dir='/nonexistent-unused', config='journal').skip_bad_data
-  assert gaic.Gaic(data_dir='/nonexistent-unused', config='journal',
-                   skip_bad_data=True).skip_bad_data
+  for value, expected in [('1', True), (' Yes ', True), ('on', True), ('TRUE', True),
+                          ('0', False), ('', False), ('off', False), ('No', False)]:
+    monkeypatch.setenv(data_formats.SKIP_ENV, value)
+    assert _gaic_skip() is expected, value
+  monkeypatch.delenv(data_formats.SKIP_ENV)
+  assert _gaic_skip() is False
+  assert _gaic_skip(skip_bad_data=True) is True
+
+
+def test_skip_env_typo_is_a_one_line_error(monkeypatch):
+  # A typo used to read as False (raise on bad data) without a word; now it is refused.
+  monkeypatch.setenv(data_formats.SKIP_ENV, 'ture')
+  with pytest.raises(ValueError, match=r"^CLIPCROP_SKIP_BAD_DATA='ture': expected one of") as e:
+    _gaic_skip()
+  assert '\n' not in str(e.value)
+  assert _gaic_skip(skip_bad_data=False) is False  # an explicit value does not read the variable
 
 
 # --- the real CLI ----------------------------------------------------------------------------
@@ -368,7 +383,7 @@ def test_skip_mode_from_env(monkeypatch):
 
 def _run_build(cmd, tmp_path, data_dir, extra_env=None):
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop(gaic.SKIP_ENV_VAR, None)
+  env.pop(data_formats.SKIP_ENV, None)
   env.update(extra_env or {})
   return subprocess.run(
       cmd + ['datasets/gaic', '--config', 'journal', f'--manual_dir={tmp_path / "raw"}',
@@ -406,7 +421,7 @@ def test_build_command_errors_are_one_line(tmp_path):
   root = make_journal(tmp_path / 'raw')
   (root / 'annotations/train/100002.txt').write_text('0 0 48 32 4.0\n0 0 48 32 99\n')
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop(gaic.SKIP_ENV_VAR, None)
+  env.pop(data_formats.SKIP_ENV, None)
   cmd = [sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/gaic', '--config',
          'journal', f'--data_dir={tmp_path / "data"}']
   bad = subprocess.run(cmd + [f'--manual_dir={tmp_path / "raw"}'], cwd=REPO, env=env,
@@ -421,6 +436,12 @@ def test_build_command_errors_are_one_line(tmp_path):
   assert missing.stderr.strip().splitlines()[-1] == (
       f'error: --manual_dir={tmp_path / "nope"}: no such folder (see the dataset README for its '
       'raw files)')
+  typo = subprocess.run(cmd + [f'--manual_dir={tmp_path / "raw"}'], cwd=REPO,
+                        env=dict(env, **{data_formats.SKIP_ENV: 'ture'}), capture_output=True,
+                        text=True, timeout=300)
+  assert typo.returncode == 2 and 'Traceback' not in typo.stderr, typo.stderr[-3000:]
+  assert typo.stderr.strip().splitlines()[-1].startswith(
+      "error: CLIPCROP_SKIP_BAD_DATA='ture': expected one of")
 
 
 @pytest.mark.slow
@@ -435,6 +456,6 @@ def test_build_script_runs_tfds_build_command(tmp_path):
   with pytest.raises(subprocess.CalledProcessError) as e:
     _run_build(cmd, tmp_path, tmp_path / 'data_bad')
   assert '300002.jpg: unreadable image' in e.value.stderr
-  proc = _run_build(cmd, tmp_path, tmp_path / 'data_skip', {gaic.SKIP_ENV_VAR: '1'})
+  proc = _run_build(cmd, tmp_path, tmp_path / 'data_skip', {data_formats.SKIP_ENV: '1'})
   assert 'skipped 1 (unreadable_image)' in proc.stderr
   _check_built(tmp_path / 'data_skip', {'train': 3, 'val': 2, 'test': 1})

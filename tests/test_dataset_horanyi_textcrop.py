@@ -199,11 +199,29 @@ def test_horanyi_non_jpeg_image_is_reencoded(horanyi_cls, tmp_path):
 
 
 def test_skip_env_values(monkeypatch):
-  monkeypatch.setenv(data_formats.SKIP_ENV, '0')
-  assert not data_formats.skip_bad_data_from_env()
-  monkeypatch.setenv(data_formats.SKIP_ENV, 'maybe')
-  with pytest.raises(ValueError, match='CLIPCROP_SKIP_BAD_DATA'):
-    data_formats.skip_bad_data_from_env()
+  for value, expected in [('1', True), (' Yes ', True), ('on', True), ('TRUE', True),
+                          ('0', False), ('', False), ('off', False), ('No', False)]:
+    monkeypatch.setenv(data_formats.SKIP_ENV, value)
+    assert data_formats.skip_bad_data_from_env() is expected, value
+  monkeypatch.delenv(data_formats.SKIP_ENV)
+  assert data_formats.skip_bad_data_from_env() is False
+  for typo in ('maybe', 'ture', '2', 'y es'):
+    monkeypatch.setenv(data_formats.SKIP_ENV, typo)
+    with pytest.raises(ValueError, match=f"^CLIPCROP_SKIP_BAD_DATA='{typo}': expected") as e:
+      data_formats.skip_bad_data_from_env()
+    assert '\n' not in str(e.value)
+
+
+def test_reference_builders_refuse_a_skip_env_typo(horanyi_cls, textcrop_cls, tmp_path,
+                                                   monkeypatch):
+  manual = _simple(tmp_path / 'raw', [{'image': 'a.jpg', 'caption': 'ok', 'boxes': [[1, 1, 5, 5]]}])
+  monkeypatch.setenv(data_formats.SKIP_ENV, 'ture')
+  for cls in (horanyi_cls, textcrop_cls):
+    with pytest.raises(ValueError, match="CLIPCROP_SKIP_BAD_DATA='ture'"):
+      _build(cls, manual, tmp_path / cls.__name__)
+  # An explicit skip_bad_data does not read the variable.
+  _, examples = _build(horanyi_cls, manual, tmp_path / 'explicit', skip_bad_data=False)
+  assert [e[features.TEXT] for e in examples] == [b'ok']
 
 
 def test_exif_orientation_applied(tmp_path):

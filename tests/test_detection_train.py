@@ -5,11 +5,14 @@ import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
+from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import detection_train as dt
-from clipcrop_jax import train_lib
+from clipcrop_jax import losses
+from clipcrop_jax import matching
+from clipcrop_jax import trainer
+from clipcrop_jax.owlvit import model as owl_model
 
 KW = dict(focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
           weight_class=1.5, weight_l1=5.0, weight_giou=2.0)
@@ -93,7 +96,7 @@ def test_loss_terms_match_numpy_hand_computation():
   tmask = np.array([True, True, False])
   expected, _ = _reference_loss(logits.astype(np.float64), boxes.astype(np.float64), query_mask,
                                 tboxes.astype(np.float64), tlabels, tmask, KW)
-  loss, terms = jax.jit(lambda *a: dt.detection_loss(*a, **KW))(
+  loss, terms = jax.jit(lambda *a: losses.detection_loss(*a, **KW))(
       logits[None], boxes[None], query_mask[None] > 0, tboxes[None], tlabels[None], tmask[None])
   for name, value in expected.items():
     np.testing.assert_allclose(float(terms[name]), value, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -107,10 +110,10 @@ def test_matching_picks_the_obvious_tokens():
   tmask = np.array([[True, True, False]])
   boxes = np.tile(np.array([0.5, 0.5, 0.05, 0.05], np.float32), (1, 6, 1))
   logits = np.full((1, 6, 2), -5.0, np.float32)
-  boxes[0, 4] = np.asarray(dt.box_lib.xyxy_to_cxcywh(tboxes[0, 0]))
-  boxes[0, 1] = np.asarray(dt.box_lib.xyxy_to_cxcywh(tboxes[0, 1]))
+  boxes[0, 4] = np.asarray(box_lib.xyxy_to_cxcywh(tboxes[0, 0]))
+  boxes[0, 1] = np.asarray(box_lib.xyxy_to_cxcywh(tboxes[0, 1]))
   logits[0, 4, 0] = logits[0, 1, 1] = 5.0
-  pred_idx, target_idx, valid = jax.jit(dt.detection_match)(logits, boxes, tboxes, tlabels,
+  pred_idx, target_idx, valid = jax.jit(matching.detection_match)(logits, boxes, tboxes, tlabels,
                                                              tmask)
   pairs = {int(t): int(p) for p, t, v in zip(pred_idx[0], target_idx[0], valid[0]) if v}
   assert pairs == {0: 4, 1: 1}
@@ -147,14 +150,15 @@ def test_train_writes_loadable_checkpoint(trained):
   assert int(state.step) == config.num_train_steps
   module, variables = owl_ckpt.load_checkpoint(workdir / dt.EXPORT_FILE, 'tiny')
   assert module.config.name == 'tiny'
-  init = dt.make_init_fn(dt.build_module(config), optax.identity())(
-      jax.random.PRNGKey(config.seed)).params
+  module = dt.DetectionTask(config).module
+  init = module.init(jax.random.split(jax.random.PRNGKey(config.seed))[0],
+                     *owl_model.dummy_inputs(module.config))['params']
   flat_init = owl_ckpt.flatten_params(jax.device_get(init))
   flat = owl_ckpt.flatten_params(variables['params'])
   assert flat.keys() == flat_init.keys()
   changed = [k for k in flat if not np.allclose(flat[k], flat_init[k])]
   assert len(changed) > len(flat) // 2
-  assert (workdir / train_lib.CHECKPOINT_DIR / str(config.num_train_steps)).is_dir()
+  assert (workdir / trainer.CHECKPOINT_DIR / str(config.num_train_steps)).is_dir()
   results = json.loads((workdir / dt.EVAL_FILE).read_text())
   assert results['num_objects'] > 0 and results['num_images'] == 4
   assert 0 <= results['chance'] <= 1 and 0 <= results['accuracy'] <= 1
@@ -162,7 +166,7 @@ def test_train_writes_loadable_checkpoint(trained):
 
 def test_overfitting_one_batch_lowers_the_loss(trained):
   config, workdir, _ = trained
-  lines = [json.loads(l) for l in (workdir / train_lib.METRICS_FILE).read_text().splitlines()]
+  lines = [json.loads(l) for l in (workdir / trainer.METRICS_FILE).read_text().splitlines()]
   train = [l for l in lines if l['kind'] == 'train']
   assert [l['step'] for l in train] == list(range(1, config.num_train_steps + 1))
   for key in ('loss',) + dt.LOSS_TERMS:

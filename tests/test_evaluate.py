@@ -120,13 +120,13 @@ def test_gaic_ranking_uses_quality_order():
 @pytest.mark.parametrize('text', ['a red square next to a blue disc', 'dog', 'two cats'])
 def test_query_mask_for_mode_matches_build_queries(text):
   """Rows kept by each mode on 'full' queries == the mode's own `build_queries` list."""
-  full = keywords.build_queries(text, 'full', pipeline=None)
+  full = keywords.build_queries(text, 'full', pipeline=keywords.RULES)
   tokens = np.zeros((1, 6, 16), np.int32)
   tokens[0, :len(full)] = tokenizer.tokenize(full)
   for mode in ('full', 'main', 'key'):
     mask = np.asarray(model_lib.query_mask_for_mode(tokens, mode))[0]
     kept = [full[i] for i in np.nonzero(mask)[0]]
-    assert kept == keywords.build_queries(text, mode, pipeline=None), mode
+    assert kept == keywords.build_queries(text, mode, pipeline=keywords.RULES), mode
   assert model_lib.query_mask_for_mode(tokens, 'base') is None
 
 
@@ -134,8 +134,8 @@ def test_add_text_queries():
   tf = pytest.importorskip('tensorflow')
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   ds = tf.data.Dataset.from_tensor_slices({'text': ['a red square and a blue disc', '']})
-  out = list(ip.add_text_queries(ds, max_queries=3, keyword_pipeline=None).as_numpy_iterator())
-  expected = keywords.build_queries('a red square and a blue disc', 'full', pipeline=None)[:3]
+  out = list(ip.add_text_queries(ds, max_queries=3, keyword_pipeline=keywords.RULES).as_numpy_iterator())
+  expected = keywords.build_queries('a red square and a blue disc', 'full', pipeline=keywords.RULES)[:3]
   np.testing.assert_array_equal(out[0]['text_queries'][:len(expected)],
                                 tokenizer.tokenize(expected))
   assert out[0]['text_queries'].shape == (3, 16)

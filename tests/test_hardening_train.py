@@ -16,18 +16,18 @@ import sys
 import pytest
 
 from clipcrop_jax import detection_train as dt
-from clipcrop_jax import train_lib
+from clipcrop_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def records(workdir) -> list[tuple[int, str]]:
-  text = (pathlib.Path(workdir) / train_lib.METRICS_FILE).read_text()
+  text = (pathlib.Path(workdir) / trainer.METRICS_FILE).read_text()
   return [(r['step'], r['kind']) for r in map(json.loads, text.splitlines())]
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  return train_lib.checkpoint_steps(str(workdir))
+  return trainer.checkpoint_steps(str(workdir))
 
 
 def cli_env() -> dict[str, str]:
@@ -56,7 +56,7 @@ def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tiny_dete
   dt.train_detection(config, str(work), max_steps_this_run=2)
   assert checkpoint_steps(work) == [1, 2]
   # Cut the step's OCDBT index in half (a torn write), as tests/test_train.py does.
-  index = max((work / train_lib.CHECKPOINT_DIR / '2' / 'default' / 'd').iterdir(),
+  index = max((work / trainer.CHECKPOINT_DIR / '2' / 'default' / 'd').iterdir(),
               key=lambda p: p.stat().st_size)
   with index.open('r+b') as f:
     f.truncate(index.stat().st_size // 2)
@@ -66,7 +66,7 @@ def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tiny_dete
   assert int(state.step) == 3
   assert 'Checkpoint step 2 in' in caplog.text and 'is unusable' in caplog.text
   assert checkpoint_steps(work) == [1, 2, 3]
-  assert (work / train_lib.UNUSABLE_CHECKPOINT_DIR / '2').is_dir()
+  assert (work / trainer.UNUSABLE_CHECKPOINT_DIR / '2').is_dir()
   assert records(work) == [(1, 'train'), (2, 'train'), (3, 'train'), (3, 'eval')]
   assert (work / dt.EXPORT_FILE).is_file() and (work / dt.EVAL_FILE).is_file()
 

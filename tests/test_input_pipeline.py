@@ -7,7 +7,9 @@ import pytest
 
 tf = pytest.importorskip('tensorflow')
 
+from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
                     [0, 255, 255], [255, 255, 255], [255, 128, 0], [128, 0, 255]], np.uint8)
@@ -269,12 +271,45 @@ def test_text_tokens():
   ds = ip.make_train_dataset(_dataset(), image_size=32, batch_size=2, max_crops=8, seed=0,
                              shuffle_buffer=4, tokenize_text=True)
   batch = next(ds.as_numpy_iterator())
-  assert batch['text_tokens'].shape == (2, 1, 16) and batch['text_tokens'].dtype == np.int32
+  assert batch['text_tokens'].shape == (2, 1, F.MAX_QUERY_LENGTH)
+  assert batch['text_tokens'].dtype == np.int32
   for b in range(2):
     np.testing.assert_array_equal(batch['text_tokens'][b],
                                   tokenizer.tokenize([batch['text'][b].decode()]))
   empty = ip._tokenize(tf.constant(''))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(empty.numpy(), np.zeros((1, 16)))
+  np.testing.assert_array_equal(empty.numpy(), np.zeros((1, F.MAX_QUERY_LENGTH)))
+
+
+def test_add_text_queries_rules_and_refused_legacy_spellings():
+  from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
+  text = 'a red car and a blue boat'
+  ds = tf.data.Dataset.from_tensor_slices({F.TEXT: [text, '']})
+  out = list(ip.add_text_queries(ds, max_queries=3, keyword_pipeline=keywords.RULES)
+             .as_numpy_iterator())
+  expected = keywords.build_queries(text, 'full', pipeline=keywords.RULES)
+  assert expected == [text, 'a red car', 'a blue boat']
+  assert out[0][F.TEXT_QUERIES].shape == (3, F.MAX_QUERY_LENGTH)
+  np.testing.assert_array_equal(out[0][F.TEXT_QUERIES], tokenizer.tokenize(expected))
+  assert not out[1][F.TEXT_QUERIES].any()
+  for legacy in (None, '', 'rule'):  # refused when the dataset is built, not mid-iteration
+    with pytest.raises(ValueError, match="use 'rules'"):
+      ip.add_text_queries(ds, keyword_pipeline=legacy)
+    with pytest.raises(ValueError, match="use 'rules'"):
+      ip.make_eval_dataset(_dataset(2), image_size=16, batch_size=2, max_crops=6, max_queries=2,
+                           keyword_pipeline=legacy)
+
+
+def test_batches_carry_the_features_batch_keys():
+  train = ip.make_train_dataset(_dataset(), image_size=32, batch_size=2, max_crops=8, seed=0,
+                                shuffle_buffer=4, max_queries=2, keyword_pipeline=keywords.RULES)
+  batch = next(train.as_numpy_iterator())
+  assert set(F.TRAIN_KEYS) <= set(batch)
+  assert batch[F.TEXT_QUERIES].shape == (2, 2, F.MAX_QUERY_LENGTH)
+  evaluation = ip.make_eval_dataset(_dataset(3), image_size=16, batch_size=2, max_crops=6,
+                                    max_queries=2, keyword_pipeline=keywords.RULES)
+  batches = list(evaluation.as_numpy_iterator())
+  assert all(set(F.EVAL_KEYS) <= set(b) for b in batches)
+  assert batches[1][F.EXAMPLE_MASK].tolist() == [True, False]
 
 
 def test_train_pipeline_end_to_end_markers_and_grey_padding():

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 
+from clipcrop_jax import features
 from clipcrop_jax import keywords as kw
 
 BOGUS_PIPELINE = "clipcrop_jax_no_such_spacy_pipeline"
@@ -114,13 +115,13 @@ def test_spacy_pipeline_without_parser_falls_back(fresh_warning_state: None):
 def test_rule_based_keywords(text: str, expected: list[str]):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert kw.extract_keywords(text, pipeline=None) == expected
+    assert kw.extract_keywords(text, pipeline=kw.RULES) == expected
 
 
 @pytest.mark.parametrize("text", NO_NOUN_TEXTS)
 def test_rule_based_no_noun(text: str):
-  assert kw.extract_keywords(text, pipeline=None) == []
-  assert kw.build_queries(text, mode="key", pipeline=None) == [text]
+  assert kw.extract_keywords(text, pipeline=kw.RULES) == []
+  assert kw.build_queries(text, mode="key", pipeline=kw.RULES) == [text]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,18 +136,18 @@ def test_unloadable_pipeline_warns_once(fresh_warning_state: None):
     keywords = kw.extract_keywords(text, pipeline=BOGUS_PIPELINE)
   assert len(record) == 1
   assert "rule-based" in str(record[0].message)
-  assert keywords == kw.extract_keywords(text, pipeline=None)
+  assert keywords == kw.extract_keywords(text, pipeline=kw.RULES)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # Any further warning would raise.
     assert kw.extract_keywords(text, pipeline=BOGUS_PIPELINE) == keywords
     assert kw.build_queries(text, pipeline=BOGUS_PIPELINE + "_2") == [text] + keywords
 
 
-def test_pipeline_none_does_not_warn(fresh_warning_state: None):
+def test_rules_pipeline_does_not_warn(fresh_warning_state: None):
   del fresh_warning_state
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    kw.extract_keywords("a man skiing on the mountainside", pipeline=None)
+    kw.extract_keywords("a man skiing on the mountainside", pipeline=kw.RULES)
   assert not kw._fallback_warned
 
 
@@ -157,49 +158,84 @@ def test_pipeline_none_does_not_warn(fresh_warning_state: None):
 
 def test_max_keywords():
   text = "a woman and three dogs on the boat"
-  assert kw.extract_keywords(text, pipeline=None, max_keywords=2) == ["a woman", "three dogs"]
-  assert kw.extract_keywords(text, pipeline=None, max_keywords=0) == []
-  assert kw.build_queries(text, "full", pipeline=None, max_keywords=1) == [text, "a woman"]
+  assert kw.extract_keywords(text, pipeline=kw.RULES, max_keywords=2) == ["a woman", "three dogs"]
+  assert kw.extract_keywords(text, pipeline=kw.RULES, max_keywords=0) == []
+  assert kw.build_queries(text, "full", pipeline=kw.RULES, max_keywords=1) == [text, "a woman"]
   with pytest.raises(ValueError, match="max_keywords"):
-    kw.extract_keywords(text, pipeline=None, max_keywords=-1)
+    kw.extract_keywords(text, pipeline=kw.RULES, max_keywords=-1)
 
 
 def test_build_queries_modes():
   text = "  a woman and three dogs on the boat "
   full = text.strip()
   keywords = ["a woman", "three dogs", "the boat"]
-  assert kw.build_queries(text, pipeline=None) == [full] + keywords
-  assert kw.build_queries(text, "full", pipeline=None) == [full] + keywords
-  assert kw.build_queries(text, "main", pipeline=None) == [full]
-  assert kw.build_queries(text, "key", pipeline=None) == keywords
-  assert kw.build_queries(text, "base", pipeline=None) == []
-  assert kw.build_queries(text, "image", pipeline=None) == []
+  assert kw.build_queries(text, pipeline=kw.RULES) == [full] + keywords
+  assert kw.build_queries(text, "full", pipeline=kw.RULES) == [full] + keywords
+  assert kw.build_queries(text, "main", pipeline=kw.RULES) == [full]
+  assert kw.build_queries(text, "key", pipeline=kw.RULES) == keywords
+  assert kw.build_queries(text, "base", pipeline=kw.RULES) == []
+  assert kw.build_queries(text, "image", pipeline=kw.RULES) == []
   assert kw.build_queries(None, "image") == []
   assert kw.build_queries("", "base") == []
 
 
 def test_build_queries_full_text_not_repeated():
-  assert kw.build_queries("The  Cat", "full", pipeline=None) == ["The  Cat"]
-  assert kw.build_queries("The  Cat", "key", pipeline=None) == ["The Cat"]
-  assert kw.build_queries("very beautiful", "full", pipeline=None) == ["very beautiful"]
+  assert kw.build_queries("The  Cat", "full", pipeline=kw.RULES) == ["The  Cat"]
+  assert kw.build_queries("The  Cat", "key", pipeline=kw.RULES) == ["The Cat"]
+  assert kw.build_queries("very beautiful", "full", pipeline=kw.RULES) == ["very beautiful"]
+
+
+def test_query_modes_are_the_features_ones():
+  text = "a woman and three dogs on the boat"
+  by_mode = {mode: kw.build_queries(text, mode, pipeline=kw.RULES) for mode in features.QUERY_MODES}
+  assert [m for m, queries in by_mode.items() if queries] == list(features.TEXT_QUERY_MODES)
+  assert not hasattr(kw, "QUERY_MODES")  # one definition, in clipcrop_jax.features
+
+
+@pytest.mark.parametrize("legacy", [None, "", "rule"])
+def test_legacy_rules_spellings_are_refused(legacy):
+  for call in (lambda: kw.check_pipeline(legacy),
+               lambda: kw.extract_keywords("a dog", pipeline=legacy),
+               lambda: kw.build_queries("a dog", "full", pipeline=legacy),
+               lambda: kw.build_queries(None, "base", pipeline=legacy)):
+    with pytest.raises(ValueError, match=f"keyword pipeline {legacy!r} .* use 'rules'") as err:
+      call()
+    assert "\n" not in str(err.value)
+
+
+def test_check_pipeline_accepts_names_and_refuses_non_strings():
+  for name in (kw.RULES, kw.DEFAULT_PIPELINE, BOGUS_PIPELINE):
+    assert kw.check_pipeline(name) == name
+  with pytest.raises(TypeError, match="keyword pipeline must be a str"):
+    kw.extract_keywords("a dog", pipeline=3)  # type: ignore[arg-type]
+
+
+def test_legacy_pipeline_name():
+  assert kw.RULES == "rules"
+  for legacy in (None, "", "rule"):
+    assert kw.legacy_pipeline_name(legacy) == kw.RULES
+  for current in (kw.RULES, kw.DEFAULT_PIPELINE, "/path/to/pipeline", "Rule", " rule"):
+    assert kw.legacy_pipeline_name(current) == current
+  # What it returns is accepted: the rule-based keywords.
+  assert kw.extract_keywords("a dog", pipeline=kw.legacy_pipeline_name(None)) == ["a dog"]
 
 
 def test_unknown_mode():
   with pytest.raises(ValueError, match="full, main, key, base, image"):
-    kw.build_queries("a dog", mode="keywords", pipeline=None)
+    kw.build_queries("a dog", mode="keywords", pipeline=kw.RULES)
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t"])
 def test_empty_text(text: str):
   with pytest.raises(ValueError, match="text is empty"):
-    kw.extract_keywords(text, pipeline=None)
+    kw.extract_keywords(text, pipeline=kw.RULES)
   for mode in ("full", "main", "key"):
     with pytest.raises(ValueError, match="text is empty"):
-      kw.build_queries(text, mode, pipeline=None)
+      kw.build_queries(text, mode, pipeline=kw.RULES)
 
 
 def test_none_or_non_string_text():
   with pytest.raises(ValueError, match="text is empty"):
-    kw.build_queries(None, "full", pipeline=None)
+    kw.build_queries(None, "full", pipeline=kw.RULES)
   with pytest.raises(TypeError):
-    kw.extract_keywords(["a dog"], pipeline=None)  # type: ignore[arg-type]
+    kw.extract_keywords(["a dog"], pipeline=kw.RULES)  # type: ignore[arg-type]

@@ -47,9 +47,15 @@ def test_text_crop_metrics_averages_over_examples():
   assert result['iou_max'] == pytest.approx((1 + 0.5) / 2)
 
 
-def test_pairwise_iou_np_matches_hand_values():
-  iou = metrics.pairwise_iou_np([[0, 0, 2, 2], [0, 0, 0, 0]], [[1, 1, 3, 3], [0, 0, 1, 2], [0, 0, 0, 0]])
-  np.testing.assert_allclose(iou, [[1 / 7, 0.5, 0.0], [0.0, 0.0, 0.0]])
+def test_non_finite_boxes_score_zero_instead_of_raising():
+  # A diverged model's NaN box is scored (IoU 0), not an error; shapes are still checked.
+  assert metrics.iou_mean_max([0, 0, np.nan, 1], [[0, 0, 1, 1], [0, 0, 2, 2]]) == (0.0, 0.0)
+  idx, ious = metrics.map_to_candidates([[np.nan, 0, 1, 1], [1, 0, 2, 1]], _unit_boxes(3))
+  assert idx.tolist() == [0, 1] and ious.tolist() == [0.0, 1.0]
+  with pytest.raises(ValueError, match=r'candidates_xyxy must have shape \(N, 4\)'):
+    metrics.map_to_candidates(_unit_boxes(2), [0, 0, 1, 1])
+  with pytest.raises(ValueError, match=r'candidates_xyxy must hold at least 1 box'):
+    metrics.candidate_scores_from_predictions(_unit_boxes(2), [0.5, 0.5], np.zeros((0, 4)))
 
 
 # ------------------------------------------------------------------ map_to_candidates

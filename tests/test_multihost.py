@@ -125,7 +125,7 @@ def test_main_train_and_eval_two_processes(synthetic_tiny_dir, tmp_path):
   port = _free_port()
   _run_all([[sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',
              f'--workdir={workdir}', f'--config.dataset.data_dir={data}',
-             '--config.mode=train_and_eval', '--config.distributed.initialize=True',
+             '--config.run=train_and_eval', '--config.distributed.initialize=True',
              f'--config.distributed.coordinator_address=localhost:{port}',
              '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
             for i in range(2)], tmp_path / 'logs', timeout=1.5 * TIMEOUT_S)
@@ -149,7 +149,7 @@ def test_main_train_and_eval_two_processes(synthetic_tiny_dir, tmp_path):
 
   # The 2-process checkpoint restores in 1 process, whose evaluation gives the same metrics.
   _run_all([[sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',
-             f'--workdir={workdir}', f'--config.dataset.data_dir={data}', '--config.mode=eval']],
+             f'--workdir={workdir}', f'--config.dataset.data_dir={data}', '--config.run=eval']],
            tmp_path / 'logs_eval')
   for split in ('ambiguity', 'test'):
     single = json.loads((workdir / evaluate.results_filename('synthetic_crops/tiny', split))

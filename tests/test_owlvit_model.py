@@ -295,9 +295,9 @@ def test_detect_with_image_query_uses_one_shot_embedding(tiny, tmp_path):
   """An image query scores the target with the embedding chosen by Scenic's one-shot rule."""
   module, variables = tiny
   image = detect.demo_image(96, 96)
-  query = detect.ImageQuery('self', image)
+  query = image_query.ImageQuery('self', image)
   dets = detect.detect(module, variables, image, [], top_k=2, image_queries=[query])
-  emb = detect.query_embeddings(module, variables, image_queries=[query])
+  emb = image_query.query_embeddings(module, variables, image_queries=[query])
   pixels = image.astype(np.float32)[None] / 255  # square 96 px: preprocessing is the identity
   want_emb, _ = image_query.embed_image_query(module, variables, pixels[0])
   np.testing.assert_allclose(emb[0], want_emb, atol=1e-6)

@@ -22,7 +22,9 @@ from PIL import Image
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import crop as crop_cli
 from clipcrop_jax import cropper as cropper_lib
+from clipcrop_jax import export
 from clipcrop_jax import fileio
+from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import detect
@@ -35,7 +37,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='module')
 def cropper():
   return cropper_lib.ClipCropper(CFG, model_lib.init_variables(CFG, seed=3),
-                                 keyword_pipeline=None, model_id='test')
+                                 keyword_pipeline=keywords.RULES, model_id='test')
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ _SAVE_SCRIPT = textwrap.dedent('''
     import numpy as np
     from clipcrop_jax import cropper as cropper_lib, fileio, model as model_lib
     target, kill_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-    current = cropper_lib.ClipCropper.load(target, keyword_pipeline=None).config
+    current = cropper_lib.ClipCropper.load(target).config
     config = current.replace(num_queries=current.num_queries + 1)  # other config, other shapes
     c = cropper_lib.ClipCropper(config, model_lib.init_variables(config, seed=kill_at))
     np.save(sys.argv[3], np.asarray(c.variables['params']['decoder']['query_embed']))
@@ -142,7 +144,7 @@ def test_save_killed_at_any_point_leaves_old_or_new_model(cropper, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     killed = proc.returncode == -signal.SIGKILL
     assert killed or proc.returncode == 0, proc.stderr[-2000:]
-    loaded = leaf(cropper_lib.ClipCropper.load(target, keyword_pipeline=None))
+    loaded = leaf(cropper_lib.ClipCropper.load(target))
     if loaded.shape == old.shape:
       np.testing.assert_array_equal(loaded, old)
       outcomes.append('old')
@@ -153,8 +155,7 @@ def test_save_killed_at_any_point_leaves_old_or_new_model(cropper, tmp_path):
     if not killed:
       break
   assert 'old' in outcomes and outcomes[-1] == 'new', outcomes  # killed mid-way, then done
-  assert sorted(p.name for p in target.iterdir()) == [cropper_lib.CONFIG_FILE,
-                                                      cropper_lib.PARAMS_FILE]
+  assert sorted(p.name for p in target.iterdir()) == [export.CONFIG_FILE, export.PARAMS_FILE]
 
 
 def test_save_refuses_a_directory_that_is_not_a_model(cropper, tmp_path):
@@ -180,12 +181,12 @@ def test_save_refuses_a_directory_that_is_not_a_model(cropper, tmp_path):
 ])
 def test_load_type_checks_the_config(cropper, tmp_path, field, value, match):
   ckpt = cropper.save(tmp_path / 'ckpt')
-  meta = json.loads((ckpt / cropper_lib.CONFIG_FILE).read_text())
+  meta = json.loads((ckpt / export.CONFIG_FILE).read_text())
   meta['config'][field] = value
-  (ckpt / cropper_lib.CONFIG_FILE).write_text(json.dumps(meta))
+  (ckpt / export.CONFIG_FILE).write_text(json.dumps(meta))
   with pytest.raises(ValueError, match=match) as info:
     cropper_lib.ClipCropper.load(ckpt)
-  assert cropper_lib.CONFIG_FILE in str(info.value) and '\n' not in str(info.value)
+  assert export.CONFIG_FILE in str(info.value) and '\n' not in str(info.value)
 
 
 def test_init_random_names_known_configs():
@@ -226,7 +227,7 @@ def test_query_box_is_checked_in_query_image_pixels(cropper):
 
 def test_encoding_of_another_model_is_refused(cropper):
   other = cropper_lib.ClipCropper(CFG, model_lib.init_variables(CFG, seed=4),
-                                  keyword_pipeline=None)
+                                  keyword_pipeline=keywords.RULES)
   enc = other.encode(detect.demo_image())
   with pytest.raises(ValueError, match='another ClipCropper'):
     cropper.crop(enc, text='a red square')
@@ -414,7 +415,7 @@ def test_killed_folder_run_keeps_results_and_overwrite_cleans_up(tmp_path):
   photos.mkdir()
   for i in range(4):
     _save(photos / f'{i}.jpg', seed=i)
-  argv = ['--random-init', 'tiny', '--keyword-pipeline', 'rule', '--image', str(photos),
+  argv = ['--random-init', 'tiny', '--keyword-pipeline', 'rules', '--image', str(photos),
           '--text', 'a red square', '--out', str(out)]
   proc = subprocess.run([sys.executable, '-c', _KILL_SCRIPT, *argv], cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)
@@ -557,7 +558,7 @@ def test_encode_from_a_path_matches_the_array_and_honours_the_limit(cropper, tmp
   assert by_path.image_hw == by_array.image_hw == (100, 150)
   np.testing.assert_allclose(by_path.encoded['pred_boxes'], by_array.encoded['pred_boxes'],
                              atol=1e-6)
-  limited = cropper_lib.ClipCropper(CFG, cropper.variables, keyword_pipeline=None,
+  limited = cropper_lib.ClipCropper(CFG, cropper.variables, keyword_pipeline=keywords.RULES,
                                     max_pixels=1000)
   with pytest.raises(ValueError, match='a.png.*above the decoding limit'):
     limited.encode(path)

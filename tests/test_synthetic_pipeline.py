@@ -1,4 +1,4 @@
-"""End-to-end test of the embedded default (`configs/synthetic.py --config.quick=True`).
+"""End-to-end test of the embedded default (`--config=configs/synthetic.py:quick`).
 
 The quick run builds the 'small' synthetic set, trains OWL-ViT from scratch, trains ClipCrop full
 and base with it and evaluates on the ambiguity split. The asserted margins come from repeated
@@ -8,7 +8,6 @@ margin observed, so a pipeline that stops learning (or stops using the text) fai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -17,6 +16,7 @@ import pytest
 
 pytest.importorskip('tensorflow_datasets')
 
+from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import synthetic_pipeline  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,12 +28,7 @@ GROUNDING_OVER_CHANCE = 5.0
 
 
 def _config(data_dir: str, seed: int = 0):
-  spec = importlib.util.spec_from_file_location('synthetic_config', REPO / 'configs' /
-                                                'synthetic.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.quick = True
+  config = config_lib.load_config_file(REPO / 'configs' / 'synthetic.py', 'quick')
   config.seed = seed
   config.dataset.data_dir = data_dir
   return config

@@ -194,8 +194,8 @@ def test_pulse_metrics_and_checkpoints(pulse):
 def _full_image_iou_mean(data_dir, split) -> float:
   """IoU-Mean of the whole image against the reference crops, straight from the TFDS data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  builder = train_lib.dataset_builder('synthetic_crops/tiny', str(data_dir))
+  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.dataset_builder('synthetic_crops/tiny', str(data_dir))
   means = []
   for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
     h, w = float(ex['height']), float(ex['width'])
@@ -227,10 +227,15 @@ def test_pulse_eval_results(pulse, synthetic_data):
 
 def test_pulse_exported_cropper_crops(pulse):
   from clipcrop_jax import cropper  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   workdir, config, _ = pulse
   c = cropper.ClipCropper.load(workdir / 'clipcrop')
-  assert c.config == train_lib.clipcrop_config(config)
+  assert c.config == default_config.clipcrop_config(config)
+  # The export records the keyword extractor used in training (the cropper uses it by default).
+  recorded = export.load_model(workdir).keyword_pipeline
+  assert recorded == config.dataset.keyword_pipeline == c.keyword_pipeline
   image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
   crops = c.crop(image, 'a red circle next to a blue square', top_k=3)
   assert 1 <= len(crops) <= 3
@@ -246,6 +251,7 @@ def test_pulse_exported_cropper_crops(pulse):
 
 
 def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path):
+  from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 2, 'checkpoint.keep': 5,
                                           'checkpoint.data_resume': 'replay'})
@@ -263,8 +269,8 @@ def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path)
   for step in (1, 2, 3):  # step 3 ran after the resume: same data (replay), rng and Adam state
     assert split_loss[step] == pytest.approx(whole_loss[step], abs=1e-6), step
   assert_trees_close(resumed.params, reference.params, atol=1e-6)
-  assert_trees_close(train_lib.load_trained_params(str(split))[1],
-                     train_lib.load_trained_params(str(whole))[1], atol=1e-6)
+  assert_trees_close(export.load_model(str(split)).params,
+                     export.load_model(str(whole)).params, atol=1e-6)
   # A third call finds the run finished and changes nothing.
   again = train_lib.train(config, str(split))
   assert int(again.step) == STEPS and checkpoint_steps(split) == [2, 3]
@@ -306,6 +312,7 @@ def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_pat
 def test_final_state_skips_unusable_steps_read_only(pulse, tmp_path, caplog):
   """Evaluation falls back to the newest usable step and moves nothing; with no usable step the
   error is one line naming every step and why."""
+  from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   workdir, config, _ = pulse
   copy = tmp_path / 'work'
@@ -318,14 +325,14 @@ def test_final_state_skips_unusable_steps_read_only(pulse, tmp_path, caplog):
   assert 'step 4' in caplog.text and 'empty folder' in caplog.text and 'step 3' in caplog.text
   assert checkpoint_steps(copy) == [2, 3, 4] and not (copy / 'checkpoints_unusable').exists()
   truncate_step_file(copy / 'checkpoints' / '2')
-  with pytest.raises(train_lib.CheckpointRestoreError) as err:
+  with pytest.raises(errors.CheckpointRestoreError) as err:
     train_lib.final_state(config, str(copy))
   message = str(err.value)
   assert '\n' not in message and 'no usable checkpoint' in message
   assert 'step 4: empty folder; step 3: ' in message and '; step 2: ' in message
   assert checkpoint_steps(copy) == [2, 3, 4]
   # The same in training: nothing is moved, nothing is trained.
-  with pytest.raises(train_lib.CheckpointRestoreError):
+  with pytest.raises(errors.CheckpointRestoreError):
     train_lib.train(config, str(copy))
   assert checkpoint_steps(copy) == [2, 3, 4] and not (copy / 'checkpoints_unusable').exists()
 
@@ -333,12 +340,12 @@ def test_final_state_skips_unusable_steps_read_only(pulse, tmp_path, caplog):
 def test_metrics_jsonl_rewrite_on_resume(tmp_path):
   """Records after the resumed step (and a line torn by a kill) go; `replace` keeps one
   (step, kind) record; the rewrite is atomic."""
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': s, 'kind': k, 'loss': 1.0} for s, k in ((1, 'train'), (2, 'train'),
                                                             (2, 'eval'), (3, 'train'))]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "ki')
-  logger = train_lib.MetricLogger(str(tmp_path), resume_step=2)
+  logger = trainer.MetricLogger(str(tmp_path), resume_step=2)
   assert [(r['step'], r['kind']) for r in read_metrics(tmp_path)] == [
       (1, 'train'), (2, 'train'), (2, 'eval')]
   logger.write(3, {'loss': 0.5})
@@ -354,6 +361,8 @@ def test_metrics_jsonl_rewrite_on_resume(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, tiny_config,
                                                               tmp_path, monkeypatch):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   real = train_lib.make_train_iterator
 
@@ -363,11 +372,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, ti
 
   monkeypatch.setattr(train_lib, 'make_train_iterator', poisoned)
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 5})
-  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step 2\b') as err:
+  with pytest.raises(errors.NonFiniteLossError, match=r'at step 2\b') as err:
     train_lib.train(config, str(tmp_path))
   assert 'last good checkpoint (step 1)' in str(err.value)
   assert checkpoint_steps(tmp_path) == [1]
-  manager = train_lib.checkpoint_manager(str(tmp_path), config)
+  manager = trainer.checkpoint_manager(str(tmp_path), config)
   assert manager.latest_step() == 1
   manager.close()
   assert [r['step'] for r in read_metrics(tmp_path)] == [1]
@@ -375,6 +384,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, ti
 
 
 def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_path):
+  from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit.configs import get_config  # pylint: disable=g-import-not-at-top
@@ -390,7 +400,7 @@ def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_
   assert config.model.freeze_encoder
   workdir = tmp_path / 'work'
   state = train_lib.train(config, str(workdir))
-  exported = train_lib.load_trained_params(str(workdir))[1]
+  exported = export.load_model(str(workdir)).params
   assert_trees_close(exported['owlvit'], expected, atol=0.0)
   assert_trees_close(state.params['owlvit'], expected, atol=0.0)
   # The decoder did train (the run is not a no-op): non-zero gradients, non-zero lr.
@@ -404,14 +414,14 @@ def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_
 # ------------------------------------------------------------------------------------------------
 
 
-def test_main_eval_mode_on_trained_workdir(pulse, synthetic_data, compile_cache, tmp_path):
+def test_main_eval_run_on_trained_workdir(pulse, synthetic_data, compile_cache, tmp_path):
   workdir, _, _ = pulse
   copy = tmp_path / 'work'
   shutil.copytree(workdir, copy)
   for f in copy.glob('eval_*.json'):
     f.unlink()
   proc = subprocess.run(
-      main_command(copy, synthetic_data, '--config.mode=eval', f'--config.num_train_steps={STEPS}',
+      main_command(copy, synthetic_data, '--config.run=eval', f'--config.num_train_steps={STEPS}',
                    '--config.eval.baselines=("full_image",)'),
       cwd=REPO, env=subprocess_env(compile_cache), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-5000:]
@@ -433,8 +443,8 @@ def test_main_unknown_config_field_fails(synthetic_data, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: --config.foo: the config has no field 'foo' (fields of the config: batch_size, "
-      'checkpoint, dataset, distributed, dtype, eval, init_from, log_every_steps, loss, mode, '
-      'model, num_epochs, num_train_steps, optimizer, seed, sharding)']
+      'checkpoint, dataset, distributed, dtype, eval, init_from, log_every_steps, loss, model, '
+      'num_epochs, num_train_steps, optimizer, run, seed, sharding)']
   assert not (tmp_path / 'w').exists()
 
 
@@ -471,7 +481,7 @@ def test_main_run_errors_are_one_line(synthetic_data, compile_cache, tmp_path):
   """A run that cannot go on (here: nothing restores) exits 1 with one `error:` line."""
   workdir = tmp_path / 'w'
   (workdir / 'checkpoints' / '5').mkdir(parents=True)
-  proc = subprocess.run(main_command(workdir, synthetic_data, '--config.mode=eval'), cwd=REPO,
+  proc = subprocess.run(main_command(workdir, synthetic_data, '--config.run=eval'), cwd=REPO,
                         env=subprocess_env(compile_cache), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]

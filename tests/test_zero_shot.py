@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
+from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import zero_shot as zs
 
 # (W, H) -> number of GAIC candidates with the default rule. The square, 4:3, 3:2, ~16:9 and 2:1
@@ -52,11 +53,6 @@ def _as_set(boxes):
 
 def _rounded(found):
   return {tuple(round(v, 9) for v in b) for b in found}
-
-
-def _contains(crop, target, tol=1e-9):
-  return (crop[0] <= target[0] + tol and crop[1] <= target[1] + tol and
-          crop[2] >= target[2] - tol and crop[3] >= target[3] - tol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +114,7 @@ def test_filter_containing_keeps_exactly_the_containing_crops():
   cands = zs.gaic_grid_candidates((600, 600))
   target = np.array([100.0, 220.0, 300.0, 480.0])
   kept, idx = zs.filter_containing(cands, target)
-  expected = [i for i, c in enumerate(cands) if _contains(c, target, tol=0)]
+  expected = [i for i, c in enumerate(cands) if box_lib.contains_xyxy_np(c, target, tol=0)]
   assert idx.tolist() == expected
   np.testing.assert_array_equal(kept, cands[idx])
   assert 0 < len(kept) < len(cands)
@@ -291,7 +287,7 @@ def test_ranked_crops_contain_target(image_wh):
     target_px = np.clip(np.asarray(target), 0, 1) * scale
     for box, score in ranked:
       assert isinstance(score, float)
-      assert _contains(box, target_px, tol=1e-6), (target, box)
+      assert box_lib.contains_xyxy_np(box, target_px, tol=1e-6), (target, box)
       assert box[0] >= -1e-9 and box[1] >= -1e-9 and box[2] <= w + 1e-9 and box[3] <= h + 1e-9
     scores = [s for _, s in ranked]
     assert scores == sorted(scores, reverse=True)
@@ -323,24 +319,19 @@ def test_ranking_ties_keep_candidate_order():
   assert ties > 0
 
 
-def test_greedy_nms_removes_near_duplicates():
-  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0.2, 0, 10, 10]], float)
-  scores = np.array([0.5, 0.9, 0.3, 0.5])
-  kept = zs._greedy_nms(boxes, scores, iou_threshold=0.7)  # pylint: disable=protected-access
-  assert kept.tolist() == [1, 2]
-  kept = zs._greedy_nms(boxes, scores, iou_threshold=0.99)  # pylint: disable=protected-access
-  assert kept.tolist() == [1, 0, 3, 2]
-
-
 def test_rank_applies_nms():
   target = [0.45, 0.4, 0.55, 0.6]
   no_nms = zs.rank_zero_shot_crops((800, 600), target, top_k=None, nms_iou=None)
   with_nms = zs.rank_zero_shot_crops((800, 600), target, top_k=None, nms_iou=0.7)
   assert len(with_nms) < len(no_nms)
   boxes = np.array([b for b, _ in with_nms])
-  iou = zs._pairwise_iou(boxes, boxes)  # pylint: disable=protected-access
+  iou = box_lib.pairwise_iou_xyxy_np(boxes, boxes)
   np.fill_diagonal(iou, 0)
   assert iou.max() <= 0.7
+  # It is `boxes.nms_xyxy` on the score-ranked crops.
+  all_boxes = np.array([b for b, _ in no_nms])
+  kept = box_lib.nms_xyxy(all_boxes, np.array([s for _, s in no_nms]), 0.7)
+  assert [no_nms[i] for i in kept] == with_nms
   # NMS keeps the best crop and only removes crops.
   assert with_nms[0] == no_nms[0]
   assert {b for b, _ in with_nms} <= {b for b, _ in no_nms}
@@ -364,14 +355,14 @@ def test_rank_target_larger_than_any_candidate():
   target = [0.02, 0.02, 0.98, 0.98]
   ranked = zs.rank_zero_shot_crops((640, 480), target)
   target_px = np.array(target) * [640, 480, 640, 480]
-  assert ranked and all(_contains(b, target_px, tol=1e-6) for b, _ in ranked)
+  assert ranked and all(box_lib.contains_xyxy_np(b, target_px, tol=1e-6) for b, _ in ranked)
   # Without expansion: the best-covering grid crops (which cannot contain it).
   plain = zs.rank_zero_shot_crops((640, 480), target, expand_to_target=False, top_k=None,
                                   nms_iou=None)
   cands = zs.gaic_grid_candidates((640, 480))
   best = zs.target_coverage(cands, target_px).max()
   boxes = np.array([b for b, _ in plain])
-  assert not any(_contains(b, target_px) for b in boxes)
+  assert not any(box_lib.contains_xyxy_np(b, target_px) for b in boxes)
   assert zs.target_coverage(boxes, target_px).max() == pytest.approx(best)
 
 

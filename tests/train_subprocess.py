@@ -5,13 +5,12 @@
 
 Builds the tiny ClipCrop train state on three meshes (1 device; 8 devices data-parallel; a (4, 2)
 mesh whose OWL-ViT kernels are sharded over 'model'), runs 2 train steps (jitted exactly as
-`train_lib.train` does) on the same deterministic batch and writes the losses and the params (initial, after each step) of
-every mesh to the .npz file.
+`trainer.train` does) on the same deterministic batch and writes the losses and the params
+(initial, after each step) of every mesh to the .npz file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
 import time
@@ -32,10 +31,8 @@ def tiny_config():
   ~lr * g, so parameters differ by ~lr * (gradient rounding) and a real mismatch (wrong batch
   split, wrong reduction, wrong sharded update) still shows up far above the tolerance.
   """
-  spec = importlib.util.spec_from_file_location('tiny_config', REPO / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(REPO / 'configs' / 'tiny.py')
   config.optimizer.update(learning_rate=1e-2, end_learning_rate=1e-2, eps=1.0, grad_clip_norm=0.0)
   # A random decoder predicts near-duplicate boxes: their matching costs then tie up to the
   # quality term, and 1e-7 of quality noise would swap which of them is matched (a discontinuity,
@@ -71,11 +68,12 @@ def make_batch(image_size: int, max_crops: int, max_queries: int, seed: int = 0)
 def run_on_mesh(config, mesh, batch_np):
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  model = train_lib.build_model(config)
-  _, shardings, init, optimizer, schedule = train_lib.setup_state(config, model, mesh, 4)
-  state = init(jax.random.PRNGKey(config.seed))
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  task = train_lib.ClipCropTask(config)
+  setup = trainer.setup_state(task, mesh, 4)
+  state = trainer.fresh_state(task, setup)
   init_params = jax.device_get(state.params)
-  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
+  step_fn = trainer.make_step_fn(task, setup, mesh)
   batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh)) for k, v in batch_np.items()}
   losses, after = [], []
   for _ in range(NUM_STEPS):
@@ -91,11 +89,11 @@ def run_on_mesh(config, mesh, batch_np):
 
 def main(out_path: str) -> None:
   jax.config.update('jax_default_matmul_precision', 'highest')
+  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config()
-  owl = train_lib.clipcrop_config(config).owlvit_config
+  owl = default_config.clipcrop_config(config).owlvit_config
   batch = make_batch(owl.image_size, 12, config.dataset.max_queries)
   sharded = tiny_config()
   sharded.sharding.update(mesh_shape=(4, 2), rules=(('owlvit/.*kernel', 'shard_largest'),

@@ -30,11 +30,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--owlvit', default='clip_b32')
   parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--keywords', choices=['rule', 'spacy'], default='rule')
+  parser.add_argument('--keywords', choices=['rules', 'spacy'], default='rules')
   args = parser.parse_args()
 
   config = model_lib.ClipCropConfig(owlvit=args.owlvit, mode='full')
-  pipeline = keywords_lib.DEFAULT_PIPELINE if args.keywords == 'spacy' else None
+  pipeline = keywords_lib.DEFAULT_PIPELINE if args.keywords == 'spacy' else keywords_lib.RULES
   cropper = cropper_lib.ClipCropper.init_random(config, keyword_pipeline=pipeline)
   image = detect.demo_image(600, 900)
   print(f'ClipCrop on {args.owlvit} ({config.owlvit_config.image_size} px), decoder '

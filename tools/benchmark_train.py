@@ -5,6 +5,7 @@ r"""Training throughput: the jitted train step alone vs. the step fed by the rea
       --steps 20 --dtype bfloat16                                           # on an accelerator
   python tools/benchmark_train.py --synthetic --models b32 --batch_size 8,32 --steps 20
                                       # step only, no tf.data / TensorFlow / dataset needed
+  python tools/benchmark_train.py --setup --models b32   # set-up time from OWL-ViT weights
 
 Models: `tiny` (configs/tiny.py) and `b32` (configs/gaic_b32.py, the paper's B/32 + 6-layer
 decoder; random weights). Both read the synthetic dataset `synthetic_crops/<--dataset>` prepared in
@@ -21,6 +22,14 @@ Printed: examples/s of each, the ratio to the step-only baseline of the same run
 input-wait fraction (time blocked in `next` / wall time of step + input). On CPU the input
 pipeline and the step share the cores, so the wait is pessimistic for an accelerator run.
 
+`--setup`: the set-up time of a run that starts from pretrained OWL-ViT weights (a random
+checkpoint of the model's OWL-ViT written first, untimed), from the config to the first usable
+train state, two ways in the same process: "full init" (the way before issue 12: a random init
+of the whole model, OWL-ViT included, then the loaded encoder put in its place) and
+"decoder only" (`trainer.fresh_state`: the loaded encoder and a decoder initialised alone, with
+the values the full init gives it). Prints both and their ratio; checks that both states have
+identical parameters.
+
 `--synthetic`: the step-only timing alone, on a fixed random batch of the training shapes (no
 dataset, tf.data or TensorFlow import), per model and per `--batch_size` (comma-separated list);
 prints steps/s, examples/s, compile time, the loss of the first and last step, and the device's
@@ -32,7 +41,6 @@ ascending order; '-' where the backend has no stats). `--trainable_encoder` fine
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -45,11 +53,9 @@ CONFIGS = {'tiny': ('tiny.py', None), 'b32': ('gaic_b32.py', 'full')}
 
 
 def load_config(name: str):
+  from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
   file, arg = CONFIGS[name]
-  spec = importlib.util.spec_from_file_location(f'_bench_cfg_{name}', REPO / 'configs' / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_lib.load_config_file(REPO / 'configs' / file, arg)
 
 
 def ensure_dataset(data_dir: str, dataset: str) -> None:
@@ -79,9 +85,11 @@ def _peak_memory_gib() -> float | None:
 def benchmark_synthetic(name: str, batch_size: int, args) -> dict[str, float]:
   """Step-only timing of one model on a fixed random batch (no input pipeline, no TensorFlow)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import optim  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
 
   t_setup = time.perf_counter()
   config = load_config(name)
@@ -92,15 +100,14 @@ def benchmark_synthetic(name: str, batch_size: int, args) -> dict[str, float]:
     config.model.freeze_encoder = False
     config.optimizer.lr_multipliers = tuple(optim.default_lr_multipliers(False))
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
-  model = train_lib.build_model(config)
-  abstract, shardings, init, optimizer, schedule = train_lib.setup_state(
-      config, model, mesh, config.num_train_steps)
-  groups = optim.describe(abstract.params, config.optimizer.lr_multipliers)
-  state = init(jax.random.PRNGKey(config.seed))
-  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
-  size = model.config.owlvit_config.image_size
-  host = train_lib.random_batch(batch_size, size, config.dataset.max_crops,
-                                config.dataset.max_queries)
+  task = train_lib.ClipCropTask(config)
+  setup = trainer.setup_state(task, mesh, config.num_train_steps)
+  groups = optim.describe(setup.abstract.params, config.optimizer.lr_multipliers)
+  state = trainer.fresh_state(task, setup)
+  step_fn = trainer.make_step_fn(task, setup, mesh)
+  size = task.model.config.owlvit_config.image_size
+  host = input_pipeline.random_batch(batch_size, size, config.dataset.max_crops,
+                                     config.dataset.max_queries)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in host.items()}
   print(f'  {name} batch {batch_size}: set-up {time.perf_counter() - t_setup:.1f} s', flush=True)
@@ -169,8 +176,10 @@ def _block(tree):
 def benchmark(name: str, args) -> dict[str, float]:
   """{'step', 'step_input', 'input': examples/s, 'wait': input-wait fraction, ...} of one model."""
   import jax  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.dataset.update(name=f'synthetic_crops/{args.dataset}', data_dir=args.data_dir,
@@ -186,12 +195,12 @@ def benchmark(name: str, args) -> dict[str, float]:
   bs = config.batch_size
 
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
-  builder = train_lib.dataset_builder(config.dataset.name, config.dataset.data_dir)
-  model = train_lib.build_model(config)
-  _, shardings, init, optimizer, schedule = train_lib.setup_state(
-      config, model, mesh, config.num_train_steps)
-  state = init(jax.random.PRNGKey(config.seed))
-  step_fn = train_lib.make_step_fn(config, model, optimizer, schedule, shardings, mesh)
+  builder = input_pipeline.dataset_builder(config.dataset.name, config.dataset.data_dir)
+  task = train_lib.ClipCropTask(config)
+  model = task.model
+  setup = trainer.setup_state(task, mesh, config.num_train_steps)
+  state = trainer.fresh_state(task, setup)
+  step_fn = trainer.make_step_fn(task, setup, mesh)
   batches = train_lib.make_train_iterator(config, builder, mesh)
 
   t0 = time.perf_counter()
@@ -231,6 +240,69 @@ def benchmark(name: str, args) -> dict[str, float]:
               wait=wait / step_input_s, loss=loss)
 
 
+def benchmark_setup(name: str, args) -> dict[str, float]:
+  """Set-up seconds from pretrained OWL-ViT weights: full random init vs. decoder-only init."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
+
+  config = load_config(name)
+  config.dtype = args.dtype
+  config.num_train_steps = 10_000
+  with tempfile.TemporaryDirectory() as tmp:
+    owl = owl_model.init_variables(train_lib.ClipCropTask(config).model.config.owlvit_config, 1)
+    config.init_from.owlvit = str(owl_ckpt.save_scenic_checkpoint(
+        jax.device_get(owl), pathlib.Path(tmp) / 'owlvit.msgpack'))
+    del owl
+    mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
+
+    def decoder_only():
+      task = train_lib.ClipCropTask(config)
+      setup = trainer.setup_state(task, mesh, config.num_train_steps)
+      return trainer.fresh_state(task, setup)
+
+    def full_init():  # before issue 12: random OWL-ViT + decoder, then the encoder replaced
+      task = train_lib.ClipCropTask(config)
+      setup = trainer.setup_state(task, mesh, config.num_train_steps)
+      state = setup.init(jax.random.PRNGKey(config.seed), {})
+      owl = task.pretrained_params(setup.abstract.params)['owlvit']
+      return state.replace(params={**state.params, 'owlvit': trainer.place(
+          owl, setup.shardings.params['owlvit'])})
+
+    times, states = {}, {}
+    for label, fn in (('decoder_only', decoder_only), ('full_init', full_init)):
+      t0 = time.perf_counter()
+      states[label] = _block(fn())
+      times[label] = time.perf_counter() - t0
+      print(f'  {name}: set-up ({label.replace("_", " ")}) {times[label]:.1f} s', flush=True)
+  same = all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(jax.device_get(states['decoder_only'].params)),
+      jax.tree_util.tree_leaves(jax.device_get(states['full_init'].params))))
+  return dict(times, same=same)
+
+
+def run_setup(models: list[str], args) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}: set-up '
+        'from pretrained OWL-ViT weights to the first train state', flush=True)
+  rows = []
+  for m in models:
+    r = benchmark_setup(m, args)
+    rows.append(f'{m:6s} {r["full_init"]:15.1f} {r["decoder_only"]:15.1f} '
+                f'{r["full_init"] / r["decoder_only"]:8.2f}x {str(r["same"]):>16s}')
+  print(f'{"model":6s} {"full init s":>15s} {"decoder only s":>15s} {"speed-up":>9s} '
+        f'{"same parameters":>16s}')
+  print('\n'.join(rows))
+  print('full init = the baseline (a random init of the whole model, then the loaded encoder '
+        'put in place), measured in the same run.')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default='tiny,b32', help='comma-separated: tiny, b32')
@@ -244,9 +316,11 @@ def main(argv=None) -> None:
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps/batches first')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--keyword_pipeline', default=None,
-                      help="spaCy pipeline for keywords ('' = rule-based); default: the config's")
+                      help="spaCy pipeline for keywords ('rules' = rule-based); default: the config's")
   parser.add_argument('--synthetic', action='store_true',
                       help='step only on a fixed random batch: no dataset, no TensorFlow')
+  parser.add_argument('--setup', action='store_true',
+                      help='set-up time from pretrained OWL-ViT weights: full vs decoder-only init')
   parser.add_argument('--trainable_encoder', action='store_true',
                       help='--synthetic: fine-tune OWL-ViT (freeze_encoder=False) instead')
   args = parser.parse_args(argv)
@@ -258,6 +332,9 @@ def main(argv=None) -> None:
     batch_sizes = [int(b) for b in str(args.batch_size).split(',') if b.strip()] or [0]
   except ValueError:
     parser.error(f'--batch_size {args.batch_size!r}: expected integers, comma-separated')
+  if args.setup:
+    run_setup(models, args)
+    return
   if args.synthetic:
     if 0 in batch_sizes:
       batch_sizes = [8]

@@ -5,6 +5,8 @@
   pixels = owlvit.preprocess(owlvit.load_image('cat.jpg'), module.config.image_size)[None]
   tokens = owlvit.tokenize(['a cat', 'a remote'])[None]
   out = module.apply(variables, pixels, tokens)   # pred_boxes, pred_logits, ...
+  q = owlvit.query_embeddings(module, variables, ['a cat'],      # (Q, D): texts, then examples
+                              [owlvit.ImageQuery('cat', owlvit.load_image('example.jpg'))])
 """
 
 from clipcrop_jax.owlvit.checkpoints import CheckpointError
@@ -14,6 +16,8 @@ from clipcrop_jax.owlvit.configs import CONFIGS
 from clipcrop_jax.owlvit.configs import get_config
 from clipcrop_jax.owlvit.configs import OwlViTConfig
 from clipcrop_jax.owlvit.image_query import embed_image_query
+from clipcrop_jax.owlvit.image_query import ImageQuery
+from clipcrop_jax.owlvit.image_query import query_embeddings
 from clipcrop_jax.owlvit.model import init_variables
 from clipcrop_jax.owlvit.model import TextZeroShotDetectionModule
 from clipcrop_jax.owlvit.preprocessing import boxes_cxcywh_to_pixels_xyxy
@@ -26,7 +30,7 @@ from clipcrop_jax.owlvit.tokenizer import tokenize
 
 __all__ = [
     'CheckpointError', 'load_checkpoint', 'save_scenic_checkpoint', 'CONFIGS', 'get_config',
-    'OwlViTConfig', 'embed_image_query', 'init_variables', 'TextZeroShotDetectionModule',
-    'boxes_cxcywh_to_pixels_xyxy', 'DEFAULT_MAX_PIXELS', 'ImageError', 'load_for_model',
-    'load_image', 'preprocess', 'tokenize',
+    'OwlViTConfig', 'embed_image_query', 'ImageQuery', 'query_embeddings', 'init_variables',
+    'TextZeroShotDetectionModule', 'boxes_cxcywh_to_pixels_xyxy', 'DEFAULT_MAX_PIXELS',
+    'ImageError', 'load_for_model', 'load_image', 'preprocess', 'tokenize',
 ]

@@ -19,10 +19,13 @@ import io
 import json
 import pathlib
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # imported where used: the command line checks its arguments before jax loads
+  from clipcrop_jax.owlvit.image_query import ImageQuery
 
 OVERLAY_SUFFIXES = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.webp': 'WEBP'}
 COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45']
@@ -48,80 +51,6 @@ def demo_image(height: int = 360, width: int = 540) -> np.ndarray:
   return np.asarray(img)
 
 
-@dataclasses.dataclass
-class ImageQuery:
-  """An example image used as a query (one-shot detection).
-
-  Attributes:
-    name: label used in the output.
-    image: uint8 (H, W, 3).
-    box: optional region (x0, y0, x1, y1) in pixels of `image`; default the whole image.
-  """
-
-  name: str
-  image: np.ndarray
-  box: Optional[tuple[float, float, float, float]] = None
-
-
-def check_query_box(query: ImageQuery) -> None:
-  """ValueError (in pixels of the query image) unless `query.box` is a box inside the image."""
-  if query.box is None:
-    return
-  h, w = query.image.shape[:2]
-  try:
-    x0, y0, x1, y1 = (float(v) for v in query.box)
-  except (TypeError, ValueError):
-    raise ValueError(f'query box of {query.name}: expected (x0, y0, x1, y1) pixels, got '
-                     f'{query.box!r}') from None
-  if not all(np.isfinite([x0, y0, x1, y1])):
-    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not finite')
-  if not (x1 > x0 and y1 > y0):
-    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 '
-                     'and y1 > y0')
-  if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) px is not '
-                     f'inside the {w}x{h} px query image')
-
-
-def tokens_in_image(pred_boxes_cxcywh: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-  """(P,) bool: the token's box centre lies in the real image, not in the bottom/right padding.
-
-  Args:
-    pred_boxes_cxcywh: (P, 4) model boxes in [0, 1] of the padded square (side max(H, W)).
-    image_hw: original (H, W).
-  """
-  h, w = image_hw
-  centres = np.asarray(pred_boxes_cxcywh)[:, :2] * max(h, w)
-  return (centres[:, 0] <= w) & (centres[:, 1] <= h)
-
-
-def query_embeddings(module, variables, texts: Sequence[str] = (),
-                     image_queries: Sequence[ImageQuery] = (), recipe: str = 'colab') -> np.ndarray:
-  """(Q, D) unnormalised query embeddings: text queries first, then image queries."""
-  from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
-
-  for q in image_queries:
-    check_query_box(q)
-  embeddings = []
-  if texts:
-    tokens = tokenizer.tokenize(list(texts), max_len=module.config.max_query_length)
-    embeddings.append(np.asarray(model_lib.embed_texts(module, variables, tokens)))
-  for q in image_queries:
-    pixels = pp.preprocess(q.image, module.config.image_size, recipe=recipe)
-    box = None
-    if q.box is not None:  # pixels of the query image -> [0, 1] of its padded square
-      side = pp.padded_size(*q.image.shape[:2])
-      box = [v / side for v in q.box]
-    emb, _ = image_query.embed_image_query(module, variables, pixels, box)
-    embeddings.append(np.asarray(emb)[None])
-  if not embeddings:
-    raise ValueError('Give at least one --query or --query-image.')
-  return np.concatenate(embeddings, axis=0)
-
-
 def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), top_k: int = 3,
            min_score: float = 0.0, recipe: str = 'colab',
            image_queries: Sequence[ImageQuery] = ()) -> list[Detection]:
@@ -140,7 +69,9 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   Returns:
     Detections sorted by query order (texts, then image queries), then score (descending).
   """
+  from clipcrop_jax import model as clipcrop_model  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import heads  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
 
@@ -149,15 +80,17 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   if isinstance(min_score, (bool, np.bool_)) or not 0.0 <= float(min_score) <= 1.0:
     raise ValueError(f'min_score must be a number in [0, 1], got {min_score!r}')
   labels = list(queries) + [q.name for q in image_queries]
-  embeddings = query_embeddings(module, variables, queries, image_queries, recipe)
+  embeddings = image_query.query_embeddings(module, variables, queries, image_queries, recipe)
   pixels = pp.preprocess(image, module.config.image_size, recipe=recipe)[None]
   encoded = model_lib.encode_images(module, variables, pixels)
   logits = np.asarray(heads.logits_from_image_terms(encoded['class_terms'], embeddings[None])[0])
   pred_boxes = np.asarray(encoded['pred_boxes'][0])
-  boxes = pp.boxes_cxcywh_to_pixels_xyxy(pred_boxes, image.shape[:2])
+  h, w = image.shape[:2]
+  boxes = pp.boxes_cxcywh_to_pixels_xyxy(pred_boxes, (h, w))
   # Tokens of the padding, and boxes with no area once clipped to the image, are no detections.
-  valid = tokens_in_image(pred_boxes, image.shape[:2])
-  valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  extent = (w / max(h, w), h / max(h, w))  # the real image in [0, 1] of the padded square
+  valid = (np.asarray(clipcrop_model.token_in_image(pred_boxes, extent))
+           & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
   scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)  # < any min_score
   detections = []
   for q, label in enumerate(labels):
@@ -235,6 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
 
   from clipcrop_jax import fileio  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   if not args.query and not args.query_image:
     parser.error('give at least one --query or --query-image')
@@ -250,11 +184,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fileio.check_output_file(args.out, suffixes=OVERLAY_SUFFIXES, overwrite=args.overwrite,
                              inputs=[p for p in [args.image] + args.query_image if p])
     image = pp.load_image(args.image) if args.image else demo_image()
-    image_queries = [ImageQuery(f'image:{pathlib.Path(path).name}', pp.load_image(path),
-                                _parse_box(args.query_box[i]) if i < len(args.query_box) else None)
-                     for i, path in enumerate(args.query_image)]
+    image_queries = [
+        image_query.ImageQuery(f'image:{pathlib.Path(path).name}', pp.load_image(path),
+                               _parse_box(args.query_box[i]) if i < len(args.query_box) else None)
+        for i, path in enumerate(args.query_image)]
     for q in image_queries:
-      check_query_box(q)
+      image_query.check_query_box(q)
     module, variables, model_id = _build_model(args)
     detections = detect(module, variables, image, args.query, args.top_k, args.min_score,
                         args.recipe, image_queries)

@@ -7,10 +7,14 @@ Given a query image and a box on it, the query embedding is the class embedding 
 3. among the kept tokens choose the one whose class embedding has the *lowest* dot product with the
    mean class embedding of all tokens (the foreground token most unlike the background).
 With the default box (the whole image) this equals Hugging Face's `embed_image_query`.
+
+`ImageQuery` (an example image and an optional pixel box on it) and `query_embeddings` (text and
+example-image queries -> embeddings) are what the detection demo and `ClipCropper` ask with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
@@ -19,6 +23,8 @@ import numpy as np
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax.owlvit import model as model_lib
+from clipcrop_jax.owlvit import preprocessing as pp
+from clipcrop_jax.owlvit import tokenizer
 
 IOU_RELATIVE_THRESHOLD = 0.8
 GIOU_RELATIVE_THRESHOLD = 1.2
@@ -78,3 +84,69 @@ def embed_image_query(module, variables, query_image: Any,
   class_embeddings = encoded['class_terms']['raw_class_embeddings']
   index = select_query_token(pred_boxes[0], class_embeddings[0], np.asarray(box, np.float32))
   return class_embeddings[0, index], int(index)
+
+
+@dataclasses.dataclass
+class ImageQuery:
+  """An example image used as a query (one-shot detection).
+
+  Attributes:
+    name: label used in the output.
+    image: uint8 (H, W, 3).
+    box: optional region (x0, y0, x1, y1) in pixels of `image`; default the whole image.
+  """
+
+  name: str
+  image: np.ndarray
+  box: Optional[tuple[float, float, float, float]] = None
+
+
+def check_query_box(query: ImageQuery) -> None:
+  """ValueError (in pixels of the query image) unless `query.box` is a box inside the image."""
+  if query.box is None:
+    return
+  h, w = query.image.shape[:2]
+  try:
+    x0, y0, x1, y1 = (float(v) for v in query.box)
+  except (TypeError, ValueError):
+    raise ValueError(f'query box of {query.name}: expected (x0, y0, x1, y1) pixels, got '
+                     f'{query.box!r}') from None
+  if not all(np.isfinite([x0, y0, x1, y1])):
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not finite')
+  if not (x1 > x0 and y1 > y0):
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 '
+                     'and y1 > y0')
+  if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) px is not '
+                     f'inside the {w}x{h} px query image')
+
+
+def query_embeddings(module, variables, texts: Sequence[str] = (),
+                     image_queries: Sequence[ImageQuery] = (), recipe: str = 'colab') -> np.ndarray:
+  """(Q, D) unnormalised query embeddings: text queries first, then image queries.
+
+  Args:
+    module: a `TextZeroShotDetectionModule`.
+    variables: its variables.
+    texts: text queries (tokenized to the module's `max_query_length`).
+    image_queries: example images, each embedded by `embed_image_query` after preprocessing
+      with `recipe`; a box is given in pixels of its image (checked by `check_query_box`).
+    recipe: preprocessing recipe ('colab' or 'evaluator').
+  """
+  for q in image_queries:
+    check_query_box(q)
+  embeddings = []
+  if texts:
+    tokens = tokenizer.tokenize(list(texts), max_len=module.config.max_query_length)
+    embeddings.append(np.asarray(model_lib.embed_texts(module, variables, tokens)))
+  for q in image_queries:
+    pixels = pp.preprocess(q.image, module.config.image_size, recipe=recipe)
+    box = None
+    if q.box is not None:  # pixels of the query image -> [0, 1] of its padded square
+      side = pp.padded_size(*q.image.shape[:2])
+      box = [v / side for v in q.box]
+    emb, _ = embed_image_query(module, variables, pixels, box)
+    embeddings.append(np.asarray(emb)[None])
+  if not embeddings:
+    raise ValueError('Give at least one --query or --query-image.')
+  return np.concatenate(embeddings, axis=0)

@@ -166,18 +166,26 @@ def embed_texts(module: TextZeroShotDetectionModule, variables: Any,
   return module.apply(variables, text_queries, method=module.text_embedder)
 
 
+def dummy_inputs(config: OwlViTConfig, batch_size: int = 1, num_queries: int = 1
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(images, text_queries) to initialise a model built on `config`: float32 zeros
+  (B, S, S, 3) and int32 (B, Q, L) queries whose first token is 1 (real, not padding, so that
+  every conditioned path of a ClipCrop model creates its parameters). Parameter values depend
+  only on the shapes, never on these values."""
+  images = jnp.zeros((batch_size, config.image_size, config.image_size, 3), jnp.float32)
+  text = jnp.zeros((batch_size, num_queries, config.max_query_length), jnp.int32)
+  return images, text.at[..., 0].set(1)
+
+
 def init_variables(config: OwlViTConfig, seed: int = 0, batch_size: int = 1,
                    num_queries: int = 1) -> dict[str, Any]:
   """Random variables for `config` ({'params': ...}), jit-compiled init."""
   module = TextZeroShotDetectionModule(config)
-  images = jnp.zeros((batch_size, config.image_size, config.image_size, 3), jnp.float32)
-  text = jnp.zeros((batch_size, num_queries, config.max_query_length), jnp.int32)
-  return jax.jit(module.init)(jax.random.PRNGKey(seed), images, text)
+  return jax.jit(module.init)(jax.random.PRNGKey(seed),
+                              *dummy_inputs(config, batch_size, num_queries))
 
 
 def param_shapes(config: OwlViTConfig) -> dict[str, Any]:
   """`jax.eval_shape` of the variables: a tree of ShapeDtypeStruct, no memory used."""
   module = TextZeroShotDetectionModule(config)
-  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-  text = jax.ShapeDtypeStruct((1, 1, config.max_query_length), jnp.int32)
-  return jax.eval_shape(module.init, jax.random.PRNGKey(0), images, text)
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(config))

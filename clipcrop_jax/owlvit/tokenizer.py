@@ -31,10 +31,12 @@ import ftfy
 from instant_clip_tokenizer import Tokenizer
 import numpy as np
 
+from clipcrop_jax.features import MAX_QUERY_LENGTH
+
 SOT_TOKEN = 49406  # `<|startoftext|>`
 EOT_TOKEN = 49407  # `<|endoftext|>`
 PAD_TOKEN = 0  # Byte symbol "!"; doubles as padding as in Scenic.
-DEFAULT_MAX_LEN = 16  # OWL-ViT text positional embedding length.
+DEFAULT_MAX_LEN = MAX_QUERY_LENGTH  # OWL-ViT text positional embedding length (16).
 
 TRUNCATION_MODES = ("keep_eot", "scenic")
 

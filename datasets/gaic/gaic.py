@@ -21,10 +21,9 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clipcrop_jax import data_formats
 from clipcrop_jax import features as F
 
-# Set to 1/true/yes to skip (and count) bad raw data instead of failing (see README.md).
-SKIP_ENV_VAR = 'CLIPCROP_SKIP_BAD_DATA'
 # A box coordinate may lie at most this many pixels outside the image; it is then clipped.
 # Anything further out is bad data.
 BOUNDS_TOLERANCE_PX = 1.0
@@ -70,10 +69,6 @@ class GaicConfig(tfds.core.BuilderConfig):
   """`layout`: 'journal' (GAICD-3336) or 'conference' (GAICD-1236)."""
 
   layout: str = 'journal'
-
-
-def _env_flag(name: str) -> bool:
-  return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
 def _is_image(name: str) -> bool:
@@ -226,10 +221,12 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, skip_bad_data: bool | None = None, **kwargs):
     """`skip_bad_data`: skip and count bad raw data instead of raising `BadDataError`.
 
-    None (default) reads the environment variable CLIPCROP_SKIP_BAD_DATA (1/true/yes).
+    None (default) reads the environment variable CLIPCROP_SKIP_BAD_DATA
+    (`data_formats.skip_bad_data_from_env`: 1/true/yes/on or 0/false/no/off; anything else is a
+    ValueError).
     """
     if skip_bad_data is None:
-      skip_bad_data = _env_flag(SKIP_ENV_VAR)
+      skip_bad_data = data_formats.skip_bad_data_from_env()
     self.skip_bad_data = bool(skip_bad_data)
     # split name -> SkipReport of the last generation (for logs and tests).
     self.skip_reports: dict[str, F.SkipReport] = {}
