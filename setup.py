@@ -32,9 +32,19 @@ TRAIN_REQUIRE = DATA_REQUIRE + [  # training / evaluation (clipcrop_jax.main)
     "tensorboard>=2.16",
 ]
 
+HUB_REQUIRE = ["huggingface_hub>=0.26"]  # OWL-ViT weights by Hugging Face id (clipcrop_jax.owlvit.hub)
+
+SERVE_REQUIRE = [  # the crop service (python -m clipcrop_jax.serve)
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    "python-multipart>=0.0.9",  # multipart form uploads
+]
+
 EXTRAS_REQUIRE = {
     "data": DATA_REQUIRE,
     "train": TRAIN_REQUIRE,
+    "hub": HUB_REQUIRE,
+    "serve": SERVE_REQUIRE,
     # Only for the `tfds` console script itself (tensorflow-datasets 4.9.x imports these at its
     # start-up); `python -m clipcrop_jax.build_dataset` runs the same build without them.
     "tfds-cli": DATA_REQUIRE + ["apache-beam>=2.50", "mlcroissant>=1.0"],
@@ -45,7 +55,9 @@ EXTRAS_REQUIRE = {
         "transformers>=4.45",
         "scikit-image>=0.22",
         "dill>=0.3",  # tfds.testing imports it
-    ] + TRAIN_REQUIRE,
+        "httpx>=0.27",  # the service's test client and tools/load_test.py
+        "selenium>=4.20",  # the playground in a real (Debian chromium) headless browser
+    ] + TRAIN_REQUIRE + HUB_REQUIRE + SERVE_REQUIRE,
 }
 
 setuptools.setup(

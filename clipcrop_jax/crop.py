@@ -3,12 +3,16 @@ r"""Command line: crop images to a text or an example image.
   python -m clipcrop_jax.crop --checkpoint MODEL_DIR --image photo.jpg --text "three white dogs" \
       --top-k 3 --aspect-ratio 16:9 --out crops/
   python -m clipcrop_jax.crop --checkpoint owl2_b16.msgpack --image folder/ --text "a boat" --out o/
+  python -m clipcrop_jax.crop --checkpoint google/owlv2-base-patch16-ensemble --image photo.jpg \
+      --text "a dog" --out crops/                                  # weights by name (zero-shot)
   python -m clipcrop_jax.crop --random-init tiny --text "a red square" --out crops/   # demo
 
 `--checkpoint` is a ClipCrop model directory (`ClipCropper.save`, `clipcrop_jax.export`), a
 training workdir holding one, or any OWL-ViT checkpoint (then crops come from the zero-shot
-composition rule). Keywords are extracted as during training (the pipeline recorded with the
-model) unless `--keyword-pipeline` says otherwise ('rules' = the rule-based extractor).
+composition rule), also by name: a Hugging Face id (`google/owlv2-base-patch16-ensemble`,
+`hf:ID@REV`) or a Scenic release (`clip_vit_b32_b0203fc`), downloaded once into a cache
+(`clipcrop_jax.owlvit.hub`). Keywords are extracted as during training (the pipeline recorded
+with the model) unless `--keyword-pipeline` says otherwise ('rules' = the rule-based extractor).
 
 For every image it writes `<name>_crop<i>.jpg` (best first) and `<name>_overlay.png` (ranked
 boxes drawn on the image). `crops.jsonl` is written as the run goes (fsynced lines): a `run` line
@@ -210,7 +214,9 @@ def _parser() -> argparse.ArgumentParser:
                                    description='Crop images to a text or an example image.')
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument('--checkpoint',
-                   help='ClipCrop model dir (or training workdir), or an OWL-ViT checkpoint.')
+                   help='ClipCrop model dir (or training workdir), or an OWL-ViT checkpoint: '
+                   'a path, a Hugging Face id (google/owlv2-base-patch16-ensemble, hf:ID@REV) or '
+                   'a Scenic release name (clip_vit_b32_b0203fc, scenic:NAME), downloaded once.')
   src.add_argument('--random-init', metavar='CONFIG',
                    help="Random weights ('tiny', or an OWL-ViT config name) for a demo.")
   parser.add_argument('--image', help='Image file or folder (default: a built-in picture).')

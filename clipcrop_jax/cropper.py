@@ -7,6 +7,10 @@
   enc = cropper.encode(image)                           # run the image encoder once ...
   a = cropper.crop(enc, text='a dog'); b = cropper.crop(enc, text='the boat')   # ... ask twice
 
+  encs = cropper.encode_batch([im1, im2, im3])          # one batched encoder forward
+  request = cropper.check_request(text='a dog')         # validate + embed once ...
+  crops = [cropper.crop_checked(e, request) for e in encs]   # ... crop many (a service)
+
 Two ways of producing crops:
 * trained ClipCrop decoder (a model directory, `clipcrop_jax.export`: `save` / `load`);
 * zero-shot (only OWL-ViT weights, e.g. `ClipCropper.load('owl2-b16.msgpack')`): GAIC grid
@@ -21,7 +25,8 @@ import dataclasses
 import hashlib
 import math
 import pathlib
-from typing import Any, Optional, Union
+import threading
+from typing import Any, Optional, Sequence, Union
 import uuid
 
 import jax
@@ -73,6 +78,16 @@ class Encoding:
   encoder: str = ''
 
 
+@dataclasses.dataclass
+class ModelInput:
+  """An image prepared for the encoder (`ClipCropper.prepare`): `pixels` float32 (S, S, 3) in
+  [0, 1] (padded to a square at the bottom/right and resized, `preprocessing.preprocess`) and the
+  original image size `image_hw` (H, W)."""
+
+  pixels: np.ndarray
+  image_hw: tuple[int, int]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Request:
   """A validated crop request (shared by every image of a call)."""
@@ -114,6 +129,7 @@ class ClipCropper:
     self._owl_variables = {'params': variables['params']['owlvit']}
     self._encoder_key = f'{config.owlvit}:{uuid.uuid4().hex}'
     self._query_cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
+    self._query_cache_lock = threading.Lock()  # a service calls check_request from many threads
     self._decode = jax.jit(lambda v, enc, q, m, extent: self.module.apply(
         v, enc, q, m, None, extent, method=self.module.crop_from_encoding))
 
@@ -160,21 +176,24 @@ class ClipCropper:
   def load(cls, path: Union[str, pathlib.Path], keyword_pipeline: Optional[str] = None,
            **kwargs) -> 'ClipCropper':
     """Loads a model directory (or a training workdir holding one, `export.load_model`), or any
-    OWL-ViT checkpoint (-> zero-shot mode).
+    OWL-ViT checkpoint or checkpoint name (-> zero-shot mode).
 
     Args:
-      path: the model directory, training workdir or OWL-ViT checkpoint.
+      path: the model directory, training workdir or OWL-ViT checkpoint; or an OWL-ViT checkpoint
+        name `owlvit.load_checkpoint` resolves (`owlvit.hub`: a Hugging Face id such as
+        'google/owlv2-base-patch16-ensemble', or a Scenic release such as
+        'clip_vit_b32_b0203fc'), downloaded once into a cache. An existing path wins.
       keyword_pipeline: the keyword extractor; None = the one recorded with the model
         (`keywords.DEFAULT_PIPELINE` for an OWL-ViT checkpoint).
       **kwargs: passed to the constructor (nms_iou, max_pixels).
     """
-    path = pathlib.Path(path)
+    checkpoint, path = path, pathlib.Path(path)  # a str may be a name (`owlvit.hub`)
     if export.is_model_dir(path) or export.is_model_dir(path / export.EXPORT_DIR):
       exported = export.load_model(path)
       return cls(exported.config, {'params': exported.params}, model_id=str(path),
                  keyword_pipeline=exported.keyword_pipeline if keyword_pipeline is None
                  else keyword_pipeline, **kwargs)
-    owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
+    owl_module, owl_variables = owl_checkpoints.load_checkpoint(checkpoint)
     config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
     variables = {'params': {'owlvit': owl_variables['params']}}
     return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
@@ -183,37 +202,73 @@ class ClipCropper:
 
   # ------------------------------------------------------------------ inference
 
-  def encode(self, image: Any) -> Encoding:
-    """Runs the image encoder once; pass the result to `crop` for any number of queries.
+  def prepare(self, image: Any) -> ModelInput:
+    """The encoder's input for one image, without running the model.
 
-    A path is decoded straight to the model's resolution (`preprocessing.load_for_model`: JPEG
-    draft decoding, EXIF orientation, the `max_pixels` limit); an array is preprocessed with the
-    fast (pixel-bounded) default of `preprocessing.preprocess`.
+    A path or a binary file object is decoded straight to the model's resolution
+    (`preprocessing.load_for_model`: JPEG draft decoding, EXIF orientation, the `max_pixels`
+    limit checked on the header before decoding; errors are `preprocessing.ImageError` naming
+    the file); an array is preprocessed with the fast (pixel-bounded) default of
+    `preprocessing.preprocess`; a `ModelInput` is returned as it is.
 
     Args:
-      image: uint8 (H, W, 3) array, a path, or a list of those (-> list of Encodings).
+      image: uint8 (H, W, 3) array, a path, a binary file object or a `ModelInput`.
     """
-    if isinstance(image, (list, tuple)):
-      return [self.encode(im) for im in image]
+    if isinstance(image, ModelInput):
+      return image
     size = self.config.owlvit_config.image_size
-    if isinstance(image, (str, pathlib.Path)):
+    if isinstance(image, (str, pathlib.Path)) or hasattr(image, 'read'):
       pixels, image_hw = pp.load_for_model(image, size, max_pixels=self.max_pixels)
     else:
       image = pp.to_uint8_rgb(np.asarray(image))
       pixels, image_hw = pp.preprocess(image, size), image.shape[:2]
-    encoded = owl_model.encode_images(self.owl_module, self._owl_variables,
-                                      jnp.asarray(pixels[None]))
-    return Encoding(tuple(image_hw), encoded, self._encoder_key)
+    return ModelInput(pixels, tuple(int(v) for v in image_hw))
+
+  def encode(self, image: Any) -> Union[Encoding, list[Encoding]]:
+    """Runs the image encoder once; pass the result to `crop` for any number of queries.
+
+    Args:
+      image: what `prepare` takes, or a list of those (-> list of Encodings, one forward each;
+        `encode_batch` runs one forward for all).
+    """
+    if isinstance(image, (list, tuple)):
+      return [self.encode(im) for im in image]
+    return self.encode_batch([image])[0]
+
+  def encode_batch(self, images: Sequence[Any]) -> list[Encoding]:
+    """Encodes several images in one forward of the image encoder.
+
+    The inputs (see `prepare`) are stacked into a (B, S, S, 3) batch, padded with zero images to
+    the next power of two so that only log2(max batch) shapes are ever compiled. Each Encoding
+    equals the one `encode` makes for that image up to float32 rounding (XLA may order the sums
+    of a batched matmul differently; ~2e-6 on the tiny model).
+
+    Returns:
+      one `Encoding` per image, in order (arrays with a leading batch dimension of 1).
+    """
+    inputs = [self.prepare(im) for im in images]
+    if not inputs:
+      return []
+    size = self.config.owlvit_config.image_size
+    pixels = np.zeros((1 << (len(inputs) - 1).bit_length(), size, size, 3), np.float32)
+    for i, model_input in enumerate(inputs):
+      pixels[i] = model_input.pixels
+    encoded = owl_model.encode_images(self.owl_module, self._owl_variables, jnp.asarray(pixels))
+    return [Encoding(model_input.image_hw, jax.tree.map(lambda x, i=i: x[i:i + 1], encoded),
+                     self._encoder_key) for i, model_input in enumerate(inputs)]
 
   def _cached(self, key: Any, compute) -> tuple[Any, Any]:
-    """`compute()` memoised under `key` (LRU, QUERY_CACHE_SIZE entries)."""
-    if key in self._query_cache:
-      self._query_cache.move_to_end(key)
-      return self._query_cache[key]
+    """`compute()` memoised under `key` (LRU, QUERY_CACHE_SIZE entries; thread-safe, `compute`
+    runs outside the lock)."""
+    with self._query_cache_lock:
+      if key in self._query_cache:
+        self._query_cache.move_to_end(key)
+        return self._query_cache[key]
     value = compute()
-    self._query_cache[key] = value
-    while len(self._query_cache) > QUERY_CACHE_SIZE:
-      self._query_cache.popitem(last=False)
+    with self._query_cache_lock:
+      self._query_cache[key] = value
+      while len(self._query_cache) > QUERY_CACHE_SIZE:
+        self._query_cache.popitem(last=False)
     return value
 
   def _queries(self, text: Optional[str], query_image: Any, query_box: Any, mode: str):
@@ -308,6 +363,12 @@ class ClipCropper:
                                  query_box, fuse_top_k)
     if isinstance(image, (list, tuple)):
       return [self._crop_one(im, request) for im in image]
+    return self._crop_one(image, request)
+
+  def crop_checked(self, image: Any, request: _Request) -> list[Crop]:
+    """`crop` for one image (array, path, file object, `ModelInput` or `Encoding`) under a request
+    that `check_request` already validated and embedded: a service checks each request once,
+    when it arrives, and crops it later, e.g. after a batched `encode_batch`."""
     return self._crop_one(image, request)
 
   def _crop_one(self, image: Any, request: _Request) -> list[Crop]:

@@ -349,7 +349,10 @@ def _check_common(c: _Checks, training: bool, data_dir_must_exist: bool) -> None
   else:
     c.check('dataset.data_dir', lambda v: isinstance(v, str) and not os.path.isfile(
         os.path.expanduser(v)), 'a directory path or empty')
-  c.existing_path('init_from.owlvit')
+  # An existing path, or a checkpoint name (HF id, Scenic release) downloaded when loaded.
+  from clipcrop_jax.owlvit import hub  # pylint: disable=g-import-not-at-top  # imports jax
+  if not hub.is_name(c.get('init_from.owlvit')):
+    c.existing_path('init_from.owlvit')
 
 
 def _retired_field(name: str, value: Optional[str] = None) -> Optional[str]:

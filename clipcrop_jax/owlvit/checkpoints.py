@@ -18,6 +18,10 @@ Supported inputs (spec §7):
 
 PyTorch pickles (`.bin`, `.pt`, `.pth`, ...) are refused and never unpickled.
 
+`load_checkpoint` also takes names (`clipcrop_jax.owlvit.hub`): Hugging Face ids and Scenic release
+names are downloaded once into a cache and read from there (a PyTorch-only HF repo is converted
+with `torch.load(weights_only=True)`, never a general unpickler).
+
 Every parameter is returned as float32 in Scenic's current tree (spec §1.2), so the result feeds
 `TextZeroShotDetectionModule.apply` directly.
 """
@@ -39,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import fileio
+from clipcrop_jax.owlvit.checkpoint_files import CheckpointError
+from clipcrop_jax.owlvit.checkpoint_files import sniff as _sniff
 from clipcrop_jax.owlvit.configs import CONFIGS, HEAD_DIM, OwlViTConfig, get_config
 
 PathLike = Union[str, os.PathLike]
@@ -55,10 +61,6 @@ _HF_CONFIG = 'config.json'
 _HF_PREFIXES = ('owlvit.', 'owlv2.')
 # Non-parameter buffers some HF versions store in the state dict.
 _HF_IGNORED_SUFFIXES = ('position_ids', 'box_bias', 'num_batches_tracked')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be read, is of an unsupported kind, or does not fit the architecture."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,25 +115,6 @@ def _pickle_error(path: PathLike) -> CheckpointError:
       f'checkpoint {path}: looks like a PyTorch pickle; pickles are never unpickled (they can run '
       'arbitrary code). Convert it to safetensors first, e.g. '
       '`model.save_pretrained(dir, safe_serialization=True)`, and load that directory.')
-
-
-def _sniff(path: pathlib.Path) -> str:
-  """Returns 'msgpack', 'pickle', 'safetensors', 'empty' or 'unknown' from the first bytes."""
-  with open(path, 'rb') as f:
-    head = f.read(9)
-  if not head:
-    return 'empty'
-  if head.startswith(b'PK\x03\x04'):  # torch>=1.6 zip archive
-    return 'pickle'
-  if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-    return 'pickle'
-  if len(head) == 9 and head[8:9] == b'{':  # u64 header length + JSON header
-    header_len = int.from_bytes(head[:8], 'little')
-    if 0 < header_len < 100_000_000:
-      return 'safetensors'
-  if 0x80 <= head[0] <= 0x8f or head[0] in (0xde, 0xdf):  # fixmap / map16 / map32
-    return 'msgpack'
-  return 'unknown'
 
 
 def read_msgpack(path: PathLike) -> dict[str, Any]:
@@ -740,25 +723,33 @@ def read_checkpoint_params(path: PathLike) -> tuple[Params, Optional[dict[str, A
   return normalize_scenic_params(read_msgpack(path), str(path)), None
 
 
-def load_checkpoint(path: PathLike, config: Union[OwlViTConfig, str, None] = None
-                   ) -> tuple[Any, dict[str, Any]]:
+def load_checkpoint(path: PathLike, config: Union[OwlViTConfig, str, None] = None, *,
+                    progress: Optional[bool] = None) -> tuple[Any, dict[str, Any]]:
   """Loads an OWL-ViT / OWLv2 checkpoint into a ready-to-apply module and variables.
 
   Args:
     path: Scenic msgpack file (v1, v2 or current layout), HF directory (config.json +
-      model.safetensors) or the .safetensors file inside one.
+      model.safetensors) or the .safetensors file inside one; or a name (`hub`): a Hugging Face
+      id (`google/owlv2-base-patch16-ensemble`, `hf:ID[@REV]`) or a Scenic release
+      (`clip_vit_b32_b0203fc`, `scenic:NAME`), downloaded once into a cache. An existing path
+      always wins over a name.
     config: architecture to check against (an `OwlViTConfig` or a name for `get_config`); by
-      default it is inferred from the parameter shapes.
+      default that of a known Scenic release, else inferred from the parameter shapes.
+    progress: download progress bar for names (None: only on a terminal).
 
   Returns:
     (module, variables): a `TextZeroShotDetectionModule` and {'params': tree of float32 jax
     arrays} holding exactly the module's parameters.
 
   Raises:
-    CheckpointError: unreadable or unsupported file, or parameters that do not fit the
-      architecture (the message names the first missing / mis-shaped parameter path).
+    CheckpointError: unreadable or unsupported file, unknown name or failed download
+      (`hub.HubError`), or parameters that do not fit the architecture (the message names the
+      first missing / mis-shaped parameter path).
   """
-  source = str(pathlib.Path(path).expanduser())
+  from clipcrop_jax.owlvit import hub  # pylint: disable=g-import-not-at-top
+  path, release_config = hub.locate(path, progress=progress)
+  config = release_config if config is None else config
+  source = str(path)
   params, hf_config = read_checkpoint_params(path)
   if isinstance(config, str):
     try:

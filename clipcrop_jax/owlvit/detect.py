@@ -5,10 +5,12 @@ r"""Open-vocabulary detection demo: boxes and scores for text queries, in origin
   python -m clipcrop_jax.owlvit.detect --random-init tiny --query "a red square"
 
 `--checkpoint` accepts everything `load_checkpoint` reads (Scenic msgpack files, Hugging Face
-directories with model.safetensors). `--random-init NAME` builds the named config with random
-weights instead (boxes are then meaningless; it shows the pipeline runs). Without `--image` a
-built-in synthetic picture is used. `--query-image EXAMPLE.jpg [--query-box X0,Y0,X1,Y1]` adds an
-example image as a query (Scenic's one-shot rule; the box is in the example's pixels).
+directories with model.safetensors, and names: HF ids such as google/owlv2-base-patch16-ensemble,
+Scenic release names such as clip_vit_b32_b0203fc; `clipcrop_jax.owlvit.hub`).
+`--random-init NAME` builds the named config with random weights instead (boxes are then
+meaningless; it shows the pipeline runs). Without `--image` a built-in synthetic picture is used.
+`--query-image EXAMPLE.jpg [--query-box X0,Y0,X1,Y1]` adds an example image as a query (Scenic's
+one-shot rule; the box is in the example's pixels).
 """
 
 from __future__ import annotations
@@ -144,7 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog='python -m clipcrop_jax.owlvit.detect',
       description='OWL-ViT text-query detection; prints boxes in original-image pixels.')
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint', help='Scenic msgpack file or Hugging Face directory.')
+  src.add_argument('--checkpoint',
+                   help='Scenic msgpack file or Hugging Face directory, or a name: a Hugging Face '
+                   'id (google/owlvit-base-patch32, hf:ID@REV) or a Scenic release '
+                   '(clip_vit_b32_b0203fc, scenic:NAME), downloaded once into a cache.')
   src.add_argument('--random-init', metavar='CONFIG',
                    help='Random weights of this config (e.g. tiny, clip_b32) instead.')
   parser.add_argument('--image', help='Image file (default: a built-in synthetic picture).')

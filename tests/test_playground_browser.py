@@ -1,0 +1,98 @@
+"""The playground page in a real headless browser (Debian's chromium + chromedriver, selenium).
+
+Skipped, with the reason, when selenium or the browser is missing (`.ci/run` installs them).
+Set CLIPCROP_PLAYGROUND_SCREENSHOT=path.png to save the screenshot used in the README.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import httpx
+import numpy as np
+from PIL import Image
+import pytest
+
+pytest.importorskip('fastapi', reason='the serve extra (fastapi, uvicorn, python-multipart)')
+webdriver = pytest.importorskip('selenium.webdriver', reason='selenium is not installed')
+from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
+
+from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+from clipcrop_jax import serve  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
+
+BROWSERS = ('chromium', 'chromium-browser', 'google-chrome')
+DRIVERS = ('chromedriver',)
+
+
+def _which(names) -> str | None:
+  return next((path for path in map(shutil.which, names) if path), None)
+
+
+@pytest.fixture(scope='module')
+def browser():
+  binary, driver_path = _which(BROWSERS), _which(DRIVERS)
+  if binary is None or driver_path is None:
+    pytest.skip('no headless browser: install Debian\'s chromium and chromium-driver '
+                '(apt-get install -y chromium chromium-driver)')
+  options = webdriver.ChromeOptions()
+  options.binary_location = binary
+  for arg in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+              '--window-size=1280,900'):
+    options.add_argument(arg)
+  driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+  yield driver
+  driver.quit()
+
+
+@pytest.mark.slow  # ~25 s: compiles the tiny model, starts a browser
+def test_playground_uploads_and_draws_ranked_crops(browser, tmp_path):
+  cropper = cropper_lib.ClipCropper.init_random('tiny', keyword_pipeline='rules')
+  config = serve.ServeConfig(warmup=False)
+  photo = tmp_path / 'scene.png'
+  Image.fromarray(detect.demo_image()).save(photo)
+  with serve.BackgroundServer(serve.create_app(cropper, config), config) as server:
+    browser.get(server.url + '/')
+    browser.find_element(By.ID, 'image').send_keys(str(photo))
+    browser.find_element(By.ID, 'text').send_keys('a red square')
+    ui.Select(browser.find_element(By.ID, 'aspect_ratio')).select_by_visible_text('4:3')
+    top_k = browser.find_element(By.ID, 'top_k')
+    top_k.clear()
+    top_k.send_keys('4')
+    browser.find_element(By.ID, 'go').click()
+    ui.WebDriverWait(browser, 60).until(
+        lambda d: d.execute_script('return window.lastResult !== null')
+        or 'error' in d.find_element(By.ID, 'status').get_attribute('class'))
+    status = browser.find_element(By.ID, 'status')
+    assert 'error' not in status.get_attribute('class'), status.text
+    shown = browser.execute_script('return window.lastResult')
+    boxes = browser.find_elements(By.CSS_SELECTOR, '#overlay rect.crop-box')
+    thumbs = browser.find_elements(By.CSS_SELECTOR, '#thumbs .thumb')
+    view_box = browser.execute_script(
+        "return document.getElementById('overlay').getAttribute('viewBox')")
+    # The same request through the API directly.
+    with httpx.Client(timeout=60) as http:
+      direct = http.post(server.url + '/v1/crops', files={'image': ('s.png', photo.read_bytes())},
+                         data={'text': 'a red square', 'aspect_ratio': '4:3', 'top_k': '4'}).json()
+    if os.environ.get('CLIPCROP_PLAYGROUND_SCREENSHOT'):
+      browser.save_screenshot(os.environ['CLIPCROP_PLAYGROUND_SCREENSHOT'])
+  assert shown['crops'] == direct['crops'] and len(shown['crops']) >= 1
+  assert len(boxes) == len(thumbs) == len(shown['crops'])
+  for rect, crop in zip(boxes, shown['crops']):  # drawn where the service says, in image pixels
+    x0, y0, x1, y1 = crop['box']
+    drawn = [float(rect.get_attribute(k)) for k in ('x', 'y', 'width', 'height')]
+    np.testing.assert_allclose(drawn, [x0, y0, x1 - x0, y1 - y0], rtol=1e-6)
+  assert view_box == '0 0 540 360'
+  # Each thumbnail is the crop's pixels, downloadable as a PNG.
+  link = thumbs[0].find_element(By.TAG_NAME, 'a')
+  assert link.get_attribute('download') == 'crop-1.png'
+  href = link.get_attribute('href')
+  assert href.startswith('data:image/png;base64,')
+  import base64  # pylint: disable=g-import-not-at-top
+  thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(',', 1)[1]))).convert('RGB'))
+  x0, y0, x1, y1 = (round(v) for v in shown['crops'][0]['box'])
+  want = detect.demo_image()[y0:y1, x0:x1].astype(int)
+  assert thumb.shape == want.shape and np.abs(thumb.astype(int) - want).mean() < 8
