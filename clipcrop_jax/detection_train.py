@@ -267,7 +267,6 @@ class DetectionTask(trainer.Task):
   def dataset_builder(self):
     builder = super().dataset_builder()
     _label_names(builder, self.config.dataset.label_key)  # fail early on missing features
-    self._builder = builder  # pylint: disable=attribute-defined-outside-init
     return builder
 
   def init_params(self, rng: jax.Array, pretrained: dict[str, Any]) -> Any:
@@ -299,12 +298,14 @@ class DetectionTask(trainer.Task):
                               max_labels=c.dataset.max_labels, label_key=c.dataset.label_key,
                               max_examples=c.eval.max_examples)
 
-  def on_step(self, state, step, total, logger) -> None:
-    every = self.config.eval.every_steps if self.config.eval.split else -1
-    if every > 0 and step % every == 0 and step != total:
-      params = trainer.host_params(state)
-      if jax.process_index() == 0:
-        logger.write(step, self._evaluate(params, self._builder), kind='eval')
+  @property
+  def eval_every_steps(self) -> int:
+    return self.config.eval.every_steps if self.config.eval.split else -1
+
+  def evaluate(self, state, step, builder, logger) -> None:
+    params = trainer.host_params(state)
+    if jax.process_index() == 0:
+      logger.write(step, self._evaluate(params, builder), kind='eval')
 
   def finish(self, state, workdir, builder, logger) -> None:
     """Writes `<workdir>/owlvit_checkpoint.msgpack` (Scenic layout) and, with `eval.split`,

@@ -119,10 +119,12 @@ class ClipCropTask(trainer.Task):
   def loss_fn(self, params, batch, rng):
     return clipcrop_loss(self.model, params, batch, rng, loss_kwargs(self.config))
 
-  def on_step(self, state, step, total, logger) -> None:
-    every = self.config.eval.every_steps
-    if self.eval_fn is not None and every > 0 and step % every == 0 and step != total:
-      self.eval_fn(state, step)
+  @property
+  def eval_every_steps(self) -> int:
+    return self.config.eval.every_steps if self.eval_fn is not None else -1
+
+  def evaluate(self, state, step, builder, logger) -> None:
+    self.eval_fn(state, step)
 
   def finish(self, state, workdir, builder, logger) -> None:
     path = export_model(state, self.model.config, workdir, self.config.dataset.keyword_pipeline)

@@ -24,7 +24,7 @@ does the rest, the same way for every task:
      wait, ETA), TensorBoard summaries (clu metric writers) and `<workdir>/metrics.jsonl`; every
      `checkpoint.every_steps` and at the end: an Orbax checkpoint (keep the last
      `checkpoint.keep`); a non-finite loss stops training with `NonFiniteLossError` and is never
-     checkpointed; `Task.on_step` runs after every step (evaluation hooks);
+     checkpointed; every `Task.eval_every_steps` steps (> 0; not at the end) `Task.evaluate`;
   6. when all steps are done (also when a re-run finds them done): `Task.finish` (the export).
 
 Errors a user can act on are `errors.RunError`s: the command lines print them as one line.
@@ -93,7 +93,7 @@ class Task:
   `train(task, workdir)` calls, in order: `dataset_builder()`; `init_params(rng, {})` under
   `jax.eval_shape` (shapes only); on a fresh start `pretrained_params(abstract_params)` and
   `init_params(rng, pretrained)` under jit; `train_batches(...)`; `loss_fn` inside the jitted
-  step; `on_step(...)` after every step; `finish(...)` once all steps are done.
+  step; `evaluate(...)` every `eval_every_steps` steps; `finish(...)` once all steps are done.
 
   Attributes:
     config: the run config (`default_config.get_default_config` or `get_detection_config`).
@@ -134,8 +134,14 @@ class Task:
     """(loss, scalar terms) of a global batch; `rng` is this step's (dropout) key."""
     raise NotImplementedError
 
-  def on_step(self, state: TrainState, step: int, total: int, logger: 'MetricLogger') -> None:
-    """After every step (evaluation hooks); nothing by default."""
+  @property
+  def eval_every_steps(self) -> int:
+    """`evaluate` runs every this many steps during training (<= 0: never; the final step is
+    the task's `finish`)."""
+    return -1
+
+  def evaluate(self, state: TrainState, step: int, builder, logger: 'MetricLogger') -> None:
+    """An evaluation during training, at `step` (a multiple of `eval_every_steps`)."""
 
   def finish(self, state: TrainState, workdir: str, builder, logger: 'MetricLogger') -> None:
     """Once all steps are done (also on a re-run of a finished workdir): the export."""
@@ -734,13 +740,21 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
                         workdir=workdir, manager=manager, logger=logger, start=start, end=end,
                         total=total, last_good=last_good, desc=task.name,
                         log_terms=task.log_terms,
-                        on_step=lambda s, step: task.on_step(s, step, total, logger))
+                        on_step=lambda s, step: _periodic_eval(task, s, step, total, builder,
+                                                               logger))
     if int(jax.device_get(state.step)) >= total:
       task.finish(state, workdir, builder, logger)
   finally:
     logger.close()
     manager.close()
   return state
+
+
+def _periodic_eval(task: Task, state: TrainState, step: int, total: int, builder,
+                   logger: MetricLogger) -> None:
+  every = task.eval_every_steps
+  if every > 0 and step % every == 0 and step != total:
+    task.evaluate(state, step, builder, logger)
 
 
 def restore_for_eval(task: Task, workdir: str) -> tuple[TrainState, jax.sharding.Mesh]:

@@ -199,3 +199,25 @@ def test_layering_of_the_training_modules():
   assert not graph['clipcrop_jax.detection_train'] & clipcrop_only
   # The core imports no task (`default_config` builds the models of both, on demand).
   assert not graph['clipcrop_jax.trainer'] & (clipcrop_only | {'clipcrop_jax.detection_train'})
+
+
+def test_periodic_evaluation_runs_every_n_steps_but_not_at_the_end():
+  """`Task.evaluate` at the multiples of `eval_every_steps` before the last step (the last one
+  is the task's `finish`); never when `eval_every_steps` <= 0."""
+  calls = []
+
+  class Every2(trainer.Task):
+    eval_every_steps = 2
+
+    def evaluate(self, state, step, builder, logger):
+      calls.append((state, step, builder, logger))
+
+  task = Every2(ml_collections.ConfigDict())
+  for step in range(1, 7):
+    trainer._periodic_eval(task, 's', step, 6, 'builder', 'logger')  # pylint: disable=protected-access
+  assert calls == [('s', 2, 'builder', 'logger'), ('s', 4, 'builder', 'logger')]
+  calls.clear()
+  never = trainer.Task(ml_collections.ConfigDict())
+  for step in range(1, 7):
+    trainer._periodic_eval(never, 's', step, 6, 'b', 'l')  # pylint: disable=protected-access
+  assert calls == []
