@@ -27,7 +27,14 @@ ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` ov
   optimizer.*          `clipcrop_jax.optim` (AdamW, cosine lr -> end lr, warmup, clipping,
                        `lr_multipliers` = [(regex, multiplier), ...], 0 = frozen).
   loss.*               `clipcrop_jax.losses` (positives, score range, smoothing, matching costs,
-                       loss weights, aux losses).
+                       loss weights, aux losses). The quality head's objective: `quality_loss`
+                       ('smooth_l1' = the paper, 'pairwise', 'listwise'), `quality_target`
+                       ('matched' = the paper, 'iou', 'top_iou'), `quality_top_k` (the best crops
+                       of 'top_iou'), `quality_pointwise_weight` (Smooth-L1 added to a ranking
+                       loss), `quality_temperature` (listwise).
+                       `selection_filter` (True = the paper §3.3): during training, drop the
+                       selected boxes that lie mostly outside the best-scored crop
+                       (`model.filter_selected_boxes`); inference never filters.
   sharding.*           mesh_shape (data, model) with -1 = the rest; `rules` [(regex, 'replicate' |
                        'shard_largest')] for params / optimizer state (first match wins).
   distributed.*        `jax.distributed.initialize` (multi-host) when `initialize` is True.
@@ -39,7 +46,10 @@ ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` ov
   pipeline.*           run='synthetic_pipeline' only (configs/synthetic.py): `owlvit` (the
                        detector's detection config), `variants` (ClipCrop modes) and their
                        `variant_steps`, `quick` (a report label; `get_config('quick')` sets
-                       the budgets). Each stage uses `dataset.name` (checked by validation).
+                       the budgets), `num_seeds` (seeds `seed` .. `seed + num_seeds - 1`, data
+                       and training), `validation_split` (where choices are made) and
+                       `fuse_top_k_choices` (chosen there per variant). Each stage uses
+                       `dataset.name` (checked by validation).
 
 Fields of older configs are refused with their replacement named: `mode` (now `run`) and
 `quick` (now the argument of configs/synthetic.py: `--config=configs/synthetic.py:quick`).
@@ -113,7 +123,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       positive_threshold=4.0, score_min=1.0, score_max=5.0, smoothing_iou=0.9,
       cost_l1=5.0, cost_giou=2.0, cost_quality=1.0,
-      weight_l1=5.0, weight_giou=2.0, weight_quality=1.0, aux_loss=True))
+      weight_l1=5.0, weight_giou=2.0, weight_quality=1.0, aux_loss=True,
+      quality_loss='smooth_l1', quality_target='matched', quality_pointwise_weight=0.1,
+      quality_temperature=0.2, quality_top_k=4, selection_filter=True))
 
   c.sharding = ml_collections.ConfigDict(dict(
       mesh_shape=(-1, 1), rules=(('.*', 'replicate'),)))
@@ -138,7 +150,8 @@ def get_detection_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(owlvit=''))
   c.dataset = ml_collections.ConfigDict(dict(
       name='synthetic_crops/default', data_dir='', train_split='train', label_key='name',
-      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000, label_templates=()))
+      max_objects=16, max_labels=16, flip=True, shuffle_buffer=1000, label_templates=(),
+      phrase_key='', phrase_prob=0.0))
   c.batch_size = 16
   c.num_epochs = 10
   c.num_train_steps = -1
@@ -413,6 +426,15 @@ def _check_clipcrop(c: _Checks) -> None:
                'weight_quality'):
     c.check(f'loss.{name}', _number_at_least(0), 'a finite number >= 0')
   c.check('loss.aux_loss', lambda v: isinstance(v, bool), 'True or False')
+  c.check('loss.selection_filter', lambda v: isinstance(v, bool), 'True or False')
+  from clipcrop_jax import losses  # pylint: disable=g-import-not-at-top  # imports jax
+  c.check('loss.quality_loss', lambda v: v in losses.QUALITY_LOSSES,
+          f'one of {losses.QUALITY_LOSSES}')
+  c.check('loss.quality_target', lambda v: v in losses.QUALITY_TARGETS,
+          f'one of {losses.QUALITY_TARGETS}')
+  c.check('loss.quality_pointwise_weight', _number_at_least(0), 'a finite number >= 0')
+  c.check('loss.quality_temperature', lambda v: _is_number(v) and v > 0, 'a number > 0')
+  c.check('loss.quality_top_k', _int_at_least(1), 'an integer >= 1')
   needs_eval = run in ('eval', 'train_and_eval')
   c.check('eval.datasets', lambda v: _dataset_pairs(v) and (len(v) > 0 or not needs_eval),
           '(tfds name, split) pairs' + (f', at least one for run={run!r}' if needs_eval else ''))
@@ -429,6 +451,14 @@ def _check_clipcrop(c: _Checks) -> None:
 def _check_pipeline(c: _Checks) -> None:
   """The embedded default's own fields (`pipeline.*` of configs/synthetic.py)."""
   c.check('pipeline.quick', lambda v: isinstance(v, bool), 'True or False')
+  c.check('pipeline.num_seeds', _int_at_least(1), 'an integer >= 1')
+  c.check('pipeline.fuse_top_k_choices',
+          lambda v: not isinstance(v, (str, int)) and len(v) > 0 and all(
+              _int_at_least(1)(k) for k in v), 'a non-empty tuple of integers >= 1')
+  c.check('pipeline.validation_split', _nonempty_str, 'a split name (e.g. ambiguity_validation)')
+  c.check('pipeline.validation_split',
+          lambda v: all(v != entry[1] for entry in (c.get('eval.datasets') or ())),
+          'a split other than the test split in eval.datasets (choices are made on it)')
   owlvit = c.get('pipeline.owlvit')
   if c.check('pipeline.owlvit', lambda v: hasattr(v, 'keys'), 'a detection config'):
     sub = _Checks(owlvit, prefix=f'{c.prefix}pipeline.owlvit.')
@@ -453,6 +483,12 @@ def _check_detection(c: _Checks, data_dir_must_exist: bool = True) -> None:
   c.check('dataset.label_templates',
           lambda v: not isinstance(v, str) and all(isinstance(t, str) and '{}' in t for t in v),
           "format strings with '{}' (e.g. 'a {}')")
+  c.check('dataset.phrase_key', lambda v: isinstance(v, str),
+          "a Text feature name under objects/ ('' = no phrase labels)")
+  if c.check('dataset.phrase_prob', lambda v: _is_number(v) and 0 <= v <= 1,
+             'a number in [0, 1]') and c.get('dataset.phrase_prob') > 0 and not (
+                 c.get('dataset.phrase_key')):
+    c.add('dataset.phrase_prob', f'={c.get("dataset.phrase_prob")}: needs dataset.phrase_key')
   c.check('loss.focal_alpha', lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]')
   for name in ('focal_gamma', 'cost_class', 'cost_l1', 'cost_giou', 'weight_class', 'weight_l1',
                'weight_giou'):

@@ -9,12 +9,18 @@ Data: any prepared TFDS dataset (`input_pipeline.dataset_builder`) whose example
   objects/bbox           Sequence of BBoxFeature: (N, 4) (ymin, xmin, ymax, xmax) normalised to
                          the image (the TFDS convention);
   objects/<label_key>    Sequence of Text (e.g. 'red square') or ClassLabel (its names are used);
-                         `dataset.label_key`, default 'name'.
+                         `dataset.label_key`, default 'name';
+  objects/<phrase_key>   optional Sequence of Text: referring phrases ('red circle to the left of
+                         the blue square', '' = none), `dataset.phrase_key` ('' = not used).
 Each image is padded to a square (bottom/right, gray) and resized to the model's input size; the
 boxes become xyxy normalised to that padded square. At most `dataset.max_objects` objects per
-image are kept. Per batch, the distinct labels (sorted, at most `dataset.max_labels`; objects of
-labels beyond that are dropped with a warning) are tokenized into the text queries, the same list
-for every image of the batch, so the other labels of the batch are negatives for every image.
+image are kept. With `dataset.phrase_prob` > 0, each object's label is its phrase instead, with
+that probability, when it has one (stateless, keyed by (seed, example index) like the flip, so it
+is deterministic and resumable): the detector learns that the phrase means its first object, not
+the one it is related to. A flip swaps 'left' / 'right' in the labels. Per batch, the distinct
+labels (sorted, at most `dataset.max_labels`; objects of labels beyond that are dropped with a
+warning) are tokenized into the text queries, the same list for every image of the batch, so the
+other labels of the batch are negatives for every image.
 
 Loss (DETR / Scenic OWL-ViT style, `losses.detection_loss`, `matching.detection_match`): Hungarian matching of the P image tokens to
 the objects with cost = cost_class * focal class cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU;
@@ -38,7 +44,8 @@ Config fields (`default_config.get_detection_config`):
   init_from.owlvit      Scenic msgpack / HF checkpoint to fine-tune from; '' = random init.
   dataset.*             name, data_dir, train_split, label_key, max_objects, max_labels, flip
                         (random horizontal flip), shuffle_buffer, label_templates (format
-                        strings such as 'a {}', one drawn per label and batch; () = the label).
+                        strings such as 'a {}', one drawn per label and batch; () = the label),
+                        phrase_key ('' = off), phrase_prob (in [0, 1]).
   batch_size, num_epochs / num_train_steps (> 0 wins)
   optimizer.*           `clipcrop_jax.optim` (AdamW, cosine, warmup, clipping, lr_multipliers
                         with paths like 'backbone/clip/text/.*').
@@ -98,13 +105,46 @@ def _label_names(builder, label_key: str) -> Optional[list[str]]:
   return list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
 
 
+def _check_phrase_feature(builder, phrase_key: str) -> None:
+  """KeyError unless objects/<phrase_key> is a Text feature ('' = phrase labels off)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not phrase_key:
+    return
+  objects = builder.info.features[F.OBJECTS].feature  # `_label_names` checked it exists
+  if phrase_key not in objects or not isinstance(objects[phrase_key], tfds.features.Text):
+    raise KeyError(f'{builder.info.full_name}: no Text feature `objects/{phrase_key}`; has '
+                   f'{sorted(objects.keys())} (set dataset.phrase_key, or \'\' for none)')
+
+
+def choose_phrase_labels(labels: Any, phrases: Any, seed: Any, prob: float) -> Any:
+  """Per object, the phrase instead of the label with probability `prob` when it is non-empty.
+
+  Args:
+    labels: string (N,) object names.
+    phrases: string (N,) referring phrases ('' = none).
+    seed: stateless (2,) seed (one uniform draw per object).
+    prob: probability in [0, 1].
+
+  Returns:
+    string (N,) labels.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  u = tf.random.stateless_uniform(tf.shape(labels), tf.cast(seed, tf.int64))
+  use = (u < prob) & (tf.strings.length(phrases) > 0)
+  return tf.where(use, phrases, labels)
+
+
 def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects: int,
                        label_key: str = 'name', names: Optional[Sequence[str]] = None,
-                       flip_seed: Any = None) -> dict[str, Any]:
+                       flip_seed: Any = None, phrase_key: str = '', phrase_prob: float = 0.0,
+                       phrase_seed: Any = None) -> dict[str, Any]:
   """One TFDS example -> image (S, S, 3) float32 [0, 1], boxes (N, 4) xyxy in the padded square,
   box_mask (N,) bool, labels (N,) string; N = max_objects (the first ones are kept).
 
-  `flip_seed`: a stateless (2,) seed for a random horizontal flip (None = no flip).
+  `flip_seed`: a stateless (2,) seed for a random horizontal flip (None = no flip); a flip also
+  swaps 'left' / 'right' in the labels (`input_pipeline.mirror_text`). With `phrase_key` and a
+  `phrase_seed`, each object's label is its objects/<phrase_key> with probability `phrase_prob`
+  when that is non-empty (`choose_phrase_labels`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
@@ -114,8 +154,11 @@ def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects:
   labels = tf.reshape(objects[label_key], (-1,))
   if names is not None:
     labels = tf.gather(tf.constant(list(names)), tf.cast(labels, tf.int32))
+  if phrase_key and phrase_seed is not None and phrase_prob > 0:
+    labels = choose_phrase_labels(labels, tf.reshape(objects[phrase_key], (-1,)), phrase_seed,
+                                  phrase_prob)
   if flip_seed is not None:
-    image, boxes = ip.random_flip(image, boxes, flip_seed)
+    image, boxes, labels = ip.random_flip_with_text(image, boxes, labels, flip_seed)
   image, extent = ip.pad_to_square_and_resize(image, image_size)
   boxes = boxes * tf.concat([extent, extent], axis=0)[None, :]
   n = tf.minimum(tf.shape(boxes)[0], max_objects)
@@ -131,11 +174,18 @@ def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects:
 def make_dataset(builder, split: Any, *, image_size: int, batch_size: int, max_objects: int,
                  label_key: str = 'name', flip: bool = False, seed: int = 0,
                  shuffle_buffer: int = 0, repeat: bool = False, drop_remainder: bool = True,
-                 skip_batches: int = 0):
-  """tf.data batches of `preprocess_example` outputs (host-local, no queries yet)."""
+                 skip_batches: int = 0, phrase_key: str = '', phrase_prob: float = 0.0):
+  """tf.data batches of `preprocess_example` outputs (host-local, no queries yet).
+
+  The flip and the phrase-label choice of example `i` (in the shuffled, repeated order) are keyed
+  by (seed, i), so a replay (`skip_batches`) gives the same labels.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   names = _label_names(builder, label_key)
+  if not 0.0 <= phrase_prob <= 1.0:
+    raise ValueError(f'dataset.phrase_prob={phrase_prob}: expected a number in [0, 1]')
+  _check_phrase_feature(builder, phrase_key)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={F.IMAGE: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {F.IMAGE: ex[F.IMAGE], F.OBJECTS: ex[F.OBJECTS]})
@@ -146,9 +196,11 @@ def make_dataset(builder, split: Any, *, image_size: int, batch_size: int, max_o
   ds = ds.enumerate()
 
   def prep(index, ex):
-    flip_seed = tf.stack([tf.cast(seed, tf.int64), index]) if flip else None
-    return preprocess_example(ex, image_size=image_size, max_objects=max_objects,
-                              label_key=label_key, names=names, flip_seed=flip_seed)
+    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
+    return preprocess_example(
+        ex, image_size=image_size, max_objects=max_objects, label_key=label_key, names=names,
+        flip_seed=example_seed if flip else None, phrase_key=phrase_key, phrase_prob=phrase_prob,
+        phrase_seed=tf.random.experimental.stateless_fold_in(example_seed, 1))
 
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -220,7 +272,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh,
                     image_size=default_config.owlvit_config(config).image_size,
                     batch_size=per_process, max_objects=d.max_objects, label_key=d.label_key,
                     flip=d.flip, seed=seed, shuffle_buffer=d.shuffle_buffer, repeat=True,
-                    skip_batches=skip)
+                    skip_batches=skip, phrase_key=d.get('phrase_key', ''),
+                    phrase_prob=d.get('phrase_prob', 0.0))
   sharding = sharding_lib.batch_sharding(mesh)
   templates = tuple(d.get('label_templates', ()))
   for step, batch in enumerate(ds.as_numpy_iterator(), start=skip):
@@ -267,6 +320,7 @@ class DetectionTask(trainer.Task):
   def dataset_builder(self):
     builder = super().dataset_builder()
     _label_names(builder, self.config.dataset.label_key)  # fail early on missing features
+    _check_phrase_feature(builder, self.config.dataset.get('phrase_key', ''))
     return builder
 
   def init_params(self, rng: jax.Array, pretrained: dict[str, Any]) -> Any:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
@@ -51,6 +51,7 @@ from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import heads as owl_heads
 
 TEXT_DATASETS = ('horanyi_pr', 'textcrop')
+FUSE_PREFIX = 'clipcrop@fuse'  # methods 'clipcrop@fuse<k>' (`evaluate_dataset(fuse_choices=)`)
 
 
 def dataset_kind(name: str, split: str) -> str:
@@ -139,8 +140,12 @@ class _Collector:
     self.examples: list[dict[str, Any]] = []
 
   def add(self, refs: np.ndarray, scores: np.ndarray, extent: np.ndarray,
-          ranked: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    self.examples.append(dict(refs=refs, scores=scores, extent=extent, ranked=ranked))
+          ranked: dict[str, tuple[np.ndarray, np.ndarray]],
+          srcc: Optional[dict[str, float]] = None) -> None:
+    """One example: reference crops / scores, extent, each method's ranked (boxes, scores) and,
+    for text sets, each ClipCrop model's `metrics.quality_iou_srcc`."""
+    self.examples.append(dict(refs=refs, scores=scores, extent=extent, ranked=ranked,
+                              srcc=srcc or {}))
 
   def _centre_size(self) -> np.ndarray:
     sizes = []
@@ -149,7 +154,9 @@ class _Collector:
       sizes.append((refs[:, 2:] - refs[:, :2]) / ex['extent'][None])
     return np.concatenate(sizes).mean(0)
 
-  def results(self) -> dict[str, dict[str, float]]:
+  def results(self) -> dict[str, dict[str, Any]]:
+    """{method: metrics}; text sets add 'per_example_iou_mean' (list, example order) and, for
+    the ClipCrop models, 'quality_iou_srcc' (mean over examples where it is defined)."""
     if 'centre_crop' in self.methods and self.examples:
       rel = self._centre_size()
       for ex in self.examples:
@@ -166,7 +173,14 @@ class _Collector:
         else:
           acc.add(boxes, conf, ex['refs'], ex['scores'])
       out[method] = acc.result()
+      if self.kind == 'text':
+        out[method]['per_example_iou_mean'] = acc.per_example_iou_mean
+        srcc = [ex['srcc'][method] for ex in self.examples if method in ex['srcc']]
+        defined = [v for v in srcc if not math.isnan(v)]
+        if srcc:
+          out[method]['quality_iou_srcc'] = float(np.mean(defined)) if defined else math.nan
     return out
+
 
 
 def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, batch_size: int):
@@ -205,8 +219,8 @@ def tf_from_numpy(batch: dict[str, np.ndarray]):
 
 def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name: str, split: str,
                      workdir: Optional[str] = None, step: Optional[int] = None,
-                     base: Optional[tuple[model_lib.ClipCrop, Any]] = None
-                     ) -> dict[str, Any]:
+                     base: Optional[tuple[model_lib.ClipCrop, Any]] = None,
+                     fuse_choices: Sequence[int] = ()) -> dict[str, Any]:
   """Evaluates the model (and the configured baselines) on one dataset split.
 
   Args:
@@ -217,23 +231,31 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
     workdir: where `eval_<dataset>.json` is written (process 0); None = not written.
     step: training step, recorded in the results.
     base: (ClipCrop-base module, params) for the 'clipcrop_base' baseline, or None.
+    fuse_choices: extra methods 'clipcrop@fuse<k>': the model's crops ranked with
+      `fuse_top_k` = k instead of its config's (from the same forward pass), to choose k on a
+      validation split.
 
   Returns:
     {'dataset', 'split', 'kind', 'step', 'num_examples', 'methods': {method: metrics}, 'table'}.
+    For text sets every method's metrics hold 'per_example_iou_mean' (in the split's order) and
+    the ClipCrop models' 'quality_iou_srcc' (see `_Collector.results`); the JSON file omits the
+    per-example lists.
   """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   kind = dataset_kind(name, split)
   from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   model = default_config.build_model(config)
   baselines = [b for b in config.eval.baselines if b != 'clipcrop_base' or base is not None]
-  methods = ['clipcrop'] + baselines
+  fused = [f'{FUSE_PREFIX}{int(k)}' for k in fuse_choices]
+  methods = ['clipcrop'] + fused + baselines
   builder = ip.dataset_builder(name, config.dataset.data_dir)
   if config.eval.max_examples > 0:
     split = f'{split}[:{min(config.eval.max_examples, builder.info.splits[split].num_examples)}]'
   step_fn = make_eval_step(model, mesh)
   base_fn = make_base_step(base[0], mesh) if base is not None else None
   fuse = {'clipcrop': model.config.fuse_top_k,
-          'clipcrop_base': base[0].config.fuse_top_k if base is not None else 1}
+          'clipcrop_base': base[0].config.fuse_top_k if base is not None else 1,
+          **{name: int(name[len(FUSE_PREFIX):]) for name in fused}}
   collector = _Collector(kind, methods)
   n = 0
   bar = tqdm.tqdm(desc=f'eval {name}:{split}', unit='ex', disable=jax.process_index() != 0,
@@ -251,14 +273,16 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
   bar.close()
   results = collector.results()
   table = metrics_lib.format_markdown_table(
-      results, _columns(kind), title=f'{name} [{split}] ({n} examples'
+      results, _columns(kind) + (['quality_iou_srcc'] if kind == 'text' else []), title=f'{name} [{split}] ({n} examples'
       + (f', step {step})' if step is not None else ')'))
   logging.info('\n%s', table)
   summary = dict(dataset=name, split=split, kind=kind, step=step, num_examples=n,
                  methods=results, table=table)
   if workdir is not None and jax.process_index() == 0:
     path = pathlib.Path(workdir) / results_filename(name, split.split('[')[0])
-    fileio.atomic_write_text(path, json.dumps(summary, indent=1, default=float))
+    compact = dict(summary, methods={m: {k: v for k, v in r.items() if k != 'per_example_iou_mean'}
+                                     for m, r in results.items()})
+    fileio.atomic_write_text(path, json.dumps(compact, indent=1, default=float))
   return summary
 
 
@@ -272,18 +296,22 @@ def _columns(kind: str) -> list[str]:
 def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
                  baselines: list[str], fuse: Optional[dict[str, int]] = None) -> None:
   """Ranked crops of every method for example `i`; `fuse`: fuse_top_k of the ClipCrop models
-  ('clipcrop', 'clipcrop_base'; default 1)."""
+  ('clipcrop', 'clipcrop_base', and 'clipcrop@fuse<k>' re-rankings of 'clipcrop'; default 1)."""
   fuse = fuse or {}
   real = host[F.CROP_MASK][i]
   refs = host[F.CROP_BOXES][i][real].astype(np.float64)
   scores = host[F.CROP_SCORES][i][real]
   extent = host[F.IMAGE_EXTENT][i].astype(np.float64)
   whole = np.concatenate([[0.0, 0.0], extent])[None]
-  ranked = {'clipcrop': _ranked(host['pred_boxes'][i], host['quality'][i],
-                                 fuse.get('clipcrop', 1))}
+  models = {'clipcrop': ('pred_boxes', 'quality')}
+  models.update({name: ('pred_boxes', 'quality') for name in fuse if name.startswith(FUSE_PREFIX)})
   if 'clipcrop_base' in baselines:
-    ranked['clipcrop_base'] = _ranked(host['base_boxes'][i], host['base_quality'][i],
-                                      fuse.get('clipcrop_base', 1))
+    models['clipcrop_base'] = ('base_boxes', 'base_quality')
+  ranked, srcc = {}, {}
+  for name, (box_key, quality_key) in models.items():
+    ranked[name] = _ranked(host[box_key][i], host[quality_key][i], fuse.get(name, 1))
+    if collector.kind == 'text':
+      srcc[name] = metrics_lib.quality_iou_srcc(host[box_key][i], host[quality_key][i], refs)
   if 'full_image' in baselines:
     ranked['full_image'] = (whole, np.ones(1))
   if 'owlvit_top_box' in baselines:
@@ -299,7 +327,7 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
     boxes_px, conf = zero_shot.crops_from_detections(token_boxes, host['token_scores'][i],
                                                      picked, wh)
     ranked['zero_shot'] = (boxes_px / side, conf)
-  collector.add(refs, scores, extent, ranked)
+  collector.add(refs, scores, extent, ranked, srcc)
 
 
 def load_base(config: ml_collections.ConfigDict) -> Optional[tuple[model_lib.ClipCrop, Any]]:

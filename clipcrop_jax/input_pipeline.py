@@ -33,7 +33,9 @@ drop_remainder, prefetch. Augmentations never move the 0.5 padding, which stays 
 bottom/right (flip acts on the original image, jitter on the resized content only):
   * `color_jitter`: SSD-style photometric distortion as in Jia et al. (brightness +-32/255,
     contrast and saturation in [0.5, 1.5], hue +-18 degrees), random order fixed; boxes unchanged.
-  * `random_flip`: horizontal flip with probability 1/2; boxes mirrored (x -> 1 - x).
+  * `random_flip_with_text`: horizontal flip with probability 1/2; boxes mirrored (x -> 1 - x)
+    and the words 'left' / 'right' of the text swapped (`mirror_text`), before the text queries
+    and keywords are built, so "the star to the left of the square" stays true.
   * `mosaic` (paper 3.3): a k x k grid, k in {1, 2, 3} with `mosaic_probs` per *output* example.
     Whole tiles only: each tile is its example's padded square, resized to a cell of c = S // k
     pixels, so each image fits its cell keeping its aspect ratio, grey-padded inside the cell
@@ -121,12 +123,49 @@ def flip_left_right(image: tf.Tensor, boxes_xyxy: tf.Tensor) -> tuple[tf.Tensor,
   return tf.image.flip_left_right(image), tf.stack([1.0 - x1, y0, 1.0 - x0, y1], axis=-1)
 
 
+# The words a horizontal flip makes false, swapped by `mirror_text` (lower-case, capitalised).
+MIRROR_WORDS = (('left', 'right'), ('Left', 'Right'))
+_MIRROR_PLACEHOLDER = '\x1f'  # ASCII unit separator: never in a caption
+
+
+def mirror_text(text: tf.Tensor) -> tf.Tensor:
+  """Swaps the whole words 'left' <-> 'right' and 'Left' <-> 'Right' in a string tensor.
+
+  Any shape, elementwise: the text of a horizontally flipped image ('the star to the left of the
+  square' -> 'the star to the right of the square'). Whole words only (RE2 `\\b`): 'leftover',
+  'bright', 'LEFT' stay. Three `regex_replace` steps per pair through a placeholder character
+  (U+001F, which a text must not contain).
+  """
+  text = tf.convert_to_tensor(text, tf.string)
+  for a, b in MIRROR_WORDS:
+    text = tf.strings.regex_replace(text, rf'\b{a}\b', _MIRROR_PLACEHOLDER)
+    text = tf.strings.regex_replace(text, rf'\b{b}\b', a)
+    text = tf.strings.regex_replace(text, _MIRROR_PLACEHOLDER, b)
+  return text
+
+
+def flip_coin(seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
+  """bool scalar: whether `random_flip` / `random_flip_with_text` flip with this (2,) seed."""
+  return tf.random.stateless_uniform((), tf.cast(seed, tf.int64)) < prob
+
+
 def random_flip(image: tf.Tensor, boxes_xyxy: tf.Tensor, seed: tf.Tensor,
                 prob: float = 0.5) -> tuple[tf.Tensor, tf.Tensor]:
   """Horizontal flip with probability `prob`; xyxy boxes normalised to the image are mirrored."""
-  u = tf.random.stateless_uniform((), tf.cast(seed, tf.int64))
-  return tf.cond(u < prob, lambda: flip_left_right(image, boxes_xyxy),
+  return tf.cond(flip_coin(seed, prob), lambda: flip_left_right(image, boxes_xyxy),
                  lambda: (image, boxes_xyxy))
+
+
+def random_flip_with_text(image: tf.Tensor, boxes_xyxy: tf.Tensor, text: tf.Tensor,
+                          seed: tf.Tensor, prob: float = 0.5
+                          ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """`random_flip` (same decision for the same seed) that also mirrors `text` (a string tensor of
+  any shape: a caption, or per-object labels) with `mirror_text` when it flips."""
+  flipped = flip_coin(seed, prob)
+  image, boxes_xyxy = tf.cond(flipped, lambda: flip_left_right(image, boxes_xyxy),
+                              lambda: (image, boxes_xyxy))
+  text = tf.convert_to_tensor(text, tf.string)
+  return image, boxes_xyxy, tf.cond(flipped, lambda: mirror_text(text), lambda: text)
 
 
 def pad_to_square_and_resize(image: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tensor]:
@@ -194,17 +233,19 @@ def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
     size: output side S (int, or a scalar tensor giving a dynamic image shape).
     max_crops: M, crops padded (and truncated, with `truncate`) to this many.
     seed: stateless (2,) seed; None = no augmentation. With a seed, `jitter` / `flip` select the
-      augmentations (flip on the original image; jitter after the resize, on the content only).
+      augmentations (flip on the original image, with the text mirrored; jitter after the resize,
+      on the content only).
     truncate: keep the best `max_crops` crops if there are more (else raise).
   """
   image = tf.image.convert_image_dtype(decode_image(example[F.IMAGE]), tf.float32)
   boxes, scores = _crops(example)
   boxes = yxyx_to_xyxy(boxes)
+  text = tf.cast(example.get(F.TEXT, ''), tf.string)
   shape = tf.shape(image)
   if seed is not None:
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    if flip:
-      image, boxes = random_flip(image, boxes, seeds[1])
+    if flip:  # the text's 'left' / 'right' are swapped with the image (`mirror_text`)
+      image, boxes, text = random_flip_with_text(image, boxes, text, seeds[1])
   image, extent = pad_to_square_and_resize(image, size)
   if seed is not None and jitter:  # after the resize (cheaper), keeping the padding grey
     image = tf.where(_content_mask(size, extent), color_jitter(image, seeds[0]), PAD_VALUE)
@@ -216,7 +257,7 @@ def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
       F.CROP_BOXES: boxes,
       F.CROP_SCORES: scores,
       F.CROP_MASK: mask,
-      F.TEXT: tf.cast(example.get(F.TEXT, ''), tf.string),
+      F.TEXT: text,
       F.IMAGE_EXTENT: tf.ensure_shape(extent, (2,)),
       F.HEIGHT: tf.cast(example.get(F.HEIGHT, shape[0]), tf.int32),
       F.WIDTH: tf.cast(example.get(F.WIDTH, shape[1]), tf.int32),

@@ -38,7 +38,9 @@ Two extractors:
   an unknown verb or adjective can survive as a keyword.
 
 Keywords are whitespace-normalised, de-duplicated case-insensitively (the first occurrence's
-casing is kept) and returned in text order. A text with no noun has no keywords; `build_queries`
+casing is kept) and returned in text order. Both extractors drop place phrases
+(`is_place_phrase`: "the left", "the top right corner", "the background"), which name a part of
+the picture rather than an object: "the girl on the left" has the one keyword "the girl". A text with no noun has no keywords; `build_queries`
 then queries with the full text alone. A keyword may equal the full text (e.g. "the cat");
 `build_queries` does not repeat it after the full text in "full" mode.
 
@@ -111,8 +113,24 @@ def extract_keywords(text: str,
     spans = _spacy_spans(nlp(text))
   else:
     spans = _rule_based_spans(text)
-  keywords = _dedupe(text[start:end] for start, end in spans)
+  keywords = [k for k in _dedupe(text[start:end] for start, end in spans)
+              if not is_place_phrase(k)]
   return keywords if max_keywords is None else keywords[:max_keywords]
+
+
+# Nouns that name a part of the picture, not a thing in it ("the girl on the left").
+PLACE_NOUNS = frozenset((
+    "left", "right", "top", "bottom", "middle", "center", "centre", "front", "back", "side",
+    "sides", "foreground", "background", "corner", "corners", "edge", "edges", "distance"))
+
+
+def is_place_phrase(keyword: str) -> bool:
+  """True when every word of `keyword` but its determiners / numerals / pronouns is a place noun
+  (`PLACE_NOUNS`: "the left", "the top left corner", "the background"). Such a noun chunk names
+  where something is, not an object, so querying the detector with it would select an arbitrary
+  box; `extract_keywords` drops it."""
+  words = [w for w in re.findall(r"[a-z]+", keyword.casefold()) if w not in _FUNCTION_WORDS]
+  return bool(words) and all(w in PLACE_NOUNS for w in words)
 
 
 def build_queries(text: Optional[str],

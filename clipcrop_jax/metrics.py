@@ -87,6 +87,11 @@ class TextCropMetrics:
     self._maxes.append(iou_max)
     return iou_mean, iou_max
 
+  @property
+  def per_example_iou_mean(self) -> list[float]:
+    """The IoU-Mean of every added example, in the order added (paired comparisons)."""
+    return list(self._means)
+
   def result(self) -> dict[str, Any]:
     """{'iou_mean': float, 'iou_max': float, 'num_examples': int}; NaN means with 0 examples."""
     n = len(self._means)
@@ -94,6 +99,74 @@ class TextCropMetrics:
       return {'iou_mean': math.nan, 'iou_max': math.nan, 'num_examples': 0}
     return {'iou_mean': float(np.mean(self._means)), 'iou_max': float(np.mean(self._maxes)),
             'num_examples': n}
+
+
+def quality_iou_srcc(pred_boxes_xyxy: Any, quality: Any, reference_boxes_xyxy: Any) -> float:
+  """Spearman rank correlation, over one example's predictions, of quality and IoU-Mean.
+
+  How well a model's quality head ranks its own crops: each of the M predicted crops gets its
+  IoU-Mean against the example's reference crops (`iou_mean_max`), and the M qualities are
+  rank-correlated with those M values.
+
+  Args:
+    pred_boxes_xyxy: (M, 4) predicted crops, xyxy.
+    quality: (M,) their predicted quality (any monotone score).
+    reference_boxes_xyxy: (R, 4) reference crops, R >= 1, same units.
+
+  Returns:
+    The coefficient in [-1, 1]; NaN when M < 2 or either side is constant (undefined).
+  """
+  boxes = box_lib.as_boxes_xyxy_np(pred_boxes_xyxy, 'pred_boxes_xyxy', finite=False)
+  refs = box_lib.as_boxes_xyxy_np(reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1,
+                                  finite=False)
+  quality = np.asarray(quality, np.float64).reshape(-1)
+  if len(quality) != len(boxes):
+    raise ValueError(f'quality has {len(quality)} values for {len(boxes)} boxes')
+  ious = box_lib.pairwise_iou_xyxy_np(boxes, refs).mean(axis=1)
+  if len(boxes) < 2 or np.ptp(ious) == 0 or np.ptp(quality) == 0:
+    return math.nan
+  return float(stats.spearmanr(quality, ious)[0])
+
+
+def paired_bootstrap_ci(differences: Any, clusters: Optional[Any] = None, *,
+                        num_resamples: int = 10000, level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float, float]:
+  """Mean of paired per-example differences and its percentile bootstrap interval.
+
+  Args:
+    differences: (N,) per-example differences of two methods on the same examples (e.g.
+      IoU-Mean of A minus IoU-Mean of B).
+    clusters: optional (N,) hashable labels; examples of one cluster (e.g. the two captions of
+      one image, of one seed) are resampled together (a cluster bootstrap), which keeps the
+      interval honest when examples within a cluster are correlated. None = every example is
+      its own cluster.
+    num_resamples: bootstrap resamples.
+    level: coverage of the interval.
+    seed: NumPy seed of the resampling (the interval is deterministic).
+
+  Returns:
+    (mean difference, lower, upper): lower / upper are the (1 - level) / 2 and (1 + level) / 2
+    percentiles of the resampled means (each resample draws as many clusters as there are,
+    with replacement, and averages their examples).
+  """
+  d = np.asarray(differences, np.float64).reshape(-1)
+  if d.size == 0:
+    raise ValueError('paired_bootstrap_ci needs at least one difference')
+  if clusters is None:
+    ids = np.arange(d.size)
+  else:
+    _, ids = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
+    if len(ids) != d.size:
+      raise ValueError(f'{len(ids)} cluster labels for {d.size} differences')
+  num = int(ids.max()) + 1
+  sums = np.bincount(ids, weights=d, minlength=num)
+  counts = np.bincount(ids, minlength=num).astype(np.float64)
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, num, size=(num_resamples, num))
+  means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+  alpha = (1.0 - level) / 2
+  lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+  return float(d.mean()), float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------

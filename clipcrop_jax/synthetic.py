@@ -1,8 +1,9 @@
 """Procedurally generated text-conditioned cropping scenes (pure numpy + Pillow, no TF).
 
 The data of the `synthetic` TFDS builder (`datasets/synthetic`), which needs no download. A scene is
-a few coloured shapes on a textured background; a caption names a target (one object, or two with a
-relation word); GAIC grid-anchor candidate crops are scored 1..5 by a documented composition rule.
+a few coloured shapes on a textured background; a caption names a target (one object, two objects,
+or one object by its relation to another); GAIC grid-anchor candidate crops are scored 1..5 by a
+documented composition rule.
 
 Objects: 8 colours x 6 shapes x 2 size classes. Within one scene every (colour, shape) pair occurs at
 most once, so a name such as "red circle" is unique in its scene and the caption is unambiguous.
@@ -15,6 +16,22 @@ Conventions: pixel boxes are (x0, y0, x1, y1) in continuous pixel units (the who
 pixels (pixel column c covers [c, c + 1)). `tfds_bbox` converts to TFDS's (ymin, xmin, ymax, xmax)
 normalised by (H, W). Image sizes are (H, W).
 
+Caption grammar (datasets/synthetic/README.md has examples). <X> is `describe(X)`: optional
+article ('a' / 'the'), optional size word ('big' / 'small', 30 %), colour, shape. <rel> is
+`relation_word` ('next to' 40 %, else the dominant-axis direction of the box centres: 'to the left
+of', 'to the right of', 'above', 'below'); <dir> is `direction_word` (the direction only).
+  * Training scenes (train / validation / test, `generate_scene`), `kind`:
+      'name'      <A>                 target A                     (prob. 1 - pair - relation)
+      'pair'      <A> and <B>         target union(A, B)           (`pair_prob`, default 0.2)
+      'relation'  <A> <rel> <B>       target A only; B is "other"  (`relation_prob`, default 0.3)
+    B is one of A's two nearest objects (box centres). A scene of one object gets 'name'.
+  * Ambiguity examples (`generate_ambiguity_example`): per target T (other target U), with
+    probability 1/2 <T> (as before), else <T> <dir> <U>: the keywords then name both targets and
+    only the word order tells which one is meant.
+  * Referring phrases (`Scene.phrases`, `AmbiguityExample.phrases`, one per object): with
+    probability `phrase_prob` (1/2) "<colour> <shape> <rel> <N>" for N one of the object's two
+    nearest objects (no leading article: label templates add one), else ''.
+
 Candidates (`scene_candidates`): the GAIC grid of the image (`zero_shot.gaic_grid_candidates`,
 area > 1/2) plus up to `NUM_FREE_CROPS` free-form crops around the caption's target (area 12-50 %
 of the image, aspect 0.6-1.7, containing the target), the way the ambiguity split's annotators
@@ -23,8 +40,8 @@ crop; the grid alone cannot express a crop of under half the image.
 Candidate scores (`score_candidates`). One simulated annotator taste, `ANNOTATOR_WEIGHTS`, scores
 the training candidates and picks the ambiguity split's reference crops. With the boxes normalised
 by (W, H), q the `zero_shot.composition_score` of each candidate with `ANNOTATOR_WEIGHTS` (the
-target box as target, every non-target object as "other" for the cut-through term) and
-cov = area(candidate ∩ target) / area(target):
+target box as target, every non-target object as "other" for the cut-through term, including the
+landmark B of a 'relation' caption) and cov = area(candidate ∩ target) / area(target):
 
   score = 2 + 3 * clip(q, 0, 1)   if cov == 1 (target fully inside)   -> in [2, 5]
   score = 1 + cov                 otherwise                           -> in [1, 2)
@@ -35,14 +52,17 @@ a margin around the target (8 % of the crop extent), keeping more of the picture
 penalises cutting through other objects (distractors, fully inside or fully outside is fine).
 
 Ambiguity examples (`generate_ambiguity_example`, TextCrop-like): two equally salient (large)
-target objects in opposite halves of the image, at least 45 % of the image extent apart along the
+target objects in opposite parts of the image, at least 20 % of the image extent apart along the
 split axis, plus small distractors; two captions, one per target, each with four reference crops
 ("annotators"): well-composed crops that contain their target with a margin and contain less than
-half of the other target. Without the text both targets are equally plausible.
+half of the other target. Without the text both targets are equally plausible. The splits
+'ambiguity' and 'ambiguity_validation' (`AMBIGUITY_SPLITS`) use the same generator with their own
+split ids, so their images differ.
 
 Determinism: everything is drawn from the `np.random.Generator` passed in; `rng_for(seed, split,
 index)` gives the per-example generator the builder uses, so an example does not depend on the
-order or number of other examples.
+order or number of other examples. What a generator draws for captions and phrases comes after
+what decides the image and the reference crops.
 """
 
 from __future__ import annotations
@@ -73,7 +93,11 @@ SHAPES: tuple[str, ...] = ('circle', 'square', 'triangle', 'star', 'hexagon', 'd
 # of min(H, W).
 SIZES: dict[str, tuple[float, float]] = {'small': (0.10, 0.15), 'large': (0.19, 0.27)}
 SIZE_WORDS = {'small': 'small', 'large': 'big'}
-SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2, 'ambiguity': 3}
+SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2, 'ambiguity': 3, 'ambiguity_validation': 4}
+# Splits of `generate_ambiguity_example` (two captions per image); the others are scenes.
+AMBIGUITY_SPLITS: tuple[str, ...] = ('ambiguity', 'ambiguity_validation')
+CAPTION_KINDS: tuple[str, ...] = ('name', 'pair', 'relation')
+DIRECTIONS: tuple[str, ...] = ('to the left of', 'to the right of', 'above', 'below')
 DEFAULT_ASPECTS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
 
 # The simulated annotators' taste: the composition weights that score the training candidates and
@@ -106,10 +130,13 @@ class Scene:
   image: np.ndarray  # (H, W, 3) uint8
   objects: list[SceneObject]
   caption: str
-  target_indices: tuple[int, ...]  # indices into `objects` the caption names
-  target_xyxy: np.ndarray  # (4,) pixel union box of the named objects
-  candidates: np.ndarray  # (N, 4) pixel xyxy (GAIC grid)
+  kind: str  # one of CAPTION_KINDS
+  target_indices: tuple[int, ...]  # indices into `objects` of the caption's target(s)
+  mentioned_indices: tuple[int, ...]  # every object the caption names (targets, then landmark)
+  target_xyxy: np.ndarray  # (4,) pixel union box of the target objects
+  candidates: np.ndarray  # (N, 4) pixel xyxy (GAIC grid, then free-form crops)
   scores: np.ndarray  # (N,) float32 in [1, 5]
+  phrases: tuple[str, ...]  # per object: a referring phrase or ''
 
   @property
   def height(self) -> int:
@@ -126,9 +153,11 @@ class AmbiguityExample:
   image: np.ndarray  # (H, W, 3) uint8
   objects: list[SceneObject]
   captions: tuple[str, str]
+  caption_kinds: tuple[str, str]  # 'name' (<T>) or 'relation' (<T> <dir> <other target>)
   target_indices: tuple[int, int]
   target_xyxy: np.ndarray  # (2, 4) pixel
   reference_crops: np.ndarray  # (2, 4, 4) pixel xyxy
+  phrases: tuple[str, ...]  # per object: a referring phrase or ''
 
   @property
   def height(self) -> int:
@@ -332,25 +361,86 @@ def _render(rng: np.random.Generator, image_hw, placements: list[_Placement]):
 
 def describe(obj: SceneObject, rng: np.random.Generator, article: bool = True,
              size_word_prob: float = 0.3) -> str:
+  """'[a | an | the] [big | small] <colour> <shape>': size word with `size_word_prob`, 'the' or
+  'a' / 'an' 50/50 with `article`."""
   words = [obj.colour, obj.shape]
   if rng.random() < size_word_prob:
     words.insert(0, SIZE_WORDS[obj.size])
   text = ' '.join(words)
   if article:
-    text = ('the ' if rng.random() < 0.5 else 'a ') + text
+    text = ('the ' if rng.random() < 0.5 else 'an ' if text[0] in 'aeiou' else 'a ') + text
   return text
 
 
-def relation_word(a: SceneObject, b: SceneObject, rng: np.random.Generator) -> str:
-  """A true relation of `a` to `b` ('next to' or the dominant axis direction)."""
-  ca = ((a.box[0] + a.box[2]) / 2, (a.box[1] + a.box[3]) / 2)
-  cb = ((b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2)
-  dx, dy = cb[0] - ca[0], cb[1] - ca[1]
-  if rng.random() < 0.4:
-    return 'next to'
+def _centre(obj: SceneObject) -> np.ndarray:
+  return np.array([(obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2])
+
+
+def direction_word(a: SceneObject, b: SceneObject) -> str:
+  """Where `a` is relative to `b` along the dominant axis of their box centres (`DIRECTIONS`).
+
+  'to the left of' means centre_x(a) < centre_x(b) (image x grows to the right), 'above' means
+  centre_y(a) < centre_y(b) (y grows downwards); ties go to the horizontal words.
+  """
+  dx, dy = _centre(b) - _centre(a)
   if abs(dx) >= abs(dy):
     return 'to the left of' if dx > 0 else 'to the right of'
   return 'above' if dy > 0 else 'below'
+
+
+def relation_word(a: SceneObject, b: SceneObject, rng: np.random.Generator) -> str:
+  """A true relation of `a` to `b`: 'next to' (40 %) or `direction_word(a, b)`."""
+  if rng.random() < 0.4:
+    return 'next to'
+  return direction_word(a, b)
+
+
+def _near_neighbour(objects: Sequence[SceneObject], a: int, rng: np.random.Generator) -> int:
+  """One of the two objects nearest to `objects[a]` (box centres), drawn uniformly; needs >= 2."""
+  centres = np.array([_centre(o) for o in objects])
+  dist = np.linalg.norm(centres - centres[a], axis=1)
+  dist[a] = np.inf
+  nearest = np.argsort(dist, kind='stable')[:min(2, len(objects) - 1)]
+  return int(nearest[int(rng.integers(len(nearest)))]) if len(nearest) > 1 else int(nearest[0])
+
+
+def referring_phrases(objects: Sequence[SceneObject], rng: np.random.Generator,
+                      prob: float = 0.5) -> tuple[str, ...]:
+  """Per object, with probability `prob`: '<colour> <shape> <relation_word> <describe(N)>' for N
+  one of its two nearest objects (e.g. 'red circle to the left of the big blue square'; no leading
+  article), else ''. All '' for a scene of one object."""
+  phrases = []
+  for a, obj in enumerate(objects):
+    if len(objects) < 2 or rng.random() >= prob:
+      phrases.append('')
+      continue
+    b = _near_neighbour(objects, a, rng)
+    phrases.append(f'{obj.name} {relation_word(obj, objects[b], rng)} {describe(objects[b], rng)}')
+  return tuple(phrases)
+
+
+def scene_caption(objects: Sequence[SceneObject], rng: np.random.Generator,
+                  pair_prob: float = 0.2, relation_prob: float = 0.3
+                  ) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+  """A training caption (grammar in the module docstring).
+
+  Returns:
+    (caption, kind, target_indices, mentioned_indices): kind in `CAPTION_KINDS`; the targets are
+    (A,) for 'name' and 'relation', (A, B) for 'pair'; mentioned = targets plus a relation's B.
+  """
+  if not (pair_prob >= 0 and relation_prob >= 0 and pair_prob + relation_prob <= 1):
+    raise ValueError(f'pair_prob={pair_prob}, relation_prob={relation_prob}: need two '
+                     'probabilities >= 0 with a sum <= 1')
+  u = rng.random()
+  a = int(rng.integers(len(objects)))
+  if len(objects) < 2 or u >= pair_prob + relation_prob:
+    return describe(objects[a], rng, article=rng.random() < 0.7), 'name', (a,), (a,)
+  b = _near_neighbour(objects, a, rng)
+  if u < pair_prob:
+    return (f'{describe(objects[a], rng)} and {describe(objects[b], rng)}', 'pair', (a, b),
+            (a, b))
+  return (f'{describe(objects[a], rng)} {relation_word(objects[a], objects[b], rng)} '
+          f'{describe(objects[b], rng)}', 'relation', (a,), (a, b))
 
 
 def score_candidates(candidates: np.ndarray, target_xyxy: np.ndarray, other_boxes: np.ndarray,
@@ -376,16 +466,21 @@ def score_candidates(candidates: np.ndarray, target_xyxy: np.ndarray, other_boxe
 def generate_scene(rng: np.random.Generator,
                    image_size: tuple[int, int] | None = None,
                    num_objects: tuple[int, int] = (3, 6),
-                   relation_prob: float = 0.4,
+                   pair_prob: float = 0.2,
+                   relation_prob: float = 0.3,
+                   phrase_prob: float = 0.5,
                    base_size: int = 256,
                    aspects: Sequence[float] = DEFAULT_ASPECTS) -> Scene:
-  """A scene with a caption and ~120 scored candidates (`scene_candidates`).
+  """A scene with a caption, ~120 scored candidates (`scene_candidates`) and object phrases.
 
   Args:
     rng: the only source of randomness.
     image_size: (H, W); None draws it with `sample_image_size(rng, base_size, aspects)`.
-    num_objects: inclusive (min, max) number of objects (min >= 2 for relation captions).
-    relation_prob: probability of a two-object caption with a relation word.
+    num_objects: inclusive (min, max) number of objects (min >= 2 for two-object captions).
+    pair_prob: probability of a 'pair' caption '<A> and <B>' (target: the union of A and B).
+    relation_prob: probability of a 'relation' caption '<A> <relation> <B>' (target: A only);
+      the rest are 'name' captions (module docstring: the caption grammar).
+    phrase_prob: probability that an object has a referring phrase (`referring_phrases`).
     base_size, aspects: see `sample_image_size`.
   """
   image_hw = tuple(image_size) if image_size is not None else sample_image_size(
@@ -408,27 +503,15 @@ def generate_scene(rng: np.random.Generator,
   else:
     raise RuntimeError(f'could not place {lo} objects in an image of size {image_hw}')
   image, objects = _render(rng, image_hw, placed)
-
-  if len(objects) >= 2 and rng.random() < relation_prob:
-    a = int(rng.integers(len(objects)))
-    centres = np.array([((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2) for o in objects])
-    dist = np.linalg.norm(centres - centres[a], axis=1)
-    dist[a] = np.inf
-    nearest = np.argsort(dist)[:2]
-    b = int(nearest[int(rng.integers(len(nearest)))]) if len(objects) > 2 else int(nearest[0])
-    caption = (f'{describe(objects[a], rng)} {relation_word(objects[a], objects[b], rng)} '
-               f'{describe(objects[b], rng)}')
-    target_indices = (a, b)
-  else:
-    a = int(rng.integers(len(objects)))
-    caption = describe(objects[a], rng, article=rng.random() < 0.7)
-    target_indices = (a,)
+  caption, kind, target_indices, mentioned = scene_caption(objects, rng, pair_prob, relation_prob)
   target = box_lib.union_box_xyxy_np([objects[i].box for i in target_indices])
   others = np.array([o.box for i, o in enumerate(objects) if i not in target_indices],
                     dtype=np.float64).reshape(-1, 4)
   candidates = scene_candidates(rng, image_hw, target)
   scores = score_candidates(candidates, target, others, image_hw)
-  return Scene(image, objects, caption, target_indices, target, candidates, scores)
+  phrases = referring_phrases(objects, rng, phrase_prob)
+  return Scene(image, objects, caption, kind, target_indices, mentioned, target, candidates,
+               scores, phrases)
 
 
 def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
@@ -512,9 +595,21 @@ def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, o
 def generate_ambiguity_example(rng: np.random.Generator,
                                image_size: tuple[int, int] | None = None,
                                num_distractors: tuple[int, int] = (1, 3),
+                               relation_prob: float = 0.5,
+                               phrase_prob: float = 0.5,
                                base_size: int = 256,
                                aspects: Sequence[float] = DEFAULT_ASPECTS) -> AmbiguityExample:
-  """Two equally salient targets far apart, two captions, four reference crops per caption."""
+  """Two equally salient targets far apart, two captions, four reference crops per caption.
+
+  Args:
+    rng: the only source of randomness.
+    image_size: (H, W); None draws it with `sample_image_size(rng, base_size, aspects)`.
+    num_distractors: inclusive (min, max) number of small distractors.
+    relation_prob: per caption, the probability of '<T> <direction_word> <other target>' instead
+      of '<T>' (both name the other target, so only the full text tells the target).
+    phrase_prob: probability that an object has a referring phrase (`referring_phrases`).
+    base_size, aspects: see `sample_image_size`.
+  """
   image_hw = tuple(image_size) if image_size is not None else sample_image_size(
       rng, base_size, aspects)
   h, w = image_hw
@@ -551,6 +646,17 @@ def generate_ambiguity_example(rng: np.random.Generator,
       refs.append(crops)
     if len(refs) < 2:
       continue
-    captions = (describe(objects[0], rng), describe(objects[1], rng))
-    return AmbiguityExample(image, objects, captions, (0, 1), boxes[:2].copy(), np.stack(refs))
+    # Drawn after everything that decides the image and the references (they stay as in 1.1.0).
+    names = (describe(objects[0], rng), describe(objects[1], rng))
+    captions, kinds = [], []
+    for t, o in ((0, 1), (1, 0)):
+      if rng.random() < relation_prob:
+        captions.append(f'{names[t]} {direction_word(objects[t], objects[o])} {names[o]}')
+        kinds.append('relation')
+      else:
+        captions.append(names[t])
+        kinds.append('name')
+    phrases = referring_phrases(objects, rng, phrase_prob)
+    return AmbiguityExample(image, objects, tuple(captions), tuple(kinds), (0, 1),
+                            boxes[:2].copy(), np.stack(refs), phrases)
   raise RuntimeError(f'could not build an ambiguity example of size {image_hw}')

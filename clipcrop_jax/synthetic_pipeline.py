@@ -1,17 +1,28 @@
 """The embedded default: the whole pipeline learns text-conditioned cropping on a CPU in minutes.
 
-`python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=WORK` runs, with no download:
-  1. build the synthetic TFDS dataset (`datasets/synthetic`) in `dataset.data_dir` if missing;
+`python -m clipcrop_jax.main --config=configs/synthetic.py --workdir=WORK` runs, with no download,
+for each seed s of `seed`, ..., `seed + pipeline.num_seeds - 1` (data seed = training seed = s;
+one seed: everything in WORK, several: in WORK/seed_<s>/):
+  1. build the synthetic TFDS dataset (`datasets/synthetic`, config `<dataset>` for s = 0 and
+     `<dataset>_seed<s>` otherwise) in `dataset.data_dir` if missing;
   2. train a small OWL-ViT from scratch on its detection annotations (object boxes + names such as
-     'red circle'; `clipcrop_jax.detection_train`) -> WORK/owlvit/owlvit_checkpoint.msgpack, and
-     measure its grounding accuracy (top token of an object's name hits the object, IoU >= 0.5);
+     'red circle' and referring phrases; `clipcrop_jax.detection_train`) ->
+     owlvit/owlvit_checkpoint.msgpack, and measure its grounding accuracy (top token of an
+     object's name hits the object, IoU >= 0.5);
   3. train ClipCrop on the crop annotations with that (frozen) encoder in modes full, base, main
-     and key (`clipcrop_jax.train_lib`) -> WORK/clipcrop_<mode>/;
-  4. evaluate on the ambiguity split (two far-apart salient objects per image, one caption each):
-     IoU-Mean / IoU-Max of full image, centre crop, OWL-ViT top box, union box, zero-shot crop and
-     ClipCrop-base/main/key/full (`clipcrop_jax.evaluate`);
-  5. write WORK/report.md (tables, grounding, timings) and WORK/examples.png (test images with
-     both texts, reference crops and predicted crops).
+     and key (`clipcrop_jax.train_lib`) -> clipcrop_<mode>/;
+  4. choose, on the validation split `pipeline.validation_split` (`ambiguity_validation`, images
+     disjoint from the test split), each variant's `fuse_top_k` among
+     `pipeline.fuse_top_k_choices` (highest IoU-Mean, ties to the smaller k), record its
+     quality<->IoU rank correlation there, and write the choice into its exported model;
+  5. evaluate once on the test split (`eval.datasets`: `ambiguity`, two far-apart salient objects
+     per image, one caption each) with the chosen settings: IoU-Mean / IoU-Max of full image,
+     centre crop, OWL-ViT top box, union box, zero-shot crop and ClipCrop-base/main/key/full
+     (`clipcrop_jax.evaluate`).
+Then WORK/report.md (mean +- std over seeds, paired bootstrap 95 % intervals of ClipCrop (full)
+minus every other row, the validation choices and correlations, grounding, timings),
+WORK/summary.json and WORK/examples.png (first seed: legend, full captions, the first test images
+and the worst failures of ClipCrop (full)).
 Re-running resumes: finished stages are skipped (their checkpoints are in WORK).
 `--config=configs/synthetic.py:quick` is the same with the `small` set and smaller budgets (tests).
 """
@@ -21,15 +32,18 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import pathlib
 import subprocess
 import sys
+import textwrap
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from clipcrop_jax import evaluate
 from clipcrop_jax import export
@@ -40,6 +54,7 @@ from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax import train_lib
 
 REPORT_FILE = 'report.md'
+BOOTSTRAP_RESAMPLES = 10000
 EXAMPLES_FILE = 'examples.png'
 SUMMARY_FILE = 'summary.json'
 ROW_ORDER = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_shot',
@@ -134,118 +149,357 @@ def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_c
 
 
 # ------------------------------------------------------------------------------------------------
-# Stage 4: evaluation.
+# Stage 4: choices on the validation split.
+# ------------------------------------------------------------------------------------------------
+
+
+def _eval_config(v: ml_collections.ConfigDict, baselines: Sequence[str] = (),
+                 fuse_top_k: int | None = None) -> ml_collections.ConfigDict:
+  ve = ml_collections.ConfigDict(v.to_dict())
+  ve.eval.baselines = tuple(baselines)
+  if fuse_top_k is not None:
+    ve.model.fuse_top_k = int(fuse_top_k)
+  return ve
+
+
+def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path,
+                         trained: dict[str, tuple[ml_collections.ConfigDict, Any]]
+                         ) -> dict[str, dict[str, Any]]:
+  """{mode: {'fuse_top_k': chosen k, 'iou_mean': validation IoU-Mean at k, 'iou_mean_by_k',
+  'quality_iou_srcc'}}: each variant's `fuse_top_k` chosen on `pipeline.validation_split` (the
+  highest IoU-Mean among `pipeline.fuse_top_k_choices`, ties to the smaller k); the choice is
+  written into the variant's exported model directory."""
+  name = c.eval.datasets[0][0]
+  split = c.pipeline.validation_split
+  choices = sorted({int(k) for k in c.pipeline.fuse_top_k_choices})
+  out = {}
+  for mode, (v, state) in trained.items():
+    summary = evaluate.evaluate_dataset(
+        _eval_config(v), state.params, sharding_lib.mesh_of(state.params), name, split,
+        str(workdir / f'clipcrop_{mode}'), int(jax.device_get(state.step)), fuse_choices=choices)
+    by_k = {k: summary['methods'][f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] for k in choices}
+    best = max(choices, key=lambda k: (by_k[k], -k))
+    out[mode] = dict(fuse_top_k=best, iou_mean=by_k[best], iou_mean_by_k=by_k,
+                     quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'])
+    logging.info('ClipCrop-%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f',
+                 mode, split, by_k, best, out[mode]['quality_iou_srcc'])
+    _set_exported_fuse_top_k(workdir / f'clipcrop_{mode}' / export.EXPORT_DIR, best)
+  return out
+
+
+def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
+  """Rewrites the run's own exported model with `fuse_top_k` = k (no-op when it already is)."""
+  if not export.is_model_dir(model_dir):
+    return
+  loaded = export.load_model(model_dir)
+  if loaded.config.fuse_top_k != k:
+    export.save_model(model_dir, loaded.config.replace(fuse_top_k=k), loaded.params,
+                      loaded.keyword_pipeline)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 5: the test split, once.
 # ------------------------------------------------------------------------------------------------
 
 
 def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 trained: dict[str, tuple[ml_collections.ConfigDict, Any]]) -> dict[str, dict]:
-  """{row name: metrics} on the ambiguity split: baselines (with the full model's encoder, which
-  every variant shares) and every ClipCrop variant."""
+                 trained: dict[str, tuple[ml_collections.ConfigDict, Any]],
+                 fuse_top_k: dict[str, int] | None = None) -> dict[str, dict]:
+  """{row name: metrics (with 'per_example_iou_mean')} on the test split (`eval.datasets`):
+  baselines (with the full model's encoder, which every variant shares) and every ClipCrop
+  variant, each ranked with its chosen `fuse_top_k` (default: its config's)."""
   name, split = c.eval.datasets[0]
+  fuse_top_k = fuse_top_k or {}
   rows: dict[str, dict] = {}
   for mode, (v, state) in trained.items():
-    ve = ml_collections.ConfigDict(v.to_dict())
-    ve.eval.baselines = tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (
+    baselines = tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (
         mode == 'full') else ()
-    mesh = sharding_lib.mesh_of(state.params)
-    summary = evaluate.evaluate_dataset(ve, state.params, mesh, name, split,
-                                        str(workdir / f'clipcrop_{mode}'),
-                                        int(jax.device_get(state.step)))
+    summary = evaluate.evaluate_dataset(
+        _eval_config(v, baselines, fuse_top_k.get(mode)), state.params,
+        sharding_lib.mesh_of(state.params), name, split, str(workdir / f'clipcrop_{mode}'),
+        int(jax.device_get(state.step)))
     for method, result in summary['methods'].items():
       rows['clipcrop_' + mode if method == 'clipcrop' else method] = result
   return {k: rows[k] for k in ROW_ORDER if k in rows}
 
 
+def split_image_ids(c: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The image file name of every example of `split`, in evaluation order (two captions of one
+  image share it: the clusters of the bootstrap)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  return [ex['image/filename'].decode('utf-8') for ex in tfds.as_numpy(ds)]
+
+
 # ------------------------------------------------------------------------------------------------
-# Stage 5: report.
+# Seeds: aggregation and intervals.
 # ------------------------------------------------------------------------------------------------
+
+
+def seed_config(c: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """The config of one seed: training seed `seed` and the synthetic data of seed `seed`
+  (builder config `<name>` for 0, `<name>_seed<seed>` otherwise)."""
+  s = ml_collections.ConfigDict(copy.deepcopy(c.to_dict()))
+  s.seed = int(seed)
+  base = c.dataset.name
+  name = base if seed == 0 else f'{base}_seed{int(seed)}'
+  s.dataset.name = name
+  s.pipeline.owlvit.dataset.name = name
+  s.eval.datasets = tuple((name, split) for _, split in c.eval.datasets)
+  return s
+
+
+def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RESAMPLES
+              ) -> dict[str, Any]:
+  """Mean / std over seeds of every row and metric, and for ClipCrop (full) against every other
+  row the paired bootstrap 95 % interval of the IoU-Mean difference (`metrics.
+  paired_bootstrap_ci`: per-example differences pooled over seeds, the two captions of an image
+  resampled together)."""
+  rows = [r for r in ROW_ORDER if all(r in s['rows'] for s in per_seed)]
+  mean, std = {}, {}
+  for r in rows:
+    mean[r], std[r] = {}, {}
+    for key in ('iou_mean', 'iou_max', 'num_examples'):
+      values = np.array([s['rows'][r][key] for s in per_seed], np.float64)
+      mean[r][key] = float(values.mean())
+      std[r][key] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+  intervals = {}
+  if 'clipcrop_full' in rows:
+    clusters = [f'{s["seed"]}/{img}' for s in per_seed for img in s['image_ids']]
+    full = np.concatenate([s['per_example']['clipcrop_full'] for s in per_seed])
+    for r in rows:
+      if r == 'clipcrop_full':
+        continue
+      other = np.concatenate([s['per_example'][r] for s in per_seed])
+      d, lo, hi = metrics_lib.paired_bootstrap_ci(full - other, clusters,
+                                                  num_resamples=num_resamples)
+      intervals[r] = dict(difference=d, low=lo, high=hi, num_examples=int(len(full)))
+  return dict(rows=mean, rows_std=std, intervals=intervals)
+
+
+def claim(row: str, interval: dict[str, float]) -> str:
+  """A sentence worded from the interval: 'full > base: +0.20 [0.18, 0.22]'."""
+  d, lo, hi = interval['difference'], interval['low'], interval['high']
+  short = ROW_NAMES[row]
+  relation = '>' if lo > 0 else '<' if hi < 0 else '≈ (interval includes 0)'
+  return f'ClipCrop (full) {relation} {short}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]'
+
+
+# ------------------------------------------------------------------------------------------------
+# Report.
+# ------------------------------------------------------------------------------------------------
+
+REFERENCE_COLOUR = (40, 200, 60)
+FULL_COLOUR = (255, 30, 30)
+BASE_COLOUR = (60, 90, 255)
 
 
 def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                       num_images: int = 6) -> pathlib.Path:
-  """A grid: one row per ambiguity image, one panel per caption, with the caption's reference
+                       per_example_full: Sequence[float] | None = None,
+                       num_first: int = 6, num_failures: int = 6,
+                       out: pathlib.Path | None = None) -> pathlib.Path:
+  """A contact sheet of test examples, one panel per (image, caption): the caption's reference
   crops (thin green), ClipCrop (full)'s top crop (red) and ClipCrop-base's (blue; the same for
-  both captions, since base ignores the text)."""
+  both captions of an image, since base ignores the text), the whole caption under the panel
+  with full's IoU-Mean, and a legend at the top. First the first `num_first` examples of the test
+  split (both captions of each image), then the `num_failures` examples where ClipCrop (full)'s
+  IoU-Mean (`per_example_full`, in split order) is lowest."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
   full = cropper_lib.ClipCropper.load(workdir / 'clipcrop_full' / export.EXPORT_DIR)
   base_dir = workdir / 'clipcrop_base' / export.EXPORT_DIR
   base = cropper_lib.ClipCropper.load(base_dir) if base_dir.is_dir() else None
-  builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
-  pairs: dict[bytes, list] = {}  # one row per image: its two captions side by side
-  for ex in tfds.as_numpy(builder.as_dataset(split='ambiguity', shuffle_files=False)):
-    pairs.setdefault(ex['image/filename'], []).append(ex)
-    if sum(len(v) == 2 for v in pairs.values()) == num_images:
-      break
-  examples = [ex for v in pairs.values() if len(v) == 2 for ex in v][:2 * num_images]
-  num_images = len(examples) // 2
-  cell = 220
-  sheet = Image.new('RGB', (2 * cell + 30, num_images * (cell + 28) + 10), 'white')
+  name, split = c.eval.datasets[0]
+  builder = input_pipeline.dataset_builder(name, c.dataset.data_dir)
+  examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+  # The first images with both captions, in order of first appearance.
+  by_image: dict[bytes, list[int]] = {}
+  for i, ex in enumerate(examples):
+    by_image.setdefault(ex['image/filename'], []).append(i)
+  first = [i for idx in by_image.values() for i in idx][:num_first]
+  failures: list[int] = []
+  if per_example_full is not None and len(per_example_full) == len(examples):
+    failures = [int(i) for i in np.argsort(np.asarray(per_example_full), kind='stable')
+                if int(i) not in first][:num_failures]
+  sections = [('First test examples (both captions of each image)', first)]
+  if failures:
+    sections.append(('Failures: the lowest IoU-Mean of ClipCrop (full) on the test split',
+                     failures))
+
+  font = ImageFont.load_default(size=12)
+  title_font = ImageFont.load_default(size=14)
+  cell, cols, pad = 240, 3, 10
+  wrap = 38
+  caption_lines = 3
+  line_h = 15
+  panel_h = cell + 4 + line_h * (caption_lines + 1)
+  legend_h = 50
+  rows = sum(math.ceil(len(idx) / cols) for _, idx in sections)
+  width = cols * (cell + pad) + pad
+  height = legend_h + len(sections) * 24 + rows * (panel_h + pad) + pad
+  sheet = Image.new('RGB', (width, height), 'white')
   draw = ImageDraw.Draw(sheet)
-  for k, ex in enumerate(examples):
-    row, col = divmod(k, 2)
-    image = ex['image']
-    h, w = image.shape[:2]
-    scale = cell / max(h, w)
-    panel = Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))))
-    pd = ImageDraw.Draw(panel)
-    text = ex['text'].decode('utf-8')
-    for y0, x0, y1, x1 in ex['crops']['bbox']:
-      pd.rectangle([x0 * w * scale, y0 * h * scale, x1 * w * scale, y1 * h * scale],
-                   outline=(40, 200, 60), width=1)
-    for model, colour in ((base, (60, 90, 255)), (full, (255, 30, 30))):
-      if model is None:
-        continue
-      crop = model.crop(image, text, top_k=1)[0]
-      pd.rectangle([v * scale for v in crop.box], outline=colour, width=3)
-    x, y = 10 + col * (cell + 10), 10 + row * (cell + 28)
-    sheet.paste(panel, (x, y + 18))
-    draw.text((x, y), text[:40], fill=(0, 0, 0))
-  path = workdir / EXAMPLES_FILE
+  legend = [(REFERENCE_COLOUR, 1, 'reference crops (4 annotators)'),
+            (FULL_COLOUR, 3, 'ClipCrop (full), top crop'),
+            (BASE_COLOUR, 3, 'ClipCrop-base, top crop (ignores the text)')]
+  x = pad
+  for colour, w, label in legend:
+    draw.rectangle([x, 14, x + 26, 30], outline=colour, width=w)
+    draw.text((x + 32, 15), label, fill=(0, 0, 0), font=font)
+    x += 40 + int(draw.textlength(label, font=font))
+  y = legend_h
+  per_example = list(per_example_full) if per_example_full is not None else None
+  for title, indices in sections:
+    draw.text((pad, y), title, fill=(0, 0, 0), font=title_font)
+    y += 24
+    for k, i in enumerate(indices):
+      row, col = divmod(k, cols)
+      ex = examples[i]
+      image = ex['image']
+      h, w = image.shape[:2]
+      scale = cell / max(h, w)
+      panel = Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))))
+      pd = ImageDraw.Draw(panel)
+      text = ex['text'].decode('utf-8')
+      for y0, x0, y1, x1 in ex['crops']['bbox']:
+        pd.rectangle([x0 * w * scale, y0 * h * scale, x1 * w * scale, y1 * h * scale],
+                     outline=REFERENCE_COLOUR, width=1)
+      for model, colour in ((base, BASE_COLOUR), (full, FULL_COLOUR)):
+        if model is not None:
+          crop = model.crop(image, text, top_k=1)[0]
+          pd.rectangle([v * scale for v in crop.box], outline=colour, width=3)
+      px, py = pad + col * (cell + pad), y + row * (panel_h + pad)
+      sheet.paste(panel, (px, py))
+      lines = textwrap.wrap(f'"{text}"', wrap)[:caption_lines]
+      if per_example is not None and i < len(per_example):
+        lines.append(f'full IoU-Mean {per_example[i]:.2f}')
+      for j, line in enumerate(lines):  # right under the panel (landscape panels are shorter)
+        draw.text((px, py + panel.height + 4 + j * line_h), line, fill=(0, 0, 0), font=font)
+    y += math.ceil(len(indices) / cols) * (panel_h + pad)
+  path = out or workdir / EXAMPLES_FILE
   buf = io.BytesIO()
   sheet.save(buf, format='PNG')
   fileio.atomic_write_bytes(path, buf.getvalue())
   return path
 
 
-def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, rows: dict[str, dict],
-                 grounding: dict[str, dict], timings: dict[str, float]) -> pathlib.Path:
+def _pm(mean: float, std: float) -> str:
+  return f'{mean:.4f}' if math.isnan(std) else f'{mean:.4f} ± {std:.4f}'
+
+
+def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: dict[str, Any]
+                 ) -> pathlib.Path:
+  """WORK/report.md from `result` (see `run`)."""
   name, split = c.eval.datasets[0]
-  table_rows = {ROW_NAMES[k]: {'IoU-Mean': v['iou_mean'], 'IoU-Max': v['iou_max']}
-                for k, v in rows.items()}
-  n = next(iter(rows.values()))['num_examples']
-  full = rows.get('clipcrop_full', {}).get('iou_mean', float('nan'))
-  others = {k: v['iou_mean'] for k, v in rows.items() if k != 'clipcrop_full'}
-  best_other = max(others, key=others.get) if others else None
+  seeds = result['seeds']
+  per_seed = result['per_seed']
+  agg = result
+  n = int(agg['rows'][next(iter(agg['rows']))]['num_examples'])
+  val = c.pipeline.validation_split
   lines = [
       '# ClipCrop on the synthetic set (embedded default)', '',
-      f'Dataset `{name}`, split `{split}` ({int(n)} (image, text) examples: two far-apart '
-      'salient objects per image, one caption each, four reference crops per caption). '
-      f'Seed {c.seed}{", quick budgets" if c.pipeline.quick else ""}.', '',
-      metrics_lib.format_markdown_table(table_rows, ['IoU-Mean', 'IoU-Max'],
-                                        title='Top-1 crop vs the reference crops'), '']
-  if best_other is not None:
-    lines += [f'ClipCrop (full) IoU-Mean {full:.4f}; best other row: {ROW_NAMES[best_other]} '
-              f'{others[best_other]:.4f} (margin {full - others[best_other]:+.4f}).', '']
-  lines += ['## OWL-ViT grounding (trained from scratch on the synthetic detection boxes)', '',
-            '| split | accuracy | chance | mean top-box IoU | objects |', '|---|---:|---:|---:|---:|']
-  for split_name, g in grounding.items():
-    lines.append(f'| {split_name} | {g["accuracy"]:.4f} | {g["chance"]:.4f} | '
-                 f'{g["mean_top_iou"]:.4f} | {int(g["num_objects"])} |')
+      f'Dataset `{name}` (data seed = training seed; seeds {", ".join(map(str, seeds))}'
+      f'{", quick budgets" if c.pipeline.quick else ""}). Test split `{split}`: {n} (image, '
+      'text) examples per seed, two far-apart salient objects per image, one caption each, four '
+      f'reference crops per caption. Every choice was made on `{val}` (disjoint images, same '
+      f'generator); `{split}` was evaluated once, at the end, with the chosen settings.', '',
+      f'## Test split: top-1 crop vs the reference crops ({len(seeds)} seed'
+      f'{"s" if len(seeds) > 1 else ""}' + (', mean ± std over seeds)' if len(seeds) > 1 else ')'),
+      '', '| method | IoU-Mean | IoU-Max |', '|---|---:|---:|']
+  for r, m in agg['rows'].items():
+    s = agg['rows_std'][r]
+    lines.append(f'| {ROW_NAMES[r]} | {_pm(m["iou_mean"], s["iou_mean"])} | '
+                 f'{_pm(m["iou_max"], s["iou_max"])} |')
+  if agg['intervals']:
+    pooled = next(iter(agg['intervals'].values()))['num_examples']
+    lines += ['', '## ClipCrop (full) against every other row', '',
+              f'IoU-Mean difference, full minus row, with a paired bootstrap 95 % interval '
+              f'({BOOTSTRAP_RESAMPLES} resamples; the {pooled} per-example differences pooled '
+              'over seeds, the two captions of an image resampled together). A claim is made '
+              'only where the interval excludes 0.', '',
+              '| row | full − row | 95 % interval |', '|---|---:|---:|']
+    for r, iv in agg['intervals'].items():
+      lines.append(f'| {ROW_NAMES[r]} | {iv["difference"]:+.4f} | '
+                   f'[{iv["low"]:+.4f}, {iv["high"]:+.4f}] |')
+    lines += [''] + [f'- {claim(r, iv)}' for r, iv in agg['intervals'].items()]
+  lines += ['', f'## Chosen on the validation split `{val}`', '',
+            f'`fuse_top_k` (box voting over the k highest-quality crops) per variant and seed, '
+            f'chosen among {tuple(sorted(c.pipeline.fuse_top_k_choices))} by IoU-Mean on `{val}`; '
+            'quality↔IoU: mean over examples of the Spearman correlation between the predicted '
+            'quality of every crop and its IoU-Mean with the references (how well the quality '
+            'head ranks its own crops).', '',
+            '| variant | fuse_top_k (per seed) | IoU-Mean (validation, chosen k) | quality↔IoU '
+            'rank correlation |', '|---|---|---:|---:|']
+  for mode in c.pipeline.variants:
+    ks = [str(s['validation'][mode]['fuse_top_k']) for s in per_seed]
+    vm = np.array([s['validation'][mode]['iou_mean'] for s in per_seed])
+    vc = np.array([s['validation'][mode]['quality_iou_srcc'] for s in per_seed])
+    sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else math.nan)
+    lines.append(f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), sd(vm))} | '
+                 f'{_pm(float(vc.mean()), sd(vc))} |')
+  lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (README, "Embedded '
+            'default"; `tools/select_on_validation.py`): the quality objective '
+            f'(`loss.quality_loss={c.loss.quality_loss!r}`, '
+            f'`loss.quality_target={c.loss.quality_target!r}`), the positives '
+            f'(`loss.positive_threshold={c.loss.positive_threshold}`) and the selection filter '
+            f'(`loss.selection_filter={c.loss.selection_filter}`). Step budgets and loss weights '
+            'were not re-tuned.', '',
+            '## OWL-ViT grounding (trained from scratch on the synthetic detection boxes)', '',
+            '| seed | split | accuracy | chance | mean top-box IoU | objects |',
+            '|---|---|---:|---:|---:|---:|']
+  for s in per_seed:
+    for split_name, g in s['grounding'].items():
+      lines.append(f'| {s["seed"]} | {split_name} | {g["accuracy"]:.4f} | {g["chance"]:.4f} | '
+                   f'{g["mean_top_iou"]:.4f} | {int(g["num_objects"])} |')
   lines += ['', 'Accuracy: the top-scoring token for an object\'s name has IoU >= 0.5 with that '
-            'object; chance: a uniformly random token.', '', '## Time per stage (s)', '',
-            '| stage | seconds |', '|---|---:|']
-  lines += [f'| {k} | {v:.1f} |' for k, v in timings.items()]
+            'object; chance: a uniformly random token.', '',
+            '## Time per stage (s, all seeds)', '', '| stage | seconds |', '|---|---:|']
+  lines += [f'| {k} | {v:.1f} |' for k, v in result['timings'].items()]
   lines += ['', f'![examples]({EXAMPLES_FILE})', '']
   path = workdir / REPORT_FILE
   fileio.atomic_write_text(path, '\n'.join(lines))
   return path
 
 
+# ------------------------------------------------------------------------------------------------
+# The run.
+# ------------------------------------------------------------------------------------------------
+
+
+def run_seed(c: ml_collections.ConfigDict, work: pathlib.Path, timings: dict[str, float]
+             ) -> tuple[dict[str, Any], dict[str, tuple[ml_collections.ConfigDict, Any]]]:
+  """The five stages for one seed's config (`seed_config`) in `work`; adds to `timings`."""
+  work.mkdir(parents=True, exist_ok=True)
+
+  def timed(stage, fn, *args):
+    t = time.time()
+    value = fn(*args)
+    timings[stage] = timings.get(stage, 0.0) + time.time() - t
+    return value
+
+  timed('1. build dataset', ensure_dataset, c.dataset.name, c.dataset.data_dir)
+  owlvit_ckpt, grounding = timed('2. OWL-ViT detection training + grounding eval', train_owlvit,
+                                 c, work)
+  trained = timed('3. ClipCrop training (' + ', '.join(c.pipeline.variants) + ')',
+                  train_variants, c, work, owlvit_ckpt)
+  validation = timed(f'4. choices on {c.pipeline.validation_split}', choose_on_validation, c,
+                     work, trained)
+  rows = timed(f'5. evaluation on {c.eval.datasets[0][1]}', evaluate_all, c, work, trained,
+               {m: v['fuse_top_k'] for m, v in validation.items()})
+  image_ids = split_image_ids(c, c.eval.datasets[0][1])
+  per_example = {r: m.pop('per_example_iou_mean') for r, m in rows.items()}
+  for m in rows.values():
+    m.pop('quality_iou_srcc', None)  # reported on validation, not on the test split
+  result = dict(seed=c.seed, rows=rows, grounding=grounding, validation=validation,
+                per_example=per_example, image_ids=image_ids)
+  return result, trained
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the five stages; returns the summary also written to WORK/summary.json.
+  """Runs every seed's stages and writes the report; returns the summary (WORK/summary.json).
 
   `config` (configs/synthetic.py) is not modified.
   """
@@ -254,27 +508,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   work.mkdir(parents=True, exist_ok=True)
   if not c.dataset.data_dir:
     c.dataset.data_dir = str(work / 'data')
+  seeds = [c.seed + i for i in range(int(c.pipeline.num_seeds))]
   timings: dict[str, float] = {}
-  t = time.time()
-  ensure_dataset(c.dataset.name, c.dataset.data_dir)
-  timings['1. build dataset'] = time.time() - t
-  t = time.time()
-  owlvit_ckpt, grounding = train_owlvit(c, work)
-  timings['2. OWL-ViT detection training + grounding eval'] = time.time() - t
-  t = time.time()
-  trained = train_variants(c, work, owlvit_ckpt)
-  timings['3. ClipCrop training (' + ', '.join(c.pipeline.variants) + ')'] = time.time() - t
-  t = time.time()
-  rows = evaluate_all(c, work, trained)
-  timings['4. evaluation'] = time.time() - t
-  t = time.time()
-  if 'full' in trained:
-    write_examples_png(c, work)
-  timings['5. examples.png'] = time.time() - t
+  per_seed = []
+  for i, seed in enumerate(seeds):
+    sc = seed_config(c, seed)
+    seed_work = work if len(seeds) == 1 else work / f'seed_{seed}'
+    logging.info('Seed %d (%d of %d): dataset %s, workdir %s', seed, i + 1, len(seeds),
+                 sc.dataset.name, seed_work)
+    result, trained = run_seed(sc, seed_work, timings)
+    per_seed.append(result)
+    if i == 0 and 'full' in trained:
+      t = time.time()
+      write_examples_png(sc, seed_work, result['per_example'].get('clipcrop_full'),
+                         out=work / EXAMPLES_FILE)
+      timings['6. examples.png'] = time.time() - t
   timings['total'] = sum(timings.values())
-  report = write_report(c, work, rows, grounding, timings)
-  summary = dict(rows=rows, grounding=grounding, timings=timings, seed=c.seed,
-                 quick=c.pipeline.quick)
+  summary = dict(aggregate(per_seed), seeds=seeds, per_seed=per_seed, timings=timings,
+                 grounding=per_seed[0]['grounding'], seed=c.seed, quick=c.pipeline.quick)
+  report = write_report(c, work, summary)
   fileio.atomic_write_text(work / SUMMARY_FILE, json.dumps(summary, indent=1, default=float))
   logging.info('Report: %s\n%s', report, report.read_text())
   print(report.read_text())

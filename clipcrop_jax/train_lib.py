@@ -46,7 +46,9 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
                'loss_quality': l.weight_quality},
       aux_loss=l.aux_loss, positive_threshold=l.positive_threshold, score_min=l.score_min,
       score_max=l.score_max, smoothing_iou=l.smoothing_iou, l1_weight=l.cost_l1,
-      giou_weight=l.cost_giou, quality_weight=l.cost_quality)
+      giou_weight=l.cost_giou, quality_weight=l.cost_quality, quality_loss=l.quality_loss,
+      quality_target=l.quality_target, quality_pointwise_weight=l.quality_pointwise_weight,
+      quality_temperature=l.quality_temperature, quality_top_k=l.quality_top_k)
 
 
 def best_crop_xyxy(crops: jax.Array, crop_scores: jax.Array, crop_mask: jax.Array) -> jax.Array:
@@ -56,13 +58,17 @@ def best_crop_xyxy(crops: jax.Array, crop_scores: jax.Array, crop_mask: jax.Arra
 
 
 def clipcrop_loss(model: model_lib.ClipCrop, params: Any, batch: dict[str, jax.Array],
-                  rng: jax.Array, loss_kw: dict[str, Any]
+                  rng: jax.Array, loss_kw: dict[str, Any], selection_filter: bool = True
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, terms) of ClipCrop on a batch of `features.TRAIN_KEYS` (dropout from `rng`)."""
+  """(loss, terms) of ClipCrop on a batch of `features.TRAIN_KEYS` (dropout from `rng`).
+
+  `selection_filter` (`loss.selection_filter`): filter the selected boxes against the
+  best-scored crop (`model.filter_selected_boxes`, paper §3.3), or use them all as inference does.
+  """
   queries = batch[F.TEXT_QUERIES]
   crops, scores, mask = batch[F.CROP_BOXES], batch[F.CROP_SCORES], batch[F.CROP_MASK]
   out = model.apply({'params': params}, batch[F.IMAGES], text_queries=queries,
-                    target_xyxy=best_crop_xyxy(crops, scores, mask),
+                    target_xyxy=best_crop_xyxy(crops, scores, mask) if selection_filter else None,
                     image_extent=batch[F.IMAGE_EXTENT], train=True,
                     query_mask=model_lib.query_mask_for_mode(queries, model.config.mode),
                     rngs={'dropout': rng})
@@ -117,7 +123,8 @@ class ClipCropTask(trainer.Task):
     return make_train_iterator(self.config, builder, mesh, start_step)
 
   def loss_fn(self, params, batch, rng):
-    return clipcrop_loss(self.model, params, batch, rng, loss_kwargs(self.config))
+    return clipcrop_loss(self.model, params, batch, rng, loss_kwargs(self.config),
+                         self.config.loss.selection_filter)
 
   @property
   def eval_every_steps(self) -> int:

@@ -508,6 +508,13 @@ def _tiny():
     ('dataset.data_dir', '/no/such/dir', "dataset.data_dir='/no/such/dir': no such directory"),
     ('init_from.clipcrop', '/no/such/run', "init_from.clipcrop='/no/such/run'"),
     ('loss.score_min', 5.0, 'loss.score_min=5.0: must be < loss.score_max=5.0'),
+    ('loss.quality_loss', 'ranknet', "loss.quality_loss='ranknet': expected one of ('smooth_l1', "
+     "'pairwise', 'listwise')"),
+    ('loss.quality_target', 'best', "loss.quality_target='best': expected one of ('matched', "
+     "'iou', 'top_iou')"),
+    ('loss.quality_top_k', 0, 'loss.quality_top_k=0: expected an integer >= 1'),
+    ('loss.quality_pointwise_weight', -0.1, 'loss.quality_pointwise_weight=-0.1: expected'),
+    ('loss.quality_temperature', 0.0, 'loss.quality_temperature=0.0: expected a number > 0'),
     ('sharding.mesh_shape', (-1, -1), 'sharding.mesh_shape=(-1, -1)'),
     ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
     ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),

@@ -130,6 +130,112 @@ def test_label_queries_are_shared_and_indexed():
   np.testing.assert_array_equal(out['label_ids'][out['box_mask']], [1, 0, 0])
 
 
+# ------------------------------------------------------------------------- phrase labels and flip
+
+
+def _objects_example(names, phrases):
+  """A (20, 40) image with len(names) objects side by side (left to right), as TFDS gives them."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n = len(names)
+  bbox = np.array([[0.2, i / n, 0.8, (i + 0.5) / n] for i in range(n)], np.float32)  # yxyx
+  return {'image': tf.zeros((20, 40, 3), tf.uint8),
+          'objects': {'bbox': tf.constant(bbox), 'name': tf.constant(names),
+                      'phrase': tf.constant(phrases)}}
+
+
+NAMES = ['red circle', 'blue square', 'green star']
+PHRASES = ['red circle to the left of the blue square', '', 'green star to the right of a big '
+           'blue square']
+
+
+def _labels(out):
+  return [l.decode() for l, m in zip(out['labels'].numpy(), out['box_mask'].numpy()) if m]
+
+
+@pytest.mark.parametrize('prob, want', [(1.0, [PHRASES[0], NAMES[1], PHRASES[2]]),
+                                        (0.0, NAMES)])
+def test_phrase_labels(prob, want):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ex = _objects_example(NAMES, PHRASES)
+  for s in range(3):
+    out = dt.preprocess_example(ex, image_size=16, max_objects=4, phrase_key='phrase',
+                                phrase_prob=prob, phrase_seed=tf.constant([s, 1]))
+    assert _labels(out) == want
+  # Off without a key or a seed.
+  out = dt.preprocess_example(ex, image_size=16, max_objects=4, phrase_prob=1.0,
+                              phrase_seed=tf.constant([0, 1]))
+  assert _labels(out) == NAMES
+
+
+def test_phrase_labels_are_drawn_per_object_and_deterministic():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  names = [f'n{i}' for i in range(64)]
+  ex = _objects_example(names, [f'p{i}' for i in range(64)])
+  draw = lambda seed: _labels(dt.preprocess_example(
+      ex, image_size=16, max_objects=64, phrase_key='phrase', phrase_prob=0.5,
+      phrase_seed=tf.constant(seed)))
+  a = draw([3, 7])
+  assert a == draw([3, 7]) and a != draw([3, 8])
+  assert 16 < sum(l.startswith('p') for l in a) < 48
+  assert all(l[1:] == str(i) for i, l in enumerate(a))
+
+
+def test_flip_swaps_left_and_right_in_labels():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  ex = _objects_example(NAMES, PHRASES)
+  flips = {}
+  for s in range(8):
+    seed = tf.constant([s, 0], tf.int64)
+    out = dt.preprocess_example(ex, image_size=16, max_objects=4, flip_seed=seed,
+                                phrase_key='phrase', phrase_prob=1.0, phrase_seed=seed + 1)
+    flipped = bool(ip.flip_coin(seed))
+    flips[flipped] = _labels(out)
+    first_x0 = float(out['boxes'][0, 0])
+    assert (first_x0 > 0.4) == flipped  # the first object moved to the right
+  assert flips[False] == [PHRASES[0], NAMES[1], PHRASES[2]]
+  assert flips[True] == ['red circle to the right of the blue square', NAMES[1],
+                         'green star to the left of a big blue square']
+
+
+def test_make_dataset_phrase_labels_on_the_synthetic_set(data_dir):
+  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  builder = ip.dataset_builder('synthetic_crops/tiny', str(data_dir))
+  kw = dict(image_size=16, batch_size=8, max_objects=8, drop_remainder=False)
+  def labels(**more):
+    batch = next(make(**more))
+    return [l.decode() for l in batch['labels'][batch['box_mask']]]
+  make = lambda **more: dt.make_dataset(builder, 'train', **kw, **more).as_numpy_iterator()
+  names = labels()
+  phrases = labels(phrase_key='phrase', phrase_prob=1.0)
+  assert len(names) == len(phrases) and names != phrases
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  raw = [ex['objects'] for ex in tfds.as_numpy(builder.as_dataset(split='train'))]
+  want = [(p or n).decode() for o in raw for n, p in zip(o['name'][:8], o['phrase'][:8])]
+  assert phrases == want
+  assert labels(phrase_key='phrase', phrase_prob=0.0) == names
+  with pytest.raises(KeyError, match='objects/caption'):
+    dt.make_dataset(builder, 'train', **kw, phrase_key='caption', phrase_prob=0.5)
+  with pytest.raises(ValueError, match='phrase_prob=1.5'):
+    dt.make_dataset(builder, 'train', **kw, phrase_key='phrase', phrase_prob=1.5)
+
+
+def test_phrase_config_validation(load_config):
+  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
+  config = load_config('configs/owlvit_detection_tiny.py')
+  assert config.dataset.phrase_key == '' and config.dataset.phrase_prob == 0.0
+  config.dataset.phrase_prob = 0.5
+  with pytest.raises(default_config.ConfigError,
+                     match='dataset.phrase_prob=0.5: needs dataset.phrase_key'):
+    default_config.validate_config(config, task='detection')
+  config.dataset.update(phrase_key='phrase', phrase_prob=1.2)
+  with pytest.raises(default_config.ConfigError,
+                     match=r'dataset.phrase_prob=1.2: expected a number in'):
+    default_config.validate_config(config, task='detection')
+  config.dataset.phrase_prob = 0.5
+  default_config.validate_config(config, task='detection')
+
+
 @pytest.fixture(scope='module')
 def trained(data_dir, load_config, tmp_path_factory):
   """One run of the tiny config overfitting one fixed batch (4 images, no flip / shuffle)."""

@@ -99,6 +99,29 @@ def test_fused_top_crop_is_the_mean_of_the_best_k():
         np.mean([_iou(boxes[best[:k]].mean(0), r) for r in refs]), abs=1e-6)
 
 
+def test_fuse_choices_rerank_the_same_predictions_and_srcc_is_reported():
+  host = _host()
+  fuse = {'clipcrop': 1, **{f'{evaluate.FUSE_PREFIX}{k}': k for k in (1, 2, 3)}}
+  methods = ['clipcrop'] + [m for m in fuse if m != 'clipcrop']
+  col = evaluate._Collector('text', methods)
+  evaluate._add_example(col, host, 0, [], fuse)
+  res = col.results()
+  boxes, quality = host['pred_boxes'][0].astype(np.float64), host['quality'][0]
+  refs = host['crops'][0, :2].astype(np.float64)
+  best = np.argsort(-quality, kind='stable')
+  for k in (1, 2, 3):
+    expected = np.mean([_iou(boxes[best[:k]].mean(0), r) for r in refs])
+    assert res[f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] == pytest.approx(expected, abs=1e-6)
+    assert res[f'{evaluate.FUSE_PREFIX}{k}']['per_example_iou_mean'] == [
+        pytest.approx(expected, abs=1e-6)]
+  assert res['clipcrop']['iou_mean'] == res[f'{evaluate.FUSE_PREFIX}1']['iou_mean']
+  # Quality (0.1, 0.9, 0.5) vs IoU-Mean of the three boxes with the two references.
+  ious = [np.mean([_iou(b, r) for r in refs]) for b in boxes]
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  assert res['clipcrop']['quality_iou_srcc'] == pytest.approx(
+      stats.spearmanr(quality, ious)[0], abs=1e-9)
+
+
 def test_top_box_falls_back_to_whole_image_without_text():
   host = _host()
   host['top_valid'] = np.array([False])

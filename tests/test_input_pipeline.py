@@ -105,6 +105,42 @@ def test_flip_mirrors_boxes_and_image():
   assert 0 < flipped < 8
 
 
+def test_mirror_text_swaps_whole_words_only():
+  texts = tf.constant(['the star to the left of the square', 'Right of the Left one',
+                       'left right left', 'leftover bright Leftist righteous LEFT', '',
+                       'left-handed, right.'])
+  got = [t.decode() for t in ip.mirror_text(texts).numpy()]
+  assert got == ['the star to the right of the square', 'Left of the Right one',
+                 'right left right', 'leftover bright Leftist righteous LEFT', '',
+                 'right-handed, left.']
+  # Scalar in, scalar out; mirroring twice is the identity.
+  assert ip.mirror_text('a left b').numpy() == b'a right b'
+  np.testing.assert_array_equal(ip.mirror_text(ip.mirror_text(texts)).numpy(), texts.numpy())
+
+
+def test_flip_with_text_mirrors_the_caption_with_the_image():
+  ex = _marker_example(40, 80, (5, 10, 25, 30), COLOURS[1],
+                       text='the green box to the left of nothing')
+  tensors = {k: (tf.constant(v) if k != 'crops' else {kk: tf.constant(vv) for kk, vv in v.items()})
+             for k, v in ex.items()}
+  seen = set()
+  for s in range(10):
+    out = ip.preprocess_example(tensors, 32, 4, seed=tf.constant([s, 0]), jitter=False)
+    x0 = float(out['crops'][0, 0])
+    text = out['text'].numpy().decode()
+    # Unflipped the marker starts at x = 10 / 80 of the image (width extent 1): left of centre.
+    flipped = x0 > 0.5
+    seen.add(flipped)
+    assert text == ('the green box to the right of nothing' if flipped else ex['text'])
+    # The same decision as random_flip with the same seed.
+    seeds = tf.random.experimental.stateless_split(tf.constant([s, 0], tf.int64), 2)
+    assert bool(ip.flip_coin(seeds[1])) == flipped
+  assert seen == {True, False}
+  # flip=False keeps the text.
+  out = ip.preprocess_example(tensors, 32, 4, seed=tf.constant([0, 0]), jitter=False, flip=False)
+  assert out['text'].numpy().decode() == ex['text']
+
+
 def test_color_jitter_keeps_boxes_and_range():
   ex = _marker_example(40, 60, (5, 10, 25, 30), COLOURS[2], extra_crops=2)
   tensors = {k: (tf.constant(v) if k != 'crops' else {kk: tf.constant(vv) for kk, vv in v.items()})

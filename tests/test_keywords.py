@@ -239,3 +239,20 @@ def test_none_or_non_string_text():
     kw.build_queries(None, "full", pipeline=kw.RULES)
   with pytest.raises(TypeError):
     kw.extract_keywords(["a dog"], pipeline=kw.RULES)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pipeline", [kw.DEFAULT_PIPELINE, kw.RULES])
+def test_place_phrases_are_not_keywords(pipeline):
+  assert kw.extract_keywords("the girl on the left", pipeline=pipeline) == ["the girl"]
+  assert kw.extract_keywords("a dog in the background", pipeline=pipeline) == ["a dog"]
+  assert kw.extract_keywords("the top left corner", pipeline=pipeline) == []
+  # A place noun inside an object's name is kept ("a side table"); "key" falls back to the text.
+  assert kw.extract_keywords("a side table", pipeline=pipeline) == ["a side table"]
+  assert kw.build_queries("the left", "key", pipeline=pipeline) == ["the left"]
+
+
+def test_is_place_phrase():
+  assert kw.is_place_phrase("the left")
+  assert kw.is_place_phrase("The Top Right corner")
+  assert not kw.is_place_phrase("the left dog")
+  assert not kw.is_place_phrase("the")

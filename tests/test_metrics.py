@@ -284,3 +284,53 @@ def test_format_markdown_table():
   ]
   text = metrics.format_markdown_table(rows, columns=['num_examples'])
   assert text.split('\n')[2:] == ['| ours | 120 |', '| baseline | — |']
+
+
+def test_quality_iou_srcc_matches_scipy_and_is_nan_when_undefined():
+  refs = np.array([[0, 0, 10, 10], [2, 2, 12, 12]], np.float64)
+  boxes = np.array([[0, 0, 10, 10], [5, 5, 15, 15], [20, 20, 30, 30], [1, 1, 11, 11]], np.float64)
+  quality = np.array([0.9, 0.2, 0.5, 0.7])
+  ious = []
+  for b in boxes:
+    per_ref = []
+    for r in refs:
+      lt, rb = np.maximum(b[:2], r[:2]), np.minimum(b[2:], r[2:])
+      inter = np.prod(np.clip(rb - lt, 0, None))
+      per_ref.append(inter / (100 + 100 - inter))
+    ious.append(np.mean(per_ref))
+  assert metrics.quality_iou_srcc(boxes, quality, refs) == pytest.approx(
+      stats.spearmanr(quality, ious)[0])
+  # A head that ranks exactly by IoU scores 1; the reverse -1.
+  assert metrics.quality_iou_srcc(boxes, np.array(ious), refs) == pytest.approx(1.0)
+  assert metrics.quality_iou_srcc(boxes, -np.array(ious), refs) == pytest.approx(-1.0)
+  assert math.isnan(metrics.quality_iou_srcc(boxes, np.ones(4), refs))  # constant quality
+  assert math.isnan(metrics.quality_iou_srcc(boxes[:1], quality[:1], refs))
+  with pytest.raises(ValueError, match='quality has 3 values for 4 boxes'):
+    metrics.quality_iou_srcc(boxes, quality[:3], refs)
+
+
+def test_paired_bootstrap_ci_oracle_and_clusters():
+  rng = np.random.default_rng(3)
+  d = rng.normal(0.2, 0.1, size=400)
+  mean, lo, hi = metrics.paired_bootstrap_ci(d, num_resamples=4000, seed=1)
+  assert mean == pytest.approx(d.mean())
+  # Normal-theory interval of the mean as the oracle (n = 400: the bootstrap agrees closely).
+  se = d.std(ddof=1) / np.sqrt(len(d))
+  assert lo == pytest.approx(d.mean() - 1.96 * se, abs=0.25 * se)
+  assert hi == pytest.approx(d.mean() + 1.96 * se, abs=0.25 * se)
+  assert (lo, hi) == metrics.paired_bootstrap_ci(d, num_resamples=4000, seed=1)[1:]
+  # Duplicated examples in one cluster are not independent evidence: the cluster bootstrap of
+  # the doubled data is as wide as the plain bootstrap of the original (not sqrt(2) narrower).
+  doubled = np.repeat(d, 2)
+  clusters = np.repeat(np.arange(len(d)), 2)
+  _, clo, chi = metrics.paired_bootstrap_ci(doubled, clusters, num_resamples=4000, seed=1)
+  _, nlo, nhi = metrics.paired_bootstrap_ci(doubled, num_resamples=4000, seed=1)
+  assert (chi - clo) == pytest.approx(hi - lo, rel=0.15)
+  assert (nhi - nlo) < 0.85 * (chi - clo)
+  # A constant difference has a zero-width interval; an empty input is refused.
+  assert metrics.paired_bootstrap_ci(np.full(5, 0.3), num_resamples=100)[1:] == pytest.approx(
+      (0.3, 0.3))
+  with pytest.raises(ValueError, match='at least one'):
+    metrics.paired_bootstrap_ci([])
+  with pytest.raises(ValueError, match='3 cluster labels for 2'):
+    metrics.paired_bootstrap_ci([0.1, 0.2], ['a', 'b', 'c'])

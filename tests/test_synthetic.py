@@ -1,5 +1,6 @@
 """Tests of the synthetic cropping scenes (clipcrop_jax.synthetic) and its TFDS builder."""
 
+import hashlib
 import pathlib
 
 import numpy as np
@@ -75,43 +76,96 @@ def test_objects_inside_and_non_overlapping(i):
   assert len(set(names)) == len(names)
 
 
+def _strip_sizes(text):
+  return text.replace('big ', '').replace('small ', '')
+
+
+def _holds(word, a, b):
+  """Whether `a` <word> `b` holds for the box centres (pixel xyxy objects)."""
+  ca, cb = (np.array([(o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2]) for o in (a, b))
+  return {'to the left of': ca[0] < cb[0], 'to the right of': ca[0] > cb[0],
+          'above': ca[1] < cb[1], 'below': ca[1] > cb[1], 'next to': True}[word]
+
+
+def _near_two(objects, a):
+  centres = np.array([[(o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2] for o in objects])
+  dist = np.linalg.norm(centres - centres[a], axis=1)
+  dist[a] = np.inf
+  return set(np.argsort(dist, kind='stable')[:2].tolist())
+
+
 @pytest.mark.parametrize('i', SEEDS)
 def test_caption_names_unique_target(i):
   s = _scene(i)
   names = [o.name for o in s.objects]
-  for t in s.target_indices:
-    name = s.objects[t].name
-    assert names.count(name) == 1
-    assert name in s.caption.replace('big ', '').replace('small ', '')
-  # No other object is named.
-  stripped = s.caption.replace('big ', '').replace('small ', '')
+  stripped = _strip_sizes(s.caption)
+  for t in s.mentioned_indices:
+    assert names.count(s.objects[t].name) == 1
+    assert s.objects[t].name in stripped
+  # No other object is named, and the first name is the (first) target.
   for j, name in enumerate(names):
-    if j not in s.target_indices:
+    if j not in s.mentioned_indices:
       assert name not in stripped
+  assert stripped.find(s.objects[s.target_indices[0]].name) <= 4  # after 'the ' / 'a '
   named = np.array([s.objects[t].box for t in s.target_indices])
   np.testing.assert_allclose(s.target_xyxy, [*named[:, :2].min(0), *named[:, 2:].max(0)])
-  if len(s.target_indices) == 2:
-    assert any(r in s.caption for r in ('next to', 'left of', 'right of', 'above', 'below'))
 
 
-def test_relation_words_are_true():
-  n_rel = 0
-  for i in range(40):
-    s = _scene(i)
-    if len(s.target_indices) != 2:
-      continue
-    n_rel += 1
-    a, b = (s.objects[t] for t in s.target_indices)
-    ca, cb = (np.array([(o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2]) for o in (a, b))
-    if 'left of' in s.caption:
-      assert ca[0] < cb[0]
-    elif 'right of' in s.caption:
-      assert ca[0] > cb[0]
-    elif 'above' in s.caption:
-      assert ca[1] < cb[1]
-    elif 'below' in s.caption:
-      assert ca[1] > cb[1]
-  assert n_rel >= 5
+def test_caption_kinds_mix_and_grammar():
+  scenes = [_scene(i) for i in range(200)]
+  kinds = [s.kind for s in scenes]
+  frac = {k: kinds.count(k) / len(kinds) for k in S.CAPTION_KINDS}
+  assert frac['name'] == pytest.approx(0.5, abs=0.1)
+  assert frac['pair'] == pytest.approx(0.2, abs=0.08)
+  assert frac['relation'] == pytest.approx(0.3, abs=0.08)
+  for s in scenes:
+    if s.kind == 'name':
+      assert s.target_indices == s.mentioned_indices and len(s.target_indices) == 1
+      assert ' and ' not in s.caption and not any(w in s.caption for w in ('next to', 'above'))
+    elif s.kind == 'pair':
+      a, b = s.target_indices
+      assert s.mentioned_indices == (a, b) and b in _near_two(s.objects, a)
+      assert ' and ' in s.caption
+    else:
+      (a,), (a2, b) = s.target_indices, s.mentioned_indices
+      assert a == a2 and b in _near_two(s.objects, a)
+      np.testing.assert_allclose(s.target_xyxy, s.objects[a].box)  # A only, not the union
+      word = next(w for w in ('next to',) + S.DIRECTIONS if f' {w} ' in s.caption)
+      assert _holds(word, s.objects[a], s.objects[b]), (s.caption, word)
+  # Generator arguments: only names, only pairs.
+  assert {_scene(i, pair_prob=0.0, relation_prob=0.0).kind for i in range(10)} == {'name'}
+  assert {_scene(i, pair_prob=1.0, relation_prob=0.0).kind for i in range(10)} == {'pair'}
+  with pytest.raises(ValueError, match='pair_prob'):
+    _scene(0, pair_prob=0.7, relation_prob=0.5)
+
+
+def test_relation_caption_scores_treat_the_landmark_as_other():
+  # The landmark B of a relation caption is a distractor: the scores equal the rule with target
+  # A and every other object (B included) as "other".
+  s = next(s for s in (_scene(i) for i in range(40)) if s.kind == 'relation')
+  a = s.target_indices[0]
+  others = np.array([o.box for j, o in enumerate(s.objects) if j != a])
+  np.testing.assert_allclose(
+      s.scores, S.score_candidates(s.candidates, s.objects[a].box, others, (s.height, s.width)))
+
+
+@pytest.mark.parametrize('make', [_scene, _amb], ids=['scene', 'ambiguity'])
+def test_referring_phrases(make):
+  n = with_phrase = 0
+  for i in range(30):
+    ex = make(i)
+    assert len(ex.phrases) == len(ex.objects)
+    for a, (obj, phrase) in enumerate(zip(ex.objects, ex.phrases)):
+      n += 1
+      if not phrase:
+        continue
+      with_phrase += 1
+      assert phrase.startswith(obj.name + ' ') and not phrase.startswith(('a ', 'the '))
+      word = next(w for w in ('next to',) + S.DIRECTIONS if phrase.startswith(f'{obj.name} {w} '))
+      rest = _strip_sizes(phrase[len(f'{obj.name} {word} '):]).split(' ', 1)[1]
+      b = next(j for j, o in enumerate(ex.objects) if o.name == rest)
+      assert b in _near_two(ex.objects, a) and _holds(word, obj, ex.objects[b]), phrase
+  assert 0.35 < with_phrase / n < 0.65
 
 
 @pytest.mark.parametrize('i', SEEDS)
@@ -192,6 +246,58 @@ def test_score_rule_penalises_cutting_distractors():
   assert 1 <= cut_target[0] < 2
 
 
+# sha256 of image bytes + float64 reference crops of `_amb(i)`, recorded from dataset version
+# 1.1.0 (before the caption grammar and objects/phrase): the ambiguity split's images and
+# references must not move.
+AMBIGUITY_PIN = {
+    0: ((296, 222, 3), 'c58f7f9a832361e76adf2099f0f6bf6bb9a15ee0680f8eac622d4c25b0f34e65'),
+    1: ((314, 209, 3), '0c7bd0eb2432b8042e3129043d6ef60d166fe1d974cae947b64283655572498d'),
+    2: ((296, 222, 3), 'e050f9c4b1196a9cb7087094552da7961632181571835692549b25dd438f1fa4'),
+    3: ((209, 314, 3), '5624619c99ae48eb994a75f7cacf94cd8090e4e1c14494c755d473449e7af743'),
+}
+
+
+def _pixels_and_refs_hash(ex):
+  h = hashlib.sha256()
+  h.update(ex.image.tobytes())
+  h.update(np.asarray(ex.reference_crops, np.float64).tobytes())
+  return h.hexdigest()
+
+
+@pytest.mark.parametrize('i', sorted(AMBIGUITY_PIN))
+def test_ambiguity_images_and_references_unchanged(i):
+  ex = _amb(i)
+  assert (ex.image.shape, _pixels_and_refs_hash(ex)) == AMBIGUITY_PIN[i]
+
+
+def test_ambiguity_validation_split_is_disjoint():
+  assert S.SPLIT_IDS['ambiguity_validation'] not in {
+      v for k, v in S.SPLIT_IDS.items() if k != 'ambiguity_validation'}
+  test = {_pixels_and_refs_hash(_amb(i)) for i in range(6)}
+  val = [S.generate_ambiguity_example(S.rng_for(0, 'ambiguity_validation', i)) for i in range(6)]
+  assert not test & {_pixels_and_refs_hash(ex) for ex in val}
+  assert all(ex.reference_crops.shape == (2, 4, 4) for ex in val)
+
+
+def test_ambiguity_captions_grammar():
+  kinds = []
+  for i in range(40):
+    ex = _amb(i)
+    for k, (t, o) in enumerate(((0, 1), (1, 0))):
+      caption, target, other = ex.captions[k], ex.objects[t], ex.objects[o]
+      kinds.append(ex.caption_kinds[k])
+      stripped = _strip_sizes(caption)
+      assert stripped.find(target.name) <= 4  # the target comes first
+      if ex.caption_kinds[k] == 'name':
+        assert other.name not in stripped and len(stripped.split()) <= 3
+        continue
+      # '<T> <direction> <other target>': both names, so keywords alone are ambiguous.
+      assert other.name in stripped and 'next to' not in caption
+      word = next(w for w in S.DIRECTIONS if f' {w} ' in caption)
+      assert word == S.direction_word(target, other) and _holds(word, target, other)
+  assert 0.3 < kinds.count('relation') / len(kinds) < 0.7
+
+
 @pytest.mark.parametrize('i', range(8))
 def test_ambiguity_example(i):
   ex = _amb(i)
@@ -202,8 +308,7 @@ def test_ambiguity_example(i):
   names = [o.name for o in ex.objects]
   assert len(set(names)) == len(names)
   for k in range(2):
-    assert ex.objects[ex.target_indices[k]].name in ex.captions[k].replace('big ', '').replace(
-        'small ', '')
+    assert ex.objects[ex.target_indices[k]].name in _strip_sizes(ex.captions[k])
   # Far apart: a gap of >= 20 % of the image extent along one axis between the two boxes.
   gap_x = max(t1[0] - t0[2], t0[0] - t1[2]) / w
   gap_y = max(t1[1] - t0[3], t0[1] - t1[3]) / h
@@ -267,23 +372,42 @@ def test_builder_counts_and_features(tiny_builder):
   from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
   assert tiny_builder.name == 'synthetic_crops'
   splits = tiny_builder.info.splits
+  assert str(tiny_builder.info.version) == '1.2.0'
   assert {k: splits[k].num_examples for k in splits} == {
-      'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 8}
+      'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 8, 'ambiguity_validation': 8}
   keys = set(tiny_builder.info.features.keys())
   assert {F.IMAGE, F.FILENAME, F.HEIGHT, F.WIDTH, F.TEXT, F.CROPS, 'objects',
           'target/bbox'} <= keys
+  assert set(tiny_builder.info.features['objects'].keys()) == {'bbox', 'name', 'phrase'}
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
     assert ex[F.IMAGE].shape == (ex[F.HEIGHT], ex[F.WIDTH], 3)
     n = len(ex[F.CROPS][F.CROP_SCORE])
     assert 72 <= n <= 90 + S.NUM_FREE_CROPS
     assert ex[F.TEXT]
     assert np.all((ex[F.CROPS][F.CROP_SCORE] >= 1) & (ex[F.CROPS][F.CROP_SCORE] <= 5))
-  amb = list(tfds.as_numpy(tiny_builder.as_dataset(split='ambiguity')))
-  by_file = {}
-  for ex in amb:
-    np.testing.assert_array_equal(ex[F.CROPS][F.CROP_SCORE], np.ones(4, np.float32))
-    by_file.setdefault(ex[F.FILENAME], set()).add(ex[F.TEXT])
-  assert len(by_file) == 4 and all(len(t) == 2 for t in by_file.values())
+  images = {}
+  for split in S.AMBIGUITY_SPLITS:
+    by_file = {}
+    for ex in tfds.as_numpy(tiny_builder.as_dataset(split=split)):
+      np.testing.assert_array_equal(ex[F.CROPS][F.CROP_SCORE], np.ones(4, np.float32))
+      by_file.setdefault(ex[F.FILENAME].decode(), set()).add(ex[F.TEXT])
+      images.setdefault(split, set()).add(ex[F.IMAGE].tobytes())
+    assert sorted(by_file) == [f'{split}_{i:06d}.jpg' for i in range(4)]
+    assert all(len(t) == 2 for t in by_file.values())
+  assert not images['ambiguity'] & images['ambiguity_validation']
+
+
+def test_builder_configs(tiny_builder):
+  configs = {c.name: c for c in type(tiny_builder).BUILDER_CONFIGS}
+  assert set(configs) == {'default', 'small', 'tiny'} | {
+      f'{size}_seed{s}' for size in ('default', 'small') for s in range(1, 10)}
+  sizes = lambda c: (c.num_train, c.num_validation, c.num_test, c.num_ambiguity, c.base_size)
+  for s in range(1, 10):
+    for size in ('default', 'small'):
+      config = configs[f'{size}_seed{s}']
+      assert config.seed == s and sizes(config) == sizes(configs[size])
+  assert configs['default'].seed == configs['small'].seed == 0
+  assert sizes(configs['small']) == (400, 50, 50, 50, 256)
 
 
 def test_builder_matches_generator_and_bbox_convention(tiny_builder):
@@ -303,6 +427,7 @@ def test_builder_matches_generator_and_bbox_convention(tiny_builder):
                      for o in scene.objects])
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert [n.decode() for n in ex['objects']['name']] == [o.name for o in scene.objects]
+    assert tuple(p.decode() for p in ex['objects']['phrase']) == scene.phrases
     np.testing.assert_allclose(
         ex['target/bbox'], S.tfds_bbox(scene.target_xyxy, (h, w)), atol=1e-6)
     np.testing.assert_allclose(ex[F.CROPS][F.CROP_SCORE], scene.scores, atol=1e-6)

@@ -4,11 +4,13 @@ No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic
 
   tfds build datasets/synthetic                      # config `default`
   tfds build datasets/synthetic --config=tiny        # a few images, for tests
+  tfds build datasets/synthetic --config=small_seed2 # the `small` sizes drawn with data seed 2
 
 Splits: train / validation / test (one example per image: caption, target, ~90 GAIC grid-anchor
-plus up to 32 free-form candidates scored 1..5) and ambiguity (TextCrop-like: two examples per
-image, one per caption, each with four reference crops of score 1.0).
-See README.md for the features and the score rule.
+plus up to 32 free-form candidates scored 1..5) and ambiguity / ambiguity_validation (TextCrop-like:
+two examples per image, one per caption, each with four reference crops of score 1.0; the same
+generator on disjoint images: choose settings on ambiguity_validation, report on ambiguity).
+See README.md for the features, the caption grammar and the score rule.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from clipcrop_jax import synthetic as S
 OBJECTS = 'objects'
 OBJECT_BBOX = 'bbox'
 OBJECT_NAME = 'name'
+OBJECT_PHRASE = 'phrase'
 TARGET_BBOX = 'target/bbox'
 
 
 @dataclasses.dataclass
 class SyntheticCropsConfig(tfds.core.BuilderConfig):
-  """Sizes of the generated splits (images; ambiguity yields two examples per image)."""
+  """Sizes of the generated splits (images; the ambiguity splits yield two examples per image;
+  ambiguity_validation has `num_ambiguity` images too)."""
   num_train: int = 1000
   num_validation: int = 200
   num_test: int = 200
@@ -40,25 +44,42 @@ class SyntheticCropsConfig(tfds.core.BuilderConfig):
   jpeg_quality: int = 95
 
 
+DEFAULT_DESCRIPTION = ('1000/200/200 images + 100 ambiguity and 100 ambiguity_validation images '
+                       '(200 examples each), ~256x256 px.')
+SMALL_DESCRIPTION = ('400/50/50 images + 50 ambiguity and 50 ambiguity_validation images (100 '
+                     'examples each), ~256x256 px: the quick embedded-default run.')
+SMALL_SIZES = dict(num_train=400, num_validation=50, num_test=50, num_ambiguity=50)
+SEEDS = range(1, 10)  # data seeds of the `default_seed<s>` / `small_seed<s>` configs
+
+
 class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated cropping scenes of coloured shapes (needs no download)."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Training candidates: the GAIC grid plus up to 32 free-form crops around the '
                'target, scored with the same annotator taste as the ambiguity references.',
+      '1.2.0': 'New split ambiguity_validation (same generator and size as ambiguity, disjoint '
+               'images) for choosing settings. Caption grammar with relation phrases: training '
+               "captions are 'name' / 'pair' ('<A> and <B>') / 'relation' ('<A> <relation> <B>', "
+               'target A only); half of the ambiguity captions name the other target too '
+               "('<T> <direction> <other>'). New feature objects/phrase (a referring phrase or "
+               "''). Configs default_seed<s> / small_seed<s> (s = 1..9). The ambiguity split's "
+               'images and reference crops are unchanged; its captions are not.',
   }
   BUILDER_CONFIGS = [
-      SyntheticCropsConfig(name='default', description='1000/200/200 images + 100 ambiguity '
-                           'images (200 examples), ~256x256 px.'),
-      SyntheticCropsConfig(name='small', description='400/50/50 images + 50 ambiguity images '
-                           '(100 examples), ~256x256 px: the quick embedded-default run.',
-                           num_train=400, num_validation=50, num_test=50, num_ambiguity=50),
-      SyntheticCropsConfig(name='tiny', description='8/4/4 images + 4 ambiguity images, for '
-                           'tests.', num_train=8, num_validation=4, num_test=4, num_ambiguity=4,
-                           base_size=128),
-  ]
+      SyntheticCropsConfig(name='default', description=DEFAULT_DESCRIPTION),
+      SyntheticCropsConfig(name='small', description=SMALL_DESCRIPTION, **SMALL_SIZES),
+      SyntheticCropsConfig(name='tiny', description='8/4/4 images + 4 + 4 ambiguity images, '
+                           'for tests.', num_train=8, num_validation=4, num_test=4,
+                           num_ambiguity=4, base_size=128),
+  ] + [SyntheticCropsConfig(name=f'default_seed{s}', seed=s,
+                            description=f'{DEFAULT_DESCRIPTION} Data seed {s}.')
+         for s in SEEDS] + [
+             SyntheticCropsConfig(name=f'small_seed{s}', seed=s,
+                                  description=f'{SMALL_DESCRIPTION} Data seed {s}.',
+                                  **SMALL_SIZES) for s in SEEDS]
   DEFAULT_CONFIG_NAME = 'default'
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -66,6 +87,7 @@ class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
         OBJECTS: tfds.features.Sequence({
             OBJECT_BBOX: tfds.features.BBoxFeature(),
             OBJECT_NAME: tfds.features.Text(),
+            OBJECT_PHRASE: tfds.features.Text(),
         }),
         TARGET_BBOX: tfds.features.BBoxFeature(),
     }
@@ -83,6 +105,7 @@ class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
         'validation': self._generate_examples('validation', c.num_validation),
         'test': self._generate_examples('test', c.num_test),
         'ambiguity': self._generate_examples('ambiguity', c.num_ambiguity),
+        'ambiguity_validation': self._generate_examples('ambiguity_validation', c.num_ambiguity),
     }
 
   def _generate_examples(self, split: str, num_images: int):
@@ -94,22 +117,23 @@ def _bbox(box, hw):
   return tfds.features.BBox(*S.tfds_bbox(box, hw))
 
 
-def _objects(objects, hw):
-  return [{OBJECT_BBOX: _bbox(o.box, hw), OBJECT_NAME: o.name} for o in objects]
+def _objects(objects, phrases, hw):
+  return [{OBJECT_BBOX: _bbox(o.box, hw), OBJECT_NAME: o.name, OBJECT_PHRASE: p}
+          for o, p in zip(objects, phrases, strict=True)]
 
 
 def generate_split_examples(config: SyntheticCropsConfig, split: str, index: int):
-  """The (key, example) pairs of image `index` of `split` (two for the ambiguity split)."""
+  """The (key, example) pairs of image `index` of `split` (two for the ambiguity splits)."""
   rng = S.rng_for(config.seed, split, index)
-  if split == 'ambiguity':
+  if split in S.AMBIGUITY_SPLITS:
     ex = S.generate_ambiguity_example(rng, base_size=config.base_size, aspects=config.aspects)
     hw = (ex.height, ex.width)
     jpeg = S.encode_jpeg(ex.image, config.jpeg_quality)
-    objects = _objects(ex.objects, hw)
+    objects = _objects(ex.objects, ex.phrases, hw)
     for k in range(2):
       yield f'{index:06d}_{k}', {
           F.IMAGE: jpeg,
-          F.FILENAME: f'ambiguity_{index:06d}.jpg',
+          F.FILENAME: f'{split}_{index:06d}.jpg',
           F.HEIGHT: np.int32(hw[0]),
           F.WIDTH: np.int32(hw[1]),
           F.TEXT: ex.captions[k],
@@ -129,7 +153,7 @@ def generate_split_examples(config: SyntheticCropsConfig, split: str, index: int
       F.TEXT: scene.caption,
       F.CROPS: [{F.CROP_BBOX: _bbox(b, hw), F.CROP_SCORE: np.float32(s)}
                 for b, s in zip(scene.candidates, scene.scores)],
-      OBJECTS: _objects(scene.objects, hw),
+      OBJECTS: _objects(scene.objects, scene.phrases, hw),
       TARGET_BBOX: _bbox(scene.target_xyxy, hw),
   }
 
