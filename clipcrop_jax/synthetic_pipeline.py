@@ -169,22 +169,32 @@ def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   'quality_iou_srcc'}}: each variant's `fuse_top_k` chosen on `pipeline.validation_split` (the
   highest IoU-Mean among `pipeline.fuse_top_k_choices`, ties to the smaller k); the choice is
   written into the variant's exported model directory."""
-  name = c.eval.datasets[0][0]
-  split = c.pipeline.validation_split
-  choices = sorted({int(k) for k in c.pipeline.fuse_top_k_choices})
   out = {}
   for mode, (v, state) in trained.items():
-    summary = evaluate.evaluate_dataset(
-        _eval_config(v), state.params, sharding_lib.mesh_of(state.params), name, split,
-        str(workdir / f'clipcrop_{mode}'), int(jax.device_get(state.step)), fuse_choices=choices)
-    by_k = {k: summary['methods'][f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] for k in choices}
-    best = max(choices, key=lambda k: (by_k[k], -k))
-    out[mode] = dict(fuse_top_k=best, iou_mean=by_k[best], iou_mean_by_k=by_k,
-                     quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'])
+    out[mode] = validation_choice(c, v, state, workdir / f'clipcrop_{mode}')
     logging.info('ClipCrop-%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f',
-                 mode, split, by_k, best, out[mode]['quality_iou_srcc'])
-    _set_exported_fuse_top_k(workdir / f'clipcrop_{mode}' / export.EXPORT_DIR, best)
+                 mode, c.pipeline.validation_split, out[mode]['iou_mean_by_k'],
+                 out[mode]['fuse_top_k'], out[mode]['quality_iou_srcc'])
+    _set_exported_fuse_top_k(workdir / f'clipcrop_{mode}' / export.EXPORT_DIR,
+                             out[mode]['fuse_top_k'])
   return out
+
+
+def validation_choice(c: ml_collections.ConfigDict, v: ml_collections.ConfigDict, state: Any,
+                      workdir: pathlib.Path) -> dict[str, Any]:
+  """One trained variant (config `v`, final `state`) on `pipeline.validation_split`:
+  {'fuse_top_k': the k of `pipeline.fuse_top_k_choices` with the highest IoU-Mean (ties to the
+  smaller k), 'iou_mean': its IoU-Mean, 'iou_mean_by_k', 'quality_iou_srcc'}; the eval file goes
+  to `workdir`."""
+  choices = sorted({int(k) for k in c.pipeline.fuse_top_k_choices})
+  summary = evaluate.evaluate_dataset(
+      _eval_config(v), state.params, sharding_lib.mesh_of(state.params), c.eval.datasets[0][0],
+      c.pipeline.validation_split, str(workdir), int(jax.device_get(state.step)),
+      fuse_choices=choices)
+  by_k = {k: summary['methods'][f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] for k in choices}
+  best = max(choices, key=lambda k: (by_k[k], -k))
+  return dict(fuse_top_k=best, iou_mean=by_k[best], iou_mean_by_k=by_k,
+              quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'])
 
 
 def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
@@ -264,7 +274,7 @@ def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RES
     for key in ('iou_mean', 'iou_max', 'num_examples'):
       values = np.array([s['rows'][r][key] for s in per_seed], np.float64)
       mean[r][key] = float(values.mean())
-      std[r][key] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+      std[r][key] = _std(values)
   intervals = {}
   if 'clipcrop_full' in rows:
     clusters = [f'{s["seed"]}/{img}' for s in per_seed for img in s['image_ids']]
@@ -386,6 +396,11 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   return path
 
 
+def _std(values: np.ndarray) -> float:
+  """Sample standard deviation over seeds; NaN for a single seed."""
+  return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
 def _pm(mean: float, std: float) -> str:
   return f'{mean:.4f}' if math.isnan(std) else f'{mean:.4f} ± {std:.4f}'
 
@@ -437,9 +452,8 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
     ks = [str(s['validation'][mode]['fuse_top_k']) for s in per_seed]
     vm = np.array([s['validation'][mode]['iou_mean'] for s in per_seed])
     vc = np.array([s['validation'][mode]['quality_iou_srcc'] for s in per_seed])
-    sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else math.nan)
-    lines.append(f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), sd(vm))} | '
-                 f'{_pm(float(vc.mean()), sd(vc))} |')
+    lines.append(f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), _std(vm))} | '
+                 f'{_pm(float(vc.mean()), _std(vc))} |')
   lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (README, "Embedded '
             'default"; `tools/select_on_validation.py`): the quality objective '
             f'(`loss.quality_loss={c.loss.quality_loss!r}`, '

@@ -76,10 +76,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   candidates = [parse_candidate(t) for t in args.candidate]
 
-  import jax
   from clipcrop_jax import default_config
-  from clipcrop_jax import evaluate
-  from clipcrop_jax import sharding as sharding_lib
   from clipcrop_jax import synthetic_pipeline as sp
   from clipcrop_jax import train_lib
   path, _, arg = args.config.partition(':')
@@ -92,7 +89,6 @@ def main(argv=None) -> int:
   owlvit_ckpt, _ = sp.train_owlvit(c, work)
   name = c.eval.datasets[0][0]
   split = c.pipeline.validation_split
-  choices = sorted({int(k) for k in c.pipeline.fuse_top_k_choices})
   results = {}
   for cand, overrides in candidates:
     cc = apply_overrides(c, overrides)
@@ -100,19 +96,15 @@ def main(argv=None) -> int:
     v = sp.variant_config(cc, args.mode, owlvit_ckpt)
     out = work / 'select' / cand / f'clipcrop_{args.mode}'
     state = train_lib.train(v, str(out))
-    summary = evaluate.evaluate_dataset(v, state.params, sharding_lib.mesh_of(state.params), name,
-                                        split, str(out), int(jax.device_get(state.step)),
-                                        fuse_choices=choices)
-    by_k = {k: summary['methods'][f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] for k in choices}
-    best = max(choices, key=lambda k: (by_k[k], -k))
-    results[cand] = dict(overrides=overrides, iou_mean_by_k=by_k, best_k=best,
-                         quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'])
+    chosen = sp.validation_choice(cc, v, state, out)
+    results[cand] = dict(overrides=overrides, iou_mean_by_k=chosen['iou_mean_by_k'],
+                         best_k=chosen['fuse_top_k'], quality_iou_srcc=chosen['quality_iou_srcc'])
   lines = [f'ClipCrop-{args.mode} on `{name}` [{split}], seed {args.seed}', '',
            '| candidate | overrides | IoU-Mean (k=1) | best k | IoU-Mean (best k) | '
            'quality↔IoU SRCC |', '|---|---|---:|---:|---:|---:|']
   for cand, r in results.items():
     ov = ', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '(config)'
-    lines.append(f'| {cand} | {ov} | {r["iou_mean_by_k"][min(choices)]:.4f} | {r["best_k"]} | '
+    lines.append(f'| {cand} | {ov} | {r["iou_mean_by_k"][min(r["iou_mean_by_k"])]:.4f} | {r["best_k"]} | '
                  f'{r["iou_mean_by_k"][r["best_k"]]:.4f} | {r["quality_iou_srcc"]:.3f} |')
   table = '\n'.join(lines) + '\n'
   fileio.atomic_write_text(work / 'select' / 'selection.md', table)
