@@ -11,6 +11,16 @@
   request = cropper.check_request(text='a dog')         # validate + embed once ...
   crops = [cropper.crop_checked(e, request) for e in encs]   # ... crop many (a service)
 
+  for r in cropper.iter_crops(paths, text='a dog', batch_size=16):   # a folder of photos:
+    r.index, r.crops, r.error                           # in input order, bad files kept as errors
+
+Batched inference (`crop` / `encode` on a list, `iter_crops`): images are decoded and
+preprocessed in a thread pool that runs ahead of the device; the encoder and the decoder run on
+batches padded to a few static sizes (powers of two times the local device count, so nothing is
+recompiled per image), split over the local devices on the 'data' axis of a
+`sharding.make_mesh` mesh; results come back in input order, a failing file as an error of its
+own. `dtype='bfloat16'` computes in bfloat16 (parameters stay float32).
+
 Two ways of producing crops:
 * trained ClipCrop decoder (a model directory, `clipcrop_jax.export`: `save` / `load`);
 * zero-shot (only OWL-ViT weights, e.g. `ClipCropper.load('owl2-b16.msgpack')`): GAIC grid
@@ -21,12 +31,14 @@ Two ways of producing crops:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import math
+import os
 import pathlib
 import threading
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import uuid
 
 import jax
@@ -38,6 +50,7 @@ from clipcrop_jax import export
 from clipcrop_jax import features
 from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
+from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import configs as owl_configs
@@ -53,6 +66,8 @@ ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
 MAX_ASPECT_RATIO = 100.0  # aspect ratios outside [1/100, 100] are refused
 MIN_CROP_SIDE = 1.0  # pixels: no crop is ever thinner than one pixel
 QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example image -> embedding)
+DEFAULT_BATCH_SIZE = 8  # images per encoder forward in batched inference (per call: batch_size)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -88,6 +103,30 @@ class ModelInput:
   image_hw: tuple[int, int]
 
 
+@dataclasses.dataclass
+class BatchResult:
+  """The outcome for one input of batched inference (`ClipCropper.iter_crops`).
+
+  Attributes:
+    index: position of the input in the list given.
+    source: the input's path, or 'images[<index>]' for an array / file object / Encoding.
+    crops: the ranked crops (as `crop` returns them), or None when the input failed.
+    error: one line naming the input and what went wrong (None on success).
+    exception: the exception behind `error` (None on success).
+    payload: what the caller's `prepare` returned next to the model input (e.g. the decoded
+      full-resolution image a command line writes crops from); None without `prepare`.
+    image_hw: the original image size (H, W), when known.
+  """
+
+  index: int
+  source: str
+  crops: Optional[list[Crop]]
+  error: Optional[str] = None
+  exception: Optional[BaseException] = None
+  payload: Any = None
+  image_hw: Optional[tuple[int, int]] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Request:
   """A validated crop request (shared by every image of a call)."""
@@ -116,17 +155,30 @@ class ClipCropper:
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
                zero_shot_mode: bool = False, model_id: str = '',
                keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
-               nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None):
+               nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None,
+               dtype: Any = 'float32', batch_size: int = DEFAULT_BATCH_SIZE,
+               devices: Optional[Sequence[jax.Device]] = None):
+    """See the class docstring; `dtype` is the compute dtype ('float32' or 'bfloat16'; the
+    parameters stay float32), `batch_size` the default images per forward of batched inference
+    and `devices` the devices a batch is split over (default: `jax.local_devices()`)."""
     self.config = config
-    self.variables = variables
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
     self.keyword_pipeline = keywords_lib.check_pipeline(keyword_pipeline)
     self.nms_iou = nms_iou
     self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
-    self.module = model_lib.ClipCrop(config)
-    self.owl_module = owl_model.TextZeroShotDetectionModule(config.owlvit_config)
-    self._owl_variables = {'params': variables['params']['owlvit']}
+    self.dtype = _check_dtype(dtype)
+    self.batch_size = check_int('batch_size', batch_size)
+    # One ('data', 'model') mesh over the local devices: batches are split on 'data', the
+    # parameters are replicated (placed once here).
+    self.mesh = sharding_lib.make_mesh((-1, 1), jax.local_devices() if devices is None
+                                       else devices)
+    self.num_devices = self.mesh.devices.size
+    self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.variables = jax.device_put(variables, sharding_lib.replicated(self.mesh))
+    self.module = model_lib.ClipCrop(config, dtype=self.dtype)
+    self.owl_module = owl_model.TextZeroShotDetectionModule(config.owlvit_config, self.dtype)
+    self._owl_variables = {'params': self.variables['params']['owlvit']}
     self._encoder_key = f'{config.owlvit}:{uuid.uuid4().hex}'
     self._query_cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
     self._query_cache_lock = threading.Lock()  # a service calls check_request from many threads
@@ -228,34 +280,51 @@ class ClipCropper:
     """Runs the image encoder once; pass the result to `crop` for any number of queries.
 
     Args:
-      image: what `prepare` takes, or a list of those (-> list of Encodings, one forward each;
-        `encode_batch` runs one forward for all).
+      image: what `prepare` takes, or a list of those (-> list of Encodings, encoded in batches
+        of `batch_size` by `encode_batch`; a bad input raises, naming it).
     """
     if isinstance(image, (list, tuple)):
-      return [self.encode(im) for im in image]
+      return self.encode_batch(image)
     return self.encode_batch([image])[0]
 
-  def encode_batch(self, images: Sequence[Any]) -> list[Encoding]:
-    """Encodes several images in one forward of the image encoder.
+  def bucket_size(self, n: int) -> int:
+    """The static batch size a batch of `n` images is padded to: the local device count times
+    the next power of two of n / device count (1, 2, 4, 8, ... on one device), so that only a
+    few shapes are ever compiled and every device gets the same share."""
+    per_device = -(-max(int(n), 1) // self.num_devices)
+    return self.num_devices * (1 << (per_device - 1).bit_length())
 
-    The inputs (see `prepare`) are stacked into a (B, S, S, 3) batch, padded with zero images to
-    the next power of two so that only log2(max batch) shapes are ever compiled. Each Encoding
-    equals the one `encode` makes for that image up to float32 rounding (XLA may order the sums
-    of a batched matmul differently; ~2e-6 on the tiny model).
+  def _encode_inputs(self, inputs: Sequence[ModelInput]) -> dict[str, jax.Array]:
+    """One encoder forward over `inputs` stacked and zero-padded to `bucket_size`, the batch
+    split over the local devices: OWL-ViT's encoding with a leading (padded) batch axis."""
+    size = self.config.owlvit_config.image_size
+    pixels = np.zeros((self.bucket_size(len(inputs)), size, size, 3), np.float32)
+    for i, model_input in enumerate(inputs):
+      pixels[i] = model_input.pixels
+    return owl_model.encode_images(self.owl_module, self._owl_variables,
+                                   jax.device_put(pixels, self._batch_sharding))
+
+  def encode_batch(self, images: Sequence[Any],
+                   batch_size: Optional[int] = None) -> list[Encoding]:
+    """Encodes several images, `batch_size` (default: the cropper's) per encoder forward.
+
+    The inputs (see `prepare`) are stacked into (B, S, S, 3) batches, padded with zero images to
+    `bucket_size`. Each Encoding equals the one `encode` makes for that image up to float32
+    rounding (XLA may order the sums of a batched matmul differently; ~2e-6 on the tiny model).
 
     Returns:
       one `Encoding` per image, in order (arrays with a leading batch dimension of 1).
     """
+    batch_size = self.batch_size if batch_size is None else check_int('batch_size', batch_size)
     inputs = [self.prepare(im) for im in images]
-    if not inputs:
-      return []
-    size = self.config.owlvit_config.image_size
-    pixels = np.zeros((1 << (len(inputs) - 1).bit_length(), size, size, 3), np.float32)
-    for i, model_input in enumerate(inputs):
-      pixels[i] = model_input.pixels
-    encoded = owl_model.encode_images(self.owl_module, self._owl_variables, jnp.asarray(pixels))
-    return [Encoding(model_input.image_hw, jax.tree.map(lambda x, i=i: x[i:i + 1], encoded),
-                     self._encoder_key) for i, model_input in enumerate(inputs)]
+    encodings = []
+    for start in range(0, len(inputs), batch_size):
+      chunk = inputs[start:start + batch_size]
+      encoded = self._encode_inputs(chunk)
+      encodings += [Encoding(model_input.image_hw,
+                             jax.tree.map(lambda x, i=i: x[i:i + 1], encoded), self._encoder_key)
+                    for i, model_input in enumerate(chunk)]
+    return encodings
 
   def _cached(self, key: Any, compute) -> tuple[Any, Any]:
     """`compute()` memoised under `key` (LRU, QUERY_CACHE_SIZE entries; thread-safe, `compute`
@@ -330,9 +399,11 @@ class ClipCropper:
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
            top_k: int = 5, aspect_ratio: Any = None, min_size: Optional[float] = None,
-           mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None
-           ) -> Union[list[Crop], list[list[Crop]]]:
-    """Ranked crops for one image (or a list of images -> list of lists).
+           mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None,
+           *, errors: str = 'raise', batch_size: Optional[int] = None
+           ) -> Union[list[Crop], list[Union[list[Crop], BatchResult]]]:
+    """Ranked crops for one image (or a list of images -> one list of crops per image, computed
+    in batches by `iter_crops`).
 
     Every argument is validated once, before any image is encoded: bad values raise ValueError
     (TypeError for a wrong type) naming the argument.
@@ -355,15 +426,143 @@ class ClipCropper:
       fuse_top_k: overrides the config's `fuse_top_k`: the first crop is then the mean of the k
         highest-quality predictions (box voting), the others follow as usual. Trained decoders
         only (ignored in zero-shot mode).
+      errors: for a list: 'raise' (the first failing image raises its error, naming it) or
+        'return' (a failing image's entry is its `BatchResult`, with `error` set; the others
+        are lists of crops).
+      batch_size: images per forward for a list (default: the cropper's `batch_size`).
 
     Returns:
       list of `Crop`, best first; possibly empty (e.g. when `min_size` exceeds the image).
     """
+    if errors not in ('raise', 'return'):
+      raise ValueError(f"errors={errors!r}; expected 'raise' or 'return'")
     request = self.check_request(text, query_image, top_k, aspect_ratio, min_size, mode,
                                  query_box, fuse_top_k)
-    if isinstance(image, (list, tuple)):
-      return [self._crop_one(im, request) for im in image]
-    return self._crop_one(image, request)
+    if not isinstance(image, (list, tuple)):
+      return self._crop_one(image, request)
+    results = []
+    for result in self.iter_crops_checked(image, request, batch_size=batch_size):
+      if result.exception is not None and errors == 'raise':
+        raise result.exception
+      results.append(result if result.exception is not None else result.crops)
+    return results
+
+  def iter_crops(self, images: Iterable[Any], text: Optional[str] = None,
+                 query_image: Any = None, top_k: int = 5, aspect_ratio: Any = None,
+                 min_size: Optional[float] = None, mode: Optional[str] = None,
+                 query_box: Any = None, fuse_top_k: Optional[int] = None, *,
+                 batch_size: Optional[int] = None, num_workers: Optional[int] = None,
+                 prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
+                 ) -> Iterator[BatchResult]:
+    """Crops many images to one request in batches; yields a `BatchResult` per image, in input
+    order, as soon as its batch is done.
+
+    The request is checked once, before any image is read (errors raise as in `crop`). Images
+    are read and preprocessed by `num_workers` threads running up to two batches ahead of the
+    device; each batch of `batch_size` goes through the encoder and the decoder in one forward
+    each (padded to `bucket_size`, split over the local devices). An image that cannot be read
+    or cropped gives a result with `error` and the run goes on.
+
+    Args:
+      images: what `crop` takes per image (arrays, paths, file objects, `ModelInput`s or
+        `Encoding`s; an Encoding skips the encoder), or anything `prepare` takes.
+      text ... fuse_top_k: the request, as in `crop`.
+      batch_size: images per forward (default: the cropper's `batch_size`).
+      num_workers: reading threads (default: min(8, CPU count)).
+      prepare: item -> (ModelInput, payload), run in the reading threads instead of
+        `self.prepare`; the payload comes back in the result (a command line returns the decoded
+        image here, to write the crops from it without decoding twice).
+    """
+    request = self.check_request(text, query_image, top_k, aspect_ratio, min_size, mode,
+                                 query_box, fuse_top_k)
+    return self.iter_crops_checked(images, request, batch_size=batch_size,
+                                   num_workers=num_workers, prepare=prepare)
+
+  def iter_crops_checked(self, images: Iterable[Any], request: _Request, *,
+                         batch_size: Optional[int] = None, num_workers: Optional[int] = None,
+                         prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
+                         ) -> Iterator[BatchResult]:
+    """`iter_crops` under a request `check_request` already validated."""
+    batch_size = self.batch_size if batch_size is None else check_int('batch_size', batch_size)
+    num_workers = (min(8, os.cpu_count() or 1) if num_workers is None
+                   else check_int('num_workers', num_workers))
+
+    def read(index: int, item: Any) -> BatchResult:
+      source = str(item) if isinstance(item, (str, pathlib.Path)) else f'images[{index}]'
+      try:
+        if isinstance(item, Encoding):
+          return BatchResult(index, source, None, payload=item, image_hw=item.image_hw)
+        model_input, payload = prepare(item) if prepare else (self.prepare(item), None)
+        return BatchResult(index, source, None, payload=(model_input, payload),
+                           image_hw=model_input.image_hw)
+      except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
+        return _failed(index, source, e)
+
+    with concurrent.futures.ThreadPoolExecutor(num_workers, 'clipcrop-read') as pool:
+      pending = collections.deque()
+      items = iter(enumerate(images))
+      exhausted = False
+      while True:
+        while not exhausted and len(pending) < 2 * batch_size + num_workers:
+          nxt = next(items, None)
+          if nxt is None:
+            exhausted = True
+          else:
+            pending.append(pool.submit(read, *nxt))
+        if not pending:
+          return
+        batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+        yield from self._crop_batch(batch, request)
+
+  def _crop_batch(self, batch: list[BatchResult], request: _Request) -> Iterator[BatchResult]:
+    """Crops the read items of `batch` (one forward; Encodings and failures pass through)."""
+    to_encode = [r for r in batch if r.exception is None and not isinstance(r.payload, Encoding)]
+    outputs = self._forward([r.payload[0] for r in to_encode], request) if to_encode else None
+    position = {id(r): i for i, r in enumerate(to_encode)}
+    for r in batch:
+      if r.exception is not None:
+        yield r
+        continue
+      try:
+        if isinstance(r.payload, Encoding):
+          crops, payload = self._crop_one(r.payload, request), None
+        else:
+          model_input, payload = r.payload
+          crops = self._crops_from_outputs(outputs, position[id(r)], model_input.image_hw,
+                                           request)
+        yield BatchResult(r.index, r.source, crops, payload=payload, image_hw=r.image_hw)
+      except Exception as e:  # pylint: disable=broad-except
+        yield _failed(r.index, r.source, e)
+
+  def _forward(self, inputs: Sequence[ModelInput], request: _Request) -> dict[str, Any]:
+    """Encoder (+ decoder) on one batch: host arrays with a leading (padded) batch axis.
+
+    Trained decoder: 'pred_boxes' (B, M, 4) xyxy of the padded square and 'quality' (B, M).
+    Zero-shot: the encoding's 'pred_boxes' (B, P, 4) cxcywh and 'class_terms'.
+    """
+    encoded = self._encode_inputs(inputs)
+    if self.zero_shot:
+      return jax.device_get({k: encoded[k] for k in ('pred_boxes', 'class_terms')})
+    n = encoded['image_features'].shape[0]
+    extent = np.ones((n, 2), np.float32)
+    for i, model_input in enumerate(inputs):
+      h, w = model_input.image_hw
+      extent[i] = (w / max(h, w), h / max(h, w))
+    q, q_mask = request.queries, request.query_mask
+    if q is not None:
+      q = jnp.broadcast_to(q, (n,) + q.shape[1:])
+      q_mask = jnp.broadcast_to(q_mask, (n,) + q_mask.shape[1:])
+    out = self._decode(self.variables, encoded, q, q_mask,
+                       jax.device_put(extent, self._batch_sharding))
+    return jax.device_get({'pred_boxes': out['pred_boxes'], 'quality': out['quality']})
+
+  def _crops_from_outputs(self, outputs: dict[str, Any], i: int,
+                          image_hw: tuple[int, int], request: _Request) -> list[Crop]:
+    """The crops of row `i` of a batched `_forward`."""
+    row = jax.tree.map(lambda v: v[i:i + 1], outputs)
+    if self.zero_shot:
+      return self._crop_encoding(Encoding(image_hw, row, self._encoder_key), request)
+    return self._crops_from_decoder(row, image_hw, request)
 
   def crop_checked(self, image: Any, request: _Request) -> list[Crop]:
     """`crop` for one image (array, path, file object, `ModelInput` or `Encoding`) under a request
@@ -380,22 +579,34 @@ class ClipCropper:
       enc = image
     else:
       enc = self.encode(image)
+    return self._crop_encoding(enc, request)
+
+  def _crop_encoding(self, enc: Encoding, request: _Request) -> list[Crop]:
+    """Crops of one encoded image (zero-shot rule or the decoder on its own)."""
     q, q_mask = request.queries, request.query_mask
     h, w = enc.image_hw
-    side = float(max(h, w))
-    fuse = request.fuse_top_k > 1 and not self.zero_shot
     if self.zero_shot:
       boxes_px, scores = self._zero_shot(enc, q, q_mask, request.ratio)
-    else:
-      extent = jnp.asarray([[w / side, h / side]], jnp.float32)
-      out = self._decode(self.variables, enc.encoded, q, q_mask, extent)
-      boxes_px = np.asarray(out['pred_boxes'][0]) * side
-      boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
-      scores = np.asarray(out['quality'][0])
-      # Box voting: the fused crop (if any) is ranked first.
-      boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, request.fuse_top_k)
+      return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
+                            request.min_size)
+    side = float(max(h, w))
+    extent = jnp.asarray([[w / side, h / side]], jnp.float32)
+    out = self._decode(self.variables, enc.encoded, q, q_mask, extent)
+    return self._crops_from_decoder(out, enc.image_hw, request)
+
+  def _crops_from_decoder(self, out: dict[str, Any], image_hw: tuple[int, int],
+                          request: _Request) -> list[Crop]:
+    """Crops from the decoder's outputs of one image ('pred_boxes' (1, M, 4) xyxy of the
+    padded square, 'quality' (1, M)): pixels, box voting, then `_finalise`."""
+    h, w = image_hw
+    side = float(max(h, w))
+    boxes_px = np.asarray(out['pred_boxes'][0], np.float32) * side
+    boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
+    scores = np.asarray(out['quality'][0], np.float32)
+    # Box voting: the fused crop (if any) is ranked first.
+    boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, request.fuse_top_k)
     return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
-                          request.min_size, first_is_best=fuse)
+                          request.min_size, first_is_best=request.fuse_top_k > 1)
 
   def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
     """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""
@@ -490,6 +701,30 @@ def check_crop_arguments(top_k: Any, aspect_ratio: Any = None, min_size: Any = N
   except ValueError as e:
     raise ValueError(f'{name("aspect_ratio")}: {e}') from None
   return top_k, ratio, min_size, fuse_top_k
+
+
+def _check_dtype(dtype: Any) -> Any:
+  """'float32' / 'bfloat16' (or the jnp dtypes) -> the jnp dtype; ValueError naming `dtype`."""
+  for name, value in DTYPES.items():
+    if dtype == name or dtype is value or np.dtype(value) == _np_dtype(dtype):
+      return value
+  raise ValueError(f'dtype={dtype!r}; expected one of {sorted(DTYPES)}')
+
+
+def _np_dtype(dtype: Any) -> Optional[np.dtype]:
+  try:
+    return np.dtype(dtype)
+  except TypeError:
+    return None
+
+
+def _failed(index: int, source: str, error: Exception) -> BatchResult:
+  """A failed `BatchResult` whose `error` is one line naming `source`."""
+  reason = ' '.join(str(error).split()) or type(error).__name__
+  if not isinstance(error, (ValueError, OSError)):
+    reason = f'{type(error).__name__}: {reason}'
+  return BatchResult(index, source, None, error=reason if source in reason
+                     else f'{source}: {reason}', exception=error)
 
 
 def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.ClipCropConfig:
