@@ -35,6 +35,9 @@ ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` ov
                        `selection_filter` (True = the paper §3.3): during training, drop the
                        selected boxes that lie mostly outside the best-scored crop
                        (`model.filter_selected_boxes`); inference never filters.
+                       `matching_solver` ('auto' | 'device' | 'host'): where the Hungarian
+                       matching is solved (`matching.SOLVERS`; 'auto' = per platform,
+                       `matching.default_solver`); the assignment is the same.
   sharding.*           mesh_shape (data, model) with -1 = the rest; `rules` [(regex, 'replicate' |
                        'shard_largest')] for params / optimizer state (first match wins).
   distributed.*        `jax.distributed.initialize` (multi-host) when `initialize` is True.
@@ -83,6 +86,7 @@ BASELINES = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_s
              'clipcrop_base')
 RUNS = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
 DTYPES = ('float32', 'bfloat16')
+MATCHING_SOLVERS = ('auto', 'device', 'host')  # = matching.SOLVERS (no jax import here)
 DATA_RESUME = ('replay', 'reseed')
 SHARDING_KINDS = ('replicate', 'shard_largest')  # = sharding.RULE_KINDS (no jax import here)
 USAGE_EXIT_CODE = 2  # bad command line or config (as argparse); 1 = the run itself failed
@@ -125,7 +129,7 @@ def get_default_config() -> ml_collections.ConfigDict:
       cost_l1=5.0, cost_giou=2.0, cost_quality=1.0,
       weight_l1=5.0, weight_giou=2.0, weight_quality=1.0, aux_loss=True,
       quality_loss='smooth_l1', quality_target='matched', quality_pointwise_weight=0.1,
-      quality_temperature=0.2, quality_top_k=4, selection_filter=True))
+      quality_temperature=0.2, quality_top_k=4, selection_filter=True, matching_solver='auto'))
 
   c.sharding = ml_collections.ConfigDict(dict(
       mesh_shape=(-1, 1), rules=(('.*', 'replicate'),)))
@@ -435,6 +439,7 @@ def _check_clipcrop(c: _Checks) -> None:
   c.check('loss.quality_pointwise_weight', _number_at_least(0), 'a finite number >= 0')
   c.check('loss.quality_temperature', lambda v: _is_number(v) and v > 0, 'a number > 0')
   c.check('loss.quality_top_k', _int_at_least(1), 'an integer >= 1')
+  c.check('loss.matching_solver', lambda v: v in MATCHING_SOLVERS, f'one of {MATCHING_SOLVERS}')
   needs_eval = run in ('eval', 'train_and_eval')
   c.check('eval.datasets', lambda v: _dataset_pairs(v) and (len(v) > 0 or not needs_eval),
           '(tfds name, split) pairs' + (f', at least one for run={run!r}' if needs_eval else ''))

@@ -320,6 +320,7 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
                           quality_pointwise_weight: float = 0.1,
                           quality_temperature: float = 0.2,
                           quality_top_k: int = 4,
+                          matching_solver: str = 'device',
                           num_positives: Optional[jax.Array] = None,
                           num_predictions: Optional[jax.Array] = None,
                           num_images: Optional[jax.Array] = None) -> dict[str, jax.Array]:
@@ -346,6 +347,7 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
       the synthetic ambiguity split's reference crops).
     quality_pointwise_weight: Smooth-L1 weight added to a ranking loss.
     quality_temperature: the listwise loss's target temperature.
+    matching_solver: one of `matching.SOLVERS` (same assignment either way; speed differs).
     num_positives: normaliser of the box terms; default this batch's positive count. Clamped to
       >= 1. Pass the global count when the batch is sharded.
     num_predictions: normaliser of the Smooth-L1 quality term; default B * M.
@@ -368,7 +370,7 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
   scores_norm = normalise_scores(crop_scores, score_min, score_max)  # (B, C)
 
   pred_idx, crop_idx, valid = matching.match(
-      pred_boxes_xyxy, pred_quality, crops_xyxy, positives,
+      pred_boxes_xyxy, pred_quality, crops_xyxy, positives, matching_solver,
       l1_weight=l1_weight, giou_weight=giou_weight, quality_weight=quality_weight)  # (B, K) each
   src = matching.gather_matched(pred_boxes_xyxy, pred_idx)  # (B, K, 4)
   tgt = matching.gather_matched(crops_xyxy, crop_idx)  # (B, K, 4)
@@ -497,7 +499,8 @@ def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_m
                    target_mask: jax.Array, *, focal_alpha: float = 0.25,
                    focal_gamma: float = 2.0, cost_class: float = 2.0, cost_l1: float = 5.0,
                    cost_giou: float = 2.0, weight_class: float = 2.0, weight_l1: float = 5.0,
-                   weight_giou: float = 2.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   weight_giou: float = 2.0, matching_solver: str = 'device'
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Set-prediction detection loss.
 
   Args:
@@ -508,6 +511,7 @@ def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_m
     target_labels: (B, N) int, each object's query index.
     target_mask: (B, N) bool, True for real objects.
     focal_alpha, focal_gamma, cost_*: matching / focal parameters; weight_*: loss weights.
+    matching_solver: one of `matching.SOLVERS`.
 
   Returns:
     (loss, terms) with terms loss_class, loss_l1, loss_giou (unweighted, each summed and divided

@@ -2,8 +2,14 @@
 
 All boxes are xyxy (x0, y0, x1, y1) normalised to [0, 1]. Shapes use B = batch, M = predictions
 per image, N = target slots per image (real targets plus padding, marked by `target_mask`) and
-K = min(M, N) matched pairs per image. Everything is jit-able with static shapes; the assignment
-is solved by `optax.assignment.hungarian_algorithm` under `jax.vmap` and carries no gradient.
+K = min(M, N) matched pairs per image. Everything is jit-able with static shapes and carries no
+gradient. The assignment is solved by one of `SOLVERS` (Scenic offers both kinds):
+  'device'  `optax.assignment.hungarian_algorithm` under `jax.vmap`, inside the compiled step;
+  'host'    `scipy.optimize.linear_sum_assignment` on the host through `jax.pure_callback`, one
+            call per step for all images (and all decoder layers when vmapped over them);
+  'auto'    `default_solver()`: chosen per platform by measurement (see there).
+Both solve the same padded problem (`_solvable_cost`), so they return the same assignment (same
+total cost; the same pairs whenever the optimum is unique).
 
 The matching cost follows DETR / Scenic, with the class term replaced by the predicted quality:
   cost = l1_weight * L1(cxcywh) - giou_weight * GIoU - quality_weight * quality.
@@ -15,12 +21,38 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from clipcrop_jax import boxes as box_lib
 
 # Cost of a padded target slot (and the bound for non-finite costs), as Scenic's matchers use.
 COST_UPPER_BOUND = 1e6
+SOLVERS = ('auto', 'device', 'host')
+
+
+def default_solver(backend: str | None = None) -> str:
+  """The solver 'auto' picks on `backend` (default `jax.default_backend()`).
+
+  CPU: 'host', measured (tools/benchmark_train.py --matching on 2 CPU cores; B=8 images,
+  M=90 predictions, N=128 crop slots of which 3..90 real, the 6 decoder layers vmapped as in the
+  B/32 train step): device 390 ms, host 13 ms per step; tiny (B=8, M=12, 2 layers): device
+  2.5 ms, host 0.4 ms. optax's solver is a `while_loop` of small dependent steps that XLA:CPU
+  runs far slower than SciPy's C++ solver.
+  GPU: 'host', a priori (pending `tools/gpu_check.sh`): each of those steps is a kernel launch
+  on a GPU (Scenic's experience; the frozen B/32 step ran at 57 ex/s on an H200 while its
+  encoder needs ~3 ms per image).
+  TPU: 'device' (host callbacks leave the chip; Scenic matches on the TPU there).
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return 'device' if backend == 'tpu' else 'host'
+
+
+def resolve_solver(solver: str) -> str:
+  """'device' or 'host' for one of `SOLVERS` ('auto' -> `default_solver()`); ValueError else."""
+  if solver not in SOLVERS:
+    raise ValueError(f'matching solver {solver!r}: expected one of {SOLVERS}')
+  return default_solver() if solver == 'auto' else solver
 
 
 def match_cost(pred_boxes_xyxy: jax.Array,
@@ -86,8 +118,35 @@ def _solvable_cost(cost: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(real, cost, hi + spread + 1.0)
 
 
+def _scipy_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Host side of the 'host' solver: cost (..., M, N) -> (pred_idx, target_idx), each
+  (..., K) int32, K = min(M, N), one `linear_sum_assignment` per (M, N) matrix (float64)."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  cost = np.asarray(cost)
+  lead, (num_preds, num_targets) = cost.shape[:-2], cost.shape[-2:]
+  flat = cost.reshape((-1, num_preds, num_targets)).astype(np.float64)
+  num_pairs = min(num_preds, num_targets)
+  rows = np.empty((flat.shape[0], num_pairs), np.int32)
+  cols = np.empty((flat.shape[0], num_pairs), np.int32)
+  for i, c in enumerate(flat):
+    rows[i], cols[i] = optimize.linear_sum_assignment(c)
+  return rows.reshape(lead + (num_pairs,)), cols.reshape(lead + (num_pairs,))
+
+
+def _host_assignment(solvable: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(B, M, N) -> (pred_idx, target_idx) (B, K) int32 from SciPy via `jax.pure_callback`.
+
+  `vmap_method='expand_dims'`: under `jax.vmap` (the decoder layers) the callback gets the
+  stacked costs and solves them all in one host call.
+  """
+  batch, num_preds, num_targets = solvable.shape
+  out = jax.ShapeDtypeStruct((batch, min(num_preds, num_targets)), jnp.int32)
+  return jax.pure_callback(_scipy_assignment, (out, out), solvable, vmap_method='expand_dims')
+
+
 def hungarian_matching(cost: jax.Array,
-                       target_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       target_mask: jax.Array,
+                       solver: str = 'device') -> tuple[jax.Array, jax.Array, jax.Array]:
   """Minimum-cost assignment of predictions to targets, per example; no gradient.
 
   Real targets always win over padding: all of them are matched when their number is <= M, the
@@ -96,13 +155,16 @@ def hungarian_matching(cost: jax.Array,
   Args:
     cost: (B, M, N) cost, e.g. from `match_cost`; only its real columns matter.
     target_mask: (B, N) bool, True for real targets.
+    solver: one of `SOLVERS` (see the module docstring); both give the same assignment.
 
   Returns:
     pred_idx: (B, K) int32 indices into M, K = min(M, N), each used at most once per example.
     target_idx: (B, K) int32 indices into N, each used at most once per example.
     valid: (B, K) bool, True where target_idx is a real target (padding never valid).
-    The pairs are in no particular order. N == 0 (or M == 0) gives (B, 0) arrays.
+    Valid pairs come first, then the others, each part by increasing pred_idx. N == 0 (or
+    M == 0) gives (B, 0) arrays.
   """
+  solver = resolve_solver(solver)
   cost = jax.lax.stop_gradient(jnp.asarray(cost))
   target_mask = jnp.asarray(target_mask, dtype=bool)
   batch, num_preds, num_targets = cost.shape
@@ -111,17 +173,25 @@ def hungarian_matching(cost: jax.Array,
     empty = jnp.zeros((batch, 0), jnp.int32)
     return empty, empty, jnp.zeros((batch, 0), bool)
   solvable = jax.vmap(_solvable_cost)(cost.astype(jnp.float32), target_mask)
-  pred_idx, target_idx = jax.vmap(optax.assignment.hungarian_algorithm)(solvable)
+  if solver == 'host':
+    pred_idx, target_idx = _host_assignment(solvable)
+  else:
+    pred_idx, target_idx = jax.vmap(optax.assignment.hungarian_algorithm)(solvable)
   pred_idx = jax.lax.stop_gradient(pred_idx.astype(jnp.int32))
   target_idx = jax.lax.stop_gradient(target_idx.astype(jnp.int32))
   valid = jnp.take_along_axis(target_mask, target_idx, axis=1)
-  return pred_idx, target_idx, valid
+  # One order for both solvers (valid pairs first, each part by prediction index), so the losses'
+  # sums over pairs add the same numbers in the same order whichever solver ran.
+  order = jnp.argsort(jnp.where(valid, 0, num_preds) + pred_idx, axis=1)
+  take = lambda x: jnp.take_along_axis(x, order, axis=1)  # pylint: disable=unnecessary-lambda-assignment
+  return take(pred_idx), take(target_idx), take(valid)
 
 
 def match(pred_boxes_xyxy: jax.Array,
           pred_quality: jax.Array,
           target_boxes_xyxy: jax.Array,
           target_mask: jax.Array,
+          solver: str = 'device',
           **weights: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`match_cost` then `hungarian_matching`; `weights` are match_cost's keyword weights.
 
@@ -130,13 +200,14 @@ def match(pred_boxes_xyxy: jax.Array,
     pred_quality: (B, M) in [0, 1].
     target_boxes_xyxy: (B, N, 4) xyxy in [0, 1].
     target_mask: (B, N) bool.
+    solver: one of `SOLVERS`.
     **weights: l1_weight, giou_weight, quality_weight.
 
   Returns:
     (pred_idx (B, K) int32, target_idx (B, K) int32, valid (B, K) bool), K = min(M, N).
   """
   cost = match_cost(pred_boxes_xyxy, pred_quality, target_boxes_xyxy, target_mask, **weights)
-  return hungarian_matching(cost, target_mask)
+  return hungarian_matching(cost, target_mask, solver)
 
 
 def matched_mask(pred_idx: jax.Array, valid: jax.Array, num_preds: int) -> jax.Array:
@@ -208,8 +279,9 @@ def detection_match_cost(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array,
 
 
 def detection_match(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
-                    target_mask, **cost_kw):
-  """Hungarian matching -> (pred_idx, target_idx, valid), each (B, min(P, N))."""
+                    target_mask, solver: str = 'device', **cost_kw):
+  """Hungarian matching (`solver` of `SOLVERS`) -> (pred_idx, target_idx, valid), each
+  (B, min(P, N))."""
   cost = detection_match_cost(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
                               target_mask, **cost_kw)
-  return hungarian_matching(cost, target_mask)
+  return hungarian_matching(cost, target_mask, solver)

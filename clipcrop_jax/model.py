@@ -50,6 +50,10 @@ class ClipCropConfig:
     num_queries: learned crop queries M (90, the size of a GAIC candidate set).
     dropout_rate: decoder dropout (training only).
     freeze_encoder: stop gradients into OWL-ViT (the optimizer may also mask it).
+    remat_encoder: rematerialise OWL-ViT's transformer blocks (`nn.remat`) so a trainable encoder
+      stores no per-block activations for the backward pass (larger batches, ~1/3 more encoder
+      compute); the parameter tree is unchanged (Scenic checkpoints load). No effect on a frozen
+      encoder's step, whose encoder has no backward pass.
     reference_embedding: give the decoder the union box it predicts offsets from (a sine
       embedding added to every query, see `CropDecoder`); the paper does not say how its decoder
       learns where the union box is. Without it, conditioned modes cannot regress offsets from a
@@ -72,6 +76,7 @@ class ClipCropConfig:
   num_queries: int = 90
   dropout_rate: float = 0.1
   freeze_encoder: bool = True
+  remat_encoder: bool = False
   reference_embedding: bool = True
   offset_space: str = 'logit_cxcywh'
   fuse_top_k: int = 1
@@ -302,7 +307,8 @@ class ClipCrop(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.owlvit = owl_model.TextZeroShotDetectionModule(cfg.owlvit_config, self.dtype)
+    self.owlvit = owl_model.TextZeroShotDetectionModule(cfg.owlvit_config, self.dtype,
+                                                        cfg.remat_encoder)
     self.decoder = decoder_lib.CropDecoder(
         num_layers=cfg.decoder_layers, width=cfg.decoder_width, num_heads=cfg.decoder_heads,
         mlp_dim=cfg.decoder_mlp_dim, num_queries=cfg.num_queries,

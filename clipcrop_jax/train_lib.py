@@ -31,6 +31,7 @@ from clipcrop_jax import default_config
 from clipcrop_jax import export
 from clipcrop_jax import features as F
 from clipcrop_jax import losses as losses_lib
+from clipcrop_jax import matching
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import trainer
 
@@ -48,7 +49,8 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       score_max=l.score_max, smoothing_iou=l.smoothing_iou, l1_weight=l.cost_l1,
       giou_weight=l.cost_giou, quality_weight=l.cost_quality, quality_loss=l.quality_loss,
       quality_target=l.quality_target, quality_pointwise_weight=l.quality_pointwise_weight,
-      quality_temperature=l.quality_temperature, quality_top_k=l.quality_top_k)
+      quality_temperature=l.quality_temperature, quality_top_k=l.quality_top_k,
+      matching_solver=matching.resolve_solver(l.matching_solver))
 
 
 def best_crop_xyxy(crops: jax.Array, crop_scores: jax.Array, crop_mask: jax.Array) -> jax.Array:

@@ -515,6 +515,8 @@ def _tiny():
     ('loss.quality_top_k', 0, 'loss.quality_top_k=0: expected an integer >= 1'),
     ('loss.quality_pointwise_weight', -0.1, 'loss.quality_pointwise_weight=-0.1: expected'),
     ('loss.quality_temperature', 0.0, 'loss.quality_temperature=0.0: expected a number > 0'),
+    ('loss.matching_solver', 'gpu', "loss.matching_solver='gpu': expected one of ('auto', "
+     "'device', 'host')"),
     ('sharding.mesh_shape', (-1, -1), 'sharding.mesh_shape=(-1, -1)'),
     ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
     ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),
@@ -628,5 +630,7 @@ def test_flag_error_message_names_the_field(override, expected):
 def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
+  assert default_config.MATCHING_SOLVERS == matching.SOLVERS
   assert main.RUNS == default_config.RUNS

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 
 from clipcrop_jax import matching
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 _hungarian = jax.jit(matching.hungarian_matching)
 
 
@@ -185,3 +192,140 @@ def test_no_gradient_through_matching():
     return jnp.sum(jnp.abs(diff) * valid[..., None])
 
   np.testing.assert_allclose(grad, jax.grad(frozen_loss)(preds), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two solvers ('device': optax under vmap, 'host': SciPy through pure_callback) agree.
+# ------------------------------------------------------------------------------------------------
+
+_BOTH = {s: jax.jit(functools.partial(matching.hungarian_matching, solver=s))
+         for s in ('device', 'host')}
+
+
+def _real_pairs(pred_idx, target_idx, valid) -> set[tuple[int, int]]:
+  return {(int(p), int(t)) for p, t, v in zip(pred_idx, target_idx, valid) if v}
+
+
+@pytest.mark.parametrize('m,n,num_real', [
+    (6, 6, 6),  # square, no padding
+    (7, 4, 4),  # M > N
+    (4, 7, 7),  # M < N
+    (6, 9, 3),  # padding, all real fit
+    (4, 9, 7),  # padding, more real than predictions
+    (8, 5, 2),  # M > N with padding
+    (5, 6, 0),  # all padding
+])
+def test_device_and_host_solvers_agree(m, n, num_real):
+  """Same valid pairs (the optimum is unique for continuous random costs), same real cost (=
+  SciPy's on the real columns), padding never valid, under jit and vmap over a layer axis."""
+  rng = np.random.default_rng(1000 + 100 * m + 10 * n + num_real)
+  layers, batch = 2, 3
+  cost = rng.normal(size=(layers, batch, m, n)).astype(np.float32) * 3
+  mask = np.zeros((batch, n), bool)
+  for b in range(batch):
+    mask[b, rng.choice(n, num_real, replace=False)] = True
+  cost = np.where(mask[None, :, None, :], cost, matching.COST_UPPER_BOUND).astype(np.float32)
+  results = {s: [np.asarray(x) for x in jax.vmap(f, in_axes=(0, None))(cost, mask)]
+             for s, f in _BOTH.items()}
+  for layer in range(layers):
+    for b in range(batch):
+      pairs = {}
+      for solver, (pred_idx, target_idx, valid) in results.items():
+        pred_idx, target_idx, valid = pred_idx[layer, b], target_idx[layer, b], valid[layer, b]
+        assert pred_idx.shape == (min(m, n),) and pred_idx.dtype == np.int32
+        _check_one_to_one(pred_idx, target_idx, m, n)
+        np.testing.assert_array_equal(valid, mask[b][target_idx])
+        assert valid.sum() == min(m, num_real), solver
+        # One order for both: valid pairs first, each part by increasing prediction index.
+        assert list(valid) == sorted(valid, reverse=True)
+        assert all(np.all(np.diff(pred_idx[part]) > 0) for part in (valid, ~valid))
+        pairs[solver] = _real_pairs(pred_idx, target_idx, valid)
+      assert pairs['device'] == pairs['host']
+      real_cols = np.flatnonzero(mask[b])
+      rows, cols = linear_sum_assignment(cost[layer, b][:, real_cols].astype(np.float64))
+      got = sum(cost[layer, b, p, t] for p, t in pairs['host'])
+      np.testing.assert_allclose(got, _assignment_cost(cost[layer, b][:, real_cols], rows, cols),
+                                 atol=1e-4)
+
+
+def test_solver_names():
+  assert matching.resolve_solver('device') == 'device'
+  assert matching.resolve_solver('host') == 'host'
+  assert matching.resolve_solver('auto') == matching.default_solver(jax.default_backend())
+  assert matching.default_solver('cpu') == 'host' and matching.default_solver('tpu') == 'device'
+  with pytest.raises(ValueError, match="matching solver 'gpu'"):
+    matching.hungarian_matching(jnp.zeros((1, 2, 2)), jnp.ones((1, 2), bool), solver='gpu')
+
+
+def test_host_solver_gives_no_gradient_and_works_under_grad():
+  rng = np.random.default_rng(7)
+  preds = jnp.asarray(_random_boxes(rng, (2, 5)))
+  targets = jnp.asarray(_random_boxes(rng, (2, 4)))
+  mask = jnp.array([[True, True, False, True], [True, False, False, False]])
+
+  def loss(p, solver):
+    pred_idx, target_idx, valid = matching.match(p, jnp.full((2, 5), 0.5), targets, mask, solver)
+    diff = matching.gather_matched(p, pred_idx) - matching.gather_matched(targets, target_idx)
+    return jnp.sum(jnp.abs(diff) * valid[..., None])
+
+  grads = {s: jax.jit(jax.grad(loss), static_argnums=1)(preds, s) for s in ('device', 'host')}
+  assert np.any(np.asarray(grads['host']) != 0)
+  np.testing.assert_allclose(grads['host'], grads['device'], atol=1e-6)
+
+
+_SHARDED_SCRIPT = '''
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from clipcrop_jax import matching
+assert jax.device_count() == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rng = np.random.default_rng(0)
+cost = rng.normal(size=(3, 16, 6, 9)).astype(np.float32)
+mask = np.arange(9)[None] < rng.integers(0, 9, size=(16,))[:, None]
+cost_s = jax.device_put(cost, NamedSharding(mesh, P(None, 'data')))
+mask_s = jax.device_put(mask, NamedSharding(mesh, P('data')))
+out = {}
+for solver in ('device', 'host'):
+  f = jax.jit(jax.vmap(lambda c, m: matching.hungarian_matching(c, m, solver), in_axes=(0, None)))
+  out[solver] = [np.asarray(x) for x in f(cost_s, mask_s)]
+for l in range(3):
+  for b in range(16):
+    sets = [{(p, t) for p, t, v in zip(*(x[l, b] for x in out[s])) if v} for s in out]
+    assert sets[0] == sets[1], (l, b)
+print('SHARDED_OK')
+'''
+
+
+def test_host_solver_on_a_batch_sharded_over_eight_devices(tmp_path):
+  """pure_callback with a batch-sharded cost on 8 fake CPU devices gives the device result."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '8',
+         'PYTHONPATH': str(REPO)}
+  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0 and 'SHARDED_OK' in out.stdout, out.stderr[-3000:]
+
+
+def test_decoder_losses_equal_with_either_solver():
+  """The whole set-prediction loss (every decoder layer re-matched, padded crops, an image
+  without real crops) and its gradient are the same with the device and the host solver."""
+  from clipcrop_jax import losses  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  layers, batch, m, c = 3, 4, 12, 20
+  boxes = jnp.asarray(_random_boxes(rng, (layers, batch, m)))
+  logits = jnp.asarray(rng.normal(size=(layers, batch, m)).astype(np.float32))
+  crops = _random_boxes(rng, (batch, c))
+  scores = rng.uniform(1.0, 5.0, size=(batch, c)).astype(np.float32)
+  mask = np.arange(c)[None] < np.array([[20], [7], [0], [3]])
+
+  def total(b, l, solver):
+    return losses.decoder_losses(b, l, crops, scores, mask, matching_solver=solver)
+
+  fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (loss_d, terms_d), grads_d = fn(boxes, logits, 'device')
+  (loss_h, terms_h), grads_h = fn(boxes, logits, 'host')
+  assert float(terms_d['loss_l1_0']) > 0
+  np.testing.assert_allclose(loss_h, loss_d, rtol=1e-6)
+  for k in terms_d:
+    np.testing.assert_allclose(terms_h[k], terms_d[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  for g_h, g_d in zip(grads_h, grads_d):
+    np.testing.assert_allclose(g_h, g_d, rtol=1e-5, atol=1e-7)

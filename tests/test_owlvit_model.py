@@ -318,3 +318,42 @@ def test_detect_with_image_query_uses_one_shot_embedding(tiny, tmp_path):
   rc = detect.main(['--random-init', 'tiny', '--query-image', str(path), '--query-box', '5,5,1,1',
                     '--out', str(tmp_path / 'o2.png')])
   assert rc == 2 and not (tmp_path / 'o2.png').exists()
+
+
+def test_remat_keeps_parameters_outputs_and_gradients(tiny):
+  """remat=True: the same parameter tree (Scenic names), outputs and gradients; the blocks are
+  really rematerialised (a `remat` primitive in the forward jaxpr, and the gradient's jaxpr recomputes
+  the blocks' quick_gelu sigmoids)."""
+  module, variables = tiny
+  cfg = module.config
+  remat = model_lib.TextZeroShotDetectionModule(cfg, remat=True)
+  rematted_init = jax.eval_shape(remat.init, jax.random.PRNGKey(3), *model_lib.dummy_inputs(cfg))
+  assert jax.tree_util.tree_structure(rematted_init) == jax.tree_util.tree_structure(variables)
+  assert 'resblocks_1' in rematted_init['params']['backbone']['clip']['visual']['transformer']
+  images = _images(cfg, batch=1)
+  queries = jnp.asarray(tokenizer.tokenize(['a cat', 'a dog']))[None]
+
+  def loss(params, m):
+    out = m.apply({'params': params}, images, queries)
+    return jnp.sum(out['pred_logits']) + jnp.sum(out['pred_boxes'] ** 2), out
+
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  results = {r: jax.jit(grad_fn, static_argnums=1)(variables['params'], m)
+             for r, m in ((False, module), (True, remat))}
+  (_, outs_plain), grads_plain = results[False]
+  (_, outs_remat), grads_remat = results[True]
+  for key in ('pred_logits', 'pred_boxes', 'feature_map'):
+    np.testing.assert_allclose(outs_remat[key], outs_plain[key], rtol=1e-5, atol=1e-5)
+  flat_plain = traverse_util.flatten_dict(grads_plain, sep='/')
+  flat_remat = traverse_util.flatten_dict(grads_remat, sep='/')
+  assert flat_plain.keys() == flat_remat.keys()
+  kernel = 'backbone/clip/visual/transformer/resblocks_0/mlp/c_fc/kernel'
+  assert np.any(np.asarray(flat_plain[kernel]) != 0)
+  for name, g in flat_plain.items():
+    np.testing.assert_allclose(flat_remat[name], g, rtol=1e-4, atol=1e-5, err_msg=name)
+  forward = {r: str(jax.make_jaxpr(loss, static_argnums=1)(variables['params'], m))
+             for r, m in ((False, module), (True, remat))}
+  assert 'remat' in forward[True] and 'remat' not in forward[False]
+  backward = {r: str(jax.make_jaxpr(grad_fn, static_argnums=1)(variables['params'], m))
+              for r, m in ((False, module), (True, remat))}
+  assert backward[True].count('logistic') > backward[False].count('logistic')

@@ -28,9 +28,10 @@ class ClipImageTextEmbedder(nn.Module):
 
   config: OwlViTConfig
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.clip = clip_lib.CLIP(self.config, self.dtype)
+    self.clip = clip_lib.CLIP(self.config, self.dtype, self.remat)
     self.merged_class_token = nn.LayerNorm(epsilon=MERGED_CLASS_TOKEN_LN_EPS)
 
   def embed_images(self, images: jax.Array) -> jax.Array:
@@ -60,13 +61,16 @@ class TextZeroShotDetectionModule(nn.Module):
   Attributes:
     config: architecture (`configs.get_config(name)`).
     dtype: compute dtype (float32 default; bfloat16 on accelerators). Parameters stay float32.
+    remat: rematerialise the CLIP blocks in the backward pass (`clip.Transformer.remat`), for
+      fine-tuning the encoder with less memory; same parameters, outputs and gradients.
   """
 
   config: OwlViTConfig
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.backbone = ClipImageTextEmbedder(self.config, self.dtype)
+    self.backbone = ClipImageTextEmbedder(self.config, self.dtype, self.remat)
     self.class_head = heads.ClassPredictor(out_dim=self.config.embed_dim, dtype=self.dtype)
     self.obj_box_head = heads.PredictorMLP(out_dim=4, dtype=self.dtype)
     if self.config.objectness:
