@@ -1,4 +1,4 @@
-r"""Command line: crop images to a text or an example image.
+r"""Command line: crop images to a text or an example image, one file, a folder or a collection.
 
   python -m clipcrop_jax.crop --checkpoint MODEL_DIR --image photo.jpg --text "three white dogs" \
       --top-k 3 --aspect-ratio 16:9 --out crops/
@@ -6,6 +6,9 @@ r"""Command line: crop images to a text or an example image.
   python -m clipcrop_jax.crop --checkpoint google/owlv2-base-patch16-ensemble --image photo.jpg \
       --text "a dog" --out crops/                                  # weights by name (zero-shot)
   python -m clipcrop_jax.crop --random-init tiny --text "a red square" --out crops/   # demo
+  python -m clipcrop_jax.crop --checkpoint M --image-list 'photos/**/*.jpg' --text "a dog" \
+      --out coll/ --process-index 0 --process-count 4      # one of 4 processes over a collection
+  python -m clipcrop_jax.crop --merge coll/                # crops.json of a collection
 
 `--checkpoint` is a ClipCrop model directory (`ClipCropper.save`, `clipcrop_jax.export`), a
 training workdir holding one, or any OWL-ViT checkpoint (then crops come from the zero-shot
@@ -14,6 +17,12 @@ composition rule), also by name: a Hugging Face id (`google/owlv2-base-patch16-e
 (`clipcrop_jax.owlvit.hub`). Keywords are extracted as during training (the pipeline recorded
 with the model) unless `--keyword-pipeline` says otherwise ('rules' = the rule-based extractor).
 
+Images go through the model in batches (`ClipCropper.iter_crops_checked`: `--batch-size` images
+per forward, `--workers` reading threads decoding ahead of the device, `--dtype bfloat16` for
+bfloat16 compute). Each image is decoded once, at full resolution; the model input and the crop
+files both come from that decode. If a whole batch fails on the device, its images are redone one
+at a time, so only the image at fault fails.
+
 For every image it writes `<name>_crop<i>.jpg` (best first) and `<name>_overlay.png` (ranked
 boxes drawn on the image). `crops.jsonl` is written as the run goes (fsynced lines): a `run` line
 with the settings and every input's output name, then per image a `writing` line naming its files
@@ -21,21 +30,38 @@ before they are created and a result line (`crops`, or `error` with the reason) 
 `crops.json` sums the run up at the end (boxes in original pixels, scores, query, mode, model id,
 failed files with reasons).
 
+Collections (`--image-list FILE_OR_GLOB`, see `read_image_list`): the list is split over
+processes, item i (0-based, in list order) to process i % count; the index and count come from
+`--process-index` / `--process-count`, else from JAX after `--distributed`
+(`jax.distributed.initialize`), else 0 / 1. `DIR/collection.json` (created exclusively, by
+whichever process comes first) records the list, the settings and the process count; a process
+with other settings is refused. Process k of n appends to `DIR/results.<k>-of-<n>.jsonl` (the
+lines of `crops.jsonl`, each with the item's `index`; locked, so one process per shard) and writes
+the crop files as above, named over the whole list. Rerunning resumes: images with a result line
+are skipped, an image whose `writing` line has no result has its files removed and is redone, a
+torn last line is ignored. When every shard is complete, `crops.json` (list order, every image
+once) is written by the process that finishes last, or by `--merge DIR`.
+
 Safety rules (README "Errors and safety"):
 * `--out` must be a new or empty folder; `--overwrite` allows a folder that holds an earlier crop
   run (its `crops.jsonl` / `crops.json`): that run's outputs are removed first, nothing else is
   touched. `--out` may never be the input folder. No file is ever written over: every output is
-  created exclusively, so a name taken by anything else makes that one image fail.
+  created exclusively, so a name taken by anything else makes that one image fail. A collection
+  folder is reused only by the same collection (`--overwrite` does not apply to collections).
 * `<name>` is the file's stem, or stem + extension when an earlier input took the stem (`x.jpg`,
   `x.png` -> `x`, `x_png`), numbered if still taken: two inputs never share output names.
 * Every argument is checked before the model is loaded (exit code 2 with one line); a bad image
   (unreadable, too many pixels, no crop possible) is recorded with its reason and skipped (exit
-  code 1 at the end); Ctrl-C stops after writing `crops.json` for the images done (exit 130).
+  code 1 at the end); Ctrl-C stops after writing `crops.json` for the images done (exit 130; a
+  collection keeps its logs, and rerunning the command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
+import hashlib
 import io
 import itertools
 import json
@@ -43,7 +69,7 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -56,8 +82,16 @@ IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.we
 RANK_COLORS = ['#e6194b', '#f58231', '#ffe119', '#3cb44b', '#4363d8', '#911eb4']
 SUMMARY_FILE = 'crops.json'
 LOG_FILE = 'crops.jsonl'
+MANIFEST_FILE = 'collection.json'
+MANIFEST_FORMAT = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+GLOB_CHARS = set('*?[')
+
+
+def shard_log_name(index: int, count: int) -> str:
+  """The results log of process `index` of `count` in a collection folder."""
+  return f'results.{index}-of-{count}.jsonl'
 
 
 def list_images(path: pathlib.Path) -> list[pathlib.Path]:
@@ -137,6 +171,9 @@ def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
     if out_dir.exists() and out_dir.resolve() == folder.resolve():
       raise ValueError(f'--out {out_dir} is the input folder; write the crops elsewhere (e.g. '
                        f'--out {out_dir / "crops"})')
+  if (out_dir / MANIFEST_FILE).is_file():
+    raise ValueError(f'--out {out_dir} holds a collection ({MANIFEST_FILE}); resume it with its '
+                     '--image-list command, or choose a new or empty folder')
   stale = []
   if out_dir.is_dir() and any(out_dir.iterdir()):
     if not overwrite:
@@ -194,6 +231,189 @@ def _no_crop_reason(crops, image_wh, args) -> Optional[str]:
   return f'no crop passed --min-size {args.min_size:g}' if args.min_size else 'no crop predicted'
 
 
+
+# ------------------------------------------------------------------ collections
+
+
+def read_image_list(spec: str) -> list[pathlib.Path]:
+  """The images of `--image-list`: a list file or a glob, as absolute (normalised) paths.
+
+  * A glob (the argument contains `*`, `?` or `[`; quote it in the shell): the matching files,
+    sorted; `**` matches any number of folders.
+  * A file: one image path per line; blank lines and lines starting with `#` are skipped, a
+    relative path is relative to the list file's folder. A path listed twice is an error naming
+    both lines. Listed files that are missing fail as images, when their turn comes.
+
+  Raises ValueError (one line) for a missing list, an empty list or a duplicate.
+  """
+  if GLOB_CHARS & set(spec) and not pathlib.Path(spec).is_file():
+    paths = sorted(_absolute(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    if not paths:
+      raise ValueError(f'--image-list {spec}: no files match this glob')
+    return paths
+  list_file = pathlib.Path(spec)
+  if not list_file.is_file():
+    raise ValueError(f'--image-list {spec}: no such file (and not a glob)')
+  try:
+    lines = list_file.read_text(encoding='utf-8').splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'--image-list {spec}: cannot read it ({e})') from None
+  paths, seen = [], {}
+  for number, line in enumerate(lines, 1):
+    entry = line.strip()
+    if not entry or entry.startswith('#'):
+      continue
+    path = _absolute(list_file.parent / entry)
+    if path in seen:
+      raise ValueError(f'{list_file}:{number}: {entry} is listed twice (first on line '
+                       f'{seen[path]})')
+    seen[path] = number
+    paths.append(path)
+  if not paths:
+    raise ValueError(f'--image-list {spec}: lists no image')
+  return paths
+
+
+def _absolute(path: Any) -> pathlib.Path:
+  """An absolute, normalised path (symbolic links kept: the listed name is the image's name)."""
+  return pathlib.Path(os.path.normpath(os.path.abspath(path)))
+
+
+def shard_indices(num_items: int, index: int, count: int) -> range:
+  """The list positions process `index` of `count` crops: i % count == index."""
+  return range(index, num_items, count)
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The JSON objects of a log; a torn or unreadable line (a killed writer) is skipped."""
+  records = []
+  if path.is_file():
+    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def _is_result(record: dict[str, Any]) -> bool:
+  return isinstance(record.get('index'), int) and ('crops' in record or 'error' in record)
+
+
+def _settings(args, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
+  """What a collection's processes must agree on (compared before any model is loaded)."""
+  if args.checkpoint is not None:
+    model = str(_absolute(args.checkpoint)) if os.path.exists(args.checkpoint) else args.checkpoint
+  else:
+    model = f'random-init:{args.random_init}'
+  digest = hashlib.sha256('\n'.join(map(str, paths)).encode('utf-8')).hexdigest()
+  query_image = str(_absolute(args.query_image)) if args.query_image else None
+  return {'images': len(paths), 'list_sha256': digest, 'model': model, 'dtype': args.dtype,
+          'keyword_pipeline': args.keyword_pipeline, 'mode': args.mode, 'text': args.text,
+          'query_image': query_image, 'top_k': args.top_k, 'aspect_ratio': args.aspect_ratio,
+          'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k,
+          'max_pixels': args.max_pixels}
+
+
+def _read_manifest(out_dir: pathlib.Path) -> Optional[dict[str, Any]]:
+  """The collection manifest of `out_dir`, None if there is none; ValueError if unreadable."""
+  path = out_dir / MANIFEST_FILE
+  if not path.is_file():
+    return None
+  try:
+    manifest = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: unreadable ({e})') from None
+  if not isinstance(manifest, dict) or manifest.get('format') != MANIFEST_FORMAT:
+    raise ValueError(f'{path}: not a collection manifest of format {MANIFEST_FORMAT}')
+  return manifest
+
+
+def _check_same_collection(manifest: dict[str, Any], settings: dict[str, Any],
+                           process_count: int, out_dir: pathlib.Path) -> None:
+  """ValueError (one line, naming the first difference) unless `manifest` is this run's."""
+  theirs = dict(manifest.get('settings', {}), process_count=manifest.get('process_count'))
+  ours = dict(settings, process_count=process_count)
+  for key, value in ours.items():
+    if theirs.get(key) != value:
+      what = 'image list' if key in ('images', 'list_sha256') else key
+      raise ValueError(f'--out {out_dir} holds another collection run ({MANIFEST_FILE}: {what} '
+                       f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings to '
+                       'resume it, or choose a new folder')
+
+
+def prepare_collection_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
+                           settings: dict[str, Any], process_count: int) -> None:
+  """Checks `--out` of a collection run before any model work; ValueError with one line.
+
+  Allowed: a new or empty folder, or one holding the same collection (same list, settings and
+  process count). Never a folder an image of the list lies in.
+  """
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f'--out {out_dir}: exists and is not a folder')
+  if out_dir.is_dir():
+    here = _absolute(out_dir)
+    if any(p.parent == here for p in paths):
+      raise ValueError(f'--out {out_dir} is an input folder (images of the list lie there); '
+                       'write the crops elsewhere')
+    manifest = _read_manifest(out_dir)
+    if manifest is not None:
+      _check_same_collection(manifest, settings, process_count, out_dir)
+    elif any(out_dir.iterdir()):
+      raise ValueError(f'--out {out_dir} is not empty and holds no collection ({MANIFEST_FILE}); '
+                       'use a new or empty folder')
+  try:
+    fileio.make_writable_dir(out_dir)
+  except OSError as e:
+    raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
+
+
+def _publish_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> None:
+  """Creates `collection.json` unless a process was first; then it must be this collection."""
+  try:
+    fileio.create_new_bytes(out_dir / MANIFEST_FILE,
+                            json.dumps(manifest, indent=1).encode('utf-8'))
+  except FileExistsError:
+    _check_same_collection(_read_manifest(out_dir), manifest['settings'],
+                           manifest['process_count'], out_dir)
+
+
+def merge_collection(out_dir: pathlib.Path) -> tuple[int, int, int]:
+  """Writes `crops.json` of a collection when every image has a result line.
+
+  The summary lists every image exactly once, in list order (`results` and `failed`, as a
+  folder run's `crops.json`), with the manifest's settings; it is written atomically and its
+  content depends only on the logs, so processes merging at once write the same file.
+
+  Returns:
+    (images missing a result (nothing written unless 0), images cropped, images failed).
+  Raises:
+    ValueError: no (readable) collection in `out_dir`.
+  """
+  manifest = _read_manifest(out_dir)
+  if manifest is None:
+    raise ValueError(f'{out_dir}: holds no collection ({MANIFEST_FILE})')
+  images, count = manifest['images'], manifest['process_count']
+  by_index = {}
+  for k in range(count):
+    for record in _read_jsonl(out_dir / shard_log_name(k, count)):
+      i = record.get('index')
+      if (_is_result(record) and 0 <= i < len(images) and i % count == k
+          and record.get('image') == images[i][0]):
+        by_index.setdefault(i, record)
+  missing = len(images) - len(by_index)
+  ordered = [by_index[i] for i in sorted(by_index)]
+  results = [r for r in ordered if 'crops' in r]
+  failed = [r for r in ordered if 'crops' not in r]
+  if not missing:
+    summary = {**manifest['report'], 'images': len(images), 'process_count': count,
+               'results': results, 'failed': failed, 'interrupted': False}
+    fileio.atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+  return missing, len(results), len(failed)
+
+
 class _RunLog:
   """`crops.jsonl`: created exclusively, one fsynced JSON line per record."""
 
@@ -209,6 +429,70 @@ class _RunLog:
     self._f.close()
 
 
+class _ShardLog(_RunLog):
+  """A collection process's `results.<k>-of-<n>.jsonl`: appended, fsynced, locked while open.
+
+  Opening it locks it (`flock`), so a second process for the same shard is refused; after a torn
+  last line (a writer killed mid-line) the log continues on a fresh line.
+  """
+
+  def __init__(self, path: pathlib.Path):  # pylint: disable=super-init-not-called
+    self._f = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.close()
+      raise ValueError(f'{path}: another process is writing this shard (locked); one process per '
+                       '--process-index') from None
+    self.records = _read_jsonl(path)
+    with open(path, 'rb') as f:
+      size = f.seek(0, os.SEEK_END)
+      if size:
+        f.seek(size - 1)
+      torn = size > 0 and f.read(1) != b'\n'
+    if torn:
+      self._f.write('\n')
+      self._f.flush()
+
+
+def _resume(log: _ShardLog, out_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
+  """The finished images of a shard log (index -> result line); the files announced for an
+  unfinished image (a `writing` line without a result: killed mid-image) are removed, with any
+  temporary file of theirs, so the image can be redone."""
+  done = {r['index']: r for r in log.records if _is_result(r)}
+  announced = set()
+  for r in log.records:
+    if 'writing' in r and r.get('index') not in done and isinstance(r['writing'], list):
+      announced.update(f for f in r['writing'] if isinstance(f, str) and pathlib.Path(f).name == f)
+  if announced:
+    prefixes = tuple(f'{fileio.TMP_PREFIX}{f}.' for f in announced)
+    for path in out_dir.iterdir():
+      if path.name in announced or path.name.startswith(prefixes):
+        path.unlink(missing_ok=True)
+  return done
+
+
+def _process_slot(args) -> tuple[int, int]:
+  """(process index, process count) of a collection run: the flags, else JAX after
+  `--distributed` (or when `jax.distributed` is already initialised), else (0, 1)."""
+  if args.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    kwargs = {}
+    if args.coordinator_address:  # else cluster auto-detection (SLURM, TPU pods, ...)
+      kwargs = dict(coordinator_address=args.coordinator_address,
+                    num_processes=args.process_count, process_id=args.process_index)
+    jax.distributed.initialize(**kwargs)
+    return jax.process_index(), jax.process_count()
+  if args.process_count is not None:
+    return args.process_index, args.process_count
+  if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
+    return sys.modules['jax'].process_index(), sys.modules['jax'].process_count()
+  return 0, 1
+
+
+# ------------------------------------------------------------------ the command line
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='python -m clipcrop_jax.crop',
                                    description='Crop images to a text or an example image.')
@@ -219,7 +503,15 @@ def _parser() -> argparse.ArgumentParser:
                    'a Scenic release name (clip_vit_b32_b0203fc, scenic:NAME), downloaded once.')
   src.add_argument('--random-init', metavar='CONFIG',
                    help="Random weights ('tiny', or an OWL-ViT config name) for a demo.")
-  parser.add_argument('--image', help='Image file or folder (default: a built-in picture).')
+  src.add_argument('--merge', metavar='DIR',
+                   help='Only write DIR/crops.json of a collection run (exit 1 if images are '
+                   'missing).')
+  images = parser.add_mutually_exclusive_group()
+  images.add_argument('--image', help='Image file or folder (default: a built-in picture).')
+  images.add_argument('--image-list', metavar='FILE_OR_GLOB',
+                      help="A collection: a text file with one image path per line ('#' "
+                      "comments; relative to the file's folder) or a quoted glob ('**' "
+                      'recursive), split over processes and resumable.')
   query = parser.add_mutually_exclusive_group()
   query.add_argument('--text', help='What to crop to.')
   query.add_argument('--query-image', help='An example image to crop to.')
@@ -240,20 +532,40 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--max-pixels', type=int, default=None,
                       help='Refuse images with more decoded pixels than this (default: '
                       'CLIPCROP_MAX_PIXELS or the library default).')
-  parser.add_argument('--out', required=True,
-                      help='Output folder: new or empty (or an earlier run\'s, with --overwrite).')
+  parser.add_argument('--batch-size', type=int, default=None,
+                      help='Images per forward (default: the cropper\'s, 8).')
+  parser.add_argument('--workers', type=int, default=None,
+                      help='Image reading threads (default: min(8, CPU count)).')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='Compute dtype (parameters stay float32).')
+  parser.add_argument('--process-index', type=int, default=None,
+                      help='This process\'s index in a collection run (with --process-count).')
+  parser.add_argument('--process-count', type=int, default=None,
+                      help='Processes sharing a collection run; item i goes to process i %% count.')
+  parser.add_argument('--distributed', action='store_true',
+                      help='Start jax.distributed (cluster auto-detection, or '
+                      '--coordinator-address with the two flags above) and take the process '
+                      'index and count from it.')
+  parser.add_argument('--coordinator-address', default=None, metavar='HOST:PORT',
+                      help='jax.distributed coordinator (with --distributed).')
+  parser.add_argument('--out', default=None,
+                      help='Output folder: new or empty (or an earlier run\'s, with --overwrite; '
+                      'or the same collection\'s, to resume it). Required unless --merge.')
   parser.add_argument('--overwrite', action='store_true',
                       help='Allow an --out that holds an earlier crop run; its outputs are '
-                      'replaced, other files are never touched.')
+                      'replaced, other files are never touched (not for --image-list).')
   return parser
 
 
 def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
+  if args.out is None:
+    raise ValueError('--out is required (unless --merge)')
   cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg.replace('_', '-'))
-  if args.max_pixels is not None:
-    cropper_lib.check_int('--max-pixels', args.max_pixels)
+  for flag in ('max_pixels', 'batch_size', 'workers'):
+    if getattr(args, flag) is not None:
+      cropper_lib.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
   if args.keyword_pipeline is not None:
     try:
       keywords.check_pipeline(args.keyword_pipeline)
@@ -263,10 +575,51 @@ def _check_args(args, cropper_lib, keywords) -> None:
     raise ValueError('--text is empty (only whitespace)')
   if args.mode == 'image' and args.query_image is None:
     raise ValueError("--mode image needs --query-image")
+  _check_process_args(args)
+
+
+def _check_process_args(args) -> None:
+  """The collection flags: only with --image-list, index and count together and consistent."""
+  given = [f for f in ('process_index', 'process_count', 'coordinator_address')
+           if getattr(args, f) is not None] + (['distributed'] if args.distributed else [])
+  if given and not args.image_list:
+    raise ValueError(f'--{given[0].replace("_", "-")} needs --image-list')
+  if args.image_list and args.overwrite:
+    raise ValueError('--overwrite does not apply to --image-list: rerunning a collection resumes '
+                     'it; to start over, use a new --out')
+  if (args.process_index is None) != (args.process_count is None):
+    raise ValueError('--process-index and --process-count go together')
+  if args.coordinator_address and (args.process_count is None or not args.distributed):
+    raise ValueError('--coordinator-address needs --distributed, --process-index and '
+                     '--process-count')
+  if args.process_count is not None:
+    if args.process_count < 1 or not 0 <= args.process_index < args.process_count:
+      raise ValueError(f'--process-index {args.process_index} / --process-count '
+                       f'{args.process_count}: expected 0 <= index < count')
+
+
+class _Job(NamedTuple):
+  """One image of a run: what the reader gets, its label in the logs, its output name and the
+  extra keys of its log lines ({'index': i} in a collection)."""
+
+  item: Optional[pathlib.Path]
+  label: str
+  name: str
+  key: dict[str, Any]
+
+
+def _reason(error: BaseException) -> str:
+  """One line for a failed image (the exception type for unexpected errors)."""
+  reason = ' '.join(str(error).split()) or type(error).__name__
+  if not isinstance(error, (ValueError, OSError)):
+    reason = f'{type(error).__name__}: {reason}'
+  return reason
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  if args.merge is not None:
+    return _merge_main(pathlib.Path(args.merge))
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
@@ -276,11 +629,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kwargs = {} if args.max_pixels is None else {'max_pixels': args.max_pixels}
     return pp.load_image(path, **kwargs)
 
-  out_dir = pathlib.Path(args.out)
-  out_is_new = not out_dir.exists()
+  out_dir = pathlib.Path(args.out) if args.out is not None else None
+  out_is_new = out_dir is not None and not out_dir.exists()
+  collection = None
   try:  # Everything that can be wrong with the arguments, before any model is loaded.
     _check_args(args, cropper_lib, keywords)
-    if args.image:
+    if args.image_list:
+      paths, input_dirs = read_image_list(args.image_list), []
+    elif args.image:
       image_arg = pathlib.Path(args.image)
       paths = list_images(image_arg)
       if not paths:
@@ -289,31 +645,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
       paths, input_dirs = [None], []
     query_image = load(args.query_image) if args.query_image else None
-    stale = prepare_out_dir(out_dir, input_dirs, args.overwrite)
+    if args.image_list:
+      settings = _settings(args, paths)
+      index, count = _process_slot(args)
+      prepare_collection_dir(out_dir, paths, settings, count)
+      collection = (settings, index, count)
+      stale = []
+    else:
+      stale = prepare_out_dir(out_dir, input_dirs, args.overwrite)
+    kwargs = dict(dtype=args.dtype)
+    if args.batch_size is not None:
+      kwargs['batch_size'] = args.batch_size
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE)
+          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          **kwargs)
     else:  # None: the pipeline recorded with the model
       cropper = cropper_lib.ClipCropper.load(args.checkpoint,
-                                             keyword_pipeline=args.keyword_pipeline)
+                                             keyword_pipeline=args.keyword_pipeline, **kwargs)
     mode = args.mode or ('image' if args.query_image else cropper.config.mode)
     if mode != 'base' and not args.text and query_image is None:
       raise ValueError(f'mode {mode!r} needs --text or --query-image')
     request = dict(text=args.text, query_image=query_image, top_k=args.top_k,
                    aspect_ratio=args.aspect_ratio, min_size=args.min_size, mode=mode,
                    fuse_top_k=args.fuse_top_k)
-    cropper.check_request(**request)  # validates and embeds the query once
+    checked = cropper.check_request(**request)  # validates and embeds the query once
   except (ValueError, TypeError, OSError) as e:
     if out_is_new and out_dir.is_dir() and not any(out_dir.iterdir()):
       out_dir.rmdir()  # made by prepare_out_dir for nothing
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
 
+  def prepare(item):  # in the reading threads: one full decode, for the model and the files
+    image = load(item) if item is not None else detect.demo_image()
+    return cropper.prepare(image), image
+
   names = output_names(paths)
   report = {'model': cropper.model_id, 'mode': mode, 'text': args.text,
             'query_image': args.query_image, 'aspect_ratio': args.aspect_ratio,
-            'top_k': args.top_k, 'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k,
-            'names': {str(p) if p else '<demo>': n for p, n in zip(paths, names)}}
+            'top_k': args.top_k, 'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k}
+  if collection is not None:
+    return _collection_main(cropper, checked, paths, names, report, collection, out_dir, args,
+                            prepare)
+  report['names'] = {str(p) if p else '<demo>': n for p, n in zip(paths, names)}
   try:
     for path in stale:  # --overwrite: the earlier run's outputs only
       path.unlink(missing_ok=True)
@@ -322,27 +696,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: --out {out_dir}: {e}', file=sys.stderr)
     return EXIT_USAGE
   log.write({'run': report})
-  results, failed, interrupted = [], [], False
+  jobs = [_Job(p, str(p) if p else '<demo>', n, {}) for p, n in zip(paths, names)]
   try:
-    for path, name in tqdm.tqdm(list(zip(paths, names)), desc='cropping', unit='img',
-                                disable=len(paths) < 2):
-      label = str(path) if path else '<demo>'
-      try:
-        record = _crop_one(cropper, request, path, name, out_dir, log, load, detect.demo_image,
-                           args)
-      except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
-        reason = ' '.join(str(e).split()) or type(e).__name__
-        if not isinstance(e, (ValueError, OSError)):
-          reason = f'{type(e).__name__}: {reason}'
-        record = {'image': label, 'name': name, 'error': reason}
-        failed.append(record)
-        tqdm.tqdm.write(f'skipped: {reason}' if label in reason else
-                        f'skipped {label}: {reason}', file=sys.stderr)
-      else:
-        results.append(record)
-      log.write(record)
-  except KeyboardInterrupt:
-    interrupted = True
+    results, failed, interrupted = _run(cropper, checked, jobs, out_dir, log, args, prepare)
   finally:
     log.close()
   summary = {**report, 'results': results, 'failed': failed, 'interrupted': interrupted}
@@ -356,24 +712,139 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 1 if failed else 0
 
 
-def _crop_one(cropper, request: dict[str, Any], path: Optional[pathlib.Path], name: str,
-              out_dir: pathlib.Path, log: '_RunLog', load, demo_image, args) -> dict[str, Any]:
-  """Crops one image and writes its files (each created exclusively); returns its record."""
-  image = load(path) if path is not None else demo_image()
+def _collection_main(cropper, checked, paths, names, report, collection, out_dir, args,
+                     prepare) -> int:
+  """Process k of n of a collection run: resume its shard, crop the rest, merge if complete."""
+  settings, index, count = collection
+  manifest = {'format': MANIFEST_FORMAT, 'settings': settings, 'process_count': count,
+              'report': report, 'images': [[str(p), n] for p, n in zip(paths, names)]}
+  try:
+    _publish_manifest(out_dir, manifest)
+    log = _ShardLog(out_dir / shard_log_name(index, count))
+  except (ValueError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  try:
+    done = _resume(log, out_dir)
+    jobs = [_Job(paths[i], str(paths[i]), names[i], {'index': i})
+            for i in shard_indices(len(paths), index, count) if i not in done]
+    print(f'process {index} of {count}: {len(done)} image(s) done before, {len(jobs)} to do',
+          file=sys.stderr)
+    results, failed, interrupted = _run(cropper, checked, jobs, out_dir, log, args, prepare)
+  finally:
+    log.close()
+  failed_in_shard = len(failed) + sum('error' in r for r in done.values())
+  if interrupted:
+    print(f'interrupted: process {index} of {count} cropped {len(results)} image(s) and left '
+          f'{len(jobs) - len(results) - len(failed)}; rerun the same command to resume',
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+  missing, _, _ = merge_collection(out_dir)
+  print(f'process {index} of {count}: {len(results)} image(s) cropped, {len(failed)} failed; '
+        + (f'{missing} image(s) of other processes not done yet (the last process to finish, '
+           f'or --merge {out_dir}, writes {SUMMARY_FILE})' if missing
+           else f'collection complete; wrote {out_dir / SUMMARY_FILE}'))
+  return 1 if failed_in_shard else 0
+
+
+def _merge_main(out_dir: pathlib.Path) -> int:
+  """`--merge DIR`: exit 0 (complete), 1 (images failed or missing), 2 (no collection)."""
+  try:
+    missing, cropped, failed = merge_collection(out_dir)
+  except (ValueError, OSError) as e:
+    print(f'error: --merge {e}', file=sys.stderr)
+    return EXIT_USAGE
+  if missing:
+    print(f'error: {missing} image(s) of the collection have no result yet (a process has not '
+          f'finished); {SUMMARY_FILE} not written', file=sys.stderr)
+    return 1
+  print(f'{cropped} image(s) cropped, {failed} failed; wrote {out_dir / SUMMARY_FILE}')
+  return 1 if failed else 0
+
+
+# ------------------------------------------------------------------ cropping and writing
+
+
+def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, args,
+         prepare) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+  """Crops `jobs` in batches and writes each image's files and log lines, in job order.
+
+  Returns (result records, failed records, interrupted by Ctrl-C).
+  """
+  results, failed = [], []
+  try:
+    for position, result in tqdm.tqdm(
+        _crop_results(cropper, request, [j.item for j in jobs], args, prepare),
+        total=len(jobs), desc='cropping', unit='img', disable=len(jobs) < 2):
+      job = jobs[position]
+      try:
+        if result.exception is not None:
+          raise result.exception
+        record = _write_image(result, job, out_dir, log, args)
+      except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
+        reason = _reason(e)
+        record = {**job.key, 'image': job.label, 'name': job.name, 'error': reason}
+        failed.append(record)
+        tqdm.tqdm.write(f'skipped: {reason}' if job.label in reason else
+                        f'skipped {job.label}: {reason}', file=sys.stderr)
+      else:
+        results.append(record)
+      log.write(record)
+  except KeyboardInterrupt:
+    return results, failed, True
+  return results, failed, False
+
+
+def _crop_results(cropper, request, items: Sequence[Any], args, prepare) -> Iterator[Any]:
+  """(position, `BatchResult`) for every item, in order, from batched inference.
+
+  A batch whose forward raises (the device, say) is redone one image at a time, so that only the
+  image(s) at fault fail; batching then resumes.
+  """
+  start = 0
+  while start < len(items):
+    done = start
+    try:
+      for r in cropper.iter_crops_checked(items[start:], request, batch_size=args.batch_size,
+                                          num_workers=args.workers, prepare=prepare):
+        yield start + r.index, r
+        done = start + r.index + 1
+      return
+    except Exception:  # pylint: disable=broad-except  # the batch after `done` failed as a whole
+      end = min(done + (args.batch_size or cropper.batch_size), len(items))
+      for i in range(done, end):
+        yield i, _crop_alone(cropper, request, items[i], prepare)
+      start = end
+
+
+def _crop_alone(cropper, request, item: Any, prepare) -> Any:
+  """The `BatchResult` of one item in a batch of its own (its exception kept on failure)."""
+  try:
+    (result,) = cropper.iter_crops_checked([item], request, batch_size=1, num_workers=1,
+                                           prepare=prepare)
+    return result
+  except Exception as e:  # pylint: disable=broad-except
+    from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+    return cropper_lib.BatchResult(0, str(item), None, error=_reason(e), exception=e)
+
+
+def _write_image(result, job: _Job, out_dir: pathlib.Path, log, args) -> dict[str, Any]:
+  """Writes one cropped image's files (each created exclusively, announced in a `writing` line
+  first) from its full-resolution decode (`result.payload`); returns its result record."""
+  image = result.payload
   h, w = image.shape[:2]
-  crops = cropper.crop(image, **request)
+  crops = result.crops
   reason = _no_crop_reason(crops, (w, h), args)
   if reason:
     raise ValueError(reason)
-  label = str(path) if path else '<demo>'
-  files = [f'{name}_crop{i}.jpg' for i in range(len(crops))] + [f'{name}_overlay.png']
-  log.write({'image': label, 'writing': files})  # known before they exist (see --overwrite)
+  files = [f'{job.name}_crop{i}.jpg' for i in range(len(crops))] + [f'{job.name}_overlay.png']
+  log.write({**job.key, 'image': job.label, 'writing': files})  # known before they exist
   for crop, file in zip(crops, files):
     x0, y0, x1, y1 = pixel_box(crop.box, (w, h))
     fileio.create_new_bytes(out_dir / file,
                             _encode(Image.fromarray(image[y0:y1, x0:x1]), 'JPEG', quality=95))
   fileio.create_new_bytes(out_dir / files[-1], _encode(draw_crops(image, crops), 'PNG'))
-  return {'image': label, 'name': name,
+  return {**job.key, 'image': job.label, 'name': job.name,
           'image_size_wh': [int(w), int(h)],
           'crops': [{'rank': i + 1, 'box_xyxy': list(c.box), 'score': _finite(c.score),
                      'aspect_ratio': c.aspect_ratio, 'focal_point': list(c.focal_point)}

@@ -6,6 +6,7 @@ weights. Hard interruptions are real: a subprocess is SIGKILLed mid-save / mid-f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -279,7 +280,12 @@ def test_second_run_needs_overwrite_and_leaves_no_stale_files(cli, tmp_path, cro
   _save(photos / 'b.png', 90, 140, seed=1)
   # Three distinct crops per image whatever the tiny model predicts.
   three = [cropper_lib.Crop((0, 0, 10 + i, 10 + i), 1.0 - i / 10, 1.0, (5, 5)) for i in range(3)]
-  monkeypatch.setattr(cropper, 'crop', lambda image, top_k, **kw: three[:top_k])
+  real = cropper.iter_crops_checked
+
+  def three_crops(items, request, **kw):
+    for r in real(items, request, **kw):
+      yield r if r.crops is None else dataclasses.replace(r, crops=three[:request.top_k])
+  monkeypatch.setattr(cropper, 'iter_crops_checked', three_crops)
   assert cli('--image', photos, '--text', 'x', '--top-k', 3, '--out', out) == 0
   assert (out / 'a_crop2.jpg').exists() and (out / 'b_crop2.jpg').exists()
   (out / 'my_notes.txt').write_text('mine')
@@ -325,13 +331,13 @@ def test_one_bad_image_never_ends_the_folder(cli, tmp_path, cropper, monkeypatch
   for i, hw in enumerate([(120, 180), (1, 1), (20, 10000), (10000, 20), (90, 90)]):
     _save(photos / f'{i}.png', *hw, seed=i)
   (photos / '5.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
-  real = cropper.crop
+  real = cropper._forward
 
-  def flaky(image, **kw):
-    if image.shape[:2] == (90, 90):
+  def flaky(inputs, request):  # the whole batch holding 4.png fails: it alone must fail
+    if any(i.image_hw == (90, 90) for i in inputs):
       raise RuntimeError('device fell over')
-    return real(image, **kw)
-  monkeypatch.setattr(cropper, 'crop', flaky)
+    return real(inputs, request)
+  monkeypatch.setattr(cropper, '_forward', flaky)
   assert cli('--image', photos, '--text', 'a red square', '--top-k', 2, '--out', out) == 1
   report = _report(out)
   assert [r['image'] for r in report['results']] == [str(photos / f'{i}.png') for i in range(4)]
@@ -382,29 +388,28 @@ def test_ctrl_c_keeps_the_images_done(cli, tmp_path, cropper, monkeypatch):
   photos.mkdir()
   for i in range(3):
     _save(photos / f'{i}.jpg', seed=i)
-  real, calls = cropper.crop, []
+  real, calls = cropper._forward, []
 
-  def interrupted(image, **kw):
+  def interrupted(inputs, request):  # Ctrl-C during the second forward (one image per batch)
     calls.append(1)
     if len(calls) == 2:
       raise KeyboardInterrupt
-    return real(image, **kw)
-  monkeypatch.setattr(cropper, 'crop', interrupted)
-  assert cli('--image', photos, '--text', 'a red square', '--out', out) == 130
+    return real(inputs, request)
+  monkeypatch.setattr(cropper, '_forward', interrupted)
+  assert cli('--image', photos, '--text', 'a red square', '--batch-size', 1, '--out', out) == 130
   report = _report(out)
   assert report['interrupted'] and [r['name'] for r in report['results']] == ['0']
 
 
 _KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
-    from clipcrop_jax import crop, cropper as cropper_lib
-    real, calls = cropper_lib.ClipCropper.crop, []
-    def crop_or_die(self, image, **kw):
-      calls.append(1)
-      if len(calls) == 3:
+    from clipcrop_jax import crop
+    real = crop._RunLog.write
+    def write_or_die(self, record):  # killed once the third image announced its files
+      real(self, record)
+      if record.get('writing') and record['image'].endswith('2.jpg'):
         os.kill(os.getpid(), signal.SIGKILL)
-      return real(self, image, **kw)
-    cropper_lib.ClipCropper.crop = crop_or_die
+    crop._RunLog.write = write_or_die
     sys.exit(crop.main(sys.argv[1:]))
 ''')
 
