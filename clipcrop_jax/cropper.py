@@ -66,7 +66,12 @@ ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
 MAX_ASPECT_RATIO = 100.0  # aspect ratios outside [1/100, 100] are refused
 MIN_CROP_SIDE = 1.0  # pixels: no crop is ever thinner than one pixel
 QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example image -> embedding)
-DEFAULT_BATCH_SIZE = 8  # images per encoder forward in batched inference (per call: batch_size)
+# Images per forward in batched inference (per cropper / per call: batch_size), by platform.
+# CPU: 1. A real encoder saturates the cores at batch 1 (B/32, 2 cores: batch 2 / 4 / 8 gave
+# 0.99x / 0.94x / 0.86x the images/s of batch 1, `tools/benchmark_clipcrop.py --mode folder`);
+# reading still runs ahead in threads. Accelerators: 8 (raise it for throughput).
+DEFAULT_BATCH_SIZE = {'cpu': 1}
+ACCELERATOR_BATCH_SIZE = 8
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -156,11 +161,12 @@ class ClipCropper:
                zero_shot_mode: bool = False, model_id: str = '',
                keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
                nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None,
-               dtype: Any = 'float32', batch_size: int = DEFAULT_BATCH_SIZE,
+               dtype: Any = 'float32', batch_size: Optional[int] = None,
                devices: Optional[Sequence[jax.Device]] = None):
     """See the class docstring; `dtype` is the compute dtype ('float32' or 'bfloat16'; the
     parameters stay float32), `batch_size` the default images per forward of batched inference
-    and `devices` the devices a batch is split over (default: `jax.local_devices()`)."""
+    (None: `DEFAULT_BATCH_SIZE` of the devices' platform, 1 on CPU, else 8) and `devices` the
+    devices a batch is split over (default: `jax.local_devices()`)."""
     self.config = config
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
@@ -168,11 +174,13 @@ class ClipCropper:
     self.nms_iou = nms_iou
     self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
     self.dtype = _check_dtype(dtype)
-    self.batch_size = check_int('batch_size', batch_size)
     # One ('data', 'model') mesh over the local devices: batches are split on 'data', the
     # parameters are replicated (placed once here).
     self.mesh = sharding_lib.make_mesh((-1, 1), jax.local_devices() if devices is None
                                        else devices)
+    platform = self.mesh.devices.flat[0].platform
+    self.batch_size = check_int('batch_size', DEFAULT_BATCH_SIZE.get(
+        platform, ACCELERATOR_BATCH_SIZE) if batch_size is None else batch_size)
     self.num_devices = self.mesh.devices.size
     self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.variables = jax.device_put(variables, sharding_lib.replicated(self.mesh))

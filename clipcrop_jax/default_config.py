@@ -164,7 +164,7 @@ def get_detection_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0, lr_multipliers=()))
   c.loss = ml_collections.ConfigDict(dict(
       focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
-      weight_class=2.0, weight_l1=5.0, weight_giou=2.0))
+      weight_class=2.0, weight_l1=5.0, weight_giou=2.0, matching_solver='auto'))
   c.sharding = ml_collections.ConfigDict(dict(mesh_shape=(-1, 1), rules=(('.*', 'replicate'),)))
   c.distributed = ml_collections.ConfigDict(dict(
       initialize=False, coordinator_address='', num_processes=-1, process_id=-1))
@@ -498,6 +498,7 @@ def _check_detection(c: _Checks, data_dir_must_exist: bool = True) -> None:
   for name in ('focal_gamma', 'cost_class', 'cost_l1', 'cost_giou', 'weight_class', 'weight_l1',
                'weight_giou'):
     c.check(f'loss.{name}', _number_at_least(0), 'a finite number >= 0')
+  c.check('loss.matching_solver', lambda v: v in MATCHING_SOLVERS, f'one of {MATCHING_SOLVERS}')
   c.check('eval.split', lambda v: isinstance(v, str), "a split name ('' = no evaluation)")
   c.check('eval.batch_size', _int_at_least(1), 'an integer >= 1')
   c.check('eval.every_steps', _is_int, 'an integer (<= 0: only at the end)')

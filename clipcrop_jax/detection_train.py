@@ -73,6 +73,7 @@ from clipcrop_jax import default_config
 from clipcrop_jax import features as F
 from clipcrop_jax import fileio
 from clipcrop_jax import losses
+from clipcrop_jax import matching
 from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax import trainer
 from clipcrop_jax.owlvit import model as owl_model
@@ -288,13 +289,17 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh,
 # ------------------------------------------------------------------------------------------------
 
 
-def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Keyword arguments of `losses.detection_loss` from `config.loss`."""
-  return {k: float(v) for k, v in config.loss.to_dict().items()}
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword arguments of `losses.detection_loss` from `config.loss` (numbers as floats; the
+  matching solver resolved, `matching.resolve_solver`)."""
+  kwargs = {k: v for k, v in config.loss.to_dict().items() if k != 'matching_solver'}
+  kwargs = {k: float(v) for k, v in kwargs.items()}
+  kwargs['matching_solver'] = matching.resolve_solver(config.loss.get('matching_solver', 'auto'))
+  return kwargs
 
 
 def detection_loss_fn(module: owl_model.TextZeroShotDetectionModule, params: Any,
-                      batch: dict[str, jax.Array], loss_kw: dict[str, float]
+                      batch: dict[str, jax.Array], loss_kw: dict[str, Any]
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, terms) of the detector on a batch of `features.DETECTION_TRAIN_KEYS`."""
   queries = batch[F.TEXT_QUERIES]

@@ -342,7 +342,7 @@ class CropService:
     blank = cropper_lib.ModelInput(np.full((size, size, 3), 0.5, np.float32), (size, size))
     batch = 1
     while True:
-      encodings = self.cropper.encode_batch([blank] * batch)
+      encodings = self.cropper.encode_batch([blank] * batch, batch_size=batch)
       if batch >= self.config.max_batch:
         break
       batch *= 2
@@ -420,7 +420,8 @@ class CropService:
           to_encode.setdefault(job.key, job.image)
         else:  # encoded by an earlier batch since the job was made
           job.image, job.cache_hit = cached, True
-    encoded = dict(zip(to_encode, self.cropper.encode_batch(list(to_encode.values()))))
+    encoded = dict(zip(to_encode, self.cropper.encode_batch(
+        list(to_encode.values()), batch_size=self.config.max_batch)))
     self.images_encoded += len(encoded)
     for key, encoding in encoded.items():
       if self.config.cache_bytes:
@@ -782,6 +783,8 @@ def _parser() -> argparse.ArgumentParser:
     default = getattr(defaults, field.name)
     parser.add_argument('--' + field.name.replace('_', '-'), type=type(default), default=default,
                         help=f'(default {default})')
+  parser.add_argument('--dtype', choices=sorted(cropper_lib.DTYPES), default='float32',
+                      help='Compute dtype (bfloat16 on accelerators; parameters stay float32).')
   parser.add_argument('--token-file', help='Require "Authorization: Bearer <the file\'s text>".')
   parser.add_argument('--cors-origin', action='append', default=[],
                       help='Allow this origin (repeat for more); default: CORS off.')
@@ -817,10 +820,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       keywords.check_pipeline(args.keyword_pipeline)
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE)
+          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          dtype=args.dtype)
     else:
       cropper = cropper_lib.ClipCropper.load(args.checkpoint,
-                                             keyword_pipeline=args.keyword_pipeline)
+                                             keyword_pipeline=args.keyword_pipeline,
+                                             dtype=args.dtype)
   except (ValueError, TypeError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

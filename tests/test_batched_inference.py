@@ -52,6 +52,7 @@ def _assert_same_crops(a, b, atol=BOX_ATOL_PX):
 
 def test_bucket_sizes(cropper):
   assert cropper.num_devices == 1
+  assert cropper.batch_size == cropper_lib.DEFAULT_BATCH_SIZE['cpu'] == 1  # CPU default
   assert [cropper.bucket_size(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
 
 
@@ -95,10 +96,10 @@ def test_static_buckets_compile_once_per_bucket(variables, images):
   compilation, not one per list length."""
   cropper = cropper_lib.ClipCropper(model_lib.TINY, variables, keyword_pipeline=keywords.RULES)
   many = (images * 2)[:8]
-  cropper.crop(many, text=TEXT)  # compiles the 8-bucket (and the 1-bucket of nothing else)
+  cropper.crop(many, text=TEXT, batch_size=8)  # compiles the 8-bucket
   before = owl_model.encode_images._cache_size()  # pylint: disable=protected-access
   for n in (5, 6, 7):
-    cropper.crop(many[:n], text=TEXT)
+    cropper.crop(many[:n], text=TEXT, batch_size=8)
   assert owl_model.encode_images._cache_size() == before  # pylint: disable=protected-access
 
 

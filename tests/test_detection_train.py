@@ -236,6 +236,22 @@ def test_phrase_config_validation(load_config):
   default_config.validate_config(config, task='detection')
 
 
+def test_matching_solver_config(load_config):
+  """`loss.matching_solver` reaches the detection loss resolved ('auto' -> the platform's
+  solver); an unknown solver is refused naming the field. Both solvers give the same
+  assignment (`tests/test_matching.py`)."""
+  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
+  config = load_config('configs/owlvit_detection_tiny.py')
+  assert config.loss.matching_solver == 'auto'
+  kw = dt.loss_kwargs(config)
+  assert kw['matching_solver'] == matching.default_solver() and kw['weight_l1'] == 5.0
+  config.loss.matching_solver = 'device'
+  assert dt.loss_kwargs(config)['matching_solver'] == 'device'
+  config.loss.matching_solver = 'gpu'
+  with pytest.raises(default_config.ConfigError, match="loss.matching_solver='gpu'"):
+    default_config.validate_config(config, task='detection')
+
+
 @pytest.fixture(scope='module')
 def trained(data_dir, load_config, tmp_path_factory):
   """One run of the tiny config overfitting one fixed batch (4 images, no flip / shuffle)."""

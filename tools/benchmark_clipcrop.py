@@ -13,7 +13,8 @@ a time (`crop(path)` per file: the baseline, measured in the same run), then wit
 `ClipCropper.iter_crops` (decoding threads ahead of the device, batches of `--batch_size`).
 Printed per model: images/s of both and their ratio; on a GPU/TPU also the model FLOP
 utilisation (MFU: the encoder + decoder FLOPs of XLA's cost analysis per image times images/s,
-over the device's peak, `--peak_tflops` or a table of known devices).
+over the device's peak, `--peak_tflops` or a table of known devices), and the batched rate from
+images already decoded (device + post-processing only).
 
 "1 query": encode one image and crop it to one text. "10 queries": encode one image once and crop
 it to 10 different texts (the encoding is reused, so only text encoder + decoder run per query).
@@ -121,18 +122,29 @@ def run_folder(args) -> None:
         done = sum(r.error is None for r in cropper.iter_crops(paths, batch_size=bs, **request))
         batched = len(paths) / (time.perf_counter() - t0)
         assert done == len(paths), f'{len(paths) - done} images failed'
+        # The same, from images already decoded and preprocessed (`ModelInput`s): the device
+        # and per-image post-processing alone.
+        inputs = [cropper.prepare(p) for p in paths]
+        t0 = time.perf_counter()
+        list(cropper.iter_crops(inputs, batch_size=bs, **request))
+        in_memory = len(paths) / (time.perf_counter() - t0)
         peak = peak_flops(args.dtype, args.peak_tflops)
         mfu = '-'
         if peak:
           mfu = f'{100 * model_flops_per_image(cropper, cropper.bucket_size(bs), TEXTS[0]) * batched / peak:.1f}%'
         rows.append(f'{name:10s} {bs:5d} {one:10.2f} {batched:12.2f} {batched / one:7.2f}x '
-                    f'{mfu:>6s}')
+                    f'{mfu:>6s} {in_memory:11.2f}')
         print(rows[-1], flush=True)
+        # One machine-readable line for tools/gpu_check.sh's table: RESULT|what|value|unit|baseline.
+        print(f'RESULT|crops/s {name} {args.dtype} batch {bs}, {w}x{h} JPEGs|{batched:.1f}|img/s|'
+              f'batch-1 {one:.1f} img/s ({batched / one:.2f}x), MFU {mfu}, pre-decoded '
+              f'{in_memory:.1f} img/s', flush=True)
   print(f'{"model":10s} {"batch":>5s} {"batch-1/s":>10s} {"batched/s":>12s} {"ratio":>8s} '
-        f'{"MFU":>6s}')
+        f'{"MFU":>6s} {"decoded/s":>11s}')
   print('\n'.join(rows))
   print('images/s over the whole folder (decode + encoder + decoder + NMS); batch-1 = crop(path) '
-        'per file, the baseline measured in the same run.')
+        'per file, the baseline measured in the same run; decoded/s = batched from images '
+        'already decoded and preprocessed (device + post-processing only).')
 
 
 def main():
@@ -145,7 +157,7 @@ def main():
   parser.add_argument('--images', type=int, default=32, help='JPEGs in the folder')
   parser.add_argument('--baseline_images', type=int, default=16,
                       help='images the batch-1 baseline crops (its images/s is a rate)')
-  parser.add_argument('--image_size', default='1600x1200', help='WxH of the JPEGs')
+  parser.add_argument('--image_size', default='4000x3000', help='WxH of the JPEGs (12 MP)')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
   parser.add_argument('--peak_tflops', type=float, default=0.0,
                       help='device peak for MFU (default: known devices; none on CPU)')

@@ -208,6 +208,9 @@ def main():
         f'median ratio HF/ours {statistics.median(ratio_one):.2f}x')
   print(f"10 calls/image: ours {med['ours_ten']:{tfmt}} s, HF {med['hf_ten']:{tfmt}} s, "
         f'median ratio HF/ours {statistics.median(ratio_ten):.2f}x')
+  # One machine-readable line for tools/gpu_check.sh's table: RESULT|what|value|unit|baseline.
+  print(f"RESULT|OWL-ViT {cfg.name} forward, batch 1, {args.dtype}|{med['ours_one'] * 1e3:.2f}|"
+        f"ms/image|HF {med['hf_one'] * 1e3:.2f} ms ({statistics.median(ratio_one):.2f}x)")
 
 
 if __name__ == '__main__':
