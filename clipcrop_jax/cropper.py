@@ -506,11 +506,13 @@ class ClipCropper:
       except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
         return _failed(index, source, e)
 
-    with concurrent.futures.ThreadPoolExecutor(num_workers, 'clipcrop-read') as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers, 'clipcrop-read')
+    try:
       pending = collections.deque()
       items = iter(enumerate(images))
       exhausted = False
       while True:
+        # Two batches in flight: one on the device, the next being read.
         while not exhausted and len(pending) < 2 * batch_size + num_workers:
           nxt = next(items, None)
           if nxt is None:
@@ -521,6 +523,8 @@ class ClipCropper:
           return
         batch = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
         yield from self._crop_batch(batch, request)
+    finally:  # also when the caller stops early (break, Ctrl-C): reads not started are dropped
+      pool.shutdown(wait=True, cancel_futures=True)
 
   def _crop_batch(self, batch: list[BatchResult], request: _Request) -> Iterator[BatchResult]:
     """Crops the read items of `batch` (one forward; Encodings and failures pass through)."""
@@ -641,7 +645,8 @@ class ClipCropper:
     """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0 first), top-k,
     focal point."""
     w, h = image_wh
-    boxes_px = box_lib.widen_to_min_side_xyxy(np.asarray(boxes_px, np.float64), (w, h), MIN_CROP_SIDE)
+    boxes_px = box_lib.widen_to_min_side_xyxy(np.asarray(boxes_px, np.float64), (w, h),
+                                              MIN_CROP_SIDE)
     if ratio is not None:
       boxes_px = np.array([box_lib.fit_aspect_ratio_xyxy(b, ratio, (w, h)) for b in boxes_px])
     sides = np.minimum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])

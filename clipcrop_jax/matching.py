@@ -37,8 +37,8 @@ def default_solver(backend: str | None = None) -> str:
   CPU: 'host', measured (tools/benchmark_train.py --matching on 2 CPU cores; B=8 images,
   M=90 predictions, N=128 crop slots of which 3..90 real, the 6 decoder layers vmapped as in the
   B/32 train step): device 334 ms, host 9.6 ms per step (batch 64: 1488 vs 114 ms); tiny (B=8,
-  M=12, 2 layers): device 2.5 ms, host 0.4 ms. optax's solver is a `while_loop` of small dependent steps that XLA:CPU
-  runs far slower than SciPy's C++ solver.
+  M=12, 2 layers): device 2.5 ms, host 0.4 ms. optax's solver is a `while_loop` of small
+  dependent steps that XLA:CPU runs far slower than SciPy's C++ solver.
   GPU: 'host', a priori (pending `tools/gpu_check.sh`): each of those steps is a kernel launch
   on a GPU (Scenic's experience; the frozen B/32 step ran at 57 ex/s on an H200 while its
   encoder needs ~3 ms per image).
@@ -200,8 +200,7 @@ def hungarian_matching(cost: jax.Array,
   # One order for both solvers (valid pairs first, each part by prediction index), so the losses'
   # sums over pairs add the same numbers in the same order whichever solver ran.
   order = jnp.argsort(jnp.where(valid, 0, num_preds) + pred_idx, axis=1)
-  take = lambda x: jnp.take_along_axis(x, order, axis=1)  # pylint: disable=unnecessary-lambda-assignment
-  return take(pred_idx), take(target_idx), take(valid)
+  return tuple(jnp.take_along_axis(x, order, axis=1) for x in (pred_idx, target_idx, valid))
 
 
 def match(pred_boxes_xyxy: jax.Array,

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def subprocess_compilation_cache(tmp_path_factory):
+  """One persistent JAX compilation cache for every JAX subprocess a test starts (crop / train /
+  serve command lines, killed and restarted runs, multi-process runs): a program compiled by one
+  process is loaded by the next instead of compiled again. Set in the environment only, so the
+  test process itself (already importing JAX) is unaffected; a test's own value wins."""
+  names = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
+  old = {k: os.environ.get(k) for k in names}
+  os.environ.setdefault(names[0], str(tmp_path_factory.mktemp('jax_subprocess_cache')))
+  os.environ.setdefault(names[1], '0')
+  yield
+  for key, value in old.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
 
 
 @pytest.fixture(scope='session')

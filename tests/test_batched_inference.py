@@ -122,6 +122,23 @@ def test_payload_prepare_and_encodings_pass_through(cropper, images):
   _assert_same_crops(cropper.crop(encodings[2], text=TEXT), cropper.crop(images[2], text=TEXT))
 
 
+def test_reading_is_bounded_and_stops_with_the_caller(cropper, images):
+  """Reading runs at most two batches (+ workers) ahead, and stops when the caller stops."""
+  seen = []
+
+  def prepare(item):
+    seen.append(item)
+    return cropper.prepare(images[item % len(images)]), None
+
+  results = cropper.iter_crops(range(200), text=TEXT, prepare=prepare, batch_size=2,
+                               num_workers=1)
+  first = next(results)
+  assert first.index == 0 and first.error is None
+  assert len(seen) <= 2 * 2 + 1 + 2  # the look-ahead, plus the refill after the first batch
+  results.close()
+  assert len(seen) <= 2 * 2 + 1 + 2
+
+
 def test_zero_shot_batched_equals_single(variables, images):
   owl_only = {'params': {'owlvit': variables['params']['owlvit']}}
   zs = cropper_lib.ClipCropper(model_lib.TINY, owl_only, zero_shot_mode=True,

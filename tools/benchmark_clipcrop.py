@@ -76,7 +76,6 @@ def peak_flops(dtype: str, override: float) -> float | None:
 
 def model_flops_per_image(cropper, batch: int, text: str) -> float:
   """XLA's FLOP count of one batched encoder + decoder forward, per image."""
-  from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
   size = cropper.config.owlvit_config.image_size
   pixels = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
   enc_fn = lambda v, x: cropper.owl_module.apply(v, x, method=cropper.owl_module.encode_image)
@@ -92,7 +91,6 @@ def model_flops_per_image(cropper, batch: int, text: str) -> float:
       v, e, q, m, None, x, method=cropper.module.crop_from_encoding))
   cost = dec.lower(cropper.variables, encoded, q, m, ext).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  del owl_model
   return (total + float(cost.get('flops', 0.0))) / batch
 
 
@@ -131,7 +129,8 @@ def run_folder(args) -> None:
         peak = peak_flops(args.dtype, args.peak_tflops)
         mfu = '-'
         if peak:
-          mfu = f'{100 * model_flops_per_image(cropper, cropper.bucket_size(bs), TEXTS[0]) * batched / peak:.1f}%'
+          flops = model_flops_per_image(cropper, cropper.bucket_size(bs), TEXTS[0])
+          mfu = f'{100 * flops * batched / peak:.1f}%'
         rows.append(f'{name:10s} {bs:5d} {one:10.2f} {batched:12.2f} {batched / one:7.2f}x '
                     f'{mfu:>6s} {in_memory:11.2f}')
         print(rows[-1], flush=True)
