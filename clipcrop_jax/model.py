@@ -16,6 +16,7 @@ placed under 'owlvit' (`clipcrop_jax.owlvit.load_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Union
 
 import flax.linen as nn
@@ -456,9 +457,16 @@ def init_decoder_params(model: ClipCrop, rng: jax.Array) -> Any:
 
 
 def init_variables(config: Union[ClipCropConfig, str], seed: int = 0) -> dict[str, Any]:
-  """Random variables for a ClipCrop config (jit-compiled init, condition path included)."""
-  model = ClipCrop(TINY if config == 'tiny' else config)
-  return {'params': jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(seed))}
+  """Random variables for a ClipCrop config (jit-compiled init, condition path included; the
+  compiled init is kept per config, so further seeds do not compile again)."""
+  return {'params': _jitted_init(TINY if config == 'tiny' else config)(jax.random.PRNGKey(seed))}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: ClipCropConfig):
+  """rng -> `init_params` of a ClipCrop model on `config`, jit-compiled (one per config)."""
+  model = ClipCrop(config)
+  return jax.jit(lambda rng: init_params(model, rng))
 
 
 def check_param_shapes(expected: Any, got: Any, source: str) -> None:

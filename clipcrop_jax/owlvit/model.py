@@ -183,10 +183,16 @@ def dummy_inputs(config: OwlViTConfig, batch_size: int = 1, num_queries: int = 1
 
 def init_variables(config: OwlViTConfig, seed: int = 0, batch_size: int = 1,
                    num_queries: int = 1) -> dict[str, Any]:
-  """Random variables for `config` ({'params': ...}), jit-compiled init."""
-  module = TextZeroShotDetectionModule(config)
-  return jax.jit(module.init)(jax.random.PRNGKey(seed),
+  """Random variables for `config` ({'params': ...}), jit-compiled init (compiled once per
+  config and input shapes; further seeds reuse it)."""
+  return _jitted_init(config)(jax.random.PRNGKey(seed),
                               *dummy_inputs(config, batch_size, num_queries))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: OwlViTConfig):
+  """The jit-compiled `init` of a module on `config` (one per config)."""
+  return jax.jit(TextZeroShotDetectionModule(config).init)
 
 
 def param_shapes(config: OwlViTConfig) -> dict[str, Any]:
