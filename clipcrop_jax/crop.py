@@ -75,6 +75,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tqdm
 
+from clipcrop_jax import errors
 from clipcrop_jax import features
 from clipcrop_jax import fileio
 
@@ -128,14 +129,8 @@ def earlier_run_outputs(out_dir: pathlib.Path) -> Optional[list[pathlib.Path]]:
   versions without the log, whose files follow `<stem>_crop<i>.jpg` / `<stem>_overlay.png`).
   Unreadable lines are skipped. Only files that exist are returned.
   """
-  records = []
   log, summary = out_dir / LOG_FILE, out_dir / SUMMARY_FILE
-  if log.is_file():
-    for line in log.read_text(errors='replace').splitlines():
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  records = _read_jsonl(log)
   if summary.is_file():
     try:
       data = json.loads(summary.read_text(errors='replace'))
@@ -608,14 +603,6 @@ class _Job(NamedTuple):
   key: dict[str, Any]
 
 
-def _reason(error: BaseException) -> str:
-  """One line for a failed image (the exception type for unexpected errors)."""
-  reason = ' '.join(str(error).split()) or type(error).__name__
-  if not isinstance(error, (ValueError, OSError)):
-    reason = f'{type(error).__name__}: {reason}'
-  return reason
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   if args.merge is not None:
@@ -782,7 +769,7 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
           raise result.exception
         record = _write_image(result, job, out_dir, log, args)
       except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
-        reason = _reason(e)
+        reason = errors.one_line(e)
         record = {**job.key, 'image': job.label, 'name': job.name, 'error': reason}
         failed.append(record)
         tqdm.tqdm.write(f'skipped: {reason}' if job.label in reason else
@@ -825,7 +812,7 @@ def _crop_alone(cropper, request, item: Any, prepare) -> Any:
     return result
   except Exception as e:  # pylint: disable=broad-except
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-    return cropper_lib.BatchResult(0, str(item), None, error=_reason(e), exception=e)
+    return cropper_lib.BatchResult(0, str(item), None, error=errors.one_line(e), exception=e)
 
 
 def _write_image(result, job: _Job, out_dir: pathlib.Path, log, args) -> dict[str, Any]:

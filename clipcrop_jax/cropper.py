@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import errors as errors_lib
 from clipcrop_jax import export
 from clipcrop_jax import features
 from clipcrop_jax import keywords as keywords_lib
@@ -733,9 +734,7 @@ def _np_dtype(dtype: Any) -> Optional[np.dtype]:
 
 def _failed(index: int, source: str, error: Exception) -> BatchResult:
   """A failed `BatchResult` whose `error` is one line naming `source`."""
-  reason = ' '.join(str(error).split()) or type(error).__name__
-  if not isinstance(error, (ValueError, OSError)):
-    reason = f'{type(error).__name__}: {reason}'
+  reason = errors_lib.one_line(error)
   return BatchResult(index, source, None, error=reason if source in reason
                      else f'{source}: {reason}', exception=error)
 

@@ -28,3 +28,13 @@ class CheckpointRestoreError(RunError):
 
 class NonFiniteLossError(RunError, FloatingPointError):
   """The training loss became NaN or Inf."""
+
+
+def one_line(error: BaseException) -> str:
+  """`error` as one line for a per-item failure report (a skipped image): its message with all
+  whitespace collapsed, prefixed by the exception type unless it is a ValueError / OSError (the
+  expected kinds of bad input), so that an unexpected failure is recognisable as one."""
+  reason = ' '.join(str(error).split()) or type(error).__name__
+  if not isinstance(error, (ValueError, OSError)):
+    reason = f'{type(error).__name__}: {reason}'
+  return reason
