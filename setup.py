@@ -32,7 +32,9 @@ TRAIN_REQUIRE = DATA_REQUIRE + [  # training / evaluation (clipcrop_jax.main)
     "tensorboard>=2.16",
 ]
 
-HUB_REQUIRE = ["huggingface_hub>=0.26"]  # OWL-ViT weights by Hugging Face id (clipcrop_jax.owlvit.hub)
+# OWL-ViT weights by Hugging Face id (clipcrop_jax.owlvit.hub); every release in the range passes
+# tests/test_hub*.py (tools/check_hub_versions.sh: 0.26.0, 0.36.2, 1.0.0, 1.33.0, 2.0.0, 2.4.0).
+HUB_REQUIRE = ["huggingface_hub>=0.26,<3"]
 
 SERVE_REQUIRE = [  # the crop service (python -m clipcrop_jax.serve)
     "fastapi>=0.115",

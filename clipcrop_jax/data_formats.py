@@ -71,6 +71,7 @@ class ReferenceCropsBuilderMixin:
 
   def _reference_info(self, description: str, homepage: str, citation: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets.core  # pylint: disable=g-import-not-at-top,unused-import
     return tfds.core.DatasetInfo(
         builder=self, description=description,
         features=tfds.features.FeaturesDict(features.common_features()),

@@ -532,6 +532,7 @@ def dataset_builder(name: str, data_dir: str):
     errors.DatasetNotPreparedError: not prepared; the message gives the build command.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets.core.constants  # pylint: disable=g-import-not-at-top,unused-import
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)) / name
   versions = sorted((p for p in root.glob('*.*.*') if (p / 'dataset_info.json').is_file()),

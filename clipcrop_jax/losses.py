@@ -45,6 +45,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+import optax.losses
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import matching

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.assignment
 
 from clipcrop_jax import boxes as box_lib
 

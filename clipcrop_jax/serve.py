@@ -53,6 +53,7 @@ import uuid
 
 try:
   import fastapi
+  import fastapi.exceptions
   from fastapi import responses as fastapi_responses
   from fastapi import staticfiles
   import pydantic
@@ -830,8 +831,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   LOG.info('serving %s on http://%s:%d', cropper.model_id, args.host, args.port)
-  uvicorn.Server(uvicorn_config(create_app(cropper, config), args.host, args.port, config,
-                                log_level=args.log_level)).run()
+  try:
+    uvicorn.Server(uvicorn_config(create_app(cropper, config), args.host, args.port, config,
+                                  log_level=args.log_level)).run()
+  except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raises it
+    return 130
   return 0
 
 

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import optax.tree_utils
 
 from clipcrop_jax import default_config
 from clipcrop_jax import errors
@@ -363,6 +364,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
 def save_checkpoint(manager, state: TrainState) -> None:
   """Saves `state` at its step; raises if Orbax skips it (it does when a step >= it exists)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
   step = int(jax.device_get(state.step))
   if manager.save(step, args=ocp.args.StandardSave(state)) is False:
     raise RuntimeError(f'Orbax did not save step {step} in {manager.directory}: it already holds '
@@ -374,6 +376,7 @@ def restore_checkpoint(manager, abstract_state: TrainState, step: Optional[int] 
                        ) -> TrainState:
   """The checkpoint at `step` (default: latest), restored with `abstract_state`'s shardings."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
   step = manager.latest_step() if step is None else step
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
@@ -441,6 +444,7 @@ def _restore_step(checkpointer, step_dir: pathlib.Path, abstract_state: TrainSta
                   ) -> tuple[Optional[TrainState], Optional[str]]:
   """(state, None) from one step folder, restored as `CheckpointManager` does, or (None, why)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
   if not any(step_dir.iterdir()):
     return None, 'empty folder'
   reason = None

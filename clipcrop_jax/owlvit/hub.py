@@ -45,6 +45,7 @@ import os
 import pathlib
 import re
 import shutil
+import types
 import urllib.error
 import urllib.request
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -242,7 +243,8 @@ def locate(checkpoint: PathLike, progress: Optional[bool] = None
   if name.kind == 'scenic':
     release = SCENIC_RELEASES.get(name.name) or ScenicRelease(name.name)
     return fetch_scenic(release, progress), release.config
-  return fetch_hf(name.name, name.revision), None
+  could_be_path = not checkpoint.startswith(HF_PREFIX)
+  return fetch_hf(name.name, name.revision, could_be_path=could_be_path), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,13 +438,26 @@ def _check_download(part: pathlib.Path, url: str, size: Optional[int],
 # --------------------------------------------------------------------------------------------
 
 
-def _import_hf(label: str) -> Any:
+def _import_hf(label: str) -> types.SimpleNamespace:
+  """huggingface_hub's submodules this module uses, imported explicitly (the package's lazy
+  top-level attributes differ between versions: 2.x no longer exposes `constants`)."""
   try:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    import huggingface_hub.constants
+    import huggingface_hub.errors
+    import huggingface_hub.file_download
   except ImportError:
     raise HubError(f'checkpoint {label}: Hugging Face ids need huggingface_hub; {HUB_EXTRA_HINT}'
                    ) from None
-  return huggingface_hub
+  errors = huggingface_hub.errors
+  return types.SimpleNamespace(
+      constants=huggingface_hub.constants,
+      errors=errors,
+      download=huggingface_hub.file_download.hf_hub_download,
+      from_cache=huggingface_hub.file_download.try_to_load_from_cache,
+      # 1.x split EntryNotFoundError into Local- and RemoteEntryNotFoundError; in 0.x the base
+      # class is the remote one (its Local subclass is caught first).
+      remote_missing=getattr(errors, 'RemoteEntryNotFoundError', errors.EntryNotFoundError))
 
 
 def hf_cache_dir() -> Optional[str]:
@@ -454,8 +469,9 @@ def hf_cache_dir() -> Optional[str]:
   return None
 
 
-def hf_offline(hf: Any = None) -> bool:
-  """`HF_HUB_OFFLINE` set to 1/true/yes/on now, or when huggingface_hub was imported."""
+def hf_offline(hf: Optional[types.SimpleNamespace] = None) -> bool:
+  """`HF_HUB_OFFLINE` set to 1/true/yes/on now, or when huggingface_hub was imported (`hf`: the
+  namespace of `_import_hf`)."""
   if os.environ.get('HF_HUB_OFFLINE', '').strip().lower() in ('1', 'true', 'yes', 'on'):
     return True
   return bool(hf is not None and hf.constants.HF_HUB_OFFLINE)
@@ -465,38 +481,77 @@ def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
-def fetch_hf(repo_id: str, revision: Optional[str] = None) -> pathlib.Path:
+def _http_status(e: BaseException) -> Optional[int]:
+  """The HTTP status of a huggingface_hub error (its requests or httpx response), if any."""
+  status = getattr(getattr(e, 'response', None), 'status_code', None)
+  return status if isinstance(status, int) else None
+
+
+def _cause(e: BaseException) -> str:
+  """The first line of what made huggingface_hub give up (its error wraps the real one)."""
+  inner = e.__cause__ or e.__context__
+  if inner is None:
+    return ''
+  if _http_status(inner):
+    return f'HTTP {_http_status(inner)}'
+  return f'{type(inner).__name__}: {_one_line(inner).split(". ")[0]}'[:200]
+
+
+def fetch_hf(repo_id: str, revision: Optional[str] = None, *,
+             could_be_path: bool = False) -> pathlib.Path:
   """A Hugging Face OWL-ViT repo -> local directory with config.json + safetensors weights.
 
   Cached files are used without network access; missing ones are downloaded unless offline.
+  `could_be_path`: the name was written without `hf:` and may be a mistyped path (the message
+  for an unknown repository then says both were tried).
 
   Raises:
-    HubError: huggingface_hub missing, unknown / gated repo or revision, no connection, files
-      not cached while offline, or no usable weights file.
+    HubError: one line: huggingface_hub missing, unknown / gated repo or revision, Hub not
+      reachable, files not cached while offline, or no usable weights file.
   """
   label = str(HubName('hf', repo_id, revision))
   hf = _import_hf(label)
   cache, offline = hf_cache_dir(), hf_offline(hf)
   where = cache or hf.constants.HF_HUB_CACHE
+  errors = hf.errors
 
   def get(filename: str) -> Optional[str]:
     """Local path of `filename`; None when the repo lacks it (or, offline, it is not cached)."""
-    cached = hf.try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision)
+    cached = hf.from_cache(repo_id, filename, cache_dir=cache, revision=revision)
     if isinstance(cached, str):
       return cached
     if cached is not None or offline:  # known to be absent / no network allowed
       return None
     try:
-      return hf.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache)
-    except hf.errors.LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError)
-      raise HubError(f'checkpoint {label}: cannot reach the Hugging Face Hub and {filename} is '
-                     f'not in the cache {where}') from None
-    except hf.errors.RemoteEntryNotFoundError:
+      return hf.download(repo_id, filename, revision=revision, cache_dir=cache)
+    except errors.LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
+      cause = _cause(e)
+      raise HubError(f'checkpoint {label}: cannot reach the Hugging Face Hub at '
+                     f'{hf.constants.ENDPOINT}{f" ({cause})" if cause else ""}, and {filename} '
+                     f'is not in the cache {where}') from None
+    except hf.remote_missing:
       return None
-    except (hf.errors.RepositoryNotFoundError, hf.errors.RevisionNotFoundError) as e:
-      raise HubError(f'checkpoint {label}: {_one_line(e).split(". ")[0]}') from None
-    except (hf.errors.HfHubHTTPError, OSError) as e:
-      raise HubError(f'checkpoint {label}: {filename}: {_one_line(e)}') from None
+    except errors.GatedRepoError as e:  # (a subclass of RepositoryNotFoundError)
+      raise HubError(f'checkpoint {label}: a gated model on the Hugging Face Hub '
+                     f'({_http_status(e) or "refused"}); accept its terms on the model page and '
+                     'log in (hf auth login, or HF_TOKEN)') from None
+    except errors.RepositoryNotFoundError as e:
+      status = _http_status(e) or 'not found'
+      if could_be_path:
+        raise HubError(f'checkpoint {label}: no such file or directory, and no model of that '
+                       f'name on the Hugging Face Hub ({status})') from None
+      raise HubError(f'checkpoint {label}: no model of that name on the Hugging Face Hub '
+                     f'({status}; a private model needs a token: hf auth login, or HF_TOKEN)'
+                     ) from None
+    except errors.RevisionNotFoundError as e:
+      raise HubError(f'checkpoint {label}: the Hugging Face model {repo_id} has no revision '
+                     f'{revision!r} ({_http_status(e) or "not found"})') from None
+    except errors.HfHubHTTPError as e:
+      raise HubError(f'checkpoint {label}: {filename}: the Hugging Face Hub answered '
+                     f'{f"HTTP {_http_status(e)}" if _http_status(e) else _one_line(e)[:200]}') from None
+    except Exception as e:  # pylint: disable=broad-except  # network / disk: one line, no trace
+      raise HubError(f'checkpoint {label}: {filename}: {type(e).__name__}: '
+                     f'{_one_line(e)[:200]}') from None
 
   config = get(_HF_CONFIG)
   if config is None:
