@@ -834,7 +834,8 @@ def _write_image(result, job: _Job, out_dir: pathlib.Path, log, args) -> dict[st
   return {**job.key, 'image': job.label, 'name': job.name,
           'image_size_wh': [int(w), int(h)],
           'crops': [{'rank': i + 1, 'box_xyxy': list(c.box), 'score': _finite(c.score),
-                     'aspect_ratio': c.aspect_ratio, 'focal_point': list(c.focal_point)}
+                     'aspect_ratio': c.aspect_ratio, 'focal_point': list(c.focal_point),
+                     'fused': c.fused, 'queries': [q.to_json() for q in c.queries]}
                     for i, c in enumerate(crops)],
           'files': files}
 

@@ -74,16 +74,54 @@ QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example imag
 DEFAULT_BATCH_SIZE = {'cpu': 1}
 ACCELERATOR_BATCH_SIZE = 8
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+IMAGE_QUERY_TEXT = '<example image>'  # `QueryUse.text` of an example-image query
+# What the decoder's batched forward brings back to the host (selections: for `Crop.queries`).
+_DECODER_OUTPUTS = ('pred_boxes', 'quality', 'selected_boxes', 'selected_logits', 'selected_mask',
+                    'union_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryUse:
+  """What one query of a request found in the image: why a crop came out as it did.
+
+  Attributes:
+    text: the query text (the caption or a keyword); '<example image>' for an image query.
+    role: 'caption', 'subject' or 'context' (`features.ROLES`, `keywords.build_query_roles`).
+    box: the box of the image token the query selected, (x0, y0, x1, y1) original-image pixels
+      (clipped to the image); None when it selected nothing.
+    score: the detector's confidence in that selection (sigmoid of the class logit), in [0, 1].
+    in_union: whether the box is part of the union box the crops start from
+      (`ClipCropConfig.selection_union`).
+  """
+
+  text: str
+  role: str
+  box: Optional[tuple[float, float, float, float]]
+  score: float
+  in_union: bool
+
+  def to_json(self) -> dict[str, Any]:
+    return {'text': self.text, 'role': self.role,
+            'box': None if self.box is None else [round(v, 3) for v in self.box],
+            'score': round(self.score, 6), 'in_union': self.in_union}
 
 
 @dataclasses.dataclass
 class Crop:
-  """One crop. `box` is (x0, y0, x1, y1) in original-image pixels; `focal_point` (x, y) pixels."""
+  """One crop. `box` is (x0, y0, x1, y1) in original-image pixels; `focal_point` (x, y) pixels.
+
+  `queries` are the request's queries with what each selected (the same for every crop of an
+  image; empty in 'base' mode); `fused` is True for a crop that is the mean box of the
+  `fuse_top_k` highest-quality predictions (box voting), which is ranked first whatever its own
+  `score` (the mean of theirs).
+  """
 
   box: tuple[float, float, float, float]
   score: float
   aspect_ratio: float
   focal_point: tuple[float, float]
+  queries: tuple[QueryUse, ...] = ()
+  fused: bool = False
 
 
 @dataclasses.dataclass
@@ -144,6 +182,8 @@ class _Request:
   ratio: Optional[float]
   min_size: float
   fuse_top_k: int
+  query_roles: Any = None  # (1, Q) int32 role ids (`features.ROLE_IDS`), None in base mode
+  query_texts: tuple[tuple[str, str], ...] = ()  # (text, role) of each real query
 
 
 class ClipCropper:
@@ -191,8 +231,8 @@ class ClipCropper:
     self._encoder_key = f'{config.owlvit}:{uuid.uuid4().hex}'
     self._query_cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
     self._query_cache_lock = threading.Lock()  # a service calls check_request from many threads
-    self._decode = jax.jit(lambda v, enc, q, m, extent: self.module.apply(
-        v, enc, q, m, None, extent, method=self.module.crop_from_encoding))
+    self._decode = jax.jit(lambda v, enc, q, m, extent, roles: self.module.apply(
+        v, enc, q, m, None, extent, False, roles, method=self.module.crop_from_encoding))
 
   # ------------------------------------------------------------------ construction / IO
 
@@ -255,7 +295,8 @@ class ClipCropper:
                  keyword_pipeline=exported.keyword_pipeline if keyword_pipeline is None
                  else keyword_pipeline, **kwargs)
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(checkpoint)
-    config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
+    config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path),
+                                      selection_union=zero_shot.ZERO_SHOT_UNION)
     variables = {'params': {'owlvit': owl_variables['params']}}
     return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
                keyword_pipeline=keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None
@@ -350,9 +391,10 @@ class ClipCropper:
     return value
 
   def _queries(self, text: Optional[str], query_image: Any, query_box: Any, mode: str):
-    """(1, Q, D) embeddings and (1, Q) mask for the request, or (None, None) in base mode."""
+    """(1, Q, D) embeddings, (1, Q) mask, (1, Q) int32 roles and the (text, role) of each real
+    query for the request; (None, None, None, ()) in base mode."""
     if mode == 'base':
-      return None, None
+      return None, None, None, ()
     if mode == 'image':
       q_img = _as_uint8_image(query_image, self.max_pixels)
       box = None if query_box is None else tuple(float(v) for v in query_box)
@@ -362,18 +404,22 @@ class ClipCropper:
         emb = image_query.query_embeddings(
             self.owl_module, self._owl_variables,
             image_queries=[image_query.ImageQuery('query', q_img, box)])
-        return jnp.asarray(emb)[None], jnp.ones((1, 1), bool)
+        return (jnp.asarray(emb)[None], jnp.ones((1, 1), bool), jnp.zeros((1, 1), jnp.int32),
+                ((IMAGE_QUERY_TEXT, 'caption'),))
       return self._cached(key, embed_image)
 
     def embed_text():
-      texts = keywords_lib.build_queries(text, mode=mode, pipeline=self.keyword_pipeline)
-      tokens = tokenizer.tokenize(texts)
+      found = keywords_lib.build_query_roles(text, mode=mode, pipeline=self.keyword_pipeline)
+      tokens = tokenizer.tokenize([q.text for q in found])
       # Pad the query count to a multiple of QUERY_PAD with all-zero (masked) rows, so that texts
       # with different keyword counts reuse one compiled decoder (as Scenic pads its queries).
-      padded = -(-len(texts) // QUERY_PAD) * QUERY_PAD
-      tokens = np.pad(tokens, ((0, padded - len(texts)), (0, 0)))[None]
+      padded = -(-len(found) // QUERY_PAD) * QUERY_PAD
+      tokens = np.pad(tokens, ((0, padded - len(found)), (0, 0)))[None]
+      roles = np.zeros((1, padded), np.int32)
+      roles[0, :len(found)] = [features.ROLE_IDS[q.role] for q in found]
       emb = owl_model.embed_texts(self.owl_module, self._owl_variables, jnp.asarray(tokens))
-      return emb, jnp.asarray(tokens[..., 0] > 0)
+      return (emb, jnp.asarray(tokens[..., 0] > 0), jnp.asarray(roles),
+              tuple((q.text, q.role) for q in found))
     return self._cached(('text', mode, text), embed_text)
 
   def check_request(self, text: Optional[str] = None, query_image: Any = None, top_k: int = 5,
@@ -403,8 +449,8 @@ class ClipCropper:
       raise ValueError("mode 'image' needs query_image")
     if mode not in ('image', 'base') and (text is None or not text.strip()):
       raise ValueError(f'mode {mode!r} needs a non-empty text (or pass query_image)')
-    queries, query_mask = self._queries(text, query_image, query_box, mode)
-    return _Request(mode, queries, query_mask, top_k, ratio, min_size, fuse_top_k)
+    queries, query_mask, roles, texts = self._queries(text, query_image, query_box, mode)
+    return _Request(mode, queries, query_mask, top_k, ratio, min_size, fuse_top_k, roles, texts)
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
            top_k: int = 5, aspect_ratio: Any = None, min_size: Optional[float] = None,
@@ -561,13 +607,14 @@ class ClipCropper:
     for i, model_input in enumerate(inputs):
       h, w = model_input.image_hw
       extent[i] = (w / max(h, w), h / max(h, w))
-    q, q_mask = request.queries, request.query_mask
+    q, q_mask, roles = request.queries, request.query_mask, request.query_roles
     if q is not None:
       q = jnp.broadcast_to(q, (n,) + q.shape[1:])
       q_mask = jnp.broadcast_to(q_mask, (n,) + q_mask.shape[1:])
+      roles = jnp.broadcast_to(roles, (n,) + roles.shape[1:])
     out = self._decode(self.variables, encoded, q, q_mask,
-                       jax.device_put(extent, self._batch_sharding))
-    return jax.device_get({'pred_boxes': out['pred_boxes'], 'quality': out['quality']})
+                       jax.device_put(extent, self._batch_sharding), roles)
+    return jax.device_get({k: out[k] for k in _DECODER_OUTPUTS if k in out})
 
   def _crops_from_outputs(self, outputs: dict[str, Any], i: int,
                           image_hw: tuple[int, int], request: _Request) -> list[Crop]:
@@ -599,52 +646,70 @@ class ClipCropper:
     q, q_mask = request.queries, request.query_mask
     h, w = enc.image_hw
     if self.zero_shot:
-      boxes_px, scores = self._zero_shot(enc, q, q_mask, request.ratio)
+      boxes_px, scores, uses = self._zero_shot(enc, request)
       return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
-                            request.min_size)
+                            request.min_size, queries=uses)
     side = float(max(h, w))
     extent = jnp.asarray([[w / side, h / side]], jnp.float32)
-    out = self._decode(self.variables, enc.encoded, q, q_mask, extent)
+    out = self._decode(self.variables, enc.encoded, q, q_mask, extent, request.query_roles)
     return self._crops_from_decoder(out, enc.image_hw, request)
 
   def _crops_from_decoder(self, out: dict[str, Any], image_hw: tuple[int, int],
                           request: _Request) -> list[Crop]:
     """Crops from the decoder's outputs of one image ('pred_boxes' (1, M, 4) xyxy of the
-    padded square, 'quality' (1, M)): pixels, box voting, then `_finalise`."""
+    padded square, 'quality' (1, M), and the selections): pixels, box voting, `_finalise`."""
     h, w = image_hw
     side = float(max(h, w))
     boxes_px = np.asarray(out['pred_boxes'][0], np.float32) * side
     boxes_px = np.clip(boxes_px, 0, [w, h, w, h])
     scores = np.asarray(out['quality'][0], np.float32)
+    uses = ()
+    if 'selected_boxes' in out:
+      uses = _query_uses(request.query_texts, np.asarray(out['selected_boxes'][0]) * side,
+                         np.asarray(out['selected_logits'][0]),
+                         np.asarray(out['selected_mask'][0]), np.asarray(out['union_mask'][0]),
+                         image_hw)
     # Box voting: the fused crop (if any) is ranked first.
     boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, request.fuse_top_k)
     return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
-                          request.min_size, first_is_best=request.fuse_top_k > 1)
+                          request.min_size, first_is_best=request.fuse_top_k > 1, queries=uses)
 
-  def _zero_shot(self, enc: Encoding, q, q_mask, ratio):
-    """Zero-shot crops (pixels) and scores from OWL-ViT detections alone (`zero_shot`)."""
+  def _zero_shot(self, enc: Encoding, request: _Request):
+    """Zero-shot crops (pixels), scores and `QueryUse`s from OWL-ViT detections alone
+    (`zero_shot`): the union of the selections of `selection_union`'s roles is the target, the
+    other (context) selections count as objects not to cut through."""
+    q, q_mask = request.queries, request.query_mask
     h, w = enc.image_hw
     side = max(h, w)
     to_image = np.array([w, h, w, h], np.float64)
     boxes = np.asarray(box_lib.cxcywh_to_xyxy(enc.encoded['pred_boxes'][0]), np.float64)
     boxes = np.clip(boxes * side, 0, to_image) / to_image  # [0, 1] of the image
     if q is None:
-      return zero_shot.crops_from_detections(boxes, None, None, (w, h), ratio,
-                                             other_objects=ZERO_SHOT_OTHER_OBJECTS)
+      crops, scores = zero_shot.crops_from_detections(boxes, None, None, (w, h), request.ratio,
+                                                      other_objects=ZERO_SHOT_OTHER_OBJECTS)
+      return crops, scores, ()
     logits = np.asarray(owl_heads.logits_from_image_terms(
         enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
     in_image = np.asarray(model_lib.token_in_image(  # not padding
         enc.encoded['pred_boxes'][0], (w / side, h / side)))
     logits = np.where(in_image[:, None], logits, -np.inf)
-    picked = np.argmax(logits, axis=0)[np.asarray(q_mask[0])]
+    selected = np.asarray(q_mask[0])
+    picks = np.argmax(logits, axis=0)
+    in_union = np.asarray(model_lib.union_selection_mask(
+        jnp.asarray(selected[None]), request.query_roles, self.config.selection_union))[0]
     best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
-    return zero_shot.crops_from_detections(boxes, best, picked, (w, h), ratio,
-                                           other_objects=ZERO_SHOT_OTHER_OBJECTS)
+    crops, scores = zero_shot.crops_from_detections(
+        boxes, best, picks[in_union], (w, h), request.ratio,
+        other_objects=ZERO_SHOT_OTHER_OBJECTS, context=picks[selected & ~in_union])
+    picked_logits = logits[picks, np.arange(logits.shape[1])]
+    uses = _query_uses(request.query_texts, boxes[picks] * to_image,
+                       picked_logits, selected, in_union, (h, w), square=False)
+    return crops, scores, uses
 
   def _finalise(self, boxes_px, scores, image_wh, ratio, top_k, min_size,
-                first_is_best: bool = False) -> list[Crop]:
-    """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0 first), top-k,
-    focal point."""
+                first_is_best: bool = False, queries: tuple[QueryUse, ...] = ()) -> list[Crop]:
+    """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0, the fused crop,
+    first), top-k, focal point; every crop carries `queries`."""
     w, h = image_wh
     boxes_px = box_lib.widen_to_min_side_xyxy(np.asarray(boxes_px, np.float64), (w, h),
                                               MIN_CROP_SIDE)
@@ -664,8 +729,35 @@ class ClipCropper:
     for i in idx[order]:
       b = tuple(float(v) for v in boxes_px[i])
       crops.append(Crop(b, float(scores[i]), (b[2] - b[0]) / (b[3] - b[1]),
-                        ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)))
+                        ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), queries,
+                        fused=bool(first_is_best and i == 0)))
     return crops
+
+
+def _query_uses(texts: Sequence[tuple[str, str]], boxes_px: np.ndarray, logits: np.ndarray,
+                selected: np.ndarray, in_union: np.ndarray, image_hw: tuple[int, int],
+                square: bool = True) -> tuple[QueryUse, ...]:
+  """`QueryUse`s of the real queries (rows of `texts`).
+
+  Args:
+    texts: (text, role) of each real query, in row order.
+    boxes_px: (Q, 4) each query's selected box in pixels (`square`: of the padded square,
+      clipped here to the image; else already in original-image pixels).
+    logits: (Q,) the selected token's class logit.
+    selected, in_union: (Q,) bool.
+    image_hw: (H, W) of the original image.
+  """
+  h, w = image_hw
+  uses = []
+  for row, (text, role) in enumerate(texts):
+    box = None
+    if selected[row]:
+      b = np.clip(np.asarray(boxes_px[row], np.float64), 0, [w, h, w, h]) if square else (
+          np.asarray(boxes_px[row], np.float64))
+      box = tuple(float(v) for v in b)
+    score = float(1 / (1 + np.exp(-float(logits[row])))) if selected[row] else 0.0
+    uses.append(QueryUse(text, role, box, score, bool(selected[row] and in_union[row])))
+  return tuple(uses)
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:

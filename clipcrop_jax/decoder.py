@@ -18,7 +18,8 @@ Parameter tree of `CropDecoder` (W = width, C = image-token width, C' = conditio
   input_proj/{kernel (C, W), bias}, query_embed (M, W), condition_proj/{kernel (C', W), bias}
   (only when a condition was given at init), layers_{i}/{self_attention, cross_attention}/
   {query, key, value, out}, layers_{i}/mlp/{fc1, fc2}, layers_{i}/{norm_1, norm_2, norm_3},
-  decoder_norm, offset_head/{dense_0, dense_1, dense_2}, quality_head/{kernel (W, 1), bias}.
+  decoder_norm, offset_head/{dense_0, dense_1, dense_2}, quality_head/{kernel (W, 1), bias},
+  and role_embed (R, W) only when selection tokens were given at init (subject-aware union).
 """
 
 from __future__ import annotations
@@ -153,15 +154,17 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, target: jax.Array, memory: jax.Array, *, query_pos: jax.Array,
-               memory_pos: jax.Array, deterministic: bool) -> jax.Array:
+               memory_pos: jax.Array, deterministic: bool,
+               memory_mask: Optional[jax.Array] = None) -> jax.Array:
     """Applies the layer.
 
     Args:
       target: (B, M, W) query content.
-      memory: (B, P, W) projected image tokens.
+      memory: (B, P, W) projected image tokens (and selection tokens, see `CropDecoder`).
       query_pos: (B or 1, M, W) query positional embedding.
       memory_pos: (B or 1, P, W) image-token positional embedding.
       deterministic: disables dropout.
+      memory_mask: (B, P) bool, memory rows the queries may attend to; None = all.
 
     Returns:
       (B, M, W) updated query content.
@@ -177,8 +180,11 @@ class DecoderBlock(nn.Module):
       q = t + query_pos
       return self_attn(q, q, t, deterministic=deterministic)
 
+    mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, P)
+
     def cross_attention(t: jax.Array) -> jax.Array:
-      return cross_attn(t + query_pos, memory + memory_pos, memory, deterministic=deterministic)
+      return cross_attn(t + query_pos, memory + memory_pos, memory, mask=mask,
+                        deterministic=deterministic)
 
     sublayers = [('norm_1', self_attention), ('norm_2', cross_attention),
                  ('norm_3', lambda t: mlp(t, deterministic=deterministic))]
@@ -235,6 +241,7 @@ class CropDecoder(nn.Module):
     dropout_rate: dropout on residual branches, inside MLPs and on the attention weights (as in
       DETR, whose PyTorch attention uses the same rate); inactive when train=False.
     pre_norm: pre-norm layers instead of DETR's default post-norm.
+    num_roles: rows of `role_embed` (query roles, `features.ROLES`), used with `selections`.
     dtype: compute dtype (parameters stay float32; outputs are float32).
   """
 
@@ -245,12 +252,15 @@ class CropDecoder(nn.Module):
   num_queries: int = 90
   dropout_rate: float = 0.1
   pre_norm: bool = False
+  num_roles: int = 3
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, image_tokens: jax.Array, grid_hw: tuple[int, int],
                condition: Optional[jax.Array] = None, train: bool = False,
-               reference_xyxy: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+               reference_xyxy: Optional[jax.Array] = None,
+               selections: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None
+               ) -> dict[str, jax.Array]:
     """Decodes crops.
 
     Args:
@@ -263,6 +273,13 @@ class CropDecoder(nn.Module):
         When given, `reference_proj(sine_box_embedding(reference))` is added to every query's
         content, so the decoder knows where its reference is (as Conditional DETR's reference
         points); created lazily like `condition_proj`.
+      selections: (indices (B, Q) int32 into the P image tokens, roles (B, Q) int32 in
+        [0, num_roles), mask (B, Q) bool) of the tokens the queries selected, or None. When
+        given, each selected token is appended to the cross-attention memory a second time,
+        tagged with a learned embedding of its query's role (`role_embed` (num_roles, W),
+        created lazily like `condition_proj`) at its grid position; masked ones are not
+        attended to. ClipCrop's subject-aware union uses it so that the decoder sees the
+        context objects the union box leaves out.
 
     Returns:
       Dict of float32 arrays for every layer (the last layer is index -1):
@@ -298,6 +315,25 @@ class CropDecoder(nn.Module):
           sine_box_embedding(reference_xyxy, self.width).astype(self.dtype))  # (B, W)
       target = target + ref[:, None, :]
 
+    memory_mask = None
+    if selections is not None:
+      indices, roles, selected = selections
+      if indices.shape != roles.shape or indices.shape != selected.shape or (
+          indices.shape[0] != batch):
+        raise ValueError(f'selections must be three (B={batch}, Q) arrays, got shapes '
+                         f'{indices.shape}, {roles.shape}, {selected.shape}.')
+      role_embed = self.param('role_embed', nn.initializers.normal(stddev=1.0),
+                              (self.num_roles, self.width), jnp.float32)
+      picked = jnp.take_along_axis(memory, indices[..., None], axis=1)  # (B, Q, W)
+      picked = picked + jnp.asarray(role_embed, self.dtype)[roles]
+      picked_pos = jnp.broadcast_to(memory_pos, (batch,) + memory_pos.shape[1:])
+      picked_pos = jnp.take_along_axis(picked_pos, indices[..., None], axis=1)
+      memory = jnp.concatenate([memory, picked], axis=1)
+      memory_pos = jnp.concatenate(
+          [jnp.broadcast_to(memory_pos, (batch,) + memory_pos.shape[1:]), picked_pos], axis=1)
+      memory_mask = jnp.concatenate([jnp.ones((batch, num_tokens), bool),
+                                     selected.astype(bool)], axis=1)
+
     outputs = []
     for i in range(self.num_layers):
       target = DecoderBlock(
@@ -308,7 +344,7 @@ class CropDecoder(nn.Module):
           pre_norm=self.pre_norm,
           dtype=self.dtype,
           name=f'layers_{i}')(target, memory, query_pos=query_pos, memory_pos=memory_pos,
-                              deterministic=deterministic)
+                              deterministic=deterministic, memory_mask=memory_mask)
       outputs.append(target)
     hidden = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(jnp.stack(outputs))  # (L, B, M, W)
 

@@ -50,8 +50,10 @@ ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` ov
                        detector's detection config), `variants` (ClipCrop modes) and their
                        `variant_steps`, `quick` (a report label; `get_config('quick')` sets
                        the budgets), `num_seeds` (seeds `seed` .. `seed + num_seeds - 1`, data
-                       and training), `validation_split` (where choices are made) and
-                       `fuse_top_k_choices` (chosen there per variant). Each stage uses
+                       and training), `validation_split` (where choices are made),
+                       `fuse_top_k_choices` (chosen there per variant) and
+                       `selection_union_choices` (ClipCrop (full) is trained with each; the
+                       best on validation is kept, the other variants use it). Each stage uses
                        `dataset.name` (checked by validation).
 
 Fields of older configs are refused with their replacement named: `mode` (now `run`) and
@@ -87,6 +89,7 @@ BASELINES = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_s
 RUNS = ('train', 'eval', 'train_and_eval', 'synthetic_pipeline')
 DTYPES = ('float32', 'bfloat16')
 MATCHING_SOLVERS = ('auto', 'device', 'host')  # = matching.SOLVERS (no jax import here)
+SELECTION_UNIONS = ('all', 'subject', 'caption')  # = tuple(model.SELECTION_UNIONS) (no jax here)
 DATA_RESUME = ('replay', 'reseed')
 SHARDING_KINDS = ('replicate', 'shard_largest')  # = sharding.RULE_KINDS (no jax import here)
 USAGE_EXIT_CODE = 2  # bad command line or config (as argparse); 1 = the run itself failed
@@ -106,7 +109,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       owlvit='clip_b32', mode='full', decoder_layers=6, decoder_width=512, decoder_heads=8,
       decoder_mlp_dim=2048, num_queries=90, dropout_rate=0.1, freeze_encoder=True,
-      fuse_top_k=1))
+      fuse_top_k=1, selection_union='all'))
 
   c.init_from = ml_collections.ConfigDict(dict(owlvit='', clipcrop=''))
 
@@ -460,6 +463,10 @@ def _check_pipeline(c: _Checks) -> None:
   c.check('pipeline.fuse_top_k_choices',
           lambda v: not isinstance(v, (str, int)) and len(v) > 0 and all(
               _int_at_least(1)(k) for k in v), 'a non-empty tuple of integers >= 1')
+  c.check('pipeline.selection_union_choices',
+          lambda v: not isinstance(v, str) and len(v) > 0 and len(set(v)) == len(v) and all(
+              u in SELECTION_UNIONS for u in v), f'a non-empty tuple of distinct names from '
+          f'{SELECTION_UNIONS}')
   c.check('pipeline.validation_split', _nonempty_str, 'a split name (e.g. ambiguity_validation)')
   c.check('pipeline.validation_split',
           lambda v: all(v != entry[1] for entry in (c.get('eval.datasets') or ())),

@@ -71,7 +71,8 @@ def results_filename(name: str, split: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent) -> dict[str, jax.Array]:
+def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent, query_roles
+             ) -> dict[str, jax.Array]:
   """Model outputs + everything the baselines need, from one image encoding."""
   encoded = mdl.encode_image(images)
   q = mdl.embed_text(text_queries)
@@ -82,7 +83,7 @@ def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent) -> dict[str,
   else:
     own = mdl.crop_from_encoding(encoded, q, model_lib.query_mask_for_mode(text_queries,
                                                                            mdl.config.mode),
-                                 None, extent)
+                                 None, extent, query_roles=query_roles)
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], q, real)  # (B, P, Q)
   logits = jnp.where(real[:, None, :], logits, -jnp.inf)
   in_image = model_lib.token_in_image(encoded['pred_boxes'], extent)
@@ -91,6 +92,8 @@ def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent) -> dict[str,
               top_box=full['selected_boxes'][:, 0], top_valid=full['selected_mask'][:, 0],
               union_box=full['union_box'], selected_tokens=full['selected_tokens'],
               selected_mask=full['selected_mask'],
+              zero_shot_union=model_lib.union_selection_mask(full['selected_mask'], query_roles,
+                                                             zero_shot.ZERO_SHOT_UNION),
               token_boxes=box_lib.cxcywh_to_xyxy(encoded['pred_boxes']), token_scores=token_scores)
 
 
@@ -102,8 +105,8 @@ def _forward_base(mdl: model_lib.ClipCrop, images, extent) -> dict[str, jax.Arra
 def make_eval_step(model: model_lib.ClipCrop, mesh) -> Any:
   batch_sharding = sharding_lib.batch_sharding(mesh)
   return jax.jit(lambda params, b: model.apply(
-      {'params': params}, b[F.IMAGES], b[F.TEXT_QUERIES], b[F.IMAGE_EXTENT], method=_forward),
-                 out_shardings=batch_sharding)
+      {'params': params}, b[F.IMAGES], b[F.TEXT_QUERIES], b[F.IMAGE_EXTENT],
+      b.get(F.QUERY_ROLES), method=_forward), out_shardings=batch_sharding)
 
 
 def make_base_step(model: model_lib.ClipCrop, mesh) -> Any:
@@ -322,10 +325,12 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
   if 'zero_shot' in baselines:
     side = float(max(host[F.HEIGHT][i], host[F.WIDTH][i]))
     wh = (float(host[F.WIDTH][i]), float(host[F.HEIGHT][i]))
-    picked = host['selected_tokens'][i][host['selected_mask'][i]]
+    selected, in_union = host['selected_mask'][i], host['zero_shot_union'][i]
+    picked = host['selected_tokens'][i][in_union]
+    context = host['selected_tokens'][i][selected & ~in_union]
     token_boxes = np.clip(host['token_boxes'][i] / np.tile(extent, 2), 0, 1)
     boxes_px, conf = zero_shot.crops_from_detections(token_boxes, host['token_scores'][i],
-                                                     picked, wh)
+                                                     picked, wh, context=context)
     ranked['zero_shot'] = (boxes_px / side, conf)
   collector.add(refs, scores, extent, ranked, srcc)
 

@@ -2,16 +2,22 @@
 
 A model directory holds exactly two files:
 
-  clipcrop_config.json   {"format_version": 2,
+  clipcrop_config.json   {"format_version": 3,
                           "config": {<every `model.ClipCropConfig` field>},
                           "keyword_pipeline": "<spaCy pipeline name or path, or 'rules'>"}
   params.msgpack         flax msgpack of {'params': {'owlvit': ..., 'decoder': ...}}
 
 `keyword_pipeline` is the keyword extractor the model was trained with (`keywords.RULES` = the
-rule-based one); a cropper uses it unless told otherwise. Format 1 had no such entry: its
-directories still load, with `keywords.DEFAULT_PIPELINE` (what ClipCropper used for them). Old
-spellings of the rule-based extractor (None, '', 'rule') are read as 'rules'
-(`keywords.legacy_pipeline_name`). A `format_version` newer than FORMAT_VERSION is refused.
+rule-based one); a cropper uses it unless told otherwise. Old spellings of the rule-based
+extractor (None, '', 'rule') are read as 'rules' (`keywords.legacy_pipeline_name`). A
+`format_version` newer than FORMAT_VERSION is refused.
+
+Release notes of the format:
+  3  `config.selection_union` (which query roles make the union box; a model with 'subject' /
+     'caption' has a `decoder/role_embed` parameter) is required. Format 1 and 2 directories
+     load as 'all', the paper's union of every selection, which is what they were trained with.
+  2  the training keyword pipeline is recorded. Format 1 directories load with
+     `keywords.DEFAULT_PIPELINE` (what ClipCropper used for them).
 
 A training run exports its model to `<workdir>/clipcrop` (EXPORT_DIR); `load_model` takes either
 the model directory or such a workdir.
@@ -35,7 +41,7 @@ from clipcrop_jax import model as model_lib
 
 CONFIG_FILE = 'clipcrop_config.json'
 PARAMS_FILE = 'params.msgpack'
-FORMAT_VERSION = 2  # 1: no keyword_pipeline entry; 2: the training keyword pipeline is recorded
+FORMAT_VERSION = 3  # 2: + the training keyword pipeline; 3: + config.selection_union (above)
 EXPORT_DIR = 'clipcrop'  # the subfolder of a training workdir that holds its exported model
 
 PathLike = Union[str, pathlib.Path]
@@ -127,6 +133,10 @@ def load_model(path: PathLike) -> ExportedModel:
   if not isinstance(meta, dict) or 'config' not in meta:
     raise ValueError(f'{config_path}: not a ClipCrop config (no "config" entry)')
   version = _format_version(meta, config_path)
+  if (version >= 3 and isinstance(meta['config'], dict) and
+      'selection_union' not in meta['config']):
+    raise ValueError(f'{config_path}: no "config.selection_union" entry (required by format '
+                     f'{version})')
   config = model_lib.ClipCropConfig.from_dict(meta['config'], str(config_path))
   pipeline = _keyword_pipeline(meta, version, config_path)
   if not params_path.is_file():

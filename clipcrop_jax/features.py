@@ -49,8 +49,10 @@ CROP_SCORES = 'crop_scores'     # float32 (B, N) their scores (GAIC MOS; 1 for r
 CROP_MASK = 'crop_mask'         # bool (B, N) real (not padding) crops
 IMAGE_EXTENT = 'image_extent'   # float32 (B, 2) (w, h) of the real image in the padded square
 TEXT_QUERIES = 'text_queries'   # int32 (B, Q, MAX_QUERY_LENGTH) [full text, keywords...], 0 = pad
+QUERY_ROLES = 'query_roles'     # int32 (B, Q) each text query's role (ROLE_IDS; 0 on padding)
 EXAMPLE_MASK = 'mask'           # bool (B,) real (not padding) examples of an eval batch
-TRAIN_KEYS = (IMAGES, CROP_BOXES, CROP_SCORES, CROP_MASK, IMAGE_EXTENT, TEXT_QUERIES)
+TRAIN_KEYS = (IMAGES, CROP_BOXES, CROP_SCORES, CROP_MASK, IMAGE_EXTENT, TEXT_QUERIES,
+              QUERY_ROLES)
 EVAL_KEYS = TRAIN_KEYS + (HEIGHT, WIDTH, EXAMPLE_MASK)
 INPUT_FEATURES = (IMAGE, CROPS, TEXT, HEIGHT, WIDTH)  # the TFDS features the pipeline reads
 
@@ -69,6 +71,13 @@ DETECTION_TRAIN_KEYS = (IMAGES, BOXES, BOX_MASK, LABEL_IDS, TEXT_QUERIES)
 # 'image' (an example image's one-shot embedding).
 QUERY_MODES = ('full', 'main', 'key', 'base', 'image')
 TEXT_QUERY_MODES = ('full', 'main', 'key')
+
+# The role of a query (`keywords.build_query_roles`): 'caption' (the whole request: the full
+# text, or an example image), 'subject' (a keyword naming what the crop is of: the caption's head
+# noun phrase and its conjuncts) or 'context' (a keyword naming where or beside what: objects of
+# prepositions and relations). ROLE_IDS are the model's integer codes.
+ROLES = ('caption', 'subject', 'context')
+ROLE_IDS = {role: i for i, role in enumerate(ROLES)}
 
 
 def common_features(**extras: Any):

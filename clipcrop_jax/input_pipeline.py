@@ -350,17 +350,19 @@ def _tokenize(text: tf.Tensor, max_len: int = F.MAX_QUERY_LENGTH) -> tf.Tensor:
 def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
                      keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
                      num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
-  """Adds `text_queries` int32 (max_queries, L): CLIP tokens of [full text, keyword 1, ...].
+  """Adds `text_queries` int32 (max_queries, L): CLIP tokens of [full text, keyword 1, ...], and
+  `query_roles` int32 (max_queries,): each query's role (`features.ROLE_IDS`: the full text is
+  'caption', keywords 'subject' or 'context').
 
-  The queries are built in ClipCrop's 'full' mode (`keywords.build_queries`), whatever the model's
-  mode: the model keeps the rows its mode needs (`model.query_mask_for_mode`), and the text-based
-  baselines use the full text (row 0). Keywords beyond `max_queries - 1` are dropped; unused rows
-  and the rows of an empty text are zeros (padding). Keyword extraction (spaCy) runs once per
-  distinct text (cached), so later epochs cost nothing. L = `MAX_QUERY_LENGTH`;
+  The queries are built in ClipCrop's 'full' mode (`keywords.build_query_roles`), whatever the
+  model's mode: the model keeps the rows its mode needs (`model.query_mask_for_mode`), and the
+  text-based baselines use the full text (row 0). Keywords beyond `max_queries - 1` are dropped;
+  unused rows and the rows of an empty text are zeros (padding). Keyword extraction (spaCy) runs
+  once per distinct text (cached), so later epochs cost nothing. L = `MAX_QUERY_LENGTH`;
   `keyword_pipeline` is a spaCy pipeline name or path, or `keywords.RULES` (checked here).
   """
   keywords.check_pipeline(keyword_pipeline)
-  cache: dict[bytes, np.ndarray] = {}
+  cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
   def queries(text):
     text = text.item() if isinstance(text, np.ndarray) else text
@@ -368,16 +370,20 @@ def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
       from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
       decoded = text.decode('utf-8') if isinstance(text, bytes) else str(text)
       out = np.zeros((max_queries, F.MAX_QUERY_LENGTH), np.int32)
+      roles = np.zeros((max_queries,), np.int32)
       if decoded.strip():
-        texts = keywords.build_queries(decoded, 'full', pipeline=keyword_pipeline)
-        texts = texts[:max_queries]
-        out[:len(texts)] = tokenizer.tokenize(texts, max_len=F.MAX_QUERY_LENGTH)
-      cache[text] = out
+        found = keywords.build_query_roles(decoded, 'full', pipeline=keyword_pipeline)
+        found = found[:max_queries]
+        out[:len(found)] = tokenizer.tokenize([q.text for q in found],
+                                              max_len=F.MAX_QUERY_LENGTH)
+        roles[:len(found)] = [F.ROLE_IDS[q.role] for q in found]
+      cache[text] = (out, roles)
     return cache[text]
 
   def add(ex):
-    q = tf.numpy_function(queries, [ex[F.TEXT]], tf.int32, stateful=False)
-    return {**ex, F.TEXT_QUERIES: tf.ensure_shape(q, (max_queries, F.MAX_QUERY_LENGTH))}
+    q, roles = tf.numpy_function(queries, [ex[F.TEXT]], (tf.int32, tf.int32), stateful=False)
+    return {**ex, F.TEXT_QUERIES: tf.ensure_shape(q, (max_queries, F.MAX_QUERY_LENGTH)),
+            F.QUERY_ROLES: tf.ensure_shape(roles, (max_queries,))}
 
   return ds.map(add, num_parallel_calls=num_parallel_calls, deterministic=True)
 
@@ -559,7 +565,8 @@ def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
   Images uniform in [0, 1); 3..max_crops real crops per example (xyxy in [0, 1], scores 1..5,
   the rest zero padding); every other example has a non-square extent; example b has
   1 + b % max_queries non-empty text queries of random CLIP token ids between the start (49406)
-  and end (49407) tokens, `F.MAX_QUERY_LENGTH` tokens per query.
+  and end (49407) tokens, `F.MAX_QUERY_LENGTH` tokens per query; query roles: the first is the
+  caption, then subject and context keywords in turn.
   """
   rng = np.random.default_rng(seed)
   image = rng.uniform(size=(batch, image_size, image_size, 3)).astype(np.float32)
@@ -580,6 +587,10 @@ def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
       text_queries[b, q, 0] = 49406
       text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
       text_queries[b, q, length - 1] = 49407
+  roles = np.where(np.arange(max_queries) == 0, F.ROLE_IDS['caption'],
+                   np.where(np.arange(max_queries) % 2 == 1, F.ROLE_IDS['subject'],
+                            F.ROLE_IDS['context']))
+  query_roles = np.where(text_queries[..., 0] > 0, roles[None], 0).astype(np.int32)
   return {F.IMAGES: image, F.CROP_BOXES: crops, F.CROP_SCORES: crop_scores,
           F.CROP_MASK: crop_mask, F.IMAGE_EXTENT: image_extent,
-          F.TEXT_QUERIES: text_queries}
+          F.TEXT_QUERIES: text_queries, F.QUERY_ROLES: query_roles}

@@ -44,6 +44,33 @@ the picture rather than an object: "the girl on the left" has the one keyword "t
 then queries with the full text alone. A keyword may equal the full text (e.g. "the cat");
 `build_queries` does not repeat it after the full text in "full" mode.
 
+Roles (`extract_keyword_roles`, `build_query_roles`). Each keyword is a *subject* (what the crop
+is of) or *context* (where it is, or what it is next to): "a woman and three dogs on the boat" has
+the subjects "a woman", "three dogs" and the context "the boat"; "the dog next to the bench" the
+subject "the dog" and the context "the bench" (a landmark that says which dog). The subject is the
+keyword holding the caption's head noun, with the keywords coordinated with it:
+
+  1. The head noun. spaCy: the first sentence's root if it is a noun (most captions are noun
+     phrases: "a woman on a bicycle in the city"), else the root verb's subject ("a man and his
+     dog walking on the beach"), else its attribute ("there is a dog on the sofa"). Rule-based:
+     the first keyword. Without one ("in a boat at sunset") the first keyword is the subject.
+  2. Framing phrases are skipped: a keyword whose head is a framing noun (`FRAMING_NOUNS`:
+     "view", "portrait", "photo", "silhouette", "close up", ...) directly followed by "of" is
+     dropped and the subject moves on ("black and white photo of a young woman" -> "a young
+     woman").
+  3. The subject grows over the following keywords as long as each is joined to the previous one
+     only by coordinators and commas ("mother and child", "a woman, a man and a child"), or by
+     "of" after a collective noun (`COLLECTIVE_NOUNS`: "a group of people", "a flock of birds",
+     "a cup of coffee"). Any other word between them (a preposition, a verb) ends it.
+  4. Every other keyword is context, including conjunctions inside the context ("a dog on a
+     sofa and a chair": "a sofa", "a chair"); place phrases stay dropped.
+
+The two extractors share steps 2-4 on their own keyword spans; they differ in step 1 (the
+rule-based extractor has no parse, so a caption whose subject is not named first, "on the beach,
+a man", gets the wrong subject) and in the spans themselves. On the 3,336 released GAIC captions
+(docs/keyword_roles.md, `tools/keyword_roles.py`) the spaCy extractor finds a subject in every
+caption with a keyword.
+
 If the spaCy pipeline cannot be loaded (spaCy or the pipeline package is not installed, or the
 pipeline has no parser / tagger), the rule-based extractor is used and a `KeywordFallbackWarning`
 is issued once per process. Loaded pipelines (and failures) are cached by name.
@@ -55,6 +82,7 @@ maps them to `RULES` for files written by older versions only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Iterable, Optional, Sequence
@@ -83,6 +111,23 @@ _fallback_warned = False
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Keyword:
+  """A keyword and its role: 'subject' (what the crop is of) or 'context' (where, beside what)."""
+
+  text: str
+  role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """A text query and its role (`features.ROLES`): 'caption' for the full text, else the
+  keyword's role."""
+
+  text: str
+  role: str
+
+
 def extract_keywords(text: str,
                      pipeline: str = DEFAULT_PIPELINE,
                      max_keywords: Optional[int] = None) -> list[str]:
@@ -104,17 +149,29 @@ def extract_keywords(text: str,
       an old spelling of `RULES` (None, '', 'rule').
     TypeError: `text` or `pipeline` is not a string.
   """
+  return [k.text for k in extract_keyword_roles(text, pipeline, max_keywords)]
+
+
+def extract_keyword_roles(text: str,
+                          pipeline: str = DEFAULT_PIPELINE,
+                          max_keywords: Optional[int] = None) -> list[Keyword]:
+  """`extract_keywords` with each keyword's role (module docstring, "Roles").
+
+  "a woman and three dogs on the boat" -> [Keyword('a woman', 'subject'),
+  Keyword('three dogs', 'subject'), Keyword('the boat', 'context')]. Arguments and errors as
+  `extract_keywords`.
+  """
   check_pipeline(pipeline)
   text = _check_text(text)
   if max_keywords is not None and max_keywords < 0:
     raise ValueError(f"max_keywords must be >= 0 or None, got {max_keywords}")
   nlp = _get_nlp(pipeline) if pipeline != RULES else None
   if nlp is not None:
-    spans = _spacy_spans(nlp(text))
+    doc = nlp(text)
+    spans, head = _spacy_head_span(doc, _spacy_spans(doc))
   else:
-    spans = _rule_based_spans(text)
-  keywords = [k for k in _dedupe(text[start:end] for start, end in spans)
-              if not is_place_phrase(k)]
+    spans, head = _rule_based_spans(text), 0
+  keywords = _dedupe_keywords(_roles(text, spans, head))
   return keywords if max_keywords is None else keywords[:max_keywords]
 
 
@@ -131,6 +188,87 @@ def is_place_phrase(keyword: str) -> bool:
   box; `extract_keywords` drops it."""
   words = [w for w in re.findall(r"[a-z]+", keyword.casefold()) if w not in _FUNCTION_WORDS]
   return bool(words) and all(w in PLACE_NOUNS for w in words)
+
+
+# Nouns that frame a picture rather than name a thing in it: "a view of the city", "portrait of
+# a young woman", "black and white photograph of a street". Followed by "of", such a keyword is
+# dropped and the subject moves to what follows.
+FRAMING_NOUNS = frozenset((
+    "view", "views", "portrait", "portraits", "photo", "photos", "photograph", "photographs",
+    "picture", "pictures", "image", "images", "shot", "shots", "snapshot", "silhouette",
+    "silhouettes", "closeup", "close-up", "lapse", "timelapse", "panorama", "scene", "scenes",
+    "impression", "illustration", "still"))
+
+# Nouns of quantity or collection: "a group of people", "a flock of birds", "a plate of food".
+# What follows their "of" belongs to the subject too.
+COLLECTIVE_NOUNS = frozenset((
+    "group", "groups", "couple", "pair", "pairs", "flock", "flocks", "herd", "herds", "pack",
+    "crowd", "crowds", "bunch", "team", "row", "rows", "line", "stack", "pile", "set", "lot",
+    "lots", "number", "school", "swarm", "bouquet", "cluster", "collection", "variety", "series",
+    "handful", "dozen", "dozens", "plate", "bowl", "cup", "glass", "basket", "box", "bottle",
+    "slice", "piece", "pieces", "blade", "family", "gang", "fleet", "field", "bed", "sea"))
+
+# Words that coordinate two keywords ("mother and child", "a woman, a man and a child").
+_COORDINATORS = frozenset(("and", "or", "&", ",", "plus", "nor"))
+_GAP_WORD_RE = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*|[^\w\s]")
+
+
+def _last_word(phrase: str) -> str:
+  words = re.findall(r"[a-z][a-z'’-]*", phrase.casefold())
+  return words[-1] if words else ""
+
+
+def _is_framing_noun(phrase: str) -> bool:
+  """The phrase's head is a framing noun ("aerial view", "black and white photo", "close up")."""
+  return (_last_word(phrase) in FRAMING_NOUNS or
+          re.search(r"\bclose[\s-]?up$", phrase.casefold()) is not None)
+
+
+def _join(gap: str) -> str:
+  """How two neighbouring keywords are joined by the text `gap` between them: 'coord' (only
+  coordinators and commas, at least one), 'of' (exactly "of"), or 'other'."""
+  words = [w.casefold() for w in _GAP_WORD_RE.findall(gap)]
+  if words == ["of"]:
+    return "of"
+  if words and all(w in _COORDINATORS or w in ("as", "well", "both") for w in words) and (
+      any(w in _COORDINATORS for w in words)):
+    return "coord"
+  return "other"
+
+
+def _roles(text: str, spans: Sequence[tuple[int, int]], head: int) -> list[Keyword]:
+  """Keywords with roles from the keyword spans (text order) and the index of the span holding
+  the caption's head noun (module docstring, "Roles"); place and framing phrases dropped."""
+  phrases = [text[a:b] for a, b in spans]
+  joins = [_join(text[spans[i - 1][1]:spans[i][0]]) for i in range(1, len(spans))]
+  framing = [i + 1 < len(spans) and joins[i] == "of" and _is_framing_noun(p)
+             for i, p in enumerate(phrases)]
+  head = min(max(head, 0), len(spans))
+  while head < len(spans) and framing[head]:
+    head += 1  # "a view of the city": the subject is what is viewed
+  roles = ["context"] * len(spans)
+  for i in range(head, len(spans)):
+    if i > head and not (joins[i - 1] == "coord" or (
+        joins[i - 1] == "of" and _last_word(phrases[i - 1]) in COLLECTIVE_NOUNS)):
+      break
+    roles[i] = "subject"
+  keywords = [Keyword(p, r) for p, r, f in zip(phrases, roles, framing)
+              if not f and not is_place_phrase(p)]
+  if keywords and not any(k.role == "subject" for k in keywords):
+    keywords[0] = Keyword(keywords[0].text, "subject")  # no head found: the first thing named
+  return keywords
+
+
+def _dedupe_keywords(keywords: Iterable[Keyword]) -> list[Keyword]:
+  """Whitespace-normalised, without empties and case-insensitive repeats (the first occurrence,
+  its casing and role, is kept), in order."""
+  seen, out = set(), []
+  for keyword in keywords:
+    phrase = _normalize(keyword.text)
+    if phrase and phrase.casefold() not in seen:
+      seen.add(phrase.casefold())
+      out.append(Keyword(phrase, keyword.role))
+  return out
 
 
 def build_queries(text: Optional[str],
@@ -158,6 +296,15 @@ def build_queries(text: Optional[str],
       `pipeline` (whatever the mode).
     TypeError: `text` is not a string (or None) in a text mode, or `pipeline` is not a string.
   """
+  return [q.text for q in build_query_roles(text, mode, pipeline, max_keywords)]
+
+
+def build_query_roles(text: Optional[str],
+                      mode: str = "full",
+                      pipeline: str = DEFAULT_PIPELINE,
+                      max_keywords: Optional[int] = None) -> list[Query]:
+  """`build_queries` with each query's role: 'caption' for the full text (and for the full text
+  standing in for absent keywords in "key" mode), the keyword's role otherwise."""
   check_pipeline(pipeline)
   if mode not in features.QUERY_MODES:
     raise ValueError(f"unknown query mode {mode!r}; expected one of "
@@ -167,13 +314,15 @@ def build_queries(text: Optional[str],
   if text is None:
     raise ValueError("text is empty")
   full = _check_text(text)
+  caption = Query(full, "caption")
   if mode == "main":
-    return [full]
-  keywords = extract_keywords(full, pipeline=pipeline, max_keywords=max_keywords)
+    return [caption]
+  keywords = [Query(k.text, k.role) for k in
+              extract_keyword_roles(full, pipeline=pipeline, max_keywords=max_keywords)]
   if mode == "key":
-    return keywords or [full]
+    return keywords or [caption]
   full_key = _normalize(full).casefold()
-  return [full] + [k for k in keywords if k.casefold() != full_key]
+  return [caption] + [k for k in keywords if k.text.casefold() != full_key]
 
 
 def check_pipeline(pipeline: str) -> str:
@@ -227,19 +376,6 @@ def _check_text(text: str) -> str:
 
 def _normalize(phrase: str) -> str:
   return " ".join(phrase.split())
-
-
-def _dedupe(phrases: Iterable[str]) -> list[str]:
-  """Whitespace-normalises, drops empties and case-insensitive repeats; keeps order and casing."""
-  seen = set()
-  out = []
-  for phrase in phrases:
-    phrase = _normalize(phrase)
-    key = phrase.casefold()
-    if phrase and key not in seen:
-      seen.add(key)
-      out.append(phrase)
-  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,6 +438,35 @@ def _spacy_spans(doc: Any) -> list[tuple[int, int]]:
   return sorted(spans)
 
 
+def _spacy_head_span(doc: Any, spans: list[tuple[int, int]]
+                     ) -> tuple[list[tuple[int, int]], int]:
+  """(spans, index of the span holding the caption's head noun), from the dependency parse: the
+  first sentence's root when it is a noun (captions are mostly noun phrases: "a woman on a
+  bicycle"), else the root verb's subject ("a man and his dog walking ..."), else its attribute
+  ("there is a dog ..."); index 0 when there is none ("in a boat at sunset"). A verb's subject
+  the tagger got wrong ("a jeep driving down a road": "jeep" tagged ADJ, so in no noun chunk)
+  is added as a span of its own (from its leftmost dependent)."""
+  root = next(iter(doc.sents)).root
+  head = None
+  if root.pos_ in _NOUN_POS or root.pos_ == "PRON":
+    head = root
+  elif root.pos_ in ("VERB", "AUX"):
+    for deps in (("nsubj", "nsubjpass"), ("attr",)):
+      head = next((c for c in root.children if c.dep_ in deps), None)
+      if head is not None:
+        break
+  if head is None:
+    return spans, 0
+  for i, (start, end) in enumerate(spans):
+    if start <= head.idx < end:
+      return spans, i
+  if head.pos_ in ("PRON", "DET", "NUM", "PUNCT") or head.dep_ not in ("nsubj", "nsubjpass"):
+    return spans, 0
+  span = (head.left_edge.idx, head.idx + len(head.text))
+  spans = sorted(spans + [span])
+  return spans, spans.index(span)
+
+
 def _split_chunk(chunk: Any) -> list[list[Any]]:
   """Splits a noun chunk at conjunctions between noun phrases ("a's b and c d")."""
   parts = [[]]
@@ -337,7 +502,7 @@ _ADJECTIVES = frozenset(
     "red orange yellow green blue purple pink brown black white gray grey golden silver dark light "
     "bright pale big small large little tiny huge giant tall short long wide narrow thick thin old "
     "young new empty full open closed hot cold warm wet dry clean dirty pretty beautiful cute "
-    "happy sad fresh ripe round square striped spotted wooden plastic colorful colourful fluffy "
+    "happy sad fresh ripe round striped spotted wooden plastic colorful colourful fluffy "
     "furry shiny tiled same different other left right top bottom front main single double".split())
 _CONNECTORS = frozenset(
     # Conjunctions and prepositions.

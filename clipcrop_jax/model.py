@@ -31,6 +31,12 @@ from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import model as owl_model
 
 MODES = features.QUERY_MODES  # 'full', 'main', 'key', 'base', 'image'
+# Which selections form the union box (`ClipCropConfig.selection_union`): the roles they come from.
+SELECTION_UNIONS = {
+    'all': features.ROLES,                # the paper's Eq. 3: every selection
+    'subject': ('caption', 'subject'),    # the whole request and the subject keywords
+    'caption': ('caption',),              # the whole request alone
+}
 OFFSET_SPACES = ('logit_cxcywh', 'additive_xyxy')
 _LOGIT_EPS = 1e-4
 WHOLE_IMAGE_XYXY = (0.0, 0.0, 1.0, 1.0)
@@ -66,6 +72,15 @@ class ClipCropConfig:
     fuse_top_k: how the top crop is chosen at inference: the mean box of the `fuse_top_k`
       highest-quality predictions (box voting, `boxes.fuse_top_k_xyxy`), ranked before the
       others; 1 = the single highest-quality prediction (the paper). Training ignores it.
+    selection_union: which selections make the union box the crops start from (and whose
+      tokens' mean conditions the decoder), by the role of their query (`features.ROLES`,
+      `keywords.build_query_roles`): 'all' (the paper's Eq. 3: every selection), 'subject'
+      (the caption and its subject keywords: "the dog next to the bench" starts from the dog,
+      not from dog + bench) or 'caption' (the caption alone). With 'subject' / 'caption' every
+      selected token also reaches the decoder's memory tagged with a learned embedding of its
+      role (`CropDecoder` `selections`), so the decoder can widen the crop to the context the
+      union leaves out. When no selection of the union's roles survives, the union is that of
+      every selection.
   """
 
   owlvit: str = 'clip_b32'
@@ -81,6 +96,7 @@ class ClipCropConfig:
   reference_embedding: bool = True
   offset_space: str = 'logit_cxcywh'
   fuse_top_k: int = 1
+  selection_union: str = 'all'
 
   def __post_init__(self):
     for field in dataclasses.fields(self):  # types first: a wrong type fails here, not in JAX
@@ -101,6 +117,9 @@ class ClipCropConfig:
                        f'{OFFSET_SPACES}.')
     if self.fuse_top_k < 1:
       raise ValueError(f'ClipCropConfig.fuse_top_k={self.fuse_top_k!r}; expected an integer >= 1.')
+    if self.selection_union not in SELECTION_UNIONS:
+      raise ValueError(f'ClipCropConfig.selection_union={self.selection_union!r}; expected one of '
+                       f'{tuple(SELECTION_UNIONS)}.')
     owl_configs.get_config(self.owlvit)  # raises on an unknown name
 
   @classmethod
@@ -191,6 +210,29 @@ def query_mask_for_mode(text_queries: jax.Array, mode: str) -> Optional[jax.Arra
   return real
 
 
+def union_selection_mask(selected_mask: jax.Array, query_roles: Optional[jax.Array],
+                         selection_union: str) -> jax.Array:
+  """(B, Q) bool: the selections the union box is made of (`ClipCropConfig.selection_union`).
+
+  Args:
+    selected_mask: (B, Q) bool, the valid selections.
+    query_roles: (B, Q) int32 role ids (`features.ROLE_IDS`), or None: every query is the
+      caption's (an example image, or a text without roles), so every union takes them all.
+    selection_union: a key of `SELECTION_UNIONS`.
+
+  Returns:
+    The selections of the union's roles; where an image has none, all of its selections.
+  """
+  if selection_union not in SELECTION_UNIONS:
+    raise ValueError(f'selection_union {selection_union!r}; expected one of '
+                     f'{tuple(SELECTION_UNIONS)}')
+  if selection_union == 'all' or query_roles is None:
+    return selected_mask
+  ids = jnp.asarray([features.ROLE_IDS[r] for r in SELECTION_UNIONS[selection_union]])
+  inside = selected_mask & jnp.isin(query_roles, ids)
+  return jnp.where(jnp.any(inside, axis=-1, keepdims=True), inside, selected_mask)
+
+
 def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
   """x (B, P, ...) gathered at indices (B, Q) -> (B, Q, ...)."""
   idx = indices.reshape(indices.shape + (1,) * (x.ndim - 2))
@@ -264,7 +306,9 @@ def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Arra
 def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
                      query_mask: Optional[jax.Array] = None,
                      target_xyxy: Optional[jax.Array] = None,
-                     image_extent: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+                     image_extent: Optional[jax.Array] = None,
+                     query_roles: Optional[jax.Array] = None,
+                     selection_union: str = 'all') -> dict[str, jax.Array]:
   """Query selection (paper Eq. 2) and union box (Eq. 3) on an encoded image; no parameters.
 
   Args:
@@ -274,12 +318,15 @@ def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
     target_xyxy: (B, 4) training target for `filter_selected_boxes`, or None.
     image_extent: (B, 2) real image extent in the padded square; None = the whole square. Tokens
       whose box centre lies in the padding are never selected.
+    query_roles: (B, Q) int32 role ids, or None (see `union_selection_mask`).
+    selection_union: which selections the union is made of (`ClipCropConfig.selection_union`);
+      'all' is Eq. 3.
 
   Returns:
     dict with 'selected_tokens' (B, Q) int32, 'selected_boxes' (B, Q, 4) xyxy, 'selected_mask'
     (B, Q) bool, 'selected_logits' (B, Q) (the selected token's class logit, -inf for padded
-    queries) and 'union_box' (B, 4) xyxy clipped to the image (the whole image when nothing is
-    selected).
+    queries), 'union_mask' (B, Q) bool (the selections in the union) and 'union_box' (B, 4) xyxy
+    clipped to the image (the whole image when nothing is selected).
   """
   extent = _extent_or_square(image_extent, query_embeddings.shape[0])
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings, query_mask)
@@ -288,11 +335,13 @@ def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
   selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
   if target_xyxy is not None:
     mask = filter_selected_boxes(selected, mask, target_xyxy)
-  union = jax.vmap(box_lib.union_box_xyxy)(selected, mask)  # nothing selected: whole square
+  in_union = union_selection_mask(mask, query_roles, selection_union)
+  union = jax.vmap(box_lib.union_box_xyxy)(selected, in_union)  # nothing selected: whole square
   union = jnp.clip(union, 0.0, jnp.concatenate([extent, extent], axis=-1))
   picked = jnp.take_along_axis(logits, indices[:, None, :], axis=1)[:, 0]
   return dict(selected_tokens=indices, selected_boxes=selected, selected_mask=mask,
-              selected_logits=jnp.where(mask, picked, -jnp.inf), union_box=union)
+              selected_logits=jnp.where(mask, picked, -jnp.inf), union_mask=in_union,
+              union_box=union)
 
 
 class ClipCrop(nn.Module):
@@ -339,7 +388,8 @@ class ClipCrop(nn.Module):
                          query_mask: Optional[jax.Array] = None,
                          target_xyxy: Optional[jax.Array] = None,
                          image_extent: Optional[jax.Array] = None,
-                         train: bool = False) -> dict[str, jax.Array]:
+                         train: bool = False,
+                         query_roles: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Query selection, union box and decoder on an encoded image.
 
     Args:
@@ -352,30 +402,40 @@ class ClipCrop(nn.Module):
         (W / max(H, W), H / max(H, W)); tokens whose box centre lies in the padding are not
         selected, and crops are clipped to the image. None = the whole square.
       train: enables dropout (needs the 'dropout' rng).
+      query_roles: (B, Q) int32 role ids of the queries (`features.ROLE_IDS`), for
+        `ClipCropConfig.selection_union`; None = every query is the caption's.
 
     Returns:
       dict with 'pred_boxes' (B, M, 4) xyxy in [0, 1] of the padded square, 'quality' (B, M),
       'quality_logits' (B, M), per-layer 'aux_boxes' (L, B, M, 4) and 'aux_quality_logits'
       (L, B, M), 'union_box' (B, 4) xyxy, and (with queries) 'selected_tokens' (B, Q),
-      'selected_boxes' (B, Q, 4) xyxy, 'selected_mask' (B, Q) and 'selected_logits' (B, Q)
-      (see `select_and_union`).
+      'selected_boxes' (B, Q, 4) xyxy, 'selected_mask' (B, Q), 'selected_logits' (B, Q) and
+      'union_mask' (B, Q) (see `select_and_union`).
     """
     features = encoded['image_features']  # (B, P, W)
     grid_hw = encoded['feature_map'].shape[1:3]
     extent = _extent_or_square(image_extent, features.shape[0])
+    selections = None
     if query_embeddings is None:
       union = jnp.concatenate([jnp.zeros_like(extent), extent], axis=-1)
       condition, out = None, {}
     else:
-      out = select_and_union(encoded, query_embeddings, query_mask, target_xyxy, extent)
+      union_kind = self.config.selection_union
+      out = select_and_union(encoded, query_embeddings, query_mask, target_xyxy, extent,
+                             query_roles, union_kind)
       union = out.pop('union_box')
-      weights = out['selected_mask'].astype(features.dtype)[..., None]
+      weights = out['union_mask'].astype(features.dtype)[..., None]
       t_sel = gather_tokens(features, out['selected_tokens'])  # (B, Q, W)
       condition = (jnp.sum(t_sel * weights, axis=1) /
                    jnp.maximum(jnp.sum(weights, axis=1), 1.0))
+      if union_kind != 'all':
+        roles = (jnp.zeros(out['selected_tokens'].shape, jnp.int32) if query_roles is None
+                 else jnp.asarray(query_roles, jnp.int32))
+        selections = (out['selected_tokens'], roles, out['selected_mask'])
 
     dec = self.decoder(features, grid_hw, condition, train=train,
-                       reference_xyxy=union if self.config.reference_embedding else None)
+                       reference_xyxy=union if self.config.reference_embedding else None,
+                       selections=selections)
     hi = jnp.concatenate([extent, extent], axis=-1)[None, :, None, :]  # (1, B, 1, 4)
     boxes = jnp.clip(box_lib.clip_boxes_xyxy(
         apply_offsets(union[None, :, None, :], dec['offsets'], self.config.offset_space)), 0.0, hi)
@@ -389,7 +449,8 @@ class ClipCrop(nn.Module):
                target_xyxy: Optional[jax.Array] = None,
                image_extent: Optional[jax.Array] = None,
                train: bool = False,
-               query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+               query_mask: Optional[jax.Array] = None,
+               query_roles: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """Full model.
 
     Args:
@@ -401,6 +462,8 @@ class ClipCrop(nn.Module):
       train: enables dropout.
       query_mask: (B, Q) bool, the queries to use (e.g. `query_mask_for_mode`); default: the
         non-padding rows of `text_queries` (all rows of `query_embeddings`).
+      query_roles: (B, Q) int32 role ids of the queries (`keywords.build_query_roles`,
+        `features.ROLE_IDS`); None = every query is the caption's.
 
     Returns:
       See `crop_from_encoding`.
@@ -416,7 +479,7 @@ class ClipCrop(nn.Module):
       # Create the text tower's parameters too, so one init serves every mode.
       self.embed_text(jnp.zeros((images.shape[0], 1, features.MAX_QUERY_LENGTH), jnp.int32))
     return self.crop_from_encoding(encoded, query_embeddings, query_mask, target_xyxy,
-                                   image_extent, train)
+                                   image_extent, train, query_roles)
 
 
   def init_decoder(self, image_features: jax.Array, grid_hw: tuple[int, int]) -> None:
@@ -432,9 +495,15 @@ class ClipCrop(nn.Module):
     """
     extent = _extent_or_square(None, image_features.shape[0])
     union = jnp.concatenate([jnp.zeros_like(extent), extent], axis=-1)
-    condition = None if self.config.mode == 'base' else image_features[:, 0]
+    condition = selections = None
+    if self.config.mode != 'base':
+      condition = image_features[:, 0]
+      if self.config.selection_union != 'all':
+        zeros = jnp.zeros((image_features.shape[0], 1), jnp.int32)
+        selections = (zeros, zeros, jnp.ones(zeros.shape, bool))
     self.decoder(image_features, grid_hw, condition, train=False,
-                 reference_xyxy=union if self.config.reference_embedding else None)
+                 reference_xyxy=union if self.config.reference_embedding else None,
+                 selections=selections)
 
 
 def dummy_inputs(config: ClipCropConfig) -> tuple[jax.Array, jax.Array]:

@@ -457,10 +457,24 @@ class CropService:
 # ------------------------------------------------------------------------------------------------
 
 
+class QueryOut(pydantic.BaseModel):
+  text: str = pydantic.Field(description="the query: the caption, a keyword or '<example image>'")
+  role: str = pydantic.Field(description="'caption', 'subject' or 'context'")
+  box: Optional[list[float]] = pydantic.Field(
+      description='x0, y0, x1, y1 (pixels) of what the query selected; null: nothing')
+  score: float = pydantic.Field(description="the detector's confidence in it, 0..1")
+  in_union: bool = pydantic.Field(description='part of the union box the crops start from')
+
+
 class CropOut(pydantic.BaseModel):
   box: list[float] = pydantic.Field(description='x0, y0, x1, y1 in pixels of the uploaded image')
   score: float = pydantic.Field(description='quality score (higher is better)')
   focal_point: list[float] = pydantic.Field(description='x, y: the centre of the crop, pixels')
+  fused: bool = pydantic.Field(
+      False, description='the mean box of the fuse_top_k best predictions (box voting), ranked '
+      'first whatever its score')
+  queries: list[QueryOut] = pydantic.Field(
+      [], description='the queries used and what each selected (the same for every crop)')
 
 
 class CropsOut(pydantic.BaseModel):
@@ -572,8 +586,8 @@ async def _read_upload(upload: Any, name: str) -> Optional[bytes]:
 
 
 def _crops_json(crops: Sequence[cropper_lib.Crop]) -> list[dict[str, Any]]:
-  return [{'box': list(c.box), 'score': c.score, 'focal_point': list(c.focal_point)}
-          for c in crops]
+  return [{'box': list(c.box), 'score': c.score, 'focal_point': list(c.focal_point),
+           'fused': c.fused, 'queries': [q.to_json() for q in c.queries]} for c in crops]
 
 
 def _resized_jpeg(image: bytes, box: Sequence[float], width: Optional[int],

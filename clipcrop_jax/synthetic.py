@@ -158,6 +158,11 @@ class AmbiguityExample:
   target_xyxy: np.ndarray  # (2, 4) pixel
   reference_crops: np.ndarray  # (2, 4, 4) pixel xyxy
   phrases: tuple[str, ...]  # per object: a referring phrase or ''
+  # The two-target caption '<A> and <B>' (both targets, in random order; '' when not drawn),
+  # its target (the union of both, pixel xyxy) and its four reference crops (4, 4) pixel xyxy.
+  pair_caption: str = ''
+  pair_target_xyxy: np.ndarray | None = None
+  pair_reference_crops: np.ndarray | None = None
 
   @property
   def height(self) -> int:
@@ -482,6 +487,8 @@ def generate_scene(rng: np.random.Generator,
       the rest are 'name' captions (module docstring: the caption grammar).
     phrase_prob: probability that an object has a referring phrase (`referring_phrases`).
     base_size, aspects: see `sample_image_size`.
+    pair: also draw the two-target caption '<A> and <B>' and its references (`pair_*`; drawn
+      after everything else, so the two one-target captions are the same with or without it).
   """
   image_hw = tuple(image_size) if image_size is not None else sample_image_size(
       rng, base_size, aspects)
@@ -515,10 +522,11 @@ def generate_scene(rng: np.random.Generator,
 
 
 def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
-                        target: Sequence[float], samples: int, margin: float = 0.0) -> np.ndarray:
+                        target: Sequence[float], samples: int, margin: float = 0.0,
+                        area_range: tuple[float, float] = FREE_CROP_AREA) -> np.ndarray:
   """Free-form crops containing `target`, as the simulated annotators draw them.
 
-  Draws `samples` crops with area uniform in `FREE_CROP_AREA` (fraction of H * W) and log-uniform
+  Draws `samples` crops with area uniform in `area_range` (fraction of H * W) and log-uniform
   aspect (width / height) in `FREE_CROP_ASPECT`, each placed uniformly among the positions inside
   the image that contain `target` with a gap of `margin` times the crop's extent on each side;
   draws with no such position are dropped.
@@ -529,12 +537,13 @@ def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
     target: (4,) pixel box (x0, y0, x1, y1).
     samples: number of draws.
     margin: wanted gap around the target, as a fraction of the crop's width / height.
+    area_range: the crops' area, as fractions of the image (default `FREE_CROP_AREA`).
 
   Returns:
     (n, 4) float64 pixel boxes (x0, y0, x1, y1), n <= samples, in draw order.
   """
   h, w = image_hw
-  area = rng.uniform(*FREE_CROP_AREA, samples) * h * w
+  area = rng.uniform(*area_range, samples) * h * w
   aspect = np.exp(rng.uniform(np.log(FREE_CROP_ASPECT[0]), np.log(FREE_CROP_ASPECT[1]), samples))
   cw = np.minimum(np.sqrt(area * aspect), w)
   ch = np.minimum(cw / aspect, h)
@@ -565,23 +574,29 @@ def scene_candidates(rng: np.random.Generator, image_hw: tuple[int, int],
 
 
 def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, others,
-                     n: int = 4, samples: int = 400) -> np.ndarray | None:
+                     n: int = 4, samples: int = 400, margin: float = 0.04,
+                     area_range: tuple[float, float] = FREE_CROP_AREA,
+                     iou_steps: Sequence[float] = (0.7, 0.8, 0.9)) -> np.ndarray | None:
   """`n` diverse, well-composed crops containing `target` (with a margin) and < half of
-  `other_target`, ranked by `composition_score` with ANNOTATOR_WEIGHTS; None if too few."""
+  `other_target` (None: no such object), ranked by `composition_score` with ANNOTATOR_WEIGHTS;
+  picked greedily with pairwise IoU below the first of `iou_steps` that allows `n`; None if
+  too few."""
   h, w = image_hw
-  crops = sample_crops_around(rng, image_hw, target, samples, margin=0.04)
+  crops = sample_crops_around(rng, image_hw, target, samples, margin=margin,
+                              area_range=area_range)
   if len(crops) < n:
     return None
   scale = np.array([w, h, w, h], dtype=np.float64)
-  cov_other = zero_shot.target_coverage(crops / scale, np.asarray(other_target) / scale)
-  crops = crops[cov_other < 0.5]
+  if other_target is not None:
+    cov_other = zero_shot.target_coverage(crops / scale, np.asarray(other_target) / scale)
+    crops = crops[cov_other < 0.5]
   if len(crops) < n:
     return None
   q, _ = zero_shot.composition_score(crops / scale, np.asarray(target) / scale,
                                      np.asarray(others).reshape(-1, 4) / scale,
                                      weights=ANNOTATOR_WEIGHTS)
   order = np.argsort(-q, kind='stable')
-  for iou_max in (0.7, 0.8, 0.9):
+  for iou_max in iou_steps:
     picked: list[int] = []
     for i in order:
       if all(box_lib.pairwise_iou_xyxy_np(crops[i:i + 1], crops[j:j + 1])[0, 0] < iou_max
@@ -598,7 +613,8 @@ def generate_ambiguity_example(rng: np.random.Generator,
                                relation_prob: float = 0.5,
                                phrase_prob: float = 0.5,
                                base_size: int = 256,
-                               aspects: Sequence[float] = DEFAULT_ASPECTS) -> AmbiguityExample:
+                               aspects: Sequence[float] = DEFAULT_ASPECTS,
+                               pair: bool = True) -> AmbiguityExample:
   """Two equally salient targets far apart, two captions, four reference crops per caption.
 
   Args:
@@ -609,6 +625,8 @@ def generate_ambiguity_example(rng: np.random.Generator,
       of '<T>' (both name the other target, so only the full text tells the target).
     phrase_prob: probability that an object has a referring phrase (`referring_phrases`).
     base_size, aspects: see `sample_image_size`.
+    pair: also draw the two-target caption '<A> and <B>' and its references (`pair_*`; drawn
+      after everything else, so the two one-target captions are the same with or without it).
   """
   image_hw = tuple(image_size) if image_size is not None else sample_image_size(
       rng, base_size, aspects)
@@ -657,6 +675,32 @@ def generate_ambiguity_example(rng: np.random.Generator,
         captions.append(names[t])
         kinds.append('name')
     phrases = referring_phrases(objects, rng, phrase_prob)
-    return AmbiguityExample(image, objects, tuple(captions), tuple(kinds), (0, 1),
-                            boxes[:2].copy(), np.stack(refs), phrases)
+    example = AmbiguityExample(image, objects, tuple(captions), tuple(kinds), (0, 1),
+                               boxes[:2].copy(), np.stack(refs), phrases)
+    if pair:  # drawn last: the examples above are those of version 1.2.0
+      example = _with_pair_caption(rng, example, boxes)
+    return example
   raise RuntimeError(f'could not build an ambiguity example of size {image_hw}')
+
+
+def _with_pair_caption(rng: np.random.Generator, example: AmbiguityExample,
+                       boxes: np.ndarray) -> AmbiguityExample:
+  """`example` with its two-target caption '<A> and <B>' (random order) and four reference crops
+  that contain both targets with a margin, well composed for their union (ANNOTATOR_WEIGHTS,
+  the distractors as objects not to cut); the whole image when no such crops exist."""
+  h, w = example.height, example.width
+  first = int(rng.integers(2))
+  names = [describe(example.objects[t], rng) for t in (first, 1 - first)]
+  union = box_lib.union_box_xyxy_np(boxes[:2])
+  fraction = float((union[2] - union[0]) * (union[3] - union[1]) / (h * w))
+  area_range = (max(FREE_CROP_AREA[0], min(fraction, 1.0)), 1.0)
+  refs = None
+  for margin in (0.04, 0.0):
+    refs = _reference_crops(rng, (h, w), union, None, boxes[2:], margin=margin,
+                            area_range=area_range, iou_steps=(0.7, 0.8, 0.9, 0.95, 0.99))
+    if refs is not None:
+      break
+  if refs is None:
+    refs = np.tile(np.array([0.0, 0.0, w, h]), (4, 1))
+  return dataclasses.replace(example, pair_caption=f'{names[0]} and {names[1]}',
+                             pair_target_xyxy=union, pair_reference_crops=refs)

@@ -55,6 +55,8 @@ from clipcrop_jax import train_lib
 
 REPORT_FILE = 'report.md'
 BOOTSTRAP_RESAMPLES = 10000
+# Caption classes of the test material (the dataset's `caption_kind`), in report order.
+CAPTION_CLASSES = {'name': 'one name', 'relation': 'relation', 'pair': 'two targets'}
 EXAMPLES_FILE = 'examples.png'
 SUMMARY_FILE = 'summary.json'
 ROW_ORDER = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_shot',
@@ -127,24 +129,53 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
 # ------------------------------------------------------------------------------------------------
 
 
-def variant_config(c: ml_collections.ConfigDict, mode: str, owlvit_ckpt: str
-                   ) -> ml_collections.ConfigDict:
+def variant_config(c: ml_collections.ConfigDict, mode: str, owlvit_ckpt: str,
+                   selection_union: str | None = None) -> ml_collections.ConfigDict:
+  """The training config of ClipCrop-`mode` (with `selection_union` when given)."""
   v = ml_collections.ConfigDict(c.to_dict())
   v.model.mode = mode
+  if selection_union is not None:
+    v.model.selection_union = selection_union
   v.init_from.owlvit = owlvit_ckpt
   v.num_train_steps = int(c.pipeline.variant_steps[mode])
   v.run = 'train'
   return v
 
 
-def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str
-                   ) -> dict[str, tuple[ml_collections.ConfigDict, Any]]:
-  """Trains every `pipeline.variants` mode; returns {mode: (config, final state)}."""
+def variant_dir(c: ml_collections.ConfigDict, mode: str, selection_union: str) -> str:
+  """The run folder of a variant: clipcrop_<mode>, or clipcrop_full_<union> for each candidate
+  of `pipeline.selection_union_choices` when there are several."""
+  if mode == 'full' and len(c.pipeline.selection_union_choices) > 1:
+    return f'clipcrop_full_{selection_union}'
+  return f'clipcrop_{mode}'
+
+
+Trained = dict[str, tuple[ml_collections.ConfigDict, Any, str]]  # mode: (config, state, folder)
+
+
+def train_full_candidates(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str
+                          ) -> Trained:
+  """Trains ClipCrop (full) once per `pipeline.selection_union_choices`; {union: (config,
+  final state, run folder)}."""
   out = {}
-  for mode in c.pipeline.variants:
-    v = variant_config(c, mode, owlvit_ckpt)
+  for union in c.pipeline.selection_union_choices:
+    v = variant_config(c, 'full', owlvit_ckpt, union)
+    folder = variant_dir(c, 'full', union)
+    logging.info('Training ClipCrop-full (selection_union=%s) for %d steps', union,
+                 v.num_train_steps)
+    out[union] = (v, train_lib.train(v, str(workdir / folder)), folder)
+  return out
+
+
+def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str,
+                   selection_union: str, modes: Sequence[str]) -> Trained:
+  """Trains the `modes` with `selection_union`; returns {mode: (config, final state, folder)}."""
+  out = {}
+  for mode in modes:
+    v = variant_config(c, mode, owlvit_ckpt, selection_union)
     logging.info('Training ClipCrop-%s for %d steps', mode, v.num_train_steps)
-    out[mode] = (v, train_lib.train(v, str(workdir / f'clipcrop_{mode}')))
+    folder = variant_dir(c, mode, selection_union)
+    out[mode] = (v, train_lib.train(v, str(workdir / folder)), folder)
   return out
 
 
@@ -162,22 +193,28 @@ def _eval_config(v: ml_collections.ConfigDict, baselines: Sequence[str] = (),
   return ve
 
 
-def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                         trained: dict[str, tuple[ml_collections.ConfigDict, Any]]
+def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: Trained
                          ) -> dict[str, dict[str, Any]]:
-  """{mode: {'fuse_top_k': chosen k, 'iou_mean': validation IoU-Mean at k, 'iou_mean_by_k',
-  'quality_iou_srcc'}}: each variant's `fuse_top_k` chosen on `pipeline.validation_split` (the
-  highest IoU-Mean among `pipeline.fuse_top_k_choices`, ties to the smaller k); the choice is
-  written into the variant's exported model directory."""
+  """{name: {'fuse_top_k': chosen k, 'iou_mean': validation IoU-Mean at k, 'iou_mean_by_k',
+  'quality_iou_srcc'}} for every entry of `trained` ({name: (config, state, folder)}): its
+  `fuse_top_k` chosen on `pipeline.validation_split` (the highest IoU-Mean among
+  `pipeline.fuse_top_k_choices`, ties to the smaller k), written into its exported model."""
   out = {}
-  for mode, (v, state) in trained.items():
-    out[mode] = validation_choice(c, v, state, workdir / f'clipcrop_{mode}')
-    logging.info('ClipCrop-%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f',
-                 mode, c.pipeline.validation_split, out[mode]['iou_mean_by_k'],
-                 out[mode]['fuse_top_k'], out[mode]['quality_iou_srcc'])
-    _set_exported_fuse_top_k(workdir / f'clipcrop_{mode}' / export.EXPORT_DIR,
-                             out[mode]['fuse_top_k'])
+  for name, (v, state, folder) in trained.items():
+    out[name] = validation_choice(c, v, state, workdir / folder)
+    logging.info('%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f', folder,
+                 c.pipeline.validation_split, out[name]['iou_mean_by_k'],
+                 out[name]['fuse_top_k'], out[name]['quality_iou_srcc'])
+    _set_exported_fuse_top_k(workdir / folder / export.EXPORT_DIR, out[name]['fuse_top_k'])
   return out
+
+
+def choose_selection_union(c: ml_collections.ConfigDict, validation: dict[str, dict[str, Any]]
+                           ) -> str:
+  """The `pipeline.selection_union_choices` entry whose ClipCrop (full) has the highest IoU-Mean
+  on the validation split (at its chosen fuse_top_k); ties go to the earlier choice."""
+  choices = list(c.pipeline.selection_union_choices)
+  return max(choices, key=lambda u: (validation[u]['iou_mean'], -choices.index(u)))
 
 
 def validation_choice(c: ml_collections.ConfigDict, v: ml_collections.ConfigDict, state: Any,
@@ -212,35 +249,40 @@ def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 trained: dict[str, tuple[ml_collections.ConfigDict, Any]],
+def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: Trained,
                  fuse_top_k: dict[str, int] | None = None) -> dict[str, dict]:
   """{row name: metrics (with 'per_example_iou_mean')} on the test split (`eval.datasets`):
   baselines (with the full model's encoder, which every variant shares) and every ClipCrop
-  variant, each ranked with its chosen `fuse_top_k` (default: its config's)."""
+  variant ({mode: (config, state, folder)}), each ranked with its chosen `fuse_top_k` (default:
+  its config's)."""
   name, split = c.eval.datasets[0]
   fuse_top_k = fuse_top_k or {}
   rows: dict[str, dict] = {}
-  for mode, (v, state) in trained.items():
+  for mode, (v, state, folder) in trained.items():
     baselines = tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (
         mode == 'full') else ()
     summary = evaluate.evaluate_dataset(
         _eval_config(v, baselines, fuse_top_k.get(mode)), state.params,
-        sharding_lib.mesh_of(state.params), name, split, str(workdir / f'clipcrop_{mode}'),
+        sharding_lib.mesh_of(state.params), name, split, str(workdir / folder),
         int(jax.device_get(state.step)))
     for method, result in summary['methods'].items():
       rows['clipcrop_' + mode if method == 'clipcrop' else method] = result
   return {k: rows[k] for k in ROW_ORDER if k in rows}
 
 
-def split_image_ids(c: ml_collections.ConfigDict, split: str) -> list[str]:
-  """The image file name of every example of `split`, in evaluation order (two captions of one
-  image share it: the clusters of the bootstrap)."""
+def split_examples(c: ml_collections.ConfigDict, split: str) -> tuple[list[str], list[str]]:
+  """(image file name, caption class) of every example of `split`, in evaluation order. The
+  captions of one image share its name (the clusters of the bootstrap); the class is the
+  dataset's `caption_kind` (`CAPTION_CLASSES`), '' when it has none."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
-  return [ex['image/filename'].decode('utf-8') for ex in tfds.as_numpy(ds)]
+  images, kinds = [], []
+  for ex in tfds.as_numpy(ds):
+    images.append(ex['image/filename'].decode('utf-8'))
+    kinds.append(ex['caption_kind'].decode('utf-8') if 'caption_kind' in ex else '')
+  return images, kinds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,18 +317,40 @@ def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RES
       values = np.array([s['rows'][r][key] for s in per_seed], np.float64)
       mean[r][key] = float(values.mean())
       std[r][key] = _std(values)
-  intervals = {}
-  if 'clipcrop_full' in rows:
-    clusters = [f'{s["seed"]}/{img}' for s in per_seed for img in s['image_ids']]
-    full = np.concatenate([s['per_example']['clipcrop_full'] for s in per_seed])
+  clusters = np.array([f'{s["seed"]}/{img}' for s in per_seed for img in s['image_ids']])
+  kinds = np.array([k for s in per_seed
+                    for k in s.get('caption_kinds') or [''] * len(s['image_ids'])])
+  intervals = _intervals(per_seed, rows, clusters, np.ones(len(clusters), bool), num_resamples)
+  by_class = {}
+  for kind in CAPTION_CLASSES:
+    if not np.any(kinds == kind):
+      continue
+    class_rows = {}
     for r in rows:
-      if r == 'clipcrop_full':
-        continue
-      other = np.concatenate([s['per_example'][r] for s in per_seed])
-      d, lo, hi = metrics_lib.paired_bootstrap_ci(full - other, clusters,
-                                                  num_resamples=num_resamples)
-      intervals[r] = dict(difference=d, low=lo, high=hi, num_examples=int(len(full)))
-  return dict(rows=mean, rows_std=std, intervals=intervals)
+      values = np.array([np.mean(np.asarray(s['per_example'][r])[np.asarray(
+          s.get('caption_kinds') or [''] * len(s['image_ids'])) == kind]) for s in per_seed])
+      class_rows[r] = dict(iou_mean=float(values.mean()), iou_mean_std=_std(values),
+                           num_examples=int(np.sum(kinds == kind)))
+    by_class[kind] = dict(rows=class_rows, intervals=_intervals(
+        per_seed, rows, clusters, kinds == kind, num_resamples))
+  return dict(rows=mean, rows_std=std, intervals=intervals, by_class=by_class)
+
+
+def _intervals(per_seed: list[dict[str, Any]], rows: Sequence[str], clusters: np.ndarray,
+               selected: np.ndarray, num_resamples: int) -> dict[str, dict[str, float]]:
+  """{row: paired bootstrap interval of full - row} over the pooled examples `selected`."""
+  if 'clipcrop_full' not in rows or not np.any(selected):
+    return {}
+  full = np.concatenate([s['per_example']['clipcrop_full'] for s in per_seed])[selected]
+  out = {}
+  for r in rows:
+    if r == 'clipcrop_full':
+      continue
+    other = np.concatenate([s['per_example'][r] for s in per_seed])[selected]
+    d, lo, hi = metrics_lib.paired_bootstrap_ci(full - other, list(clusters[selected]),
+                                                num_resamples=num_resamples)
+    out[r] = dict(difference=d, low=lo, high=hi, num_examples=int(len(full)))
+  return out
 
 
 def claim(row: str, interval: dict[str, float]) -> str:
@@ -309,17 +373,19 @@ BASE_COLOUR = (60, 90, 255)
 def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                        per_example_full: Sequence[float] | None = None,
                        num_first: int = 6, num_failures: int = 6,
-                       out: pathlib.Path | None = None) -> pathlib.Path:
+                       out: pathlib.Path | None = None,
+                       full_dir: str = 'clipcrop_full') -> pathlib.Path:
   """A contact sheet of test examples, one panel per (image, caption): the caption's reference
   crops (thin green), ClipCrop (full)'s top crop (red) and ClipCrop-base's (blue; the same for
   both captions of an image, since base ignores the text), the whole caption under the panel
   with full's IoU-Mean, and a legend at the top. First the first `num_first` examples of the test
-  split (both captions of each image), then the `num_failures` examples where ClipCrop (full)'s
-  IoU-Mean (`per_example_full`, in split order) is lowest."""
+  split (every caption of each image), then the `num_failures` examples where ClipCrop (full)'s
+  IoU-Mean (`per_example_full`, in split order) is lowest; `full_dir`: the run folder of the
+  chosen ClipCrop (full)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-  full = cropper_lib.ClipCropper.load(workdir / 'clipcrop_full' / export.EXPORT_DIR)
+  full = cropper_lib.ClipCropper.load(workdir / full_dir / export.EXPORT_DIR)
   base_dir = workdir / 'clipcrop_base' / export.EXPORT_DIR
   base = cropper_lib.ClipCropper.load(base_dir) if base_dir.is_dir() else None
   name, split = c.eval.datasets[0]
@@ -334,7 +400,7 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   if per_example_full is not None and len(per_example_full) == len(examples):
     failures = [int(i) for i in np.argsort(np.asarray(per_example_full), kind='stable')
                 if int(i) not in first][:num_failures]
-  sections = [('First test examples (both captions of each image)', first)]
+  sections = [('First test examples (every caption of each image)', first)]
   if failures:
     sections.append(('Failures: the lowest IoU-Mean of ClipCrop (full) on the test split',
                      failures))
@@ -405,6 +471,17 @@ def _pm(mean: float, std: float) -> str:
   return f'{mean:.4f}' if math.isnan(std) else f'{mean:.4f} ± {std:.4f}'
 
 
+def _class_size(agg: dict[str, Any], kind: str) -> int:
+  """Pooled examples of caption class `kind`."""
+  return next(iter(agg['by_class'][kind]['rows'].values()))['num_examples']
+
+
+def _interval_text(iv: dict[str, float] | None) -> str:
+  if not iv:
+    return ''
+  return f'{iv["difference"]:+.3f} [{iv["low"]:+.3f}, {iv["high"]:+.3f}]'
+
+
 def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: dict[str, Any]
                  ) -> pathlib.Path:
   """WORK/report.md from `result` (see `run`)."""
@@ -418,9 +495,12 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
       '# ClipCrop on the synthetic set (embedded default)', '',
       f'Dataset `{name}` (data seed = training seed; seeds {", ".join(map(str, seeds))}'
       f'{", quick budgets" if c.pipeline.quick else ""}). Test split `{split}`: {n} (image, '
-      'text) examples per seed, two far-apart salient objects per image, one caption each, four '
-      f'reference crops per caption. Every choice was made on `{val}` (disjoint images, same '
-      f'generator); `{split}` was evaluated once, at the end, with the chosen settings.', '',
+      'text) examples per seed: two far-apart salient objects per image and a caption for each '
+      "('one name' \"the red circle\" or 'relation' \"the red circle to the left of the blue "
+      "square\", which names the other target too), plus one naming both ('two targets' \"the "
+      'red circle and the blue square\"); four reference crops per caption. Every choice was '
+      f'made on `{val}` (disjoint images, same generator); `{split}` was evaluated once, at the '
+      'end, with the chosen settings.', '',
       f'## Test split: top-1 crop vs the reference crops ({len(seeds)} seed'
       f'{"s" if len(seeds) > 1 else ""}' + (', mean ± std over seeds)' if len(seeds) > 1 else ')'),
       '', '| method | IoU-Mean | IoU-Max |', '|---|---:|---:|']
@@ -440,6 +520,25 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
       lines.append(f'| {ROW_NAMES[r]} | {iv["difference"]:+.4f} | '
                    f'[{iv["low"]:+.4f}, {iv["high"]:+.4f}] |')
     lines += [''] + [f'- {claim(r, iv)}' for r, iv in agg['intervals'].items()]
+  if agg.get('by_class'):
+    classes = list(agg['by_class'])
+    lines += ['', '## Per caption class', '',
+              'IoU-Mean per class (mean ± std over seeds) and, for ClipCrop (full) against each '
+              'row, the paired bootstrap 95 % interval of the difference within the class.', '',
+              '| method | ' + ' | '.join(
+                  f'{CAPTION_CLASSES[k]} ({_class_size(agg, k)})' for k in classes) +
+              ' | overall |',
+              '|---|' + '---:|' * (len(classes) + 1)]
+    for r in agg['rows']:
+      cells = [_pm(agg['by_class'][k]['rows'][r]['iou_mean'],
+                   agg['by_class'][k]['rows'][r]['iou_mean_std']) for k in classes]
+      lines.append(f'| {ROW_NAMES[r]} | ' + ' | '.join(cells) +
+                   f' | {_pm(agg["rows"][r]["iou_mean"], agg["rows_std"][r]["iou_mean"])} |')
+    lines += ['', '| full − row | ' + ' | '.join(CAPTION_CLASSES[k] for k in classes) +
+              ' | overall |', '|---|' + '---:|' * (len(classes) + 1)]
+    for r, iv in agg['intervals'].items():
+      cells = [_interval_text(agg['by_class'][k]['intervals'].get(r)) for k in classes]
+      lines.append(f'| {ROW_NAMES[r]} | ' + ' | '.join(cells) + f' | {_interval_text(iv)} |')
   lines += ['', f'## Chosen on the validation split `{val}`', '',
             f'`fuse_top_k` (box voting over the k highest-quality crops) per variant and seed, '
             f'chosen among {tuple(sorted(c.pipeline.fuse_top_k_choices))} by IoU-Mean on `{val}`; '
@@ -450,10 +549,26 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
             'rank correlation |', '|---|---|---:|---:|']
   for mode in c.pipeline.variants:
     ks = [str(s['validation'][mode]['fuse_top_k']) for s in per_seed]
+    if mode == 'full' and per_seed[0].get('union_validation'):
+      for union in c.pipeline.selection_union_choices:
+        uv = [s['union_validation'][union] for s in per_seed]
+        um = np.array([u['iou_mean'] for u in uv])
+        uc = np.array([u['quality_iou_srcc'] for u in uv])
+        lines.append(f'| ClipCrop-full, selection_union={union!r} | '
+                     f'{", ".join(str(u["fuse_top_k"]) for u in uv)} | '
+                     f'{_pm(float(um.mean()), _std(um))} | {_pm(float(uc.mean()), _std(uc))} |')
     vm = np.array([s['validation'][mode]['iou_mean'] for s in per_seed])
     vc = np.array([s['validation'][mode]['quality_iou_srcc'] for s in per_seed])
     lines.append(f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), _std(vm))} | '
                  f'{_pm(float(vc.mean()), _std(vc))} |')
+  if per_seed[0].get('union_validation'):
+    lines += ['', f'`selection_union` (which selections make the union box the crops start from: '
+              "'all' is the paper's Eq. 3, 'subject' the caption and its subject keywords, the "
+              'context keywords reaching the decoder as role-tagged tokens), chosen per seed among '
+              f'{tuple(c.pipeline.selection_union_choices)} by ClipCrop (full)\'s IoU-Mean on '
+              f'`{val}`: ' + ', '.join(f'seed {s["seed"]}: {s["selection_union"]!r}'
+                                     for s in per_seed) + '. Every other variant of a seed is '
+              'trained with its choice.']
   lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (README, "Embedded '
             'default"; `tools/select_on_validation.py`): the quality objective '
             f'(`loss.quality_loss={c.loss.quality_loss!r}`, '
@@ -494,21 +609,38 @@ def run_seed(c: ml_collections.ConfigDict, work: pathlib.Path, timings: dict[str
     timings[stage] = timings.get(stage, 0.0) + time.time() - t
     return value
 
+  val = c.pipeline.validation_split
   timed('1. build dataset', ensure_dataset, c.dataset.name, c.dataset.data_dir)
   owlvit_ckpt, grounding = timed('2. OWL-ViT detection training + grounding eval', train_owlvit,
                                  c, work)
-  trained = timed('3. ClipCrop training (' + ', '.join(c.pipeline.variants) + ')',
-                  train_variants, c, work, owlvit_ckpt)
-  validation = timed(f'4. choices on {c.pipeline.validation_split}', choose_on_validation, c,
-                     work, trained)
+  trained: Trained = {}
+  union_validation: dict[str, dict[str, Any]] = {}
+  union = c.pipeline.selection_union_choices[0]
+  if 'full' in c.pipeline.variants:  # full once per union choice; the best on validation wins
+    candidates = timed('3a. ClipCrop (full) training per selection_union', train_full_candidates,
+                       c, work, owlvit_ckpt)
+    union_validation = timed(f'4a. choices on {val} (fuse_top_k, selection_union)',
+                             choose_on_validation, c, work, candidates)
+    union = choose_selection_union(c, union_validation)
+    trained['full'] = candidates[union]
+  others = [m for m in c.pipeline.variants if m != 'full']
+  trained.update(timed('3b. ClipCrop training (' + ', '.join(others) + ')', train_variants, c,
+                       work, owlvit_ckpt, union, others))
+  validation = timed(f'4b. choices on {val} (fuse_top_k)', choose_on_validation, c, work,
+                     {m: t for m, t in trained.items() if m != 'full'})
+  if 'full' in trained:
+    validation['full'] = union_validation[union]
+  validation = {m: validation[m] for m in c.pipeline.variants}
   rows = timed(f'5. evaluation on {c.eval.datasets[0][1]}', evaluate_all, c, work, trained,
                {m: v['fuse_top_k'] for m, v in validation.items()})
-  image_ids = split_image_ids(c, c.eval.datasets[0][1])
+  image_ids, caption_kinds = split_examples(c, c.eval.datasets[0][1])
   per_example = {r: m.pop('per_example_iou_mean') for r, m in rows.items()}
   for m in rows.values():
     m.pop('quality_iou_srcc', None)  # reported on validation, not on the test split
   result = dict(seed=c.seed, rows=rows, grounding=grounding, validation=validation,
-                per_example=per_example, image_ids=image_ids)
+                selection_union=union, union_validation=union_validation,
+                folders={m: t[2] for m, t in trained.items()},
+                per_example=per_example, image_ids=image_ids, caption_kinds=caption_kinds)
   return result, trained
 
 
@@ -535,7 +667,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if i == 0 and 'full' in trained:
       t = time.time()
       write_examples_png(sc, seed_work, result['per_example'].get('clipcrop_full'),
-                         out=work / EXAMPLES_FILE)
+                         out=work / EXAMPLES_FILE, full_dir=trained['full'][2])
       timings['6. examples.png'] = time.time() - t
   timings['total'] = sum(timings.values())
   summary = dict(aggregate(per_seed), seeds=seeds, per_seed=per_seed, timings=timings,

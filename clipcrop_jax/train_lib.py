@@ -73,7 +73,7 @@ def clipcrop_loss(model: model_lib.ClipCrop, params: Any, batch: dict[str, jax.A
                     target_xyxy=best_crop_xyxy(crops, scores, mask) if selection_filter else None,
                     image_extent=batch[F.IMAGE_EXTENT], train=True,
                     query_mask=model_lib.query_mask_for_mode(queries, model.config.mode),
-                    rngs={'dropout': rng})
+                    query_roles=batch.get(F.QUERY_ROLES), rngs={'dropout': rng})
   return losses_lib.decoder_losses(out['aux_boxes'], out['aux_quality_logits'], crops, scores,
                                    mask, **loss_kw)
 

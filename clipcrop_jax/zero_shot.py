@@ -30,6 +30,9 @@ import numpy as np
 
 from clipcrop_jax import boxes as box_lib
 
+# Which selections make the zero-shot target (`model.SELECTION_UNIONS`): the caption's and the
+# subject keywords'; the context keywords' selections are objects not to cut through.
+ZERO_SHOT_UNION = 'subject'
 # Tolerance on the area rule: GAIC keeps a crop if its area is > 0.4999 of the image, i.e. a crop of
 # exactly half the image counts. We keep `fraction > min_area_fraction - _AREA_TOL`.
 _AREA_TOL = 1e-4
@@ -460,6 +463,7 @@ def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray
                           picked: np.ndarray | None, image_wh: tuple[float, float],
                           aspect_ratio: float | None = None, top_k: int | None = None,
                           nms_iou: float | None = None, other_objects: int = 20,
+                          context: np.ndarray | None = None,
                           ) -> tuple[np.ndarray, np.ndarray]:
   """Zero-shot crops from OWL-ViT detections: the union of the picked boxes is the target.
 
@@ -467,11 +471,15 @@ def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray
     token_boxes_xyxy: (P, 4) every image token's box, normalised xyxy in [0, 1] of the original
       image (clipped to it).
     token_scores: (P,) detector confidences in [0, 1] (0 for tokens in the padding), or None.
-    picked: indices of the tokens the queries selected; None or empty = no query (the target is
-      the whole image).
+    picked: indices of the tokens the queries selected for the target (the caption's and the
+      subject keywords' selections, or every selection: `ClipCropConfig.selection_union`); None
+      or empty = no query (the target is the whole image).
     image_wh: (W, H) of the original image in pixels.
     aspect_ratio, top_k, nms_iou: as `rank_zero_shot_crops`.
     other_objects: how many of the best other tokens feed the cut-through penalty.
+    context: indices of the tokens the context keywords selected ("the bench" of "the dog next
+      to the bench"): not part of the target, but objects the request names, so they enter the
+      cut-through penalty with confidence 1 (a crop keeps them whole or leaves them out).
 
   Returns:
     (boxes (n, 4) xyxy pixels of the original image, scores (n,)), best first.
@@ -484,8 +492,11 @@ def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray
     target = box_lib.union_box_xyxy_np(boxes[picked])
     scores = np.asarray(token_scores, np.float64)
     chosen = set(picked.tolist())
-    keep = [i for i in np.argsort(-scores, kind='stable')[:other_objects] if i not in chosen]
-    others, other_scores = boxes[keep], scores[keep]
+    named = [int(i) for i in (context if context is not None else []) if int(i) not in chosen]
+    keep = [i for i in np.argsort(-scores, kind='stable')[:other_objects]
+            if i not in chosen and i not in named]
+    others = boxes[named + keep]
+    other_scores = np.concatenate([np.ones(len(named)), scores[keep]])
   if np.prod(target[2:] - target[:2]) <= 0:  # selected boxes lie in the padding: whole image
     target = np.array([0.0, 0.0, 1.0, 1.0])
   ranked = rank_zero_shot_crops(image_wh, target, others, other_scores,

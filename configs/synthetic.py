@@ -6,9 +6,9 @@ r"""The embedded default: OWL-ViT + ClipCrop learn text-conditioned cropping on 
   python -m clipcrop_jax.main --config=configs/synthetic.py:quick --workdir=/tmp/q
 
 No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_dir` is set),
-trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full / base / main /
-key on its crops with that encoder, chooses each variant's `fuse_top_k` on the
-`ambiguity_validation` split, evaluates everything once on the `ambiguity` split and writes
+trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full (once per
+`pipeline.selection_union_choices`) / base / main / key on its crops with that encoder, chooses
+full's `selection_union` and each variant's `fuse_top_k` on the `ambiguity_validation` split, evaluates everything once on the `ambiguity` split and writes
 WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 9 minutes per
 seed on 2 CPU cores; `quick` (the `small` dataset, smaller budgets, full and base only) about 3.
 `--config.num_seeds=3` repeats everything for seeds `seed`, `seed + 1`, `seed + 2` (data and
@@ -73,8 +73,11 @@ def get_config(arg=None):
   else:
     variants = ('full', 'base', 'main', 'key')
     variant_steps = dict(full=1500, base=600, main=600, key=600)
+  # ClipCrop (full) is trained once per selection_union choice ('all': the paper's Eq. 3;
+  # 'subject': the caption's and its subject keywords' selections, context as decoder tokens);
+  # the best on the validation split is ClipCrop (full), and the other variants use its choice.
   c.pipeline = ml_collections.ConfigDict(dict(
       quick=arg.quick, owlvit=det, variants=variants, variant_steps=variant_steps,
       num_seeds=1, validation_split='ambiguity_validation',
-      fuse_top_k_choices=(1, 2, 3, 5, 8)))
+      fuse_top_k_choices=(1, 2, 3, 5, 8), selection_union_choices=('all', 'subject')))
   return c

@@ -98,6 +98,62 @@ def test_query_selection_and_union_box_by_hand(variables):
   np.testing.assert_allclose(out2['union_box'][0], [0.6, 0.4, 0.8, 0.8], atol=1e-6)
 
 
+def test_selection_union_variants_by_hand():
+  """Hand-made selections: caption -> token 3, subject -> token 3, context -> token 7."""
+  variables = {cfg: model_lib.init_variables(CFG.replace(selection_union=cfg), seed=0)
+               for cfg in model_lib.SELECTION_UNIONS}
+  roles = jnp.asarray([[0, 1, 2, 0]])  # caption, subject, context, (padding)
+  queries_idx = [1, 1, 2, 1]
+  for union, want in (('all', [0.1, 0.2, 0.8, 0.8]), ('subject', [0.1, 0.2, 0.3, 0.4]),
+                      ('caption', [0.1, 0.2, 0.3, 0.4])):
+    module = model_lib.ClipCrop(CFG.replace(selection_union=union))
+    enc, d = _hand_encoding(module, variables[union])
+    queries = jnp.asarray(np.eye(d)[None, queries_idx], jnp.float32)
+    mask = jnp.asarray([[True, True, True, False]])
+    out = module.apply(variables[union], enc, queries, mask, query_roles=roles,
+                       method=module.crop_from_encoding)
+    np.testing.assert_allclose(out['union_box'][0], want, atol=1e-6, err_msg=union)
+    in_union = {'all': [True, True, True, False], 'subject': [True, True, False, False],
+                'caption': [True, False, False, False]}[union]
+    assert np.asarray(out['union_mask'])[0].tolist() == in_union
+    # The paper's union has no role parameters; the others have one embedding per role.
+    assert ('role_embed' in variables[union]['params']['decoder']) == (union != 'all')
+  # No selection of the union's roles (the subject query masked out): every selection counts.
+  mask = jnp.asarray([[False, False, True, False]])
+  out = model_lib.union_selection_mask(mask, roles, 'subject')
+  assert np.asarray(out)[0].tolist() == [False, False, True, False]
+  # Roles unknown (an example image): every query is the caption's.
+  assert np.asarray(model_lib.union_selection_mask(mask, None, 'subject')).tolist() == [
+      [False, False, True, False]]
+  with pytest.raises(ValueError, match='selection_union'):
+    model_lib.ClipCropConfig(selection_union='nouns')
+
+
+def test_subject_union_decoder_sees_context_tokens():
+  """With 'subject', the context selection changes the crops (it reaches the decoder as a
+  role-tagged memory token) but not the union box; with 'all' it changes the union."""
+  config = CFG.replace(selection_union='subject')
+  variables = model_lib.init_variables(config, seed=1)
+  # A non-trivial role embedding (a fresh init's output head is zero: offsets would all be 0).
+  decoder = variables['params']['decoder']
+  rng = np.random.default_rng(0)
+  decoder = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype), decoder)
+  variables = {'params': dict(variables['params'], decoder=decoder)}
+  module = model_lib.ClipCrop(config)
+  enc, d = _hand_encoding(module, variables)
+  roles = jnp.asarray([[0, 1, 2]])
+  with_context = module.apply(variables, enc, jnp.asarray(np.eye(d)[None, [1, 1, 2]],
+                                                          jnp.float32),
+                              jnp.asarray([[True, True, True]]), query_roles=roles,
+                              method=module.crop_from_encoding)
+  without = module.apply(variables, enc, jnp.asarray(np.eye(d)[None, [1, 1, 2]], jnp.float32),
+                         jnp.asarray([[True, True, False]]), query_roles=roles,
+                         method=module.crop_from_encoding)
+  np.testing.assert_allclose(with_context['union_box'], without['union_box'])
+  assert not np.allclose(with_context['pred_boxes'], without['pred_boxes'])
+
+
 def test_filter_selected_boxes_half_area_rule():
   sel = jnp.asarray([[[0.0, 0.0, 0.3, 0.4],     # 1/3 of its area inside the target -> dropped
                       [0.3, 0.1, 0.5, 0.3],     # fully inside -> kept
@@ -227,6 +283,76 @@ def test_zero_shot_from_plain_owlvit_checkpoint(variables, tmp_path):
     zs.save(tmp_path / 'x')
 
 
+def test_crops_explain_their_queries(cropper):
+  """Each crop lists the queries (text, role), what each selected (pixels of the image, the
+  detector's confidence) and whether it is in the union; the fused crop says so."""
+  image = detect.demo_image()
+  text = 'the red square next to the blue disc'
+  request = cropper.check_request(text=text, top_k=3, fuse_top_k=3)
+  crops = cropper.crop(image, text=text, top_k=3, fuse_top_k=3)
+  assert crops[0].fused and not any(c.fused for c in crops[1:])
+  queries = crops[0].queries
+  assert [(q.text, q.role) for q in queries] == [
+      (text, 'caption'), ('the red square', 'subject'), ('the blue disc', 'context')]
+  assert all(c.queries == queries for c in crops)
+  # The boxes are what the model selected: the selected tokens' boxes, in image pixels.
+  module = model_lib.ClipCrop(CFG)
+  enc = cropper.encode(image)
+  h, w = image.shape[:2]
+  side = max(h, w)
+  out = module.apply(cropper.variables, enc.encoded, request.queries, request.query_mask, None,
+                     jnp.asarray([[w / side, h / side]]), False, request.query_roles,
+                     method=module.crop_from_encoding)
+  for row, q in enumerate(queries):
+    want = np.clip(np.asarray(out['selected_boxes'][0, row]) * side, 0, [w, h, w, h])
+    np.testing.assert_allclose(q.box, want, rtol=1e-5, atol=1e-3)
+    logit = float(out['selected_logits'][0, row])
+    assert q.score == pytest.approx(1 / (1 + np.exp(-logit)), rel=1e-5)
+    assert q.in_union  # 'all': every selection is in the union
+  # Without box voting no crop is fused; a base-mode crop has no queries.
+  assert not any(c.fused for c in cropper.crop(image, text=text, top_k=2, fuse_top_k=1))
+  assert cropper.crop(image, text=text, mode='base')[0].queries == ()
+  # An example image is one caption-role query.
+  by_example = cropper.crop(image, query_image=detect.demo_image(80, 80))[0].queries
+  assert [(q.text, q.role) for q in by_example] == [(cropper_lib.IMAGE_QUERY_TEXT, 'caption')]
+
+
+def test_zero_shot_target_is_the_subject_union(variables):
+  """Zero-shot: the target is the union of the caption's and subject's selections; a context
+  selection is not in it (and counts as an object not to cut)."""
+  owl = {'params': {'owlvit': variables['params']['owlvit']}}
+  zs = cropper_lib.ClipCropper(CFG.replace(selection_union='subject'), owl, zero_shot_mode=True,
+                               keyword_pipeline=keywords.RULES)
+  crops = zs.crop(detect.demo_image(), text='the red square next to the blue disc', top_k=2)
+  queries = crops[0].queries
+  assert [(q.role, q.in_union) for q in queries] == [
+      ('caption', True), ('subject', True), ('context', False)]
+  # Every zero-shot crop contains the subject union (GAIC candidates containing the target).
+  union = np.array([min(q.box[0] for q in queries if q.in_union),
+                    min(q.box[1] for q in queries if q.in_union),
+                    max(q.box[2] for q in queries if q.in_union),
+                    max(q.box[3] for q in queries if q.in_union)])
+  for c in crops:
+    assert c.box[0] <= union[0] + 1 and c.box[1] <= union[1] + 1
+    assert c.box[2] >= union[2] - 1 and c.box[3] >= union[3] - 1
+
+
+def test_crop_cli_json_lists_queries_and_fused(cropper, tmp_path):
+  image = tmp_path / 'a.png'
+  Image.fromarray(detect.demo_image()).save(image)
+  ckpt = cropper.save(tmp_path / 'ckpt')
+  rc = crop_cli.main(['--checkpoint', str(ckpt), '--image', str(image), '--text',
+                      'a red square on a blue disc', '--top-k', '2', '--fuse-top-k', '3',
+                      '--out', str(tmp_path / 'out')])
+  assert rc == 0
+  crops = json.loads((tmp_path / 'out' / 'crops.json').read_text())['results'][0]['crops']
+  assert crops[0]['fused'] is True and all(c['fused'] is False for c in crops[1:])
+  assert [(q['text'], q['role']) for q in crops[0]['queries']] == [
+      ('a red square on a blue disc', 'caption'), ('a red square', 'subject'),
+      ('a blue disc', 'context')]
+  assert all(len(q['box']) == 4 and 0 <= q['score'] <= 1 for q in crops[0]['queries'])
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -337,12 +463,12 @@ def test_apply_offsets_spaces():
 def test_crop_cli_keyword_pipeline_defaults_to_the_recorded_one(cropper, tmp_path, monkeypatch,
                                                                  capsys):
   used = []
-  real = keywords.build_queries
+  real = keywords.build_query_roles
 
   def spy(text, mode, pipeline):
     used.append(pipeline)
     return real(text, mode, pipeline=pipeline)
-  monkeypatch.setattr(keywords, 'build_queries', spy)
+  monkeypatch.setattr(keywords, 'build_query_roles', spy)
   ckpt = cropper.save(tmp_path / 'ckpt')  # records keywords.RULES
   argv = ['--checkpoint', str(ckpt), '--text', 'a red square', '--top-k', '1']
   assert crop_cli.main(argv + ['--out', str(tmp_path / 'a')]) == 0

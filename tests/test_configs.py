@@ -633,4 +633,6 @@ def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
   assert default_config.MATCHING_SOLVERS == matching.SOLVERS
+  from clipcrop_jax import model  # pylint: disable=g-import-not-at-top
+  assert default_config.SELECTION_UNIONS == tuple(model.SELECTION_UNIONS)
   assert main.RUNS == default_config.RUNS

@@ -46,6 +46,7 @@ def _host(extent=(1.0, 0.5), height=50, width=100):
       top_box=np.array([[0.2, 0.0, 0.6, 0.3]], np.float32), top_valid=np.array([True]),
       union_box=np.array([[0.1, 0.0, 0.6, 0.4]], np.float32),
       selected_tokens=np.array([[1, 2]]), selected_mask=np.array([[True, True]]),
+      zero_shot_union=np.array([[True, True]]),
       token_boxes=np.tile(np.array([[0.1, 0.1, 0.5, 0.4]], np.float32), (1, p, 1)),
       token_scores=np.linspace(0.1, 0.6, p, dtype=np.float32)[None])
 

@@ -36,13 +36,18 @@ def _assert_same_params(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _write_format_1(directory, params, config=CFG):
-  """A model directory exactly as format 1 wrote it (no keyword_pipeline entry)."""
+def _write_old_format(directory, params, version=1, config=CFG):
+  """A model directory exactly as format 1 (no keyword_pipeline entry) or 2 (no
+  config.selection_union) wrote it."""
   directory.mkdir()
   data = flax.serialization.msgpack_serialize(
       jax.tree_util.tree_map(np.asarray, {'params': params}))
   (directory / 'params.msgpack').write_bytes(data)
-  meta = {'format_version': 1, 'config': dataclasses.asdict(config)}
+  fields = dataclasses.asdict(config)
+  del fields['selection_union']
+  meta = {'format_version': version, 'config': fields}
+  if version == 2:
+    meta['keyword_pipeline'] = keywords.RULES
   (directory / 'clipcrop_config.json').write_text(json.dumps(meta, indent=1))
   return directory
 
@@ -58,11 +63,11 @@ def test_round_trip_records_the_keyword_pipeline(params, tmp_path):
   assert path == tmp_path / 'model' and export.is_model_dir(path)
   assert sorted(p.name for p in path.iterdir()) == ['clipcrop_config.json', 'params.msgpack']
   meta = json.loads((path / 'clipcrop_config.json').read_text())
-  assert meta['format_version'] == export.FORMAT_VERSION == 2
-  assert meta['keyword_pipeline'] == 'rules'
+  assert meta['format_version'] == export.FORMAT_VERSION == 3
+  assert meta['keyword_pipeline'] == 'rules' and meta['config']['selection_union'] == 'all'
   model = export.load_model(path)
   assert model.config == CFG and model.keyword_pipeline == keywords.RULES
-  assert model.format_version == 2
+  assert model.format_version == 3
   _assert_same_params(model.params, params)
   export.save_model(path, CFG, params, 'my_spacy_pipeline')  # a model directory is replaced
   assert export.load_model(path).keyword_pipeline == 'my_spacy_pipeline'
@@ -88,7 +93,7 @@ def test_save_refuses_old_spellings_of_the_rule_based_extractor(params, tmp_path
 
 
 def test_format_1_directory_loads_with_the_default_pipeline(params, tmp_path):
-  path = _write_format_1(tmp_path / 'old', params)
+  path = _write_old_format(tmp_path / 'old', params)
   model = export.load_model(path)
   assert model.format_version == 1 and model.keyword_pipeline == keywords.DEFAULT_PIPELINE
   assert model.config == CFG
@@ -106,7 +111,7 @@ def test_old_spellings_in_a_directory_read_as_rules(params, tmp_path, recorded):
 
 
 @pytest.mark.parametrize('entries,match', [
-    ({'format_version': 3}, r'format_version 3 was written by a newer clipcrop-jax'),
+    ({'format_version': 4}, r'format_version 4 was written by a newer clipcrop-jax'),
     ({'format_version': 'two'}, r"format_version='two'; expected an integer"),
     ({'keyword_pipeline': 7}, r'keyword pipeline must be a str'),
 ])
@@ -116,6 +121,40 @@ def test_bad_or_newer_format_is_one_line(params, tmp_path, entries, match):
   with pytest.raises(ValueError, match=match) as info:
     export.load_model(path)
   assert export.CONFIG_FILE in str(info.value) and '\n' not in str(info.value)
+
+
+def test_format_2_directory_loads_as_the_papers_union(params, tmp_path):
+  path = _write_old_format(tmp_path / 'old', params, version=2)
+  model = export.load_model(path)
+  assert model.format_version == 2 and model.config.selection_union == 'all'
+  assert model.config == CFG and model.keyword_pipeline == keywords.RULES
+  _assert_same_params(model.params, params)
+
+
+def test_format_3_needs_the_selection_union(params, tmp_path):
+  path = export.save_model(tmp_path / 'model', CFG, params, keywords.RULES)
+  meta = json.loads((path / export.CONFIG_FILE).read_text())
+  del meta['config']['selection_union']
+  (path / export.CONFIG_FILE).write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r'no "config.selection_union" entry \(required by format 3'):
+    export.load_model(path)
+
+
+def test_subject_union_model_round_trip(tmp_path):
+  config = CFG.replace(selection_union='subject')
+  params = model_lib.init_variables(config, seed=1)['params']
+  assert params['decoder']['role_embed'].shape == (3, config.decoder_width)
+  model = export.load_model(export.save_model(tmp_path / 'm', config, params, keywords.RULES))
+  assert model.config.selection_union == 'subject'
+  _assert_same_params(model.params, params)
+  # A paper-union directory's parameters do not fit a subject-union config: named, one line.
+  meta = json.loads((tmp_path / 'm' / export.CONFIG_FILE).read_text())
+  export.save_model(tmp_path / 'all', CFG, model_lib.init_variables(CFG)['params'], 'rules')
+  broken = json.loads((tmp_path / 'all' / export.CONFIG_FILE).read_text())
+  broken['config'] = meta['config']
+  (tmp_path / 'all' / export.CONFIG_FILE).write_text(json.dumps(broken))
+  with pytest.raises(ValueError, match='parameter params/decoder/role_embed missing'):
+    export.load_model(tmp_path / 'all')
 
 
 def test_format_2_without_a_pipeline_is_refused(params, tmp_path):

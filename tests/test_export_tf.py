@@ -210,6 +210,37 @@ def test_clipcrop_base_mode_takes_no_text(cropper, tmp_path):
   assert json.loads((out / tool.EXPORT_INFO).read_text())['mode'] == 'base'
 
 
+@pytest.mark.slow
+def test_subject_union_model_takes_query_roles(tmp_path):
+  """A model whose union depends on roles gets a `query_roles` input; the README client recipe
+  (`keywords.build_query_roles`) gives `ClipCropper.crop`'s best crop."""
+  config = model_lib.TINY.replace(selection_union='subject')
+  cropper = ClipCropper.init_random(config, seed=5, keyword_pipeline='rules')
+  serving = tool.clipcrop_serving(cropper.config, cropper.variables['params'], 'test',
+                                  cropper.keyword_pipeline)
+  with jax.default_matmul_precision('highest'):
+    out = tool.save(serving, tmp_path / 'subject', platforms=('cpu',))
+  info = json.loads((out / tool.EXPORT_INFO).read_text())
+  assert info['selection_union'] == 'subject' and info['role_ids'] == {
+      'caption': 0, 'subject': 1, 'context': 2}
+  signature = tf.saved_model.load(str(out)).signatures['serving_default']
+  assert sorted(signature.structured_input_signature[1]) == [
+      'image_extent', 'pixels', 'query_roles', 'text_queries']
+  image = np.random.default_rng(6).integers(0, 256, (70, 50, 3), dtype=np.uint8)  # tall
+  text = 'the dog next to the bench'
+  h, w = image.shape[:2]
+  side = max(h, w)
+  queries = keywords.build_query_roles(text, info['mode'], info['keyword_pipeline'])
+  tokens = owlvit.tokenize([q.text for q in queries])[None].astype(np.int32)
+  roles = np.array([[info['role_ids'][q.role] for q in queries]], np.int32)
+  got = _run(signature, pixels=owlvit.preprocess(image, info['image_size'])[None],
+             text_queries=tokens, query_roles=roles,
+             image_extent=np.array([[w / side, h / side]], np.float32))
+  crop = cropper.crop(image, text=text, top_k=1)[0]
+  np.testing.assert_allclose(got['boxes'][0, np.argmax(got['scores'][0])] * side, crop.box,
+                             atol=1e-2)
+
+
 def test_image_mode_is_refused_without_a_text_mode(cropper):
   config = cropper.config.replace(mode='image')
   with pytest.raises(ValueError, match="'image'-mode model needs --mode"):

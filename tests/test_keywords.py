@@ -256,3 +256,76 @@ def test_is_place_phrase():
   assert kw.is_place_phrase("The Top Right corner")
   assert not kw.is_place_phrase("the left dog")
   assert not kw.is_place_phrase("the")
+
+
+# ------------------------------------------------------------------------------------------------
+# Roles: subject (what the crop is of) and context (where, beside what).
+# ------------------------------------------------------------------------------------------------
+
+# (text, subject keywords, context keywords): both extractors must give these. Hand-written real
+# English of each kind: one name, conjunctions in the subject and inside the context, relations,
+# referring captions, captions without a verb, with a verb and a subject, framing phrases,
+# collective nouns, a caption that starts with a preposition.
+ROLE_EXAMPLES = [
+    ("a dog", ["a dog"], []),
+    ("mother and child on a wooden pier", ["mother", "child"], ["a wooden pier"]),
+    ("three dogs and a cat on a sofa", ["three dogs", "a cat"], ["a sofa"]),
+    ("a woman, a man and a child on a bench", ["a woman", "a man", "a child"], ["a bench"]),
+    ("a dog on a sofa and a chair", ["a dog"], ["a sofa", "a chair"]),
+    ("a woman on a bicycle in the city", ["a woman"], ["a bicycle", "the city"]),
+    ("the dog next to the bench", ["the dog"], ["the bench"]),
+    ("the man on the left", ["the man"], []),
+    ("men sitting on a bench", ["men"], ["a bench"]),
+    ("a man and his dog walking on the beach", ["a man", "his dog"], ["the beach"]),
+    ("a woman holding an umbrella", ["a woman"], ["an umbrella"]),
+    ("there is a dog on the sofa", ["a dog"], ["the sofa"]),
+    ("view of the city from the river", ["the city"], ["the river"]),
+    ("black and white photograph of a group of people in front of a wall",
+     ["a group", "people"], ["a wall"]),
+    ("silhouette of a man standing on the shore of a lake at sunset",
+     ["a man"], ["the shore", "a lake", "sunset"]),
+    ("close up of a yellow flower", ["a yellow flower"], []),
+    ("in a boat at sunset", ["a boat"], ["sunset"]),
+    ("the big white diamond below the red hexagon", ["the big white diamond"],
+     ["the red hexagon"]),
+    ("the red hexagon and the white diamond", ["the red hexagon", "the white diamond"], []),
+    ("a flock of birds flying over the sea", ["a flock", "birds"], ["the sea"]),
+]
+
+
+@pytest.mark.parametrize("pipeline", [kw.DEFAULT_PIPELINE, kw.RULES])
+@pytest.mark.parametrize("text, subject, context", ROLE_EXAMPLES)
+def test_keyword_roles(pipeline, text, subject, context):
+  if pipeline == kw.DEFAULT_PIPELINE and kw._load_pipeline(pipeline)[0] is None:
+    pytest.skip(f"spaCy pipeline {pipeline!r} unavailable")
+  found = kw.extract_keyword_roles(text, pipeline=pipeline)
+  assert [k.text for k in found if k.role == "subject"] == subject
+  assert [k.text for k in found if k.role == "context"] == context
+  assert [k.text for k in found] == kw.extract_keywords(text, pipeline=pipeline)
+
+
+def test_query_roles_by_mode():
+  text = "the dog next to the bench"
+  full = kw.build_query_roles(text, "full", pipeline=kw.RULES)
+  assert [(q.text, q.role) for q in full] == [(text, "caption"), ("the dog", "subject"),
+                                             ("the bench", "context")]
+  assert [q.text for q in full] == kw.build_queries(text, "full", pipeline=kw.RULES)
+  assert [(q.text, q.role) for q in kw.build_query_roles(text, "main", pipeline=kw.RULES)] == [
+      (text, "caption")]
+  assert [q.role for q in kw.build_query_roles(text, "key", pipeline=kw.RULES)] == [
+      "subject", "context"]
+  # "key" with no keyword falls back to the caption; a keyword equal to the text is not repeated.
+  assert [(q.text, q.role) for q in kw.build_query_roles("the left", "key", pipeline=kw.RULES)
+          ] == [("the left", "caption")]
+  assert [(q.text, q.role) for q in kw.build_query_roles("the cat", "full", pipeline=kw.RULES)
+          ] == [("the cat", "caption")]
+  assert kw.build_query_roles(None, "base") == []
+  assert set(q.role for q in full) <= set(features.ROLES)
+
+
+def test_every_caption_with_a_keyword_has_a_subject():
+  for text in ("on the road", "fishing on the dock", "red on a branch", "a tractor a field"):
+    for pipeline in (kw.DEFAULT_PIPELINE, kw.RULES):
+      found = kw.extract_keyword_roles(text, pipeline=pipeline)
+      assert found and found[0].role == "subject" or not found, (text, pipeline, found)
+      assert sum(k.role == "subject" for k in found) >= 1, (text, pipeline, found)

@@ -349,8 +349,9 @@ def _run_serve(command: Command, curls: list[Command], env, cwd) -> None:
       server.wait()
     log.close()
   output = (cwd / f'serve-{port}.log').read_text()
-  # Ctrl-C: a graceful shutdown, exit code 130, no traceback.
-  assert server.returncode == 130 and 'Traceback' not in output, output[-4000:]
+  # Ctrl-C: a graceful shutdown without a traceback (uvicorn re-raises the interrupt after its
+  # shutdown only when it arrives at some points: exit code 130 then, else 0).
+  assert server.returncode in (0, 130) and 'Traceback' not in output, output[-4000:]
 
 
 def _runnable_blocks() -> list[Block]:

@@ -2,6 +2,7 @@
 
 import hashlib
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -372,12 +373,12 @@ def test_builder_counts_and_features(tiny_builder):
   from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
   assert tiny_builder.name == 'synthetic_crops'
   splits = tiny_builder.info.splits
-  assert str(tiny_builder.info.version) == '1.2.0'
+  assert str(tiny_builder.info.version) == '1.3.0'
   assert {k: splits[k].num_examples for k in splits} == {
-      'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 8, 'ambiguity_validation': 8}
+      'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 12, 'ambiguity_validation': 12}
   keys = set(tiny_builder.info.features.keys())
   assert {F.IMAGE, F.FILENAME, F.HEIGHT, F.WIDTH, F.TEXT, F.CROPS, 'objects',
-          'target/bbox'} <= keys
+          'target/bbox', 'caption_kind'} <= keys
   assert set(tiny_builder.info.features['objects'].keys()) == {'bbox', 'name', 'phrase'}
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
     assert ex[F.IMAGE].shape == (ex[F.HEIGHT], ex[F.WIDTH], 3)
@@ -390,10 +391,11 @@ def test_builder_counts_and_features(tiny_builder):
     by_file = {}
     for ex in tfds.as_numpy(tiny_builder.as_dataset(split=split)):
       np.testing.assert_array_equal(ex[F.CROPS][F.CROP_SCORE], np.ones(4, np.float32))
-      by_file.setdefault(ex[F.FILENAME].decode(), set()).add(ex[F.TEXT])
+      by_file.setdefault(ex[F.FILENAME].decode(), []).append(ex['caption_kind'].decode())
       images.setdefault(split, set()).add(ex[F.IMAGE].tobytes())
     assert sorted(by_file) == [f'{split}_{i:06d}.jpg' for i in range(4)]
-    assert all(len(t) == 2 for t in by_file.values())
+    # Three captions per image: each target alone ('name' / 'relation') and both ('pair').
+    assert all(len(k) == 3 and k.count('pair') == 1 for k in by_file.values()), by_file
   assert not images['ambiguity'] & images['ambiguity_validation']
 
 
@@ -467,3 +469,82 @@ def test_input_pipeline_on_built_dataset(tiny_builder):
                              [x0 * ref['width'], y0 * ref['height'], x1 * ref['width'],
                               y1 * ref['height']], atol=1e-3)
   assert int(first['crop_mask'][0].sum()) == n
+
+
+# sha256 (`_example_hash`) of the TFDS examples of version 1.2.0, computed before 1.3.0 added the
+# two-target captions: the one-target examples of both ambiguity splits must not move.
+EXAMPLES_1_2_0 = {
+    'ambiguity/000000_0': '92907804f21c7b30e4cabc7f2f1c067de70a07d1cacf74289b7a8aa4fe00af22',
+    'ambiguity/000000_1': '1b2610d781c17d6c39ab26bdc33736d1a8d74ccc3fd998e4abb30e143954c5a0',
+    'ambiguity/000001_0': '86140ec775aa5079491504cd5d7e1f2308b861adc77d9fd56b6cba0382cda62a',
+    'ambiguity/000001_1': '97d089aab9538befb98f65b213945c591a8a897175fad814b109b5dde32681d5',
+    'ambiguity/000002_0': 'd0fb902a73557496f85f3ee0a496eb805f061680a4726a4473af3f024ac2cf47',
+    'ambiguity/000002_1': 'a01b02d26ac3f609cb9f4227cac96b7494f3fc3671b7c81bb29a7679d533e148',
+    'ambiguity/000007_0': '077febb1ba75bd0e85926b620a3231efd1209320a7cee7f00352f3c15ecf711b',
+    'ambiguity/000007_1': 'b951fdb1fdf5269e9c9a9040694a16c0b9edc5356ca712d1d89e138c7121220f',
+    'ambiguity_validation/000000_0': 'fd19638ea187a166d75d7d90f5dbb75a3f22f8a6915c6bb2604a2e0f7297ab30',
+    'ambiguity_validation/000000_1': '30fea9d8892da252e8e94633d8e2aff70651a19366e60c6ccbbfd7699e929c34',
+    'ambiguity_validation/000001_0': 'a0fe901ec7e2cf949c828475ed20ee4d178f1d3e3306317bc0b957afe03d8ec4',
+    'ambiguity_validation/000001_1': '209d0ed4d4fa7cccd95e0da014a736f553bbf1945f5d0f6aba7149877711578f',
+    'ambiguity_validation/000002_0': '836a6f5a5f17dc92f365fec6fe63052c1113e9742bc42eed7de00d20f93293f9',
+    'ambiguity_validation/000002_1': 'dadae271e8efe5df0448046ee3aa36760bed1627cda28c9bf8ff5d04afdaa928',
+    'ambiguity_validation/000007_0': '81ef0997d646caa49347fa512f210847e3bc4c8071acba97156946ad09d2d43e',
+    'ambiguity_validation/000007_1': '565fa667ef3ba5d32b307cb8101a24b67c146068512d65bee46dca1ee8a1f131',
+}
+
+
+def _example_hash(ex) -> str:
+  h = hashlib.sha256()
+
+  def put(v):
+    h.update(bytes(v) if isinstance(v, (bytes, bytearray)) else repr(v).encode())
+  for key in sorted(ex):
+    h.update(key.encode())
+    v = ex[key]
+    if key == 'crops':
+      for c in v:
+        put(tuple(c['bbox']))
+        put(float(c['score']))
+    elif key == 'objects':
+      for o in v:
+        put(tuple(o['bbox']))
+        put(o['name'])
+        put(o['phrase'])
+    elif hasattr(v, 'ymin'):
+      put(tuple(v))
+    else:
+      put(v if isinstance(v, (bytes, str)) else repr(v))
+  return h.hexdigest()
+
+
+def test_version_1_2_0_examples_are_unchanged(tiny_builder):
+  builder = sys.modules[type(tiny_builder).__module__]  # datasets/synthetic/synthetic.py
+  config = builder.SyntheticCropsConfig(name='pin')  # the default sizes, data seed 0
+  got = {}
+  images = {(k.split('/')[0], int(k.split('/')[1][:6])) for k in EXAMPLES_1_2_0}
+  for split, index in sorted(images):
+    for key, ex in builder.generate_split_examples(config, split, index):
+      kind = ex.pop(builder.CAPTION_KIND)
+      if kind != 'pair':
+        got[f'{split}/{key}'] = _example_hash(ex)
+  assert got == EXAMPLES_1_2_0
+
+
+def test_two_target_captions_and_references():
+  for i in range(12):
+    ex = _amb(i)
+    a, b = ex.objects[0], ex.objects[1]
+    stripped = _strip_sizes(ex.pair_caption)
+    assert ' and ' in ex.pair_caption and a.name in stripped and b.name in stripped
+    union = np.array([min(a.box[0], b.box[0]), min(a.box[1], b.box[1]),
+                      max(a.box[2], b.box[2]), max(a.box[3], b.box[3])])
+    np.testing.assert_allclose(ex.pair_target_xyxy, union)
+    refs = ex.pair_reference_crops
+    assert refs.shape == (4, 4)
+    # Every reference contains both targets, inside the image.
+    assert np.all(refs[:, :2] <= union[:2] + 1e-9) and np.all(refs[:, 2:] >= union[2:] - 1e-9)
+    assert np.all(refs >= -1e-9) and np.all(refs[:, 2] <= ex.width + 1e-9)
+    assert np.all(refs[:, 3] <= ex.height + 1e-9)
+  # Without the pair, the one-target part of an example is the same.
+  plain = S.generate_ambiguity_example(S.rng_for(0, 'ambiguity', 3), pair=False)
+  assert plain.captions == _amb(3).captions and plain.pair_caption == ''

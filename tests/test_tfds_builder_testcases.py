@@ -109,7 +109,7 @@ class SyntheticCropsTinyTest(_ManualDirMixin, tfds.testing.DatasetBuilderTestCas
   DATASET_CLASS = SyntheticCrops
   EXPECTED_NAME = 'synthetic_crops'
   BUILDER_CONFIG_NAMES_TO_TEST = ['tiny']
-  # 8/4/4 images; the two ambiguity splits have two examples (captions) per image.
-  SPLITS = {'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 8, 'ambiguity_validation': 8}
+  # 8/4/4 images; the two ambiguity splits have three examples (captions) per image.
+  SPLITS = {'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 12, 'ambiguity_validation': 12}
   # No manual_dir (nothing to download); EXAMPLE_DIR is an empty folder that DatasetBuilderTestCase
   # requires to exist (it is passed as the mocked download_dir).

@@ -210,12 +210,12 @@ def test_pulse_eval_results(pulse, synthetic_data):
   text = json.loads((workdir / 'eval_synthetic_crops_tiny_ambiguity.json').read_text())
   gaic = json.loads((workdir / 'eval_synthetic_crops_tiny.json').read_text())
   assert set(results) == {'synthetic_crops/tiny:ambiguity', 'synthetic_crops/tiny:test'}
-  assert text['kind'] == 'text' and text['step'] == STEPS and text['num_examples'] == 8
+  assert text['kind'] == 'text' and text['step'] == STEPS and text['num_examples'] == 12
   assert gaic['kind'] == 'gaic' and gaic['num_examples'] == 4
   assert set(text['methods']) == METHODS and set(gaic['methods']) == METHODS
   for method, m in text['methods'].items():
     assert 0.0 <= m['iou_mean'] <= m['iou_max'] <= 1.0, (method, m)
-    assert m['num_examples'] == 8
+    assert m['num_examples'] == 12
   for method, m in gaic['methods'].items():
     for key in ('acc1_5', 'acc4_5', 'acc1_10', 'acc4_10'):
       assert 0.0 <= m[key] <= 100.0, (method, key, m)

@@ -16,6 +16,9 @@ Signatures (S = the model's image side, L = 16 tokens):
   serving_uint8    images        uint8 (B, S, S, 3): the same pixels x 255, rounded
   and in both      text_queries  int32 (B, Q, L) (`clipcrop_jax.owlvit.tokenize`; an all-zero row
                                  is padding; absent for a ClipCrop model in 'base' mode)
+                   query_roles   int32 (B, Q), ClipCrop with `selection_union` other than 'all'
+                                 only: each query's role id (0 caption, 1 subject, 2 context;
+                                 `keywords.build_query_roles`, `features.ROLE_IDS`)
                    image_extent  float32 (B, 2), ClipCrop only: the real image's (W, H) / max(H, W)
   ClipCrop outputs: boxes (B, M, 4) xyxy in [0, 1] of the padded square (inside the real image),
     scores (B, M) the decoder's crop quality (rank by it).
@@ -45,6 +48,7 @@ import numpy as np
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import export
+from clipcrop_jax import features
 from clipcrop_jax import fileio
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.cropper import ClipCropper
@@ -100,6 +104,7 @@ def _text_input(max_query_length: int) -> InputSpec:
 
 
 EXTENT_INPUT = InputSpec('image_extent', (2,), 'float32')
+ROLES_INPUT = InputSpec('query_roles', (QUERY_DIM,), 'int32')
 
 
 def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
@@ -111,7 +116,7 @@ def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
     params: its 'params' tree {'owlvit': ..., 'decoder': ...}.
     source: where the weights came from (recorded).
     keyword_pipeline: the model's keyword extractor (recorded: clients build their queries with
-      `keywords.build_queries(text, mode, keyword_pipeline)`).
+      `keywords.build_query_roles(text, mode, keyword_pipeline)`).
     mode: overrides `config.mode`: a text mode (the queries a client sends; every non-padding row
       is used) or 'base' (no text input).
 
@@ -133,15 +138,22 @@ def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
 
     def fn(params, pixels, image_extent):
       return outputs(module.apply({'params': params}, pixels, image_extent=image_extent))
-  else:
+  elif config.selection_union == 'all':
     inputs = (_text_input(config.owlvit_config.max_query_length), EXTENT_INPUT)
 
     def fn(params, pixels, text_queries, image_extent):
       return outputs(module.apply({'params': params}, pixels, text_queries,
                                   image_extent=image_extent))
+  else:  # the union depends on the queries' roles
+    inputs = (_text_input(config.owlvit_config.max_query_length), ROLES_INPUT, EXTENT_INPUT)
+
+    def fn(params, pixels, text_queries, query_roles, image_extent):
+      return outputs(module.apply({'params': params}, pixels, text_queries,
+                                  image_extent=image_extent, query_roles=query_roles))
   info = {'kind': 'clipcrop', 'source': source, 'mode': mode,
           'keyword_pipeline': keyword_pipeline, 'config': dataclasses.asdict(config),
-          'owlvit_config': config.owlvit}
+          'owlvit_config': config.owlvit, 'selection_union': config.selection_union,
+          'role_ids': dict(features.ROLE_IDS)}
   return ServingModel('clipcrop', fn, params, config.owlvit_config.image_size, inputs, info)
 
 

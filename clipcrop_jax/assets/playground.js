@@ -3,6 +3,9 @@
 'use strict';
 
 const RANK_COLORS = ['#e6194b', '#f58231', '#ffe119', '#3cb44b', '#4363d8', '#911eb4'];
+// What each query selected, by role: the caption and its subject keywords make the union box the
+// crops start from; context keywords (where, beside what) only inform the decoder.
+const ROLE_COLORS = { caption: '#00b8d4', subject: '#00b8d4', context: '#c51162' };
 const $ = (id) => document.getElementById(id);
 const SVG = 'http://www.w3.org/2000/svg';
 let imageFile = null;
@@ -22,10 +25,57 @@ function useImage(file) {
   $('drop').querySelector('span').textContent = file.name;
 }
 
+function drawQueries(queries, overlay, height) {
+  // One dashed box per query (queries that selected the same box share it: one label line each).
+  const size = Math.max(9, height / 32);
+  const lines = new Map();  // box key -> number of labels written on it
+  queries.forEach((query) => {
+    if (!query.box) return;
+    const [x0, y0, x1, y1] = query.box;
+    const color = ROLE_COLORS[query.role] || '#888';
+    const key = query.box.map((v) => v.toFixed(1)).join(',');
+    const line = lines.get(key) || 0;
+    lines.set(key, line + 1);
+    const rect = document.createElementNS(SVG, 'rect');
+    rect.setAttribute('class', `query-box role-${query.role}`);
+    for (const [k, v] of [['x', x0], ['y', y0], ['width', x1 - x0], ['height', y1 - y0]]) {
+      rect.setAttribute(k, v);
+    }
+    rect.setAttribute('stroke', color);
+    const label = document.createElementNS(SVG, 'text');
+    label.setAttribute('class', 'query-label');
+    label.setAttribute('x', x0 + 3);
+    label.setAttribute('y', Math.min(height - 2, Math.max(size, y1 - 4 - line * (size + 2))));
+    label.setAttribute('fill', color);
+    label.setAttribute('font-size', size);
+    label.textContent = `${query.role}: ${query.text} (${query.score.toFixed(2)})`;
+    overlay.append(rect, label);
+  });
+}
+
+function describeQueries(queries) {
+  const list = $('queries');
+  list.replaceChildren();
+  queries.forEach((query) => {
+    const item = document.createElement('li');
+    item.className = `role-${query.role}`;
+    item.style.setProperty('--role-color', ROLE_COLORS[query.role] || '#888');
+    const where = query.box ? `selected ${query.box.map((v) => Math.round(v)).join(', ')}`
+      : 'selected nothing';
+    item.textContent = `${query.role}: “${query.text}” — ${where}, score ` +
+      `${query.score.toFixed(2)}${query.in_union ? ', in the union box' : ', context only'}`;
+    list.append(item);
+  });
+  $('legend').hidden = queries.length === 0;
+}
+
 function drawBoxes(crops, width, height) {
   const overlay = $('overlay');
   overlay.setAttribute('viewBox', `0 0 ${width} ${height}`);
   overlay.replaceChildren();
+  const queries = crops.length ? crops[0].queries || [] : [];
+  drawQueries(queries, overlay, height);
+  describeQueries(queries);
   crops.forEach((crop, i) => {
     const [x0, y0, x1, y1] = crop.box;
     const color = RANK_COLORS[i % RANK_COLORS.length];
@@ -65,7 +115,11 @@ function drawThumbs(crops) {
     link.download = `crop-${i + 1}.png`;
     link.href = canvas.toDataURL('image/png');
     const caption = document.createElement('div');
-    caption.textContent = `#${i + 1}  score ${crop.score.toFixed(3)}  ${w}\u00d7${h} `;
+    caption.textContent = crop.fused
+      ? `#${i + 1}  fused: the mean of the best predictions (score ${crop.score.toFixed(3)}, ` +
+        `ranked first)  ${w}\u00d7${h} `
+      : `#${i + 1}  score ${crop.score.toFixed(3)}  ${w}\u00d7${h} `;
+    if (crop.fused) item.classList.add('fused');
     caption.append(link);
     item.append(canvas, caption);
     list.append(item);

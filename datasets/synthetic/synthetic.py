@@ -8,8 +8,10 @@ No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic
 
 Splits: train / validation / test (one example per image: caption, target, ~90 GAIC grid-anchor
 plus up to 32 free-form candidates scored 1..5) and ambiguity / ambiguity_validation (TextCrop-like:
-two examples per image, one per caption, each with four reference crops of score 1.0; the same
-generator on disjoint images: choose settings on ambiguity_validation, report on ambiguity).
+three examples per image, one per caption: each of the two far-apart targets alone, then both
+('<A> and <B>'), each with four reference crops of score 1.0; the same generator on disjoint
+images: choose settings on ambiguity_validation, report on ambiguity). Every example has a
+`caption_kind`: 'name', 'pair' (two targets) or 'relation'.
 See README.md for the features, the caption grammar and the score rule.
 """
 
@@ -28,11 +30,12 @@ OBJECT_BBOX = 'bbox'
 OBJECT_NAME = 'name'
 OBJECT_PHRASE = 'phrase'
 TARGET_BBOX = 'target/bbox'
+CAPTION_KIND = 'caption_kind'  # 'name' | 'pair' | 'relation' (`synthetic.CAPTION_KINDS`)
 
 
 @dataclasses.dataclass
 class SyntheticCropsConfig(tfds.core.BuilderConfig):
-  """Sizes of the generated splits (images; the ambiguity splits yield two examples per image;
+  """Sizes of the generated splits (images; the ambiguity splits yield three examples per image;
   ambiguity_validation has `num_ambiguity` images too)."""
   num_train: int = 1000
   num_validation: int = 200
@@ -45,8 +48,8 @@ class SyntheticCropsConfig(tfds.core.BuilderConfig):
 
 
 DEFAULT_DESCRIPTION = ('1000/200/200 images + 100 ambiguity and 100 ambiguity_validation images '
-                       '(200 examples each), ~256x256 px.')
-SMALL_DESCRIPTION = ('400/50/50 images + 50 ambiguity and 50 ambiguity_validation images (100 '
+                       '(300 examples each), ~256x256 px.')
+SMALL_DESCRIPTION = ('400/50/50 images + 50 ambiguity and 50 ambiguity_validation images (150 '
                      'examples each), ~256x256 px: the quick embedded-default run.')
 SMALL_SIZES = dict(num_train=400, num_validation=50, num_test=50, num_ambiguity=50)
 SEEDS = range(1, 10)  # data seeds of the `default_seed<s>` / `small_seed<s>` configs
@@ -55,7 +58,7 @@ SEEDS = range(1, 10)  # data seeds of the `default_seed<s>` / `small_seed<s>` co
 class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated cropping scenes of coloured shapes (needs no download)."""
 
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Training candidates: the GAIC grid plus up to 32 free-form crops around the '
@@ -67,6 +70,11 @@ class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
                "('<T> <direction> <other>'). New feature objects/phrase (a referring phrase or "
                "''). Configs default_seed<s> / small_seed<s> (s = 1..9). The ambiguity split's "
                'images and reference crops are unchanged; its captions are not.',
+      '1.3.0': "Two-target captions: a third example per ambiguity / ambiguity_validation image, "
+               "'<A> and <B>' naming both targets, with four reference crops containing both "
+               "(key <index>_2). New feature caption_kind ('name' / 'pair' / 'relation') on "
+               'every example. The examples of 1.2.0 are unchanged (pinned by hash in '
+               'tests/test_synthetic.py).',
   }
   BUILDER_CONFIGS = [
       SyntheticCropsConfig(name='default', description=DEFAULT_DESCRIPTION),
@@ -90,6 +98,7 @@ class SyntheticCrops(tfds.core.GeneratorBasedBuilder):
             OBJECT_PHRASE: tfds.features.Text(),
         }),
         TARGET_BBOX: tfds.features.BBoxFeature(),
+        CAPTION_KIND: tfds.features.Text(),
     }
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(F.common_features(**extras)),
@@ -123,24 +132,27 @@ def _objects(objects, phrases, hw):
 
 
 def generate_split_examples(config: SyntheticCropsConfig, split: str, index: int):
-  """The (key, example) pairs of image `index` of `split` (two for the ambiguity splits)."""
+  """The (key, example) pairs of image `index` of `split` (three for the ambiguity splits)."""
   rng = S.rng_for(config.seed, split, index)
   if split in S.AMBIGUITY_SPLITS:
     ex = S.generate_ambiguity_example(rng, base_size=config.base_size, aspects=config.aspects)
     hw = (ex.height, ex.width)
     jpeg = S.encode_jpeg(ex.image, config.jpeg_quality)
     objects = _objects(ex.objects, ex.phrases, hw)
-    for k in range(2):
+    captions = [(ex.captions[k], ex.caption_kinds[k], ex.reference_crops[k], ex.target_xyxy[k])
+                for k in range(2)]
+    captions.append((ex.pair_caption, 'pair', ex.pair_reference_crops, ex.pair_target_xyxy))
+    for k, (caption, kind, refs, target) in enumerate(captions):
       yield f'{index:06d}_{k}', {
           F.IMAGE: jpeg,
           F.FILENAME: f'{split}_{index:06d}.jpg',
           F.HEIGHT: np.int32(hw[0]),
           F.WIDTH: np.int32(hw[1]),
-          F.TEXT: ex.captions[k],
-          F.CROPS: [{F.CROP_BBOX: _bbox(b, hw), F.CROP_SCORE: np.float32(1.0)}
-                    for b in ex.reference_crops[k]],
+          F.TEXT: caption,
+          F.CROPS: [{F.CROP_BBOX: _bbox(b, hw), F.CROP_SCORE: np.float32(1.0)} for b in refs],
           OBJECTS: objects,
-          TARGET_BBOX: _bbox(ex.target_xyxy[k], hw),
+          TARGET_BBOX: _bbox(target, hw),
+          CAPTION_KIND: kind,
       }
     return
   scene = S.generate_scene(rng, base_size=config.base_size, aspects=config.aspects)
@@ -155,6 +167,7 @@ def generate_split_examples(config: SyntheticCropsConfig, split: str, index: int
                 for b, s in zip(scene.candidates, scene.scores)],
       OBJECTS: _objects(scene.objects, scene.phrases, hw),
       TARGET_BBOX: _bbox(scene.target_xyxy, hw),
+      CAPTION_KIND: scene.kind,
   }
 
 
