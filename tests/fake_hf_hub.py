@@ -178,29 +178,38 @@ class FakeHub:
 
   @staticmethod
   def _send_file(handler, file: _File, commit: str, body: bool) -> None:
-    start = 0
-    ranged = re.fullmatch(r'bytes=(\d+)-', handler.headers.get('Range') or '')
-    if body and ranged:
-      start = int(ranged[1])
-      if start >= file.size:
-        handler.send_response(416)
-        handler.send_header('Content-Range', f'bytes */{file.size}')
-        handler.send_header('Content-Length', '0')
-        handler.end_headers()
-        return
-      handler.send_response(206)
-      handler.send_header('Content-Range', f'bytes {start}-{file.size - 1}/{file.size}')
-    else:
-      handler.send_response(200)
-    handler.send_header('ETag', f'"{file.etag}"')
-    handler.send_header('X-Repo-Commit', commit)
-    handler.send_header('Accept-Ranges', 'bytes')
-    handler.send_header('Content-Type', 'application/octet-stream')
-    handler.send_header('Content-Length', str(file.size - start))
-    handler.end_headers()
-    if body:
+    start = send_ranged_headers(handler, file.size, {
+        'ETag': f'"{file.etag}"', 'X-Repo-Commit': commit, 'Accept-Ranges': 'bytes',
+        'Content-Type': 'application/octet-stream'}, ranged=body)
+    if start is not None and body:
       try:
         for chunk in file.chunks(start):
           handler.wfile.write(chunk)
       except (BrokenPipeError, ConnectionResetError):
         pass
+
+
+def send_ranged_headers(handler: http.server.BaseHTTPRequestHandler, size: int,
+                        headers: Mapping[str, str], ranged: bool = True) -> int | None:
+  """Sends the status line and headers of a file of `size` bytes, honouring `Range: bytes=N-`
+  (206 with Content-Range; 416 past the end); returns the first byte to send, or None when the
+  answer (416) is complete."""
+  start = 0
+  match = re.fullmatch(r'bytes=(\d+)-', handler.headers.get('Range') or '')
+  if ranged and match:
+    start = int(match[1])
+    if start >= size:
+      handler.send_response(416)
+      handler.send_header('Content-Range', f'bytes */{size}')
+      handler.send_header('Content-Length', '0')
+      handler.end_headers()
+      return None
+    handler.send_response(206)
+    handler.send_header('Content-Range', f'bytes {start}-{size - 1}/{size}')
+  else:
+    handler.send_response(200)
+  for key, value in headers.items():
+    handler.send_header(key, value)
+  handler.send_header('Content-Length', str(size - start))
+  handler.end_headers()
+  return start

@@ -22,6 +22,8 @@ import threading
 import numpy as np
 import pytest
 
+import fake_hf_hub
+
 from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import default_config
 from clipcrop_jax.owlvit import checkpoints as ck
@@ -66,22 +68,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.send_error(404, 'Not Found')
       return
     body, content_type = server.files[self.path]
-    start = 0
-    if self.headers.get('Range'):
-      start = int(self.headers['Range'].removeprefix('bytes=').rstrip('-'))
-      if start >= len(body):
-        self.send_response(416)
-        self.send_header('Content-Range', f'bytes */{len(body)}')
-        self.send_header('Content-Length', '0')
-        self.end_headers()
-        return
-      self.send_response(206)
-      self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
-    else:
-      self.send_response(200)
-    self.send_header('Content-Type', content_type)
-    self.send_header('Content-Length', str(len(body) - start))
-    self.end_headers()
+    start = fake_hf_hub.send_ranged_headers(self, len(body), {'Content-Type': content_type})
+    if start is None:
+      return
     cut = server.cut.pop(self.path, None)
     self.wfile.write(body[start:cut] if cut is not None else body[start:])
     if cut is not None:
