@@ -36,6 +36,10 @@ TRAIN_REQUIRE = DATA_REQUIRE + [  # training / evaluation (clipcrop_jax.main)
 # tests/test_hub*.py (tools/check_hub_versions.sh: 0.26.0, 0.36.2, 1.0.0, 1.33.0, 2.0.0, 2.4.0).
 HUB_REQUIRE = ["huggingface_hub>=0.26,<3"]
 
+# The Beam crop job (python -m clipcrop_jax.crop_beam, clipcrop_jax.beam); tested with 2.78.0
+# (with TensorFlow 2.21 and protobuf 6.33 in one environment). Dataflow: apache-beam[gcp].
+BEAM_REQUIRE = ["apache-beam>=2.78,<2.79"]
+
 SERVE_REQUIRE = [  # the crop service (python -m clipcrop_jax.serve)
     "fastapi>=0.115",
     "uvicorn>=0.30",
@@ -47,9 +51,10 @@ EXTRAS_REQUIRE = {
     "train": TRAIN_REQUIRE,
     "hub": HUB_REQUIRE,
     "serve": SERVE_REQUIRE,
+    "beam": BEAM_REQUIRE,
     # Only for the `tfds` console script itself (tensorflow-datasets 4.9.x imports these at its
     # start-up); `python -m clipcrop_jax.build_dataset` runs the same build without them.
-    "tfds-cli": DATA_REQUIRE + ["apache-beam>=2.50", "mlcroissant>=1.0"],
+    "tfds-cli": DATA_REQUIRE + BEAM_REQUIRE + ["mlcroissant>=1.0"],
     # Parity tests against Hugging Face transformers need torch (CPU build) + transformers.
     "test": [
         "pytest>=8.0",
@@ -59,7 +64,7 @@ EXTRAS_REQUIRE = {
         "dill>=0.3",  # tfds.testing imports it
         "httpx>=0.27",  # the service's test client and tools/load_test.py
         "selenium>=4.20",  # the playground in a real (Debian chromium) headless browser
-    ] + TRAIN_REQUIRE + HUB_REQUIRE + SERVE_REQUIRE,
+    ] + TRAIN_REQUIRE + HUB_REQUIRE + SERVE_REQUIRE + BEAM_REQUIRE,
 }
 
 setuptools.setup(

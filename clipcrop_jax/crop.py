@@ -7,8 +7,7 @@ r"""Command line: crop images to a text or an example image, one file, a folder 
       --text "a dog" --out crops/                                  # weights by name (zero-shot)
   python -m clipcrop_jax.crop --random-init tiny --text "a red square" --out crops/   # demo
   python -m clipcrop_jax.crop --checkpoint M --image-list 'photos/**/*.jpg' --text "a dog" \
-      --out coll/ --process-index 0 --process-count 4      # one of 4 processes over a collection
-  python -m clipcrop_jax.crop --merge coll/                # crops.json of a collection
+      --out coll/                     # a list or glob of images; rerun the command to resume it
 
 `--checkpoint` is a ClipCrop model directory (`ClipCropper.save`, `clipcrop_jax.export`), a
 training workdir holding one, or any OWL-ViT checkpoint (then crops come from the zero-shot
@@ -30,30 +29,28 @@ before they are created and a result line (`crops`, or `error` with the reason) 
 `crops.json` sums the run up at the end (boxes in original pixels, scores, query, mode, model id,
 failed files with reasons).
 
-Collections (`--image-list FILE_OR_GLOB`, see `read_image_list`): the list is split over
-processes, item i (0-based, in list order) to process i % count; the index and count come from
-`--process-index` / `--process-count`, else from JAX after `--distributed`
-(`jax.distributed.initialize`), else 0 / 1. `DIR/collection.json` (created exclusively, by
-whichever process comes first) records the list, the settings and the process count; a process
-with other settings is refused. Process k of n appends to `DIR/results.<k>-of-<n>.jsonl` (the
-lines of `crops.jsonl`, each with the item's `index`; locked, so one process per shard) and writes
-the crop files as above, named over the whole list. Rerunning resumes: images with a result line
-are skipped, an image whose `writing` line has no result has its files removed and is redone, a
-torn last line is ignored. When every shard is complete, `crops.json` (list order, every image
-once) is written by the process that finishes last, or by `--merge DIR`.
+Lists (`--image-list FILE_OR_GLOB`, see `read_image_list`): the images of a list file or a glob,
+in list order, in this one process (which already uses every local accelerator: a batch is split
+over the devices). Rerunning the same command into the same `--out` resumes: the `run` line of
+`crops.jsonl` records the settings and the list (a run with others is refused), images with a
+result line are skipped, an image whose `writing` line has no result has its files removed and is
+redone, a torn last line is ignored. `crops.json` covers the whole list once every image is done.
+More than one machine: `python -m clipcrop_jax.crop_beam` (Apache Beam); the flags of the earlier
+multi-process split (`--process-index`, `--process-count`, `--distributed`, `--merge`) are gone
+and say so.
 
 Safety rules (README "Errors and safety"):
 * `--out` must be a new or empty folder; `--overwrite` allows a folder that holds an earlier crop
   run (its `crops.jsonl` / `crops.json`): that run's outputs are removed first, nothing else is
   touched. `--out` may never be the input folder. No file is ever written over: every output is
-  created exclusively, so a name taken by anything else makes that one image fail. A collection
-  folder is reused only by the same collection (`--overwrite` does not apply to collections).
+  created exclusively, so a name taken by anything else makes that one image fail. A list run's
+  folder is reused only by the same list run (`--overwrite` does not apply to lists).
 * `<name>` is the file's stem, or stem + extension when an earlier input took the stem (`x.jpg`,
   `x.png` -> `x`, `x_png`), numbered if still taken: two inputs never share output names.
 * Every argument is checked before the model is loaded (exit code 2 with one line); a bad image
   (unreadable, too many pixels, no crop possible) is recorded with its reason and skipped (exit
   code 1 at the end); Ctrl-C stops after writing `crops.json` for the images done (exit 130; a
-  collection keeps its logs, and rerunning the command resumes).
+  list run keeps its log, and rerunning the command resumes).
 """
 
 from __future__ import annotations
@@ -72,27 +69,25 @@ import sys
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 import tqdm
 
+from clipcrop_jax import crop_output
 from clipcrop_jax import errors
 from clipcrop_jax import features
 from clipcrop_jax import fileio
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
-RANK_COLORS = ['#e6194b', '#f58231', '#ffe119', '#3cb44b', '#4363d8', '#911eb4']
 SUMMARY_FILE = 'crops.json'
 LOG_FILE = 'crops.jsonl'
-MANIFEST_FILE = 'collection.json'
-MANIFEST_FORMAT = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 GLOB_CHARS = set('*?[')
-
-
-def shard_log_name(index: int, count: int) -> str:
-  """The results log of process `index` of `count` in a collection folder."""
-  return f'results.{index}-of-{count}.jsonl'
+# Flags of the removed multi-process split: refused with a pointer to the Beam job.
+REMOVED_FLAGS = ('--process-index', '--process-count', '--distributed', '--coordinator-address',
+                 '--merge')
+BEAM_HINT = ('to crop a collection on more than one machine, run it on Apache Beam: python -m '
+             'clipcrop_jax.crop_beam (README "Cropping at scale"); one process already uses '
+             'every local accelerator')
 
 
 def list_images(path: pathlib.Path) -> list[pathlib.Path]:
@@ -166,8 +161,8 @@ def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
     if out_dir.exists() and out_dir.resolve() == folder.resolve():
       raise ValueError(f'--out {out_dir} is the input folder; write the crops elsewhere (e.g. '
                        f'--out {out_dir / "crops"})')
-  if (out_dir / MANIFEST_FILE).is_file():
-    raise ValueError(f'--out {out_dir} holds a collection ({MANIFEST_FILE}); resume it with its '
+  if _run_settings(_read_jsonl(out_dir / LOG_FILE)) is not None:
+    raise ValueError(f'--out {out_dir} holds a list run ({LOG_FILE}); resume it with its '
                      '--image-list command, or choose a new or empty folder')
   stale = []
   if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -184,33 +179,6 @@ def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
   except OSError as e:
     raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
   return stale
-
-
-def draw_crops(image: np.ndarray, crops) -> Image.Image:
-  """The image with the ranked crop boxes drawn (rank 1 thickest)."""
-  img = Image.fromarray(image).convert('RGB')
-  draw = ImageDraw.Draw(img)
-  base = max(2, round(max(img.size) / 250))
-  for rank, crop in reversed(list(enumerate(crops))):
-    color = RANK_COLORS[rank % len(RANK_COLORS)]
-    draw.rectangle(crop.box, outline=color, width=base + (2 if rank == 0 else 0))
-    draw.text((crop.box[0] + base + 2, crop.box[1] + base + 1), f'#{rank + 1} {crop.score:.2f}',
-              fill=color)
-  return img
-
-
-def pixel_box(box: Sequence[float], image_wh: tuple[int, int]) -> tuple[int, int, int, int]:
-  """Integer (x0, y0, x1, y1) of a crop box, inside the image, at least one pixel per side."""
-  w, h = image_wh
-  x0, y0 = (min(max(int(round(v)), 0), m - 1) for v, m in zip(box[:2], (w, h)))
-  x1, y1 = (min(max(int(round(v)), lo + 1), m) for v, lo, m in zip(box[2:], (x0, y0), (w, h)))
-  return x0, y0, x1, y1
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-  buf = io.BytesIO()
-  img.save(buf, format=fmt, **kwargs)
-  return buf.getvalue()
 
 
 def _no_crop_reason(crops, image_wh, args) -> Optional[str]:
@@ -274,11 +242,6 @@ def _absolute(path: Any) -> pathlib.Path:
   return pathlib.Path(os.path.normpath(os.path.abspath(path)))
 
 
-def shard_indices(num_items: int, index: int, count: int) -> range:
-  """The list positions process `index` of `count` crops: i % count == index."""
-  return range(index, num_items, count)
-
-
 def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
   """The JSON objects of a log; a torn or unreadable line (a killed writer) is skipped."""
   records = []
@@ -298,7 +261,7 @@ def _is_result(record: dict[str, Any]) -> bool:
 
 
 def _settings(args, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
-  """What a collection's processes must agree on (compared before any model is loaded)."""
+  """What a resumed list run must agree on (compared before any model is loaded)."""
   if args.checkpoint is not None:
     model = str(_absolute(args.checkpoint)) if os.path.exists(args.checkpoint) else args.checkpoint
   else:
@@ -312,108 +275,69 @@ def _settings(args, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
           'max_pixels': args.max_pixels}
 
 
-def _read_manifest(out_dir: pathlib.Path) -> Optional[dict[str, Any]]:
-  """The collection manifest of `out_dir`, None if there is none; ValueError if unreadable."""
-  path = out_dir / MANIFEST_FILE
-  if not path.is_file():
-    return None
-  try:
-    manifest = json.loads(path.read_text(encoding='utf-8'))
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: unreadable ({e})') from None
-  if not isinstance(manifest, dict) or manifest.get('format') != MANIFEST_FORMAT:
-    raise ValueError(f'{path}: not a collection manifest of format {MANIFEST_FORMAT}')
-  return manifest
+def _run_settings(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
+  """The settings of a list run's log (its `run` line), None for a folder run or no log."""
+  for record in records:
+    run = record.get('run')
+    if isinstance(run, dict):
+      return run.get('settings') if isinstance(run.get('settings'), dict) else None
+  return None
 
 
-def _check_same_collection(manifest: dict[str, Any], settings: dict[str, Any],
-                           process_count: int, out_dir: pathlib.Path) -> None:
-  """ValueError (one line, naming the first difference) unless `manifest` is this run's."""
-  theirs = dict(manifest.get('settings', {}), process_count=manifest.get('process_count'))
-  ours = dict(settings, process_count=process_count)
-  for key, value in ours.items():
-    if theirs.get(key) != value:
-      what = 'image list' if key in ('images', 'list_sha256') else key
-      raise ValueError(f'--out {out_dir} holds another collection run ({MANIFEST_FILE}: {what} '
-                       f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings to '
-                       'resume it, or choose a new folder')
+def prepare_list_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
+                     settings: dict[str, Any]) -> list[dict[str, Any]]:
+  """Checks `--out` of a list run before any model work; ValueError with one line otherwise.
 
-
-def prepare_collection_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
-                           settings: dict[str, Any], process_count: int) -> None:
-  """Checks `--out` of a collection run before any model work; ValueError with one line.
-
-  Allowed: a new or empty folder, or one holding the same collection (same list, settings and
-  process count). Never a folder an image of the list lies in.
+  Allowed: a new or empty folder, or one holding the same list run (same list and settings: it
+  is resumed). Never a folder an image of the list lies in. Returns the earlier run's log
+  records ([] for a new run).
   """
   if out_dir.exists() and not out_dir.is_dir():
     raise ValueError(f'--out {out_dir}: exists and is not a folder')
+  records: list[dict[str, Any]] = []
   if out_dir.is_dir():
     here = _absolute(out_dir)
     if any(p.parent == here for p in paths):
       raise ValueError(f'--out {out_dir} is an input folder (images of the list lie there); '
                        'write the crops elsewhere')
-    manifest = _read_manifest(out_dir)
-    if manifest is not None:
-      _check_same_collection(manifest, settings, process_count, out_dir)
+    records = _read_jsonl(out_dir / LOG_FILE)
+    theirs = _run_settings(records)
+    if theirs is not None:
+      for key, value in settings.items():
+        if theirs.get(key) != value:
+          what = 'image list' if key in ('images', 'list_sha256') else key
+          raise ValueError(f'--out {out_dir} holds another list run ({LOG_FILE}: {what} '
+                           f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings '
+                           'to resume it, or choose a new folder')
     elif any(out_dir.iterdir()):
-      raise ValueError(f'--out {out_dir} is not empty and holds no collection ({MANIFEST_FILE}); '
-                       'use a new or empty folder')
+      raise ValueError(f'--out {out_dir} is not empty and holds no list run ({LOG_FILE}); use a '
+                       'new or empty folder')
   try:
     fileio.make_writable_dir(out_dir)
   except OSError as e:
     raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
-
-
-def _publish_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> None:
-  """Creates `collection.json` unless a process was first; then it must be this collection."""
-  try:
-    fileio.create_new_bytes(out_dir / MANIFEST_FILE,
-                            json.dumps(manifest, indent=1).encode('utf-8'))
-  except FileExistsError:
-    _check_same_collection(_read_manifest(out_dir), manifest['settings'],
-                           manifest['process_count'], out_dir)
-
-
-def merge_collection(out_dir: pathlib.Path) -> tuple[int, int, int]:
-  """Writes `crops.json` of a collection when every image has a result line.
-
-  The summary lists every image exactly once, in list order (`results` and `failed`, as a
-  folder run's `crops.json`), with the manifest's settings; it is written atomically and its
-  content depends only on the logs, so processes merging at once write the same file.
-
-  Returns:
-    (images missing a result (nothing written unless 0), images cropped, images failed).
-  Raises:
-    ValueError: no (readable) collection in `out_dir`.
-  """
-  manifest = _read_manifest(out_dir)
-  if manifest is None:
-    raise ValueError(f'{out_dir}: holds no collection ({MANIFEST_FILE})')
-  images, count = manifest['images'], manifest['process_count']
-  by_index = {}
-  for k in range(count):
-    for record in _read_jsonl(out_dir / shard_log_name(k, count)):
-      i = record.get('index')
-      if (_is_result(record) and 0 <= i < len(images) and i % count == k
-          and record.get('image') == images[i][0]):
-        by_index.setdefault(i, record)
-  missing = len(images) - len(by_index)
-  ordered = [by_index[i] for i in sorted(by_index)]
-  results = [r for r in ordered if 'crops' in r]
-  failed = [r for r in ordered if 'crops' not in r]
-  if not missing:
-    summary = {**manifest['report'], 'images': len(images), 'process_count': count,
-               'results': results, 'failed': failed, 'interrupted': False}
-    fileio.atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
-  return missing, len(results), len(failed)
+  return records
 
 
 class _RunLog:
-  """`crops.jsonl`: created exclusively, one fsynced JSON line per record."""
+  """`crops.jsonl`: one fsynced JSON line per record, locked (`flock`) while open, so a second
+  process on the same folder is refused. `append` (a resumed list run) continues on a fresh line
+  after a torn last line (a writer killed mid-line); otherwise the log is created exclusively."""
 
-  def __init__(self, path: pathlib.Path):
-    self._f = open(path, 'x', encoding='utf-8')  # pylint: disable=consider-using-with
+  def __init__(self, path: pathlib.Path, append: bool = False):
+    self._f = open(path, 'a' if append else 'x', encoding='utf-8')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.close()
+      raise ValueError(f'{path}: another process is writing this run (locked)') from None
+    if append and path.stat().st_size:
+      with open(path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        torn = f.read(1) != b'\n'
+      if torn:
+        self._f.write('\n')
+        self._f.flush()
 
   def write(self, record: dict[str, Any]) -> None:
     self._f.write(json.dumps(record) + '\n')
@@ -424,39 +348,13 @@ class _RunLog:
     self._f.close()
 
 
-class _ShardLog(_RunLog):
-  """A collection process's `results.<k>-of-<n>.jsonl`: appended, fsynced, locked while open.
-
-  Opening it locks it (`flock`), so a second process for the same shard is refused; after a torn
-  last line (a writer killed mid-line) the log continues on a fresh line.
-  """
-
-  def __init__(self, path: pathlib.Path):  # pylint: disable=super-init-not-called
-    self._f = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._f.close()
-      raise ValueError(f'{path}: another process is writing this shard (locked); one process per '
-                       '--process-index') from None
-    self.records = _read_jsonl(path)
-    with open(path, 'rb') as f:
-      size = f.seek(0, os.SEEK_END)
-      if size:
-        f.seek(size - 1)
-      torn = size > 0 and f.read(1) != b'\n'
-    if torn:
-      self._f.write('\n')
-      self._f.flush()
-
-
-def _resume(log: _ShardLog, out_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
-  """The finished images of a shard log (index -> result line); the files announced for an
+def _resume(records: Sequence[dict[str, Any]], out_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
+  """The finished images of a list run's log (index -> result line); the files announced for an
   unfinished image (a `writing` line without a result: killed mid-image) are removed, with any
   temporary file of theirs, so the image can be redone."""
-  done = {r['index']: r for r in log.records if _is_result(r)}
+  done = {r['index']: r for r in records if _is_result(r)}
   announced = set()
-  for r in log.records:
+  for r in records:
     if 'writing' in r and r.get('index') not in done and isinstance(r['writing'], list):
       announced.update(f for f in r['writing'] if isinstance(f, str) and pathlib.Path(f).name == f)
   if announced:
@@ -465,24 +363,6 @@ def _resume(log: _ShardLog, out_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
       if path.name in announced or path.name.startswith(prefixes):
         path.unlink(missing_ok=True)
   return done
-
-
-def _process_slot(args) -> tuple[int, int]:
-  """(process index, process count) of a collection run: the flags, else JAX after
-  `--distributed` (or when `jax.distributed` is already initialised), else (0, 1)."""
-  if args.distributed:
-    import jax  # pylint: disable=g-import-not-at-top
-    kwargs = {}
-    if args.coordinator_address:  # else cluster auto-detection (SLURM, TPU pods, ...)
-      kwargs = dict(coordinator_address=args.coordinator_address,
-                    num_processes=args.process_count, process_id=args.process_index)
-    jax.distributed.initialize(**kwargs)
-    return jax.process_index(), jax.process_count()
-  if args.process_count is not None:
-    return args.process_index, args.process_count
-  if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
-    return sys.modules['jax'].process_index(), sys.modules['jax'].process_count()
-  return 0, 1
 
 
 # ------------------------------------------------------------------ the command line
@@ -498,15 +378,12 @@ def _parser() -> argparse.ArgumentParser:
                    'a Scenic release name (clip_vit_b32_b0203fc, scenic:NAME), downloaded once.')
   src.add_argument('--random-init', metavar='CONFIG',
                    help="Random weights ('tiny', or an OWL-ViT config name) for a demo.")
-  src.add_argument('--merge', metavar='DIR',
-                   help='Only write DIR/crops.json of a collection run (exit 1 if images are '
-                   'missing).')
   images = parser.add_mutually_exclusive_group()
   images.add_argument('--image', help='Image file or folder (default: a built-in picture).')
   images.add_argument('--image-list', metavar='FILE_OR_GLOB',
-                      help="A collection: a text file with one image path per line ('#' "
-                      "comments; relative to the file's folder) or a quoted glob ('**' "
-                      'recursive), split over processes and resumable.')
+                      help="A list: a text file with one image path per line ('#' comments; "
+                      "relative to the file's folder) or a quoted glob ('**' recursive); "
+                      'rerun the command to resume it.')
   query = parser.add_mutually_exclusive_group()
   query.add_argument('--text', help='What to crop to.')
   query.add_argument('--query-image', help='An example image to crop to.')
@@ -533,19 +410,9 @@ def _parser() -> argparse.ArgumentParser:
                       help='Image reading threads (default: min(8, CPU count)).')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='Compute dtype (parameters stay float32).')
-  parser.add_argument('--process-index', type=int, default=None,
-                      help='This process\'s index in a collection run (with --process-count).')
-  parser.add_argument('--process-count', type=int, default=None,
-                      help='Processes sharing a collection run; item i goes to process i %% count.')
-  parser.add_argument('--distributed', action='store_true',
-                      help='Start jax.distributed (cluster auto-detection, or '
-                      '--coordinator-address with the two flags above) and take the process '
-                      'index and count from it.')
-  parser.add_argument('--coordinator-address', default=None, metavar='HOST:PORT',
-                      help='jax.distributed coordinator (with --distributed).')
-  parser.add_argument('--out', default=None,
+  parser.add_argument('--out', required=True,
                       help='Output folder: new or empty (or an earlier run\'s, with --overwrite; '
-                      'or the same collection\'s, to resume it). Required unless --merge.')
+                      'or the same list run\'s, to resume it).')
   parser.add_argument('--overwrite', action='store_true',
                       help='Allow an --out that holds an earlier crop run; its outputs are '
                       'replaced, other files are never touched (not for --image-list).')
@@ -554,8 +421,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
-  if args.out is None:
-    raise ValueError('--out is required (unless --merge)')
   cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg.replace('_', '-'))
   for flag in ('max_pixels', 'batch_size', 'workers'):
@@ -570,32 +435,14 @@ def _check_args(args, cropper_lib, keywords) -> None:
     raise ValueError('--text is empty (only whitespace)')
   if args.mode == 'image' and args.query_image is None:
     raise ValueError("--mode image needs --query-image")
-  _check_process_args(args)
-
-
-def _check_process_args(args) -> None:
-  """The collection flags: only with --image-list, index and count together and consistent."""
-  given = [f for f in ('process_index', 'process_count', 'coordinator_address')
-           if getattr(args, f) is not None] + (['distributed'] if args.distributed else [])
-  if given and not args.image_list:
-    raise ValueError(f'--{given[0].replace("_", "-")} needs --image-list')
   if args.image_list and args.overwrite:
-    raise ValueError('--overwrite does not apply to --image-list: rerunning a collection resumes '
+    raise ValueError('--overwrite does not apply to --image-list: rerunning a list run resumes '
                      'it; to start over, use a new --out')
-  if (args.process_index is None) != (args.process_count is None):
-    raise ValueError('--process-index and --process-count go together')
-  if args.coordinator_address and (args.process_count is None or not args.distributed):
-    raise ValueError('--coordinator-address needs --distributed, --process-index and '
-                     '--process-count')
-  if args.process_count is not None:
-    if args.process_count < 1 or not 0 <= args.process_index < args.process_count:
-      raise ValueError(f'--process-index {args.process_index} / --process-count '
-                       f'{args.process_count}: expected 0 <= index < count')
 
 
 class _Job(NamedTuple):
   """One image of a run: what the reader gets, its label in the logs, its output name and the
-  extra keys of its log lines ({'index': i} in a collection)."""
+  extra keys of its log lines ({'index': i} in a list run)."""
 
   item: Optional[pathlib.Path]
   label: str
@@ -604,9 +451,12 @@ class _Job(NamedTuple):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  removed = [a.split('=')[0] for a in argv if a.split('=')[0] in REMOVED_FLAGS]
+  if removed:
+    print(f'error: {removed[0]} was removed: {BEAM_HINT}', file=sys.stderr)
+    return EXIT_USAGE
   args = _parser().parse_args(argv)
-  if args.merge is not None:
-    return _merge_main(pathlib.Path(args.merge))
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
@@ -616,9 +466,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kwargs = {} if args.max_pixels is None else {'max_pixels': args.max_pixels}
     return pp.load_image(path, **kwargs)
 
-  out_dir = pathlib.Path(args.out) if args.out is not None else None
-  out_is_new = out_dir is not None and not out_dir.exists()
-  collection = None
+  out_dir = pathlib.Path(args.out)
+  out_is_new = not out_dir.exists()
+  earlier = None  # a resumed list run's log records
   try:  # Everything that can be wrong with the arguments, before any model is loaded.
     _check_args(args, cropper_lib, keywords)
     if args.image_list:
@@ -634,9 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     query_image = load(args.query_image) if args.query_image else None
     if args.image_list:
       settings = _settings(args, paths)
-      index, count = _process_slot(args)
-      prepare_collection_dir(out_dir, paths, settings, count)
-      collection = (settings, index, count)
+      earlier = prepare_list_dir(out_dir, paths, settings)
       stale = []
     else:
       stale = prepare_out_dir(out_dir, input_dirs, args.overwrite)
@@ -671,9 +519,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   report = {'model': cropper.model_id, 'mode': mode, 'text': args.text,
             'query_image': args.query_image, 'aspect_ratio': args.aspect_ratio,
             'top_k': args.top_k, 'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k}
-  if collection is not None:
-    return _collection_main(cropper, checked, paths, names, report, collection, out_dir, args,
-                            prepare)
+  if earlier is not None:
+    return _list_main(cropper, checked, paths, names, report, settings, earlier, out_dir, args,
+                      prepare)
   report['names'] = {str(p) if p else '<demo>': n for p, n in zip(paths, names)}
   try:
     for path in stale:  # --overwrite: the earlier run's outputs only
@@ -699,54 +547,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 1 if failed else 0
 
 
-def _collection_main(cropper, checked, paths, names, report, collection, out_dir, args,
-                     prepare) -> int:
-  """Process k of n of a collection run: resume its shard, crop the rest, merge if complete."""
-  settings, index, count = collection
-  manifest = {'format': MANIFEST_FORMAT, 'settings': settings, 'process_count': count,
-              'report': report, 'images': [[str(p), n] for p, n in zip(paths, names)]}
+def _list_main(cropper, checked, paths, names, report, settings, earlier, out_dir, args,
+               prepare) -> int:
+  """A list run (new, or resumed from `earlier` log records): crop what is not done, then write
+  `crops.json` of the whole list once every image has a result."""
   try:
-    _publish_manifest(out_dir, manifest)
-    log = _ShardLog(out_dir / shard_log_name(index, count))
+    log = _RunLog(out_dir / LOG_FILE, append=bool(earlier))
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
   try:
-    done = _resume(log, out_dir)
+    if not earlier:
+      log.write({'run': {**report, 'settings': settings,
+                         'images': [[str(p), n] for p, n in zip(paths, names)]}})
+    done = _resume(earlier, out_dir)
     jobs = [_Job(paths[i], str(paths[i]), names[i], {'index': i})
-            for i in shard_indices(len(paths), index, count) if i not in done]
-    print(f'process {index} of {count}: {len(done)} image(s) done before, {len(jobs)} to do',
-          file=sys.stderr)
+            for i in range(len(paths)) if i not in done]
+    if done:
+      print(f'resuming: {len(done)} image(s) done before, {len(jobs)} to do', file=sys.stderr)
     results, failed, interrupted = _run(cropper, checked, jobs, out_dir, log, args, prepare)
   finally:
     log.close()
-  failed_in_shard = len(failed) + sum('error' in r for r in done.values())
+  by_index = {**done, **{r['index']: r for r in results + failed}}
+  ordered = [by_index[i] for i in sorted(by_index)]
+  summary = {**report, 'images': len(paths),
+             'results': [r for r in ordered if 'crops' in r],
+             'failed': [r for r in ordered if 'crops' not in r],
+             'interrupted': interrupted}
+  fileio.atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
   if interrupted:
-    print(f'interrupted: process {index} of {count} cropped {len(results)} image(s) and left '
-          f'{len(jobs) - len(results) - len(failed)}; rerun the same command to resume',
-          file=sys.stderr)
+    print(f'interrupted: {len(by_index)} of {len(paths)} image(s) done; rerun the same command '
+          f'to resume', file=sys.stderr)
     return EXIT_INTERRUPTED
-  missing, _, _ = merge_collection(out_dir)
-  print(f'process {index} of {count}: {len(results)} image(s) cropped, {len(failed)} failed; '
-        + (f'{missing} image(s) of other processes not done yet (the last process to finish, '
-           f'or --merge {out_dir}, writes {SUMMARY_FILE})' if missing
-           else f'collection complete; wrote {out_dir / SUMMARY_FILE}'))
-  return 1 if failed_in_shard else 0
-
-
-def _merge_main(out_dir: pathlib.Path) -> int:
-  """`--merge DIR`: exit 0 (complete), 1 (images failed or missing), 2 (no collection)."""
-  try:
-    missing, cropped, failed = merge_collection(out_dir)
-  except (ValueError, OSError) as e:
-    print(f'error: --merge {e}', file=sys.stderr)
-    return EXIT_USAGE
-  if missing:
-    print(f'error: {missing} image(s) of the collection have no result yet (a process has not '
-          f'finished); {SUMMARY_FILE} not written', file=sys.stderr)
-    return 1
-  print(f'{cropped} image(s) cropped, {failed} failed; wrote {out_dir / SUMMARY_FILE}')
-  return 1 if failed else 0
+  print(f'{len(summary["results"])} image(s) cropped, {len(summary["failed"])} failed; wrote '
+        f'{out_dir / SUMMARY_FILE}')
+  return 1 if summary['failed'] else 0
 
 
 # ------------------------------------------------------------------ cropping and writing
@@ -824,25 +659,16 @@ def _write_image(result, job: _Job, out_dir: pathlib.Path, log, args) -> dict[st
   reason = _no_crop_reason(crops, (w, h), args)
   if reason:
     raise ValueError(reason)
-  files = [f'{job.name}_crop{i}.jpg' for i in range(len(crops))] + [f'{job.name}_overlay.png']
+  outputs = crop_output.crop_files(image, [c.box for c in crops], [c.score for c in crops],
+                                   job.name)
+  files = [file for file, _ in outputs]
   log.write({**job.key, 'image': job.label, 'writing': files})  # known before they exist
-  for crop, file in zip(crops, files):
-    x0, y0, x1, y1 = pixel_box(crop.box, (w, h))
-    fileio.create_new_bytes(out_dir / file,
-                            _encode(Image.fromarray(image[y0:y1, x0:x1]), 'JPEG', quality=95))
-  fileio.create_new_bytes(out_dir / files[-1], _encode(draw_crops(image, crops), 'PNG'))
+  for file, data in outputs:
+    fileio.create_new_bytes(out_dir / file, data)
   return {**job.key, 'image': job.label, 'name': job.name,
           'image_size_wh': [int(w), int(h)],
-          'crops': [{'rank': i + 1, 'box_xyxy': list(c.box), 'score': _finite(c.score),
-                     'aspect_ratio': c.aspect_ratio, 'focal_point': list(c.focal_point),
-                     'fused': c.fused, 'queries': [q.to_json() for q in c.queries]}
-                    for i, c in enumerate(crops)],
+          'crops': [crop_output.crop_json(c, rank) for rank, c in enumerate(crops, 1)],
           'files': files}
-
-
-def _finite(value: float) -> Optional[float]:
-  """JSON has no NaN: a non-finite score is written as null."""
-  return value if math.isfinite(value) else None
 
 
 if __name__ == '__main__':

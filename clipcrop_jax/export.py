@@ -108,24 +108,21 @@ def save_model(directory: PathLike, config: model_lib.ClipCropConfig, params: An
   return directory
 
 
-def load_model(path: PathLike) -> ExportedModel:
-  """Reads a model directory, or the one a training workdir exported (`<path>/clipcrop`).
+def load_config(path: PathLike) -> model_lib.ClipCropConfig:
+  """The `ClipCropConfig` of a model directory (or of the one a training workdir exported),
+  without reading its parameters. Raises as `load_model`."""
+  config, _, _ = _read_meta(pathlib.Path(path))
+  return config
 
-  Returns:
-    the `ExportedModel` (parameters as jnp arrays, shapes checked against the config).
 
-  Raises:
-    FileNotFoundError: `path` is neither.
-    ValueError: (one line naming the file) invalid JSON, a bad config field, a format newer than
-      this code's, a missing / corrupt / mis-shaped parameter file.
-  """
-  path = pathlib.Path(path)
+def _read_meta(path: pathlib.Path) -> tuple[model_lib.ClipCropConfig, dict[str, Any], pathlib.Path]:
+  """(config, meta, model directory) of a model directory or a training workdir."""
   if is_model_dir(path / EXPORT_DIR):
     path = path / EXPORT_DIR
   if not is_model_dir(path):
     raise FileNotFoundError(f'{path}: neither a ClipCrop model directory ({CONFIG_FILE}) nor a '
                             f'training workdir with {EXPORT_DIR}/')
-  config_path, params_path = path / CONFIG_FILE, path / PARAMS_FILE
+  config_path = path / CONFIG_FILE
   try:
     meta = json.loads(config_path.read_text())
   except (ValueError, UnicodeDecodeError) as e:
@@ -137,7 +134,23 @@ def load_model(path: PathLike) -> ExportedModel:
       'selection_union' not in meta['config']):
     raise ValueError(f'{config_path}: no "config.selection_union" entry (required by format '
                      f'{version})')
-  config = model_lib.ClipCropConfig.from_dict(meta['config'], str(config_path))
+  return model_lib.ClipCropConfig.from_dict(meta['config'], str(config_path)), meta, path
+
+
+def load_model(path: PathLike) -> ExportedModel:
+  """Reads a model directory, or the one a training workdir exported (`<path>/clipcrop`).
+
+  Returns:
+    the `ExportedModel` (parameters as jnp arrays, shapes checked against the config).
+
+  Raises:
+    FileNotFoundError: `path` is neither.
+    ValueError: (one line naming the file) invalid JSON, a bad config field, a format newer than
+      this code's, a missing / corrupt / mis-shaped parameter file.
+  """
+  config, meta, path = _read_meta(pathlib.Path(path))
+  config_path, params_path = path / CONFIG_FILE, path / PARAMS_FILE
+  version = _format_version(meta, config_path)
   pipeline = _keyword_pipeline(meta, version, config_path)
   if not params_path.is_file():
     raise ValueError(f'{params_path}: missing (ClipCrop checkpoint without parameters)')

@@ -59,6 +59,9 @@ RULES = [
     Rule(r'^python -m clipcrop_jax\.serve ', SERVE),
     Rule(r'^curl ', WITH_SERVER),
     Rule(r'^python tools/export_tf\.py ', RUN),
+    Rule(r'^python -m clipcrop_jax\.crop_beam .*--runner DataflowRunner', NOT_RUN,
+         'needs a Google Cloud project; the same pipeline runs locally on the lines above'),
+    Rule(r'^python -m clipcrop_jax\.crop_beam ', RUN),
     Rule(r'^python -m clipcrop_jax\.build_dataset ', RUN),
     Rule(r'^python -m clipcrop_jax\.detection_train ', RUN),
     Rule(r'^python tools/convert_checkpoint\.py --input clip_vit_b32_b0203fc ', NOT_RUN,
@@ -236,6 +239,9 @@ def user_files(tmp_path_factory, synthetic_tiny_dir) -> pathlib.Path:
   hf.mkdir()
   safetensors.numpy.save_file(ck.scenic_to_hf_state_dict(variables), str(hf / 'model.safetensors'))
   (hf / 'config.json').write_text(json.dumps(ck.hf_config_dict(configs.get_config('tiny'))))
+  (root / 'requests.jsonl').write_text(
+      '{"image": "photos/a.jpg", "text": "the dog"}\n'
+      '{"image": "photos/more/c.jpg", "text": "a cat on a sofa"}\n')
   _gaic_journal(root / 'RAW')
   (root / 'DATA').mkdir()
   (root / 'DATA' / 'synthetic_crops').symlink_to(synthetic_tiny_dir / 'synthetic_crops')

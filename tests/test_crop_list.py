@@ -1,8 +1,8 @@
-"""Cropping a collection across processes (`python -m clipcrop_jax.crop --image-list`).
+"""Cropping a list of images, resumably (`python -m clipcrop_jax.crop --image-list`).
 
-List parsing and splitting, the shard logs (torn lines, unfinished images), the manifest that
-refuses other settings, the merge; and two real processes on ~40 tiny images, one SIGKILLed
-mid-way and restarted, whose merged result equals a single-process run.
+List parsing, the run log (torn lines, unfinished images, the settings that refuse another run),
+the removed multi-process flags (they point to the Beam job); and a real process on ~40 tiny
+images, SIGKILLed mid-way and rerun, whose result equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -110,20 +110,13 @@ def test_glob_is_recursive_and_sorted(tmp_path):
     crop_cli.read_image_list(str(tmp_path / '*.webp'))
 
 
-def test_split_gives_every_item_to_exactly_one_process():
-  for n, count in [(40, 2), (7, 3), (2, 4)]:
-    shards = [list(crop_cli.shard_indices(n, k, count)) for k in range(count)]
-    assert sorted(i for s in shards for i in s) == list(range(n))
-    assert all(i % count == k for k, s in enumerate(shards) for i in s)
-
-
-# ---------------------------------------------------------------- logs, manifest, merge
+# ---------------------------------------------------------------- the log, resuming
 
 
 def test_torn_line_and_unfinished_image_are_redone(tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
-  log_path = out / crop_cli.shard_log_name(0, 2)
+  log_path = out / crop_cli.LOG_FILE
   done = {'index': 0, 'image': '/p/a.jpg', 'name': 'a', 'error': 'corrupt'}
   log_path.write_text(json.dumps(done) + '\n' +
                       json.dumps({'index': 2, 'image': '/p/c.jpg',
@@ -132,17 +125,18 @@ def test_torn_line_and_unfinished_image_are_redone(tmp_path):
   (out / 'c_crop0.jpg').write_bytes(b'partial')
   (out / f'{fileio.TMP_PREFIX}c_overlay.png.x1y2').write_bytes(b'half')
   (out / 'other_crop0.jpg').write_bytes(b'not announced')
-  log = crop_cli._ShardLog(log_path)
-  assert crop_cli._resume(log, out) == {0: done}
-  assert sorted(p.name for p in out.iterdir()) == ['other_crop0.jpg', log_path.name]
+  records = crop_cli._read_jsonl(log_path)
+  assert crop_cli._resume(records, out) == {0: done}
+  assert sorted(p.name for p in out.iterdir()) == [log_path.name, 'other_crop0.jpg']
+  log = crop_cli._RunLog(log_path, append=True)
   log.write({'index': 2, 'image': '/p/c.jpg', 'name': 'c', 'error': 'again'})
   log.close()
   text = log_path.read_text().splitlines()
   assert text[2] == '{"index": 4, "image": "/p/e.jpg", "na' and json.loads(text[3])['index'] == 2
-  # One process per shard: a second writer is refused while the first holds the log.
-  first = crop_cli._ShardLog(log_path)
-  with pytest.raises(ValueError, match='another process is writing this shard'):
-    crop_cli._ShardLog(log_path)
+  # One process per run: a second writer is refused while the first holds the log.
+  first = crop_cli._RunLog(log_path, append=True)
+  with pytest.raises(ValueError, match='another process is writing this run'):
+    crop_cli._RunLog(log_path, append=True)
   first.close()
 
 
@@ -154,18 +148,19 @@ def test_other_settings_are_refused_and_a_rerun_does_nothing_twice(cli, tmp_path
   summary = _summary(out)
   assert [r['index'] for r in summary['results']] == [0, 1, 2, 4]
   assert [f['index'] for f in summary['failed']] == [3]
-  log = out / crop_cli.shard_log_name(0, 1)
+  assert summary['images'] == 5 and summary['interrupted'] is False
+  log = out / crop_cli.LOG_FILE
   before = {p.name: p.read_bytes() for p in out.iterdir()}
   capsys.readouterr()
-  for other in (['--top-k', '2'], ['--process-index', '0', '--process-count', '2'],
-                ['--aspect-ratio', '1:1'], ['--dtype', 'bfloat16']):
+  for other in (['--top-k', '2'], ['--aspect-ratio', '1:1'], ['--dtype', 'bfloat16']):
     assert cli('--image-list', listed, '--out', out, *other) == 2, other
     err = capsys.readouterr().err.strip()
-    assert err.startswith('error: --out') and 'another collection run' in err and '\n' not in err
+    assert err.startswith('error: --out') and 'another list run' in err and '\n' not in err
   assert cli('--image-list', tmp_path / 'photos' / '*' / '*.png', '--out', out) == 2
   assert 'image list' in capsys.readouterr().err
   assert cli('--image-list', listed, '--out', out, '--overwrite') == 2
   assert cli('--image', images[0], '--out', out, '--overwrite') == 2  # not a folder run's
+  assert 'holds a list run' in capsys.readouterr().err
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
   # The same command again: every image has its result line, nothing is done twice.
   assert cli('--image-list', listed, '--out', out) == 1
@@ -173,49 +168,38 @@ def test_other_settings_are_refused_and_a_rerun_does_nothing_twice(cli, tmp_path
   assert _summary(out) == summary
 
 
-def test_merge_needs_every_shard(cli, tmp_path, capsys):
-  images = _photos(tmp_path / 'photos', 5)
-  listed = _list_file(tmp_path / 'list.txt', images)
-  out = tmp_path / 'out'
-  assert cli('--image-list', listed, '--out', out, '--process-index', 1,
-             '--process-count', 2) == 0
-  assert not (out / crop_cli.SUMMARY_FILE).exists()
-  capsys.readouterr()
-  assert crop_cli.main(['--merge', str(out)]) == 1
-  assert '3 image(s) of the collection have no result' in capsys.readouterr().err
-  assert not (out / crop_cli.SUMMARY_FILE).exists()
-  assert cli('--image-list', listed, '--out', out, '--process-index', 0,
-             '--process-count', 2) == 0  # the last shard merges
-  summary = _summary(out)
-  assert [r['index'] for r in summary['results']] == list(range(5))
-  assert [r['image'] for r in summary['results']] == list(map(str, images))
-  (out / crop_cli.SUMMARY_FILE).unlink()
-  assert crop_cli.main(['--merge', str(out)]) == 0 and _summary(out) == summary
-  assert crop_cli.main(['--merge', str(tmp_path)]) == 2  # no collection there
+@pytest.mark.parametrize('flag', ['--process-index', '--process-count', '--distributed',
+                                  '--coordinator-address', '--merge'])
+def test_removed_multi_process_flags_point_to_beam(tmp_path, capsys, monkeypatch, flag):
+  monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random',
+                      classmethod(lambda *a, **kw: pytest.fail('model loaded')))
+  argv = ['--random-init', 'tiny', '--text', TEXT, '--out', str(tmp_path / 'o'), flag]
+  if flag != '--distributed':
+    argv.append('1')
+  assert crop_cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f'error: {flag} was removed') and 'clipcrop_jax.crop_beam' in err
+  assert '\n' not in err and not (tmp_path / 'o').exists()
 
 
-def test_collection_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypatch):
+def test_list_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random',
                       classmethod(lambda *a, **kw: pytest.fail('model loaded')))
   images = _photos(tmp_path / 'photos', 2)
   listed = _list_file(tmp_path / 'list.txt', images)
   base = ['--random-init', 'tiny', '--text', TEXT, '--image-list', str(listed)]
   bad = [['--out', str(images[0].parent)],  # an input folder
-         ['--out', str(tmp_path)],  # not empty, no collection
-         ['--out', str(tmp_path / 'o'), '--process-index', '2', '--process-count', '2'],
-         ['--out', str(tmp_path / 'o'), '--process-index', '0'],
-         ['--out', str(tmp_path / 'o'), '--batch-size', '0']]
+         ['--out', str(tmp_path)],  # not empty, no list run
+         ['--out', str(tmp_path / 'o'), '--batch-size', '0'],
+         ['--out', str(tmp_path / 'o'), '--overwrite']]
   for extra in bad:
     assert crop_cli.main(base + extra) == 2, extra
     err = capsys.readouterr().err.strip()
     assert err.startswith('error:') and '\n' not in err, err
-  assert crop_cli.main(['--random-init', 'tiny', '--image', str(images[0]), '--out',
-                        str(tmp_path / 'o'), '--process-count', '2', '--process-index', '0']) == 2
-  assert '--process-index needs --image-list' in capsys.readouterr().err
   assert not (tmp_path / 'o').exists()
 
 
-# ---------------------------------------------------------------- two processes and a SIGKILL
+# ---------------------------------------------------------------- a SIGKILL and a rerun
 
 _SLOW_WRITES = textwrap.dedent('''
     import sys, time
@@ -230,40 +214,39 @@ _SLOW_WRITES = textwrap.dedent('''
 ''')
 
 
-def _process(k: int, listed: pathlib.Path, out: pathlib.Path, script=None):
+def _process(listed: pathlib.Path, out: pathlib.Path, script=None):
   argv = ['--random-init', 'tiny', '--keyword-pipeline', 'rules', '--text', TEXT,
-          '--image-list', str(listed), '--out', str(out), '--batch-size', '4',
-          '--process-index', str(k), '--process-count', '2']
+          '--image-list', str(listed), '--out', str(out), '--batch-size', '4']
   command = ['-c', script] if script else ['-m', 'clipcrop_jax.crop']
   return subprocess.Popen([sys.executable, *command, *argv], cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # ~80 s on a loaded 2-core CPU: three JAX processes
-def test_two_processes_one_killed_and_restarted_equal_one_process(cli, tmp_path):
+@pytest.mark.slow  # two JAX processes
+def test_killed_and_rerun_equals_one_uninterrupted_run(cli, tmp_path):
   images = _photos(tmp_path / 'photos', 40, corrupt={5, 18, 31})
   images.append(tmp_path / 'photos' / 'gone.jpg')  # listed, missing: fails as an image
   listed = _list_file(tmp_path / 'list.txt', images)
-  single, multi = tmp_path / 'single', tmp_path / 'multi'
+  single, resumed = tmp_path / 'single', tmp_path / 'resumed'
   assert cli('--image-list', listed, '--out', single, '--batch-size', 8) == 1
   expected = _summary(single)
   assert len(expected['results']) == 37 and len(expected['failed']) == 4
 
-  victim, other = _process(0, listed, multi, _SLOW_WRITES), _process(1, listed, multi)
-  log0 = multi / crop_cli.shard_log_name(0, 2)
+  victim = _process(listed, resumed, _SLOW_WRITES)
+  log = resumed / crop_cli.LOG_FILE
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and victim.poll() is None:
-    if log0.is_file() and sum('name' in l for l in log0.read_text().splitlines()) >= 3:
+    if log.is_file() and sum('name' in l for l in log.read_text().splitlines()) >= 5:
       victim.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)
   assert victim.wait(60) == -signal.SIGKILL, victim.stderr.read()[-2000:]
-  assert other.wait(240) == 1, other.stderr.read()[-2000:]  # its shard holds corrupt files
-  assert not (multi / crop_cli.SUMMARY_FILE).exists()  # shard 0 is incomplete
-  restarted = _process(0, listed, multi)
-  assert restarted.wait(240) in (0, 1), restarted.stderr.read()[-2000:]
-  merged = _summary(multi)
+  assert not (resumed / crop_cli.SUMMARY_FILE).exists()
+  again = _process(listed, resumed)
+  assert again.wait(240) == 1, again.stderr.read()[-2000:]  # the corrupt and missing files
+  assert 'resuming:' in again.stderr.read()
+  merged = _summary(resumed)
 
   # Same images, names, errors and files; boxes and scores equal up to float32 rounding of
   # different batch compositions (measured on tiny, batch 1 vs 4 vs 8: boxes identical, scores
@@ -277,11 +260,9 @@ def test_two_processes_one_killed_and_restarted_equal_one_process(cli, tmp_path)
     for a, b in zip(got['crops'], want['crops']):
       np.testing.assert_allclose(a['box_xyxy'], b['box_xyxy'], atol=1e-3)
       np.testing.assert_allclose(a['score'], b['score'], atol=1e-5)
-  # Every image exactly once across the logs; every file exactly once, no orphans.
-  logs = [multi / crop_cli.shard_log_name(k, 2) for k in range(2)]
-  results = [l['index'] for log in logs for l in crop_cli._read_jsonl(log) if 'name' in l]
+  # Every image has exactly one result line; every file exists once, no orphans.
+  results = [l['index'] for l in crop_cli._read_jsonl(log) if 'name' in l]
   assert sorted(results) == list(range(len(images)))
   made = {f for r in merged['results'] for f in r['files']}
   assert sum(len(r['files']) for r in merged['results']) == len(made)
-  assert {p.name for p in multi.iterdir()} == made | {
-      crop_cli.MANIFEST_FILE, crop_cli.SUMMARY_FILE, *(log.name for log in logs)}
+  assert {p.name for p in resumed.iterdir()} == made | {crop_cli.SUMMARY_FILE, log.name}
