@@ -398,20 +398,35 @@ def _failed_batch_lines(failed: tuple[Sequence[tuple[str, Any]], Any]) -> Iterat
     yield json.dumps({'image': uri, 'stage': 'inference', 'error': reason})
 
 
+def _result_images(readable: Any) -> Iterator[str]:
+  """The image URIs of a results file (`ReadMatches` element); unreadable lines skipped."""
+  with readable.open() as f:
+    for line in io.TextIOWrapper(f, encoding='utf-8', errors='replace'):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and isinstance(record.get('image'), str):
+        yield record['image']
+
+
 def done_images(output: str) -> set[str]:
   """The image URIs an earlier run of `output` has result lines for (torn lines skipped)."""
   pattern = FileSystems.join(output, RESULTS_DIR, '*.jsonl')
   done = set()
   for match in FileSystems.match([pattern])[0].metadata_list:
-    with FileSystems.open(match.path, compression_type='uncompressed') as f:
-      for line in io.TextIOWrapper(f, encoding='utf-8', errors='replace'):
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and isinstance(record.get('image'), str):
-          done.add(record['image'])
+    done.update(_result_images(_Readable(match.path)))
   return done
+
+
+class _Readable:
+  """A path with `open()` like `fileio.ReadableFile`."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def open(self):
+    return FileSystems.open(self.path, compression_type='uncompressed')
 
 
 def default_run_id() -> str:
@@ -433,7 +448,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, handler: ClipCropModelHandler, ou
     output: the output folder (any Beam file system).
     input_glob / input_jsonl: the images (a glob, with `text` / `query_image` for all) or a
       JSONL of requests; exactly one.
-    skip_done: crop only the images no earlier run of `output` has a result line for.
+    skip_done: crop only the images no earlier run of `output` has a result line for (an
+      anti-join on the URI inside the pipeline, so any number of earlier results works).
     run_id: names this run's result and dead-letter shards (default: `default_run_id()`).
   """
   if (input_glob is None) == (input_jsonl is None):
@@ -449,14 +465,20 @@ def build_pipeline(pipeline: beam.Pipeline, *, handler: ClipCropModelHandler, ou
     lines = pipeline | 'ReadRequests' >> beam.io.ReadFromText(input_jsonl)
     requests, bad_requests = (
         lines | 'ParseRequests' >> beam.Map(parse_request_line).with_exception_handling())
-  if skip_done:
-    done = done_images(output)  # read when the pipeline is built: the earlier runs' results
-    logging.info('clipcrop: --skip_done: %d image(s) already have results in %s', len(done),
-                 output)
-    requests = requests | 'SkipDone' >> beam.Filter(lambda r: r.image not in done)
-  keyed = (requests
-           | 'Key' >> beam.Map(lambda r: (r.image, r))
-           | 'Spread' >> beam.Reshuffle())
+  keyed = requests | 'Key' >> beam.Map(lambda r: (r.image, r))
+  if skip_done:  # an anti-join on the URI with the earlier runs' results (scales like the input)
+    done = (pipeline
+            | 'MatchDone' >> apache_beam.io.fileio.MatchFiles(
+                FileSystems.join(output, RESULTS_DIR, '*.jsonl'),
+                empty_match_treatment=apache_beam.io.fileio.EmptyMatchTreatment.ALLOW)
+            | 'OpenDone' >> apache_beam.io.fileio.ReadMatches()
+            | 'DoneImages' >> beam.FlatMap(_result_images)
+            | 'KeyDone' >> beam.Map(lambda uri: (uri, None)))
+    keyed = ({'request': keyed, 'done': done}
+             | 'JoinDone' >> beam.CoGroupByKey()
+             | 'SkipDone' >> beam.FlatMap(
+                 lambda kv: [] if kv[1]['done'] else [(kv[0], r) for r in kv[1]['request']]))
+  keyed = keyed | 'Spread' >> beam.Reshuffle()
   examples, bad_reads = keyed | 'Read' >> beam.ParDo(
       ReadImage(handler.settings)).with_exception_handling()
   predictions, failed = examples | 'Crop' >> RunInference(

@@ -307,7 +307,7 @@ def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RES
               ) -> dict[str, Any]:
   """Mean / std over seeds of every row and metric, and for ClipCrop (full) against every other
   row the paired bootstrap 95 % interval of the IoU-Mean difference (`metrics.
-  paired_bootstrap_ci`: per-example differences pooled over seeds, the two captions of an image
+  paired_bootstrap_ci`: per-example differences pooled over seeds, the captions of an image
   resampled together)."""
   rows = [r for r in ROW_ORDER if all(r in s['rows'] for s in per_seed)]
   mean, std = {}, {}
@@ -513,7 +513,7 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
     lines += ['', '## ClipCrop (full) against every other row', '',
               f'IoU-Mean difference, full minus row, with a paired bootstrap 95 % interval '
               f'({BOOTSTRAP_RESAMPLES} resamples; the {pooled} per-example differences pooled '
-              'over seeds, the two captions of an image resampled together). A claim is made '
+              'over seeds, the captions of an image resampled together). A claim is made '
               'only where the interval excludes 0.', '',
               '| row | full − row | 95 % interval |', '|---|---:|---:|']
     for r, iv in agg['intervals'].items():

@@ -163,7 +163,9 @@ def test_a_transient_failure_is_retried_with_no_duplicates(photos, tmp_path):
 def test_skip_done_after_a_partial_run_crops_exactly_the_rest(photos, tmp_path):
   out = tmp_path / 'out'
   first = [{'image': str(p), 'text': 'a red square'} for p in photos[:2]]
-  _run(out, input_jsonl=str(_requests(tmp_path / 'a.jsonl', first)), run_id='first')
+  # --skip_done with no earlier results: everything is to do.
+  _run(out, input_jsonl=str(_requests(tmp_path / 'a.jsonl', first)), skip_done=True,
+       run_id='first')
   every = [{'image': str(p), 'text': 'a red square'} for p in photos]
   _run(out, input_jsonl=str(_requests(tmp_path / 'b.jsonl', every)), skip_done=True,
        run_id='second')
