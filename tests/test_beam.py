@@ -78,13 +78,22 @@ def _assert_same_crops(got: list[dict], want: list) -> None:
                                                              for q in w.queries]
 
 
-def test_results_equal_the_api_with_per_image_texts_and_files_once(photos, cropper, tmp_path):
+@pytest.fixture(scope='module')
+def per_image_texts(photos, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """(requests JSONL with a text per image, the output of one in-process run over it)."""
+  tmp = tmp_path_factory.mktemp('per_image_texts')
   items = [{'image': str(p), 'text': TEXTS[i % 3]} for i, p in enumerate(photos)]
-  _run(tmp_path / 'out', input_jsonl=str(_requests(tmp_path / 'r.jsonl', items)),
-       run_id='one')
-  results = {r['image']: r for r in _lines(tmp_path / 'out', cb.RESULTS_DIR)}
+  requests = _requests(tmp / 'r.jsonl', items)
+  _run(tmp / 'out', input_jsonl=str(requests), run_id='one')
+  return requests, tmp / 'out'
+
+
+def test_results_equal_the_api_with_per_image_texts_and_files_once(photos, cropper,
+                                                                   per_image_texts):
+  _, out = per_image_texts
+  results = {r['image']: r for r in _lines(out, cb.RESULTS_DIR)}
   assert sorted(results) == sorted(map(str, photos))
-  assert _lines(tmp_path / 'out', cb.DEAD_LETTERS_DIR) == []
+  assert _lines(out, cb.DEAD_LETTERS_DIR) == []
   for i, path in enumerate(photos):
     r = results[str(path)]
     assert r['text'] == TEXTS[i % 3] and r['model'] == cropper.model_id
@@ -97,7 +106,7 @@ def test_results_equal_the_api_with_per_image_texts_and_files_once(photos, cropp
     with Image.open(r['files'][0]) as crop:  # the crop's pixels, from the full image
       x0, y0, x1, y1 = (round(v) for v in r['crops'][0]['box_xyxy'])
       assert crop.size == (x1 - x0, y1 - y0)
-  files = sorted(pathlib.Path(tmp_path / 'out' / cb.CROPS_DIR).iterdir())
+  files = sorted(pathlib.Path(out / cb.CROPS_DIR).iterdir())
   assert [f.name for f in files] == sorted(pathlib.Path(f).name for r in results.values()
                                            for f in r['files'])  # no temporary files left
 
@@ -176,12 +185,11 @@ def test_skip_done_after_a_partial_run_crops_exactly_the_rest(photos, tmp_path):
 
 
 @pytest.mark.slow  # two SDK worker processes, each loading JAX and the model
-def test_two_worker_processes_give_the_results_of_one(photos, tmp_path):
-  glob_input = str(photos[0].parent / '*')
-  _run(tmp_path / 'one', input_glob=glob_input, text='a red square')
-  _run(tmp_path / 'two', input_glob=glob_input, text='a red square',
+def test_two_worker_processes_give_the_results_of_one(photos, per_image_texts, tmp_path):
+  requests, one_worker = per_image_texts
+  _run(tmp_path / 'two', input_jsonl=str(requests),
        options=['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
-  one = {r['image']: r for r in _lines(tmp_path / 'one', cb.RESULTS_DIR)}
+  one = {r['image']: r for r in _lines(one_worker, cb.RESULTS_DIR)}
   two = {r['image']: r for r in _lines(tmp_path / 'two', cb.RESULTS_DIR)}
   assert sorted(one) == sorted(two) == sorted(map(str, photos))
   for image, r in one.items():
