@@ -1,18 +1,20 @@
-"""Every command line the README shows, run as written in a clean child process.
+"""Every command line the documentation shows (README.md and docs/*.md), run as written in a
+clean child process.
 
-The README's shell blocks are read from the file (so a changed or new command is tested as it is
+The shell blocks are read from the files (so a changed or new command is tested as it is
 written); each command is matched by the first rule of `RULES` that fits it, which says how it is
 covered: run here, covered by a named test elsewhere, `--help` only (benchmarks: measurements of
 minutes), or not run for a stated reason. A command no rule fits fails
-`test_every_readme_command_has_a_rule`.
+`test_every_documented_command_has_a_rule`.
 
-Commands run in a user's folder holding files of the names the README uses (`photo.jpg`,
+Commands run in a user's folder holding files of the names the documentation uses (`photo.jpg`,
 `MODEL_DIR`, `owl2_b16.msgpack`, `RAW`, `DATA`, ...: tiny models and random images) with `tools`,
-`configs` and `datasets` linked from the repository, one folder per README block, the block's
-commands in order, in a clean child process (`clean_process`: empty HOME and caches, no project or
-`HF_*` variables). An optional `[...]` group is left out. A service is started, asked by the
-block's `curl` lines once `/readyz` answers, and stopped; its port is a free one instead of the
-README's 8000 / 8080.
+`configs` and `datasets` linked from the repository, one folder per file and block, the block's
+commands in order (and a file's blocks in order), in a clean child process (`clean_process`: empty
+HOME and caches, no project or `HF_*` variables). An optional `[...]` group is left out. A service
+is started, asked by the block's `curl` lines once `/readyz` answers, and stopped; its port is a
+free one instead of the documented 8000 / 8080. A block identical to an earlier one (the README's
+quick starts repeat blocks of the docs pages) is run once, where it first appears.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import clean_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / 'README.md'
+# README first, then the docs pages in name order.
+DOC_FILES = [README] + sorted((REPO / 'docs').glob('*.md'))
 
 RUN, SERVE, WITH_SERVER, HELP, ELSEWHERE, NOT_RUN = (
     'run', 'serve', 'with_server', 'help', 'elsewhere', 'not_run')
@@ -76,6 +80,7 @@ RULES = [
          'needs the GAIC / Horanyi-PR data and the B/32 release; every config file is loaded '
          'and validated by tests/test_configs.py'),
     Rule(r'^python tools/benchmark_\w+\.py', HELP),
+    Rule(r'^python tools/keyword_roles\.py ', HELP),  # reads GAIC's released caption files
     Rule(r'^(OUT=\S+ |GPU_CHECK_TINY=1 )?bash tools/gpu_check\.sh', NOT_RUN,
          'the GPU check: minutes on a lent GPU machine (its CPU dry run takes minutes too)'),
     Rule(r'^tfds build ', NOT_RUN,
@@ -98,17 +103,22 @@ PY_RULES = [
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  line: int     # README line where the command starts
+  line: int     # line of its file where the command starts
   text: str     # continuations joined, trailing comment removed
   rule: Rule
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
+  file: str     # relative to the repository: README.md, docs/<page>.md
   line: int
   language: str
   body: str
   commands: tuple[Command, ...]
+
+  @property
+  def where(self) -> str:
+    return f'{self.file} line {self.line}'
 
 
 def _rule(text: str, rules: list[Rule]) -> Optional[Rule]:
@@ -129,8 +139,10 @@ def _strip_comment(line: str) -> str:
   return ''.join(out).strip()
 
 
-def readme_blocks() -> list[Block]:
-  text = README.read_text()
+def readme_blocks(path: pathlib.Path = README) -> list[Block]:
+  """The fenced code blocks of one Markdown file, with their shell commands."""
+  text = path.read_text()
+  name = path.relative_to(REPO).as_posix()
   blocks = []
   for m in re.finditer(r'^```(\w*)\n(.*?)^```', text, re.S | re.M):
     start = text[:m.start()].count('\n') + 2
@@ -149,8 +161,13 @@ def readme_blocks() -> list[Block]:
         if command:
           commands.append(Command(first, command, _rule(command, RULES)))
         pending, first = '', None
-    blocks.append(Block(start, language, body, tuple(commands)))
+    blocks.append(Block(name, start, language, body, tuple(commands)))
   return blocks
+
+
+def doc_blocks() -> list[Block]:
+  """The code blocks of README.md and of every docs page, file by file, in order."""
+  return [b for path in DOC_FILES for b in readme_blocks(path)]
 
 
 def _without_optional(text: str) -> str:
@@ -158,16 +175,18 @@ def _without_optional(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Coverage of the README.
+# Coverage of the documentation.
 # ------------------------------------------------------------------------------------------------
 
 
-def test_every_readme_command_has_a_rule():
-  blocks = readme_blocks()
-  missing = [f'README line {c.line}: {c.text}' for b in blocks for c in b.commands if not c.rule]
+def test_every_documented_command_has_a_rule():
+  blocks = doc_blocks()
+  assert {b.file for b in blocks} >= {'README.md', 'docs/cropping.md'}  # docs pages are read
+  missing = [f'{b.file} line {c.line}: {c.text}' for b in blocks for c in b.commands
+             if not c.rule]
   assert not missing, 'add a rule (how is this command tested?):\n' + '\n'.join(missing)
   python = [b for b in blocks if b.language == 'python']
-  missing = [f'README line {b.line}: {b.body.splitlines()[0]}' for b in python
+  missing = [f'{b.where}: {b.body.splitlines()[0]}' for b in python
              if not _rule(b.body.splitlines()[0], PY_RULES)]
   assert not missing, 'add a PY_RULE for this python block:\n' + '\n'.join(missing)
   kinds = {c.rule.kind for b in blocks for c in b.commands}
@@ -175,17 +194,55 @@ def test_every_readme_command_has_a_rule():
 
 
 def test_every_rule_is_used_and_every_elsewhere_test_exists():
-  blocks = readme_blocks()
+  blocks = doc_blocks()
   used = {id(c.rule) for b in blocks for c in b.commands}
   used |= {id(_rule(b.body.splitlines()[0], PY_RULES)) for b in blocks if b.language == 'python'}
   unused = [r.pattern for r in RULES + PY_RULES if id(r) not in used]
-  assert not unused, f'rules no README command uses (remove them): {unused}'
+  assert not unused, f'rules no documented command uses (remove them): {unused}'
   for rule in RULES:
     if rule.kind == ELSEWHERE:
       file, _, name = rule.why.partition('::')
       assert re.search(rf'^def {re.escape(name)}\(', (REPO / file).read_text(), re.M), rule.why
     if rule.kind == NOT_RUN:
       assert rule.why, rule.pattern
+
+
+def test_readme_opens_with_the_two_commands_and_stays_short():
+  """The README is the door: the install-and-run and install-and-test lines first, unchanged,
+  and at most 250 lines; the rest lives in docs/."""
+  text = README.read_text()
+  assert text.startswith(
+      '```\n'
+      'pip install -e ".[train]" && python -m clipcrop_jax.main --config=configs/synthetic.py '
+      '--workdir=synthetic_run\n'
+      'pip install -e ".[test]" && python -m pytest -q\n'
+      '```\n')
+  assert len(text.splitlines()) <= 250
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's anchor of a Markdown heading."""
+  heading = re.sub(r'[^\w\- ]', '', heading.strip().lower().replace('`', ''))
+  return heading.replace(' ', '-')
+
+
+def test_relative_links_of_the_documentation_resolve():
+  """Every relative link (and #anchor) of README.md and docs/*.md points at something."""
+  broken = []
+  for path in DOC_FILES:
+    text = re.sub(r'^```.*?^```', '', path.read_text(), flags=re.S | re.M)
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+      if re.match(r'[a-z]+:', target):
+        continue
+      file, _, anchor = target.partition('#')
+      linked = (path.parent / file).resolve() if file else path
+      if not linked.exists():
+        broken.append(f'{path.relative_to(REPO)}: {target}')
+      elif anchor and linked.suffix == '.md':
+        headings = re.findall(r'^#+ (.+)$', linked.read_text(), re.M)
+        if anchor not in {_anchor(h) for h in headings}:
+          broken.append(f'{path.relative_to(REPO)}: {target} (no such heading)')
+  assert not broken, '\n'.join(broken)
 
 
 def test_readme_parser():
@@ -195,7 +252,7 @@ def test_readme_parser():
 
 
 # ------------------------------------------------------------------------------------------------
-# A user's folder with the README's file names.
+# A user's folder with the file names the documentation uses.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -219,7 +276,7 @@ def _gaic_journal(manual: pathlib.Path) -> None:
 
 @pytest.fixture(scope='module')
 def user_files(tmp_path_factory, synthetic_tiny_dir) -> pathlib.Path:
-  """Inputs under the README's names: images, a tiny ClipCrop model directory, a tiny OWL-ViT as
+  """Inputs under the documented names: images, a tiny ClipCrop model directory, a tiny OWL-ViT as
   a Scenic msgpack and as a Hugging Face folder, GAIC's raw layout, TFDS data."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import ClipCropper  # pylint: disable=g-import-not-at-top
@@ -250,7 +307,7 @@ def user_files(tmp_path_factory, synthetic_tiny_dir) -> pathlib.Path:
 
 def _folder(user_files: pathlib.Path, where: pathlib.Path) -> pathlib.Path:
   """A fresh folder whose entries link to the user's files (DATA is a real folder: builds write
-  into it), plus `tools`, `configs`, `datasets` from the repository and the README's aliases."""
+  into it), plus `tools`, `configs`, `datasets` from the repository and the documented aliases."""
   where.mkdir()
   for entry in user_files.iterdir():
     if entry.name == 'DATA':
@@ -261,8 +318,11 @@ def _folder(user_files: pathlib.Path, where: pathlib.Path) -> pathlib.Path:
       (where / entry.name).symlink_to(entry)
   for name in ('tools', 'configs', 'datasets'):
     (where / name).symlink_to(REPO / name)
-  aliases = {'MODEL_DIR_OR_OWL_CHECKPOINT': 'MODEL_DIR', 'owl2-b16.msgpack': 'owl2_b16.msgpack'}
+  aliases = {'MODEL_DIR_OR_OWL_CHECKPOINT': 'MODEL_DIR', 'owl2-b16.msgpack': 'owl2_b16.msgpack',
+             # the embedded default's ClipCrop (full) model (README quick start)
+             'synthetic_run/clipcrop_full_subject/clipcrop': 'MODEL_DIR'}
   for alias, target in aliases.items():
+    (where / alias).parent.mkdir(parents=True, exist_ok=True)
     (where / alias).symlink_to(user_files / target)
   (where / 'runs').mkdir()
   (where / 'runs' / 'gaic').symlink_to(user_files / 'MODEL_DIR')
@@ -281,7 +341,7 @@ def _free_port() -> int:
 
 
 def _expand(text: str) -> list[list[str]]:
-  """The argv lists a README line stands for: `[...]` dropped; a line using `$k` (one per
+  """The argv lists a documented line stands for: `[...]` dropped; a line using `$k` (one per
   process k) once per k = 0 .. --process-count - 1."""
   argv = shlex.split(_without_optional(text))
   if '$k' not in argv:
@@ -332,7 +392,7 @@ def _run_serve(command: Command, curls: list[Command], env, cwd) -> None:
         break
       time.sleep(0.5)
     log.seek(0)
-    assert ready, f'README line {command.line}: {command.text}: not ready\n{log.read()[-4000:]}'
+    assert ready, f'line {command.line}: {command.text}: not ready\n{log.read()[-4000:]}'
     for curl in curls:
       text = _without_optional(curl.text).replace('127.0.0.1:8000', f'127.0.0.1:{port}')
       argv_curl = shlex.split(text) + ['--silent', '--show-error', '--write-out',
@@ -340,7 +400,7 @@ def _run_serve(command: Command, curls: list[Command], env, cwd) -> None:
       result = clean_process.run(argv_curl, env=env, cwd=cwd, timeout=120)
       assert result.returncode == 0, clean_process.describe(result)
       *body, code = result.stdout.rsplit('\n', 1)
-      assert code == '200', f'README line {curl.line}: HTTP {code}: {body}'
+      assert code == '200', f'line {curl.line}: HTTP {code}: {body}'
       if '-o' in argv_curl:
         with Image.open(cwd / argv_curl[argv_curl.index('-o') + 1]) as image:
           assert image.format == 'JPEG'
@@ -361,22 +421,36 @@ def _run_serve(command: Command, curls: list[Command], env, cwd) -> None:
 
 
 def _runnable_blocks() -> list[Block]:
+  """The blocks with something to run, README first, then the docs pages, each file in order;
+  a block identical to an earlier runnable block (same language and text) is left out: it was
+  run where it first appears."""
   runnable = (RUN, SERVE, HELP)
-  out = []
-  for block in readme_blocks():
+  out, seen = [], set()
+  for block in doc_blocks():
     if block.language == 'python':
       rule = _rule(block.body.splitlines()[0], PY_RULES)
-      if rule is not None and rule.kind == RUN:
-        out.append(block)
-    elif any(c.rule is not None and c.rule.kind in runnable for c in block.commands):
+      if rule is None or rule.kind != RUN:
+        continue
+    elif not any(c.rule is not None and c.rule.kind in runnable for c in block.commands):
+      continue
+    if (block.language, block.body) not in seen:
+      seen.add((block.language, block.body))
       out.append(block)
   return out
 
 
+def test_repeated_blocks_are_run_once():
+  """The README's quick starts repeat blocks of the docs pages word for word; those run once."""
+  runnable = _runnable_blocks()
+  assert len({(b.language, b.body) for b in runnable}) == len(runnable)
+  assert {b.file for b in runnable} > {'README.md'}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('block', _runnable_blocks(), ids=lambda b: f'README-line-{b.line}')
+@pytest.mark.parametrize('block', _runnable_blocks(),
+                         ids=lambda b: f'{b.file}-line-{b.line}'.replace('/', '-'))
 def test_readme_block_runs_as_written(block, user_files, tmp_path):
-  cwd = _folder(user_files, tmp_path / 'user')
+  cwd = _folder(user_files, tmp_path / 'user')  # one folder per file and block
   env = clean_process.clean_env(tmp_path / 'home')
   if block.language == 'python':
     result = clean_process.run(['python', '-c', block.body], env=env, cwd=cwd)
@@ -392,13 +466,13 @@ def test_readme_block_runs_as_written(block, user_files, tmp_path):
       argv = shlex.split(command.text)
       script = argv[:2] if argv[1] != '-m' else argv[:3]
       result = clean_process.run(script + ['--help'], env=env, cwd=cwd)
-      assert result.returncode == 0, f'README line {command.line}\n' + clean_process.describe(result)
+      assert result.returncode == 0, f'{block.where}, line {command.line}\n' + clean_process.describe(result)
     elif kind == RUN:
       for argv in _expand(command.text):
         for value in _outputs(argv):  # the user has no such file yet: this command makes it
           if (cwd / value).is_symlink():
             (cwd / value).unlink()
         result = clean_process.run(argv, env=env, cwd=cwd, timeout=400)
-        assert result.returncode == 0, (f'README line {command.line}: {" ".join(argv)}\n' +
+        assert result.returncode == 0, (f'{block.file} line {command.line}: {" ".join(argv)}\n' +
                                         clean_process.describe(result))
         _check_outputs(argv, cwd)
