@@ -72,9 +72,10 @@ import numpy as np
 import tqdm
 
 from clipcrop_jax import crop_output
+from clipcrop_jax import default_config
 from clipcrop_jax import errors
-from clipcrop_jax import features
-from clipcrop_jax import fileio
+from clipcrop_jax.data import features
+from clipcrop_jax.owlvit import fileio
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 SUMMARY_FILE = 'crops.json'
@@ -408,7 +409,7 @@ def _parser() -> argparse.ArgumentParser:
                       help='Images per forward (default: the cropper\'s: 1 on CPU, 8 on GPU/TPU).')
   parser.add_argument('--workers', type=int, default=None,
                       help='Image reading threads (default: min(8, CPU count)).')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+  parser.add_argument('--dtype', default='float32', choices=default_config.DTYPES,
                       help='Compute dtype (parameters stay float32).')
   parser.add_argument('--out', required=True,
                       help='Output folder: new or empty (or an earlier run\'s, with --overwrite; '
@@ -421,11 +422,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
-  cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
+  from clipcrop_jax import crop_request  # pylint: disable=g-import-not-at-top
+  crop_request.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg.replace('_', '-'))
   for flag in ('max_pixels', 'batch_size', 'workers'):
     if getattr(args, flag) is not None:
-      cropper_lib.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
+      crop_request.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
   if args.keyword_pipeline is not None:
     try:
       keywords.check_pipeline(args.keyword_pipeline)

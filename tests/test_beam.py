@@ -199,7 +199,7 @@ def test_two_worker_processes_give_the_results_of_one(photos, per_image_texts, t
 
 
 def test_request_lines_and_names():
-  assert cb.parse_request_line('{"image": "gs://b/x.jpg", "text": "a dog"}') == cb.CropRequest(
+  assert cb.parse_request_line('{"image": "gs://b/x.jpg", "text": "a dog"}') == cb.ImageRequest(
       'gs://b/x.jpg', 'a dog')
   for bad, match in (('{"image": 3}', 'needs "image"'), ('[1]', 'needs "image"'),
                      ('{"image": "a", "text": "x", "query_image": "b"}', 'not both'),

@@ -21,8 +21,9 @@ import ml_collections
 import pytest
 
 from clipcrop_jax import config_lib
+from clipcrop_jax import config_validation
 from clipcrop_jax import default_config
-from clipcrop_jax import sweep as sweep_lib
+from clipcrop_jax.experiments import sweeps as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
@@ -483,7 +484,7 @@ def _task(config):
 @pytest.mark.parametrize('path,arg', _cases())
 def test_every_config_file_validates(path, arg, tmp_path):
   config = load_config(path, arg)
-  default_config.validate_config(config, str(tmp_path / 'new' / 'workdir'), task=_task(config))
+  config_validation.validate_config(config, str(tmp_path / 'new' / 'workdir'), task=_task(config))
 
 
 def _tiny():
@@ -535,8 +536,8 @@ def test_validate_config_names_the_bad_field(field, value, expected):
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(config)
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(config)
   message = str(err.value)
   assert '\n' not in message and message.startswith('invalid config: ')
   assert expected in message
@@ -545,25 +546,25 @@ def test_validate_config_names_the_bad_field(field, value, expected):
 def test_validate_config_lists_every_problem_and_checks_detection():
   config = _tiny()
   config.batch_size, config.log_every_steps = -2, 0
-  with pytest.raises(default_config.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
-    default_config.validate_config(config)
+  with pytest.raises(config_validation.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
+    config_validation.validate_config(config)
   det = default_config.get_detection_config()
-  default_config.validate_config(det, task='detection')
+  config_validation.validate_config(det, task='detection')
   det.loss.focal_alpha, det.dataset.label_templates = 1.5, ('a cat',)
-  with pytest.raises(default_config.ConfigError,
+  with pytest.raises(config_validation.ConfigError,
                      match=r'label_templates=.*; loss.focal_alpha=1.5'):
-    default_config.validate_config(det, task='detection')
+    config_validation.validate_config(det, task='detection')
   synthetic = load_config(CONFIG_DIR / 'synthetic.py')
   synthetic.pipeline.owlvit.batch_size = 0
-  with pytest.raises(default_config.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
-    default_config.validate_config(synthetic)
+  with pytest.raises(config_validation.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
+    config_validation.validate_config(synthetic)
 
 
 def test_validate_config_synthetic_pipeline_uses_one_dataset():
   synthetic = load_config(CONFIG_DIR / 'synthetic.py', 'quick')
   synthetic.dataset.name = 'synthetic_crops/default'
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(synthetic)
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(synthetic)
   assert str(err.value) == (
       "invalid config: pipeline.owlvit.dataset.name='synthetic_crops/small': expected the same "
       "as dataset.name='synthetic_crops/default'; eval.datasets=(('synthetic_crops/small', "
@@ -575,32 +576,32 @@ def test_validate_config_names_retired_fields():
   """Configs of older versions: `mode` (now `run`) and the embedded default's `quick`."""
   config = _tiny().to_dict()
   config['mode'] = config.pop('run')
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(ml_collections.ConfigDict(config))
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(ml_collections.ConfigDict(config))
   assert str(err.value) == ('invalid config: config.mode was renamed to config.run (train | eval '
                             '| train_and_eval | synthetic_pipeline)')
   config = load_config(CONFIG_DIR / 'synthetic.py').to_dict()
   config['quick'] = True
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(ml_collections.ConfigDict(config))
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(ml_collections.ConfigDict(config))
   assert str(err.value) == ('invalid config: config.quick was replaced by the config argument: '
                             '--config=configs/synthetic.py:quick')
 
 
 def test_validate_config_workdir(tmp_path):
   config = _tiny()
-  default_config.validate_config(config, str(tmp_path))  # exists
-  default_config.validate_config(config, str(tmp_path / 'a' / 'b'))  # creatable
+  config_validation.validate_config(config, str(tmp_path))  # exists
+  config_validation.validate_config(config, str(tmp_path / 'a' / 'b'))  # creatable
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(default_config.ConfigError, match='exists and is not a directory'):
-    default_config.validate_config(config, str(tmp_path / 'file'))
-  with pytest.raises(default_config.ConfigError, match='cannot be created, .*file is a file'):
-    default_config.validate_config(config, str(tmp_path / 'file' / 'sub'))
+  with pytest.raises(config_validation.ConfigError, match='exists and is not a directory'):
+    config_validation.validate_config(config, str(tmp_path / 'file'))
+  with pytest.raises(config_validation.ConfigError, match='cannot be created, .*file is a file'):
+    config_validation.validate_config(config, str(tmp_path / 'file' / 'sub'))
   if os.geteuid() != 0:  # root may write anywhere
     locked = tmp_path / 'locked'
     locked.mkdir(mode=0o500)
-    with pytest.raises(default_config.ConfigError, match='is not writable'):
-      default_config.validate_config(config, str(locked / 'run'))
+    with pytest.raises(config_validation.ConfigError, match='is not writable'):
+      config_validation.validate_config(config, str(locked / 'run'))
 
 
 @pytest.mark.parametrize('override,expected', [
@@ -623,14 +624,14 @@ def test_flag_error_message_names_the_field(override, expected):
                                   sys_argv=argv)
   with pytest.raises(Exception) as err:  # pylint: disable=broad-except
     fv(argv)
-  message = default_config.flag_error_message(err.value, argv, fv)
+  message = config_validation.flag_error_message(err.value, argv, fv)
   assert '\n' not in message and message.startswith(expected), message
 
 
 def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
   assert default_config.MATCHING_SOLVERS == matching.SOLVERS
   from clipcrop_jax import model  # pylint: disable=g-import-not-at-top

@@ -22,7 +22,7 @@ from PIL import Image
 
 from clipcrop_jax import crop as crop_cli
 from clipcrop_jax import cropper as cropper_lib
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import keywords
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -203,7 +203,8 @@ def test_list_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypat
 
 _SLOW_WRITES = textwrap.dedent('''
     import sys, time
-    from clipcrop_jax import crop, fileio
+    from clipcrop_jax import crop
+    from clipcrop_jax.owlvit import fileio
     real = fileio.create_new_bytes
     def slow(path, data):  # slow disk: the test can kill this process mid-image
       made = real(path, data)

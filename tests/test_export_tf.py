@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import owlvit

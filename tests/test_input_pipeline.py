@@ -7,8 +7,8 @@ import pytest
 
 tf = pytest.importorskip('tensorflow')
 
-from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],

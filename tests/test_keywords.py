@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from clipcrop_jax import features
+from clipcrop_jax.data import features
 from clipcrop_jax import keywords as kw
 
 BOGUS_PIPELINE = "clipcrop_jax_no_such_spacy_pipeline"

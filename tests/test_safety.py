@@ -24,7 +24,7 @@ from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import crop as crop_cli
 from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import export
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import configs as owl_configs
@@ -111,7 +111,8 @@ def test_replace_directory_keeps_old_contents_on_error(tmp_path):
 _SAVE_SCRIPT = textwrap.dedent('''
     import os, pathlib, signal, sys
     import numpy as np
-    from clipcrop_jax import cropper as cropper_lib, fileio, model as model_lib
+    from clipcrop_jax import cropper as cropper_lib, model as model_lib
+    from clipcrop_jax.owlvit import fileio
     target, kill_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
     current = cropper_lib.ClipCropper.load(target).config
     config = current.replace(num_queries=current.num_queries + 1)  # other config, other shapes

@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax.owlvit import checkpoints
 
 

@@ -53,7 +53,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from absl import logging
 import tqdm
 
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax.owlvit import checkpoint_files
 
 PathLike = Union[str, os.PathLike]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features
+from clipcrop_jax.data import formats as data_formats
+from clipcrop_jax.data import features
 
 _CITATION = r"""
 @article{horanyi2022repurposing,

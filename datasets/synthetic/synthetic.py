@@ -22,8 +22,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import features as F
-from clipcrop_jax import synthetic as S
+from clipcrop_jax.data import features as F
+from clipcrop_jax.data import synthetic as S
 
 OBJECTS = 'objects'
 OBJECT_BBOX = 'bbox'

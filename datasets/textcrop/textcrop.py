@@ -15,8 +15,8 @@ from __future__ import annotations
 from absl import logging
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features
+from clipcrop_jax.data import formats as data_formats
+from clipcrop_jax.data import features
 
 _CITATION = r"""
 @inproceedings{zhong2023clipcrop,

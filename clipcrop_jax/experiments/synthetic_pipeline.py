@@ -47,11 +47,11 @@ import numpy as np
 
 from clipcrop_jax import evaluate
 from clipcrop_jax import export
-from clipcrop_jax import fileio
-from clipcrop_jax import input_pipeline
+from clipcrop_jax.owlvit import fileio
+from clipcrop_jax.data import input_pipeline
 from clipcrop_jax import metrics as metrics_lib
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import train_lib
+from clipcrop_jax.training import clipcrop_task
 
 REPORT_FILE = 'report.md'
 BOOTSTRAP_RESAMPLES = 10000
@@ -102,7 +102,7 @@ def ensure_dataset(name: str, data_dir: str) -> None:
 
 def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[str, dict]:
   """Trains the detector; returns (checkpoint path, grounding results on val and ambiguity)."""
-  from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
   det = ml_collections.ConfigDict(c.pipeline.owlvit.to_dict())
   det.seed = c.seed
@@ -111,12 +111,12 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
   out = workdir / 'owlvit'
   ckpt = out / 'owlvit_checkpoint.msgpack'
   if not ckpt.is_file():
-    detection_train.train_detection(det, str(out))
+    detection_task.train_detection(det, str(out))
   module, variables = owl_ckpt.load_checkpoint(ckpt, det.model.owlvit)
   builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
   grounding = {}
   for split in ('validation', 'ambiguity'):
-    grounding[split] = detection_train.evaluate_grounding(
+    grounding[split] = detection_task.evaluate_grounding(
         module, variables, builder, split, batch_size=det.eval.batch_size,
         max_objects=det.dataset.max_objects, max_labels=det.dataset.max_labels,
         label_key=det.dataset.label_key)
@@ -163,7 +163,7 @@ def train_full_candidates(c: ml_collections.ConfigDict, workdir: pathlib.Path, o
     folder = variant_dir(c, 'full', union)
     logging.info('Training ClipCrop-full (selection_union=%s) for %d steps', union,
                  v.num_train_steps)
-    out[union] = (v, train_lib.train(v, str(workdir / folder)), folder)
+    out[union] = (v, clipcrop_task.train(v, str(workdir / folder)), folder)
   return out
 
 
@@ -175,7 +175,7 @@ def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_c
     v = variant_config(c, mode, owlvit_ckpt, selection_union)
     logging.info('Training ClipCrop-%s for %d steps', mode, v.num_train_steps)
     folder = variant_dir(c, mode, selection_union)
-    out[mode] = (v, train_lib.train(v, str(workdir / folder)), folder)
+    out[mode] = (v, clipcrop_task.train(v, str(workdir / folder)), folder)
   return out
 
 

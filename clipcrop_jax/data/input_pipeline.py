@@ -64,7 +64,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from clipcrop_jax import features as F
+from clipcrop_jax.data import features as F
 from clipcrop_jax import keywords
 
 PAD_VALUE = 0.5

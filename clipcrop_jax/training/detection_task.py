@@ -32,9 +32,9 @@ Training runs on the task-agnostic core (`trainer.train`: sharded set-up, resume
 checkpoints, logs; `DetectionTask` supplies the data, loss, init and export). Outputs in the
 workdir: config.json, metrics.jsonl (+ TensorBoard), Orbax checkpoints (resumed automatically
 from the newest step that restores; unusable newer steps are moved to checkpoints_unusable/, as
-`trainer.restore_latest` describes), and at the end
+`checkpointing.restore_latest` describes), and at the end
 `owlvit_checkpoint.msgpack`, a Scenic checkpoint that `clipcrop_jax.owlvit.load_checkpoint` reads.
-The config is checked first (`default_config.validate_config(config, workdir, task='detection')`);
+The config is checked first (`config_validation.validate_config(config, workdir, task='detection')`);
 the command line prints a bad flag or config as one `error:` line (exit code 2) and an
 `errors.RunError` as one line (exit code 1).
 
@@ -70,12 +70,12 @@ import numpy as np
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import default_config
-from clipcrop_jax import features as F
-from clipcrop_jax import fileio
-from clipcrop_jax import losses
-from clipcrop_jax import matching
+from clipcrop_jax.data import features as F
+from clipcrop_jax.owlvit import fileio
+from clipcrop_jax.training import losses
+from clipcrop_jax.training import matching
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import trainer
+from clipcrop_jax.training import trainer
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import tokenizer as owl_tokenizer
 
@@ -148,7 +148,7 @@ def preprocess_example(example: dict[str, Any], *, image_size: int, max_objects:
   when that is non-empty (`choose_phrase_labels`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   image = tf.image.convert_image_dtype(ip.decode_image(example[F.IMAGE]), tf.float32)
   objects = example[F.OBJECTS]
   boxes = ip.yxyx_to_xyxy(tf.reshape(tf.cast(objects[F.OBJECT_BBOX], tf.float32), (-1, 4)))
@@ -265,7 +265,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh,
                         start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
   """Global training batches (`features.DETECTION_TRAIN_KEYS`, sharded on 'data') after
   `start_step` batches (`trainer.data_position`: replay or reseed)."""
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   d = config.dataset
   per_process = sharding_lib.process_batch_size(config.batch_size)
   seed, skip = trainer.data_position(config, start_step)
@@ -439,27 +439,3 @@ def evaluate_grounding(module, variables: Any, builder, split: str, *, batch_siz
   mean = lambda x: float(np.mean(x)) if x else float('nan')
   return {'accuracy': mean(hits), 'chance': mean(chance), 'mean_top_iou': mean(top_iou),
           'num_objects': float(len(hits)), 'num_images': float(images)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line.
-# ------------------------------------------------------------------------------------------------
-
-
-def main(argv) -> None:
-  """The command line: one `error:` line for a bad config (exit 2) or a `RunError` (exit 1)."""
-  if len(argv) > 1:
-    default_config.usage_exit(f'unexpected arguments {argv[1:]}')
-  config, workdir = default_config.config_or_exit(_CONFIG), _WORKDIR.value
-  trainer.run_command(config, workdir, lambda: train_detection(config, workdir),
-                      task=DetectionTask.name)
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and the export go here.')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=default_config.parse_flags)

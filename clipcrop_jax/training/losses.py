@@ -48,11 +48,12 @@ import optax
 import optax.losses
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import matching
+from clipcrop_jax import default_config
+from clipcrop_jax.training import matching
 
 LOSS_NAMES = ('loss_l1', 'loss_giou', 'loss_quality')
-QUALITY_LOSSES = ('smooth_l1', 'pairwise', 'listwise')
-QUALITY_TARGETS = ('matched', 'iou', 'top_iou')
+QUALITY_LOSSES = default_config.QUALITY_LOSSES
+QUALITY_TARGETS = default_config.QUALITY_TARGETS
 # A pair (i, j) of the pairwise loss needs target_i > target_j + PAIRWISE_MARGIN: targets are
 # normalised scores (0.05 = 0.2 on GAIC's 1..5 scale), so nearly tied crops, whose order is mostly
 # annotation noise, are not forced apart.

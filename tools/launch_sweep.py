@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clipcrop_jax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clipcrop_jax.experiments import sweeps as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def launch(cmds: list[tuple[str, list[str]]], workdir_root: str, parallel: int,
