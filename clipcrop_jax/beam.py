@@ -185,14 +185,13 @@ class ClipCropModelHandler(ModelHandler):
     for key, value in self._env_vars.items():
       os.environ.setdefault(key, value)
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-    from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
     s = self.settings
     kwargs = dict(dtype=s.dtype, batch_size=self.batch_size)
     if s.max_pixels is not None:
       kwargs['max_pixels'] = s.max_pixels
     if s.random_init is not None:
       return cropper_lib.ClipCropper.init_random(
-          s.random_init, keyword_pipeline=s.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          s.random_init, keyword_pipeline=s.keyword_pipeline,
           **kwargs)
     return cropper_lib.ClipCropper.load(s.checkpoint, keyword_pipeline=s.keyword_pipeline,
                                         **kwargs)

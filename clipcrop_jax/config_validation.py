@@ -162,7 +162,8 @@ def _check_common(c: _Checks, training: bool, data_dir_must_exist: bool) -> None
               f'an integer in [0, {n})')
   c.check('checkpoint.every_steps', _int_at_least(1), 'an integer >= 1')
   c.check('checkpoint.keep', _int_at_least(1), 'an integer >= 1')
-  c.check('checkpoint.data_resume', lambda v: v in default_config.DATA_RESUME, f'one of {default_config.DATA_RESUME}')
+  c.check('checkpoint.data_resume', lambda v: v in default_config.DATA_RESUME,
+          f'one of {default_config.DATA_RESUME}')
   c.check('log_every_steps', _int_at_least(1), 'an integer >= 1')
   c.check('dataset.name', _nonempty_str, "a prepared TFDS dataset name such as 'gaic/journal'")
   c.check('dataset.train_split', _nonempty_str, 'a split name')
@@ -245,14 +246,16 @@ def _check_clipcrop(c: _Checks) -> None:
   c.check('loss.quality_pointwise_weight', _number_at_least(0), 'a finite number >= 0')
   c.check('loss.quality_temperature', lambda v: _is_number(v) and v > 0, 'a number > 0')
   c.check('loss.quality_top_k', _int_at_least(1), 'an integer >= 1')
-  c.check('loss.matching_solver', lambda v: v in default_config.MATCHING_SOLVERS, f'one of {default_config.MATCHING_SOLVERS}')
+  c.check('loss.matching_solver', lambda v: v in default_config.MATCHING_SOLVERS,
+          f'one of {default_config.MATCHING_SOLVERS}')
   needs_eval = run in ('eval', 'train_and_eval')
   c.check('eval.datasets', lambda v: _dataset_pairs(v) and (len(v) > 0 or not needs_eval),
           '(tfds name, split) pairs' + (f', at least one for run={run!r}' if needs_eval else ''))
   c.check('eval.batch_size', _int_at_least(1), 'an integer >= 1')
   c.check('eval.every_steps', _is_int, 'an integer (<= 0: only at the end)')
   c.check('eval.max_examples', _is_int, 'an integer (<= 0: all)')
-  c.check('eval.baselines', lambda v: all(b in default_config.BASELINES for b in v) and not isinstance(v, str),
+  c.check('eval.baselines',
+          lambda v: all(b in default_config.BASELINES for b in v) and not isinstance(v, str),
           f'names from {default_config.BASELINES}')
   c.existing_path('eval.base_workdir', 'dir')
   if pipeline:
@@ -268,8 +271,8 @@ def _check_pipeline(c: _Checks) -> None:
               _int_at_least(1)(k) for k in v), 'a non-empty tuple of integers >= 1')
   c.check('pipeline.selection_union_choices',
           lambda v: not isinstance(v, str) and len(v) > 0 and len(set(v)) == len(v) and all(
-              u in default_config.SELECTION_UNIONS for u in v), f'a non-empty tuple of distinct names from '
-          f'{default_config.SELECTION_UNIONS}')
+              u in default_config.SELECTION_UNIONS for u in v),
+          f'a non-empty tuple of distinct names from {default_config.SELECTION_UNIONS}')
   c.check('pipeline.validation_split', _nonempty_str, 'a split name (e.g. ambiguity_validation)')
   c.check('pipeline.validation_split',
           lambda v: all(v != entry[1] for entry in (c.get('eval.datasets') or ())),
@@ -308,7 +311,8 @@ def _check_detection(c: _Checks, data_dir_must_exist: bool = True) -> None:
   for name in ('focal_gamma', 'cost_class', 'cost_l1', 'cost_giou', 'weight_class', 'weight_l1',
                'weight_giou'):
     c.check(f'loss.{name}', _number_at_least(0), 'a finite number >= 0')
-  c.check('loss.matching_solver', lambda v: v in default_config.MATCHING_SOLVERS, f'one of {default_config.MATCHING_SOLVERS}')
+  c.check('loss.matching_solver', lambda v: v in default_config.MATCHING_SOLVERS,
+          f'one of {default_config.MATCHING_SOLVERS}')
   c.check('eval.split', lambda v: isinstance(v, str), "a split name ('' = no evaluation)")
   c.check('eval.batch_size', _int_at_least(1), 'an integer >= 1')
   c.check('eval.every_steps', _is_int, 'an integer (<= 0: only at the end)')

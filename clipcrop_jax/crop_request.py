@@ -1,4 +1,4 @@
-"""Checks of a crop request's arguments, shared by the Python API, the command lines and the service.
+"""Checks of a crop request's arguments (the Python API, the command lines and the service).
 
 `check_arguments` validates everything a request says without an image or a model (errors are
 ValueError / TypeError naming the argument); `ClipCropper.check_request` adds the embedded query

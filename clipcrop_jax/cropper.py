@@ -46,14 +46,12 @@ import numpy as np
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import crop_request
+from clipcrop_jax.data import features
 from clipcrop_jax import default_config
 from clipcrop_jax import errors as errors_lib
 from clipcrop_jax import export
-from clipcrop_jax.data import features
 from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
-from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
@@ -61,6 +59,8 @@ from clipcrop_jax.owlvit import image_query
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import preprocessing as pp
 from clipcrop_jax.owlvit import tokenizer
+from clipcrop_jax import sharding as sharding_lib
+from clipcrop_jax import zero_shot
 
 DEFAULT_NMS_IOU = 0.7
 QUERY_PAD = 4
@@ -180,12 +180,13 @@ class ClipCropper:
     zero_shot: True when only OWL-ViT weights are available.
     model_id: a human-readable description of where the weights came from.
     keyword_pipeline: the keyword extractor of text queries: a spaCy pipeline name or path, or
-      `keywords.RULES` (the rule-based extractor).
+      `keywords.RULES` (the rule-based extractor). None given to the constructor means
+      `keywords.DEFAULT_PIPELINE`; `load` passes the model's recorded one.
   """
 
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
                zero_shot_mode: bool = False, model_id: str = '',
-               keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
+               keyword_pipeline: Optional[str] = None,
                nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None,
                dtype: Any = 'float32', batch_size: Optional[int] = None,
                devices: Optional[Sequence[jax.Device]] = None):
@@ -196,7 +197,8 @@ class ClipCropper:
     self.config = config
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
-    self.keyword_pipeline = keywords_lib.check_pipeline(keyword_pipeline)
+    self.keyword_pipeline = keywords_lib.check_pipeline(
+        keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None else keyword_pipeline)
     self.nms_iou = nms_iou
     self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
     self.dtype = _check_dtype(dtype)
@@ -284,8 +286,7 @@ class ClipCropper:
                                       selection_union=zero_shot.ZERO_SHOT_UNION)
     variables = {'params': {'owlvit': owl_variables['params']}}
     return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
-               keyword_pipeline=keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None
-               else keyword_pipeline, **kwargs)
+               keyword_pipeline=keyword_pipeline, **kwargs)
 
   # ------------------------------------------------------------------ inference
 
@@ -350,7 +351,8 @@ class ClipCropper:
     Returns:
       one `Encoding` per image, in order (arrays with a leading batch dimension of 1).
     """
-    batch_size = self.batch_size if batch_size is None else crop_request.check_int('batch_size', batch_size)
+    batch_size = (self.batch_size if batch_size is None
+                  else crop_request.check_int('batch_size', batch_size))
     inputs = [self.prepare(im) for im in images]
     encodings = []
     for start in range(0, len(inputs), batch_size):
@@ -407,7 +409,8 @@ class ClipCropper:
               tuple((q.text, q.role) for q in found))
     return self._cached(('text', mode, text), embed_text)
 
-  def check_request(self, text: Optional[str] = None, query_image: Any = None, top_k: int = crop_request.DEFAULT_TOP_K,
+  def check_request(self, text: Optional[str] = None, query_image: Any = None,
+                    top_k: int = crop_request.DEFAULT_TOP_K,
                     aspect_ratio: Any = None, min_size: Optional[float] = None,
                     mode: Optional[str] = None, query_box: Any = None,
                     fuse_top_k: Optional[int] = None) -> crop_request.CropRequest:
@@ -424,7 +427,8 @@ class ClipCropper:
                                     args.min_size, args.fuse_top_k, roles, texts)
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
-           top_k: int = crop_request.DEFAULT_TOP_K, aspect_ratio: Any = None, min_size: Optional[float] = None,
+           top_k: int = crop_request.DEFAULT_TOP_K, aspect_ratio: Any = None,
+           min_size: Optional[float] = None,
            mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None,
            *, errors: str = 'raise', batch_size: Optional[int] = None
            ) -> Union[list[Crop], list[Union[list[Crop], BatchResult]]]:
@@ -474,7 +478,8 @@ class ClipCropper:
     return results
 
   def iter_crops(self, images: Iterable[Any], text: Optional[str] = None,
-                 query_image: Any = None, top_k: int = crop_request.DEFAULT_TOP_K, aspect_ratio: Any = None,
+                 query_image: Any = None, top_k: int = crop_request.DEFAULT_TOP_K,
+                 aspect_ratio: Any = None,
                  min_size: Optional[float] = None, mode: Optional[str] = None,
                  query_box: Any = None, fuse_top_k: Optional[int] = None, *,
                  batch_size: Optional[int] = None, num_workers: Optional[int] = None,
@@ -509,7 +514,8 @@ class ClipCropper:
                          prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
                          ) -> Iterator[BatchResult]:
     """`iter_crops` under a request `check_request` already validated."""
-    batch_size = self.batch_size if batch_size is None else crop_request.check_int('batch_size', batch_size)
+    batch_size = (self.batch_size if batch_size is None
+                  else crop_request.check_int('batch_size', batch_size))
     num_workers = (min(8, os.cpu_count() or 1) if num_workers is None
                    else crop_request.check_int('num_workers', num_workers))
 
@@ -544,7 +550,8 @@ class ClipCropper:
     finally:  # also when the caller stops early (break, Ctrl-C): reads not started are dropped
       pool.shutdown(wait=True, cancel_futures=True)
 
-  def _crop_batch(self, batch: list[BatchResult], request: crop_request.CropRequest) -> Iterator[BatchResult]:
+  def _crop_batch(self, batch: list[BatchResult], request: crop_request.CropRequest
+                  ) -> Iterator[BatchResult]:
     """Crops the read items of `batch` (one forward; Encodings and failures pass through)."""
     to_encode = [r for r in batch if r.exception is None and not isinstance(r.payload, Encoding)]
     outputs = self._forward([r.payload[0] for r in to_encode], request) if to_encode else None
@@ -564,7 +571,8 @@ class ClipCropper:
       except Exception as e:  # pylint: disable=broad-except
         yield _failed(r.index, r.source, e)
 
-  def _forward(self, inputs: Sequence[ModelInput], request: crop_request.CropRequest) -> dict[str, Any]:
+  def _forward(self, inputs: Sequence[ModelInput], request: crop_request.CropRequest
+               ) -> dict[str, Any]:
     """Encoder (+ decoder) on one batch: host arrays with a leading (padded) batch axis.
 
     Trained decoder: 'pred_boxes' (B, M, 4) xyxy of the padded square and 'quality' (B, M).
@@ -588,7 +596,8 @@ class ClipCropper:
     return jax.device_get({k: out[k] for k in _DECODER_OUTPUTS if k in out})
 
   def _crops_from_outputs(self, outputs: dict[str, Any], i: int,
-                          image_hw: tuple[int, int], request: crop_request.CropRequest) -> list[Crop]:
+                          image_hw: tuple[int, int], request: crop_request.CropRequest
+                          ) -> list[Crop]:
     """The crops of row `i` of a batched `_forward`."""
     row = jax.tree.map(lambda v: v[i:i + 1], outputs)
     if self.zero_shot:
@@ -659,16 +668,15 @@ class ClipCropper:
       crops, scores = zero_shot.crops_from_detections(boxes, None, None, (w, h), request.ratio,
                                                       other_objects=ZERO_SHOT_OTHER_OBJECTS)
       return crops, scores, ()
-    logits = np.asarray(owl_heads.logits_from_image_terms(
-        enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
-    in_image = np.asarray(owl_heads.token_in_image(  # not padding
-        enc.encoded['pred_boxes'][0], (w / side, h / side)))
-    logits = np.where(in_image[:, None], logits, -np.inf)
+    raw_logits = owl_heads.logits_from_image_terms(enc.encoded['class_terms'], q, q_mask)[0]
+    in_image = owl_heads.token_in_image(  # not padding
+        enc.encoded['pred_boxes'][0], (w / side, h / side))
+    best = np.asarray(zero_shot.token_scores(raw_logits, in_image, q_mask[0]))  # (P,)
+    logits = np.where(np.asarray(in_image)[:, None], np.asarray(raw_logits), -np.inf)  # (P, Q)
     selected = np.asarray(q_mask[0])
     picks = np.argmax(logits, axis=0)
     in_union = np.asarray(model_lib.union_selection_mask(
         jnp.asarray(selected[None]), request.query_roles, self.config.selection_union))[0]
-    best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
     crops, scores = zero_shot.crops_from_detections(
         boxes, best, picks[in_union], (w, h), request.ratio,
         other_objects=ZERO_SHOT_OTHER_OBJECTS, context=picks[selected & ~in_union])

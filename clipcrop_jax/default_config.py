@@ -1,68 +1,11 @@
-"""Both tasks' default configs, their validation, and the builders of their models.
+"""Both tasks' default configs and the builders of their models.
 
 Every file in configs/ starts from `get_default_config()` (ClipCrop, `python -m clipcrop_jax.main`)
-or `get_detection_config()` (OWL-ViT detection, `python -m clipcrop_jax.detection_train`).
-`clipcrop_config` / `build_model` and `owlvit_config` / `build_detection_module` turn them into
-models; they import jax only when called, so loading a config file imports no jax.
-
-ClipCrop field reference (ml_collections.ConfigDict; `--config.<field>=value` overrides any):
-
-  run                  what `python -m clipcrop_jax.main` does: 'train', 'eval' (the workdir's
-                       latest checkpoint), 'train_and_eval' or 'synthetic_pipeline' (the embedded
-                       default, configs/synthetic.py). Not `model.mode`, the query mode.
-  seed                 model init, dropout and data order (same seed, same run).
-  model.*              `clipcrop_jax.model.ClipCropConfig` fields (owlvit, mode, decoder_*, ...).
-  dtype                compute dtype: 'float32' or 'bfloat16' (parameters stay float32).
-  init_from.owlvit     OWL-ViT checkpoint for the encoder (Scenic msgpack or HF directory); '' =
-                       random init (tests, synthetic runs).
-  init_from.clipcrop   a ClipCropper directory or a training workdir to start from ('' = none).
-  dataset.*            training data: TFDS `name` ('gaic/journal', 'synthetic_crops/default', ...)
-                       under `data_dir`, `train_split`, `max_crops`, `max_queries` (text + keyword
-                       queries per example), augmentation (`mosaic_probs`, `jitter`, `flip`),
-                       `shuffle_buffer`, `keyword_pipeline` (a spaCy pipeline name, or
-                       'rules' = the rule-based extractor).
-  batch_size           global batch size (split over processes and the 'data' mesh axis).
-  num_epochs / num_train_steps
-                       training length; `num_train_steps` wins when > 0.
-  optimizer.*          `clipcrop_jax.optim` (AdamW, cosine lr -> end lr, warmup, clipping,
-                       `lr_multipliers` = [(regex, multiplier), ...], 0 = frozen).
-  loss.*               `clipcrop_jax.losses` (positives, score range, smoothing, matching costs,
-                       loss weights, aux losses). The quality head's objective: `quality_loss`
-                       ('smooth_l1' = the paper, 'pairwise', 'listwise'), `quality_target`
-                       ('matched' = the paper, 'iou', 'top_iou'), `quality_top_k` (the best crops
-                       of 'top_iou'), `quality_pointwise_weight` (Smooth-L1 added to a ranking
-                       loss), `quality_temperature` (listwise).
-                       `selection_filter` (True = the paper §3.3): during training, drop the
-                       selected boxes that lie mostly outside the best-scored crop
-                       (`model.filter_selected_boxes`); inference never filters.
-                       `matching_solver` ('auto' | 'device' | 'host'): where the Hungarian
-                       matching is solved (`matching.SOLVERS`; 'auto' = per platform,
-                       `matching.default_solver`); the assignment is the same.
-  sharding.*           mesh_shape (data, model) with -1 = the rest; `rules` [(regex, 'replicate' |
-                       'shard_largest')] for params / optimizer state (first match wins).
-  distributed.*        `jax.distributed.initialize` (multi-host) when `initialize` is True.
-  checkpoint.*         every_steps, keep (last N), `data_resume` ('replay' = exact input position
-                       on resume by replaying the input pipeline, 'reseed' = fresh data order).
-  log_every_steps      progress line + metrics (TensorBoard + metrics.jsonl in the workdir).
-  eval.*               datasets to evaluate [(tfds name, split), ...], `batch_size`, `baselines`,
-                       `base_workdir` (a trained ClipCrop-base for that baseline), `every_steps`.
-  pipeline.*           run='synthetic_pipeline' only (configs/synthetic.py): `owlvit` (the
-                       detector's detection config), `variants` (ClipCrop modes) and their
-                       `variant_steps`, `quick` (a report label; `get_config('quick')` sets
-                       the budgets), `num_seeds` (seeds `seed` .. `seed + num_seeds - 1`, data
-                       and training), `validation_split` (where choices are made),
-                       `fuse_top_k_choices` (chosen there per variant) and
-                       `selection_union_choices` (ClipCrop (full) is trained with each; the
-                       best on validation is kept, the other variants use it). Each stage uses
-                       `dataset.name` (checked by validation).
-
-Fields of older configs are refused with their replacement named: `mode` (now `run`) and
-`quick` (now the argument of configs/synthetic.py: `--config=configs/synthetic.py:quick`).
-
-`validate_config(config, workdir)` checks all of the above (types, ranges, known names, existing
-paths) in milliseconds and raises one `ConfigError` listing every problem on one line; the command
-lines call it before anything is built, and `parse_flags` turns a bad `--config.<field>` flag into
-one `error:` line (exit code 2).
+or `get_detection_config()` (OWL-ViT detection, `python -m clipcrop_jax.detection_train`); the
+fields are described in docs/training.md and checked by `config_validation.validate_config`.
+`clipcrop_config` / `build_model` and `owlvit_config` / `build_detection_module` turn a config into
+a model; they import jax only when called, so loading a config file imports no jax. The option
+lists (`DTYPES`, `RUNS`, ...) are defined here once, without jax.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import decoder as decoder_lib
 from clipcrop_jax.data import features
+from clipcrop_jax import decoder as decoder_lib
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import model as owl_model

@@ -49,8 +49,8 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 

@@ -22,8 +22,8 @@ from apache_beam.options import pipeline_options  # pylint: disable=g-import-not
 from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import beam as cb  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import crop_beam  # pylint: disable=g-import-not-at-top
+from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
 
 SETTINGS = cb.CropSettings(random_init='tiny', keyword_pipeline=keywords.RULES, top_k=3)

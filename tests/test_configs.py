@@ -1,9 +1,9 @@
 """Every config file in configs/ loads (locked, overridable), matches a schema and builds its model.
 
 Also `clipcrop_jax.config_lib` (loading config files, parsing their argument), the model builders
-of `clipcrop_jax.default_config`, the sweep library (`clipcrop_jax.sweep`), the sweep file
-configs/sweep.py and the runner tools/sweep.py (printed commands; `--launch` with a fake
-interpreter, nothing is trained).
+of `clipcrop_jax.default_config`, the sweep library (`clipcrop_jax.experiments.sweeps`), the
+sweep file configs/gaic_ablation_sweep.py and the runner tools/launch_sweep.py (printed commands;
+`--launch` with a fake interpreter, nothing is trained).
 """
 
 import functools
@@ -27,7 +27,7 @@ from clipcrop_jax.experiments import sweeps as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
-SWEEP_TOOL = REPO / 'tools' / 'sweep.py'
+SWEEP_TOOL = REPO / 'tools' / 'launch_sweep.py'
 # Arguments to test per config file (files not listed here: their default only).
 ARGS = {
     'gaic_b32.py': [None, 'full', 'main', 'key', 'base', 'no_mosaic', 'variant=key',
@@ -315,7 +315,7 @@ def test_load_config_file(tmp_path):
   with pytest.raises(FileNotFoundError):
     config_lib.load_config_file(tmp_path / 'missing.py')
   with pytest.raises(AttributeError, match='defines no get_config'):
-    config_lib.load_config_file(CONFIG_DIR / 'sweep.py')
+    config_lib.load_config_file(CONFIG_DIR / 'gaic_ablation_sweep.py')
   a = config_lib.load_module(tmp_path / 'plain.py')
   b = config_lib.load_module(tmp_path / 'plain.py')
   assert a is not b and a.__name__ == b.__name__ and a.__name__ not in sys.modules
@@ -389,7 +389,7 @@ def test_hyper_helpers():
 
 
 def test_paper_sweep():
-  base, runs = sweep_lib.load_sweep(str(CONFIG_DIR / 'sweep.py'))
+  base, runs = sweep_lib.load_sweep(str(CONFIG_DIR / 'gaic_ablation_sweep.py'))
   assert pathlib.Path(base).resolve() == (CONFIG_DIR / 'gaic_b32.py').resolve()
   assert len(runs) == 4 * 2 + 1
   names = [sweep_lib.run_name(r) for r in runs]
@@ -426,8 +426,9 @@ def _sweep_tool():
 
 def test_sweep_tool_prints_commands(tmp_path):
   out = subprocess.run(
-      [sys.executable, str(SWEEP_TOOL), 'configs/sweep.py', f'--workdir_root={tmp_path}', '--',
-       '--config.dataset.data_dir=/data'], cwd=REPO, capture_output=True, text=True, check=True)
+      [sys.executable, str(SWEEP_TOOL), 'configs/gaic_ablation_sweep.py',
+       f'--workdir_root={tmp_path}', '--', '--config.dataset.data_dir=/data'],
+      cwd=REPO, capture_output=True, text=True, check=True)
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 9
   for line in lines:
@@ -448,8 +449,8 @@ def test_sweep_tool_launch(tmp_path, capsys):
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    code = tool.main(['configs/sweep.py', f'--workdir_root={root}', '--launch', '--parallel=3',
-                      f'--python={fake}'])
+    code = tool.main(['configs/gaic_ablation_sweep.py', f'--workdir_root={root}', '--launch',
+                      '--parallel=3', f'--python={fake}'])
   finally:
     os.chdir(cwd)
   assert code == 1

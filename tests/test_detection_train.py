@@ -1,4 +1,4 @@
-"""Tests of the OWL-ViT detection trainer (clipcrop_jax.detection_train)."""
+"""Tests of the OWL-ViT detection trainer (clipcrop_jax.training.detection_task)."""
 
 import itertools
 import json
@@ -9,11 +9,11 @@ import pytest
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import config_validation
+from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.training import detection_task as dt
 from clipcrop_jax.training import losses
 from clipcrop_jax.training import matching
 from clipcrop_jax.training import trainer
-from clipcrop_jax.owlvit import model as owl_model
 
 KW = dict(focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
           weight_class=1.5, weight_l1=5.0, weight_giou=2.0)

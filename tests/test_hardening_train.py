@@ -1,4 +1,4 @@
-"""Hardening of OWL-ViT detection training (clipcrop_jax.detection_train): resume past unusable
+"""Hardening of OWL-ViT detection training (training.detection_task): resume past unusable
 checkpoints, one metrics record per (step, kind), one-line command-line errors.
 
 The ClipCrop trainer's equivalents are in tests/test_train.py (they share its fixtures).
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from clipcrop_jax.training import detection_task as dt
 from clipcrop_jax.training import checkpointing
+from clipcrop_jax.training import detection_task as dt
 from clipcrop_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -24,8 +24,8 @@ import pytest
 
 import fake_hf_hub
 
-from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import config_validation
+from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import default_config
 from clipcrop_jax.owlvit import checkpoints as ck
 from clipcrop_jax.owlvit import configs

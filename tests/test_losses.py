@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.losses: hand-computed values, positives, smoothing, normalisation, aux."""
+"""Tests for training.losses: hand-computed values, positives, smoothing, normalisation, aux."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from clipcrop_jax import default_config
+from clipcrop_jax.training import clipcrop_task
 from clipcrop_jax.training import losses
 from clipcrop_jax.training import matching
-from clipcrop_jax.training import clipcrop_task
 
 _set_losses = jax.jit(losses.set_prediction_losses)
 

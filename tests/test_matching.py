@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.matching: SciPy optimum, padding, empty inputs, hand costs, no grad."""
+"""Tests for training.matching: SciPy optimum, padding, empty inputs, hand costs, no grad."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.optim: schedule values, groups, freezing, AdamW steps, clipping."""
+"""Tests for training.optim: schedule values, groups, freezing, AdamW steps, clipping."""
 
 from __future__ import annotations
 

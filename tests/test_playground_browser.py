@@ -22,10 +22,10 @@ from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import http as serve_http  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import service as serve_service  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import testing as serve_testing  # pylint: disable=g-import-not-at-top
-from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
 
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome')
 DRIVERS = ('chromedriver',)

@@ -1,4 +1,4 @@
-"""The crop service (clipcrop_jax.serve): API contract, bad inputs, cache, micro-batching,
+"""The crop service (clipcrop_jax.serving): API contract, bad inputs, cache, micro-batching,
 overload, timeout, token, CORS, log, graceful shutdown. Tiny random model, 127.0.0.1 only."""
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ pytest.importorskip('fastapi', reason='the serve extra (fastapi, uvicorn, python
 from fastapi import testclient  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import http as serve_http  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import service as serve_service  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import testing as serve_testing  # pylint: disable=g-import-not-at-top
-from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXT = 'a red square'
@@ -79,8 +79,8 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def client(cropper):
-  app = serve_http.create_app(cropper, serve_service.ServeConfig(max_upload_bytes=300_000, max_text_chars=200,
-                                                    max_top_k=20, **FAST))
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(
+      max_upload_bytes=300_000, max_text_chars=200, max_top_k=20, **FAST))
   with testclient.TestClient(app) as c:
     yield c
 
@@ -289,7 +289,8 @@ def test_cors_is_off_by_default_and_opt_in(client, cropper):
   preflight = {'Origin': 'https://cms.example', 'Access-Control-Request-Method': 'POST'}
   assert 'access-control-allow-origin' not in client.options('/v1/crops', headers=preflight).headers
   assert 'access-control-allow-origin' not in client.get('/healthz', headers=preflight).headers
-  app = serve_http.create_app(cropper, serve_service.ServeConfig(cors_origins=('https://cms.example',), **FAST))
+  app = serve_http.create_app(
+      cropper, serve_service.ServeConfig(cors_origins=('https://cms.example',), **FAST))
   with testclient.TestClient(app) as c:
     r = c.options('/v1/crops', headers=preflight)
     assert r.headers['access-control-allow-origin'] == 'https://cms.example'
@@ -327,7 +328,8 @@ def test_cache_hit_equals_cold_and_skips_the_encoder(cropper, images):
 
 def test_cache_is_bounded_in_bytes(cropper, images):
   one = serve_service.encoding_nbytes(cropper.encode(_image(0)))
-  app = serve_http.create_app(cropper, serve_service.ServeConfig(cache_bytes=one + one // 2, **FAST))
+  app = serve_http.create_app(
+      cropper, serve_service.ServeConfig(cache_bytes=one + one // 2, **FAST))
   service = app.state.service
   (a, _), (b, _) = images[0], images[1]
   with testclient.TestClient(app) as c:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic cropping scenes (clipcrop_jax.synthetic) and its TFDS builder."""
+"""Tests of the synthetic cropping scenes (clipcrop_jax.data.synthetic) and its TFDS builder."""
 
 import hashlib
 import pathlib

@@ -1,4 +1,4 @@
-"""End-to-end tests of the training stack (train_lib, evaluate, main) on the tiny synthetic data.
+"""End-to-end tests of the training stack (training.clipcrop_task, evaluate, main) on the tiny synthetic data.
 
 XLA compilation of the tiny train step takes ~30 s on a small CPU, so the in-process tests share
 one persistent compilation cache and use the same training length (3 steps: identical programs);
@@ -385,9 +385,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, ti
 
 def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit.configs import get_config  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(7)
   flat = {path: (1.0 + 0.1 * rng.standard_normal(shape) if path.endswith('/scale')
                  else 0.05 * rng.standard_normal(shape)).astype(np.float32)

@@ -103,9 +103,9 @@ def test_decoder_only_init_never_touches_owlvit_for_b32():
 
 def test_clipcrop_fresh_state_from_owlvit_weights(load_config, tmp_path):
   """init_from.owlvit: the encoder is the file's, the decoder the full init's, no random ViT."""
-  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   owl = owl_model.init_variables(model_lib.TINY.owlvit_config, seed=5)
   path = ck.save_scenic_checkpoint(owl, tmp_path / 'owl.msgpack')
   config = load_config('configs/tiny.py', **{'init_from.owlvit': str(path)})

@@ -90,9 +90,9 @@ def synthetic_setup(name: str, batch_size: int, args, solver: str = 'auto',
   """(task, state, step_fn, batch, optimizer groups) of one model on a fixed random batch."""
   import jax  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.training import optim  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import optim  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
@@ -198,10 +198,10 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.training import losses  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
 
   task, setup, state, step_fn, batch, _ = synthetic_setup(
       name, batch_size, args, solver, args.trainable_encoder, args.remat)
@@ -496,11 +496,11 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.dtype = args.dtype

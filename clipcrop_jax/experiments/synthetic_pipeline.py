@@ -10,7 +10,7 @@ one seed: everything in WORK, several: in WORK/seed_<s>/):
      owlvit/owlvit_checkpoint.msgpack, and measure its grounding accuracy (top token of an
      object's name hits the object, IoU >= 0.5);
   3. train ClipCrop on the crop annotations with that (frozen) encoder in modes full, base, main
-     and key (`clipcrop_jax.train_lib`) -> clipcrop_<mode>/;
+     and key (`clipcrop_jax.training.clipcrop_task`) -> clipcrop_<mode>/;
   4. choose, on the validation split `pipeline.validation_split` (`ambiguity_validation`, images
      disjoint from the test split), each variant's `fuse_top_k` among
      `pipeline.fuse_top_k_choices` (highest IoU-Mean, ties to the smaller k), record its
@@ -45,11 +45,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipcrop_jax.data import input_pipeline
 from clipcrop_jax import evaluate
 from clipcrop_jax import export
-from clipcrop_jax.owlvit import fileio
-from clipcrop_jax.data import input_pipeline
 from clipcrop_jax import metrics as metrics_lib
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax.training import clipcrop_task
 
@@ -102,8 +102,8 @@ def ensure_dataset(name: str, data_dir: str) -> None:
 
 def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[str, dict]:
   """Trains the detector; returns (checkpoint path, grounding results on val and ambiguity)."""
-  from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
   det = ml_collections.ConfigDict(c.pipeline.owlvit.to_dict())
   det.seed = c.seed
   det.dataset.data_dir = c.dataset.data_dir

@@ -170,7 +170,8 @@ class _Gate:
 
 def _crop_fields(
     text: Optional[str] = fastapi.Form(None, description='what to crop to'),
-    top_k: Optional[int] = fastapi.Form(None, description='number of crops (default 5)'),
+    top_k: Optional[int] = fastapi.Form(
+        None, description=f'number of crops (default {crop_request.DEFAULT_TOP_K})'),
     aspect_ratio: Optional[str] = fastapi.Form(None, description="'16:9', '4/3', 1.5"),
     min_size: Optional[float] = fastapi.Form(None, description='min crop side, pixels'),
     mode: Optional[str] = fastapi.Form(None, description='full, main, key, base or image'),
@@ -321,7 +322,8 @@ def create_app(cropper: cropper_lib.ClipCropper,
   return app
 
 
-def uvicorn_config(app, host: str, port: int, config: service_lib.ServeConfig, **kwargs) -> uvicorn.Config:
+def uvicorn_config(app, host: str, port: int, config: service_lib.ServeConfig, **kwargs
+                   ) -> uvicorn.Config:
   """uvicorn settings of the service: our access log instead of uvicorn's, and a graceful
   shutdown that waits up to one request timeout (+ 5 s) for the requests in flight."""
   return uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
@@ -384,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       keywords.check_pipeline(args.keyword_pipeline)
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          args.random_init, keyword_pipeline=args.keyword_pipeline,
           dtype=args.dtype)
     else:
       cropper = cropper_lib.ClipCropper.load(args.checkpoint,

@@ -136,7 +136,7 @@ class Job:
 
   key: str
   image: Any
-  request: Any  # cropper._Request from check_request
+  request: Any  # crop_request.CropRequest from check_request
   cache_hit: bool
   future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 

@@ -1,4 +1,4 @@
-"""The ClipCrop task on the training core (`clipcrop_jax.trainer`): data, loss, init, export.
+"""The ClipCrop task on the training core (`training.trainer`): data, loss, init, export.
 
 `train(config, workdir)` trains ClipCrop as `trainer.train` describes (validation, sharded
 set-up, resume, loop, checkpoints, logs). What is ClipCrop's:
@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clipcrop_jax.data import features as F
 from clipcrop_jax import default_config
 from clipcrop_jax import export
-from clipcrop_jax.data import features as F
+from clipcrop_jax import model as model_lib
 from clipcrop_jax.training import losses as losses_lib
 from clipcrop_jax.training import matching
-from clipcrop_jax import model as model_lib
 from clipcrop_jax.training import trainer
 
 TrainState = trainer.TrainState

@@ -1,60 +1,12 @@
-r"""Fine-tuning (or training from scratch) the OWL-ViT detector on your own labelled boxes.
+"""The OWL-ViT detection task on the training core: fine-tuning (or training) on labelled boxes.
 
-  python -m clipcrop_jax.build_dataset datasets/synthetic --config tiny --data_dir /tmp/data
-  python -m clipcrop_jax.detection_train --config=configs/owlvit_detection_tiny.py \
-      --workdir=/tmp/det --config.dataset.data_dir=/tmp/data
-
-Data: any prepared TFDS dataset (`input_pipeline.dataset_builder`) whose examples have
-  image                  Image (H, W, 3) uint8 (encoded or decoded);
-  objects/bbox           Sequence of BBoxFeature: (N, 4) (ymin, xmin, ymax, xmax) normalised to
-                         the image (the TFDS convention);
-  objects/<label_key>    Sequence of Text (e.g. 'red square') or ClassLabel (its names are used);
-                         `dataset.label_key`, default 'name';
-  objects/<phrase_key>   optional Sequence of Text: referring phrases ('red circle to the left of
-                         the blue square', '' = none), `dataset.phrase_key` ('' = not used).
-Each image is padded to a square (bottom/right, gray) and resized to the model's input size; the
-boxes become xyxy normalised to that padded square. At most `dataset.max_objects` objects per
-image are kept. With `dataset.phrase_prob` > 0, each object's label is its phrase instead, with
-that probability, when it has one (stateless, keyed by (seed, example index) like the flip, so it
-is deterministic and resumable): the detector learns that the phrase means its first object, not
-the one it is related to. A flip swaps 'left' / 'right' in the labels. Per batch, the distinct
-labels (sorted, at most `dataset.max_labels`; objects of labels beyond that are dropped with a
-warning) are tokenized into the text queries, the same list for every image of the batch, so the
-other labels of the batch are negatives for every image.
-
-Loss (DETR / Scenic OWL-ViT style, `losses.detection_loss`, `matching.detection_match`): Hungarian matching of the P image tokens to
-the objects with cost = cost_class * focal class cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU;
-then a sigmoid focal loss over all (token, real query) logits with target 1 only for a matched
-token and its object's label, plus L1 and 1 - GIoU on the matched pairs; every term is summed
-and divided by the number of real objects in the global batch.
-
-Training runs on the task-agnostic core (`trainer.train`: sharded set-up, resume, loop,
-checkpoints, logs; `DetectionTask` supplies the data, loss, init and export). Outputs in the
-workdir: config.json, metrics.jsonl (+ TensorBoard), Orbax checkpoints (resumed automatically
-from the newest step that restores; unusable newer steps are moved to checkpoints_unusable/, as
-`checkpointing.restore_latest` describes), and at the end
-`owlvit_checkpoint.msgpack`, a Scenic checkpoint that `clipcrop_jax.owlvit.load_checkpoint` reads.
-The config is checked first (`config_validation.validate_config(config, workdir, task='detection')`);
-the command line prints a bad flag or config as one `error:` line (exit code 2) and an
-`errors.RunError` as one line (exit code 1).
-
-Config fields (`default_config.get_detection_config`):
-  seed, dtype ('float32' | 'bfloat16')
-  model.owlvit          architecture name (`owlvit.configs`, e.g. 'clip_b32', 'tiny').
-  init_from.owlvit      Scenic msgpack / HF checkpoint to fine-tune from; '' = random init.
-  dataset.*             name, data_dir, train_split, label_key, max_objects, max_labels, flip
-                        (random horizontal flip), shuffle_buffer, label_templates (format
-                        strings such as 'a {}', one drawn per label and batch; () = the label),
-                        phrase_key ('' = off), phrase_prob (in [0, 1]).
-  batch_size, num_epochs / num_train_steps (> 0 wins)
-  optimizer.*           `clipcrop_jax.optim` (AdamW, cosine, warmup, clipping, lr_multipliers
-                        with paths like 'backbone/clip/text/.*').
-  loss.*                focal_alpha, focal_gamma; cost_class / cost_l1 / cost_giou (matching);
-                        weight_class / weight_l1 / weight_giou (loss).
-  sharding.*, distributed.*, checkpoint.* (every_steps, keep, data_resume), log_every_steps
-                        (as for ClipCrop, `default_config`)
-  eval.*                split ('' = none), batch_size, every_steps (-1 = only at the end),
-                        max_examples (-1 = all): `evaluate_grounding`, logged as kind 'eval'.
+Data: a prepared TFDS dataset with `image` and `objects` = {bbox (TFDS BBoxFeature), <label_key>
+(Text or ClassLabel), optionally <phrase_key> (Text referring phrases)}; per batch the distinct
+labels are the text queries of every image (`make_dataset`, `make_train_iterator`). Loss:
+`losses.detection_loss` after `matching.detection_match` (DETR / Scenic OWL-ViT). The export is
+`<workdir>/owlvit_checkpoint.msgpack`, a Scenic checkpoint `owlvit.load_checkpoint` reads. The
+command line is `clipcrop_jax.detection_train`; config fields `default_config.get_detection_config`;
+docs/training.md.
 """
 
 import functools
@@ -69,15 +21,15 @@ import ml_collections
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import default_config
 from clipcrop_jax.data import features as F
+from clipcrop_jax import default_config
 from clipcrop_jax.owlvit import fileio
-from clipcrop_jax.training import losses
-from clipcrop_jax.training import matching
-from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax.training import trainer
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import tokenizer as owl_tokenizer
+from clipcrop_jax import sharding as sharding_lib
+from clipcrop_jax.training import losses
+from clipcrop_jax.training import matching
+from clipcrop_jax.training import trainer
 
 TrainState = trainer.TrainState
 EXPORT_FILE = 'owlvit_checkpoint.msgpack'
@@ -90,8 +42,12 @@ LOSS_TERMS = ('loss_class', 'loss_l1', 'loss_giou')
 # ------------------------------------------------------------------------------------------------
 
 
-def _label_names(builder, label_key: str) -> Optional[list[str]]:
-  """Class names when objects/<label_key> is a ClassLabel, None for Text; KeyError if absent."""
+def _label_names(builder, label_key: str, phrase_key: str = '') -> Optional[list[str]]:
+  """Class names when objects/<label_key> is a ClassLabel, None for Text.
+
+  KeyError when objects/bbox or objects/<label_key> is absent, or when `phrase_key` ('' = phrase
+  labels off) names no Text feature of `objects`.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info_features = builder.info.features
   if F.OBJECTS not in info_features:
@@ -102,19 +58,12 @@ def _label_names(builder, label_key: str) -> Optional[list[str]]:
     if key not in objects:
       raise KeyError(f'{builder.info.full_name}: no `objects/{key}` feature; has '
                      f'{sorted(objects.keys())} (set dataset.label_key)')
-  feature = objects[label_key]
-  return list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
-
-
-def _check_phrase_feature(builder, phrase_key: str) -> None:
-  """KeyError unless objects/<phrase_key> is a Text feature ('' = phrase labels off)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if not phrase_key:
-    return
-  objects = builder.info.features[F.OBJECTS].feature  # `_label_names` checked it exists
-  if phrase_key not in objects or not isinstance(objects[phrase_key], tfds.features.Text):
+  if phrase_key and (phrase_key not in objects
+                     or not isinstance(objects[phrase_key], tfds.features.Text)):
     raise KeyError(f'{builder.info.full_name}: no Text feature `objects/{phrase_key}`; has '
                    f'{sorted(objects.keys())} (set dataset.phrase_key, or \'\' for none)')
+  feature = objects[label_key]
+  return list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
 
 
 def choose_phrase_labels(labels: Any, phrases: Any, seed: Any, prob: float) -> Any:
@@ -183,10 +132,9 @@ def make_dataset(builder, split: Any, *, image_size: int, batch_size: int, max_o
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  names = _label_names(builder, label_key)
   if not 0.0 <= phrase_prob <= 1.0:
     raise ValueError(f'dataset.phrase_prob={phrase_prob}: expected a number in [0, 1]')
-  _check_phrase_feature(builder, phrase_key)
+  names = _label_names(builder, label_key, phrase_key)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={F.IMAGE: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {F.IMAGE: ex[F.IMAGE], F.OBJECTS: ex[F.OBJECTS]})
@@ -324,8 +272,8 @@ class DetectionTask(trainer.Task):
 
   def dataset_builder(self):
     builder = super().dataset_builder()
-    _label_names(builder, self.config.dataset.label_key)  # fail early on missing features
-    _check_phrase_feature(builder, self.config.dataset.get('phrase_key', ''))
+    _label_names(builder, self.config.dataset.label_key,  # fail early on missing features
+                 self.config.dataset.get('phrase_key', ''))
     return builder
 
   def init_params(self, rng: jax.Array, pretrained: dict[str, Any]) -> Any:

@@ -3,7 +3,7 @@
 The recipe follows Jia et al., "Rethinking Image Cropping" (CVPR 2022): annotated crops whose
 mean-opinion score is >= a threshold (4 of 1..5 on GAIC) are the positives; if an image has none,
 its best-scored crops are. Predictions are Hungarian-matched to the positives (DETR-style, see
-`clipcrop_jax.matching`), matched boxes get L1 (cxcywh) and GIoU losses, and every prediction's
+`matching`), matched boxes get L1 (cxcywh) and GIoU losses, and every prediction's
 quality gets a Smooth-L1 loss towards its target: the matched crop's normalised score, else the
 score of an annotated crop it overlaps with IoU >= 0.9 (local-redundancy label smoothing), else 0.
 

@@ -1,34 +1,13 @@
-"""The task-agnostic training core: state, sharded set-up, resume, step, loop, checkpoints, logs.
+"""The task-agnostic training core: state, sharded set-up, resume, step, loop, logs.
 
-A task (`train_lib.ClipCropTask`: ClipCrop on cropping data; `detection_train.DetectionTask`:
-OWL-ViT on labelled boxes) says what is trained and on what (`Task`); `train(task, workdir)`
-does the rest, the same way for every task:
-  0. `config_validation.validate_config(config, workdir, task=task.name)`: a bad config fails here,
-     in one line, before anything is built; `<workdir>/config.json` is written;
-  1. mesh ('data', 'model') over all devices of all processes (`sharding.make_mesh`);
-  2. shapes of the train state by `jax.eval_shape`, shardings by the config's rules
-     (`setup_state`); the state is created directly sharded under `jit(out_shardings=...)`;
-  3. resume order: the newest checkpoint in `<workdir>/checkpoints` that restores (params,
-     optimizer state, step, rng; the input position follows from the step, `data_position`) >
-     the task's pretrained weights (`Task.pretrained_params`: only the missing parts are
-     initialised, e.g. ClipCrop's decoder without a random OWL-ViT init) > random init. Step
-     folders are tried newest first; an unusable one (empty, truncated, corrupt) is logged with
-     the reason and moved to `<workdir>/checkpoints_unusable/<N>` (never deleted), so that Orbax
-     neither skips the re-saved step nor garbage-collects a good step in its place
-     (`restore_latest`). When step folders exist but none restores, `CheckpointRestoreError`
-     lists them and nothing is moved. `<workdir>/metrics.jsonl` is rewritten (atomically) without
-     the records of steps after the resumed one, so that it holds one record per (step, kind);
-  4. `jit(train_step, donate_argnums=0)` (`make_train_step` around the task's loss) on global
-     batches (every process feeds its own part, `sharding.process_batch_size`);
-  5. every `log_every_steps`: a progress line (step, loss, the task's loss terms, steps/s, input
-     wait, ETA), TensorBoard summaries (clu metric writers) and `<workdir>/metrics.jsonl`; every
-     `checkpoint.every_steps` and at the end: an Orbax checkpoint (keep the last
-     `checkpoint.keep`); a non-finite loss stops training with `NonFiniteLossError` and is never
-     checkpointed; every `Task.eval_every_steps` steps (> 0; not at the end) `Task.evaluate`;
-  6. when all steps are done (also when a re-run finds them done): `Task.finish` (the export).
-
-Errors a user can act on are `errors.RunError`s: the command lines print them as one line.
-Multi-host: `initialize_distributed(config)` before anything touches a device.
+A task (`clipcrop_task.ClipCropTask`, `detection_task.DetectionTask`) says what is trained and on
+what (`Task`); `train(task, workdir)` does the rest the same way for every task: validates the
+config (`config_validation`), writes `<workdir>/config.json`, builds the mesh and the sharded
+state, resumes from the newest usable checkpoint (`checkpointing.restore_latest`) or the task's
+pretrained weights or a random init, runs the jitted steps with progress lines and metrics
+(`metric_log`), saves checkpoints, stops on a non-finite loss, evaluates every
+`Task.eval_every_steps` and calls `Task.finish` (the export) at the end. Errors a user can act on
+are `errors.RunError`s. docs/training.md.
 """
 
 from __future__ import annotations
@@ -57,10 +36,10 @@ from clipcrop_jax import config_validation
 from clipcrop_jax import default_config
 from clipcrop_jax import errors
 from clipcrop_jax.owlvit import fileio
+from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax.training import checkpointing
 from clipcrop_jax.training import metric_log
 from clipcrop_jax.training import optim
-from clipcrop_jax import sharding as sharding_lib
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = metric_log.METRICS_FILE
@@ -138,10 +117,12 @@ class Task:
     the task's `finish`)."""
     return -1
 
-  def evaluate(self, state: TrainState, step: int, builder, logger: metric_log.MetricLogger) -> None:
+  def evaluate(self, state: TrainState, step: int, builder, logger: metric_log.MetricLogger
+               ) -> None:
     """An evaluation during training, at `step` (a multiple of `eval_every_steps`)."""
 
-  def finish(self, state: TrainState, workdir: str, builder, logger: metric_log.MetricLogger) -> None:
+  def finish(self, state: TrainState, workdir: str, builder, logger: metric_log.MetricLogger
+             ) -> None:
     """Once all steps are done (also on a re-run of a finished workdir): the export."""
 
 

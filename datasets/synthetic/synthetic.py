@@ -1,6 +1,6 @@
 """TFDS builder `synthetic_crops`: procedurally generated text-conditioned cropping data.
 
-No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic` from a seed.
+No download and no manual dir: every example is drawn by `clipcrop_jax.data.synthetic` from a seed.
 
   tfds build datasets/synthetic                      # config `default`
   tfds build datasets/synthetic --config=tiny        # a few images, for tests
