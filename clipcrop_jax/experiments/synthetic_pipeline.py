@@ -81,7 +81,7 @@ def ensure_dataset(name: str, data_dir: str) -> None:
     return
   except FileNotFoundError:
     pass
-  folder = pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'synthetic'
+  folder = pathlib.Path(__file__).resolve().parents[2] / 'datasets' / 'synthetic'
   source = folder / 'synthetic.py'
   if not source.is_file():
     raise FileNotFoundError(f'{source} not found: the synthetic builder lives in the source '

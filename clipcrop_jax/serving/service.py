@@ -310,7 +310,7 @@ class CropService:
   def check_fields(self, fields: CropFields) -> None:
     """The checks that need no image (the API's `check_crop_arguments` + the service's limits)."""
     top_k = crop_request.DEFAULT_TOP_K if fields.top_k is None else fields.top_k
-    cropper_lib.check_crop_arguments(top_k, fields.aspect_ratio, fields.min_size)
+    crop_request.check_crop_arguments(top_k, fields.aspect_ratio, fields.min_size)
     if top_k > self.config.max_top_k:
       raise ValueError(f'top_k must be <= {self.config.max_top_k}, got {top_k}')
     if fields.text is not None and len(fields.text) > self.config.max_text_chars:
