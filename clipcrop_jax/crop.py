@@ -55,7 +55,7 @@ GLOB_CHARS = set('*?[')
 REMOVED_FLAGS = ('--process-index', '--process-count', '--distributed', '--coordinator-address',
                  '--merge')
 BEAM_HINT = ('to crop a collection on more than one machine, run it on Apache Beam: python -m '
-             'clipcrop_jax.crop_beam (README "Cropping at scale"); one process already uses '
+             'clipcrop_jax.crop_beam (docs/cropping.md); one process already uses '
              'every local accelerator')
 
 

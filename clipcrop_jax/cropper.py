@@ -180,13 +180,14 @@ class ClipCropper:
     zero_shot: True when only OWL-ViT weights are available.
     model_id: a human-readable description of where the weights came from.
     keyword_pipeline: the keyword extractor of text queries: a spaCy pipeline name or path, or
-      `keywords.RULES` (the rule-based extractor). None given to the constructor means
-      `keywords.DEFAULT_PIPELINE`; `load` passes the model's recorded one.
+      `keywords.RULES` (the rule-based extractor). The constructor takes a name (None, an old
+      spelling of the rule-based extractor, is refused); the factories (`load`, `init_random`,
+      `from_owlvit`) read None as the recorded pipeline (`_pipeline_or_recorded`).
   """
 
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
                zero_shot_mode: bool = False, model_id: str = '',
-               keyword_pipeline: Optional[str] = None,
+               keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
                nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None,
                dtype: Any = 'float32', batch_size: Optional[int] = None,
                devices: Optional[Sequence[jax.Device]] = None):
@@ -197,8 +198,7 @@ class ClipCropper:
     self.config = config
     self.zero_shot = zero_shot_mode
     self.model_id = model_id
-    self.keyword_pipeline = keywords_lib.check_pipeline(
-        keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None else keyword_pipeline)
+    self.keyword_pipeline = keywords_lib.check_pipeline(keyword_pipeline)
     self.nms_iou = nms_iou
     self.max_pixels = max_pixels  # decoded-pixel limit for paths (None: CLIPCROP_MAX_PIXELS/120 MP)
     self.dtype = _check_dtype(dtype)
@@ -225,32 +225,35 @@ class ClipCropper:
 
   @classmethod
   def init_random(cls, config: Union[model_lib.ClipCropConfig, str] = 'tiny',
-                  seed: int = 0, **kwargs) -> 'ClipCropper':
+                  seed: int = 0, keyword_pipeline: Optional[str] = None,
+                  **kwargs) -> 'ClipCropper':
     """Random weights (for tests and demos).
 
     Args:
       config: a ClipCropConfig, 'tiny' (tiny OWL-ViT + small decoder) or an OWL-ViT config name
         (`clipcrop_jax.owlvit.CONFIGS`, e.g. 'clip_b32') with the paper's decoder.
       seed: PRNG seed.
-      **kwargs: passed to the constructor (keyword_pipeline, nms_iou, ...).
+      keyword_pipeline: the keyword extractor; None = `keywords.DEFAULT_PIPELINE`.
+      **kwargs: passed to the constructor (nms_iou, ...).
     """
     config = _named_config(config)
     return cls(config, model_lib.init_variables(config, seed), model_id=f'random-init seed {seed}',
-               **kwargs)
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   @classmethod
   def from_owlvit(cls, path: Union[str, pathlib.Path],
                   config: Optional[model_lib.ClipCropConfig] = None, seed: int = 0,
-                  **kwargs) -> 'ClipCropper':
+                  keyword_pipeline: Optional[str] = None, **kwargs) -> 'ClipCropper':
     """OWL-ViT weights from any checkpoint `load_checkpoint` reads + a new (untrained) decoder.
 
     The starting point for training; for cropping without a trained decoder use `load(path)`,
-    which gives the zero-shot mode.
+    which gives the zero-shot mode. `keyword_pipeline` None = `keywords.DEFAULT_PIPELINE`.
     """
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
     config = config or model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
     variables = model_lib.init_from_owlvit(config, owl_variables, seed)
-    return cls(config, variables, model_id=f'{path} + untrained decoder', **kwargs)
+    return cls(config, variables, model_id=f'{path} + untrained decoder',
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
     """Writes the model directory (`export.save_model`: atomic; a folder holding anything but a
@@ -279,14 +282,14 @@ class ClipCropper:
     if export.is_model_dir(path) or export.is_model_dir(path / export.EXPORT_DIR):
       exported = export.load_model(path)
       return cls(exported.config, {'params': exported.params}, model_id=str(path),
-                 keyword_pipeline=exported.keyword_pipeline if keyword_pipeline is None
-                 else keyword_pipeline, **kwargs)
+                 keyword_pipeline=_pipeline_or_recorded(keyword_pipeline,
+                                                        exported.keyword_pipeline), **kwargs)
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(checkpoint)
     config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path),
                                       selection_union=zero_shot.ZERO_SHOT_UNION)
     variables = {'params': {'owlvit': owl_variables['params']}}
     return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
-               keyword_pipeline=keyword_pipeline, **kwargs)
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   # ------------------------------------------------------------------ inference
 
@@ -752,6 +755,13 @@ def _np_dtype(dtype: Any) -> Optional[np.dtype]:
     return np.dtype(dtype)
   except TypeError:
     return None
+
+
+def _pipeline_or_recorded(keyword_pipeline: Optional[str],
+                          recorded: str = keywords_lib.DEFAULT_PIPELINE) -> str:
+  """The factories' reading of `keyword_pipeline`: None = the recorded pipeline (the default
+  when nothing is recorded)."""
+  return recorded if keyword_pipeline is None else keyword_pipeline
 
 
 def _failed(index: int, source: str, error: Exception) -> BatchResult:

@@ -24,7 +24,7 @@ pipeline and the step share the cores, so the wait is pessimistic for an acceler
 
 `--setup`: the set-up time of a run that starts from pretrained OWL-ViT weights (a random
 checkpoint of the model's OWL-ViT written first, untimed), from the config to the first usable
-train state, two ways in the same process: "full init" (the way before issue 12: a random init
+train state, two ways in the same process: "full init" (the former way: a random init
 of the whole model, OWL-ViT included, then the loaded encoder put in its place) and
 "decoder only" (`trainer.fresh_state`: the loaded encoder and a decoder initialised alone, with
 the values the full init gives it). Prints both and their ratio; checks that both states have
@@ -517,7 +517,7 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
       setup = trainer.setup_state(task, mesh, config.num_train_steps)
       return trainer.fresh_state(task, setup)
 
-    def full_init():  # before issue 12: random OWL-ViT + decoder, then the encoder replaced
+    def full_init():  # the former way: random OWL-ViT + decoder, then the encoder replaced
       task = clipcrop_task.ClipCropTask(config)
       setup = trainer.setup_state(task, mesh, config.num_train_steps)
       state = setup.init(jax.random.PRNGKey(config.seed), {})
