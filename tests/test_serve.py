@@ -27,6 +27,8 @@ from fastapi import testclient  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import errors as serve_errors  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import http as serve_http  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import service as serve_service  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.serving import testing as serve_testing  # pylint: disable=g-import-not-at-top
@@ -483,3 +485,21 @@ def test_cli_serves_and_shuts_down_gracefully(images, tmp_path):
       proc.kill()
   log = proc.stdout.read()
   assert ' POST /v1/crops 200 ' in log and 'finishing queued work' in log
+
+
+def test_one_status_table_over_typed_refusals():
+  """`serving.errors.STATUS` maps types (never message words) to statuses; the pixel-limit answer
+  drops the API's way round the limit."""
+  too_large = pp.ImageTooLargeError('image', 300, 200, 1000)
+  cases = [(too_large, 413), (pp.NotAnImageError('image: not a recognised image file'), 415),
+           (pp.ImageError('image: corrupt or truncated image data (x)'), 400),
+           (serve_errors.Busy('busy', {'Retry-After': '2'}), 503),
+           (serve_errors.TextTooLong('text has 9 characters'), 413),
+           (serve_errors.InvalidRequest('top_k must be >= 1, got 0'), 422),
+           (serve_errors.TimedOut('no answer within 1 s'), 504), (RuntimeError('bug'), 500)]
+  for error, status in cases:
+    assert serve_errors.status_of(error) == status, error
+  assert serve_errors.message_of(too_large) == too_large.summary
+  assert 'max_pixels=60000' in str(too_large) and 'max_pixels' not in too_large.summary
+  assert serve_errors.headers_of(cases[3][0]) == {'Retry-After': '2'}
+  assert 'pass --max-pixels 60000' in str(too_large.allowed_by('pass --max-pixels 60000'))
