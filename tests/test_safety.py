@@ -406,6 +406,7 @@ def test_ctrl_c_keeps_the_images_done(cli, tmp_path, cropper, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
     from clipcrop_jax import crop
+    from clipcrop_jax import crop_run_log
     real = crop_run_log.RunLog.write
     def write_or_die(self, record):  # killed once the third image announced its files
       real(self, record)
