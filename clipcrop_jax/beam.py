@@ -71,7 +71,7 @@ GPU_ENV = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
 
 
 @dataclasses.dataclass(frozen=True)
-class CropRequest:
+class ImageRequest:
   """One image to crop: its URI and what to crop it to (a text, an example image's URI, or
   neither for a 'base' model)."""
 
@@ -102,7 +102,7 @@ class CropExample:
   """What the model handler gets for one image: the request, the model input (`ModelInput`),
   the decoded example image (uint8, or None) and the file's bytes (to write the crops from)."""
 
-  request: CropRequest
+  request: ImageRequest
   model_input: Any
   query_image: Optional[np.ndarray]
   data: bytes
@@ -113,8 +113,8 @@ class CropExample:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_request_line(line: str) -> CropRequest:
-  """A JSONL line {"image": uri, "text": str | "query_image": uri} -> CropRequest.
+def parse_request_line(line: str) -> ImageRequest:
+  """A JSONL line {"image": uri, "text": str | "query_image": uri} -> ImageRequest.
 
   Raises:
     ValueError: (one line) not JSON, not an object, no "image", a non-string field, both a text
@@ -135,7 +135,7 @@ def parse_request_line(line: str) -> CropRequest:
   unknown = sorted(set(record) - {'image', 'text', 'query_image'})
   if unknown:
     raise ValueError(f'unknown field(s) {", ".join(unknown)}: {line[:120]!r}')
-  return CropRequest(record['image'], record.get('text'), record.get('query_image'))
+  return ImageRequest(record['image'], record.get('text'), record.get('query_image'))
 
 
 def output_name(uri: str) -> str:
@@ -185,14 +185,13 @@ class ClipCropModelHandler(ModelHandler):
     for key, value in self._env_vars.items():
       os.environ.setdefault(key, value)
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-    from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
     s = self.settings
     kwargs = dict(dtype=s.dtype, batch_size=self.batch_size)
     if s.max_pixels is not None:
       kwargs['max_pixels'] = s.max_pixels
     if s.random_init is not None:
       return cropper_lib.ClipCropper.init_random(
-          s.random_init, keyword_pipeline=s.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          s.random_init, keyword_pipeline=s.keyword_pipeline,
           **kwargs)
     return cropper_lib.ClipCropper.load(s.checkpoint, keyword_pipeline=s.keyword_pipeline,
                                         **kwargs)
@@ -266,7 +265,7 @@ def model_image_size(settings: CropSettings) -> int:
 
 
 class ReadImage(beam.DoFn):
-  """(uri, CropRequest) -> (uri, CropExample): reads the bytes (any Beam file system), checks
+  """(uri, ImageRequest) -> (uri, CropExample): reads the bytes (any Beam file system), checks
   the pixel limit on the header and decodes for the model (`preprocessing.load_for_model`, as
   `ClipCropper.crop` does for a path); reads and decodes the example image of an image request.
   Errors name the URI (the dead letters' reason)."""
@@ -279,7 +278,7 @@ class ReadImage(beam.DoFn):
   def setup(self):
     self.image_size = model_image_size(self.settings)
 
-  def process(self, element: tuple[str, CropRequest]) -> Iterator[tuple[str, CropExample]]:
+  def process(self, element: tuple[str, ImageRequest]) -> Iterator[tuple[str, CropExample]]:
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
     from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
     uri, request = element
@@ -382,7 +381,7 @@ def _dead_letter(stage: str):
     element, (exc_type, exc_value, _) = bad
     if isinstance(element, tuple):
       element = element[0]
-    uri = element.image if isinstance(element, CropRequest) else str(element)
+    uri = element.image if isinstance(element, ImageRequest) else str(element)
     kind = getattr(exc_type, '__name__', str(exc_type))
     return json.dumps({'image': uri,
                        'stage': 'inference' if kind == InferenceError.__name__ else stage,
@@ -459,7 +458,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, handler: ClipCropModelHandler, ou
   if input_glob is not None:
     requests = (pipeline
                 | 'Match' >> apache_beam.io.fileio.MatchFiles(input_glob)
-                | 'Request' >> beam.Map(lambda m: CropRequest(m.path, text, query_image)))
+                | 'Request' >> beam.Map(lambda m: ImageRequest(m.path, text, query_image)))
     bad_requests = None
   else:
     lines = pipeline | 'ReadRequests' >> beam.io.ReadFromText(input_jsonl)

@@ -21,63 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipcrop_jax.owlvit import box_ops
+
 
 # ------------------------------------------------------------------------------------------------
 # JAX (jit-able).
 # ------------------------------------------------------------------------------------------------
 
-IOU_EPS = 1e-6
-
-
-def cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-  """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
-  cx, cy, w, h = jnp.moveaxis(jnp.asarray(boxes), -1, 0)
-  return jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
-
-
-def xyxy_to_cxcywh(boxes: jax.Array) -> jax.Array:
-  """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
-  x0, y0, x1, y1 = jnp.moveaxis(jnp.asarray(boxes), -1, 0)
-  return jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
-
-
-def area_xyxy(boxes: jax.Array) -> jax.Array:
-  """(..., 4) -> (...,); degenerate boxes have area 0."""
-  boxes = jnp.asarray(boxes)
-  return (jnp.clip(boxes[..., 2] - boxes[..., 0], 0) * jnp.clip(boxes[..., 3] - boxes[..., 1], 0))
-
-
-def pairwise_iou_and_union_xyxy(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """IoU and union area for all pairs: a (N, 4), b (M, 4) -> ((N, M), (N, M)).
-
-  IoU = intersection / (union + 1e-6), as Scenic's `box_iou`.
-  """
-  a, b = jnp.asarray(a), jnp.asarray(b)
-  lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-  rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
-  union = area_xyxy(a)[:, None] + area_xyxy(b)[None, :] - inter
-  return inter / (union + IOU_EPS), union
-
-
-def pairwise_iou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
-  """IoU for all pairs: a (N, 4), b (M, 4) -> (N, M)."""
-  return pairwise_iou_and_union_xyxy(a, b)[0]
-
-
-def pairwise_giou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Generalised IoU for all pairs: a (N, 4), b (M, 4) -> (N, M), in [-1, 1].
-
-  giou = iou - (hull - union) / (hull + 1e-6), hull = area of the smallest enclosing box.
-  """
-  a, b = jnp.asarray(a), jnp.asarray(b)
-  iou, union = pairwise_iou_and_union_xyxy(a, b)
-  lt = jnp.minimum(a[:, None, :2], b[None, :, :2])
-  rb = jnp.maximum(a[:, None, 2:], b[None, :, 2:])
-  wh = jnp.clip(rb - lt, 0)
-  hull = wh[..., 0] * wh[..., 1]
-  return iou - (hull - union) / (hull + IOU_EPS)
+# Defined below OWL-ViT (which uses them), re-exported as this module's JAX box math.
+IOU_EPS = box_ops.IOU_EPS
+cxcywh_to_xyxy = box_ops.cxcywh_to_xyxy
+xyxy_to_cxcywh = box_ops.xyxy_to_cxcywh
+area_xyxy = box_ops.area_xyxy
+pairwise_iou_and_union_xyxy = box_ops.pairwise_iou_and_union_xyxy
+pairwise_iou_xyxy = box_ops.pairwise_iou_xyxy
+pairwise_giou_xyxy = box_ops.pairwise_giou_xyxy
 
 
 def _aligned_inter_union_hull_xyxy(a: jax.Array, b: jax.Array

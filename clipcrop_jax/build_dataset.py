@@ -59,7 +59,7 @@ def _dataset_problem(dataset: str) -> str | None:
 def execute(args) -> None:
   """Runs the parsed `tfds build` arguments; known failures exit with one `error:` line."""
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import features  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import features  # pylint: disable=g-import-not-at-top
   problems = [_dataset_problem(d) for d in list(args.positional_datasets) + list(args.datasets)]
   problems.append(_manual_dir_problem(args.paths.manual_dir))
   for problem in problems:

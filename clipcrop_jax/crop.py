@@ -1,84 +1,53 @@
-r"""Command line: crop images to a text or an example image, one file, a folder or a collection.
+r"""Command line: crop images to a text or an example image, one file, a folder or a list.
 
   python -m clipcrop_jax.crop --checkpoint MODEL_DIR --image photo.jpg --text "three white dogs" \
       --top-k 3 --aspect-ratio 16:9 --out crops/
-  python -m clipcrop_jax.crop --checkpoint owl2_b16.msgpack --image folder/ --text "a boat" --out o/
-  python -m clipcrop_jax.crop --checkpoint google/owlv2-base-patch16-ensemble --image photo.jpg \
-      --text "a dog" --out crops/                                  # weights by name (zero-shot)
   python -m clipcrop_jax.crop --random-init tiny --text "a red square" --out crops/   # demo
   python -m clipcrop_jax.crop --checkpoint M --image-list 'photos/**/*.jpg' --text "a dog" \
       --out coll/                     # a list or glob of images; rerun the command to resume it
 
-`--checkpoint` is a ClipCrop model directory (`ClipCropper.save`, `clipcrop_jax.export`), a
-training workdir holding one, or any OWL-ViT checkpoint (then crops come from the zero-shot
-composition rule), also by name: a Hugging Face id (`google/owlv2-base-patch16-ensemble`,
-`hf:ID@REV`) or a Scenic release (`clip_vit_b32_b0203fc`), downloaded once into a cache
-(`clipcrop_jax.owlvit.hub`). Keywords are extracted as during training (the pipeline recorded
-with the model) unless `--keyword-pipeline` says otherwise ('rules' = the rule-based extractor).
+`--checkpoint`: a ClipCrop model directory, a training workdir holding one, or an OWL-ViT
+checkpoint or checkpoint name (zero-shot crops); see docs/cropping.md. Per image it writes
+`<name>_crop<i>.jpg` (best first) and `<name>_overlay.png`; `crops.jsonl` logs the run as it goes
+and `crops.json` sums it up (`crop_run_log`, `crop_output`).
 
-Images go through the model in batches (`ClipCropper.iter_crops_checked`: `--batch-size` images
-per forward, `--workers` reading threads decoding ahead of the device, `--dtype bfloat16` for
-bfloat16 compute). Each image is decoded once, at full resolution; the model input and the crop
-files both come from that decode. If a whole batch fails on the device, its images are redone one
-at a time, so only the image at fault fails.
+Lists (`--image-list FILE_OR_GLOB`), the one statement of their rules:
+* a glob (contains `*`, `?` or `[`; `**` recursive) gives the matching files, sorted; a list file
+  one path per line (blank and `#` lines skipped, relative to the file's folder; a path listed
+  twice is an error). A missing listed file fails as an image when its turn comes.
+* `--out` is new, empty, or holds the same list run (same list and settings), which is resumed:
+  images with a result are skipped, an unfinished image's files are removed and it is redone.
+* One process (it already uses every local accelerator); more machines: `clipcrop_jax.crop_beam`.
 
-For every image it writes `<name>_crop<i>.jpg` (best first) and `<name>_overlay.png` (ranked
-boxes drawn on the image). `crops.jsonl` is written as the run goes (fsynced lines): a `run` line
-with the settings and every input's output name, then per image a `writing` line naming its files
-before they are created and a result line (`crops`, or `error` with the reason) once it is done.
-`crops.json` sums the run up at the end (boxes in original pixels, scores, query, mode, model id,
-failed files with reasons).
-
-Lists (`--image-list FILE_OR_GLOB`, see `read_image_list`): the images of a list file or a glob,
-in list order, in this one process (which already uses every local accelerator: a batch is split
-over the devices). Rerunning the same command into the same `--out` resumes: the `run` line of
-`crops.jsonl` records the settings and the list (a run with others is refused), images with a
-result line are skipped, an image whose `writing` line has no result has its files removed and is
-redone, a torn last line is ignored. `crops.json` covers the whole list once every image is done.
-More than one machine: `python -m clipcrop_jax.crop_beam` (Apache Beam); the flags of the earlier
-multi-process split (`--process-index`, `--process-count`, `--distributed`, `--merge`) are gone
-and say so.
-
-Safety rules (README "Errors and safety"):
-* `--out` must be a new or empty folder; `--overwrite` allows a folder that holds an earlier crop
-  run (its `crops.jsonl` / `crops.json`): that run's outputs are removed first, nothing else is
-  touched. `--out` may never be the input folder. No file is ever written over: every output is
-  created exclusively, so a name taken by anything else makes that one image fail. A list run's
-  folder is reused only by the same list run (`--overwrite` does not apply to lists).
-* `<name>` is the file's stem, or stem + extension when an earlier input took the stem (`x.jpg`,
-  `x.png` -> `x`, `x_png`), numbered if still taken: two inputs never share output names.
-* Every argument is checked before the model is loaded (exit code 2 with one line); a bad image
-  (unreadable, too many pixels, no crop possible) is recorded with its reason and skipped (exit
-  code 1 at the end); Ctrl-C stops after writing `crops.json` for the images done (exit 130; a
-  list run keeps its log, and rerunning the command resumes).
+Output-folder safety (docs/safety.md): `--out` new or empty (`--overwrite`: an earlier crop run's
+own outputs only), never an input folder, nothing written over. Every argument is checked before
+the model is loaded (exit 2, one line); a bad image is recorded and skipped (exit 1 at the end);
+Ctrl-C writes `crops.json` for the images done (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import glob
 import hashlib
-import io
-import itertools
 import json
-import math
 import os
 import pathlib
 import sys
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-import numpy as np
 import tqdm
 
 from clipcrop_jax import crop_output
+from clipcrop_jax import crop_run_log
+from clipcrop_jax.data import features
+from clipcrop_jax import default_config
 from clipcrop_jax import errors
-from clipcrop_jax import features
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 
+SUMMARY_FILE = crop_run_log.SUMMARY_FILE
+LOG_FILE = crop_run_log.LOG_FILE
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
-SUMMARY_FILE = 'crops.json'
-LOG_FILE = 'crops.jsonl'
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 GLOB_CHARS = set('*?[')
@@ -86,7 +55,7 @@ GLOB_CHARS = set('*?[')
 REMOVED_FLAGS = ('--process-index', '--process-count', '--distributed', '--coordinator-address',
                  '--merge')
 BEAM_HINT = ('to crop a collection on more than one machine, run it on Apache Beam: python -m '
-             'clipcrop_jax.crop_beam (README "Cropping at scale"); one process already uses '
+             'clipcrop_jax.crop_beam (docs/cropping.md); one process already uses '
              'every local accelerator')
 
 
@@ -97,88 +66,6 @@ def list_images(path: pathlib.Path) -> list[pathlib.Path]:
   if not path.exists():
     raise ValueError(f'{path}: no such file or directory')
   return [path]
-
-
-def output_names(paths: Sequence[Optional[pathlib.Path]]) -> list[str]:
-  """A distinct output name per input (case-insensitively distinct, for any file system).
-
-  The stem when it is free, else stem + '_' + extension (`x.png` -> `x_png`), else that + '_<n>'
-  (n = 2, 3, ...); `None` (the built-in demo picture) is 'demo'.
-  """
-  used, names = set(), []
-  for path in paths:
-    stem = path.stem if path is not None else 'demo'
-    base = f'{stem}_{path.suffix[1:]}' if path is not None and path.suffix else stem
-    candidates = itertools.chain([stem, base], (f'{base}_{n}' for n in itertools.count(2)))
-    name = next(c for c in candidates if c.casefold() not in used)
-    used.add(name.casefold())
-    names.append(name)
-  return names
-
-
-def earlier_run_outputs(out_dir: pathlib.Path) -> Optional[list[pathlib.Path]]:
-  """The files an earlier crop run made in `out_dir` (log, summary, crops, overlays), or None.
-
-  Read from `crops.jsonl` (a run announces every file in a `writing` line before it creates it,
-  so even a killed run's partial files are known) and `crops.json` (also the summaries of
-  versions without the log, whose files follow `<stem>_crop<i>.jpg` / `<stem>_overlay.png`).
-  Unreadable lines are skipped. Only files that exist are returned.
-  """
-  log, summary = out_dir / LOG_FILE, out_dir / SUMMARY_FILE
-  records = _read_jsonl(log)
-  if summary.is_file():
-    try:
-      data = json.loads(summary.read_text(errors='replace'))
-      records.extend(data.get('results', []) + data.get('failed', []))
-    except (ValueError, AttributeError, TypeError):
-      pass
-  if not records and not log.is_file() and not summary.is_file():
-    return None
-  names = {LOG_FILE, SUMMARY_FILE}
-  for r in records:
-    if not isinstance(r, dict):
-      continue
-    listed = r.get('writing', r.get('files'))
-    if isinstance(listed, list):
-      names.update(f for f in listed if isinstance(f, str))
-    elif isinstance(r.get('crops'), list) and isinstance(r.get('image'), str):  # older summary
-      stem = pathlib.Path(r['image']).stem if r['image'] != '<demo>' else 'demo'
-      names.update(f'{stem}_crop{i}.jpg' for i in range(len(r['crops'])))
-      names.add(f'{stem}_overlay.png')
-  return sorted(out_dir / n for n in names
-                if pathlib.Path(n).name == n and (out_dir / n).is_file())
-
-
-def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
-                    overwrite: bool) -> list[pathlib.Path]:
-  """Checks (and creates) the output folder before any work; ValueError with one line otherwise.
-
-  Returns the files of an earlier crop run that `--overwrite` will remove (not yet removed).
-  """
-  if out_dir.exists() and not out_dir.is_dir():
-    raise ValueError(f'--out {out_dir}: exists and is not a folder')
-  for folder in input_dirs:
-    if out_dir.exists() and out_dir.resolve() == folder.resolve():
-      raise ValueError(f'--out {out_dir} is the input folder; write the crops elsewhere (e.g. '
-                       f'--out {out_dir / "crops"})')
-  if _run_settings(_read_jsonl(out_dir / LOG_FILE)) is not None:
-    raise ValueError(f'--out {out_dir} holds a list run ({LOG_FILE}); resume it with its '
-                     '--image-list command, or choose a new or empty folder')
-  stale = []
-  if out_dir.is_dir() and any(out_dir.iterdir()):
-    if not overwrite:
-      raise ValueError(f'--out {out_dir} is not empty; use a new or empty folder, or --overwrite '
-                       'to replace the outputs of an earlier crop run there')
-    stale = earlier_run_outputs(out_dir)
-    if stale is None:
-      raise ValueError(f'--out {out_dir} holds no earlier crop run ({LOG_FILE} / {SUMMARY_FILE});'
-                       ' --overwrite only replaces a crop run\'s own outputs, so nothing there '
-                       'is touched: choose a new or empty folder')
-  try:
-    fileio.make_writable_dir(out_dir)
-  except OSError as e:
-    raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
-  return stale
 
 
 def _no_crop_reason(crops, image_wh, args) -> Optional[str]:
@@ -199,18 +86,11 @@ def _no_crop_reason(crops, image_wh, args) -> Optional[str]:
 
 
 def read_image_list(spec: str) -> list[pathlib.Path]:
-  """The images of `--image-list`: a list file or a glob, as absolute (normalised) paths.
-
-  * A glob (the argument contains `*`, `?` or `[`; quote it in the shell): the matching files,
-    sorted; `**` matches any number of folders.
-  * A file: one image path per line; blank lines and lines starting with `#` are skipped, a
-    relative path is relative to the list file's folder. A path listed twice is an error naming
-    both lines. Listed files that are missing fail as images, when their turn comes.
-
-  Raises ValueError (one line) for a missing list, an empty list or a duplicate.
-  """
+  """The images of `--image-list` (a list file or a glob: the module docstring's rules), as
+  absolute, normalised paths; ValueError (one line) for a missing or empty list or a duplicate."""
   if GLOB_CHARS & set(spec) and not pathlib.Path(spec).is_file():
-    paths = sorted(_absolute(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    paths = sorted(crop_run_log.absolute(p) for p in glob.glob(spec, recursive=True)
+                   if os.path.isfile(p))
     if not paths:
       raise ValueError(f'--image-list {spec}: no files match this glob')
     return paths
@@ -226,7 +106,7 @@ def read_image_list(spec: str) -> list[pathlib.Path]:
     entry = line.strip()
     if not entry or entry.startswith('#'):
       continue
-    path = _absolute(list_file.parent / entry)
+    path = crop_run_log.absolute(list_file.parent / entry)
     if path in seen:
       raise ValueError(f'{list_file}:{number}: {entry} is listed twice (first on line '
                        f'{seen[path]})')
@@ -237,132 +117,20 @@ def read_image_list(spec: str) -> list[pathlib.Path]:
   return paths
 
 
-def _absolute(path: Any) -> pathlib.Path:
-  """An absolute, normalised path (symbolic links kept: the listed name is the image's name)."""
-  return pathlib.Path(os.path.normpath(os.path.abspath(path)))
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  """The JSON objects of a log; a torn or unreadable line (a killed writer) is skipped."""
-  records = []
-  if path.is_file():
-    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(record, dict):
-        records.append(record)
-  return records
-
-
-def _is_result(record: dict[str, Any]) -> bool:
-  return isinstance(record.get('index'), int) and ('crops' in record or 'error' in record)
-
-
 def _settings(args, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
   """What a resumed list run must agree on (compared before any model is loaded)."""
   if args.checkpoint is not None:
-    model = str(_absolute(args.checkpoint)) if os.path.exists(args.checkpoint) else args.checkpoint
+    model = (str(crop_run_log.absolute(args.checkpoint)) if os.path.exists(args.checkpoint)
+             else args.checkpoint)
   else:
     model = f'random-init:{args.random_init}'
   digest = hashlib.sha256('\n'.join(map(str, paths)).encode('utf-8')).hexdigest()
-  query_image = str(_absolute(args.query_image)) if args.query_image else None
+  query_image = str(crop_run_log.absolute(args.query_image)) if args.query_image else None
   return {'images': len(paths), 'list_sha256': digest, 'model': model, 'dtype': args.dtype,
           'keyword_pipeline': args.keyword_pipeline, 'mode': args.mode, 'text': args.text,
           'query_image': query_image, 'top_k': args.top_k, 'aspect_ratio': args.aspect_ratio,
           'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k,
           'max_pixels': args.max_pixels}
-
-
-def _run_settings(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
-  """The settings of a list run's log (its `run` line), None for a folder run or no log."""
-  for record in records:
-    run = record.get('run')
-    if isinstance(run, dict):
-      return run.get('settings') if isinstance(run.get('settings'), dict) else None
-  return None
-
-
-def prepare_list_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
-                     settings: dict[str, Any]) -> list[dict[str, Any]]:
-  """Checks `--out` of a list run before any model work; ValueError with one line otherwise.
-
-  Allowed: a new or empty folder, or one holding the same list run (same list and settings: it
-  is resumed). Never a folder an image of the list lies in. Returns the earlier run's log
-  records ([] for a new run).
-  """
-  if out_dir.exists() and not out_dir.is_dir():
-    raise ValueError(f'--out {out_dir}: exists and is not a folder')
-  records: list[dict[str, Any]] = []
-  if out_dir.is_dir():
-    here = _absolute(out_dir)
-    if any(p.parent == here for p in paths):
-      raise ValueError(f'--out {out_dir} is an input folder (images of the list lie there); '
-                       'write the crops elsewhere')
-    records = _read_jsonl(out_dir / LOG_FILE)
-    theirs = _run_settings(records)
-    if theirs is not None:
-      for key, value in settings.items():
-        if theirs.get(key) != value:
-          what = 'image list' if key in ('images', 'list_sha256') else key
-          raise ValueError(f'--out {out_dir} holds another list run ({LOG_FILE}: {what} '
-                           f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings '
-                           'to resume it, or choose a new folder')
-    elif any(out_dir.iterdir()):
-      raise ValueError(f'--out {out_dir} is not empty and holds no list run ({LOG_FILE}); use a '
-                       'new or empty folder')
-  try:
-    fileio.make_writable_dir(out_dir)
-  except OSError as e:
-    raise ValueError(f'--out {out_dir}: cannot write there ({e.strerror or e})') from None
-  return records
-
-
-class _RunLog:
-  """`crops.jsonl`: one fsynced JSON line per record, locked (`flock`) while open, so a second
-  process on the same folder is refused. `append` (a resumed list run) continues on a fresh line
-  after a torn last line (a writer killed mid-line); otherwise the log is created exclusively."""
-
-  def __init__(self, path: pathlib.Path, append: bool = False):
-    self._f = open(path, 'a' if append else 'x', encoding='utf-8')  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._f.close()
-      raise ValueError(f'{path}: another process is writing this run (locked)') from None
-    if append and path.stat().st_size:
-      with open(path, 'rb') as f:
-        f.seek(-1, os.SEEK_END)
-        torn = f.read(1) != b'\n'
-      if torn:
-        self._f.write('\n')
-        self._f.flush()
-
-  def write(self, record: dict[str, Any]) -> None:
-    self._f.write(json.dumps(record) + '\n')
-    self._f.flush()
-    os.fsync(self._f.fileno())
-
-  def close(self) -> None:
-    self._f.close()
-
-
-def _resume(records: Sequence[dict[str, Any]], out_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
-  """The finished images of a list run's log (index -> result line); the files announced for an
-  unfinished image (a `writing` line without a result: killed mid-image) are removed, with any
-  temporary file of theirs, so the image can be redone."""
-  done = {r['index']: r for r in records if _is_result(r)}
-  announced = set()
-  for r in records:
-    if 'writing' in r and r.get('index') not in done and isinstance(r['writing'], list):
-      announced.update(f for f in r['writing'] if isinstance(f, str) and pathlib.Path(f).name == f)
-  if announced:
-    prefixes = tuple(f'{fileio.TMP_PREFIX}{f}.' for f in announced)
-    for path in out_dir.iterdir():
-      if path.name in announced or path.name.startswith(prefixes):
-        path.unlink(missing_ok=True)
-  return done
 
 
 # ------------------------------------------------------------------ the command line
@@ -381,9 +149,8 @@ def _parser() -> argparse.ArgumentParser:
   images = parser.add_mutually_exclusive_group()
   images.add_argument('--image', help='Image file or folder (default: a built-in picture).')
   images.add_argument('--image-list', metavar='FILE_OR_GLOB',
-                      help="A list: a text file with one image path per line ('#' comments; "
-                      "relative to the file's folder) or a quoted glob ('**' recursive); "
-                      'rerun the command to resume it.')
+                      help='A list file or a quoted glob of images; rerun the command to resume '
+                      'it (rules: the module docstring, docs/cropping.md).')
   query = parser.add_mutually_exclusive_group()
   query.add_argument('--text', help='What to crop to.')
   query.add_argument('--query-image', help='An example image to crop to.')
@@ -408,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                       help='Images per forward (default: the cropper\'s: 1 on CPU, 8 on GPU/TPU).')
   parser.add_argument('--workers', type=int, default=None,
                       help='Image reading threads (default: min(8, CPU count)).')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+  parser.add_argument('--dtype', default='float32', choices=default_config.DTYPES,
                       help='Compute dtype (parameters stay float32).')
   parser.add_argument('--out', required=True,
                       help='Output folder: new or empty (or an earlier run\'s, with --overwrite; '
@@ -421,11 +188,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
-  cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
+  from clipcrop_jax import crop_request  # pylint: disable=g-import-not-at-top
+  crop_request.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg.replace('_', '-'))
   for flag in ('max_pixels', 'batch_size', 'workers'):
     if getattr(args, flag) is not None:
-      cropper_lib.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
+      crop_request.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
   if args.keyword_pipeline is not None:
     try:
       keywords.check_pipeline(args.keyword_pipeline)
@@ -484,16 +252,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     query_image = load(args.query_image) if args.query_image else None
     if args.image_list:
       settings = _settings(args, paths)
-      earlier = prepare_list_dir(out_dir, paths, settings)
+      earlier = crop_run_log.prepare_list_dir(out_dir, paths, settings)
       stale = []
     else:
-      stale = prepare_out_dir(out_dir, input_dirs, args.overwrite)
+      stale = crop_run_log.prepare_out_dir(out_dir, input_dirs, args.overwrite)
     kwargs = dict(dtype=args.dtype)
     if args.batch_size is not None:
       kwargs['batch_size'] = args.batch_size
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline or keywords.DEFAULT_PIPELINE,
+          args.random_init, keyword_pipeline=args.keyword_pipeline,
           **kwargs)
     else:  # None: the pipeline recorded with the model
       cropper = cropper_lib.ClipCropper.load(args.checkpoint,
@@ -508,14 +276,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, TypeError, OSError) as e:
     if out_is_new and out_dir.is_dir() and not any(out_dir.iterdir()):
       out_dir.rmdir()  # made by prepare_out_dir for nothing
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {_for_the_command_line(e)}', file=sys.stderr)
     return EXIT_USAGE
 
   def prepare(item):  # in the reading threads: one full decode, for the model and the files
     image = load(item) if item is not None else detect.demo_image()
     return cropper.prepare(image), image
 
-  names = output_names(paths)
+  names = crop_run_log.output_names(paths)
   report = {'model': cropper.model_id, 'mode': mode, 'text': args.text,
             'query_image': args.query_image, 'aspect_ratio': args.aspect_ratio,
             'top_k': args.top_k, 'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k}
@@ -526,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     for path in stale:  # --overwrite: the earlier run's outputs only
       path.unlink(missing_ok=True)
-    log = _RunLog(out_dir / LOG_FILE)
+    log = crop_run_log.RunLog(out_dir / LOG_FILE)
   except OSError as e:  # e.g. another run started in the same folder meanwhile
     print(f'error: --out {out_dir}: {e}', file=sys.stderr)
     return EXIT_USAGE
@@ -552,7 +320,7 @@ def _list_main(cropper, checked, paths, names, report, settings, earlier, out_di
   """A list run (new, or resumed from `earlier` log records): crop what is not done, then write
   `crops.json` of the whole list once every image has a result."""
   try:
-    log = _RunLog(out_dir / LOG_FILE, append=bool(earlier))
+    log = crop_run_log.RunLog(out_dir / LOG_FILE, append=bool(earlier))
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_USAGE
@@ -560,7 +328,7 @@ def _list_main(cropper, checked, paths, names, report, settings, earlier, out_di
     if not earlier:
       log.write({'run': {**report, 'settings': settings,
                          'images': [[str(p), n] for p, n in zip(paths, names)]}})
-    done = _resume(earlier, out_dir)
+    done = crop_run_log.resume(earlier, out_dir)
     jobs = [_Job(paths[i], str(paths[i]), names[i], {'index': i})
             for i in range(len(paths)) if i not in done]
     if done:
@@ -604,7 +372,7 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
           raise result.exception
         record = _write_image(result, job, out_dir, log, args)
       except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
-        reason = errors.one_line(e)
+        reason = errors.one_line(_for_the_command_line(e))
         record = {**job.key, 'image': job.label, 'name': job.name, 'error': reason}
         failed.append(record)
         tqdm.tqdm.write(f'skipped: {reason}' if job.label in reason else
@@ -615,6 +383,14 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
   except KeyboardInterrupt:
     return results, failed, True
   return results, failed, False
+
+
+def _for_the_command_line(error: BaseException) -> BaseException:
+  """`error`, a pixel-limit error telling how to allow the image with this command's flag."""
+  from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+  if isinstance(error, pp.ImageTooLargeError):
+    return error.allowed_by(f'pass --max-pixels {error.pixels}')
+  return error
 
 
 def _crop_results(cropper, request, items: Sequence[Any], args, prepare) -> Iterator[Any]:

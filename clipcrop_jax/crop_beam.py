@@ -27,6 +27,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from clipcrop_jax import default_config
+
 EXIT_USAGE = 2
 
 
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="First crop = mean of the k best predictions (default: the model's).")
   parser.add_argument('--keyword_pipeline', default=None,
                       help="Keyword extractor: a spaCy pipeline or 'rules' (default: the model's).")
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--dtype', default='float32', choices=default_config.DTYPES)
   parser.add_argument('--max_pixels', type=int, default=None,
                       help='Images with more decoded pixels go to the dead letters.')
   parser.add_argument('--batch_size', type=int, default=8,
@@ -76,14 +78,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
   """Every argument, before anything is built (ValueError / TypeError with one line)."""
-  from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import features  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import crop_request  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import features  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
-  cropper_lib.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
+  crop_request.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
                                    name=lambda arg: '--' + arg)
   for flag in ('max_pixels', 'batch_size', 'model_copies'):
     if getattr(args, flag) is not None:
-      cropper_lib.check_int('--' + flag, getattr(args, flag))
+      crop_request.check_int('--' + flag, getattr(args, flag))
   if args.mode is not None and args.mode not in features.QUERY_MODES:
     raise ValueError(f'--mode {args.mode!r}; expected one of {", ".join(features.QUERY_MODES)}')
   if args.keyword_pipeline is not None:

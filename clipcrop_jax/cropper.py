@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import math
 import os
 import pathlib
 import threading
@@ -46,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax import crop_request
+from clipcrop_jax.data import features
+from clipcrop_jax import default_config
 from clipcrop_jax import errors as errors_lib
 from clipcrop_jax import export
-from clipcrop_jax import features
 from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
-from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import zero_shot
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
@@ -60,11 +59,12 @@ from clipcrop_jax.owlvit import image_query
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import preprocessing as pp
 from clipcrop_jax.owlvit import tokenizer
+from clipcrop_jax import sharding as sharding_lib
+from clipcrop_jax import zero_shot
 
 DEFAULT_NMS_IOU = 0.7
 QUERY_PAD = 4
 ZERO_SHOT_OTHER_OBJECTS = 20  # top detections used for the cut-through penalty
-MAX_ASPECT_RATIO = 100.0  # aspect ratios outside [1/100, 100] are refused
 MIN_CROP_SIDE = 1.0  # pixels: no crop is ever thinner than one pixel
 QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example image -> embedding)
 # Images per forward in batched inference (per cropper / per call: batch_size), by platform.
@@ -73,7 +73,7 @@ QUERY_CACHE_SIZE = 64  # query embeddings kept per cropper (text or example imag
 # reading still runs ahead in threads. Accelerators: 8 (raise it for throughput).
 DEFAULT_BATCH_SIZE = {'cpu': 1}
 ACCELERATOR_BATCH_SIZE = 8
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in default_config.DTYPES}  # name -> jnp dtype
 IMAGE_QUERY_TEXT = '<example image>'  # `QueryUse.text` of an example-image query
 # What the decoder's batched forward brings back to the host (selections: for `Crop.queries`).
 _DECODER_OUTPUTS = ('pred_boxes', 'quality', 'selected_boxes', 'selected_logits', 'selected_mask',
@@ -171,21 +171,6 @@ class BatchResult:
   image_hw: Optional[tuple[int, int]] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Request:
-  """A validated crop request (shared by every image of a call)."""
-
-  mode: str
-  queries: Any  # (1, Q, D) query embeddings, None in base mode
-  query_mask: Any  # (1, Q) bool, None in base mode
-  top_k: int
-  ratio: Optional[float]
-  min_size: float
-  fuse_top_k: int
-  query_roles: Any = None  # (1, Q) int32 role ids (`features.ROLE_IDS`), None in base mode
-  query_texts: tuple[tuple[str, str], ...] = ()  # (text, role) of each real query
-
-
 class ClipCropper:
   """Crops images to a text or an example image.
 
@@ -195,7 +180,9 @@ class ClipCropper:
     zero_shot: True when only OWL-ViT weights are available.
     model_id: a human-readable description of where the weights came from.
     keyword_pipeline: the keyword extractor of text queries: a spaCy pipeline name or path, or
-      `keywords.RULES` (the rule-based extractor).
+      `keywords.RULES` (the rule-based extractor). The constructor takes a name (None, an old
+      spelling of the rule-based extractor, is refused); the factories (`load`, `init_random`,
+      `from_owlvit`) read None as the recorded pipeline (`_pipeline_or_recorded`).
   """
 
   def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
@@ -220,7 +207,7 @@ class ClipCropper:
     self.mesh = sharding_lib.make_mesh((-1, 1), jax.local_devices() if devices is None
                                        else devices)
     platform = self.mesh.devices.flat[0].platform
-    self.batch_size = check_int('batch_size', DEFAULT_BATCH_SIZE.get(
+    self.batch_size = crop_request.check_int('batch_size', DEFAULT_BATCH_SIZE.get(
         platform, ACCELERATOR_BATCH_SIZE) if batch_size is None else batch_size)
     self.num_devices = self.mesh.devices.size
     self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
@@ -238,32 +225,35 @@ class ClipCropper:
 
   @classmethod
   def init_random(cls, config: Union[model_lib.ClipCropConfig, str] = 'tiny',
-                  seed: int = 0, **kwargs) -> 'ClipCropper':
+                  seed: int = 0, keyword_pipeline: Optional[str] = None,
+                  **kwargs) -> 'ClipCropper':
     """Random weights (for tests and demos).
 
     Args:
       config: a ClipCropConfig, 'tiny' (tiny OWL-ViT + small decoder) or an OWL-ViT config name
         (`clipcrop_jax.owlvit.CONFIGS`, e.g. 'clip_b32') with the paper's decoder.
       seed: PRNG seed.
-      **kwargs: passed to the constructor (keyword_pipeline, nms_iou, ...).
+      keyword_pipeline: the keyword extractor; None = `keywords.DEFAULT_PIPELINE`.
+      **kwargs: passed to the constructor (nms_iou, ...).
     """
     config = _named_config(config)
     return cls(config, model_lib.init_variables(config, seed), model_id=f'random-init seed {seed}',
-               **kwargs)
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   @classmethod
   def from_owlvit(cls, path: Union[str, pathlib.Path],
                   config: Optional[model_lib.ClipCropConfig] = None, seed: int = 0,
-                  **kwargs) -> 'ClipCropper':
+                  keyword_pipeline: Optional[str] = None, **kwargs) -> 'ClipCropper':
     """OWL-ViT weights from any checkpoint `load_checkpoint` reads + a new (untrained) decoder.
 
     The starting point for training; for cropping without a trained decoder use `load(path)`,
-    which gives the zero-shot mode.
+    which gives the zero-shot mode. `keyword_pipeline` None = `keywords.DEFAULT_PIPELINE`.
     """
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
     config = config or model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
     variables = model_lib.init_from_owlvit(config, owl_variables, seed)
-    return cls(config, variables, model_id=f'{path} + untrained decoder', **kwargs)
+    return cls(config, variables, model_id=f'{path} + untrained decoder',
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
     """Writes the model directory (`export.save_model`: atomic; a folder holding anything but a
@@ -292,15 +282,14 @@ class ClipCropper:
     if export.is_model_dir(path) or export.is_model_dir(path / export.EXPORT_DIR):
       exported = export.load_model(path)
       return cls(exported.config, {'params': exported.params}, model_id=str(path),
-                 keyword_pipeline=exported.keyword_pipeline if keyword_pipeline is None
-                 else keyword_pipeline, **kwargs)
+                 keyword_pipeline=_pipeline_or_recorded(keyword_pipeline,
+                                                        exported.keyword_pipeline), **kwargs)
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(checkpoint)
     config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path),
                                       selection_union=zero_shot.ZERO_SHOT_UNION)
     variables = {'params': {'owlvit': owl_variables['params']}}
     return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
-               keyword_pipeline=keywords_lib.DEFAULT_PIPELINE if keyword_pipeline is None
-               else keyword_pipeline, **kwargs)
+               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
 
   # ------------------------------------------------------------------ inference
 
@@ -365,7 +354,8 @@ class ClipCropper:
     Returns:
       one `Encoding` per image, in order (arrays with a leading batch dimension of 1).
     """
-    batch_size = self.batch_size if batch_size is None else check_int('batch_size', batch_size)
+    batch_size = (self.batch_size if batch_size is None
+                  else crop_request.check_int('batch_size', batch_size))
     inputs = [self.prepare(im) for im in images]
     encodings = []
     for start in range(0, len(inputs), batch_size):
@@ -422,38 +412,26 @@ class ClipCropper:
               tuple((q.text, q.role) for q in found))
     return self._cached(('text', mode, text), embed_text)
 
-  def check_request(self, text: Optional[str] = None, query_image: Any = None, top_k: int = 5,
+  def check_request(self, text: Optional[str] = None, query_image: Any = None,
+                    top_k: int = crop_request.DEFAULT_TOP_K,
                     aspect_ratio: Any = None, min_size: Optional[float] = None,
                     mode: Optional[str] = None, query_box: Any = None,
-                    fuse_top_k: Optional[int] = None) -> _Request:
+                    fuse_top_k: Optional[int] = None) -> crop_request.CropRequest:
     """Validates `crop`'s arguments (no image needed) and embeds the query (cached).
 
     A command line calls it once before a folder of images, so that a bad argument is reported
     once, before any image is encoded. Raises ValueError / TypeError naming the argument.
     """
-    top_k, ratio, min_size, fuse_top_k = check_crop_arguments(top_k, aspect_ratio, min_size,
-                                                              fuse_top_k)
-    fuse_top_k = self.config.fuse_top_k if fuse_top_k is None else fuse_top_k
-    if mode is not None and mode not in features.QUERY_MODES:
-      raise ValueError(f'mode {mode!r}; expected one of {features.QUERY_MODES}')
-    if text is not None and not isinstance(text, str):
-      raise TypeError(f'text must be a string, got {type(text).__name__}')
-    if text is not None and query_image is not None:
-      raise ValueError('give text or query_image, not both (a crop follows one condition)')
-    if query_box is not None and query_image is None:
-      raise ValueError('query_box needs query_image (it is a region of the example image)')
-    mode = mode or self.config.mode
-    if query_image is not None and mode != 'base':
-      mode = 'image'
-    if mode == 'image' and query_image is None:
-      raise ValueError("mode 'image' needs query_image")
-    if mode not in ('image', 'base') and (text is None or not text.strip()):
-      raise ValueError(f'mode {mode!r} needs a non-empty text (or pass query_image)')
-    queries, query_mask, roles, texts = self._queries(text, query_image, query_box, mode)
-    return _Request(mode, queries, query_mask, top_k, ratio, min_size, fuse_top_k, roles, texts)
+    args = crop_request.check_arguments(
+        text, query_image, top_k, aspect_ratio, min_size, mode, query_box, fuse_top_k,
+        default_mode=self.config.mode, default_fuse_top_k=self.config.fuse_top_k)
+    queries, query_mask, roles, texts = self._queries(text, query_image, query_box, args.mode)
+    return crop_request.CropRequest(args.mode, queries, query_mask, args.top_k, args.ratio,
+                                    args.min_size, args.fuse_top_k, roles, texts)
 
   def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
-           top_k: int = 5, aspect_ratio: Any = None, min_size: Optional[float] = None,
+           top_k: int = crop_request.DEFAULT_TOP_K, aspect_ratio: Any = None,
+           min_size: Optional[float] = None,
            mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None,
            *, errors: str = 'raise', batch_size: Optional[int] = None
            ) -> Union[list[Crop], list[Union[list[Crop], BatchResult]]]:
@@ -503,7 +481,8 @@ class ClipCropper:
     return results
 
   def iter_crops(self, images: Iterable[Any], text: Optional[str] = None,
-                 query_image: Any = None, top_k: int = 5, aspect_ratio: Any = None,
+                 query_image: Any = None, top_k: int = crop_request.DEFAULT_TOP_K,
+                 aspect_ratio: Any = None,
                  min_size: Optional[float] = None, mode: Optional[str] = None,
                  query_box: Any = None, fuse_top_k: Optional[int] = None, *,
                  batch_size: Optional[int] = None, num_workers: Optional[int] = None,
@@ -533,14 +512,15 @@ class ClipCropper:
     return self.iter_crops_checked(images, request, batch_size=batch_size,
                                    num_workers=num_workers, prepare=prepare)
 
-  def iter_crops_checked(self, images: Iterable[Any], request: _Request, *,
+  def iter_crops_checked(self, images: Iterable[Any], request: crop_request.CropRequest, *,
                          batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                          prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
                          ) -> Iterator[BatchResult]:
     """`iter_crops` under a request `check_request` already validated."""
-    batch_size = self.batch_size if batch_size is None else check_int('batch_size', batch_size)
+    batch_size = (self.batch_size if batch_size is None
+                  else crop_request.check_int('batch_size', batch_size))
     num_workers = (min(8, os.cpu_count() or 1) if num_workers is None
-                   else check_int('num_workers', num_workers))
+                   else crop_request.check_int('num_workers', num_workers))
 
     def read(index: int, item: Any) -> BatchResult:
       source = str(item) if isinstance(item, (str, pathlib.Path)) else f'images[{index}]'
@@ -573,7 +553,8 @@ class ClipCropper:
     finally:  # also when the caller stops early (break, Ctrl-C): reads not started are dropped
       pool.shutdown(wait=True, cancel_futures=True)
 
-  def _crop_batch(self, batch: list[BatchResult], request: _Request) -> Iterator[BatchResult]:
+  def _crop_batch(self, batch: list[BatchResult], request: crop_request.CropRequest
+                  ) -> Iterator[BatchResult]:
     """Crops the read items of `batch` (one forward; Encodings and failures pass through)."""
     to_encode = [r for r in batch if r.exception is None and not isinstance(r.payload, Encoding)]
     outputs = self._forward([r.payload[0] for r in to_encode], request) if to_encode else None
@@ -593,7 +574,8 @@ class ClipCropper:
       except Exception as e:  # pylint: disable=broad-except
         yield _failed(r.index, r.source, e)
 
-  def _forward(self, inputs: Sequence[ModelInput], request: _Request) -> dict[str, Any]:
+  def _forward(self, inputs: Sequence[ModelInput], request: crop_request.CropRequest
+               ) -> dict[str, Any]:
     """Encoder (+ decoder) on one batch: host arrays with a leading (padded) batch axis.
 
     Trained decoder: 'pred_boxes' (B, M, 4) xyxy of the padded square and 'quality' (B, M).
@@ -617,20 +599,21 @@ class ClipCropper:
     return jax.device_get({k: out[k] for k in _DECODER_OUTPUTS if k in out})
 
   def _crops_from_outputs(self, outputs: dict[str, Any], i: int,
-                          image_hw: tuple[int, int], request: _Request) -> list[Crop]:
+                          image_hw: tuple[int, int], request: crop_request.CropRequest
+                          ) -> list[Crop]:
     """The crops of row `i` of a batched `_forward`."""
     row = jax.tree.map(lambda v: v[i:i + 1], outputs)
     if self.zero_shot:
       return self._crop_encoding(Encoding(image_hw, row, self._encoder_key), request)
     return self._crops_from_decoder(row, image_hw, request)
 
-  def crop_checked(self, image: Any, request: _Request) -> list[Crop]:
+  def crop_checked(self, image: Any, request: crop_request.CropRequest) -> list[Crop]:
     """`crop` for one image (array, path, file object, `ModelInput` or `Encoding`) under a request
     that `check_request` already validated and embedded: a service checks each request once,
     when it arrives, and crops it later, e.g. after a batched `encode_batch`."""
     return self._crop_one(image, request)
 
-  def _crop_one(self, image: Any, request: _Request) -> list[Crop]:
+  def _crop_one(self, image: Any, request: crop_request.CropRequest) -> list[Crop]:
     """Crops for one image (array, path or Encoding) under a validated request."""
     if isinstance(image, Encoding):
       if image.encoder != self._encoder_key:
@@ -641,7 +624,7 @@ class ClipCropper:
       enc = self.encode(image)
     return self._crop_encoding(enc, request)
 
-  def _crop_encoding(self, enc: Encoding, request: _Request) -> list[Crop]:
+  def _crop_encoding(self, enc: Encoding, request: crop_request.CropRequest) -> list[Crop]:
     """Crops of one encoded image (zero-shot rule or the decoder on its own)."""
     q, q_mask = request.queries, request.query_mask
     h, w = enc.image_hw
@@ -655,7 +638,7 @@ class ClipCropper:
     return self._crops_from_decoder(out, enc.image_hw, request)
 
   def _crops_from_decoder(self, out: dict[str, Any], image_hw: tuple[int, int],
-                          request: _Request) -> list[Crop]:
+                          request: crop_request.CropRequest) -> list[Crop]:
     """Crops from the decoder's outputs of one image ('pred_boxes' (1, M, 4) xyxy of the
     padded square, 'quality' (1, M), and the selections): pixels, box voting, `_finalise`."""
     h, w = image_hw
@@ -674,7 +657,7 @@ class ClipCropper:
     return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
                           request.min_size, first_is_best=request.fuse_top_k > 1, queries=uses)
 
-  def _zero_shot(self, enc: Encoding, request: _Request):
+  def _zero_shot(self, enc: Encoding, request: crop_request.CropRequest):
     """Zero-shot crops (pixels), scores and `QueryUse`s from OWL-ViT detections alone
     (`zero_shot`): the union of the selections of `selection_union`'s roles is the target, the
     other (context) selections count as objects not to cut through."""
@@ -688,16 +671,15 @@ class ClipCropper:
       crops, scores = zero_shot.crops_from_detections(boxes, None, None, (w, h), request.ratio,
                                                       other_objects=ZERO_SHOT_OTHER_OBJECTS)
       return crops, scores, ()
-    logits = np.asarray(owl_heads.logits_from_image_terms(
-        enc.encoded['class_terms'], q, q_mask)[0])  # (P, Q)
-    in_image = np.asarray(model_lib.token_in_image(  # not padding
-        enc.encoded['pred_boxes'][0], (w / side, h / side)))
-    logits = np.where(in_image[:, None], logits, -np.inf)
+    raw_logits = owl_heads.logits_from_image_terms(enc.encoded['class_terms'], q, q_mask)[0]
+    in_image = owl_heads.token_in_image(  # not padding
+        enc.encoded['pred_boxes'][0], (w / side, h / side))
+    best = np.asarray(zero_shot.token_scores(raw_logits, in_image, q_mask[0]))  # (P,)
+    logits = np.where(np.asarray(in_image)[:, None], np.asarray(raw_logits), -np.inf)  # (P, Q)
     selected = np.asarray(q_mask[0])
     picks = np.argmax(logits, axis=0)
     in_union = np.asarray(model_lib.union_selection_mask(
         jnp.asarray(selected[None]), request.query_roles, self.config.selection_union))[0]
-    best = 1 / (1 + np.exp(-logits.max(axis=1)))  # 0 for padding tokens
     crops, scores = zero_shot.crops_from_detections(
         boxes, best, picks[in_union], (w, h), request.ratio,
         other_objects=ZERO_SHOT_OTHER_OBJECTS, context=picks[selected & ~in_union])
@@ -760,55 +742,6 @@ def _query_uses(texts: Sequence[tuple[str, str]], boxes_px: np.ndarray, logits: 
   return tuple(uses)
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-  """`value` as an int >= `minimum`; TypeError (not an integer) / ValueError naming `name`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f'{name} must be an integer, got {value!r} ({type(value).__name__})')
-  if value < minimum:
-    raise ValueError(f'{name} must be >= {minimum}, got {value}')
-  return int(value)
-
-
-def check_real(name: str, value: Any, minimum: float = 0.0) -> float:
-  """`value` as a finite float >= `minimum`; TypeError / ValueError naming `name`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                   np.floating)):
-    raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
-  value = float(value)
-  if not math.isfinite(value) or value < minimum:
-    raise ValueError(f'{name} must be a finite number >= {minimum:g}, got {value}')
-  return value
-
-
-def parse_crop_aspect_ratio(value: Any) -> Optional[float]:
-  """`boxes.parse_aspect_ratio`, limited to [1 / MAX_ASPECT_RATIO, MAX_ASPECT_RATIO]."""
-  ratio = box_lib.parse_aspect_ratio(value)
-  if ratio is not None and not 1 / MAX_ASPECT_RATIO <= ratio <= MAX_ASPECT_RATIO:
-    raise ValueError(f'aspect ratio {value!r} (= {ratio:g}) is outside [1/{MAX_ASPECT_RATIO:g}, '
-                     f'{MAX_ASPECT_RATIO:g}]')
-  return ratio
-
-
-def check_crop_arguments(top_k: Any, aspect_ratio: Any = None, min_size: Any = None,
-                         fuse_top_k: Any = None, name=lambda arg: arg
-                         ) -> tuple[int, Optional[float], float, Optional[int]]:
-  """The image-independent numbers of a crop request, checked (`crop`, and command lines before
-  they load a model).
-
-  Returns:
-    (top_k, aspect ratio or None, min_size (0 when None), fuse_top_k or None). Errors name the
-    argument as `name(argument)` (e.g. a command line's flag).
-  """
-  top_k = check_int(name('top_k'), top_k)
-  fuse_top_k = None if fuse_top_k is None else check_int(name('fuse_top_k'), fuse_top_k)
-  min_size = 0.0 if min_size is None else check_real(name('min_size'), min_size)
-  try:
-    ratio = parse_crop_aspect_ratio(aspect_ratio)
-  except ValueError as e:
-    raise ValueError(f'{name("aspect_ratio")}: {e}') from None
-  return top_k, ratio, min_size, fuse_top_k
-
-
 def _check_dtype(dtype: Any) -> Any:
   """'float32' / 'bfloat16' (or the jnp dtypes) -> the jnp dtype; ValueError naming `dtype`."""
   for name, value in DTYPES.items():
@@ -822,6 +755,13 @@ def _np_dtype(dtype: Any) -> Optional[np.dtype]:
     return np.dtype(dtype)
   except TypeError:
     return None
+
+
+def _pipeline_or_recorded(keyword_pipeline: Optional[str],
+                          recorded: str = keywords_lib.DEFAULT_PIPELINE) -> str:
+  """The factories' reading of `keyword_pipeline`: None = the recorded pipeline (the default
+  when nothing is recorded)."""
+  return recorded if keyword_pipeline is None else keyword_pipeline
 
 
 def _failed(index: int, source: str, error: Exception) -> BatchResult:

@@ -4,7 +4,7 @@
 code (a dataset not prepared, no usable checkpoint, a loss that became NaN). `python -m
 clipcrop_jax.main` and `python -m clipcrop_jax.detection_train` print `error: <message>` on
 stderr and exit with code 1, without a traceback. (A bad config or command line is a
-`default_config.ConfigError`: exit code 2.)
+`config_validation.ConfigError`: exit code 2.)
 """
 
 from __future__ import annotations

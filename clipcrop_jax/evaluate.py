@@ -35,20 +35,19 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax.data import features as F
 from clipcrop_jax import default_config
 from clipcrop_jax import export
-from clipcrop_jax import features as F
-from clipcrop_jax import fileio
 from clipcrop_jax import metrics as metrics_lib
 from clipcrop_jax import model as model_lib
+from clipcrop_jax.owlvit import fileio
+from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax import sharding as sharding_lib
 from clipcrop_jax import zero_shot
-from clipcrop_jax.owlvit import heads as owl_heads
 
 TEXT_DATASETS = ('horanyi_pr', 'textcrop')
 FUSE_PREFIX = 'clipcrop@fuse'  # methods 'clipcrop@fuse<k>' (`evaluate_dataset(fuse_choices=)`)
@@ -85,9 +84,8 @@ def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent, query_roles
                                                                            mdl.config.mode),
                                  None, extent, query_roles=query_roles)
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], q, real)  # (B, P, Q)
-  logits = jnp.where(real[:, None, :], logits, -jnp.inf)
-  in_image = model_lib.token_in_image(encoded['pred_boxes'], extent)
-  token_scores = jnp.where(in_image, jax.nn.sigmoid(jnp.max(logits, axis=-1)), 0.0)
+  in_image = owl_heads.token_in_image(encoded['pred_boxes'], extent)
+  token_scores = zero_shot.token_scores(logits, in_image, real)
   return dict(pred_boxes=own['pred_boxes'], quality=own['quality'],
               top_box=full['selected_boxes'][:, 0], top_valid=full['selected_mask'][:, 0],
               union_box=full['union_box'], selected_tokens=full['selected_tokens'],
@@ -189,7 +187,7 @@ class _Collector:
 def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, batch_size: int):
   """Global eval batches; every process yields the same number (padding batches are masked)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   per_process = sharding_lib.process_batch_size(batch_size, 'eval.batch_size')
   total = builder.info.splits[split].num_examples
   n_batches = math.ceil(math.ceil(total / jax.process_count()) / per_process)
@@ -246,7 +244,7 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
   """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   kind = dataset_kind(name, split)
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   model = default_config.build_model(config)
   baselines = [b for b in config.eval.baselines if b != 'clipcrop_base' or base is not None]
   fused = [f'{FUSE_PREFIX}{int(k)}' for k in fuse_choices]

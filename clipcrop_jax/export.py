@@ -3,7 +3,8 @@
 A model directory holds exactly two files:
 
   clipcrop_config.json   {"format_version": 3,
-                          "config": {<every `model.ClipCropConfig` field>},
+                          "config": {<the `model.ClipCropConfig` fields but the
+                                     TRAINING_ONLY_FIELDS>},
                           "keyword_pipeline": "<spaCy pipeline name or path, or 'rules'>"}
   params.msgpack         flax msgpack of {'params': {'owlvit': ..., 'decoder': ...}}
 
@@ -35,14 +36,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipcrop_jax import fileio
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
+from clipcrop_jax.owlvit import fileio
 
 CONFIG_FILE = 'clipcrop_config.json'
 PARAMS_FILE = 'params.msgpack'
 FORMAT_VERSION = 3  # 2: + the training keyword pipeline; 3: + config.selection_union (above)
 EXPORT_DIR = 'clipcrop'  # the subfolder of a training workdir that holds its exported model
+# `ClipCropConfig` fields that only say how a model is trained: never written (they load as the
+# defaults).
+TRAINING_ONLY_FIELDS = ('remat_encoder',)
 
 PathLike = Union[str, pathlib.Path]
 
@@ -100,7 +104,8 @@ def save_model(directory: PathLike, config: model_lib.ClipCropConfig, params: An
                        'refusing to replace it, save into a new or empty directory')
   data = flax.serialization.msgpack_serialize(
       jax.tree_util.tree_map(np.asarray, {'params': params}))
-  meta = {'format_version': FORMAT_VERSION, 'config': dataclasses.asdict(config),
+  fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY_FIELDS}
+  meta = {'format_version': FORMAT_VERSION, 'config': fields,
           'keyword_pipeline': keyword_pipeline}
   with fileio.replace_directory(directory) as tmp:
     (tmp / PARAMS_FILE).write_bytes(data)

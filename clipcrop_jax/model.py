@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from clipcrop_jax import boxes as box_lib
+from clipcrop_jax.data import features
 from clipcrop_jax import decoder as decoder_lib
-from clipcrop_jax import features
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import heads as owl_heads
 from clipcrop_jax.owlvit import model as owl_model
@@ -281,22 +281,6 @@ def apply_offsets(reference_xyxy: jax.Array, offsets: jax.Array, offset_space: s
   return box_lib.cxcywh_to_xyxy(jax.nn.sigmoid(logits + offsets))
 
 
-def token_in_image(pred_boxes_cxcywh: Any, image_extent: Any) -> jax.Array:
-  """(..., P) bool: the token's box centre lies in the real image, not in the padding.
-
-  Images are padded at the bottom / right to a square; a token whose predicted box centre
-  (cx, cy) is beyond the real image's extent (w, h) sees only padding and is never selected.
-
-  Args:
-    pred_boxes_cxcywh: (..., P, 4) token boxes, cxcywh in [0, 1] of the padded square.
-    image_extent: (..., 2) the real image's (width, height) in [0, 1] of the padded square,
-      (W / max(H, W), H / max(H, W)); NumPy or jnp.
-  """
-  centres = jnp.asarray(pred_boxes_cxcywh)[..., :2]
-  extent = jnp.asarray(image_extent, centres.dtype)[..., None, :]
-  return jnp.all(centres <= extent, axis=-1)
-
-
 def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Array:
   if image_extent is None:
     return jnp.ones((batch, 2), jnp.float32)
@@ -330,7 +314,7 @@ def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
   """
   extent = _extent_or_square(image_extent, query_embeddings.shape[0])
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], query_embeddings, query_mask)
-  token_valid = token_in_image(encoded['pred_boxes'], extent)
+  token_valid = owl_heads.token_in_image(encoded['pred_boxes'], extent)
   indices, mask = select_query_tokens(logits, query_mask, token_valid)
   selected = box_lib.cxcywh_to_xyxy(gather_tokens(encoded['pred_boxes'], indices))
   if target_xyxy is not None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
@@ -457,6 +459,19 @@ def rank_zero_shot_crops(
   if top_k is not None:
     order = order[:top_k]
   return [(tuple(float(v) for v in crops_px[i]), float(scores[i])) for i in order]
+
+
+def token_scores(logits: jax.Array, in_image: jax.Array, query_mask: jax.Array) -> jax.Array:
+  """(..., P) each token's detection score: the sigmoid of its best real query's logit, 0 for a
+  token outside the real image (padding). The zero-shot crops rank and weigh tokens by it.
+
+  Args:
+    logits: (..., P, Q) class logits of the P tokens for the Q queries.
+    in_image: (..., P) bool, `owlvit.heads.token_in_image`.
+    query_mask: (..., Q) bool, the real queries.
+  """
+  logits = jnp.where(query_mask[..., None, :], logits, -jnp.inf)
+  return jnp.where(in_image, jax.nn.sigmoid(jnp.max(logits, axis=-1)), 0.0)
 
 
 def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray | None,

@@ -25,7 +25,8 @@ Commands:
   python -m clipcrop_jax.main --config=configs/gaic_b32.py:base --workdir=WORK/base \
       --config.init_from.owlvit=/path/clip_vit_b32_b0203fc8 --config.dataset.data_dir=DATA
   # 3. Text sets (test only): configs/text_eval.py:horanyi_pr, configs/text_eval.py:textcrop.
-  # All ablations x seeds: python tools/sweep.py configs/sweep.py --workdir_root=WORK
+  # All ablations x seeds:
+  #   python tools/launch_sweep.py configs/gaic_ablation_sweep.py --workdir_root=WORK
 
 Paper numbers (ClipCrop, B/32):
   GAIC test       Acc1/5 79.8, Acc1/10 89.6   (ClipCrop-base: 87.2 / 94.4 per the paper table)

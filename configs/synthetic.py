@@ -8,11 +8,12 @@ r"""The embedded default: OWL-ViT + ClipCrop learn text-conditioned cropping on 
 No download: builds the synthetic TFDS set (into WORK/data unless `dataset.data_dir` is set),
 trains a small OWL-ViT from scratch on its detection boxes, trains ClipCrop full (once per
 `pipeline.selection_union_choices`) / base / main / key on its crops with that encoder, chooses
-full's `selection_union` and each variant's `fuse_top_k` on the `ambiguity_validation` split, evaluates everything once on the `ambiguity` split and writes
-WORK/report.md and WORK/examples.png (`clipcrop_jax.synthetic_pipeline`). About 9 minutes per
-seed on 2 CPU cores; `quick` (the `small` dataset, smaller budgets, full and base only) about 3.
-`--config.num_seeds=3` repeats everything for seeds `seed`, `seed + 1`, `seed + 2` (data and
-training) and reports mean ± std and paired bootstrap intervals.
+full's `selection_union` and each variant's `fuse_top_k` on the `ambiguity_validation` split,
+evaluates everything once on the `ambiguity` split and writes WORK/report.md and
+WORK/examples.png (`clipcrop_jax.experiments.synthetic_pipeline`). About 9 minutes per seed on 2
+CPU cores; `quick` (the `small` dataset, smaller budgets, full and base only) about 3.
+`--config.pipeline.num_seeds=3` repeats everything for seeds `seed`, `seed + 1`, `seed + 2` (data
+and training) and reports mean ± std and paired bootstrap intervals.
 `pipeline.quick` only labels the report: the budgets are the fields themselves.
 """
 

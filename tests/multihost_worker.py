@@ -49,10 +49,10 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   pid, nproc = jax.process_index(), jax.process_count()
   assert nproc == args.num_processes, (nproc, args.num_processes)
@@ -62,7 +62,7 @@ def main() -> None:
   config = config_lib.load_config_file(ROOT / 'configs' / 'tiny.py')
   config.batch_size = args.batch
   config.num_train_steps = args.steps
-  task = train_lib.ClipCropTask(config)
+  task = clipcrop_task.ClipCropTask(config)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   setup = trainer.setup_state(task, mesh, args.steps)
   state = trainer.fresh_state(task, setup)

@@ -22,8 +22,8 @@ from apache_beam.options import pipeline_options  # pylint: disable=g-import-not
 from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import beam as cb  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import crop_beam  # pylint: disable=g-import-not-at-top
+from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
 
 SETTINGS = cb.CropSettings(random_init='tiny', keyword_pipeline=keywords.RULES, top_k=3)
@@ -199,7 +199,7 @@ def test_two_worker_processes_give_the_results_of_one(photos, per_image_texts, t
 
 
 def test_request_lines_and_names():
-  assert cb.parse_request_line('{"image": "gs://b/x.jpg", "text": "a dog"}') == cb.CropRequest(
+  assert cb.parse_request_line('{"image": "gs://b/x.jpg", "text": "a dog"}') == cb.ImageRequest(
       'gs://b/x.jpg', 'a dog')
   for bad, match in (('{"image": 3}', 'needs "image"'), ('[1]', 'needs "image"'),
                      ('{"image": "a", "text": "x", "query_image": "b"}', 'not both'),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import crop as crop_cli
+from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import export
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib

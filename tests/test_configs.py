@@ -1,9 +1,9 @@
 """Every config file in configs/ loads (locked, overridable), matches a schema and builds its model.
 
 Also `clipcrop_jax.config_lib` (loading config files, parsing their argument), the model builders
-of `clipcrop_jax.default_config`, the sweep library (`clipcrop_jax.sweep`), the sweep file
-configs/sweep.py and the runner tools/sweep.py (printed commands; `--launch` with a fake
-interpreter, nothing is trained).
+of `clipcrop_jax.default_config`, the sweep library (`clipcrop_jax.experiments.sweeps`), the
+sweep file configs/gaic_ablation_sweep.py and the runner tools/launch_sweep.py (printed commands;
+`--launch` with a fake interpreter, nothing is trained).
 """
 
 import functools
@@ -21,12 +21,13 @@ import ml_collections
 import pytest
 
 from clipcrop_jax import config_lib
+from clipcrop_jax import config_validation
 from clipcrop_jax import default_config
-from clipcrop_jax import sweep as sweep_lib
+from clipcrop_jax.experiments import sweeps as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
-SWEEP_TOOL = REPO / 'tools' / 'sweep.py'
+SWEEP_TOOL = REPO / 'tools' / 'launch_sweep.py'
 # Arguments to test per config file (files not listed here: their default only).
 ARGS = {
     'gaic_b32.py': [None, 'full', 'main', 'key', 'base', 'no_mosaic', 'variant=key',
@@ -314,7 +315,7 @@ def test_load_config_file(tmp_path):
   with pytest.raises(FileNotFoundError):
     config_lib.load_config_file(tmp_path / 'missing.py')
   with pytest.raises(AttributeError, match='defines no get_config'):
-    config_lib.load_config_file(CONFIG_DIR / 'sweep.py')
+    config_lib.load_config_file(CONFIG_DIR / 'gaic_ablation_sweep.py')
   a = config_lib.load_module(tmp_path / 'plain.py')
   b = config_lib.load_module(tmp_path / 'plain.py')
   assert a is not b and a.__name__ == b.__name__ and a.__name__ not in sys.modules
@@ -388,7 +389,7 @@ def test_hyper_helpers():
 
 
 def test_paper_sweep():
-  base, runs = sweep_lib.load_sweep(str(CONFIG_DIR / 'sweep.py'))
+  base, runs = sweep_lib.load_sweep(str(CONFIG_DIR / 'gaic_ablation_sweep.py'))
   assert pathlib.Path(base).resolve() == (CONFIG_DIR / 'gaic_b32.py').resolve()
   assert len(runs) == 4 * 2 + 1
   names = [sweep_lib.run_name(r) for r in runs]
@@ -425,8 +426,9 @@ def _sweep_tool():
 
 def test_sweep_tool_prints_commands(tmp_path):
   out = subprocess.run(
-      [sys.executable, str(SWEEP_TOOL), 'configs/sweep.py', f'--workdir_root={tmp_path}', '--',
-       '--config.dataset.data_dir=/data'], cwd=REPO, capture_output=True, text=True, check=True)
+      [sys.executable, str(SWEEP_TOOL), 'configs/gaic_ablation_sweep.py',
+       f'--workdir_root={tmp_path}', '--', '--config.dataset.data_dir=/data'],
+      cwd=REPO, capture_output=True, text=True, check=True)
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 9
   for line in lines:
@@ -447,8 +449,8 @@ def test_sweep_tool_launch(tmp_path, capsys):
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    code = tool.main(['configs/sweep.py', f'--workdir_root={root}', '--launch', '--parallel=3',
-                      f'--python={fake}'])
+    code = tool.main(['configs/gaic_ablation_sweep.py', f'--workdir_root={root}', '--launch',
+                      '--parallel=3', f'--python={fake}'])
   finally:
     os.chdir(cwd)
   assert code == 1
@@ -483,7 +485,7 @@ def _task(config):
 @pytest.mark.parametrize('path,arg', _cases())
 def test_every_config_file_validates(path, arg, tmp_path):
   config = load_config(path, arg)
-  default_config.validate_config(config, str(tmp_path / 'new' / 'workdir'), task=_task(config))
+  config_validation.validate_config(config, str(tmp_path / 'new' / 'workdir'), task=_task(config))
 
 
 def _tiny():
@@ -535,8 +537,8 @@ def test_validate_config_names_the_bad_field(field, value, expected):
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(config)
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(config)
   message = str(err.value)
   assert '\n' not in message and message.startswith('invalid config: ')
   assert expected in message
@@ -545,25 +547,25 @@ def test_validate_config_names_the_bad_field(field, value, expected):
 def test_validate_config_lists_every_problem_and_checks_detection():
   config = _tiny()
   config.batch_size, config.log_every_steps = -2, 0
-  with pytest.raises(default_config.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
-    default_config.validate_config(config)
+  with pytest.raises(config_validation.ConfigError, match='batch_size=-2.*; log_every_steps=0'):
+    config_validation.validate_config(config)
   det = default_config.get_detection_config()
-  default_config.validate_config(det, task='detection')
+  config_validation.validate_config(det, task='detection')
   det.loss.focal_alpha, det.dataset.label_templates = 1.5, ('a cat',)
-  with pytest.raises(default_config.ConfigError,
+  with pytest.raises(config_validation.ConfigError,
                      match=r'label_templates=.*; loss.focal_alpha=1.5'):
-    default_config.validate_config(det, task='detection')
+    config_validation.validate_config(det, task='detection')
   synthetic = load_config(CONFIG_DIR / 'synthetic.py')
   synthetic.pipeline.owlvit.batch_size = 0
-  with pytest.raises(default_config.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
-    default_config.validate_config(synthetic)
+  with pytest.raises(config_validation.ConfigError, match=r'pipeline\.owlvit\.batch_size=0'):
+    config_validation.validate_config(synthetic)
 
 
 def test_validate_config_synthetic_pipeline_uses_one_dataset():
   synthetic = load_config(CONFIG_DIR / 'synthetic.py', 'quick')
   synthetic.dataset.name = 'synthetic_crops/default'
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(synthetic)
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(synthetic)
   assert str(err.value) == (
       "invalid config: pipeline.owlvit.dataset.name='synthetic_crops/small': expected the same "
       "as dataset.name='synthetic_crops/default'; eval.datasets=(('synthetic_crops/small', "
@@ -575,32 +577,32 @@ def test_validate_config_names_retired_fields():
   """Configs of older versions: `mode` (now `run`) and the embedded default's `quick`."""
   config = _tiny().to_dict()
   config['mode'] = config.pop('run')
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(ml_collections.ConfigDict(config))
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(ml_collections.ConfigDict(config))
   assert str(err.value) == ('invalid config: config.mode was renamed to config.run (train | eval '
                             '| train_and_eval | synthetic_pipeline)')
   config = load_config(CONFIG_DIR / 'synthetic.py').to_dict()
   config['quick'] = True
-  with pytest.raises(default_config.ConfigError) as err:
-    default_config.validate_config(ml_collections.ConfigDict(config))
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate_config(ml_collections.ConfigDict(config))
   assert str(err.value) == ('invalid config: config.quick was replaced by the config argument: '
                             '--config=configs/synthetic.py:quick')
 
 
 def test_validate_config_workdir(tmp_path):
   config = _tiny()
-  default_config.validate_config(config, str(tmp_path))  # exists
-  default_config.validate_config(config, str(tmp_path / 'a' / 'b'))  # creatable
+  config_validation.validate_config(config, str(tmp_path))  # exists
+  config_validation.validate_config(config, str(tmp_path / 'a' / 'b'))  # creatable
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(default_config.ConfigError, match='exists and is not a directory'):
-    default_config.validate_config(config, str(tmp_path / 'file'))
-  with pytest.raises(default_config.ConfigError, match='cannot be created, .*file is a file'):
-    default_config.validate_config(config, str(tmp_path / 'file' / 'sub'))
+  with pytest.raises(config_validation.ConfigError, match='exists and is not a directory'):
+    config_validation.validate_config(config, str(tmp_path / 'file'))
+  with pytest.raises(config_validation.ConfigError, match='cannot be created, .*file is a file'):
+    config_validation.validate_config(config, str(tmp_path / 'file' / 'sub'))
   if os.geteuid() != 0:  # root may write anywhere
     locked = tmp_path / 'locked'
     locked.mkdir(mode=0o500)
-    with pytest.raises(default_config.ConfigError, match='is not writable'):
-      default_config.validate_config(config, str(locked / 'run'))
+    with pytest.raises(config_validation.ConfigError, match='is not writable'):
+      config_validation.validate_config(config, str(locked / 'run'))
 
 
 @pytest.mark.parametrize('override,expected', [
@@ -623,14 +625,14 @@ def test_flag_error_message_names_the_field(override, expected):
                                   sys_argv=argv)
   with pytest.raises(Exception) as err:  # pylint: disable=broad-except
     fv(argv)
-  message = default_config.flag_error_message(err.value, argv, fv)
+  message = config_validation.flag_error_message(err.value, argv, fv)
   assert '\n' not in message and message.startswith(expected), message
 
 
 def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
   assert default_config.MATCHING_SOLVERS == matching.SOLVERS
   from clipcrop_jax import model  # pylint: disable=g-import-not-at-top

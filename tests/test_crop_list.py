@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 from clipcrop_jax import crop as crop_cli
+from clipcrop_jax import crop_run_log
 from clipcrop_jax import cropper as cropper_lib
-from clipcrop_jax import fileio
 from clipcrop_jax import keywords
+from clipcrop_jax.owlvit import fileio
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXT = 'a red square'
@@ -125,18 +126,18 @@ def test_torn_line_and_unfinished_image_are_redone(tmp_path):
   (out / 'c_crop0.jpg').write_bytes(b'partial')
   (out / f'{fileio.TMP_PREFIX}c_overlay.png.x1y2').write_bytes(b'half')
   (out / 'other_crop0.jpg').write_bytes(b'not announced')
-  records = crop_cli._read_jsonl(log_path)
-  assert crop_cli._resume(records, out) == {0: done}
+  records = crop_run_log.read_jsonl(log_path)
+  assert crop_run_log.resume(records, out) == {0: done}
   assert sorted(p.name for p in out.iterdir()) == [log_path.name, 'other_crop0.jpg']
-  log = crop_cli._RunLog(log_path, append=True)
+  log = crop_run_log.RunLog(log_path, append=True)
   log.write({'index': 2, 'image': '/p/c.jpg', 'name': 'c', 'error': 'again'})
   log.close()
   text = log_path.read_text().splitlines()
   assert text[2] == '{"index": 4, "image": "/p/e.jpg", "na' and json.loads(text[3])['index'] == 2
   # One process per run: a second writer is refused while the first holds the log.
-  first = crop_cli._RunLog(log_path, append=True)
+  first = crop_run_log.RunLog(log_path, append=True)
   with pytest.raises(ValueError, match='another process is writing this run'):
-    crop_cli._RunLog(log_path, append=True)
+    crop_run_log.RunLog(log_path, append=True)
   first.close()
 
 
@@ -203,7 +204,8 @@ def test_list_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypat
 
 _SLOW_WRITES = textwrap.dedent('''
     import sys, time
-    from clipcrop_jax import crop, fileio
+    from clipcrop_jax import crop
+    from clipcrop_jax.owlvit import fileio
     real = fileio.create_new_bytes
     def slow(path, data):  # slow disk: the test can kill this process mid-image
       made = real(path, data)
@@ -261,7 +263,7 @@ def test_killed_and_rerun_equals_one_uninterrupted_run(cli, tmp_path):
       np.testing.assert_allclose(a['box_xyxy'], b['box_xyxy'], atol=1e-3)
       np.testing.assert_allclose(a['score'], b['score'], atol=1e-5)
   # Every image has exactly one result line; every file exists once, no orphans.
-  results = [l['index'] for l in crop_cli._read_jsonl(log) if 'name' in l]
+  results = [l['index'] for l in crop_run_log.read_jsonl(log) if 'name' in l]
   assert sorted(results) == list(range(len(images)))
   made = {f for r in merged['results'] for f in r['files']}
   assert sum(len(r['files']) for r in merged['results']) == len(made)

@@ -16,8 +16,8 @@ tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 Image = pytest.importorskip('PIL.Image')
 
-from clipcrop_jax import data_formats  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import formats as data_formats  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATASETS_DIR = REPO / 'datasets'

@@ -16,8 +16,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features
+from clipcrop_jax.data import features
+from clipcrop_jax.data import formats as data_formats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = REPO / 'datasets'

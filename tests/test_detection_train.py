@@ -1,4 +1,4 @@
-"""Tests of the OWL-ViT detection trainer (clipcrop_jax.detection_train)."""
+"""Tests of the OWL-ViT detection trainer (clipcrop_jax.training.detection_task)."""
 
 import itertools
 import json
@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import detection_train as dt
-from clipcrop_jax import losses
-from clipcrop_jax import matching
-from clipcrop_jax import trainer
+from clipcrop_jax import config_validation
 from clipcrop_jax.owlvit import model as owl_model
+from clipcrop_jax.training import detection_task as dt
+from clipcrop_jax.training import losses
+from clipcrop_jax.training import matching
+from clipcrop_jax.training import trainer
 
 KW = dict(focal_alpha=0.25, focal_gamma=2.0, cost_class=2.0, cost_l1=5.0, cost_giou=2.0,
           weight_class=1.5, weight_l1=5.0, weight_giou=2.0)
@@ -182,7 +183,7 @@ def test_phrase_labels_are_drawn_per_object_and_deterministic():
 
 def test_flip_swaps_left_and_right_in_labels():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   ex = _objects_example(NAMES, PHRASES)
   flips = {}
   for s in range(8):
@@ -199,7 +200,7 @@ def test_flip_swaps_left_and_right_in_labels():
 
 
 def test_make_dataset_phrase_labels_on_the_synthetic_set(data_dir):
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   builder = ip.dataset_builder('synthetic_crops/tiny', str(data_dir))
   kw = dict(image_size=16, batch_size=8, max_objects=8, drop_remainder=False)
   def labels(**more):
@@ -221,26 +222,25 @@ def test_make_dataset_phrase_labels_on_the_synthetic_set(data_dir):
 
 
 def test_phrase_config_validation(load_config):
-  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import config_validation  # pylint: disable=g-import-not-at-top
   config = load_config('configs/owlvit_detection_tiny.py')
   assert config.dataset.phrase_key == '' and config.dataset.phrase_prob == 0.0
   config.dataset.phrase_prob = 0.5
-  with pytest.raises(default_config.ConfigError,
+  with pytest.raises(config_validation.ConfigError,
                      match='dataset.phrase_prob=0.5: needs dataset.phrase_key'):
-    default_config.validate_config(config, task='detection')
+    config_validation.validate_config(config, task='detection')
   config.dataset.update(phrase_key='phrase', phrase_prob=1.2)
-  with pytest.raises(default_config.ConfigError,
+  with pytest.raises(config_validation.ConfigError,
                      match=r'dataset.phrase_prob=1.2: expected a number in'):
-    default_config.validate_config(config, task='detection')
+    config_validation.validate_config(config, task='detection')
   config.dataset.phrase_prob = 0.5
-  default_config.validate_config(config, task='detection')
+  config_validation.validate_config(config, task='detection')
 
 
 def test_matching_solver_config(load_config):
   """`loss.matching_solver` reaches the detection loss resolved ('auto' -> the platform's
   solver); an unknown solver is refused naming the field. Both solvers give the same
   assignment (`tests/test_matching.py`)."""
-  from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
   config = load_config('configs/owlvit_detection_tiny.py')
   assert config.loss.matching_solver == 'auto'
   kw = dt.loss_kwargs(config)
@@ -248,8 +248,8 @@ def test_matching_solver_config(load_config):
   config.loss.matching_solver = 'device'
   assert dt.loss_kwargs(config)['matching_solver'] == 'device'
   config.loss.matching_solver = 'gpu'
-  with pytest.raises(default_config.ConfigError, match="loss.matching_solver='gpu'"):
-    default_config.validate_config(config, task='detection')
+  with pytest.raises(config_validation.ConfigError, match="loss.matching_solver='gpu'"):
+    config_validation.validate_config(config, task='detection')
 
 
 @pytest.fixture(scope='module')

@@ -156,7 +156,7 @@ def test_query_mask_for_mode_matches_build_queries(text):
 
 def test_add_text_queries():
   tf = pytest.importorskip('tensorflow')
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   ds = tf.data.Dataset.from_tensor_slices({'text': ['a red square and a blue disc', '']})
   out = list(ip.add_text_queries(ds, max_queries=3, keyword_pipeline=keywords.RULES).as_numpy_iterator())
   expected = keywords.build_queries('a red square and a blue disc', 'full', pipeline=keywords.RULES)[:3]

@@ -73,6 +73,18 @@ def test_round_trip_records_the_keyword_pipeline(params, tmp_path):
   assert export.load_model(path).keyword_pipeline == 'my_spacy_pipeline'
 
 
+def test_training_only_fields_are_not_written(params, tmp_path):
+  """`remat_encoder` says how a model was trained: the directory does not record it (it loads
+  as the default), and a directory that does (older versions) still loads."""
+  path = export.save_model(tmp_path / 'model', CFG.replace(remat_encoder=True), params,
+                           keywords.RULES)
+  meta = json.loads((path / export.CONFIG_FILE).read_text())
+  assert 'remat_encoder' not in meta['config']
+  assert export.load_model(path).config == CFG
+  _edit_meta(path, config={**meta['config'], 'remat_encoder': True})
+  assert export.load_model(path).config.remat_encoder
+
+
 def test_cropper_uses_the_recorded_pipeline_unless_told(params, tmp_path):
   c = cropper_lib.ClipCropper(CFG, {'params': params}, keyword_pipeline=keywords.RULES)
   path = c.save(tmp_path / 'model')

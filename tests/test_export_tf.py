@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import fileio
+from clipcrop_jax.cropper import ClipCropper
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import owlvit
-from clipcrop_jax.cropper import ClipCropper
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
 from clipcrop_jax.owlvit import configs as owl_configs
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax.owlvit import model as owl_model
 from clipcrop_jax.owlvit import tokenizer
 

@@ -1,4 +1,4 @@
-"""Hardening of OWL-ViT detection training (clipcrop_jax.detection_train): resume past unusable
+"""Hardening of OWL-ViT detection training (training.detection_task): resume past unusable
 checkpoints, one metrics record per (step, kind), one-line command-line errors.
 
 The ClipCrop trainer's equivalents are in tests/test_train.py (they share its fixtures).
@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from clipcrop_jax import detection_train as dt
-from clipcrop_jax import trainer
+from clipcrop_jax.training import checkpointing
+from clipcrop_jax.training import detection_task as dt
+from clipcrop_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def records(workdir) -> list[tuple[int, str]]:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  return trainer.checkpoint_steps(str(workdir))
+  return checkpointing.checkpoint_steps(str(workdir))
 
 
 def cli_env() -> dict[str, str]:
@@ -66,7 +67,7 @@ def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tiny_dete
   assert int(state.step) == 3
   assert 'Checkpoint step 2 in' in caplog.text and 'is unusable' in caplog.text
   assert checkpoint_steps(work) == [1, 2, 3]
-  assert (work / trainer.UNUSABLE_CHECKPOINT_DIR / '2').is_dir()
+  assert (work / checkpointing.UNUSABLE_CHECKPOINT_DIR / '2').is_dir()
   assert records(work) == [(1, 'train'), (2, 'train'), (3, 'train'), (3, 'eval')]
   assert (work / dt.EXPORT_FILE).is_file() and (work / dt.EVAL_FILE).is_file()
 

@@ -24,6 +24,7 @@ import pytest
 
 import fake_hf_hub
 
+from clipcrop_jax import config_validation
 from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import default_config
 from clipcrop_jax.owlvit import checkpoints as ck
@@ -456,8 +457,8 @@ def test_config_accepts_names_for_init_from_owlvit(tmp_path):
     config = default_config.get_default_config()
     config.init_from.owlvit = value
     try:
-      default_config.validate_config(config)
-    except default_config.ConfigError as e:
+      config_validation.validate_config(config)
+    except config_validation.ConfigError as e:
       return str(e)
     return ''
   assert 'init_from.owlvit' not in problems('google/owlv2-base-patch16-ensemble')

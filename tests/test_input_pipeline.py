@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.input_pipeline (tiny in-memory datasets, no TFDS builder)."""
+"""Tests for clipcrop_jax.data.input_pipeline (tiny in-memory datasets, no TFDS builder)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 
 tf = pytest.importorskip('tensorflow')
 
-from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
 
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
@@ -91,7 +91,8 @@ def test_flip_mirrors_boxes_and_image():
   boxes = ip.yxyx_to_xyxy(tf.constant(ex['crops']['bbox']))
   flipped = 0
   for s in range(8):
-    out_img, out_boxes = ip.random_flip(image, boxes, tf.constant([s, 0]))
+    out_img, out_boxes, _ = ip.random_flip_with_text(image, boxes, tf.constant(''),
+                                                     tf.constant([s, 0]))
     out_img, out_boxes = out_img.numpy(), out_boxes.numpy()
     if np.array_equal(out_img, image.numpy()):
       np.testing.assert_allclose(out_boxes, boxes.numpy())
@@ -132,7 +133,7 @@ def test_flip_with_text_mirrors_the_caption_with_the_image():
     flipped = x0 > 0.5
     seen.add(flipped)
     assert text == ('the green box to the right of nothing' if flipped else ex['text'])
-    # The same decision as random_flip with the same seed.
+    # The same decision as random_flip_with_text with the same seed.
     seeds = tf.random.experimental.stateless_split(tf.constant([s, 0], tf.int64), 2)
     assert bool(ip.flip_coin(seeds[1])) == flipped
   assert seen == {True, False}

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from clipcrop_jax import features
+from clipcrop_jax.data import features
 from clipcrop_jax import keywords as kw
 
 BOGUS_PIPELINE = "clipcrop_jax_no_such_spacy_pipeline"
@@ -189,7 +189,7 @@ def test_query_modes_are_the_features_ones():
   text = "a woman and three dogs on the boat"
   by_mode = {mode: kw.build_queries(text, mode, pipeline=kw.RULES) for mode in features.QUERY_MODES}
   assert [m for m, queries in by_mode.items() if queries] == list(features.TEXT_QUERY_MODES)
-  assert not hasattr(kw, "QUERY_MODES")  # one definition, in clipcrop_jax.features
+  assert not hasattr(kw, "QUERY_MODES")  # one definition, in clipcrop_jax.data.features
 
 
 @pytest.mark.parametrize("legacy", [None, "", "rule"])

@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.losses: hand-computed values, positives, smoothing, normalisation, aux."""
+"""Tests for training.losses: hand-computed values, positives, smoothing, normalisation, aux."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from clipcrop_jax import default_config
-from clipcrop_jax import losses
-from clipcrop_jax import matching
-from clipcrop_jax import train_lib
+from clipcrop_jax.training import clipcrop_task
+from clipcrop_jax.training import losses
+from clipcrop_jax.training import matching
 
 _set_losses = jax.jit(losses.set_prediction_losses)
 
@@ -335,7 +335,7 @@ def test_default_objective_is_the_papers_formula():
   terms = _set_losses(boxes, quality, crops, scores, mask)
   np.testing.assert_allclose(terms['loss_quality'], previous, rtol=1e-6)
 
-  kwargs = train_lib.loss_kwargs(default_config.get_default_config())
+  kwargs = clipcrop_task.loss_kwargs(default_config.get_default_config())
   assert (kwargs['quality_loss'], kwargs['quality_target']) == ('smooth_l1', 'matched')
   logits = np.random.default_rng(5).normal(size=(2,) + quality.shape).astype(np.float32)
   aux = np.stack([boxes, boxes[:, ::-1]])
@@ -446,16 +446,16 @@ def test_top_iou_targets_hand_values_and_masking():
 
 def test_selection_filter_switch_changes_the_conditioned_loss():
   """`loss.selection_filter=False` trains on the unfiltered selections (as inference sees them)."""
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   config = model_lib.TINY
   model = model_lib.ClipCrop(config)
   params = model_lib.init_variables(config, seed=0)['params']  # jitted init: eager is ~15 s
   size = config.owlvit_config.image_size
   batch = input_pipeline.random_batch(2, size, 6, 3, seed=5)
-  kw = train_lib.loss_kwargs(default_config.get_default_config())
+  kw = clipcrop_task.loss_kwargs(default_config.get_default_config())
   rng = jax.random.PRNGKey(1)
-  loss = jax.jit(lambda p, b, r, selection_filter: train_lib.clipcrop_loss(  # eager: ~10x slower
+  loss = jax.jit(lambda p, b, r, selection_filter: clipcrop_task.clipcrop_loss(  # eager: ~10x slower
       model, p, b, r, kw, selection_filter=selection_filter)[0], static_argnums=3)
   filtered = loss(params, batch, rng, True)
   unfiltered = loss(params, batch, rng, False)

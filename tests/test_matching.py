@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.matching: SciPy optimum, padding, empty inputs, hand costs, no grad."""
+"""Tests for training.matching: SciPy optimum, padding, empty inputs, hand costs, no grad."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from clipcrop_jax import matching
+from clipcrop_jax.training import matching
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _hungarian = jax.jit(matching.hungarian_matching)
@@ -276,7 +276,7 @@ def test_host_solver_gives_no_gradient_and_works_under_grad():
 _SHARDED_SCRIPT = '''
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from clipcrop_jax import matching
+from clipcrop_jax.training import matching
 assert jax.device_count() == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ('data',))
 rng = np.random.default_rng(0)
@@ -308,7 +308,7 @@ def test_host_solver_on_a_batch_sharded_over_eight_devices(tmp_path):
 def test_decoder_losses_equal_with_either_solver():
   """The whole set-prediction loss (every decoder layer re-matched, padded crops, an image
   without real crops) and its gradient are the same with the device and the host solver."""
-  from clipcrop_jax import losses  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import losses  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(11)
   layers, batch, m, c = 3, 4, 12, 20
   boxes = jnp.asarray(_random_boxes(rng, (layers, batch, m)))

@@ -1,4 +1,4 @@
-"""Tests for clipcrop_jax.optim: schedule values, groups, freezing, AdamW steps, clipping."""
+"""Tests for training.optim: schedule values, groups, freezing, AdamW steps, clipping."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from clipcrop_jax import optim
+from clipcrop_jax.training import optim
 
 LR, END_LR, WD = 1e-4, 1e-6, 0.05
 

@@ -22,8 +22,10 @@ from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
 from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import serve  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import http as serve_http  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import service as serve_service  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import testing as serve_testing  # pylint: disable=g-import-not-at-top
 
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome')
 DRIVERS = ('chromedriver',)
@@ -57,10 +59,10 @@ def test_playground_uploads_and_draws_ranked_crops(browser, tmp_path):
   cropper = cropper_lib.ClipCropper.init_random(config_model, keyword_pipeline='rules')
   text = 'a red square next to a blue disc'
 
-  config = serve.ServeConfig(warmup=False)
+  config = serve_service.ServeConfig(warmup=False)
   photo = tmp_path / 'scene.png'
   Image.fromarray(detect.demo_image()).save(photo)
-  with serve.BackgroundServer(serve.create_app(cropper, config), config) as server:
+  with serve_testing.BackgroundServer(serve_http.create_app(cropper, config), config) as server:
     browser.get(server.url + '/')
     browser.find_element(By.ID, 'image').send_keys(str(photo))
     browser.find_element(By.ID, 'text').send_keys(text)

@@ -22,13 +22,14 @@ from PIL import Image
 
 from clipcrop_jax import boxes as box_lib
 from clipcrop_jax import crop as crop_cli
+from clipcrop_jax import crop_run_log
 from clipcrop_jax import cropper as cropper_lib
 from clipcrop_jax import export
-from clipcrop_jax import fileio
 from clipcrop_jax import keywords
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import configs as owl_configs
 from clipcrop_jax.owlvit import detect
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax.owlvit import model as owl_model
 
 CFG = model_lib.TINY
@@ -111,7 +112,8 @@ def test_replace_directory_keeps_old_contents_on_error(tmp_path):
 _SAVE_SCRIPT = textwrap.dedent('''
     import os, pathlib, signal, sys
     import numpy as np
-    from clipcrop_jax import cropper as cropper_lib, fileio, model as model_lib
+    from clipcrop_jax import cropper as cropper_lib, model as model_lib
+    from clipcrop_jax.owlvit import fileio
     target, kill_at = pathlib.Path(sys.argv[1]), int(sys.argv[2])
     current = cropper_lib.ClipCropper.load(target).config
     config = current.replace(num_queries=current.num_queries + 1)  # other config, other shapes
@@ -320,7 +322,7 @@ def test_same_stem_inputs_get_distinct_outputs(cli, tmp_path):
     w, h = r['image_size_wh']
     overlay = Image.open(out / f'{r["name"]}_overlay.png')
     assert overlay.size == (w, h)  # each image's own overlay, none overwritten
-  assert crop_cli.output_names([pathlib.Path('a/x.jpg'), pathlib.Path('b/x.jpg'),
+  assert crop_run_log.output_names([pathlib.Path('a/x.jpg'), pathlib.Path('b/x.jpg'),
                                 pathlib.Path('x_jpg.png'), None]) == ['x', 'x_jpg', 'x_jpg_png',
                                                                       'demo']
 
@@ -404,12 +406,13 @@ def test_ctrl_c_keeps_the_images_done(cli, tmp_path, cropper, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
     from clipcrop_jax import crop
-    real = crop._RunLog.write
+    from clipcrop_jax import crop_run_log
+    real = crop_run_log.RunLog.write
     def write_or_die(self, record):  # killed once the third image announced its files
       real(self, record)
       if record.get('writing') and record['image'].endswith('2.jpg'):
         os.kill(os.getpid(), signal.SIGKILL)
-    crop._RunLog.write = write_or_die
+    crop_run_log.RunLog.write = write_or_die
     sys.exit(crop.main(sys.argv[1:]))
 ''')
 
@@ -554,7 +557,8 @@ def test_pixel_limit_fails_only_that_image(cli, tmp_path):
              '--out', tmp_path / 'o') == 1
   report = _report(tmp_path / 'o')
   assert [r['name'] for r in report['results']] == ['small']
-  assert 'above the decoding limit' in report['failed'][0]['error']
+  error = report['failed'][0]['error']
+  assert 'above the decoding limit' in error and 'pass --max-pixels 21600' in error, error
 
 
 def test_encode_from_a_path_matches_the_array_and_honours_the_limit(cropper, tmp_path):

@@ -1,4 +1,4 @@
-"""The crop service (clipcrop_jax.serve): API contract, bad inputs, cache, micro-batching,
+"""The crop service (clipcrop_jax.serving): API contract, bad inputs, cache, micro-batching,
 overload, timeout, token, CORS, log, graceful shutdown. Tiny random model, 127.0.0.1 only."""
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ pytest.importorskip('fastapi', reason='the serve extra (fastapi, uvicorn, python
 from fastapi import testclient  # pylint: disable=g-import-not-at-top
 
 from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import serve  # pylint: disable=g-import-not-at-top
 from clipcrop_jax.owlvit import detect  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import errors as serve_errors  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import http as serve_http  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import service as serve_service  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.serving import testing as serve_testing  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXT = 'a red square'
@@ -77,8 +81,8 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def client(cropper):
-  app = serve.create_app(cropper, serve.ServeConfig(max_upload_bytes=300_000, max_text_chars=200,
-                                                    max_top_k=20, **FAST))
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(
+      max_upload_bytes=300_000, max_text_chars=200, max_top_k=20, **FAST))
   with testclient.TestClient(app) as c:
     yield c
 
@@ -187,7 +191,7 @@ def test_readyz_follows_the_warm_up(client):
 
 
 def test_warm_up_compiles_then_ready(cropper):
-  app = serve.create_app(cropper, serve.ServeConfig(max_batch=2))
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(max_batch=2))
   with testclient.TestClient(app) as c:
     deadline = time.monotonic() + 120
     while c.get('/readyz').status_code != 200:
@@ -269,7 +273,7 @@ def test_bomb_is_refused_before_decoding(client, monkeypatch):
 
 
 def test_bearer_token(cropper, images):
-  app = serve.create_app(cropper, serve.ServeConfig(token='s3cret-token', **FAST))
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(token='s3cret-token', **FAST))
   data, _ = images[0]
   with testclient.TestClient(app) as c:
     r = _post(c, data, text=TEXT)
@@ -287,7 +291,8 @@ def test_cors_is_off_by_default_and_opt_in(client, cropper):
   preflight = {'Origin': 'https://cms.example', 'Access-Control-Request-Method': 'POST'}
   assert 'access-control-allow-origin' not in client.options('/v1/crops', headers=preflight).headers
   assert 'access-control-allow-origin' not in client.get('/healthz', headers=preflight).headers
-  app = serve.create_app(cropper, serve.ServeConfig(cors_origins=('https://cms.example',), **FAST))
+  app = serve_http.create_app(
+      cropper, serve_service.ServeConfig(cors_origins=('https://cms.example',), **FAST))
   with testclient.TestClient(app) as c:
     r = c.options('/v1/crops', headers=preflight)
     assert r.headers['access-control-allow-origin'] == 'https://cms.example'
@@ -308,7 +313,7 @@ def test_request_log_has_status_and_latency(client, caplog):
 
 
 def test_cache_hit_equals_cold_and_skips_the_encoder(cropper, images):
-  app = serve.create_app(cropper, serve.ServeConfig(**FAST))
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(**FAST))
   service = app.state.service
   (a, a_path), (b, _) = images[3], images[4]
   with testclient.TestClient(app) as c:
@@ -324,8 +329,9 @@ def test_cache_hit_equals_cold_and_skips_the_encoder(cropper, images):
 
 
 def test_cache_is_bounded_in_bytes(cropper, images):
-  one = serve.encoding_nbytes(cropper.encode(_image(0)))
-  app = serve.create_app(cropper, serve.ServeConfig(cache_bytes=one + one // 2, **FAST))
+  one = serve_service.encoding_nbytes(cropper.encode(_image(0)))
+  app = serve_http.create_app(
+      cropper, serve_service.ServeConfig(cache_bytes=one + one // 2, **FAST))
   service = app.state.service
   (a, _), (b, _) = images[0], images[1]
   with testclient.TestClient(app) as c:
@@ -338,14 +344,14 @@ def test_cache_is_bounded_in_bytes(cropper, images):
 
 def test_encoding_cache_lru_order():
   enc = cropper_lib.Encoding((2, 2), {'x': np.zeros(10, np.float32)})  # 40 bytes
-  cache = serve.EncodingCache(100)
+  cache = serve_service.EncodingCache(100)
   cache.put('a', enc)
   cache.put('b', enc)
   assert cache.get('a') is enc  # a is now the most recent
   cache.put('c', enc)  # evicts b
   assert cache.get('b') is None and cache.get('a') is enc and cache.get('c') is enc
   assert cache.bytes == 80 and (cache.hits, cache.misses) == (3, 1)
-  serve.EncodingCache(39).put('big', enc)  # larger than the cache: not stored
+  serve_service.EncodingCache(39).put('big', enc)  # larger than the cache: not stored
 
 
 def test_micro_batcher_batches_and_drains_on_stop():
@@ -356,8 +362,8 @@ def test_micro_batcher_batches_and_drains_on_stop():
     for job in jobs:
       job.future.set_result(job.key)
 
-  batcher = serve.MicroBatcher(run, max_batch=3, wait_s=0.3)
-  jobs = [serve.Job(str(i), None, None, False) for i in range(7)]
+  batcher = serve_service.MicroBatcher(run, max_batch=3, wait_s=0.3)
+  jobs = [serve_service.Job(str(i), None, None, False) for i in range(7)]
   for job in jobs:
     batcher.submit(job)
   jobs[6].future.cancel()  # timed out before its batch: skipped
@@ -378,9 +384,9 @@ def _concurrently(fn, args: list) -> list:
 
 
 def test_micro_batched_answers_equal_one_at_a_time(cropper, images):
-  config = serve.ServeConfig(max_batch=4, batch_wait_ms=1500, warmup=False)
-  app = serve.create_app(cropper, config)
-  with serve.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
+  config = serve_service.ServeConfig(max_batch=4, batch_wait_ms=1500, warmup=False)
+  app = serve_http.create_app(cropper, config)
+  with serve_testing.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
     def ask(i):
       data, _ = images[i]
       return http.post(server.url + '/v1/crops', files={'image': ('p.png', data)},
@@ -393,10 +399,10 @@ def test_micro_batched_answers_equal_one_at_a_time(cropper, images):
 
 
 def test_overload_gets_503_and_no_lost_or_duplicated_answers(cropper, images):
-  config = serve.ServeConfig(max_queue=3, max_batch=2, batch_wait_ms=400, warmup=False)
-  app = serve.create_app(cropper, config)
+  config = serve_service.ServeConfig(max_queue=3, max_batch=2, batch_wait_ms=400, warmup=False)
+  app = serve_http.create_app(cropper, config)
   expected = {i: cropper.crop(images[i % 6][1], text=TEXT, top_k=2) for i in range(6)}
-  with serve.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
+  with serve_testing.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
     def ask(i):
       data, _ = images[i % 6]
       return i, http.post(server.url + '/v1/crops', files={'image': ('p.png', data)},
@@ -417,7 +423,7 @@ def test_overload_gets_503_and_no_lost_or_duplicated_answers(cropper, images):
 
 
 def test_timeout_is_504_and_the_job_is_dropped(cropper, images):
-  app = serve.create_app(cropper, serve.ServeConfig(timeout_s=0.3, max_batch=2,
+  app = serve_http.create_app(cropper, serve_service.ServeConfig(timeout_s=0.3, max_batch=2,
                                                     batch_wait_ms=1500, warmup=False))
   service = app.state.service
   with testclient.TestClient(app) as c:
@@ -438,7 +444,7 @@ def test_timeout_is_504_and_the_job_is_dropped(cropper, images):
     (['--keyword-pipeline', ''], 'keyword'),
 ])
 def test_cli_refuses_bad_flags_before_loading(argv, message, capsys, tmp_path):
-  assert serve.main(['--random-init', 'no-such-config'] + argv) == 2
+  assert serve_http.main(['--random-init', 'no-such-config'] + argv) == 2
   assert message in capsys.readouterr().err
 
 
@@ -461,7 +467,7 @@ def test_cli_serves_and_shuts_down_gracefully(images, tmp_path):
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url = f'http://127.0.0.1:{port}'
   try:
-    serve.wait_until_ready(url, lambda: proc.poll() is None, timeout_s=120)
+    serve_testing.wait_until_ready(url, lambda: proc.poll() is None, timeout_s=120)
     with httpx.Client(timeout=60) as http:
       with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(http.post, url + '/v1/crops',
@@ -479,3 +485,21 @@ def test_cli_serves_and_shuts_down_gracefully(images, tmp_path):
       proc.kill()
   log = proc.stdout.read()
   assert ' POST /v1/crops 200 ' in log and 'finishing queued work' in log
+
+
+def test_one_status_table_over_typed_refusals():
+  """`serving.errors.STATUS` maps types (never message words) to statuses; the pixel-limit answer
+  drops the API's way round the limit."""
+  too_large = pp.ImageTooLargeError('image', 300, 200, 1000)
+  cases = [(too_large, 413), (pp.NotAnImageError('image: not a recognised image file'), 415),
+           (pp.ImageError('image: corrupt or truncated image data (x)'), 400),
+           (serve_errors.Busy('busy', {'Retry-After': '2'}), 503),
+           (serve_errors.TextTooLong('text has 9 characters'), 413),
+           (serve_errors.InvalidRequest('top_k must be >= 1, got 0'), 422),
+           (serve_errors.TimedOut('no answer within 1 s'), 504), (RuntimeError('bug'), 500)]
+  for error, status in cases:
+    assert serve_errors.status_of(error) == status, error
+  assert serve_errors.message_of(too_large) == too_large.summary
+  assert 'max_pixels=60000' in str(too_large) and 'max_pixels' not in too_large.summary
+  assert serve_errors.headers_of(cases[3][0]) == {'Retry-After': '2'}
+  assert 'pass --max-pixels 60000' in str(too_large.allowed_by('pass --max-pixels 60000'))

@@ -1,4 +1,4 @@
-"""Tests of the synthetic cropping scenes (clipcrop_jax.synthetic) and its TFDS builder."""
+"""Tests of the synthetic cropping scenes (clipcrop_jax.data.synthetic) and its TFDS builder."""
 
 import hashlib
 import pathlib
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import synthetic as S
+from clipcrop_jax.data import synthetic as S
 from clipcrop_jax import zero_shot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _boxes_overlap(a, b):
 def test_import_does_not_need_tensorflow():
   import subprocess
   import sys
-  code = ('import sys; import clipcrop_jax.synthetic; '
+  code = ('import sys; import clipcrop_jax.data.synthetic; '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], check=True)
 
@@ -370,7 +370,7 @@ def tiny_builder(tmp_path_factory):
 
 def test_builder_counts_and_features(tiny_builder):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
   assert tiny_builder.name == 'synthetic_crops'
   splits = tiny_builder.info.splits
   assert str(tiny_builder.info.version) == '1.3.0'
@@ -414,7 +414,7 @@ def test_builder_configs(tiny_builder):
 
 def test_builder_matches_generator_and_bbox_convention(tiny_builder):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
   config = tiny_builder.builder_config
   checked_non_square = False
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
@@ -446,7 +446,7 @@ def test_builder_matches_generator_and_bbox_convention(tiny_builder):
 def test_input_pipeline_on_built_dataset(tiny_builder):
   """Builder output -> training (mosaic) and eval pipelines -> batches the model can take."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   train = input_pipeline.make_train_dataset(
       tiny_builder.as_dataset(split='train', shuffle_files=False), image_size=96, batch_size=2,
       max_crops=128, seed=0, shuffle_buffer=8)

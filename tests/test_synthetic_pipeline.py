@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip('tensorflow_datasets')
 
 from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
-from clipcrop_jax import synthetic_pipeline  # pylint: disable=g-import-not-at-top
+from clipcrop_jax.experiments import synthetic_pipeline  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Margins (IoU-Mean on the ambiguity split, dataset 1.3.0) the quick run must show, per caption

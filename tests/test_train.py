@@ -1,4 +1,4 @@
-"""End-to-end tests of the training stack (train_lib, evaluate, main) on the tiny synthetic data.
+"""End-to-end tests of the training stack (training.clipcrop_task, evaluate, main) on the tiny synthetic data.
 
 XLA compilation of the tiny train step takes ~30 s on a small CPU, so the in-process tests share
 one persistent compilation cache and use the same training length (3 steps: identical programs);
@@ -194,7 +194,7 @@ def test_pulse_metrics_and_checkpoints(pulse):
 def _full_image_iou_mean(data_dir, split) -> float:
   """IoU-Mean of the whole image against the reference crops, straight from the TFDS data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   builder = input_pipeline.dataset_builder('synthetic_crops/tiny', str(data_dir))
   means = []
   for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
@@ -229,7 +229,7 @@ def test_pulse_exported_cropper_crops(pulse):
   from clipcrop_jax import cropper  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   workdir, config, _ = pulse
   c = cropper.ClipCropper.load(workdir / 'clipcrop')
   assert c.config == default_config.clipcrop_config(config)
@@ -245,24 +245,24 @@ def test_pulse_exported_cropper_crops(pulse):
   scores = [crop.score for crop in crops]
   assert scores == sorted(scores, reverse=True)
   # The exported parameters are the final checkpoint's.
-  state, _ = train_lib.final_state(config, str(workdir))
+  state, _ = clipcrop_task.final_state(config, str(workdir))
   assert int(state.step) == STEPS
   assert_trees_close(c.variables['params'], state.params, atol=0.0)
 
 
 def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 2, 'checkpoint.keep': 5,
                                           'checkpoint.data_resume': 'replay'})
   split, whole = tmp_path / 'split', tmp_path / 'whole'
-  first = train_lib.train(config, str(split), max_steps_this_run=2)
+  first = clipcrop_task.train(config, str(split), max_steps_this_run=2)
   assert int(first.step) == 2
   assert checkpoint_steps(split) == [2]  # stopped after the checkpoint at step 2
   assert not (split / 'clipcrop').exists()  # not finished: no export
-  resumed = train_lib.train(config, str(split))
+  resumed = clipcrop_task.train(config, str(split))
   assert int(resumed.step) == STEPS and checkpoint_steps(split) == [2, 3]
-  reference = train_lib.train(config, str(whole))
+  reference = clipcrop_task.train(config, str(whole))
   loss = lambda w: {r['step']: r['loss'] for r in read_metrics(w) if r['kind'] == 'train'}
   split_loss, whole_loss = loss(split), loss(whole)
   assert sorted(split_loss) == sorted(whole_loss) == [1, 2, 3]
@@ -272,7 +272,7 @@ def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path)
   assert_trees_close(export.load_model(str(split)).params,
                      export.load_model(str(whole)).params, atol=1e-6)
   # A third call finds the run finished and changes nothing.
-  again = train_lib.train(config, str(split))
+  again = clipcrop_task.train(config, str(split))
   assert int(again.step) == STEPS and checkpoint_steps(split) == [2, 3]
 
 
@@ -280,14 +280,14 @@ def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_pat
   """A truncated newest step, then an empty newest step folder: each run resumes from the step
   before, logs why, moves the bad folder aside (nothing deleted), saves that step again, and
   metrics.jsonl keeps one record per step."""
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 5})
   work = tmp_path / 'work'
-  train_lib.train(config, str(work), max_steps_this_run=2)
+  clipcrop_task.train(config, str(work), max_steps_this_run=2)
   assert checkpoint_steps(work) == [1, 2]
   truncate_step_file(work / 'checkpoints' / '2')
   with caplog.at_level(logging.WARNING):
-    state = train_lib.train(config, str(work), max_steps_this_run=1)
+    state = clipcrop_task.train(config, str(work), max_steps_this_run=1)
   assert int(state.step) == 2
   assert 'Checkpoint step 2 in' in caplog.text and 'is unusable' in caplog.text
   assert checkpoint_steps(work) == [1, 2]  # step 2 saved again (Orbax would skip it otherwise)
@@ -297,7 +297,7 @@ def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_pat
   (work / 'checkpoints' / '3').mkdir()
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    state = train_lib.train(config, str(work))
+    state = clipcrop_task.train(config, str(work))
   assert int(state.step) == STEPS
   assert 'Checkpoint step 3' in caplog.text and 'empty folder' in caplog.text
   assert checkpoint_steps(work) == [1, 2, 3]
@@ -305,7 +305,7 @@ def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_pat
   assert [r['step'] for r in read_metrics(work)] == [1, 2, 3]
   assert (work / 'clipcrop' / 'params.msgpack').is_file()
   # The resumed checkpoints restore.
-  reloaded, _ = train_lib.final_state(config, str(work))
+  reloaded, _ = clipcrop_task.final_state(config, str(work))
   assert_trees_close(reloaded.params, state.params, atol=0.0)
 
 
@@ -313,39 +313,39 @@ def test_final_state_skips_unusable_steps_read_only(pulse, tmp_path, caplog):
   """Evaluation falls back to the newest usable step and moves nothing; with no usable step the
   error is one line naming every step and why."""
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   workdir, config, _ = pulse
   copy = tmp_path / 'work'
   shutil.copytree(workdir, copy)
   (copy / 'checkpoints' / '4').mkdir()
   truncate_step_file(copy / 'checkpoints' / '3')
   with caplog.at_level(logging.WARNING):
-    state, _ = train_lib.final_state(config, str(copy))
+    state, _ = clipcrop_task.final_state(config, str(copy))
   assert int(state.step) == 2
   assert 'step 4' in caplog.text and 'empty folder' in caplog.text and 'step 3' in caplog.text
   assert checkpoint_steps(copy) == [2, 3, 4] and not (copy / 'checkpoints_unusable').exists()
   truncate_step_file(copy / 'checkpoints' / '2')
   with pytest.raises(errors.CheckpointRestoreError) as err:
-    train_lib.final_state(config, str(copy))
+    clipcrop_task.final_state(config, str(copy))
   message = str(err.value)
   assert '\n' not in message and 'no usable checkpoint' in message
   assert 'step 4: empty folder; step 3: ' in message and '; step 2: ' in message
   assert checkpoint_steps(copy) == [2, 3, 4]
   # The same in training: nothing is moved, nothing is trained.
   with pytest.raises(errors.CheckpointRestoreError):
-    train_lib.train(config, str(copy))
+    clipcrop_task.train(config, str(copy))
   assert checkpoint_steps(copy) == [2, 3, 4] and not (copy / 'checkpoints_unusable').exists()
 
 
 def test_metrics_jsonl_rewrite_on_resume(tmp_path):
   """Records after the resumed step (and a line torn by a kill) go; `replace` keeps one
   (step, kind) record; the rewrite is atomic."""
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import metric_log  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'metrics.jsonl'
   rows = [{'step': s, 'kind': k, 'loss': 1.0} for s, k in ((1, 'train'), (2, 'train'),
                                                             (2, 'eval'), (3, 'train'))]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "ki')
-  logger = trainer.MetricLogger(str(tmp_path), resume_step=2)
+  logger = metric_log.MetricLogger(str(tmp_path), resume_step=2)
   assert [(r['step'], r['kind']) for r in read_metrics(tmp_path)] == [
       (1, 'train'), (2, 'train'), (2, 'eval')]
   logger.write(3, {'loss': 0.5})
@@ -362,21 +362,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, ti
                                                               tmp_path, monkeypatch):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  real = train_lib.make_train_iterator
+  from clipcrop_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  real = clipcrop_task.make_train_iterator
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs)):
       yield {**batch, 'image': batch['image'] * jnp.nan} if i == 1 else batch
 
-  monkeypatch.setattr(train_lib, 'make_train_iterator', poisoned)
+  monkeypatch.setattr(clipcrop_task, 'make_train_iterator', poisoned)
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 5})
   with pytest.raises(errors.NonFiniteLossError, match=r'at step 2\b') as err:
-    train_lib.train(config, str(tmp_path))
+    clipcrop_task.train(config, str(tmp_path))
   assert 'last good checkpoint (step 1)' in str(err.value)
   assert checkpoint_steps(tmp_path) == [1]
-  manager = trainer.checkpoint_manager(str(tmp_path), config)
+  manager = checkpointing.checkpoint_manager(str(tmp_path), config)
   assert manager.latest_step() == 1
   manager.close()
   assert [r['step'] for r in read_metrics(tmp_path)] == [1]
@@ -385,9 +385,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, ti
 
 def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit.configs import get_config  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(7)
   flat = {path: (1.0 + 0.1 * rng.standard_normal(shape) if path.endswith('/scale')
                  else 0.05 * rng.standard_normal(shape)).astype(np.float32)
@@ -399,7 +399,7 @@ def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_
                                           'checkpoint.every_steps': 100})
   assert config.model.freeze_encoder
   workdir = tmp_path / 'work'
-  state = train_lib.train(config, str(workdir))
+  state = clipcrop_task.train(config, str(workdir))
   exported = export.load_model(str(workdir)).params
   assert_trees_close(exported['owlvit'], expected, atol=0.0)
   assert_trees_close(state.params['owlvit'], expected, atol=0.0)
@@ -553,15 +553,15 @@ def test_bfloat16_training_tracks_float32(load_config):
   more than 25% (so the curves are worth comparing) and bfloat16 really ran (the curves differ)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   configs = {d: load_config('configs/tiny.py', dtype=d, num_train_steps=BF16_STEPS)
              for d in ('float32', 'bfloat16')}
   mesh = sharding_lib.make_mesh(configs['float32'].sharding.mesh_shape)
-  tasks = {d: train_lib.ClipCropTask(c) for d, c in configs.items()}
+  tasks = {d: clipcrop_task.ClipCropTask(c) for d, c in configs.items()}
   # Parameters and optimizer state are float32 in both: one set-up, one initial state.
   setup = trainer.setup_state(tasks['float32'], mesh, BF16_STEPS)
   initial = trainer.fresh_state(tasks['float32'], setup)

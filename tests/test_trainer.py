@@ -1,8 +1,7 @@
-"""The task-agnostic training core (clipcrop_jax.trainer) and the module layering it rests on."""
+"""The task-agnostic training core (clipcrop_jax.training.trainer)."""
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 
 from clipcrop_jax import model as model_lib
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import trainer
+from clipcrop_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / 'clipcrop_jax'
@@ -104,13 +103,13 @@ def test_decoder_only_init_never_touches_owlvit_for_b32():
 
 def test_clipcrop_fresh_state_from_owlvit_weights(load_config, tmp_path):
   """init_from.owlvit: the encoder is the file's, the decoder the full init's, no random ViT."""
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   owl = owl_model.init_variables(model_lib.TINY.owlvit_config, seed=5)
   path = ck.save_scenic_checkpoint(owl, tmp_path / 'owl.msgpack')
   config = load_config('configs/tiny.py', **{'init_from.owlvit': str(path)})
-  task = train_lib.ClipCropTask(config)
+  task = clipcrop_task.ClipCropTask(config)
   mesh = sharding_lib.make_mesh((1, 1), jax.devices()[:1])
   setup = trainer.setup_state(task, mesh, 3)
   state = trainer.fresh_state(task, setup)
@@ -126,79 +125,6 @@ def test_clipcrop_fresh_state_from_owlvit_weights(load_config, tmp_path):
   np.testing.assert_array_equal(state.rng, state_rng)
   assert int(state.step) == 0
   assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(setup.abstract)
-
-
-# ------------------------------------------------------------------------------------------------
-# Layering: the import graph of the package.
-# ------------------------------------------------------------------------------------------------
-
-
-def _imports(path: pathlib.Path, top_level_only: bool) -> set[str]:
-  """clipcrop_jax modules `path` imports ('clipcrop_jax.x' names), at module level or anywhere."""
-  tree = ast.parse(path.read_text())
-  nodes = tree.body if top_level_only else list(ast.walk(tree))
-  found = set()
-  for node in nodes:
-    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('clipcrop_jax'):
-      for alias in node.names:
-        name = f'{node.module}.{alias.name}'
-        found.add(name if (PACKAGE.parent / (name.replace('.', '/') + '.py')).exists()
-                  or (PACKAGE.parent / name.replace('.', '/')).is_dir() else node.module)
-    elif isinstance(node, ast.Import):
-      found |= {a.name for a in node.names if a.name.startswith('clipcrop_jax')}
-  return found
-
-
-def _module_graph(top_level_only: bool) -> dict[str, set[str]]:
-  graph = {}
-  for path in PACKAGE.rglob('*.py'):
-    parts = path.relative_to(PACKAGE.parent).with_suffix('').parts
-    name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
-    graph[name] = _imports(path, top_level_only) - {name}
-  return graph
-
-
-def test_import_graph_is_acyclic():
-  graph = _module_graph(top_level_only=False)
-  state: dict[str, int] = {}
-
-  def visit(node, stack):
-    state[node] = 1
-    for dep in sorted(graph.get(node, ())):
-      if state.get(dep) == 1:
-        cycle = stack[stack.index(dep):] + [dep]
-        raise AssertionError('import cycle: ' + ' -> '.join(cycle))
-      if dep not in state:
-        visit(dep, stack + [dep])
-    state[node] = 2
-
-  for node in sorted(graph):
-    if node not in state:
-      visit(node, [node])
-
-
-def _reachable(graph, start) -> set[str]:
-  seen, todo = set(), [start]
-  while todo:
-    for dep in graph.get(todo.pop(), ()):
-      if dep not in seen:
-        seen.add(dep)
-        todo.append(dep)
-  return seen
-
-
-def test_layering_of_the_training_modules():
-  graph = _module_graph(top_level_only=False)
-  # Evaluation imports no training module (directly or through another module).
-  assert not _reachable(graph, 'clipcrop_jax.evaluate') & {
-      'clipcrop_jax.train_lib', 'clipcrop_jax.trainer', 'clipcrop_jax.detection_train'}
-  # The detection task needs nothing of ClipCrop.
-  clipcrop_only = {'clipcrop_jax.model', 'clipcrop_jax.decoder', 'clipcrop_jax.train_lib',
-                   'clipcrop_jax.evaluate', 'clipcrop_jax.export', 'clipcrop_jax.cropper',
-                   'clipcrop_jax.keywords'}
-  assert not graph['clipcrop_jax.detection_train'] & clipcrop_only
-  # The core imports no task (`default_config` builds the models of both, on demand).
-  assert not graph['clipcrop_jax.trainer'] & (clipcrop_only | {'clipcrop_jax.detection_train'})
 
 
 def test_periodic_evaluation_runs_every_n_steps_but_not_at_the_end():

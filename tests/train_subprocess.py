@@ -67,9 +67,9 @@ def make_batch(image_size: int, max_crops: int, max_queries: int, seed: int = 0)
 
 def run_on_mesh(config, mesh, batch_np):
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
-  task = train_lib.ClipCropTask(config)
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  task = clipcrop_task.ClipCropTask(config)
   setup = trainer.setup_state(task, mesh, 4)
   state = trainer.fresh_state(task, setup)
   init_params = jax.device_get(state.params)

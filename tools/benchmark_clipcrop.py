@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from clipcrop_jax import cropper as cropper_lib
-from clipcrop_jax import model as model_lib
 from clipcrop_jax import keywords as keywords_lib
+from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import detect
 
 TEXTS = ['a woman and three dogs on the boat', 'a red car', 'two people on a bench',

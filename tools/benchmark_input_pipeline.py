@@ -21,7 +21,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from clipcrop_jax import input_pipeline as ip
+from clipcrop_jax.data import input_pipeline as ip
 
 
 def synthetic_dataset(num: int, height: int, width: int, num_crops: int,

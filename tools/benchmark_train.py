@@ -11,7 +11,7 @@ Models: `tiny` (configs/tiny.py) and `b32` (configs/gaic_b32.py, the paper's B/3
 decoder; random weights). Both read the synthetic dataset `synthetic_crops/<--dataset>` prepared in
 `--data_dir` (built there with `python -m clipcrop_jax.build_dataset datasets/synthetic` when
 missing; the pipeline resizes the images to the model's input size), through
-`train_lib.make_train_iterator` (augmentation, mosaics, keywords) exactly as in training.
+`clipcrop_task.make_train_iterator` (augmentation, mosaics, keywords) exactly as in training.
 
 Per model, after compiling, three timings of `--steps` steps each:
   step only      `train_step` on one cached batch (the baseline);
@@ -24,7 +24,7 @@ pipeline and the step share the cores, so the wait is pessimistic for an acceler
 
 `--setup`: the set-up time of a run that starts from pretrained OWL-ViT weights (a random
 checkpoint of the model's OWL-ViT written first, untimed), from the config to the first usable
-train state, two ways in the same process: "full init" (the way before issue 12: a random init
+train state, two ways in the same process: "full init" (the former way: a random init
 of the whole model, OWL-ViT included, then the loaded encoder put in its place) and
 "decoder only" (`trainer.fresh_state`: the loaded encoder and a decoder initialised alone, with
 the values the full init gives it). Prints both and their ratio; checks that both states have
@@ -89,11 +89,11 @@ def synthetic_setup(name: str, batch_size: int, args, solver: str = 'auto',
                     trainable: bool = False, remat: bool = False):
   """(task, state, step_fn, batch, optimizer groups) of one model on a fixed random batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import optim  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.batch_size = batch_size
@@ -105,7 +105,7 @@ def synthetic_setup(name: str, batch_size: int, args, solver: str = 'auto',
     config.model.freeze_encoder = False
     config.optimizer.lr_multipliers = tuple(optim.default_lr_multipliers(False))
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
-  task = train_lib.ClipCropTask(config)
+  task = clipcrop_task.ClipCropTask(config)
   setup = trainer.setup_state(task, mesh, config.num_train_steps)
   groups = optim.describe(setup.abstract.params, config.optimizer.lr_multipliers)
   state = trainer.fresh_state(task, setup)
@@ -197,16 +197,16 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
   """ms per step of each phase of the train step, each its own jitted function (see --phases)."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import features as F  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import losses  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
 
   task, setup, state, step_fn, batch, _ = synthetic_setup(
       name, batch_size, args, solver, args.trainable_encoder, args.remat)
   model, n = task.model, args.steps
-  loss_kw = train_lib.loss_kwargs(task.config)
+  loss_kw = clipcrop_task.loss_kwargs(task.config)
   rng = jax.random.PRNGKey(0)
   variables = {'params': state.params}
 
@@ -219,7 +219,7 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
   def decoder(variables, encoded, embeddings, batch):
     queries = batch[F.TEXT_QUERIES]
     mask = (queries[..., 0] > 0) & model_lib.query_mask_for_mode(queries, model.config.mode)
-    target = train_lib.best_crop_xyxy(batch[F.CROP_BOXES], batch[F.CROP_SCORES], batch[F.CROP_MASK])
+    target = clipcrop_task.best_crop_xyxy(batch[F.CROP_BOXES], batch[F.CROP_SCORES], batch[F.CROP_MASK])
     return model.apply(variables, encoded, embeddings, mask, target, batch[F.IMAGE_EXTENT], True,
                        method=model.crop_from_encoding, rngs={'dropout': rng})
 
@@ -378,7 +378,7 @@ def benchmark_matching(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import matching  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   rng = np.random.default_rng(0)
   layers, preds, slots = 6, 90, 128
@@ -427,10 +427,10 @@ def _block(tree):
 def benchmark(name: str, args) -> dict[str, float]:
   """{'step', 'step_input', 'input': examples/s, 'wait': input-wait fraction, ...} of one model."""
   import jax  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.dataset.update(name=f'synthetic_crops/{args.dataset}', data_dir=args.data_dir,
@@ -447,12 +447,12 @@ def benchmark(name: str, args) -> dict[str, float]:
 
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   builder = input_pipeline.dataset_builder(config.dataset.name, config.dataset.data_dir)
-  task = train_lib.ClipCropTask(config)
+  task = clipcrop_task.ClipCropTask(config)
   model = task.model
   setup = trainer.setup_state(task, mesh, config.num_train_steps)
   state = trainer.fresh_state(task, setup)
   step_fn = trainer.make_step_fn(task, setup, mesh)
-  batches = train_lib.make_train_iterator(config, builder, mesh)
+  batches = clipcrop_task.make_train_iterator(config, builder, mesh)
 
   t0 = time.perf_counter()
   cached = _block(next(batches))
@@ -496,29 +496,29 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import trainer  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
   config.dtype = args.dtype
   config.num_train_steps = 10_000
   with tempfile.TemporaryDirectory() as tmp:
-    owl = owl_model.init_variables(train_lib.ClipCropTask(config).model.config.owlvit_config, 1)
+    owl = owl_model.init_variables(clipcrop_task.ClipCropTask(config).model.config.owlvit_config, 1)
     config.init_from.owlvit = str(owl_ckpt.save_scenic_checkpoint(
         jax.device_get(owl), pathlib.Path(tmp) / 'owlvit.msgpack'))
     del owl
     mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
 
     def decoder_only():
-      task = train_lib.ClipCropTask(config)
+      task = clipcrop_task.ClipCropTask(config)
       setup = trainer.setup_state(task, mesh, config.num_train_steps)
       return trainer.fresh_state(task, setup)
 
-    def full_init():  # before issue 12: random OWL-ViT + decoder, then the encoder replaced
-      task = train_lib.ClipCropTask(config)
+    def full_init():  # the former way: random OWL-ViT + decoder, then the encoder replaced
+      task = clipcrop_task.ClipCropTask(config)
       setup = trainer.setup_state(task, mesh, config.num_train_steps)
       state = setup.init(jax.random.PRNGKey(config.seed), {})
       owl = task.pretrained_params(setup.abstract.params)['owlvit']

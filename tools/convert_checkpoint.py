@@ -19,8 +19,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from clipcrop_jax import fileio
 from clipcrop_jax.owlvit import checkpoints
+from clipcrop_jax.owlvit import fileio
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

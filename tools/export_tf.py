@@ -47,12 +47,12 @@ import jax
 import numpy as np
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import export
-from clipcrop_jax import features
-from clipcrop_jax import fileio
-from clipcrop_jax import model as model_lib
 from clipcrop_jax.cropper import ClipCropper
+from clipcrop_jax.data import features
+from clipcrop_jax import export
+from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import checkpoints as owl_checkpoints
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax.owlvit import model as owl_model
 
 SIGNATURE_PIXELS = 'serving_default'

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from clipcrop_jax import serve
+from clipcrop_jax.serving import testing as serve_testing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = ('a red square', 'the blue disc', 'green grass under a blue sky', 'a red square and a disc')
@@ -76,7 +76,7 @@ class Server:
 
   def __enter__(self) -> 'Server':
     self.proc = subprocess.Popen(self.argv, cwd=REPO)
-    serve.wait_until_ready(self.url, lambda: self.proc.poll() is None)
+    serve_testing.wait_until_ready(self.url, lambda: self.proc.poll() is None)
     return self
 
   def __exit__(self, *exc) -> None:

@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from clipcrop_jax import config_lib
-from clipcrop_jax import fileio
+from clipcrop_jax.owlvit import fileio
 
 
 def parse_candidate(text: str) -> tuple[str, dict[str, object]]:
@@ -76,9 +76,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   candidates = [parse_candidate(t) for t in args.candidate]
 
-  from clipcrop_jax import default_config
-  from clipcrop_jax import synthetic_pipeline as sp
-  from clipcrop_jax import train_lib
+  from clipcrop_jax import config_validation
+  from clipcrop_jax.experiments import synthetic_pipeline as sp
+  from clipcrop_jax.training import clipcrop_task
   path, _, arg = args.config.partition(':')
   base = config_lib.load_config_file(path, arg or None)
   work = pathlib.Path(args.workdir)
@@ -92,10 +92,10 @@ def main(argv=None) -> int:
   results = {}
   for cand, overrides in candidates:
     cc = apply_overrides(c, overrides)
-    default_config.validate_config(cc)
+    config_validation.validate_config(cc)
     v = sp.variant_config(cc, args.mode, owlvit_ckpt)
     out = work / 'select' / cand / f'clipcrop_{args.mode}'
-    state = train_lib.train(v, str(out))
+    state = clipcrop_task.train(v, str(out))
     chosen = sp.validation_choice(cc, v, state, out)
     results[cand] = dict(overrides=overrides, iou_mean_by_k=chosen['iou_mean_by_k'],
                          best_k=chosen['fuse_top_k'], quality_iou_srcc=chosen['quality_iou_srcc'])

@@ -10,25 +10,39 @@
                               [owlvit.ImageQuery('cat', owlvit.load_image('example.jpg'))])
 """
 
-from clipcrop_jax.owlvit import hub
-from clipcrop_jax.owlvit.checkpoints import CheckpointError
-from clipcrop_jax.owlvit.checkpoints import load_checkpoint
-from clipcrop_jax.owlvit.checkpoints import save_scenic_checkpoint
-from clipcrop_jax.owlvit.configs import CONFIGS
-from clipcrop_jax.owlvit.configs import get_config
-from clipcrop_jax.owlvit.configs import OwlViTConfig
-from clipcrop_jax.owlvit.image_query import embed_image_query
-from clipcrop_jax.owlvit.image_query import ImageQuery
-from clipcrop_jax.owlvit.image_query import query_embeddings
-from clipcrop_jax.owlvit.model import init_variables
-from clipcrop_jax.owlvit.model import TextZeroShotDetectionModule
-from clipcrop_jax.owlvit.preprocessing import boxes_cxcywh_to_pixels_xyxy
-from clipcrop_jax.owlvit.preprocessing import DEFAULT_MAX_PIXELS
-from clipcrop_jax.owlvit.preprocessing import ImageError
-from clipcrop_jax.owlvit.preprocessing import load_for_model
-from clipcrop_jax.owlvit.preprocessing import load_image
-from clipcrop_jax.owlvit.preprocessing import preprocess
-from clipcrop_jax.owlvit.tokenizer import tokenize
+import importlib
+
+# Public name -> the submodule defining it. Imported on first use, so that the light modules
+# (configs, fileio, box_ops, tokenizer) import without jax / flax.
+_EXPORTS = {
+    'CheckpointError': 'checkpoints',
+    'load_checkpoint': 'checkpoints',
+    'save_scenic_checkpoint': 'checkpoints',
+    'CONFIGS': 'configs',
+    'get_config': 'configs',
+    'OwlViTConfig': 'configs',
+    'embed_image_query': 'image_query',
+    'ImageQuery': 'image_query',
+    'query_embeddings': 'image_query',
+    'init_variables': 'model',
+    'TextZeroShotDetectionModule': 'model',
+    'boxes_cxcywh_to_pixels_xyxy': 'preprocessing',
+    'DEFAULT_MAX_PIXELS': 'preprocessing',
+    'ImageError': 'preprocessing',
+    'load_for_model': 'preprocessing',
+    'load_image': 'preprocessing',
+    'preprocess': 'preprocessing',
+    'tokenize': 'tokenizer',
+}
+
+
+def __getattr__(name):
+  if name == 'hub':
+    return importlib.import_module('clipcrop_jax.owlvit.hub')
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'clipcrop_jax.owlvit.{_EXPORTS[name]}'), name)
+  raise AttributeError(f"module 'clipcrop_jax.owlvit' has no attribute {name!r}")
+
 
 __all__ = [
     'CheckpointError', 'load_checkpoint', 'save_scenic_checkpoint', 'hub', 'CONFIGS', 'get_config',

@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipcrop_jax import fileio
 from clipcrop_jax.owlvit.checkpoint_files import CheckpointError
 from clipcrop_jax.owlvit.checkpoint_files import sniff as _sniff
 from clipcrop_jax.owlvit.configs import CONFIGS, HEAD_DIM, OwlViTConfig, get_config
+from clipcrop_jax.owlvit import fileio
 
 PathLike = Union[str, os.PathLike]
 Params = dict[str, Any]

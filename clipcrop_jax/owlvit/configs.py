@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from clipcrop_jax.features import MAX_QUERY_LENGTH  # pylint: disable=unused-import
 
 # CLIP pixel statistics; normalisation happens *inside* the model, as in Scenic.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VOCAB_SIZE = 49408
+MAX_QUERY_LENGTH = 16  # CLIP tokens per text query (the text positional embedding rows)
 HEAD_DIM = 64
 
 

@@ -71,7 +71,6 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   Returns:
     Detections sorted by query order (texts, then image queries), then score (descending).
   """
-  from clipcrop_jax import model as clipcrop_model  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import heads  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -91,7 +90,7 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   boxes = pp.boxes_cxcywh_to_pixels_xyxy(pred_boxes, (h, w))
   # Tokens of the padding, and boxes with no area once clipped to the image, are no detections.
   extent = (w / max(h, w), h / max(h, w))  # the real image in [0, 1] of the padded square
-  valid = (np.asarray(clipcrop_model.token_in_image(pred_boxes, extent))
+  valid = (np.asarray(heads.token_in_image(pred_boxes, extent))
            & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
   scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)  # < any min_score
   detections = []
@@ -172,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--seed', type=int, default=0, help='Seed for --random-init.')
   args = parser.parse_args(argv)
 
-  from clipcrop_jax import fileio  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.owlvit import fileio  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
   if not args.query and not args.query_image:

@@ -25,6 +25,22 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + NORM_EPS)
 
 
+def token_in_image(pred_boxes_cxcywh: Any, image_extent: Any) -> jax.Array:
+  """(..., P) bool: the token's box centre lies in the real image, not in the padding.
+
+  Images are padded at the bottom / right to a square; a token whose predicted box centre
+  (cx, cy) is beyond the real image's extent (w, h) sees only padding and is never selected.
+
+  Args:
+    pred_boxes_cxcywh: (..., P, 4) token boxes, cxcywh in [0, 1] of the padded square.
+    image_extent: (..., 2) the real image's (width, height) in [0, 1] of the padded square,
+      (W / max(H, W), H / max(H, W)); NumPy or jnp.
+  """
+  centres = jnp.asarray(pred_boxes_cxcywh)[..., :2]
+  extent = jnp.asarray(image_extent, centres.dtype)[..., None, :]
+  return jnp.all(centres <= extent, axis=-1)
+
+
 def logits_from_image_terms(terms: dict[str, jax.Array], query_embeddings: jax.Array,
                             query_mask: Optional[jax.Array] = None) -> jax.Array:
   """Class logits from precomputed image-side terms (see `ClassPredictor.image_terms`).

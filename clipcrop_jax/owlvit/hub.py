@@ -53,8 +53,8 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from absl import logging
 import tqdm
 
-from clipcrop_jax import fileio
 from clipcrop_jax.owlvit import checkpoint_files
+from clipcrop_jax.owlvit import fileio
 
 PathLike = Union[str, os.PathLike]
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipcrop_jax import boxes as box_lib
+from clipcrop_jax.owlvit import box_ops
 from clipcrop_jax.owlvit import model as model_lib
 from clipcrop_jax.owlvit import preprocessing as pp
 from clipcrop_jax.owlvit import tokenizer
@@ -43,10 +43,10 @@ def select_query_token(pred_boxes_cxcywh: jax.Array, class_embeddings: jax.Array
   Returns:
     int32 scalar token index. jit-compatible.
   """
-  pred_xyxy = box_lib.cxcywh_to_xyxy(pred_boxes_cxcywh)
+  pred_xyxy = box_ops.cxcywh_to_xyxy(pred_boxes_cxcywh)
   box = jnp.asarray(box_xyxy, jnp.float32).reshape(1, 4)
-  iou = box_lib.pairwise_iou_xyxy(box, pred_xyxy)[0]
-  giou = box_lib.pairwise_giou_xyxy(box, pred_xyxy)[0]
+  iou = box_ops.pairwise_iou_xyxy(box, pred_xyxy)[0]
+  giou = box_ops.pairwise_giou_xyxy(box, pred_xyxy)[0]
   use_giou = jnp.all(iou == 0.0)
   iou_threshold = IOU_RELATIVE_THRESHOLD * jnp.max(iou)
   giou_threshold = GIOU_RELATIVE_THRESHOLD * jnp.max(jnp.minimum(giou, 0.0))

@@ -83,6 +83,32 @@ class ImageError(ValueError):
   """An image file could not be read or decoded (missing, not an image, truncated, too large)."""
 
 
+class NotAnImageError(ImageError):
+  """The bytes are no image format Pillow recognises."""
+
+
+class ImageTooLargeError(ImageError):
+  """The image's width x height (read from its header) is above the decoding limit.
+
+  `summary` is the message without the way to allow it; `allow` (default: the API's
+  `max_pixels=N` / environment variable) is how a caller's users raise the limit.
+  """
+
+  def __init__(self, name: str, width: int, height: int, limit: int,
+               allow: str | None = None):
+    self.name, self.width, self.height, self.limit = name, width, height, limit
+    self.pixels = width * height
+    self.summary = (f"{name}: image is {width}x{height} = {self.pixels / 1e6:.1f} MP, above the "
+                    f"decoding limit of {limit / 1e6:.1f} MP ({limit} pixels)")
+    if allow is None:
+      allow = f"pass max_pixels={self.pixels} or set {MAX_PIXELS_ENV}={self.pixels}"
+    super().__init__(f"{self.summary}; to decode it anyway {allow}")
+
+  def allowed_by(self, allow: str) -> ImageTooLargeError:
+    """The same error telling how to allow it in the caller's terms (e.g. a command-line flag)."""
+    return ImageTooLargeError(self.name, self.width, self.height, self.limit, allow)
+
+
 # ------------------------------------------------------------------------------------------------
 # Pixel limit.
 # ------------------------------------------------------------------------------------------------
@@ -122,13 +148,6 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
   if max_pixels < 1:
     raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
   return int(max_pixels)
-
-
-def _too_large_message(name: str, width: int, height: int, limit: int) -> str:
-  pixels = width * height
-  return (f"{name}: image is {width}x{height} = {pixels / 1e6:.1f} MP, above the decoding limit of "
-          f"{limit / 1e6:.1f} MP ({limit} pixels); to decode it anyway pass max_pixels={pixels} or "
-          f"set {MAX_PIXELS_ENV}={pixels}")
 
 
 # Pillow's own check reads the process-wide `Image.MAX_IMAGE_PIXELS`; this lock serialises our
@@ -261,7 +280,7 @@ def _decode(path_or_file: ImageSource, max_pixels: int | None,
       with img:
         width, height = img.size
         if width * height > limit:
-          raise ImageError(_too_large_message(name, width, height, limit))
+          raise ImageTooLargeError(name, width, height, limit)
         if width == 0 or height == 0:
           raise ImageError(f"{name}: image has zero size ({width}x{height})")
         if pillow_refuses:  # Our limit admits what Pillow would refuse: decode without its check.
@@ -271,7 +290,7 @@ def _decode(path_or_file: ImageSource, max_pixels: int | None,
   except ImageError:
     raise
   except UnidentifiedImageError:
-    raise ImageError(f"{name}: not a recognised image file") from None
+    raise NotAnImageError(f"{name}: not a recognised image file") from None
   except Image.DecompressionBombError as e:
     raise ImageError(f"{name}: image too large ({e})") from e
   except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:

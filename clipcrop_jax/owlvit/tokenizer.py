@@ -31,7 +31,7 @@ import ftfy
 from instant_clip_tokenizer import Tokenizer
 import numpy as np
 
-from clipcrop_jax.features import MAX_QUERY_LENGTH
+from clipcrop_jax.owlvit.configs import MAX_QUERY_LENGTH
 
 SOT_TOKEN = 49406  # `<|startoftext|>`
 EOT_TOKEN = 49407  # `<|endoftext|>`

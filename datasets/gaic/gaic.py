@@ -21,8 +21,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features as F
+from clipcrop_jax.data import features as F
+from clipcrop_jax.data import formats as data_formats
 
 # A box coordinate may lie at most this many pixels outside the image; it is then clipped.
 # Anything further out is bad data.

@@ -4,7 +4,7 @@ Build (test split only; raw files are not public, see MANUAL_DOWNLOAD_INSTRUCTIO
 
   tfds build datasets/horanyi_pr --manual_dir=/path/to/horanyi_pr_raw [--data_dir=...]
 
-Bad raw data raises `clipcrop_jax.features.BadDataError`; set `CLIPCROP_SKIP_BAD_DATA=1` (or pass
+Bad raw data raises `clipcrop_jax.data.features.BadDataError`; set `CLIPCROP_SKIP_BAD_DATA=1` (or pass
 `skip_bad_data=True` to the builder) to skip and count it instead.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features
+from clipcrop_jax.data import features
+from clipcrop_jax.data import formats as data_formats
 
 _CITATION = r"""
 @article{horanyi2022repurposing,

@@ -1,6 +1,6 @@
 """TFDS builder `synthetic_crops`: procedurally generated text-conditioned cropping data.
 
-No download and no manual dir: every example is drawn by `clipcrop_jax.synthetic` from a seed.
+No download and no manual dir: every example is drawn by `clipcrop_jax.data.synthetic` from a seed.
 
   tfds build datasets/synthetic                      # config `default`
   tfds build datasets/synthetic --config=tiny        # a few images, for tests
@@ -22,8 +22,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import features as F
-from clipcrop_jax import synthetic as S
+from clipcrop_jax.data import features as F
+from clipcrop_jax.data import synthetic as S
 
 OBJECTS = 'objects'
 OBJECT_BBOX = 'bbox'

@@ -6,7 +6,7 @@ Build (test split only; raw files are not public, see MANUAL_DOWNLOAD_INSTRUCTIO
 
 Reads labelme JSON (one file per image; shapes grouped by label = text, one example per
 (image, text)) or, when `manual_dir/annotations.json` exists, the simple JSON format shared with
-Horanyi-PR. Bad raw data raises `clipcrop_jax.features.BadDataError`; set
+Horanyi-PR. Bad raw data raises `clipcrop_jax.data.features.BadDataError`; set
 `CLIPCROP_SKIP_BAD_DATA=1` (or pass `skip_bad_data=True`) to skip and count it instead.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from absl import logging
 import tensorflow_datasets as tfds
 
-from clipcrop_jax import data_formats
-from clipcrop_jax import features
+from clipcrop_jax.data import features
+from clipcrop_jax.data import formats as data_formats
 
 _CITATION = r"""
 @inproceedings{zhong2023clipcrop,

@@ -3,7 +3,7 @@
 The recipe follows Jia et al., "Rethinking Image Cropping" (CVPR 2022): annotated crops whose
 mean-opinion score is >= a threshold (4 of 1..5 on GAIC) are the positives; if an image has none,
 its best-scored crops are. Predictions are Hungarian-matched to the positives (DETR-style, see
-`clipcrop_jax.matching`), matched boxes get L1 (cxcywh) and GIoU losses, and every prediction's
+`matching`), matched boxes get L1 (cxcywh) and GIoU losses, and every prediction's
 quality gets a Smooth-L1 loss towards its target: the matched crop's normalised score, else the
 score of an annotated crop it overlaps with IoU >= 0.9 (local-redundancy label smoothing), else 0.
 
@@ -48,11 +48,12 @@ import optax
 import optax.losses
 
 from clipcrop_jax import boxes as box_lib
-from clipcrop_jax import matching
+from clipcrop_jax import default_config
+from clipcrop_jax.training import matching
 
 LOSS_NAMES = ('loss_l1', 'loss_giou', 'loss_quality')
-QUALITY_LOSSES = ('smooth_l1', 'pairwise', 'listwise')
-QUALITY_TARGETS = ('matched', 'iou', 'top_iou')
+QUALITY_LOSSES = default_config.QUALITY_LOSSES
+QUALITY_TARGETS = default_config.QUALITY_TARGETS
 # A pair (i, j) of the pairwise loss needs target_i > target_j + PAIRWISE_MARGIN: targets are
 # normalised scores (0.05 = 0.2 on GAIC's 1..5 scale), so nearly tied crops, whose order is mostly
 # annotation noise, are not forced apart.

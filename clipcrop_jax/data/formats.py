@@ -31,7 +31,7 @@ import os
 import pathlib
 from typing import Any, Iterator
 
-from clipcrop_jax import features
+from clipcrop_jax.data import features
 
 SKIP_ENV = 'CLIPCROP_SKIP_BAD_DATA'
 _SKIP_TRUE = ('1', 'true', 'yes', 'on')

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MAX_QUERY_LENGTH = 16  # CLIP tokens per text query (OWL-ViT's text positional embedding rows)
+from clipcrop_jax.owlvit import configs as _owl_configs
+
+MAX_QUERY_LENGTH = _owl_configs.MAX_QUERY_LENGTH  # CLIP tokens per text query (OWL-ViT's)
 
 # ------------------------------------------------------------------------------------------------
 # TFDS feature keys (what the builders write).

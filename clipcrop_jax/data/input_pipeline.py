@@ -1,9 +1,9 @@
 """tf.data input pipeline: from TFDS cropping examples to (global) training / evaluation batches.
 
-Input examples follow `clipcrop_jax.features`: `image` (uint8 (H, W, 3), or the encoded bytes, which
-are decoded here), `image/filename`, `height`, `width`, `text` and `crops` = {`bbox`: (N, 4) float32
-(ymin, xmin, ymax, xmax) normalised to the original image, `score`: (N,)} (the flat keys
-`crops/bbox`, `crops/score` are accepted too).
+Input examples follow `clipcrop_jax.data.features`: `image` (uint8 (H, W, 3), or the encoded
+bytes, which are decoded here), `image/filename`, `height`, `width`, `text` and `crops` =
+{`bbox`: (N, 4) float32 (ymin, xmin, ymax, xmax) normalised to the original image, `score`: (N,)}
+(the flat keys `crops/bbox`, `crops/score` are accepted too).
 
 Output convention (what the model consumes), per example:
 
@@ -64,7 +64,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from clipcrop_jax import features as F
+from clipcrop_jax.data import features as F
 from clipcrop_jax import keywords
 
 PAD_VALUE = 0.5
@@ -145,22 +145,16 @@ def mirror_text(text: tf.Tensor) -> tf.Tensor:
 
 
 def flip_coin(seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
-  """bool scalar: whether `random_flip` / `random_flip_with_text` flip with this (2,) seed."""
+  """bool scalar: whether `random_flip_with_text` flips with this (2,) seed."""
   return tf.random.stateless_uniform((), tf.cast(seed, tf.int64)) < prob
-
-
-def random_flip(image: tf.Tensor, boxes_xyxy: tf.Tensor, seed: tf.Tensor,
-                prob: float = 0.5) -> tuple[tf.Tensor, tf.Tensor]:
-  """Horizontal flip with probability `prob`; xyxy boxes normalised to the image are mirrored."""
-  return tf.cond(flip_coin(seed, prob), lambda: flip_left_right(image, boxes_xyxy),
-                 lambda: (image, boxes_xyxy))
 
 
 def random_flip_with_text(image: tf.Tensor, boxes_xyxy: tf.Tensor, text: tf.Tensor,
                           seed: tf.Tensor, prob: float = 0.5
                           ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """`random_flip` (same decision for the same seed) that also mirrors `text` (a string tensor of
-  any shape: a caption, or per-object labels) with `mirror_text` when it flips."""
+  """Horizontal flip with probability `prob` (`flip_coin(seed)`): xyxy boxes normalised to the
+  image are mirrored and so is `text` (a string tensor of any shape: a caption, or per-object
+  labels; `mirror_text`)."""
   flipped = flip_coin(seed, prob)
   image, boxes_xyxy = tf.cond(flipped, lambda: flip_left_right(image, boxes_xyxy),
                               lambda: (image, boxes_xyxy))
@@ -229,7 +223,7 @@ def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
   """One example -> padded square, xyxy crops in the square, mask and extent (see module doc).
 
   Args:
-    example: a `clipcrop_jax.features` example (image decoded or encoded).
+    example: a `clipcrop_jax.data.features` example (image decoded or encoded).
     size: output side S (int, or a scalar tensor giving a dynamic image shape).
     max_crops: M, crops padded (and truncated, with `truncate`) to this many.
     seed: stateless (2,) seed; None = no augmentation. With a seed, `jitter` / `flip` select the
@@ -425,7 +419,7 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
                        keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
                        num_parallel_calls: int = tf.data.AUTOTUNE,
                        prefetch: int = 2) -> tf.data.Dataset:
-  """Training batches (per host) from a dataset of `clipcrop_jax.features` examples.
+  """Training batches (per host) from a dataset of `clipcrop_jax.data.features` examples.
 
   `ds` should already be this host's part (`split_for_process`); decode the images here (TFDS
   `decoders={'image': tfds.decode.SkipDecoding()}`) or before. Returns batches of the module-doc

@@ -1,4 +1,4 @@
-"""The ClipCrop task on the training core (`clipcrop_jax.trainer`): data, loss, init, export.
+"""The ClipCrop task on the training core (`training.trainer`): data, loss, init, export.
 
 `train(config, workdir)` trains ClipCrop as `trainer.train` describes (validation, sharded
 set-up, resume, loop, checkpoints, logs). What is ClipCrop's:
@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clipcrop_jax.data import features as F
 from clipcrop_jax import default_config
 from clipcrop_jax import export
-from clipcrop_jax import features as F
-from clipcrop_jax import losses as losses_lib
-from clipcrop_jax import matching
 from clipcrop_jax import model as model_lib
-from clipcrop_jax import trainer
+from clipcrop_jax.training import losses as losses_lib
+from clipcrop_jax.training import matching
+from clipcrop_jax.training import trainer
 
 TrainState = trainer.TrainState
 EvalFn = Callable[[TrainState, int], None]
@@ -148,7 +148,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, builder, mesh, start_
   batches (`trainer.data_position`: replay or reseed)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from clipcrop_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   d = config.dataset
   per_process = sharding_lib.process_batch_size(config.batch_size)

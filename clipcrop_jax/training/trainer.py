@@ -1,43 +1,18 @@
-"""The task-agnostic training core: state, sharded set-up, resume, step, loop, checkpoints, logs.
+"""The task-agnostic training core: state, sharded set-up, resume, step, loop, logs.
 
-A task (`train_lib.ClipCropTask`: ClipCrop on cropping data; `detection_train.DetectionTask`:
-OWL-ViT on labelled boxes) says what is trained and on what (`Task`); `train(task, workdir)`
-does the rest, the same way for every task:
-  0. `default_config.validate_config(config, workdir, task=task.name)`: a bad config fails here,
-     in one line, before anything is built; `<workdir>/config.json` is written;
-  1. mesh ('data', 'model') over all devices of all processes (`sharding.make_mesh`);
-  2. shapes of the train state by `jax.eval_shape`, shardings by the config's rules
-     (`setup_state`); the state is created directly sharded under `jit(out_shardings=...)`;
-  3. resume order: the newest checkpoint in `<workdir>/checkpoints` that restores (params,
-     optimizer state, step, rng; the input position follows from the step, `data_position`) >
-     the task's pretrained weights (`Task.pretrained_params`: only the missing parts are
-     initialised, e.g. ClipCrop's decoder without a random OWL-ViT init) > random init. Step
-     folders are tried newest first; an unusable one (empty, truncated, corrupt) is logged with
-     the reason and moved to `<workdir>/checkpoints_unusable/<N>` (never deleted), so that Orbax
-     neither skips the re-saved step nor garbage-collects a good step in its place
-     (`restore_latest`). When step folders exist but none restores, `CheckpointRestoreError`
-     lists them and nothing is moved. `<workdir>/metrics.jsonl` is rewritten (atomically) without
-     the records of steps after the resumed one, so that it holds one record per (step, kind);
-  4. `jit(train_step, donate_argnums=0)` (`make_train_step` around the task's loss) on global
-     batches (every process feeds its own part, `sharding.process_batch_size`);
-  5. every `log_every_steps`: a progress line (step, loss, the task's loss terms, steps/s, input
-     wait, ETA), TensorBoard summaries (clu metric writers) and `<workdir>/metrics.jsonl`; every
-     `checkpoint.every_steps` and at the end: an Orbax checkpoint (keep the last
-     `checkpoint.keep`); a non-finite loss stops training with `NonFiniteLossError` and is never
-     checkpointed; every `Task.eval_every_steps` steps (> 0; not at the end) `Task.evaluate`;
-  6. when all steps are done (also when a re-run finds them done): `Task.finish` (the export).
-
-Errors a user can act on are `errors.RunError`s: the command lines print them as one line.
-Multi-host: `initialize_distributed(config)` before anything touches a device.
+A task (`clipcrop_task.ClipCropTask`, `detection_task.DetectionTask`) says what is trained and on
+what (`Task`); `train(task, workdir)` does the rest the same way for every task: validates the
+config (`config_validation`), writes `<workdir>/config.json`, builds the mesh and the sharded
+state, resumes from the newest usable checkpoint (`checkpointing.restore_latest`) or the task's
+pretrained weights or a random init, runs the jitted steps with progress lines and metrics
+(`metric_log`), saves checkpoints, stops on a non-finite loss, evaluates every
+`Task.eval_every_steps` and calls `Task.finish` (the export) at the end. Errors a user can act on
+are `errors.RunError`s. docs/training.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import inspect
-import json
 import logging as python_logging
 import math
 import os
@@ -56,18 +31,19 @@ import numpy as np
 import optax
 import optax.tree_utils
 
+from clipcrop_jax import config_validation
+
 from clipcrop_jax import default_config
 from clipcrop_jax import errors
-from clipcrop_jax import fileio
-from clipcrop_jax import optim
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import sharding as sharding_lib
+from clipcrop_jax.training import checkpointing
+from clipcrop_jax.training import metric_log
+from clipcrop_jax.training import optim
 
 CONFIG_FILE = 'config.json'
-METRICS_FILE = 'metrics.jsonl'
-CHECKPOINT_DIR = 'checkpoints'
-UNUSABLE_CHECKPOINT_DIR = 'checkpoints_unusable'
-# After a failed restore, how long its abandoned reads get to end quietly (`_restore_step`).
-ABANDONED_READS_SETTLE_S = 1.0
+METRICS_FILE = metric_log.METRICS_FILE
+CHECKPOINT_DIR = checkpointing.CHECKPOINT_DIR
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -98,7 +74,7 @@ class Task:
 
   Attributes:
     config: the run config (`default_config.get_default_config` or `get_detection_config`).
-    name: the `default_config.validate_config` task ('clipcrop' | 'detection'); also the
+    name: the `config_validation.validate_config` task ('clipcrop' | 'detection'); also the
       progress bar's label.
     log_terms: loss terms (keys of `loss_fn`'s terms) shown in the progress line.
   """
@@ -111,7 +87,7 @@ class Task:
 
   def dataset_builder(self):
     """The prepared TFDS dataset `config.dataset.name` (fails early on missing features)."""
-    from clipcrop_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.dataset_builder(self.config.dataset.name, self.config.dataset.data_dir)
 
   def init_params(self, rng: jax.Array, pretrained: dict[str, Params]) -> Params:
@@ -141,10 +117,12 @@ class Task:
     the task's `finish`)."""
     return -1
 
-  def evaluate(self, state: TrainState, step: int, builder, logger: 'MetricLogger') -> None:
+  def evaluate(self, state: TrainState, step: int, builder, logger: metric_log.MetricLogger
+               ) -> None:
     """An evaluation during training, at `step` (a multiple of `eval_every_steps`)."""
 
-  def finish(self, state: TrainState, workdir: str, builder, logger: 'MetricLogger') -> None:
+  def finish(self, state: TrainState, workdir: str, builder, logger: metric_log.MetricLogger
+             ) -> None:
     """Once all steps are done (also on a re-run of a finished workdir): the export."""
 
 
@@ -186,17 +164,17 @@ def run_command(config: Optional[ml_collections.ConfigDict], workdir: Optional[s
                 run: Callable[[], Any], task: str = 'clipcrop') -> None:
   """The frame of the training command lines (`clipcrop_jax.main`, `detection_train`).
 
-  Checks `config` and `workdir` (`default_config.validate_config`; a problem is one `error:`
+  Checks `config` and `workdir` (`config_validation.validate_config`; a problem is one `error:`
   line, exit code 2), quiets Orbax / TFDS INFO logs, keeps TensorFlow (tf.data) off the
   accelerators, starts multi-host JAX (`initialize_distributed`) and calls `run()`; an
   `errors.RunError` is printed as one `error:` line (exit code 1), without a traceback.
   """
   if config is None or not workdir:
-    default_config.usage_exit('--config and --workdir are required')
+    config_validation.usage_exit('--config and --workdir are required')
   try:
-    default_config.validate_config(config, workdir, task=task)
-  except default_config.ConfigError as e:
-    default_config.usage_exit(str(e))
+    config_validation.validate_config(config, workdir, task=task)
+  except config_validation.ConfigError as e:
+    config_validation.usage_exit(str(e))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -349,192 +327,6 @@ def host_params(state: TrainState) -> Params:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints.
-# ------------------------------------------------------------------------------------------------
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(config.checkpoint.keep)),
-                                         create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options)
-
-
-def save_checkpoint(manager, state: TrainState) -> None:
-  """Saves `state` at its step; raises if Orbax skips it (it does when a step >= it exists)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
-  step = int(jax.device_get(state.step))
-  if manager.save(step, args=ocp.args.StandardSave(state)) is False:
-    raise RuntimeError(f'Orbax did not save step {step} in {manager.directory}: it already holds '
-                       f'step {manager.latest_step()}')
-  manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, abstract_state: TrainState, step: Optional[int] = None
-                       ) -> TrainState:
-  """The checkpoint at `step` (default: latest), restored with `abstract_state`'s shardings."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
-  step = manager.latest_step() if step is None else step
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The step folders `<workdir>/checkpoints/<N>` on disk, ascending (usable or not)."""
-  directory = pathlib.Path(workdir) / CHECKPOINT_DIR
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
-def _error_summary(error: BaseException) -> str:
-  """'Type: first line' of the innermost cause of `error` (Orbax wraps TensorStore's errors)."""
-  seen = set()
-  while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines()
-  text = f'{type(error).__name__}: {lines[0].strip()}' if lines else type(error).__name__
-  return text if len(text) <= 300 else text[:297] + '...'
-
-
-def _abandoned_read(report: Any) -> bool:
-  """An "Exception ignored" report left by a read of a failed Orbax restore."""
-  return inspect.iscoroutine(report.object) or (
-      isinstance(report.exc_value, RuntimeError) and 'Event loop is closed' in str(
-          report.exc_value))
-
-
-def _unretrieved_read_error(record: python_logging.LogRecord) -> bool:
-  """asyncio's log line for a failed read whose error nobody awaited (a failed Orbax restore)."""
-  return record.getMessage().split('\n', 1)[0].endswith('exception was never retrieved')
-
-
-@contextlib.contextmanager
-def _quiet_abandoned_reads() -> Iterator[Callable[[], None]]:
-  """Silences the reads a failed Orbax restore abandons, then frees them.
-
-  When one read of a step fails, Orbax closes its event loop with the other reads pending. Left
-  alone, they print tracebacks at random later times: "Exception ignored" reports (TensorStore
-  callbacks finding the loop closed; the coroutines when garbage-collected) and asyncio's
-  "exception was never retrieved" log lines. Within this block those are dropped (any other
-  report or log line passes). The block yields `settle`, which gives the stragglers
-  `ABANDONED_READS_SETTLE_S` to end and collects them; one that ends later still prints.
-  """
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda report: None if _abandoned_read(report) else hook(report)
-  asyncio_logger = python_logging.getLogger('asyncio')
-  log_filter = lambda record: not _unretrieved_read_error(record)
-  asyncio_logger.addFilter(log_filter)
-
-  def settle():
-    time.sleep(ABANDONED_READS_SETTLE_S)
-    gc.collect()
-
-  try:
-    yield settle
-  finally:
-    asyncio_logger.removeFilter(log_filter)
-    sys.unraisablehook = hook
-
-
-def _restore_step(checkpointer, step_dir: pathlib.Path, abstract_state: TrainState
-                  ) -> tuple[Optional[TrainState], Optional[str]]:
-  """(state, None) from one step folder, restored as `CheckpointManager` does, or (None, why)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
-  if not any(step_dir.iterdir()):
-    return None, 'empty folder'
-  reason = None
-  with _quiet_abandoned_reads() as settle:
-    try:
-      restored = checkpointer.restore(
-          step_dir, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract_state)))
-    except Exception as e:  # pylint: disable=broad-except
-      reason = _error_summary(e)
-    if reason is not None:  # outside the `except`: its traceback no longer holds the reads
-      settle()
-  if reason is not None:
-    return None, reason
-  state = restored['default']
-  found = int(jax.device_get(state.step))
-  if found != int(step_dir.name):
-    return None, f'holds step {found}'
-  return state, None
-
-
-def _set_aside(workdir: str, failed: list[tuple[int, str]]) -> None:
-  """Moves unusable step folders to `<workdir>/checkpoints_unusable/<N>[.k]` (process 0)."""
-  if jax.process_index() == 0:
-    root = pathlib.Path(workdir) / UNUSABLE_CHECKPOINT_DIR
-    root.mkdir(exist_ok=True)
-    for step, reason in failed:
-      target, k = root / str(step), 1
-      while target.exists():
-        target, k = root / f'{step}.{k}', k + 1
-      os.rename(pathlib.Path(workdir) / CHECKPOINT_DIR / str(step), target)
-      logging.warning('Moved the unusable checkpoint step %d (%s) to %s; nothing was deleted. '
-                      'Training goes on and saves step %d again.', step, reason, target, step)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('clipcrop_set_aside_checkpoints')
-
-
-def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
-                   ) -> tuple[Optional[TrainState], Optional[int]]:
-  """The newest checkpoint of `<workdir>/checkpoints` that restores, as (state, step).
-
-  Step folders are listed here (not by Orbax's CheckpointManager, which an empty or corrupt step
-  folder confuses) and tried newest first. A folder that does not restore (empty, truncated or
-  corrupt files, other shapes, a different step inside) is logged with the reason and the
-  previous step is tried.
-
-  Args:
-    workdir: the run's workdir.
-    abstract_state: shapes, dtypes and shardings to restore into.
-    set_aside: True when the caller will save checkpoints again (training): the unusable folders
-      newer than the restored step are then moved to `<workdir>/checkpoints_unusable/<N>` (never
-      deleted), since Orbax would otherwise skip saving any step up to theirs and, with
-      `checkpoint.keep`, garbage-collect good steps while keeping them. False (evaluation)
-      changes nothing on disk.
-
-  Returns:
-    (state, step), or (None, None) when there is no step folder at all.
-
-  Raises:
-    CheckpointRestoreError: step folders exist but none restores (one line listing every step
-      and why; nothing is moved).
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(workdir) / CHECKPOINT_DIR
-  failed: list[tuple[int, str]] = []
-  state, restored_step = None, None
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    for step in reversed(checkpoint_steps(workdir)):
-      state, reason = _restore_step(checkpointer, directory / str(step), abstract_state)
-      if state is not None:
-        restored_step = step
-        break
-      failed.append((step, reason))
-      logging.warning('Checkpoint step %d in %s is unusable (%s); trying the previous step.',
-                      step, directory, reason)
-  finally:
-    checkpointer.close()
-  if state is None and failed:
-    raise errors.CheckpointRestoreError(
-        f'no usable checkpoint in {directory}: '
-        + '; '.join(f'step {s}: {r}' for s, r in failed)
-        + ' (nothing was moved or deleted; repair or remove these step folders, or use a new '
-        'workdir)')
-  if failed and set_aside:
-    _set_aside(workdir, failed)
-  return state, restored_step
-
-
-# ------------------------------------------------------------------------------------------------
 # Logging.
 # ------------------------------------------------------------------------------------------------
 
@@ -545,76 +337,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE,
                              config.to_json_best_effort(indent=1))
-
-
-def _rewrite_jsonl(path: pathlib.Path, keep: Callable[[dict[str, Any]], bool]) -> int:
-  """Atomically rewrites a JSONL file with the records `keep` accepts; returns how many it dropped.
-
-  A line that does not parse (torn by a killed process) is dropped too.
-  """
-  if not path.is_file():
-    return 0
-  text = path.read_text(encoding='utf-8')
-  kept, dropped = [], 0
-  for line in text.splitlines():
-    if not line.strip():
-      continue
-    try:
-      ok = bool(keep(json.loads(line)))
-    except (ValueError, KeyError, TypeError):
-      ok = False
-    if ok:
-      kept.append(line + '\n')
-    else:
-      dropped += 1
-  if dropped or (text and not text.endswith('\n')):
-    fileio.atomic_write_text(path, ''.join(kept))
-  return dropped
-
-
-class MetricLogger:
-  """TensorBoard (clu metric writers) + `<workdir>/metrics.jsonl`; only process 0 writes files.
-
-  `resume_step`: the step training goes on from. Records of later steps in metrics.jsonl (written
-  by an interrupted run after its last usable checkpoint; this run writes them again) are dropped,
-  so that the file holds one record per (step, kind). TensorBoard event files are append-only:
-  they keep both (TensorBoard shows the newest).
-  """
-
-  def __init__(self, workdir: str, resume_step: Optional[int] = None):
-    self.is_main = jax.process_index() == 0
-    self.jsonl = pathlib.Path(workdir) / METRICS_FILE if self.is_main else None
-    if self.jsonl is not None and resume_step is not None:
-      dropped = _rewrite_jsonl(self.jsonl, lambda r: int(r['step']) <= resume_step)
-      if dropped:
-        logging.info('%s: dropped %d record(s) after step %d (the interrupted run wrote them '
-                     'after its last usable checkpoint; they are written again)', self.jsonl,
-                     dropped, resume_step)
-    try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self.writer = metric_writers.create_default_writer(
-          workdir, just_logging=not self.is_main, asynchronous=False)
-    except ImportError:  # clu / tensorboard not installed: JSONL only
-      logging.warning('clu is not installed: no TensorBoard summaries (pip install '
-                      '"clipcrop-jax[train]")')
-      self.writer = None
-
-  def write(self, step: int, scalars: dict[str, float], kind: str = 'train',
-            replace: bool = False) -> None:
-    """Logs `scalars` at `step`; `replace` first drops an earlier (step, kind) record."""
-    scalars = {k: float(v) for k, v in scalars.items()}
-    if self.writer is not None:
-      self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()})
-    if self.jsonl is not None:
-      if replace:
-        _rewrite_jsonl(self.jsonl, lambda r: (r['step'], r['kind']) != (step, kind))
-      with self.jsonl.open('a') as f:
-        f.write(json.dumps({'step': step, 'kind': kind, **scalars}) + '\n')
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.flush()
-      self.writer.close()
 
 
 def format_eta(seconds: float) -> str:
@@ -644,7 +366,7 @@ def check_finite(history: list[dict[str, float]], first_step: int, last_good: Op
 
 def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], state: Any,
               batches: Iterator[Any], *, config: ml_collections.ConfigDict, workdir: str,
-              manager, logger: MetricLogger, start: int, end: int, total: int,
+              manager, logger: metric_log.MetricLogger, start: int, end: int, total: int,
               last_good: Optional[int], desc: str = 'train',
               log_terms: tuple[str, ...] = (),
               on_step: Optional[Callable[[Any, int], None]] = None) -> Any:
@@ -687,7 +409,7 @@ def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], s
         bar.set_postfix(loss=f'{mean["loss"]:.4f}')
         history, t_log, step_log, wait = [], time.time(), step, 0.0
       if save_now:
-        save_checkpoint(manager, state)
+        checkpointing.save_checkpoint(manager, state)
         last_good = step
       if on_step is not None:
         on_step(state, step)
@@ -711,13 +433,13 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
       schedule still spans the whole run (used to test interrupted runs).
 
   Raises:
-    default_config.ConfigError: invalid config or workdir (before anything is built).
+    config_validation.ConfigError: invalid config or workdir (before anything is built).
     errors.CheckpointRestoreError: checkpoints exist but none restores.
     errors.NonFiniteLossError: the loss became NaN / Inf (the last good checkpoint is kept).
     errors.DatasetNotPreparedError: the dataset is not prepared.
   """
   config = task.config
-  default_config.validate_config(config, workdir, task=task.name)
+  config_validation.validate_config(config, workdir, task=task.name)
   write_config(config, workdir)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   builder = task.dataset_builder()
@@ -726,7 +448,7 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
   logging.info('Mesh %s; %s', dict(mesh.shape), optim.describe(setup.abstract.params,
                                                                 config.optimizer.lr_multipliers))
 
-  state, last_good = restore_latest(workdir, setup.abstract, set_aside=True)
+  state, last_good = checkpointing.restore_latest(workdir, setup.abstract, set_aside=True)
   if state is not None:
     logging.info('Resumed from %s at step %d', os.path.join(workdir, CHECKPOINT_DIR), last_good)
   else:
@@ -736,8 +458,8 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
   if start >= total:
     logging.info('Training already finished (step %d of %d)', start, total)
 
-  manager = checkpoint_manager(workdir, config)
-  logger = MetricLogger(workdir, resume_step=start)
+  manager = checkpointing.checkpoint_manager(workdir, config)
+  logger = metric_log.MetricLogger(workdir, resume_step=start)
   try:
     if start < end:
       state = run_steps(make_step_fn(task, setup, mesh), state, task.train_batches(builder, mesh, start), config=config,
@@ -755,7 +477,7 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
 
 
 def _periodic_eval(task: Task, state: TrainState, step: int, total: int, builder,
-                   logger: MetricLogger) -> None:
+                   logger: metric_log.MetricLogger) -> None:
   every = task.eval_every_steps
   if every > 0 and step % every == 0 and step != total:
     task.evaluate(state, step, builder, logger)
@@ -770,10 +492,10 @@ def restore_for_eval(task: Task, workdir: str) -> tuple[TrainState, jax.sharding
     errors.NoCheckpointError: the workdir has no checkpoint.
   """
   config = task.config
-  default_config.validate_config(config, workdir, task=task.name)
+  config_validation.validate_config(config, workdir, task=task.name)
   mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
   setup = setup_state(task, mesh, max(1, config.num_train_steps))
-  state, step = restore_latest(workdir, setup.abstract, set_aside=False)
+  state, step = checkpointing.restore_latest(workdir, setup.abstract, set_aside=False)
   if state is None:
     raise errors.NoCheckpointError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} '
                                    '(train first, or point --workdir at a trained run)')

@@ -1,7 +1,8 @@
-r"""Prints (and with --launch runs) one `python -m clipcrop_jax.main` command per run of a sweep file.
+r"""Prints (and with --launch runs) one `python -m clipcrop_jax.main` command per run of a sweep.
 
-  python tools/sweep.py configs/sweep.py --workdir_root=WORK
-  python tools/sweep.py configs/sweep.py --workdir_root=WORK --launch --parallel=2 -- \
+  python tools/launch_sweep.py configs/gaic_ablation_sweep.py --workdir_root=WORK
+  python tools/launch_sweep.py configs/gaic_ablation_sweep.py --workdir_root=WORK \
+      --launch --parallel=2 -- \
       --config.dataset.data_dir=DATA
 
 Everything after `--` is appended to every command. Each run's workdir is WORK/<run name> (the
@@ -19,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clipcrop_jax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clipcrop_jax.experiments import sweeps as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def launch(cmds: list[tuple[str, list[str]]], workdir_root: str, parallel: int,

@@ -1,68 +1,16 @@
 """Procedurally generated text-conditioned cropping scenes (pure numpy + Pillow, no TF).
 
-The data of the `synthetic` TFDS builder (`datasets/synthetic`), which needs no download. A scene is
-a few coloured shapes on a textured background; a caption names a target (one object, two objects,
-or one object by its relation to another); GAIC grid-anchor candidate crops are scored 1..5 by a
-documented composition rule.
+The data of the `synthetic` TFDS builder (`datasets/synthetic`; docs/training.md describes the
+scenes, captions, candidate crops and their scores). A scene is a few coloured shapes on a
+textured background, every (colour, shape) pair at most once; a caption names a target (one
+object, two, or one by its relation to another); GAIC grid and free-form candidate crops are
+scored 1..5 by `score_candidates` (`ANNOTATOR_WEIGHTS`, `zero_shot.composition_score`).
+Ambiguity examples (`generate_ambiguity_example`) hold two equally salient targets, one caption
+and four reference crops per target.
 
-Objects: 8 colours x 6 shapes x 2 size classes. Within one scene every (colour, shape) pair occurs at
-most once, so a name such as "red circle" is unique in its scene and the caption is unambiguous.
-Objects never overlap (rejection sampling with a gap) and lie inside the region that the largest
-GAIC candidate covers (half a grid cell, i.e. W/24 and H/24, away from the border, plus 2 px), so
-some candidate always contains the target.
-
-Conventions: pixel boxes are (x0, y0, x1, y1) in continuous pixel units (the whole image is
-(0, 0, W, H)), the same as `clipcrop_jax.zero_shot`; an object's box is the tight box of its drawn
-pixels (pixel column c covers [c, c + 1)). `tfds_bbox` converts to TFDS's (ymin, xmin, ymax, xmax)
-normalised by (H, W). Image sizes are (H, W).
-
-Caption grammar (datasets/synthetic/README.md has examples). <X> is `describe(X)`: optional
-article ('a' / 'the'), optional size word ('big' / 'small', 30 %), colour, shape. <rel> is
-`relation_word` ('next to' 40 %, else the dominant-axis direction of the box centres: 'to the left
-of', 'to the right of', 'above', 'below'); <dir> is `direction_word` (the direction only).
-  * Training scenes (train / validation / test, `generate_scene`), `kind`:
-      'name'      <A>                 target A                     (prob. 1 - pair - relation)
-      'pair'      <A> and <B>         target union(A, B)           (`pair_prob`, default 0.2)
-      'relation'  <A> <rel> <B>       target A only; B is "other"  (`relation_prob`, default 0.3)
-    B is one of A's two nearest objects (box centres). A scene of one object gets 'name'.
-  * Ambiguity examples (`generate_ambiguity_example`): per target T (other target U), with
-    probability 1/2 <T> (as before), else <T> <dir> <U>: the keywords then name both targets and
-    only the word order tells which one is meant.
-  * Referring phrases (`Scene.phrases`, `AmbiguityExample.phrases`, one per object): with
-    probability `phrase_prob` (1/2) "<colour> <shape> <rel> <N>" for N one of the object's two
-    nearest objects (no leading article: label templates add one), else ''.
-
-Candidates (`scene_candidates`): the GAIC grid of the image (`zero_shot.gaic_grid_candidates`,
-area > 1/2) plus up to `NUM_FREE_CROPS` free-form crops around the caption's target (area 12-50 %
-of the image, aspect 0.6-1.7, containing the target), the way the ambiguity split's annotators
-crop; the grid alone cannot express a crop of under half the image.
-
-Candidate scores (`score_candidates`). One simulated annotator taste, `ANNOTATOR_WEIGHTS`, scores
-the training candidates and picks the ambiguity split's reference crops. With the boxes normalised
-by (W, H), q the `zero_shot.composition_score` of each candidate with `ANNOTATOR_WEIGHTS` (the
-target box as target, every non-target object as "other" for the cut-through term, including the
-landmark B of a 'relation' caption) and cov = area(candidate ∩ target) / area(target):
-
-  score = 2 + 3 * clip(q, 0, 1)   if cov == 1 (target fully inside)   -> in [2, 5]
-  score = 1 + cov                 otherwise                           -> in [1, 2)
-
-so every candidate containing the whole target outranks every candidate cutting it, and among those
-the score rewards the target's size fraction (ideal 10-35 % of the crop), rule-of-thirds placement,
-a margin around the target (8 % of the crop extent), keeping more of the picture (slightly), and
-penalises cutting through other objects (distractors, fully inside or fully outside is fine).
-
-Ambiguity examples (`generate_ambiguity_example`, TextCrop-like): two equally salient (large)
-target objects in opposite parts of the image, at least 20 % of the image extent apart along the
-split axis, plus small distractors; two captions, one per target, each with four reference crops
-("annotators"): well-composed crops that contain their target with a margin and contain less than
-half of the other target. Without the text both targets are equally plausible. The splits
-'ambiguity' and 'ambiguity_validation' (`AMBIGUITY_SPLITS`) use the same generator with their own
-split ids, so their images differ.
-
-Determinism: everything is drawn from the `np.random.Generator` passed in; `rng_for(seed, split,
-index)` gives the per-example generator the builder uses, so an example does not depend on the
-order or number of other examples. What a generator draws for captions and phrases comes after
-what decides the image and the reference crops.
+Conventions: pixel boxes are (x0, y0, x1, y1) in continuous pixel units (as `zero_shot`), image
+sizes (H, W); `tfds_bbox` converts to TFDS's normalised (ymin, xmin, ymax, xmax). Everything is
+drawn from the `np.random.Generator` given; `rng_for(seed, split, index)` is an example's own.
 """
 
 from __future__ import annotations

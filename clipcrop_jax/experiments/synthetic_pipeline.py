@@ -10,7 +10,7 @@ one seed: everything in WORK, several: in WORK/seed_<s>/):
      owlvit/owlvit_checkpoint.msgpack, and measure its grounding accuracy (top token of an
      object's name hits the object, IoU >= 0.5);
   3. train ClipCrop on the crop annotations with that (frozen) encoder in modes full, base, main
-     and key (`clipcrop_jax.train_lib`) -> clipcrop_<mode>/;
+     and key (`clipcrop_jax.training.clipcrop_task`) -> clipcrop_<mode>/;
   4. choose, on the validation split `pipeline.validation_split` (`ambiguity_validation`, images
      disjoint from the test split), each variant's `fuse_top_k` among
      `pipeline.fuse_top_k_choices` (highest IoU-Mean, ties to the smaller k), record its
@@ -45,13 +45,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from clipcrop_jax.data import input_pipeline
 from clipcrop_jax import evaluate
 from clipcrop_jax import export
-from clipcrop_jax import fileio
-from clipcrop_jax import input_pipeline
 from clipcrop_jax import metrics as metrics_lib
+from clipcrop_jax.owlvit import fileio
 from clipcrop_jax import sharding as sharding_lib
-from clipcrop_jax import train_lib
+from clipcrop_jax.training import clipcrop_task
 
 REPORT_FILE = 'report.md'
 BOOTSTRAP_RESAMPLES = 10000
@@ -81,7 +81,7 @@ def ensure_dataset(name: str, data_dir: str) -> None:
     return
   except FileNotFoundError:
     pass
-  folder = pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'synthetic'
+  folder = pathlib.Path(__file__).resolve().parents[2] / 'datasets' / 'synthetic'
   source = folder / 'synthetic.py'
   if not source.is_file():
     raise FileNotFoundError(f'{source} not found: the synthetic builder lives in the source '
@@ -102,8 +102,8 @@ def ensure_dataset(name: str, data_dir: str) -> None:
 
 def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[str, dict]:
   """Trains the detector; returns (checkpoint path, grounding results on val and ambiguity)."""
-  from clipcrop_jax import detection_train  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
+  from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
   det = ml_collections.ConfigDict(c.pipeline.owlvit.to_dict())
   det.seed = c.seed
   det.dataset.data_dir = c.dataset.data_dir
@@ -111,12 +111,12 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
   out = workdir / 'owlvit'
   ckpt = out / 'owlvit_checkpoint.msgpack'
   if not ckpt.is_file():
-    detection_train.train_detection(det, str(out))
+    detection_task.train_detection(det, str(out))
   module, variables = owl_ckpt.load_checkpoint(ckpt, det.model.owlvit)
   builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
   grounding = {}
   for split in ('validation', 'ambiguity'):
-    grounding[split] = detection_train.evaluate_grounding(
+    grounding[split] = detection_task.evaluate_grounding(
         module, variables, builder, split, batch_size=det.eval.batch_size,
         max_objects=det.dataset.max_objects, max_labels=det.dataset.max_labels,
         label_key=det.dataset.label_key)
@@ -163,7 +163,7 @@ def train_full_candidates(c: ml_collections.ConfigDict, workdir: pathlib.Path, o
     folder = variant_dir(c, 'full', union)
     logging.info('Training ClipCrop-full (selection_union=%s) for %d steps', union,
                  v.num_train_steps)
-    out[union] = (v, train_lib.train(v, str(workdir / folder)), folder)
+    out[union] = (v, clipcrop_task.train(v, str(workdir / folder)), folder)
   return out
 
 
@@ -175,7 +175,7 @@ def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_c
     v = variant_config(c, mode, owlvit_ckpt, selection_union)
     logging.info('Training ClipCrop-%s for %d steps', mode, v.num_train_steps)
     folder = variant_dir(c, mode, selection_union)
-    out[mode] = (v, train_lib.train(v, str(workdir / folder)), folder)
+    out[mode] = (v, clipcrop_task.train(v, str(workdir / folder)), folder)
   return out
 
 

@@ -1,6 +1,6 @@
 """A tiny hyper-parameter sweep library (Scenic / big_vision style) and the sweep-file loader.
 
-A sweep file (e.g. configs/sweep.py) defines
+A sweep file (e.g. configs/gaic_ablation_sweep.py) defines
 
   BASE_CONFIG = 'gaic_b32.py'      # config file the runs start from (relative to the sweep file)
   def get_hyper(h):

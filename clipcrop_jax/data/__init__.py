@@ -1,0 +1,1 @@
+"""Data: feature names, dataset formats, the input pipeline and the synthetic scenes."""

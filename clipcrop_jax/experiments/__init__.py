@@ -1,0 +1,1 @@
+"""Experiments: the embedded synthetic pipeline and hyper-parameter sweeps."""

@@ -1,0 +1,1 @@
+"""Training: the task-agnostic core, checkpoints, metric logs, the ClipCrop and detection tasks."""
