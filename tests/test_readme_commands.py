@@ -71,7 +71,7 @@ RULES = [
     Rule(r'^python tools/convert_checkpoint\.py --input clip_vit_b32_b0203fc ', NOT_RUN,
          "downloads Scenic's 583 MiB B/32 release; the converter runs on the line above"),
     Rule(r'^python tools/convert_checkpoint\.py ', RUN),
-    Rule(r'^python tools/sweep\.py ', RUN),  # without --launch: prints the runs' commands
+    Rule(r'^python tools/launch_sweep\.py ', RUN),  # without --launch: prints the runs' commands
     Rule(r'^python -m clipcrop_jax\.main --config=configs/synthetic\.py', ELSEWHERE,
          'tests/test_synthetic_pipeline.py::quick_run'),
     Rule(r'^python -m clipcrop_jax\.main --config=configs/tiny\.py', ELSEWHERE,

@@ -30,7 +30,7 @@ of the whole model, OWL-ViT included, then the loaded encoder put in its place) 
 the values the full init gives it). Prints both and their ratio; checks that both states have
 identical parameters.
 
-`--phases`, `--matching_solver`, `--max_batch`, `--remat`: see the README section "Training
+`--phases`, `--matching_solver`, `--max_batch`, `--remat`: see docs/performance.md, "Training
 throughput".
 
 `--synthetic`: the step-only timing alone, on a fixed random batch of the training shapes (no

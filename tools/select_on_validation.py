@@ -13,8 +13,7 @@ trains ClipCrop-<--mode> in WORK/select/NAME/ and evaluates it on `pipeline.vali
 the quality<->IoU rank correlation. The table also goes to WORK/select/selection.md, the numbers
 to WORK/select/selection.json. Re-running resumes every candidate's training.
 
-This is how the embedded default's quality objective and budgets were chosen (README,
-"Embedded default"); the test split is evaluated only by the pipeline itself.
+This is how the embedded default's quality objective and budgets were chosen (docs/embedded_benchmark.md); the test split is evaluated only by the pipeline itself.
 """
 
 from __future__ import annotations

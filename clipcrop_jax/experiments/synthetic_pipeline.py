@@ -569,8 +569,8 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
               f'`{val}`: ' + ', '.join(f'seed {s["seed"]}: {s["selection_union"]!r}'
                                      for s in per_seed) + '. Every other variant of a seed is '
               'trained with its choice.']
-  lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (README, "Embedded '
-            'default"; `tools/select_on_validation.py`): the quality objective '
+  lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (`docs/embedded_benchmark.md`; '
+            '`tools/select_on_validation.py`): the quality objective '
             f'(`loss.quality_loss={c.loss.quality_loss!r}`, '
             f'`loss.quality_target={c.loss.quality_target!r}`), the positives '
             f'(`loss.positive_threshold={c.loss.positive_threshold}`) and the selection filter '
