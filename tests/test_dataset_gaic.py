@@ -230,7 +230,7 @@ def _parse(tmp_path, text, h=40, w=64, skip=False):
 def test_bad_line_names_file_and_line(tmp_path, bad_line, reason):
   with pytest.raises(F.BadDataError, match=reason) as e:
     _parse(tmp_path, f'0 0 40 64 3.0\n\n{bad_line}\n')
-  assert f'123.txt:3' in str(e.value)
+  assert '123.txt:3' in str(e.value)
 
 
 def test_box_within_tolerance_is_clipped(tmp_path):

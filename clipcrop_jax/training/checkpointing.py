@@ -43,7 +43,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
 def save_checkpoint(manager, state: TrainState) -> None:
   """Saves `state` at its step; raises if Orbax skips it (it does when a step >= it exists)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
+  import orbax.checkpoint.args  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   step = int(jax.device_get(state.step))
   if manager.save(step, args=ocp.args.StandardSave(state)) is False:
     raise RuntimeError(f'Orbax did not save step {step} in {manager.directory}: it already holds '
@@ -114,7 +114,7 @@ def _restore_step(checkpointer, step_dir: pathlib.Path, abstract_state: TrainSta
                   ) -> tuple[Optional[TrainState], Optional[str]]:
   """(state, None) from one step folder, restored as `CheckpointManager` does, or (None, why)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint.args  # pylint: disable=g-import-not-at-top,unused-import
+  import orbax.checkpoint.args  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   if not any(step_dir.iterdir()):
     return None, 'empty folder'
   reason = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from clipcrop_jax.data import features
 from clipcrop_jax.data import formats as data_formats
 
 _CITATION = r"""

@@ -15,7 +15,6 @@ from __future__ import annotations
 from absl import logging
 import tensorflow_datasets as tfds
 
-from clipcrop_jax.data import features
 from clipcrop_jax.data import formats as data_formats
 
 _CITATION = r"""
