@@ -64,7 +64,11 @@ EXTRAS_REQUIRE = {
         "dill>=0.3",  # tfds.testing imports it
         "httpx>=0.27",  # the service's test client and tools/load_test.py
         "selenium>=4.20",  # the playground in a real (Debian chromium) headless browser
-    ] + TRAIN_REQUIRE + HUB_REQUIRE + SERVE_REQUIRE + BEAM_REQUIRE,
+    ]
+    + TRAIN_REQUIRE
+    + HUB_REQUIRE
+    + SERVE_REQUIRE
+    + BEAM_REQUIRE,
 }
 
 setuptools.setup(

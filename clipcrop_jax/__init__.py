@@ -12,8 +12,10 @@ __all__ = ["ClipCropper", "Crop", "ClipCropConfig"]
 def __getattr__(name):
   if name in ("ClipCropper", "Crop"):
     from clipcrop_jax import cropper  # pylint: disable=g-import-not-at-top
+
     return getattr(cropper, name)
   if name == "ClipCropConfig":
     from clipcrop_jax import model  # pylint: disable=g-import-not-at-top
+
     return model.ClipCropConfig
   raise AttributeError(f"module 'clipcrop_jax' has no attribute {name!r}")

@@ -124,8 +124,11 @@ def parse_request_line(line: str) -> ImageRequest:
     record = json.loads(line)
   except ValueError as e:
     raise ValueError(f'not a JSON line ({e}): {line[:120]!r}') from None
-  if not isinstance(record, dict) or not isinstance(record.get('image'), str) or (
-      not record['image'].strip()):
+  if (
+      not isinstance(record, dict)
+      or not isinstance(record.get('image'), str)
+      or (not record['image'].strip())
+  ):
     raise ValueError(f'a request needs "image": a URI string: {line[:120]!r}')
   for field in ('text', 'query_image'):
     if record.get(field) is not None and not isinstance(record[field], str):
@@ -170,11 +173,23 @@ class ClipCropModelHandler(ModelHandler):
   {"image", "stage": "inference", "error"} instead of crops, for the dead letters.
   """
 
-  def __init__(self, settings: CropSettings, *, batch_size: int = 8,
-               model_copies: Optional[int] = None, large_model: bool = False,
-               max_retries: int = 2, env_vars: Optional[dict[str, str]] = None):
-    super().__init__(min_batch_size=1, max_batch_size=batch_size, model_copies=model_copies,
-                     large_model=large_model, env_vars=dict(env_vars or {}))
+  def __init__(
+      self,
+      settings: CropSettings,
+      *,
+      batch_size: int = 8,
+      model_copies: Optional[int] = None,
+      large_model: bool = False,
+      max_retries: int = 2,
+      env_vars: Optional[dict[str, str]] = None,
+  ):
+    super().__init__(
+        min_batch_size=1,
+        max_batch_size=batch_size,
+        model_copies=model_copies,
+        large_model=large_model,
+        env_vars=dict(env_vars or {}),
+    )
     if (settings.checkpoint is None) == (settings.random_init is None):
       raise ValueError('give a checkpoint or random_init (one of them)')
     self.settings = settings
@@ -185,19 +200,23 @@ class ClipCropModelHandler(ModelHandler):
     for key, value in self._env_vars.items():
       os.environ.setdefault(key, value)
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+
     s = self.settings
     kwargs = dict(dtype=s.dtype, batch_size=self.batch_size)
     if s.max_pixels is not None:
       kwargs['max_pixels'] = s.max_pixels
     if s.random_init is not None:
       return cropper_lib.ClipCropper.init_random(
-          s.random_init, keyword_pipeline=s.keyword_pipeline,
-          **kwargs)
-    return cropper_lib.ClipCropper.load(s.checkpoint, keyword_pipeline=s.keyword_pipeline,
-                                        **kwargs)
+          s.random_init, keyword_pipeline=s.keyword_pipeline, **kwargs
+      )
+    return cropper_lib.ClipCropper.load(s.checkpoint, keyword_pipeline=s.keyword_pipeline, **kwargs)
 
-  def run_inference(self, batch: Sequence[CropExample], model: Any,
-                    inference_args: Optional[dict[str, Any]] = None) -> Iterable[dict[str, Any]]:
+  def run_inference(
+      self,
+      batch: Sequence[CropExample],
+      model: Any,
+      inference_args: Optional[dict[str, Any]] = None,
+  ) -> Iterable[dict[str, Any]]:
     del inference_args
     encodings = self._encode(model, [ex.model_input for ex in batch])
     for example, encoding in zip(batch, encodings):
@@ -209,8 +228,13 @@ class ClipCropModelHandler(ModelHandler):
       try:
         return model.encode_batch(inputs, batch_size=len(inputs))
       except Exception as e:  # pylint: disable=broad-except  # retried, then per image
-        logging.warning('clipcrop: encoding a batch of %d failed (attempt %d of %d): %s',
-                        len(inputs), attempt + 1, self.max_retries + 1, errors.one_line(e))
+        logging.warning(
+            'clipcrop: encoding a batch of %d failed (attempt %d of %d): %s',
+            len(inputs),
+            attempt + 1,
+            self.max_retries + 1,
+            errors.one_line(e),
+        )
     out = []
     for model_input in inputs:
       try:
@@ -224,15 +248,26 @@ class ClipCropModelHandler(ModelHandler):
     try:
       if isinstance(encoding, Exception):
         raise encoding
-      checked = model.check_request(text=request.text, query_image=example.query_image,
-                                    top_k=s.top_k, aspect_ratio=s.aspect_ratio,
-                                    min_size=s.min_size, mode=s.mode, fuse_top_k=s.fuse_top_k)
+      checked = model.check_request(
+          text=request.text,
+          query_image=example.query_image,
+          top_k=s.top_k,
+          aspect_ratio=s.aspect_ratio,
+          min_size=s.min_size,
+          mode=s.mode,
+          fuse_top_k=s.fuse_top_k,
+      )
       crops = model.crop_checked(encoding, checked)
     except Exception as e:  # pylint: disable=broad-except  # this image only
       return {'image': request.image, 'stage': 'inference', 'error': errors.one_line(e)}
-    return {'image': request.image, 'text': request.text, 'query_image': request.query_image,
-            'model': model.model_id, 'image_size_wh': list(encoding.image_hw[::-1]),
-            'crops': [crop_output.crop_json(c, rank) for rank, c in enumerate(crops, 1)]}
+    return {
+        'image': request.image,
+        'text': request.text,
+        'query_image': request.query_image,
+        'model': model.model_id,
+        'image_size_wh': list(encoding.image_hw[::-1]),
+        'crops': [crop_output.crop_json(c, rank) for rank, c in enumerate(crops, 1)],
+    }
 
   def get_num_bytes(self, batch: Sequence[CropExample]) -> int:
     return sum(int(ex.model_input.pixels.nbytes) + len(ex.data) for ex in batch)
@@ -254,6 +289,7 @@ def model_image_size(settings: CropSettings) -> int:
   from clipcrop_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import configs  # pylint: disable=g-import-not-at-top
+
   if settings.random_init is not None:
     name = model_lib.TINY.owlvit if settings.random_init == 'tiny' else settings.random_init
     return configs.get_config(name).image_size
@@ -281,6 +317,7 @@ class ReadImage(beam.DoFn):
   def process(self, element: tuple[str, ImageRequest]) -> Iterator[tuple[str, CropExample]]:
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
     from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+
     uri, request = element
     try:
       data = _read_bytes(uri)
@@ -293,8 +330,9 @@ class ReadImage(beam.DoFn):
         q.name = request.query_image
         query = pp.load_image(q, max_pixels=self.max_pixels)
     except Exception as e:  # pylint: disable=broad-except
-      raise ImageReadError(f'{uri}: {errors.one_line(e)}' if uri not in str(e)
-                           else errors.one_line(e)) from None
+      raise ImageReadError(
+          f'{uri}: {errors.one_line(e)}' if uri not in str(e) else errors.one_line(e)
+      ) from None
     yield uri, CropExample(request, cropper_lib.ModelInput(pixels, tuple(image_hw)), query, data)
 
 
@@ -324,11 +362,13 @@ class WriteOutputs(beam.DoFn):
 
   def _write(self, uri: str, data: bytes, crops: list[dict[str, Any]]) -> list[str]:
     from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+
     f = io.BytesIO(data)
     f.name = uri
     image = pp.load_image(f, max_pixels=self.max_pixels)
-    outputs = crop_output.crop_files(image, [c['box_xyxy'] for c in crops],
-                                     [c['score'] for c in crops], output_name(uri))
+    outputs = crop_output.crop_files(
+        image, [c['box_xyxy'] for c in crops], [c['score'] for c in crops], output_name(uri)
+    )
     folder = FileSystems.join(self.output, CROPS_DIR)
     return [self._put(folder, name, content) for name, content in outputs]
 
@@ -377,15 +417,21 @@ def _exception_message(exc_type: Any, exc_value: Any) -> str:
 
 def _dead_letter(stage: str):
   """A bad-records element of `with_exception_handling` -> a dead-letter JSON line."""
+
   def to_line(bad: tuple[Any, tuple[Any, Any, Any]]) -> str:
     element, (exc_type, exc_value, _) = bad
     if isinstance(element, tuple):
       element = element[0]
     uri = element.image if isinstance(element, ImageRequest) else str(element)
     kind = getattr(exc_type, '__name__', str(exc_type))
-    return json.dumps({'image': uri,
-                       'stage': 'inference' if kind == InferenceError.__name__ else stage,
-                       'error': _exception_message(exc_type, exc_value)})
+    return json.dumps(
+        {
+            'image': uri,
+            'stage': 'inference' if kind == InferenceError.__name__ else stage,
+            'error': _exception_message(exc_type, exc_value),
+        }
+    )
+
   return to_line
 
 
@@ -433,11 +479,18 @@ def default_run_id() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('run-%Y%m%dT%H%M%SZ')
 
 
-def build_pipeline(pipeline: beam.Pipeline, *, handler: ClipCropModelHandler, output: str,
-                   input_glob: Optional[str] = None,
-                   input_jsonl: Optional[str] = None, text: Optional[str] = None,
-                   query_image: Optional[str] = None, skip_done: bool = False,
-                   run_id: Optional[str] = None) -> dict[str, beam.PCollection]:
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    *,
+    handler: ClipCropModelHandler,
+    output: str,
+    input_glob: Optional[str] = None,
+    input_jsonl: Optional[str] = None,
+    text: Optional[str] = None,
+    query_image: Optional[str] = None,
+    skip_done: bool = False,
+    run_id: Optional[str] = None,
+) -> dict[str, beam.PCollection]:
   """Adds the crop job to `pipeline` (module docstring); returns {'results', 'dead_letters'}
   (PCollections of JSON lines, also written under `output`).
 
@@ -456,42 +509,62 @@ def build_pipeline(pipeline: beam.Pipeline, *, handler: ClipCropModelHandler, ou
   run_id = run_id or default_run_id()
   max_pixels = handler.settings.max_pixels
   if input_glob is not None:
-    requests = (pipeline
-                | 'Match' >> apache_beam.io.fileio.MatchFiles(input_glob)
-                | 'Request' >> beam.Map(lambda m: ImageRequest(m.path, text, query_image)))
+    requests = (
+        pipeline
+        | 'Match' >> apache_beam.io.fileio.MatchFiles(input_glob)
+        | 'Request' >> beam.Map(lambda m: ImageRequest(m.path, text, query_image))
+    )
     bad_requests = None
   else:
     lines = pipeline | 'ReadRequests' >> beam.io.ReadFromText(input_jsonl)
     requests, bad_requests = (
-        lines | 'ParseRequests' >> beam.Map(parse_request_line).with_exception_handling())
+        lines | 'ParseRequests' >> beam.Map(parse_request_line).with_exception_handling()
+    )
   keyed = requests | 'Key' >> beam.Map(lambda r: (r.image, r))
   if skip_done:  # an anti-join on the URI with the earlier runs' results (scales like the input)
-    done = (pipeline
-            | 'MatchDone' >> apache_beam.io.fileio.MatchFiles(
-                FileSystems.join(output, RESULTS_DIR, '*.jsonl'),
-                empty_match_treatment=apache_beam.io.fileio.EmptyMatchTreatment.ALLOW)
-            | 'OpenDone' >> apache_beam.io.fileio.ReadMatches()
-            | 'DoneImages' >> beam.FlatMap(_result_images)
-            | 'KeyDone' >> beam.Map(lambda uri: (uri, None)))
-    keyed = ({'request': keyed, 'done': done}
-             | 'JoinDone' >> beam.CoGroupByKey()
-             | 'SkipDone' >> beam.FlatMap(
-                 lambda kv: [] if kv[1]['done'] else [(kv[0], r) for r in kv[1]['request']]))
+    done = (
+        pipeline
+        | 'MatchDone'
+        >> apache_beam.io.fileio.MatchFiles(
+            FileSystems.join(output, RESULTS_DIR, '*.jsonl'),
+            empty_match_treatment=apache_beam.io.fileio.EmptyMatchTreatment.ALLOW,
+        )
+        | 'OpenDone' >> apache_beam.io.fileio.ReadMatches()
+        | 'DoneImages' >> beam.FlatMap(_result_images)
+        | 'KeyDone' >> beam.Map(lambda uri: (uri, None))
+    )
+    keyed = (
+        {'request': keyed, 'done': done}
+        | 'JoinDone' >> beam.CoGroupByKey()
+        | 'SkipDone'
+        >> beam.FlatMap(lambda kv: [] if kv[1]['done'] else [(kv[0], r) for r in kv[1]['request']])
+    )
   keyed = keyed | 'Spread' >> beam.Reshuffle()
-  examples, bad_reads = keyed | 'Read' >> beam.ParDo(
-      ReadImage(handler.settings)).with_exception_handling()
-  predictions, failed = examples | 'Crop' >> RunInference(
-      KeyedModelHandler(handler)).with_exception_handling()
-  results, bad_writes = predictions | 'Write' >> beam.ParDo(WriteOutputs(
-      output, handler.settings.write_images, max_pixels)).with_exception_handling()
-  dead = [bad_reads | 'DeadReads' >> beam.Map(_dead_letter('read')),
-          failed.failed_inferences | 'DeadBatches' >> beam.FlatMap(_failed_batch_lines),
-          bad_writes | 'DeadWrites' >> beam.Map(_dead_letter('write'))]
+  examples, bad_reads = (
+      keyed | 'Read' >> beam.ParDo(ReadImage(handler.settings)).with_exception_handling()
+  )
+  predictions, failed = (
+      examples | 'Crop' >> RunInference(KeyedModelHandler(handler)).with_exception_handling()
+  )
+  results, bad_writes = (
+      predictions
+      | 'Write'
+      >> beam.ParDo(
+          WriteOutputs(output, handler.settings.write_images, max_pixels)
+      ).with_exception_handling()
+  )
+  dead = [
+      bad_reads | 'DeadReads' >> beam.Map(_dead_letter('read')),
+      failed.failed_inferences | 'DeadBatches' >> beam.FlatMap(_failed_batch_lines),
+      bad_writes | 'DeadWrites' >> beam.Map(_dead_letter('write')),
+  ]
   if bad_requests is not None:
     dead.append(bad_requests | 'DeadRequests' >> beam.Map(_dead_letter('request')))
   dead_letters = tuple(dead) | 'DeadLetters' >> beam.Flatten()
   results | 'WriteResults' >> beam.io.WriteToText(
-      FileSystems.join(output, RESULTS_DIR, run_id), file_name_suffix='.jsonl')
+      FileSystems.join(output, RESULTS_DIR, run_id), file_name_suffix='.jsonl'
+  )
   dead_letters | 'WriteDeadLetters' >> beam.io.WriteToText(
-      FileSystems.join(output, DEAD_LETTERS_DIR, run_id), file_name_suffix='.jsonl')
+      FileSystems.join(output, DEAD_LETTERS_DIR, run_id), file_name_suffix='.jsonl'
+  )
   return {'results': results, 'dead_letters': dead_letters}

@@ -23,7 +23,6 @@ import numpy as np
 
 from clipcrop_jax.owlvit import box_ops
 
-
 # ------------------------------------------------------------------------------------------------
 # JAX (jit-able).
 # ------------------------------------------------------------------------------------------------
@@ -38,8 +37,9 @@ pairwise_iou_xyxy = box_ops.pairwise_iou_xyxy
 pairwise_giou_xyxy = box_ops.pairwise_giou_xyxy
 
 
-def _aligned_inter_union_hull_xyxy(a: jax.Array, b: jax.Array
-                                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _aligned_inter_union_hull_xyxy(
+    a: jax.Array, b: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Intersection, union and enclosing-box areas of aligned pairs (..., 4) -> 3 x (...)."""
   a, b = jnp.asarray(a), jnp.asarray(b)
   inter_wh = jnp.clip(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0)
@@ -95,9 +95,11 @@ def _per_coordinate(bound: Union[float, Sequence[float], jax.Array]) -> jax.Arra
   return jnp.concatenate([bound, bound])
 
 
-def clip_boxes_xyxy(boxes: jax.Array,
-                    lo: Union[float, Sequence[float], jax.Array] = 0.0,
-                    hi: Union[float, Sequence[float], jax.Array] = 1.0) -> jax.Array:
+def clip_boxes_xyxy(
+    boxes: jax.Array,
+    lo: Union[float, Sequence[float], jax.Array] = 0.0,
+    hi: Union[float, Sequence[float], jax.Array] = 1.0,
+) -> jax.Array:
   """Orders corners and clips (..., 4) xyxy boxes to [lo, hi]; returns (..., 4).
 
   Corners are sorted first (x0 <= x1, y0 <= y1 afterwards), so a box whose corners were swapped
@@ -119,8 +121,9 @@ def clip_boxes_xyxy(boxes: jax.Array,
 # ------------------------------------------------------------------------------------------------
 
 
-def as_boxes_xyxy_np(boxes: Any, name: str, *, min_count: int = 0,
-                     finite: bool = True) -> np.ndarray:
+def as_boxes_xyxy_np(
+    boxes: Any, name: str, *, min_count: int = 0, finite: bool = True
+) -> np.ndarray:
   """Validated boxes: an array-like of shape (N, 4) xyxy -> float64 (N, 4).
 
   An empty 1-D input (e.g. `[]`) is read as (0, 4). Every failure is a one-line ValueError that
@@ -141,8 +144,10 @@ def as_boxes_xyxy_np(boxes: Any, name: str, *, min_count: int = 0,
   if arr.ndim != 2 or arr.shape[1] != 4:
     raise ValueError(f'{name} must have shape (N, 4) (x0, y0, x1, y1); got {arr.shape}')
   if arr.shape[0] < min_count:
-    raise ValueError(f'{name} must hold at least {min_count} box(es) (N >= {min_count}); got '
-                     f'shape {arr.shape}')
+    raise ValueError(
+        f'{name} must hold at least {min_count} box(es) (N >= {min_count}); got '
+        f'shape {arr.shape}'
+    )
   if finite and not np.all(np.isfinite(arr)):
     raise ValueError(f'{name} contains non-finite values')
   return arr
@@ -164,8 +169,9 @@ def as_box_xyxy_np(box: Any, name: str, *, finite: bool = True) -> np.ndarray:
 
 def area_xyxy_np(boxes: np.ndarray) -> np.ndarray:
   """(..., 4) xyxy -> (...) area; negative widths / heights are clipped to 0 (area 0)."""
-  return (np.clip(boxes[..., 2] - boxes[..., 0], 0, None) *
-          np.clip(boxes[..., 3] - boxes[..., 1], 0, None))
+  return np.clip(boxes[..., 2] - boxes[..., 0], 0, None) * np.clip(
+      boxes[..., 3] - boxes[..., 1], 0, None
+  )
 
 
 def pairwise_intersection_xyxy_np(a: Any, b: Any) -> np.ndarray:
@@ -203,14 +209,17 @@ def union_box_xyxy_np(boxes: Any) -> np.ndarray:
 
 def contains_xyxy_np(outer: Any, inner: Any, tol: float = 1e-9) -> bool:
   """Whether box `outer` (4,) contains box `inner` (4,) (xyxy), each edge up to `tol`."""
-  return bool(outer[0] <= inner[0] + tol and outer[1] <= inner[1] + tol and
-              outer[2] >= inner[2] - tol and outer[3] >= inner[3] - tol)
+  return bool(
+      outer[0] <= inner[0] + tol
+      and outer[1] <= inner[1] + tol
+      and outer[2] >= inner[2] - tol
+      and outer[3] >= inner[3] - tol
+  )
 
 
-def nms_xyxy(boxes: np.ndarray,
-             scores: np.ndarray,
-             iou_threshold: float,
-             max_outputs: Optional[int] = None) -> np.ndarray:
+def nms_xyxy(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_outputs: Optional[int] = None
+) -> np.ndarray:
   """Greedy non-maximum suppression; returns int64 indices of kept boxes, best first.
 
   Boxes are visited by descending score, ties in index order (stable sort). A box is kept unless
@@ -271,8 +280,10 @@ def parse_aspect_ratio(value: Union[None, float, int, str]) -> Optional[float]:
       else:
         raise ValueError
     except ValueError:
-      raise ValueError(f'Invalid aspect ratio {value!r}: expected a positive number, "W:H" or '
-                       '"W/H" (e.g. "16:9").') from None
+      raise ValueError(
+          f'Invalid aspect ratio {value!r}: expected a positive number, "W:H" or '
+          '"W/H" (e.g. "16:9").'
+      ) from None
   else:
     raise ValueError(f'Invalid aspect ratio {value!r}: expected a positive number or "W:H".')
   if not (np.isfinite(ratio) and ratio > 0):
@@ -285,9 +296,9 @@ def _best_offset(centre: float, size: float, extent: float) -> float:
   return float(np.clip(centre - size / 2, 0.0, extent - size))
 
 
-def fit_aspect_ratio_xyxy(box: np.ndarray,
-                          ratio: Union[float, str],
-                          image_wh: tuple[float, float]) -> np.ndarray:
+def fit_aspect_ratio_xyxy(
+    box: np.ndarray, ratio: Union[float, str], image_wh: tuple[float, float]
+) -> np.ndarray:
   """Box of exactly `ratio` (w / h) inside the image that contains `box`, else best covers it.
 
   NumPy only; pixel coordinates. The image is [0, W] x [0, H].
@@ -377,8 +388,9 @@ def fit_aspect_ratio_xyxy(box: np.ndarray,
   return boxes[int(np.argmax(ious))]
 
 
-def widen_to_min_side_xyxy(boxes: np.ndarray, image_wh: tuple[float, float],
-                           min_side: float = 1.0) -> np.ndarray:
+def widen_to_min_side_xyxy(
+    boxes: np.ndarray, image_wh: tuple[float, float], min_side: float = 1.0
+) -> np.ndarray:
   """Widens every side shorter than `min_side` to it, about the box centre, inside the image.
 
   NumPy only; pixel coordinates, the image is [0, W] x [0, H]. A side of the image shorter than
@@ -419,16 +431,18 @@ def fuse_top_k_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.n
   boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
   scores = np.asarray(scores, dtype=np.float64).reshape(-1)
   if boxes.shape[0] != scores.shape[0] or boxes.shape[0] == 0:
-    raise ValueError(f'need N >= 1 boxes and N scores, got boxes {boxes.shape} and scores '
-                     f'{scores.shape}.')
+    raise ValueError(
+        f'need N >= 1 boxes and N scores, got boxes {boxes.shape} and scores ' f'{scores.shape}.'
+    )
   if int(k) != k or k < 1:
     raise ValueError(f'k must be an integer >= 1, got {k}')
-  top = np.argsort(-scores, kind='stable')[:int(k)]
+  top = np.argsort(-scores, kind='stable')[: int(k)]
   return boxes[top].mean(axis=0), float(scores[top].mean())
 
 
-def with_fused_first_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def with_fused_first_xyxy(
+    boxes: np.ndarray, scores: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(boxes, scores) with the `fuse_top_k_xyxy` box and score prepended when k > 1 (N + 1 rows,
   dtypes kept); unchanged for k == 1."""
   if k <= 1:
@@ -436,5 +450,7 @@ def with_fused_first_xyxy(boxes: np.ndarray, scores: np.ndarray, k: int
   fused, fused_score = fuse_top_k_xyxy(boxes, scores, k)
   boxes = np.asarray(boxes)
   scores = np.asarray(scores)
-  return (np.concatenate([fused[None].astype(boxes.dtype), boxes]),
-          np.concatenate([[fused_score], scores]).astype(scores.dtype))
+  return (
+      np.concatenate([fused[None].astype(boxes.dtype), boxes]),
+      np.concatenate([[fused_score], scores]).astype(scores.dtype),
+  )

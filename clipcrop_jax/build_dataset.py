@@ -50,8 +50,12 @@ def _dataset_problem(dataset: str) -> str | None:
   ('gaic/journal' beside a builder folder gaic/gaic.py is TFDS's name/config form: left to TFDS.)
   """
   head = dataset.split('/')[0]
-  if ('/' in dataset and os.path.isdir(head) and not os.path.exists(dataset)
-      and not os.path.isfile(os.path.join(head, f'{head}.py'))):
+  if (
+      '/' in dataset
+      and os.path.isdir(head)
+      and not os.path.exists(dataset)
+      and not os.path.isfile(os.path.join(head, f'{head}.py'))
+  ):
     return f'{dataset}: no such dataset folder (the builders are in datasets/)'
   return None
 
@@ -60,6 +64,7 @@ def execute(args) -> None:
   """Runs the parsed `tfds build` arguments; known failures exit with one `error:` line."""
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import features  # pylint: disable=g-import-not-at-top
+
   problems = [_dataset_problem(d) for d in list(args.positional_datasets) + list(args.datasets)]
   problems.append(_manual_dir_problem(args.paths.manual_dir))
   for problem in problems:
@@ -75,14 +80,19 @@ def execute(args) -> None:
     first = str(e).splitlines()[0] if str(e) else ''
     if not first.startswith('Manual directory'):
       raise
-    _fail(first.split(' Create it')[0] + ' (pass --manual_dir=<raw files>; see the dataset '
-          'README)', USAGE_EXIT_CODE)
+    _fail(
+        first.split(' Create it')[0] + ' (pass --manual_dir=<raw files>; see the dataset '
+        'README)',
+        USAGE_EXIT_CODE,
+    )
   except ValueError as e:  # an unknown --config name, a bad CLIPCROP_SKIP_BAD_DATA value
     if 'BuilderConfig' not in str(e) and 'CLIPCROP_SKIP_BAD_DATA' not in str(e):
       raise
     message = ' '.join(str(e).split())
-    _fail(message.removesuffix(' Here are 10 BuilderConfigs whose name closely match:'),
-          USAGE_EXIT_CODE)
+    _fail(
+        message.removesuffix(' Here are 10 BuilderConfigs whose name closely match:'),
+        USAGE_EXIT_CODE,
+    )
 
 
 def main() -> None:
@@ -95,11 +105,16 @@ def main() -> None:
     logging.use_python_logging(quiet=True)  # the `tfds` CLI's log set-up
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().python_handler.setFormatter(
-        python_logging.Formatter('{levelname}[{filename}]: {message}', style='{'))
+        python_logging.Formatter('{levelname}[{filename}]: {message}', style='{')
+    )
     execute(args)
 
-  app.run(run, flags_parser=cli_utils.make_flags_parser(
-      build.Args, description='tfds build (clipcrop-jax entry point)'))
+  app.run(
+      run,
+      flags_parser=cli_utils.make_flags_parser(
+          build.Args, description='tfds build (clipcrop-jax entry point)'
+      ),
+  )
 
 
 if __name__ == '__main__':

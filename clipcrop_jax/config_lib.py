@@ -48,8 +48,9 @@ def load_module(path: str | os.PathLike[str]) -> types.ModuleType:
   return module
 
 
-def load_config_file(path: str | os.PathLike[str],
-                     arg: Optional[str] = None) -> ml_collections.ConfigDict:
+def load_config_file(
+    path: str | os.PathLike[str], arg: Optional[str] = None
+) -> ml_collections.ConfigDict:
   """`get_config(arg)` of the config file `path`, as `--config=path:arg` builds it.
 
   Args:
@@ -143,8 +144,10 @@ def parse_arg(arg: Optional[str], *, lazy: bool = False, **spec: Any) -> ml_coll
   where = _caller_name()
   for key, default in spec.items():
     if not isinstance(default, (str, int, float, bool)):
-      raise TypeError(f'parse_arg: default of {key!r} is a {type(default).__name__}; '
-                      'expected str, int, float or bool')
+      raise TypeError(
+          f'parse_arg: default of {key!r} is a {type(default).__name__}; '
+          'expected str, int, float or bool'
+      )
   out = dict(spec)
   given = set()
   items = [part.strip() for part in (arg or '').split(',') if part.strip()]
@@ -161,8 +164,9 @@ def parse_arg(arg: Optional[str], *, lazy: bool = False, **spec: Any) -> ml_coll
       elif lazy:
         text = 'true'
       else:
-        raise ValueError(f'{where}: unknown option {key!r} in {arg!r} '
-                         f'(options: {", ".join(spec) or "none"})')
+        raise ValueError(
+            f'{where}: unknown option {key!r} in {arg!r} ' f'(options: {", ".join(spec) or "none"})'
+        )
     if key in given:
       raise ValueError(f'{where}: {key} given twice in {arg!r}')
     given.add(key)
@@ -171,6 +175,8 @@ def parse_arg(arg: Optional[str], *, lazy: bool = False, **spec: Any) -> ml_coll
     elif lazy:
       out[key] = _guess(text)
     else:
-      raise ValueError(f'{where}: unknown option {key!r}={text!r} in {arg!r} '
-                       f'(options: {", ".join(spec) or "none"})')
+      raise ValueError(
+          f'{where}: unknown option {key!r}={text!r} in {arg!r} '
+          f'(options: {", ".join(spec) or "none"})'
+      )
   return ml_collections.ConfigDict(out)

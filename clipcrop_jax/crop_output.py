@@ -24,8 +24,9 @@ def pixel_box(box: Sequence[float], image_wh: tuple[int, int]) -> tuple[int, int
   return x0, y0, x1, y1
 
 
-def draw_crops(image: np.ndarray, boxes: Sequence[Sequence[float]],
-               scores: Sequence[float]) -> Image.Image:
+def draw_crops(
+    image: np.ndarray, boxes: Sequence[Sequence[float]], scores: Sequence[float]
+) -> Image.Image:
   """The image (uint8 (H, W, 3)) with the ranked crop boxes (x0, y0, x1, y1 pixels) drawn, rank
   1 thickest, each labelled '#rank score'."""
   img = Image.fromarray(image).convert('RGB')
@@ -35,8 +36,11 @@ def draw_crops(image: np.ndarray, boxes: Sequence[Sequence[float]],
     color = RANK_COLORS[rank % len(RANK_COLORS)]
     box = tuple(float(v) for v in box)
     draw.rectangle(box, outline=color, width=base + (2 if rank == 0 else 0))
-    label = f'#{rank + 1} {score:.2f}' if score is not None and math.isfinite(score) else (
-        f'#{rank + 1}')
+    label = (
+        f'#{rank + 1} {score:.2f}'
+        if score is not None and math.isfinite(score)
+        else (f'#{rank + 1}')
+    )
     draw.text((box[0] + base + 2, box[1] + base + 1), label, fill=color)
   return img
 
@@ -48,16 +52,21 @@ def encode_image(img: Image.Image, fmt: str, **kwargs) -> bytes:
   return buf.getvalue()
 
 
-def crop_files(image: np.ndarray, boxes: Sequence[Sequence[float]], scores: Sequence[float],
-               name: str) -> list[tuple[str, bytes]]:
+def crop_files(
+    image: np.ndarray, boxes: Sequence[Sequence[float]], scores: Sequence[float], name: str
+) -> list[tuple[str, bytes]]:
   """(file name, bytes) of an image's outputs: `<name>_crop<i>.jpg` (best first) cut from the
   full-resolution `image`, and `<name>_overlay.png`."""
   h, w = image.shape[:2]
   files = []
   for i, box in enumerate(boxes):
     x0, y0, x1, y1 = pixel_box(box, (w, h))
-    files.append((f'{name}_crop{i}.jpg',
-                  encode_image(Image.fromarray(image[y0:y1, x0:x1]), 'JPEG', quality=95)))
+    files.append(
+        (
+            f'{name}_crop{i}.jpg',
+            encode_image(Image.fromarray(image[y0:y1, x0:x1]), 'JPEG', quality=95),
+        )
+    )
   files.append((f'{name}_overlay.png', encode_image(draw_crops(image, boxes, scores), 'PNG')))
   return files
 
@@ -66,6 +75,12 @@ def crop_json(crop: Any, rank: int) -> dict[str, Any]:
   """A `cropper.Crop` as the JSON of `crops.json` / the Beam results (JSON has no NaN: a
   non-finite score is null)."""
   score = crop.score if math.isfinite(crop.score) else None
-  return {'rank': rank, 'box_xyxy': list(crop.box), 'score': score,
-          'aspect_ratio': crop.aspect_ratio, 'focal_point': list(crop.focal_point),
-          'fused': crop.fused, 'queries': [q.to_json() for q in crop.queries]}
+  return {
+      'rank': rank,
+      'box_xyxy': list(crop.box),
+      'score': score,
+      'aspect_ratio': crop.aspect_ratio,
+      'focal_point': list(crop.focal_point),
+      'fused': crop.fused,
+      'queries': [q.to_json() for q in crop.queries],
+  }

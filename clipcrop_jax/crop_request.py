@@ -31,8 +31,9 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
 
 def check_real(name: str, value: Any, minimum: float = 0.0) -> float:
   """`value` as a finite float >= `minimum`; TypeError / ValueError naming `name`."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                   np.floating)):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, float, np.integer, np.floating)
+  ):
     raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
   value = float(value)
   if not math.isfinite(value) or value < minimum:
@@ -44,14 +45,20 @@ def parse_crop_aspect_ratio(value: Any) -> Optional[float]:
   """`boxes.parse_aspect_ratio`, limited to [1 / MAX_ASPECT_RATIO, MAX_ASPECT_RATIO]."""
   ratio = box_lib.parse_aspect_ratio(value)
   if ratio is not None and not 1 / MAX_ASPECT_RATIO <= ratio <= MAX_ASPECT_RATIO:
-    raise ValueError(f'aspect ratio {value!r} (= {ratio:g}) is outside [1/{MAX_ASPECT_RATIO:g}, '
-                     f'{MAX_ASPECT_RATIO:g}]')
+    raise ValueError(
+        f'aspect ratio {value!r} (= {ratio:g}) is outside [1/{MAX_ASPECT_RATIO:g}, '
+        f'{MAX_ASPECT_RATIO:g}]'
+    )
   return ratio
 
 
-def check_crop_arguments(top_k: Any, aspect_ratio: Any = None, min_size: Any = None,
-                         fuse_top_k: Any = None, name=lambda arg: arg
-                         ) -> tuple[int, Optional[float], float, Optional[int]]:
+def check_crop_arguments(
+    top_k: Any,
+    aspect_ratio: Any = None,
+    min_size: Any = None,
+    fuse_top_k: Any = None,
+    name=lambda arg: arg,
+) -> tuple[int, Optional[float], float, Optional[int]]:
   """The image-independent numbers of a crop request, checked (`crop`, and command lines before
   they load a model).
 
@@ -96,14 +103,24 @@ class CheckedArguments:
   fuse_top_k: int
 
 
-def check_arguments(text: Optional[str] = None, query_image: Any = None,
-                    top_k: Any = DEFAULT_TOP_K, aspect_ratio: Any = None, min_size: Any = None,
-                    mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Any = None, *,
-                    default_mode: str, default_fuse_top_k: int) -> CheckedArguments:
+def check_arguments(
+    text: Optional[str] = None,
+    query_image: Any = None,
+    top_k: Any = DEFAULT_TOP_K,
+    aspect_ratio: Any = None,
+    min_size: Any = None,
+    mode: Optional[str] = None,
+    query_box: Any = None,
+    fuse_top_k: Any = None,
+    *,
+    default_mode: str,
+    default_fuse_top_k: int,
+) -> CheckedArguments:
   """Checks `ClipCropper.crop`'s arguments and resolves the mode ('image' with an example image,
   unless 'base') and `fuse_top_k` (the model's default when None)."""
-  top_k, ratio, min_size, fuse_top_k = check_crop_arguments(top_k, aspect_ratio, min_size,
-                                                            fuse_top_k)
+  top_k, ratio, min_size, fuse_top_k = check_crop_arguments(
+      top_k, aspect_ratio, min_size, fuse_top_k
+  )
   fuse_top_k = default_fuse_top_k if fuse_top_k is None else fuse_top_k
   if mode is not None and mode not in features.QUERY_MODES:
     raise ValueError(f'mode {mode!r}; expected one of {features.QUERY_MODES}')

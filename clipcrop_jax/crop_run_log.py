@@ -67,12 +67,12 @@ def earlier_run_outputs(out_dir: pathlib.Path) -> Optional[list[pathlib.Path]]:
       stem = pathlib.Path(r['image']).stem if r['image'] != '<demo>' else 'demo'
       names.update(f'{stem}_crop{i}.jpg' for i in range(len(r['crops'])))
       names.add(f'{stem}_overlay.png')
-  return sorted(out_dir / n for n in names
-                if pathlib.Path(n).name == n and (out_dir / n).is_file())
+  return sorted(out_dir / n for n in names if pathlib.Path(n).name == n and (out_dir / n).is_file())
 
 
-def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
-                    overwrite: bool) -> list[pathlib.Path]:
+def prepare_out_dir(
+    out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path], overwrite: bool
+) -> list[pathlib.Path]:
   """Checks (and creates) the output folder before any work; ValueError with one line otherwise.
 
   Returns the files of an earlier crop run that `--overwrite` will remove (not yet removed).
@@ -81,21 +81,29 @@ def prepare_out_dir(out_dir: pathlib.Path, input_dirs: Sequence[pathlib.Path],
     raise ValueError(f'--out {out_dir}: exists and is not a folder')
   for folder in input_dirs:
     if out_dir.exists() and out_dir.resolve() == folder.resolve():
-      raise ValueError(f'--out {out_dir} is the input folder; write the crops elsewhere (e.g. '
-                       f'--out {out_dir / "crops"})')
+      raise ValueError(
+          f'--out {out_dir} is the input folder; write the crops elsewhere (e.g. '
+          f'--out {out_dir / "crops"})'
+      )
   if run_settings(read_jsonl(out_dir / LOG_FILE)) is not None:
-    raise ValueError(f'--out {out_dir} holds a list run ({LOG_FILE}); resume it with its '
-                     '--image-list command, or choose a new or empty folder')
+    raise ValueError(
+        f'--out {out_dir} holds a list run ({LOG_FILE}); resume it with its '
+        '--image-list command, or choose a new or empty folder'
+    )
   stale = []
   if out_dir.is_dir() and any(out_dir.iterdir()):
     if not overwrite:
-      raise ValueError(f'--out {out_dir} is not empty; use a new or empty folder, or --overwrite '
-                       'to replace the outputs of an earlier crop run there')
+      raise ValueError(
+          f'--out {out_dir} is not empty; use a new or empty folder, or --overwrite '
+          'to replace the outputs of an earlier crop run there'
+      )
     stale = earlier_run_outputs(out_dir)
     if stale is None:
-      raise ValueError(f'--out {out_dir} holds no earlier crop run ({LOG_FILE} / {SUMMARY_FILE});'
-                       ' --overwrite only replaces a crop run\'s own outputs, so nothing there '
-                       'is touched: choose a new or empty folder')
+      raise ValueError(
+          f'--out {out_dir} holds no earlier crop run ({LOG_FILE} / {SUMMARY_FILE});'
+          " --overwrite only replaces a crop run's own outputs, so nothing there "
+          'is touched: choose a new or empty folder'
+      )
   try:
     fileio.make_writable_dir(out_dir)
   except OSError as e:
@@ -135,8 +143,9 @@ def run_settings(records: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
   return None
 
 
-def prepare_list_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
-                     settings: dict[str, Any]) -> list[dict[str, Any]]:
+def prepare_list_dir(
+    out_dir: pathlib.Path, paths: Sequence[pathlib.Path], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
   """Checks `--out` of a list run before any model work (the rules: `clipcrop_jax.crop`);
   ValueError with one line otherwise. Returns the earlier run's log records ([] for a new run).
   """
@@ -146,20 +155,26 @@ def prepare_list_dir(out_dir: pathlib.Path, paths: Sequence[pathlib.Path],
   if out_dir.is_dir():
     here = absolute(out_dir)
     if any(p.parent == here for p in paths):
-      raise ValueError(f'--out {out_dir} is an input folder (images of the list lie there); '
-                       'write the crops elsewhere')
+      raise ValueError(
+          f'--out {out_dir} is an input folder (images of the list lie there); '
+          'write the crops elsewhere'
+      )
     records = read_jsonl(out_dir / LOG_FILE)
     theirs = run_settings(records)
     if theirs is not None:
       for key, value in settings.items():
         if theirs.get(key) != value:
           what = 'image list' if key in ('images', 'list_sha256') else key
-          raise ValueError(f'--out {out_dir} holds another list run ({LOG_FILE}: {what} '
-                           f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings '
-                           'to resume it, or choose a new folder')
+          raise ValueError(
+              f'--out {out_dir} holds another list run ({LOG_FILE}: {what} '
+              f'{theirs.get(key)!r}, this run: {value!r}); rerun with its settings '
+              'to resume it, or choose a new folder'
+          )
     elif any(out_dir.iterdir()):
-      raise ValueError(f'--out {out_dir} is not empty and holds no list run ({LOG_FILE}); use a '
-                       'new or empty folder')
+      raise ValueError(
+          f'--out {out_dir} is not empty and holds no list run ({LOG_FILE}); use a '
+          'new or empty folder'
+      )
   try:
     fileio.make_writable_dir(out_dir)
   except OSError as e:
@@ -173,8 +188,9 @@ class RunLog:
   after a torn last line (a writer killed mid-line); otherwise the log is created exclusively."""
 
   def __init__(self, path: pathlib.Path, append: bool = False):
-    self._f = open(path, 'a' if append else 'x',  # pylint: disable=consider-using-with
-                   encoding='utf-8')
+    self._f = open(
+        path, 'a' if append else 'x', encoding='utf-8'  # pylint: disable=consider-using-with
+    )
     try:
       fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -76,8 +76,14 @@ ACCELERATOR_BATCH_SIZE = 8
 DTYPES = {name: getattr(jnp, name) for name in default_config.DTYPES}  # name -> jnp dtype
 IMAGE_QUERY_TEXT = '<example image>'  # `QueryUse.text` of an example-image query
 # What the decoder's batched forward brings back to the host (selections: for `Crop.queries`).
-_DECODER_OUTPUTS = ('pred_boxes', 'quality', 'selected_boxes', 'selected_logits', 'selected_mask',
-                    'union_mask')
+_DECODER_OUTPUTS = (
+    'pred_boxes',
+    'quality',
+    'selected_boxes',
+    'selected_logits',
+    'selected_mask',
+    'union_mask',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +107,13 @@ class QueryUse:
   in_union: bool
 
   def to_json(self) -> dict[str, Any]:
-    return {'text': self.text, 'role': self.role,
-            'box': None if self.box is None else [round(v, 3) for v in self.box],
-            'score': round(self.score, 6), 'in_union': self.in_union}
+    return {
+        'text': self.text,
+        'role': self.role,
+        'box': None if self.box is None else [round(v, 3) for v in self.box],
+        'score': round(self.score, 6),
+        'in_union': self.in_union,
+    }
 
 
 @dataclasses.dataclass
@@ -185,12 +195,19 @@ class ClipCropper:
       `from_owlvit`) read None as the recorded pipeline (`_pipeline_or_recorded`).
   """
 
-  def __init__(self, config: model_lib.ClipCropConfig, variables: dict[str, Any],
-               zero_shot_mode: bool = False, model_id: str = '',
-               keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
-               nms_iou: float = DEFAULT_NMS_IOU, max_pixels: Optional[int] = None,
-               dtype: Any = 'float32', batch_size: Optional[int] = None,
-               devices: Optional[Sequence[jax.Device]] = None):
+  def __init__(
+      self,
+      config: model_lib.ClipCropConfig,
+      variables: dict[str, Any],
+      zero_shot_mode: bool = False,
+      model_id: str = '',
+      keyword_pipeline: str = keywords_lib.DEFAULT_PIPELINE,
+      nms_iou: float = DEFAULT_NMS_IOU,
+      max_pixels: Optional[int] = None,
+      dtype: Any = 'float32',
+      batch_size: Optional[int] = None,
+      devices: Optional[Sequence[jax.Device]] = None,
+  ):
     """See the class docstring; `dtype` is the compute dtype ('float32' or 'bfloat16'; the
     parameters stay float32), `batch_size` the default images per forward of batched inference
     (None: `DEFAULT_BATCH_SIZE` of the devices' platform, 1 on CPU, else 8) and `devices` the
@@ -204,11 +221,14 @@ class ClipCropper:
     self.dtype = _check_dtype(dtype)
     # One ('data', 'model') mesh over the local devices: batches are split on 'data', the
     # parameters are replicated (placed once here).
-    self.mesh = sharding_lib.make_mesh((-1, 1), jax.local_devices() if devices is None
-                                       else devices)
+    self.mesh = sharding_lib.make_mesh((-1, 1), jax.local_devices() if devices is None else devices)
     platform = self.mesh.devices.flat[0].platform
-    self.batch_size = crop_request.check_int('batch_size', DEFAULT_BATCH_SIZE.get(
-        platform, ACCELERATOR_BATCH_SIZE) if batch_size is None else batch_size)
+    self.batch_size = crop_request.check_int(
+        'batch_size',
+        DEFAULT_BATCH_SIZE.get(platform, ACCELERATOR_BATCH_SIZE)
+        if batch_size is None
+        else batch_size,
+    )
     self.num_devices = self.mesh.devices.size
     self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.variables = jax.device_put(variables, sharding_lib.replicated(self.mesh))
@@ -218,15 +238,22 @@ class ClipCropper:
     self._encoder_key = f'{config.owlvit}:{uuid.uuid4().hex}'
     self._query_cache: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
     self._query_cache_lock = threading.Lock()  # a service calls check_request from many threads
-    self._decode = jax.jit(lambda v, enc, q, m, extent, roles: self.module.apply(
-        v, enc, q, m, None, extent, False, roles, method=self.module.crop_from_encoding))
+    self._decode = jax.jit(
+        lambda v, enc, q, m, extent, roles: self.module.apply(
+            v, enc, q, m, None, extent, False, roles, method=self.module.crop_from_encoding
+        )
+    )
 
   # ------------------------------------------------------------------ construction / IO
 
   @classmethod
-  def init_random(cls, config: Union[model_lib.ClipCropConfig, str] = 'tiny',
-                  seed: int = 0, keyword_pipeline: Optional[str] = None,
-                  **kwargs) -> 'ClipCropper':
+  def init_random(
+      cls,
+      config: Union[model_lib.ClipCropConfig, str] = 'tiny',
+      seed: int = 0,
+      keyword_pipeline: Optional[str] = None,
+      **kwargs,
+  ) -> 'ClipCropper':
     """Random weights (for tests and demos).
 
     Args:
@@ -237,13 +264,23 @@ class ClipCropper:
       **kwargs: passed to the constructor (nms_iou, ...).
     """
     config = _named_config(config)
-    return cls(config, model_lib.init_variables(config, seed), model_id=f'random-init seed {seed}',
-               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
+    return cls(
+        config,
+        model_lib.init_variables(config, seed),
+        model_id=f'random-init seed {seed}',
+        keyword_pipeline=_pipeline_or_recorded(keyword_pipeline),
+        **kwargs,
+    )
 
   @classmethod
-  def from_owlvit(cls, path: Union[str, pathlib.Path],
-                  config: Optional[model_lib.ClipCropConfig] = None, seed: int = 0,
-                  keyword_pipeline: Optional[str] = None, **kwargs) -> 'ClipCropper':
+  def from_owlvit(
+      cls,
+      path: Union[str, pathlib.Path],
+      config: Optional[model_lib.ClipCropConfig] = None,
+      seed: int = 0,
+      keyword_pipeline: Optional[str] = None,
+      **kwargs,
+  ) -> 'ClipCropper':
     """OWL-ViT weights from any checkpoint `load_checkpoint` reads + a new (untrained) decoder.
 
     The starting point for training; for cropping without a trained decoder use `load(path)`,
@@ -252,20 +289,27 @@ class ClipCropper:
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(path)
     config = config or model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path))
     variables = model_lib.init_from_owlvit(config, owl_variables, seed)
-    return cls(config, variables, model_id=f'{path} + untrained decoder',
-               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
+    return cls(
+        config,
+        variables,
+        model_id=f'{path} + untrained decoder',
+        keyword_pipeline=_pipeline_or_recorded(keyword_pipeline),
+        **kwargs,
+    )
 
   def save(self, directory: Union[str, pathlib.Path]) -> pathlib.Path:
     """Writes the model directory (`export.save_model`: atomic; a folder holding anything but a
     model is refused), recording this cropper's `keyword_pipeline`."""
     if self.zero_shot:
       raise ValueError('A zero-shot cropper has no decoder to save; save the OWL-ViT checkpoint.')
-    return export.save_model(directory, self.config, self.variables['params'],
-                             self.keyword_pipeline)
+    return export.save_model(
+        directory, self.config, self.variables['params'], self.keyword_pipeline
+    )
 
   @classmethod
-  def load(cls, path: Union[str, pathlib.Path], keyword_pipeline: Optional[str] = None,
-           **kwargs) -> 'ClipCropper':
+  def load(
+      cls, path: Union[str, pathlib.Path], keyword_pipeline: Optional[str] = None, **kwargs
+  ) -> 'ClipCropper':
     """Loads a model directory (or a training workdir holding one, `export.load_model`), or any
     OWL-ViT checkpoint or checkpoint name (-> zero-shot mode).
 
@@ -281,15 +325,26 @@ class ClipCropper:
     checkpoint, path = path, pathlib.Path(path)  # a str may be a name (`owlvit.hub`)
     if export.is_model_dir(path) or export.is_model_dir(path / export.EXPORT_DIR):
       exported = export.load_model(path)
-      return cls(exported.config, {'params': exported.params}, model_id=str(path),
-                 keyword_pipeline=_pipeline_or_recorded(keyword_pipeline,
-                                                        exported.keyword_pipeline), **kwargs)
+      return cls(
+          exported.config,
+          {'params': exported.params},
+          model_id=str(path),
+          keyword_pipeline=_pipeline_or_recorded(keyword_pipeline, exported.keyword_pipeline),
+          **kwargs,
+      )
     owl_module, owl_variables = owl_checkpoints.load_checkpoint(checkpoint)
-    config = model_lib.ClipCropConfig(owlvit=_config_name(owl_module.config, path),
-                                      selection_union=zero_shot.ZERO_SHOT_UNION)
+    config = model_lib.ClipCropConfig(
+        owlvit=_config_name(owl_module.config, path), selection_union=zero_shot.ZERO_SHOT_UNION
+    )
     variables = {'params': {'owlvit': owl_variables['params']}}
-    return cls(config, variables, zero_shot_mode=True, model_id=f'{path} (zero-shot)',
-               keyword_pipeline=_pipeline_or_recorded(keyword_pipeline), **kwargs)
+    return cls(
+        config,
+        variables,
+        zero_shot_mode=True,
+        model_id=f'{path} (zero-shot)',
+        keyword_pipeline=_pipeline_or_recorded(keyword_pipeline),
+        **kwargs,
+    )
 
   # ------------------------------------------------------------------ inference
 
@@ -340,11 +395,11 @@ class ClipCropper:
     pixels = np.zeros((self.bucket_size(len(inputs)), size, size, 3), np.float32)
     for i, model_input in enumerate(inputs):
       pixels[i] = model_input.pixels
-    return owl_model.encode_images(self.owl_module, self._owl_variables,
-                                   jax.device_put(pixels, self._batch_sharding))
+    return owl_model.encode_images(
+        self.owl_module, self._owl_variables, jax.device_put(pixels, self._batch_sharding)
+    )
 
-  def encode_batch(self, images: Sequence[Any],
-                   batch_size: Optional[int] = None) -> list[Encoding]:
+  def encode_batch(self, images: Sequence[Any], batch_size: Optional[int] = None) -> list[Encoding]:
     """Encodes several images, `batch_size` (default: the cropper's) per encoder forward.
 
     The inputs (see `prepare`) are stacked into (B, S, S, 3) batches, padded with zero images to
@@ -354,16 +409,22 @@ class ClipCropper:
     Returns:
       one `Encoding` per image, in order (arrays with a leading batch dimension of 1).
     """
-    batch_size = (self.batch_size if batch_size is None
-                  else crop_request.check_int('batch_size', batch_size))
+    batch_size = (
+        self.batch_size if batch_size is None else crop_request.check_int('batch_size', batch_size)
+    )
     inputs = [self.prepare(im) for im in images]
     encodings = []
     for start in range(0, len(inputs), batch_size):
-      chunk = inputs[start:start + batch_size]
+      chunk = inputs[start : start + batch_size]
       encoded = self._encode_inputs(chunk)
-      encodings += [Encoding(model_input.image_hw,
-                             jax.tree.map(lambda x, i=i: x[i:i + 1], encoded), self._encoder_key)
-                    for i, model_input in enumerate(chunk)]
+      encodings += [
+          Encoding(
+              model_input.image_hw,
+              jax.tree.map(lambda x, i=i: x[i : i + 1], encoded),
+              self._encoder_key,
+          )
+          for i, model_input in enumerate(chunk)
+      ]
     return encodings
 
   def _cached(self, key: Any, compute) -> tuple[Any, Any]:
@@ -392,10 +453,17 @@ class ClipCropper:
 
       def embed_image():
         emb = image_query.query_embeddings(
-            self.owl_module, self._owl_variables,
-            image_queries=[image_query.ImageQuery('query', q_img, box)])
-        return (jnp.asarray(emb)[None], jnp.ones((1, 1), bool), jnp.zeros((1, 1), jnp.int32),
-                ((IMAGE_QUERY_TEXT, 'caption'),))
+            self.owl_module,
+            self._owl_variables,
+            image_queries=[image_query.ImageQuery('query', q_img, box)],
+        )
+        return (
+            jnp.asarray(emb)[None],
+            jnp.ones((1, 1), bool),
+            jnp.zeros((1, 1), jnp.int32),
+            ((IMAGE_QUERY_TEXT, 'caption'),),
+        )
+
       return self._cached(key, embed_image)
 
     def embed_text():
@@ -406,35 +474,73 @@ class ClipCropper:
       padded = -(-len(found) // QUERY_PAD) * QUERY_PAD
       tokens = np.pad(tokens, ((0, padded - len(found)), (0, 0)))[None]
       roles = np.zeros((1, padded), np.int32)
-      roles[0, :len(found)] = [features.ROLE_IDS[q.role] for q in found]
+      roles[0, : len(found)] = [features.ROLE_IDS[q.role] for q in found]
       emb = owl_model.embed_texts(self.owl_module, self._owl_variables, jnp.asarray(tokens))
-      return (emb, jnp.asarray(tokens[..., 0] > 0), jnp.asarray(roles),
-              tuple((q.text, q.role) for q in found))
+      return (
+          emb,
+          jnp.asarray(tokens[..., 0] > 0),
+          jnp.asarray(roles),
+          tuple((q.text, q.role) for q in found),
+      )
+
     return self._cached(('text', mode, text), embed_text)
 
-  def check_request(self, text: Optional[str] = None, query_image: Any = None,
-                    top_k: int = crop_request.DEFAULT_TOP_K,
-                    aspect_ratio: Any = None, min_size: Optional[float] = None,
-                    mode: Optional[str] = None, query_box: Any = None,
-                    fuse_top_k: Optional[int] = None) -> crop_request.CropRequest:
+  def check_request(
+      self,
+      text: Optional[str] = None,
+      query_image: Any = None,
+      top_k: int = crop_request.DEFAULT_TOP_K,
+      aspect_ratio: Any = None,
+      min_size: Optional[float] = None,
+      mode: Optional[str] = None,
+      query_box: Any = None,
+      fuse_top_k: Optional[int] = None,
+  ) -> crop_request.CropRequest:
     """Validates `crop`'s arguments (no image needed) and embeds the query (cached).
 
     A command line calls it once before a folder of images, so that a bad argument is reported
     once, before any image is encoded. Raises ValueError / TypeError naming the argument.
     """
     args = crop_request.check_arguments(
-        text, query_image, top_k, aspect_ratio, min_size, mode, query_box, fuse_top_k,
-        default_mode=self.config.mode, default_fuse_top_k=self.config.fuse_top_k)
+        text,
+        query_image,
+        top_k,
+        aspect_ratio,
+        min_size,
+        mode,
+        query_box,
+        fuse_top_k,
+        default_mode=self.config.mode,
+        default_fuse_top_k=self.config.fuse_top_k,
+    )
     queries, query_mask, roles, texts = self._queries(text, query_image, query_box, args.mode)
-    return crop_request.CropRequest(args.mode, queries, query_mask, args.top_k, args.ratio,
-                                    args.min_size, args.fuse_top_k, roles, texts)
+    return crop_request.CropRequest(
+        args.mode,
+        queries,
+        query_mask,
+        args.top_k,
+        args.ratio,
+        args.min_size,
+        args.fuse_top_k,
+        roles,
+        texts,
+    )
 
-  def crop(self, image: Any, text: Optional[str] = None, query_image: Any = None,
-           top_k: int = crop_request.DEFAULT_TOP_K, aspect_ratio: Any = None,
-           min_size: Optional[float] = None,
-           mode: Optional[str] = None, query_box: Any = None, fuse_top_k: Optional[int] = None,
-           *, errors: str = 'raise', batch_size: Optional[int] = None
-           ) -> Union[list[Crop], list[Union[list[Crop], BatchResult]]]:
+  def crop(
+      self,
+      image: Any,
+      text: Optional[str] = None,
+      query_image: Any = None,
+      top_k: int = crop_request.DEFAULT_TOP_K,
+      aspect_ratio: Any = None,
+      min_size: Optional[float] = None,
+      mode: Optional[str] = None,
+      query_box: Any = None,
+      fuse_top_k: Optional[int] = None,
+      *,
+      errors: str = 'raise',
+      batch_size: Optional[int] = None,
+  ) -> Union[list[Crop], list[Union[list[Crop], BatchResult]]]:
     """Ranked crops for one image (or a list of images -> one list of crops per image, computed
     in batches by `iter_crops`).
 
@@ -469,8 +575,9 @@ class ClipCropper:
     """
     if errors not in ('raise', 'return'):
       raise ValueError(f"errors={errors!r}; expected 'raise' or 'return'")
-    request = self.check_request(text, query_image, top_k, aspect_ratio, min_size, mode,
-                                 query_box, fuse_top_k)
+    request = self.check_request(
+        text, query_image, top_k, aspect_ratio, min_size, mode, query_box, fuse_top_k
+    )
     if not isinstance(image, (list, tuple)):
       return self._crop_one(image, request)
     results = []
@@ -480,14 +587,22 @@ class ClipCropper:
       results.append(result if result.exception is not None else result.crops)
     return results
 
-  def iter_crops(self, images: Iterable[Any], text: Optional[str] = None,
-                 query_image: Any = None, top_k: int = crop_request.DEFAULT_TOP_K,
-                 aspect_ratio: Any = None,
-                 min_size: Optional[float] = None, mode: Optional[str] = None,
-                 query_box: Any = None, fuse_top_k: Optional[int] = None, *,
-                 batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                 prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
-                 ) -> Iterator[BatchResult]:
+  def iter_crops(
+      self,
+      images: Iterable[Any],
+      text: Optional[str] = None,
+      query_image: Any = None,
+      top_k: int = crop_request.DEFAULT_TOP_K,
+      aspect_ratio: Any = None,
+      min_size: Optional[float] = None,
+      mode: Optional[str] = None,
+      query_box: Any = None,
+      fuse_top_k: Optional[int] = None,
+      *,
+      batch_size: Optional[int] = None,
+      num_workers: Optional[int] = None,
+      prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None,
+  ) -> Iterator[BatchResult]:
     """Crops many images to one request in batches; yields a `BatchResult` per image, in input
     order, as soon as its batch is done.
 
@@ -507,20 +622,31 @@ class ClipCropper:
         `self.prepare`; the payload comes back in the result (a command line returns the decoded
         image here, to write the crops from it without decoding twice).
     """
-    request = self.check_request(text, query_image, top_k, aspect_ratio, min_size, mode,
-                                 query_box, fuse_top_k)
-    return self.iter_crops_checked(images, request, batch_size=batch_size,
-                                   num_workers=num_workers, prepare=prepare)
+    request = self.check_request(
+        text, query_image, top_k, aspect_ratio, min_size, mode, query_box, fuse_top_k
+    )
+    return self.iter_crops_checked(
+        images, request, batch_size=batch_size, num_workers=num_workers, prepare=prepare
+    )
 
-  def iter_crops_checked(self, images: Iterable[Any], request: crop_request.CropRequest, *,
-                         batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                         prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None
-                         ) -> Iterator[BatchResult]:
+  def iter_crops_checked(
+      self,
+      images: Iterable[Any],
+      request: crop_request.CropRequest,
+      *,
+      batch_size: Optional[int] = None,
+      num_workers: Optional[int] = None,
+      prepare: Optional[Callable[[Any], tuple[ModelInput, Any]]] = None,
+  ) -> Iterator[BatchResult]:
     """`iter_crops` under a request `check_request` already validated."""
-    batch_size = (self.batch_size if batch_size is None
-                  else crop_request.check_int('batch_size', batch_size))
-    num_workers = (min(8, os.cpu_count() or 1) if num_workers is None
-                   else crop_request.check_int('num_workers', num_workers))
+    batch_size = (
+        self.batch_size if batch_size is None else crop_request.check_int('batch_size', batch_size)
+    )
+    num_workers = (
+        min(8, os.cpu_count() or 1)
+        if num_workers is None
+        else crop_request.check_int('num_workers', num_workers)
+    )
 
     def read(index: int, item: Any) -> BatchResult:
       source = str(item) if isinstance(item, (str, pathlib.Path)) else f'images[{index}]'
@@ -528,8 +654,9 @@ class ClipCropper:
         if isinstance(item, Encoding):
           return BatchResult(index, source, None, payload=item, image_hw=item.image_hw)
         model_input, payload = prepare(item) if prepare else (self.prepare(item), None)
-        return BatchResult(index, source, None, payload=(model_input, payload),
-                           image_hw=model_input.image_hw)
+        return BatchResult(
+            index, source, None, payload=(model_input, payload), image_hw=model_input.image_hw
+        )
       except Exception as e:  # pylint: disable=broad-except  # one bad image never ends a run
         return _failed(index, source, e)
 
@@ -553,8 +680,9 @@ class ClipCropper:
     finally:  # also when the caller stops early (break, Ctrl-C): reads not started are dropped
       pool.shutdown(wait=True, cancel_futures=True)
 
-  def _crop_batch(self, batch: list[BatchResult], request: crop_request.CropRequest
-                  ) -> Iterator[BatchResult]:
+  def _crop_batch(
+      self, batch: list[BatchResult], request: crop_request.CropRequest
+  ) -> Iterator[BatchResult]:
     """Crops the read items of `batch` (one forward; Encodings and failures pass through)."""
     to_encode = [r for r in batch if r.exception is None and not isinstance(r.payload, Encoding)]
     outputs = self._forward([r.payload[0] for r in to_encode], request) if to_encode else None
@@ -568,14 +696,14 @@ class ClipCropper:
           crops, payload = self._crop_one(r.payload, request), None
         else:
           model_input, payload = r.payload
-          crops = self._crops_from_outputs(outputs, position[id(r)], model_input.image_hw,
-                                           request)
+          crops = self._crops_from_outputs(outputs, position[id(r)], model_input.image_hw, request)
         yield BatchResult(r.index, r.source, crops, payload=payload, image_hw=r.image_hw)
       except Exception as e:  # pylint: disable=broad-except
         yield _failed(r.index, r.source, e)
 
-  def _forward(self, inputs: Sequence[ModelInput], request: crop_request.CropRequest
-               ) -> dict[str, Any]:
+  def _forward(
+      self, inputs: Sequence[ModelInput], request: crop_request.CropRequest
+  ) -> dict[str, Any]:
     """Encoder (+ decoder) on one batch: host arrays with a leading (padded) batch axis.
 
     Trained decoder: 'pred_boxes' (B, M, 4) xyxy of the padded square and 'quality' (B, M).
@@ -594,15 +722,20 @@ class ClipCropper:
       q = jnp.broadcast_to(q, (n,) + q.shape[1:])
       q_mask = jnp.broadcast_to(q_mask, (n,) + q_mask.shape[1:])
       roles = jnp.broadcast_to(roles, (n,) + roles.shape[1:])
-    out = self._decode(self.variables, encoded, q, q_mask,
-                       jax.device_put(extent, self._batch_sharding), roles)
+    out = self._decode(
+        self.variables, encoded, q, q_mask, jax.device_put(extent, self._batch_sharding), roles
+    )
     return jax.device_get({k: out[k] for k in _DECODER_OUTPUTS if k in out})
 
-  def _crops_from_outputs(self, outputs: dict[str, Any], i: int,
-                          image_hw: tuple[int, int], request: crop_request.CropRequest
-                          ) -> list[Crop]:
+  def _crops_from_outputs(
+      self,
+      outputs: dict[str, Any],
+      i: int,
+      image_hw: tuple[int, int],
+      request: crop_request.CropRequest,
+  ) -> list[Crop]:
     """The crops of row `i` of a batched `_forward`."""
-    row = jax.tree.map(lambda v: v[i:i + 1], outputs)
+    row = jax.tree.map(lambda v: v[i : i + 1], outputs)
     if self.zero_shot:
       return self._crop_encoding(Encoding(image_hw, row, self._encoder_key), request)
     return self._crops_from_decoder(row, image_hw, request)
@@ -617,8 +750,10 @@ class ClipCropper:
     """Crops for one image (array, path or Encoding) under a validated request."""
     if isinstance(image, Encoding):
       if image.encoder != self._encoder_key:
-        raise ValueError('this Encoding was made by another ClipCropper (its image tokens belong '
-                         'to another OWL-ViT); encode the image with this cropper')
+        raise ValueError(
+            'this Encoding was made by another ClipCropper (its image tokens belong '
+            'to another OWL-ViT); encode the image with this cropper'
+        )
       enc = image
     else:
       enc = self.encode(image)
@@ -630,15 +765,17 @@ class ClipCropper:
     h, w = enc.image_hw
     if self.zero_shot:
       boxes_px, scores, uses = self._zero_shot(enc, request)
-      return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
-                            request.min_size, queries=uses)
+      return self._finalise(
+          boxes_px, scores, (w, h), request.ratio, request.top_k, request.min_size, queries=uses
+      )
     side = float(max(h, w))
     extent = jnp.asarray([[w / side, h / side]], jnp.float32)
     out = self._decode(self.variables, enc.encoded, q, q_mask, extent, request.query_roles)
     return self._crops_from_decoder(out, enc.image_hw, request)
 
-  def _crops_from_decoder(self, out: dict[str, Any], image_hw: tuple[int, int],
-                          request: crop_request.CropRequest) -> list[Crop]:
+  def _crops_from_decoder(
+      self, out: dict[str, Any], image_hw: tuple[int, int], request: crop_request.CropRequest
+  ) -> list[Crop]:
     """Crops from the decoder's outputs of one image ('pred_boxes' (1, M, 4) xyxy of the
     padded square, 'quality' (1, M), and the selections): pixels, box voting, `_finalise`."""
     h, w = image_hw
@@ -648,14 +785,26 @@ class ClipCropper:
     scores = np.asarray(out['quality'][0], np.float32)
     uses = ()
     if 'selected_boxes' in out:
-      uses = _query_uses(request.query_texts, np.asarray(out['selected_boxes'][0]) * side,
-                         np.asarray(out['selected_logits'][0]),
-                         np.asarray(out['selected_mask'][0]), np.asarray(out['union_mask'][0]),
-                         image_hw)
+      uses = _query_uses(
+          request.query_texts,
+          np.asarray(out['selected_boxes'][0]) * side,
+          np.asarray(out['selected_logits'][0]),
+          np.asarray(out['selected_mask'][0]),
+          np.asarray(out['union_mask'][0]),
+          image_hw,
+      )
     # Box voting: the fused crop (if any) is ranked first.
     boxes_px, scores = box_lib.with_fused_first_xyxy(boxes_px, scores, request.fuse_top_k)
-    return self._finalise(boxes_px, scores, (w, h), request.ratio, request.top_k,
-                          request.min_size, first_is_best=request.fuse_top_k > 1, queries=uses)
+    return self._finalise(
+        boxes_px,
+        scores,
+        (w, h),
+        request.ratio,
+        request.top_k,
+        request.min_size,
+        first_is_best=request.fuse_top_k > 1,
+        queries=uses,
+    )
 
   def _zero_shot(self, enc: Encoding, request: crop_request.CropRequest):
     """Zero-shot crops (pixels), scores and `QueryUse`s from OWL-ViT detections alone
@@ -668,33 +817,61 @@ class ClipCropper:
     boxes = np.asarray(box_lib.cxcywh_to_xyxy(enc.encoded['pred_boxes'][0]), np.float64)
     boxes = np.clip(boxes * side, 0, to_image) / to_image  # [0, 1] of the image
     if q is None:
-      crops, scores = zero_shot.crops_from_detections(boxes, None, None, (w, h), request.ratio,
-                                                      other_objects=ZERO_SHOT_OTHER_OBJECTS)
+      crops, scores = zero_shot.crops_from_detections(
+          boxes, None, None, (w, h), request.ratio, other_objects=ZERO_SHOT_OTHER_OBJECTS
+      )
       return crops, scores, ()
     raw_logits = owl_heads.logits_from_image_terms(enc.encoded['class_terms'], q, q_mask)[0]
     in_image = owl_heads.token_in_image(  # not padding
-        enc.encoded['pred_boxes'][0], (w / side, h / side))
+        enc.encoded['pred_boxes'][0], (w / side, h / side)
+    )
     best = np.asarray(zero_shot.token_scores(raw_logits, in_image, q_mask[0]))  # (P,)
     logits = np.where(np.asarray(in_image)[:, None], np.asarray(raw_logits), -np.inf)  # (P, Q)
     selected = np.asarray(q_mask[0])
     picks = np.argmax(logits, axis=0)
-    in_union = np.asarray(model_lib.union_selection_mask(
-        jnp.asarray(selected[None]), request.query_roles, self.config.selection_union))[0]
+    in_union = np.asarray(
+        model_lib.union_selection_mask(
+            jnp.asarray(selected[None]), request.query_roles, self.config.selection_union
+        )
+    )[0]
     crops, scores = zero_shot.crops_from_detections(
-        boxes, best, picks[in_union], (w, h), request.ratio,
-        other_objects=ZERO_SHOT_OTHER_OBJECTS, context=picks[selected & ~in_union])
+        boxes,
+        best,
+        picks[in_union],
+        (w, h),
+        request.ratio,
+        other_objects=ZERO_SHOT_OTHER_OBJECTS,
+        context=picks[selected & ~in_union],
+    )
     picked_logits = logits[picks, np.arange(logits.shape[1])]
-    uses = _query_uses(request.query_texts, boxes[picks] * to_image,
-                       picked_logits, selected, in_union, (h, w), square=False)
+    uses = _query_uses(
+        request.query_texts,
+        boxes[picks] * to_image,
+        picked_logits,
+        selected,
+        in_union,
+        (h, w),
+        square=False,
+    )
     return crops, scores, uses
 
-  def _finalise(self, boxes_px, scores, image_wh, ratio, top_k, min_size,
-                first_is_best: bool = False, queries: tuple[QueryUse, ...] = ()) -> list[Crop]:
+  def _finalise(
+      self,
+      boxes_px,
+      scores,
+      image_wh,
+      ratio,
+      top_k,
+      min_size,
+      first_is_best: bool = False,
+      queries: tuple[QueryUse, ...] = (),
+  ) -> list[Crop]:
     """Aspect-ratio fitting, min size, NMS (by score; `first_is_best`: box 0, the fused crop,
     first), top-k, focal point; every crop carries `queries`."""
     w, h = image_wh
-    boxes_px = box_lib.widen_to_min_side_xyxy(np.asarray(boxes_px, np.float64), (w, h),
-                                              MIN_CROP_SIDE)
+    boxes_px = box_lib.widen_to_min_side_xyxy(
+        np.asarray(boxes_px, np.float64), (w, h), MIN_CROP_SIDE
+    )
     if ratio is not None:
       boxes_px = np.array([box_lib.fit_aspect_ratio_xyxy(b, ratio, (w, h)) for b in boxes_px])
     sides = np.minimum(boxes_px[:, 2] - boxes_px[:, 0], boxes_px[:, 3] - boxes_px[:, 1])
@@ -710,15 +887,28 @@ class ClipCropper:
     crops = []
     for i in idx[order]:
       b = tuple(float(v) for v in boxes_px[i])
-      crops.append(Crop(b, float(scores[i]), (b[2] - b[0]) / (b[3] - b[1]),
-                        ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), queries,
-                        fused=bool(first_is_best and i == 0)))
+      crops.append(
+          Crop(
+              b,
+              float(scores[i]),
+              (b[2] - b[0]) / (b[3] - b[1]),
+              ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2),
+              queries,
+              fused=bool(first_is_best and i == 0),
+          )
+      )
     return crops
 
 
-def _query_uses(texts: Sequence[tuple[str, str]], boxes_px: np.ndarray, logits: np.ndarray,
-                selected: np.ndarray, in_union: np.ndarray, image_hw: tuple[int, int],
-                square: bool = True) -> tuple[QueryUse, ...]:
+def _query_uses(
+    texts: Sequence[tuple[str, str]],
+    boxes_px: np.ndarray,
+    logits: np.ndarray,
+    selected: np.ndarray,
+    in_union: np.ndarray,
+    image_hw: tuple[int, int],
+    square: bool = True,
+) -> tuple[QueryUse, ...]:
   """`QueryUse`s of the real queries (rows of `texts`).
 
   Args:
@@ -734,8 +924,11 @@ def _query_uses(texts: Sequence[tuple[str, str]], boxes_px: np.ndarray, logits: 
   for row, (text, role) in enumerate(texts):
     box = None
     if selected[row]:
-      b = np.clip(np.asarray(boxes_px[row], np.float64), 0, [w, h, w, h]) if square else (
-          np.asarray(boxes_px[row], np.float64))
+      b = (
+          np.clip(np.asarray(boxes_px[row], np.float64), 0, [w, h, w, h])
+          if square
+          else (np.asarray(boxes_px[row], np.float64))
+      )
       box = tuple(float(v) for v in b)
     score = float(1 / (1 + np.exp(-float(logits[row])))) if selected[row] else 0.0
     uses.append(QueryUse(text, role, box, score, bool(selected[row] and in_union[row])))
@@ -757,8 +950,9 @@ def _np_dtype(dtype: Any) -> Optional[np.dtype]:
     return None
 
 
-def _pipeline_or_recorded(keyword_pipeline: Optional[str],
-                          recorded: str = keywords_lib.DEFAULT_PIPELINE) -> str:
+def _pipeline_or_recorded(
+    keyword_pipeline: Optional[str], recorded: str = keywords_lib.DEFAULT_PIPELINE
+) -> str:
   """The factories' reading of `keyword_pipeline`: None = the recorded pipeline (the default
   when nothing is recorded)."""
   return recorded if keyword_pipeline is None else keyword_pipeline
@@ -767,8 +961,13 @@ def _pipeline_or_recorded(keyword_pipeline: Optional[str],
 def _failed(index: int, source: str, error: Exception) -> BatchResult:
   """A failed `BatchResult` whose `error` is one line naming `source`."""
   reason = errors_lib.one_line(error)
-  return BatchResult(index, source, None, error=reason if source in reason
-                     else f'{source}: {reason}', exception=error)
+  return BatchResult(
+      index,
+      source,
+      None,
+      error=reason if source in reason else f'{source}: {reason}',
+      exception=error,
+  )
 
 
 def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.ClipCropConfig:
@@ -779,8 +978,10 @@ def _named_config(config: Union[model_lib.ClipCropConfig, str]) -> model_lib.Cli
     return model_lib.TINY
   if isinstance(config, str) and config in owl_configs.CONFIGS:
     return model_lib.ClipCropConfig(owlvit=config)
-  raise ValueError(f'unknown config {config!r} for a random model; expected a ClipCropConfig, '
-                   f"'tiny' or an OWL-ViT config name ({', '.join(sorted(owl_configs.CONFIGS))})")
+  raise ValueError(
+      f'unknown config {config!r} for a random model; expected a ClipCropConfig, '
+      f"'tiny' or an OWL-ViT config name ({', '.join(sorted(owl_configs.CONFIGS))})"
+  )
 
 
 def _as_uint8_image(image: Any, max_pixels: Optional[int] = None) -> np.ndarray:
@@ -792,7 +993,8 @@ def _as_uint8_image(image: Any, max_pixels: Optional[int] = None) -> np.ndarray:
 
 def _config_name(owl_cfg, path) -> str:
   if owl_cfg.name == 'custom':
-    raise ValueError(f'{path}: OWL-ViT architecture does not match a named config; convert it or '
-                     'add a config.')
+    raise ValueError(
+        f'{path}: OWL-ViT architecture does not match a named config; convert it or '
+        'add a config.'
+    )
   return owl_cfg.name
-

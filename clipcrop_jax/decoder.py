@@ -34,8 +34,9 @@ import numpy as np
 Dtype = Any
 
 
-def sine_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
-                               scale: float = 2 * np.pi) -> np.ndarray:
+def sine_position_embedding_2d(
+    h: int, w: int, dim: int, temperature: float = 10000.0, scale: float = 2 * np.pi
+) -> np.ndarray:
   """DETR's normalised 2-D sine position embedding for an h x w grid, row-major: (h * w, dim).
 
   For grid cell (i, j) (row i, column j), y = (i + 1) / (h + 1e-6) * scale and
@@ -59,7 +60,7 @@ def sine_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10
   num_feats = dim // 2
   y = (np.arange(1, h + 1, dtype=np.float64) / (h + eps) * scale)[:, None]  # (h, 1)
   x = (np.arange(1, w + 1, dtype=np.float64) / (w + eps) * scale)[:, None]  # (w, 1)
-  dim_t = temperature**(2 * (np.arange(num_feats) // 2) / num_feats)  # (n,)
+  dim_t = temperature ** (2 * (np.arange(num_feats) // 2) / num_feats)  # (n,)
 
   def encode(v: np.ndarray) -> np.ndarray:  # (L, 1) -> (L, n), sin/cos interleaved
     v = v / dim_t
@@ -70,8 +71,7 @@ def sine_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10
   return np.concatenate([pos_y, pos_x], axis=-1).reshape(h * w, dim).astype(np.float32)
 
 
-def sine_box_embedding(boxes_xyxy: jax.Array, dim: int, temperature: float = 10000.0
-                       ) -> jax.Array:
+def sine_box_embedding(boxes_xyxy: jax.Array, dim: int, temperature: float = 10000.0) -> jax.Array:
   """Sine embedding of boxes (as DETR's positions): (..., 4) xyxy in [0, 1] -> (..., dim).
 
   The box is described by (cx, cy, w, h); each of the four values v is embedded like one axis of
@@ -83,14 +83,15 @@ def sine_box_embedding(boxes_xyxy: jax.Array, dim: int, temperature: float = 100
   x0, y0, x1, y1 = jnp.moveaxis(jnp.asarray(boxes_xyxy, jnp.float32), -1, 0)
   values = jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)  # (..., 4)
   n = dim // 4
-  dim_t = jnp.asarray(temperature**(2 * (np.arange(n) // 2) / n), jnp.float32)
+  dim_t = jnp.asarray(temperature ** (2 * (np.arange(n) // 2) / n), jnp.float32)
   v = values[..., None] * (2 * np.pi) / dim_t  # (..., 4, n)
   emb = jnp.stack([jnp.sin(v[..., 0::2]), jnp.cos(v[..., 1::2])], axis=-1)  # (..., 4, n/2, 2)
   return emb.reshape(values.shape[:-1] + (dim,))
 
 
-def _attention(num_heads: int, dropout_rate: float, dtype: Dtype, name: str
-               ) -> nn.MultiHeadDotProductAttention:
+def _attention(
+    num_heads: int, dropout_rate: float, dtype: Dtype, name: str
+) -> nn.MultiHeadDotProductAttention:
   """DETR attention: xavier-uniform q/k/v/out kernels, zero biases, per-element weight dropout."""
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads,
@@ -100,7 +101,8 @@ def _attention(num_heads: int, dropout_rate: float, dtype: Dtype, name: str
       kernel_init=nn.initializers.xavier_uniform(),
       bias_init=nn.initializers.zeros,
       force_fp32_for_softmax=True,
-      name=name)
+      name=name,
+  )
 
 
 class MlpBlock(nn.Module):
@@ -121,7 +123,8 @@ class MlpBlock(nn.Module):
     """x: (..., W) -> (..., W)."""
     width = x.shape[-1]
     dense = lambda features, name: nn.Dense(  # pylint: disable=g-long-lambda
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name)
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(), name=name
+    )
     y = nn.relu(dense(self.mlp_dim, 'fc1')(x))
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     return dense(width, 'fc2')(y)
@@ -153,9 +156,16 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, target: jax.Array, memory: jax.Array, *, query_pos: jax.Array,
-               memory_pos: jax.Array, deterministic: bool,
-               memory_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self,
+      target: jax.Array,
+      memory: jax.Array,
+      *,
+      query_pos: jax.Array,
+      memory_pos: jax.Array,
+      deterministic: bool,
+      memory_mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Applies the layer.
 
     Args:
@@ -172,7 +182,8 @@ class DecoderBlock(nn.Module):
     drop = lambda x: nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
     attention = lambda name: _attention(  # pylint: disable=g-long-lambda
-        self.num_heads, self.attention_dropout_rate, self.dtype, name)
+        self.num_heads, self.attention_dropout_rate, self.dtype, name
+    )
     self_attn, cross_attn = attention('self_attention'), attention('cross_attention')
     mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')
 
@@ -183,11 +194,15 @@ class DecoderBlock(nn.Module):
     mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, P)
 
     def cross_attention(t: jax.Array) -> jax.Array:
-      return cross_attn(t + query_pos, memory + memory_pos, memory, mask=mask,
-                        deterministic=deterministic)
+      return cross_attn(
+          t + query_pos, memory + memory_pos, memory, mask=mask, deterministic=deterministic
+      )
 
-    sublayers = [('norm_1', self_attention), ('norm_2', cross_attention),
-                 ('norm_3', lambda t: mlp(t, deterministic=deterministic))]
+    sublayers = [
+        ('norm_1', self_attention),
+        ('norm_2', cross_attention),
+        ('norm_3', lambda t: mlp(t, deterministic=deterministic)),
+    ]
     for norm_name, sublayer in sublayers:
       if self.pre_norm:
         target = target + drop(sublayer(norm(norm_name)(target)))
@@ -214,8 +229,13 @@ class OffsetHead(nn.Module):
     width = x.shape[-1]
     x = nn.relu(nn.Dense(width, dtype=self.dtype, name='dense_0')(x))
     x = nn.relu(nn.Dense(width, dtype=self.dtype, name='dense_1')(x))
-    return nn.Dense(4, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.zeros, name='dense_2')(x)
+    return nn.Dense(
+        4,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.zeros,
+        name='dense_2',
+    )(x)
 
 
 class CropDecoder(nn.Module):
@@ -256,11 +276,15 @@ class CropDecoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image_tokens: jax.Array, grid_hw: tuple[int, int],
-               condition: Optional[jax.Array] = None, train: bool = False,
-               reference_xyxy: Optional[jax.Array] = None,
-               selections: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None
-               ) -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      image_tokens: jax.Array,
+      grid_hw: tuple[int, int],
+      condition: Optional[jax.Array] = None,
+      train: bool = False,
+      reference_xyxy: Optional[jax.Array] = None,
+      selections: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None,
+  ) -> dict[str, jax.Array]:
     """Decodes crops.
 
     Args:
@@ -297,42 +321,59 @@ class CropDecoder(nn.Module):
 
     memory = nn.Dense(self.width, dtype=self.dtype, name='input_proj')(image_tokens)  # (B, P, W)
     memory_pos = jnp.asarray(sine_position_embedding_2d(h, w, self.width), self.dtype)[None]
-    query_pos = self.param('query_embed', nn.initializers.normal(stddev=1.0),
-                           (self.num_queries, self.width), jnp.float32)
+    query_pos = self.param(
+        'query_embed',
+        nn.initializers.normal(stddev=1.0),
+        (self.num_queries, self.width),
+        jnp.float32,
+    )
     query_pos = jnp.asarray(query_pos, self.dtype)[None]  # (1, M, W)
 
     target = jnp.zeros((batch, self.num_queries, self.width), self.dtype)
     if condition is not None:
       if condition.ndim != 2 or condition.shape[0] != batch:
-        raise ValueError(f'condition must be (B={batch}, C\'), got shape {condition.shape}.')
+        raise ValueError(f"condition must be (B={batch}, C'), got shape {condition.shape}.")
       cond = nn.Dense(self.width, dtype=self.dtype, name='condition_proj')(condition)  # (B, W)
       target = target + cond[:, None, :]
     if reference_xyxy is not None:
       if reference_xyxy.shape != (batch, 4):
-        raise ValueError(f'reference_xyxy must be (B={batch}, 4), got shape '
-                         f'{reference_xyxy.shape}.')
+        raise ValueError(
+            f'reference_xyxy must be (B={batch}, 4), got shape ' f'{reference_xyxy.shape}.'
+        )
       ref = nn.Dense(self.width, dtype=self.dtype, name='reference_proj')(
-          sine_box_embedding(reference_xyxy, self.width).astype(self.dtype))  # (B, W)
+          sine_box_embedding(reference_xyxy, self.width).astype(self.dtype)
+      )  # (B, W)
       target = target + ref[:, None, :]
 
     memory_mask = None
     if selections is not None:
       indices, roles, selected = selections
-      if indices.shape != roles.shape or indices.shape != selected.shape or (
-          indices.shape[0] != batch):
-        raise ValueError(f'selections must be three (B={batch}, Q) arrays, got shapes '
-                         f'{indices.shape}, {roles.shape}, {selected.shape}.')
-      role_embed = self.param('role_embed', nn.initializers.normal(stddev=1.0),
-                              (self.num_roles, self.width), jnp.float32)
+      if (
+          indices.shape != roles.shape
+          or indices.shape != selected.shape
+          or (indices.shape[0] != batch)
+      ):
+        raise ValueError(
+            f'selections must be three (B={batch}, Q) arrays, got shapes '
+            f'{indices.shape}, {roles.shape}, {selected.shape}.'
+        )
+      role_embed = self.param(
+          'role_embed',
+          nn.initializers.normal(stddev=1.0),
+          (self.num_roles, self.width),
+          jnp.float32,
+      )
       picked = jnp.take_along_axis(memory, indices[..., None], axis=1)  # (B, Q, W)
       picked = picked + jnp.asarray(role_embed, self.dtype)[roles]
       picked_pos = jnp.broadcast_to(memory_pos, (batch,) + memory_pos.shape[1:])
       picked_pos = jnp.take_along_axis(picked_pos, indices[..., None], axis=1)
       memory = jnp.concatenate([memory, picked], axis=1)
       memory_pos = jnp.concatenate(
-          [jnp.broadcast_to(memory_pos, (batch,) + memory_pos.shape[1:]), picked_pos], axis=1)
-      memory_mask = jnp.concatenate([jnp.ones((batch, num_tokens), bool),
-                                     selected.astype(bool)], axis=1)
+          [jnp.broadcast_to(memory_pos, (batch,) + memory_pos.shape[1:]), picked_pos], axis=1
+      )
+      memory_mask = jnp.concatenate(
+          [jnp.ones((batch, num_tokens), bool), selected.astype(bool)], axis=1
+      )
 
     outputs = []
     for i in range(self.num_layers):
@@ -343,8 +384,15 @@ class CropDecoder(nn.Module):
           attention_dropout_rate=self.dropout_rate,
           pre_norm=self.pre_norm,
           dtype=self.dtype,
-          name=f'layers_{i}')(target, memory, query_pos=query_pos, memory_pos=memory_pos,
-                              deterministic=deterministic, memory_mask=memory_mask)
+          name=f'layers_{i}',
+      )(
+          target,
+          memory,
+          query_pos=query_pos,
+          memory_pos=memory_pos,
+          deterministic=deterministic,
+          memory_mask=memory_mask,
+      )
       outputs.append(target)
     hidden = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')(jnp.stack(outputs))  # (L, B, M, W)
 

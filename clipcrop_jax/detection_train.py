@@ -25,8 +25,13 @@ def main(argv) -> None:
   config, workdir = config_validation.config_or_exit(_CONFIG), _WORKDIR.value
   from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  trainer.run_command(config, workdir, lambda: detection_task.train_detection(config, workdir),
-                      task=detection_task.DetectionTask.name)
+
+  trainer.run_command(
+      config,
+      workdir,
+      lambda: detection_task.train_detection(config, workdir),
+      task=detection_task.DetectionTask.name,
+  )
 
 
 if __name__ == '__main__':

@@ -70,8 +70,9 @@ def results_filename(name: str, split: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent, query_roles
-             ) -> dict[str, jax.Array]:
+def _forward(
+    mdl: model_lib.ClipCrop, images, text_queries, extent, query_roles
+) -> dict[str, jax.Array]:
   """Model outputs + everything the baselines need, from one image encoding."""
   encoded = mdl.encode_image(images)
   q = mdl.embed_text(text_queries)
@@ -80,19 +81,31 @@ def _forward(mdl: model_lib.ClipCrop, images, text_queries, extent, query_roles
   if mdl.config.mode == 'base':
     own = mdl.crop_from_encoding(encoded, None, None, None, extent)
   else:
-    own = mdl.crop_from_encoding(encoded, q, model_lib.query_mask_for_mode(text_queries,
-                                                                           mdl.config.mode),
-                                 None, extent, query_roles=query_roles)
+    own = mdl.crop_from_encoding(
+        encoded,
+        q,
+        model_lib.query_mask_for_mode(text_queries, mdl.config.mode),
+        None,
+        extent,
+        query_roles=query_roles,
+    )
   logits = owl_heads.logits_from_image_terms(encoded['class_terms'], q, real)  # (B, P, Q)
   in_image = owl_heads.token_in_image(encoded['pred_boxes'], extent)
   token_scores = zero_shot.token_scores(logits, in_image, real)
-  return dict(pred_boxes=own['pred_boxes'], quality=own['quality'],
-              top_box=full['selected_boxes'][:, 0], top_valid=full['selected_mask'][:, 0],
-              union_box=full['union_box'], selected_tokens=full['selected_tokens'],
-              selected_mask=full['selected_mask'],
-              zero_shot_union=model_lib.union_selection_mask(full['selected_mask'], query_roles,
-                                                             zero_shot.ZERO_SHOT_UNION),
-              token_boxes=box_lib.cxcywh_to_xyxy(encoded['pred_boxes']), token_scores=token_scores)
+  return dict(
+      pred_boxes=own['pred_boxes'],
+      quality=own['quality'],
+      top_box=full['selected_boxes'][:, 0],
+      top_valid=full['selected_mask'][:, 0],
+      union_box=full['union_box'],
+      selected_tokens=full['selected_tokens'],
+      selected_mask=full['selected_mask'],
+      zero_shot_union=model_lib.union_selection_mask(
+          full['selected_mask'], query_roles, zero_shot.ZERO_SHOT_UNION
+      ),
+      token_boxes=box_lib.cxcywh_to_xyxy(encoded['pred_boxes']),
+      token_scores=token_scores,
+  )
 
 
 def _forward_base(mdl: model_lib.ClipCrop, images, extent) -> dict[str, jax.Array]:
@@ -102,15 +115,26 @@ def _forward_base(mdl: model_lib.ClipCrop, images, extent) -> dict[str, jax.Arra
 
 def make_eval_step(model: model_lib.ClipCrop, mesh) -> Any:
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  return jax.jit(lambda params, b: model.apply(
-      {'params': params}, b[F.IMAGES], b[F.TEXT_QUERIES], b[F.IMAGE_EXTENT],
-      b.get(F.QUERY_ROLES), method=_forward), out_shardings=batch_sharding)
+  return jax.jit(
+      lambda params, b: model.apply(
+          {'params': params},
+          b[F.IMAGES],
+          b[F.TEXT_QUERIES],
+          b[F.IMAGE_EXTENT],
+          b.get(F.QUERY_ROLES),
+          method=_forward,
+      ),
+      out_shardings=batch_sharding,
+  )
 
 
 def make_base_step(model: model_lib.ClipCrop, mesh) -> Any:
-  return jax.jit(lambda params, b: model.apply(
-      {'params': params}, b[F.IMAGES], b[F.IMAGE_EXTENT], method=_forward_base),
-                 out_shardings=sharding_lib.batch_sharding(mesh))
+  return jax.jit(
+      lambda params, b: model.apply(
+          {'params': params}, b[F.IMAGES], b[F.IMAGE_EXTENT], method=_forward_base
+      ),
+      out_shardings=sharding_lib.batch_sharding(mesh),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,14 +144,15 @@ def make_base_step(model: model_lib.ClipCrop, mesh) -> Any:
 
 def _to_host(tree: dict[str, Any]) -> dict[str, np.ndarray]:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() == 1:
     return {k: np.asarray(v) for k, v in tree.items()}
-  return {k: np.asarray(v) for k, v in
-          multihost_utils.process_allgather(tree, tiled=True).items()}
+  return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(tree, tiled=True).items()}
 
 
-def _ranked(boxes: np.ndarray, scores: np.ndarray, fuse_top_k: int = 1
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _ranked(
+    boxes: np.ndarray, scores: np.ndarray, fuse_top_k: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Predictions by descending score; with `fuse_top_k` > 1 the fused box (box voting) first."""
   order = np.argsort(-scores, kind='stable')
   return box_lib.with_fused_first_xyxy(boxes[order], scores[order], fuse_top_k)
@@ -140,13 +165,19 @@ class _Collector:
     self.kind, self.methods = kind, methods
     self.examples: list[dict[str, Any]] = []
 
-  def add(self, refs: np.ndarray, scores: np.ndarray, extent: np.ndarray,
-          ranked: dict[str, tuple[np.ndarray, np.ndarray]],
-          srcc: Optional[dict[str, float]] = None) -> None:
+  def add(
+      self,
+      refs: np.ndarray,
+      scores: np.ndarray,
+      extent: np.ndarray,
+      ranked: dict[str, tuple[np.ndarray, np.ndarray]],
+      srcc: Optional[dict[str, float]] = None,
+  ) -> None:
     """One example: reference crops / scores, extent, each method's ranked (boxes, scores) and,
     for text sets, each ClipCrop model's `metrics.quality_iou_srcc`."""
-    self.examples.append(dict(refs=refs, scores=scores, extent=extent, ranked=ranked,
-                              srcc=srcc or {}))
+    self.examples.append(
+        dict(refs=refs, scores=scores, extent=extent, ranked=ranked, srcc=srcc or {})
+    )
 
   def _centre_size(self) -> np.ndarray:
     sizes = []
@@ -166,7 +197,7 @@ class _Collector:
         ex['ranked']['centre_crop'] = (np.concatenate([lo, lo + rel * e])[None], np.ones(1))
     out = {}
     for method in self.methods:
-      acc = (metrics_lib.TextCropMetrics() if self.kind == 'text' else metrics_lib.GaicMetrics())
+      acc = metrics_lib.TextCropMetrics() if self.kind == 'text' else metrics_lib.GaicMetrics()
       for ex in self.examples:
         boxes, conf = ex['ranked'][method]
         if self.kind == 'text':
@@ -183,21 +214,28 @@ class _Collector:
     return out
 
 
-
 def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, batch_size: int):
   """Global eval batches; every process yields the same number (padding batches are masked)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+
   per_process = sharding_lib.process_batch_size(batch_size, 'eval.batch_size')
   total = builder.info.splits[split].num_examples
   n_batches = math.ceil(math.ceil(total / jax.process_count()) / per_process)
-  ds = builder.as_dataset(split=ip.split_for_process(split, drop_remainder=False),
-                          shuffle_files=False, decoders={F.IMAGE: tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(
+      split=ip.split_for_process(split, drop_remainder=False),
+      shuffle_files=False,
+      decoders={F.IMAGE: tfds.decode.SkipDecoding()},
+  )
   ds = ds.map(ip.input_features)
-  ds = ip.make_eval_dataset(ds, image_size=default_config.clipcrop_config(config).owlvit_config
-                            .image_size, batch_size=per_process, max_crops=config.dataset.max_crops,
-                            max_queries=config.dataset.max_queries,
-                            keyword_pipeline=config.dataset.keyword_pipeline)
+  ds = ip.make_eval_dataset(
+      ds,
+      image_size=default_config.clipcrop_config(config).owlvit_config.image_size,
+      batch_size=per_process,
+      max_crops=config.dataset.max_crops,
+      max_queries=config.dataset.max_queries,
+      keyword_pipeline=config.dataset.keyword_pipeline,
+  )
   ds = ds.map(lambda b: {k: b[k] for k in F.EVAL_KEYS})
   count = 0
   for batch in ip.to_global_batches(ds, mesh):
@@ -205,8 +243,9 @@ def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, 
     yield batch
   if count < n_batches:  # this process ran out: fully masked padding batches (the collectives
     # of every process must run the same number of steps)
-    zeros = {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype)
-             for k, spec in ds.element_spec.items()}
+    zeros = {
+        k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for k, spec in ds.element_spec.items()
+    }
     padding = next(ip.to_global_batches(tf_from_numpy(zeros), mesh))
     for _ in range(count, n_batches):
       yield padding
@@ -215,13 +254,21 @@ def _eval_batches(config: ml_collections.ConfigDict, builder, split: str, mesh, 
 def tf_from_numpy(batch: dict[str, np.ndarray]):
   """A one-element tf.data.Dataset holding `batch`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf.data.Dataset.from_tensors(batch)
 
 
-def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name: str, split: str,
-                     workdir: Optional[str] = None, step: Optional[int] = None,
-                     base: Optional[tuple[model_lib.ClipCrop, Any]] = None,
-                     fuse_choices: Sequence[int] = ()) -> dict[str, Any]:
+def evaluate_dataset(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    mesh,
+    name: str,
+    split: str,
+    workdir: Optional[str] = None,
+    step: Optional[int] = None,
+    base: Optional[tuple[model_lib.ClipCrop, Any]] = None,
+    fuse_choices: Sequence[int] = (),
+) -> dict[str, Any]:
   """Evaluates the model (and the configured baselines) on one dataset split.
 
   Args:
@@ -243,8 +290,10 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
     per-example lists.
   """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+
   kind = dataset_kind(name, split)
   from clipcrop_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+
   model = default_config.build_model(config)
   baselines = [b for b in config.eval.baselines if b != 'clipcrop_base' or base is not None]
   fused = [f'{FUSE_PREFIX}{int(k)}' for k in fuse_choices]
@@ -254,19 +303,23 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
     split = f'{split}[:{min(config.eval.max_examples, builder.info.splits[split].num_examples)}]'
   step_fn = make_eval_step(model, mesh)
   base_fn = make_base_step(base[0], mesh) if base is not None else None
-  fuse = {'clipcrop': model.config.fuse_top_k,
-          'clipcrop_base': base[0].config.fuse_top_k if base is not None else 1,
-          **{name: int(name[len(FUSE_PREFIX):]) for name in fused}}
+  fuse = {
+      'clipcrop': model.config.fuse_top_k,
+      'clipcrop_base': base[0].config.fuse_top_k if base is not None else 1,
+      **{name: int(name[len(FUSE_PREFIX) :]) for name in fused},
+  }
   collector = _Collector(kind, methods)
   n = 0
-  bar = tqdm.tqdm(desc=f'eval {name}:{split}', unit='ex', disable=jax.process_index() != 0,
-                  mininterval=2.0)
+  bar = tqdm.tqdm(
+      desc=f'eval {name}:{split}', unit='ex', disable=jax.process_index() != 0, mininterval=2.0
+  )
   for batch in _eval_batches(config, builder, split, mesh, config.eval.batch_size):
     out = step_fn(params, batch)
     if base_fn is not None:
       out = {**out, **base_fn(base[1], batch)}
-    host = _to_host({**{k: batch[k] for k in F.EVAL_KEYS
-                        if k not in (F.IMAGES, F.TEXT_QUERIES)}, **out})
+    host = _to_host(
+        {**{k: batch[k] for k in F.EVAL_KEYS if k not in (F.IMAGES, F.TEXT_QUERIES)}, **out}
+    )
     for i in np.nonzero(host[F.EXAMPLE_MASK])[0]:
       n += 1
       _add_example(collector, host, i, baselines, fuse)
@@ -274,15 +327,23 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
   bar.close()
   results = collector.results()
   table = metrics_lib.format_markdown_table(
-      results, _columns(kind) + (['quality_iou_srcc'] if kind == 'text' else []), title=f'{name} [{split}] ({n} examples'
-      + (f', step {step})' if step is not None else ')'))
+      results,
+      _columns(kind) + (['quality_iou_srcc'] if kind == 'text' else []),
+      title=f'{name} [{split}] ({n} examples' + (f', step {step})' if step is not None else ')'),
+  )
   logging.info('\n%s', table)
-  summary = dict(dataset=name, split=split, kind=kind, step=step, num_examples=n,
-                 methods=results, table=table)
+  summary = dict(
+      dataset=name, split=split, kind=kind, step=step, num_examples=n, methods=results, table=table
+  )
   if workdir is not None and jax.process_index() == 0:
     path = pathlib.Path(workdir) / results_filename(name, split.split('[')[0])
-    compact = dict(summary, methods={m: {k: v for k, v in r.items() if k != 'per_example_iou_mean'}
-                                     for m, r in results.items()})
+    compact = dict(
+        summary,
+        methods={
+            m: {k: v for k, v in r.items() if k != 'per_example_iou_mean'}
+            for m, r in results.items()
+        },
+    )
     fileio.atomic_write_text(path, json.dumps(compact, indent=1, default=float))
   return summary
 
@@ -290,12 +351,27 @@ def evaluate_dataset(config: ml_collections.ConfigDict, params: Any, mesh, name:
 def _columns(kind: str) -> list[str]:
   if kind == 'text':
     return ['iou_mean', 'iou_max', 'num_examples']
-  return ['acc1_5', 'acc4_5', 'acc1_10', 'acc4_10', 'acc5', 'acc10', 'srcc', 'pcc',
-          'mapped_iou_mean', 'num_images']
+  return [
+      'acc1_5',
+      'acc4_5',
+      'acc1_10',
+      'acc4_10',
+      'acc5',
+      'acc10',
+      'srcc',
+      'pcc',
+      'mapped_iou_mean',
+      'num_images',
+  ]
 
 
-def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
-                 baselines: list[str], fuse: Optional[dict[str, int]] = None) -> None:
+def _add_example(
+    collector: _Collector,
+    host: dict[str, np.ndarray],
+    i: int,
+    baselines: list[str],
+    fuse: Optional[dict[str, int]] = None,
+) -> None:
   """Ranked crops of every method for example `i`; `fuse`: fuse_top_k of the ClipCrop models
   ('clipcrop', 'clipcrop_base', and 'clipcrop@fuse<k>' re-rankings of 'clipcrop'; default 1)."""
   fuse = fuse or {}
@@ -327,8 +403,9 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
     picked = host['selected_tokens'][i][in_union]
     context = host['selected_tokens'][i][selected & ~in_union]
     token_boxes = np.clip(host['token_boxes'][i] / np.tile(extent, 2), 0, 1)
-    boxes_px, conf = zero_shot.crops_from_detections(token_boxes, host['token_scores'][i],
-                                                     picked, wh, context=context)
+    boxes_px, conf = zero_shot.crops_from_detections(
+        token_boxes, host['token_scores'][i], picked, wh, context=context
+    )
     ranked['zero_shot'] = (boxes_px / side, conf)
   collector.add(refs, scores, extent, ranked, srcc)
 
@@ -336,24 +413,35 @@ def _add_example(collector: _Collector, host: dict[str, np.ndarray], i: int,
 def load_base(config: ml_collections.ConfigDict) -> Optional[tuple[model_lib.ClipCrop, Any]]:
   """The ClipCrop-base baseline from `eval.base_workdir`; None when not configured (or when the
   evaluated model is itself a base model)."""
-  if ('clipcrop_base' not in config.eval.baselines or not config.eval.base_workdir
-      or config.model.mode == 'base'):
+  if (
+      'clipcrop_base' not in config.eval.baselines
+      or not config.eval.base_workdir
+      or config.model.mode == 'base'
+  ):
     return None
   loaded = export.load_model(config.eval.base_workdir)
   base_config, params = loaded.config, loaded.params
   if base_config.mode != 'base':
-    raise ValueError(f'eval.base_workdir={config.eval.base_workdir} holds a {base_config.mode!r}'
-                     " model; the clipcrop_base baseline needs mode 'base'")
+    raise ValueError(
+        f'eval.base_workdir={config.eval.base_workdir} holds a {base_config.mode!r}'
+        " model; the clipcrop_base baseline needs mode 'base'"
+    )
   return model_lib.ClipCrop(base_config, dtype=default_config.compute_dtype(config)), params
 
 
-def evaluate(config: ml_collections.ConfigDict, params: Any, mesh, workdir: Optional[str],
-             step: Optional[int] = None) -> dict[str, dict[str, Any]]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    mesh,
+    workdir: Optional[str],
+    step: Optional[int] = None,
+) -> dict[str, dict[str, Any]]:
   """Every `config.eval.datasets` entry ((name, split) pairs); returns {name:split: summary}."""
   base = load_base(config)
   out = {}
   for entry in config.eval.datasets:
     name, split = entry[0], entry[1]
-    out[f'{name}:{split}'] = evaluate_dataset(config, params, mesh, name, split, workdir, step,
-                                              base)
+    out[f'{name}:{split}'] = evaluate_dataset(
+        config, params, mesh, name, split, workdir, step, base
+    )
   return out

@@ -75,8 +75,9 @@ def is_model_dir(path: PathLike) -> bool:
   return (pathlib.Path(path) / CONFIG_FILE).is_file()
 
 
-def save_model(directory: PathLike, config: model_lib.ClipCropConfig, params: Any,
-               keyword_pipeline: str) -> pathlib.Path:
+def save_model(
+    directory: PathLike, config: model_lib.ClipCropConfig, params: Any, keyword_pipeline: str
+) -> pathlib.Path:
   """Writes a model directory (current FORMAT_VERSION) and returns its path.
 
   Atomic: the files are written into a temporary sibling directory that then takes
@@ -96,17 +97,20 @@ def save_model(directory: PathLike, config: model_lib.ClipCropConfig, params: An
   if directory.exists():
     if not directory.is_dir():
       raise ValueError(f'{directory}: exists and is not a directory')
-    foreign = sorted(p.name for p in directory.iterdir()
-                     if p.name not in (CONFIG_FILE, PARAMS_FILE))
+    foreign = sorted(
+        p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, PARAMS_FILE)
+    )
     if foreign:
-      raise ValueError(f'{directory}: not a ClipCrop model directory (it holds '
-                       f'{", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}); '
-                       'refusing to replace it, save into a new or empty directory')
+      raise ValueError(
+          f'{directory}: not a ClipCrop model directory (it holds '
+          f'{", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}); '
+          'refusing to replace it, save into a new or empty directory'
+      )
   data = flax.serialization.msgpack_serialize(
-      jax.tree_util.tree_map(np.asarray, {'params': params}))
+      jax.tree_util.tree_map(np.asarray, {'params': params})
+  )
   fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY_FIELDS}
-  meta = {'format_version': FORMAT_VERSION, 'config': fields,
-          'keyword_pipeline': keyword_pipeline}
+  meta = {'format_version': FORMAT_VERSION, 'config': fields, 'keyword_pipeline': keyword_pipeline}
   with fileio.replace_directory(directory) as tmp:
     (tmp / PARAMS_FILE).write_bytes(data)
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
@@ -125,8 +129,10 @@ def _read_meta(path: pathlib.Path) -> tuple[model_lib.ClipCropConfig, dict[str, 
   if is_model_dir(path / EXPORT_DIR):
     path = path / EXPORT_DIR
   if not is_model_dir(path):
-    raise FileNotFoundError(f'{path}: neither a ClipCrop model directory ({CONFIG_FILE}) nor a '
-                            f'training workdir with {EXPORT_DIR}/')
+    raise FileNotFoundError(
+        f'{path}: neither a ClipCrop model directory ({CONFIG_FILE}) nor a '
+        f'training workdir with {EXPORT_DIR}/'
+    )
   config_path = path / CONFIG_FILE
   try:
     meta = json.loads(config_path.read_text())
@@ -135,10 +141,10 @@ def _read_meta(path: pathlib.Path) -> tuple[model_lib.ClipCropConfig, dict[str, 
   if not isinstance(meta, dict) or 'config' not in meta:
     raise ValueError(f'{config_path}: not a ClipCrop config (no "config" entry)')
   version = _format_version(meta, config_path)
-  if (version >= 3 and isinstance(meta['config'], dict) and
-      'selection_union' not in meta['config']):
-    raise ValueError(f'{config_path}: no "config.selection_union" entry (required by format '
-                     f'{version})')
+  if version >= 3 and isinstance(meta['config'], dict) and 'selection_union' not in meta['config']:
+    raise ValueError(
+        f'{config_path}: no "config.selection_union" entry (required by format ' f'{version})'
+    )
   return model_lib.ClipCropConfig.from_dict(meta['config'], str(config_path)), meta, path
 
 
@@ -163,8 +169,9 @@ def load_model(path: PathLike) -> ExportedModel:
     restored = flax.serialization.msgpack_restore(params_path.read_bytes())
   except Exception as e:  # msgpack raises assorted types on corrupt input
     raise ValueError(f'{params_path}: corrupt checkpoint ({type(e).__name__}: {e})') from e
-  model_lib.check_param_shapes(jax.eval_shape(lambda: model_lib.init_variables(config)),
-                               restored, str(params_path))
+  model_lib.check_param_shapes(
+      jax.eval_shape(lambda: model_lib.init_variables(config)), restored, str(params_path)
+  )
   params = jax.tree_util.tree_map(jnp.asarray, restored['params'])
   return ExportedModel(config, params, pipeline, version)
 
@@ -175,8 +182,10 @@ def _format_version(meta: dict[str, Any], source: pathlib.Path) -> int:
   if isinstance(version, bool) or not isinstance(version, int) or version < 1:
     raise ValueError(f'{source}: format_version={version!r}; expected an integer >= 1')
   if version > FORMAT_VERSION:
-    raise ValueError(f'{source}: format_version {version} was written by a newer clipcrop-jax '
-                     f'(this one reads up to {FORMAT_VERSION}); upgrade clipcrop-jax to load it')
+    raise ValueError(
+        f'{source}: format_version {version} was written by a newer clipcrop-jax '
+        f'(this one reads up to {FORMAT_VERSION}); upgrade clipcrop-jax to load it'
+    )
   return version
 
 

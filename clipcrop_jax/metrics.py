@@ -52,8 +52,9 @@ def iou_mean_max(pred_box_xyxy: Any, reference_boxes_xyxy: Any) -> tuple[float, 
     ValueError: if the prediction is not a single box or there are no reference boxes (R = 0).
   """
   pred = box_lib.as_box_xyxy_np(pred_box_xyxy, 'pred_box_xyxy', finite=False)
-  refs = box_lib.as_boxes_xyxy_np(reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1,
-                                  finite=False)
+  refs = box_lib.as_boxes_xyxy_np(
+      reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1, finite=False
+  )
   ious = box_lib.pairwise_iou_xyxy_np(pred[None], refs)[0]
   return float(ious.mean()), float(ious.max())
 
@@ -97,8 +98,11 @@ class TextCropMetrics:
     n = len(self._means)
     if n == 0:
       return {'iou_mean': math.nan, 'iou_max': math.nan, 'num_examples': 0}
-    return {'iou_mean': float(np.mean(self._means)), 'iou_max': float(np.mean(self._maxes)),
-            'num_examples': n}
+    return {
+        'iou_mean': float(np.mean(self._means)),
+        'iou_max': float(np.mean(self._maxes)),
+        'num_examples': n,
+    }
 
 
 def quality_iou_srcc(pred_boxes_xyxy: Any, quality: Any, reference_boxes_xyxy: Any) -> float:
@@ -117,8 +121,9 @@ def quality_iou_srcc(pred_boxes_xyxy: Any, quality: Any, reference_boxes_xyxy: A
     The coefficient in [-1, 1]; NaN when M < 2 or either side is constant (undefined).
   """
   boxes = box_lib.as_boxes_xyxy_np(pred_boxes_xyxy, 'pred_boxes_xyxy', finite=False)
-  refs = box_lib.as_boxes_xyxy_np(reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1,
-                                  finite=False)
+  refs = box_lib.as_boxes_xyxy_np(
+      reference_boxes_xyxy, 'reference_boxes_xyxy', min_count=1, finite=False
+  )
   quality = np.asarray(quality, np.float64).reshape(-1)
   if len(quality) != len(boxes):
     raise ValueError(f'quality has {len(quality)} values for {len(boxes)} boxes')
@@ -128,9 +133,14 @@ def quality_iou_srcc(pred_boxes_xyxy: Any, quality: Any, reference_boxes_xyxy: A
   return float(stats.spearmanr(quality, ious)[0])
 
 
-def paired_bootstrap_ci(differences: Any, clusters: Optional[Any] = None, *,
-                        num_resamples: int = 10000, level: float = 0.95,
-                        seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap_ci(
+    differences: Any,
+    clusters: Optional[Any] = None,
+    *,
+    num_resamples: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
   """Mean of paired per-example differences and its percentile bootstrap interval.
 
   Args:
@@ -174,8 +184,9 @@ def paired_bootstrap_ci(differences: Any, clusters: Optional[Any] = None, *,
 # ----------------------------------------------------------------------------------------------
 
 
-def map_to_candidates(ranked_pred_xyxy: Any, candidates_xyxy: Any,
-                      max_outputs: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def map_to_candidates(
+    ranked_pred_xyxy: Any, candidates_xyxy: Any, max_outputs: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Maps ranked predicted crops to distinct GAIC candidates (the §1.8 protocol).
 
   Each prediction, in rank order, is mapped to the candidate with the largest IoU (exact ties go to
@@ -233,9 +244,12 @@ def gt_ranks(candidate_mos: Any) -> np.ndarray:
   return ranks
 
 
-def gaic_image_metrics(selected_candidate_idx: Any, candidate_scores: Any,
-                       ks: Sequence[int] = GAIC_KS,
-                       ns: Sequence[int] = GAIC_NS) -> dict[str, float]:
+def gaic_image_metrics(
+    selected_candidate_idx: Any,
+    candidate_scores: Any,
+    ks: Sequence[int] = GAIC_KS,
+    ns: Sequence[int] = GAIC_NS,
+) -> dict[str, float]:
   """Acc_{K/N} and wAcc_{K/N} of one GAIC image, as fractions in [0, 1].
 
   Definitions (official GAIC `TestAccuracy.py` / `test.py`):
@@ -314,8 +328,9 @@ def srcc_pcc(candidate_pred_scores: Any, candidate_mos: Any) -> tuple[float, flo
   return srcc, pcc
 
 
-def candidate_scores_from_predictions(pred_xyxy: Any, pred_conf: Any, candidates_xyxy: Any,
-                                      iou_threshold: float = 0.5) -> np.ndarray:
+def candidate_scores_from_predictions(
+    pred_xyxy: Any, pred_conf: Any, candidates_xyxy: Any, iou_threshold: float = 0.5
+) -> np.ndarray:
   """Scores every GAIC candidate from a set of predicted crops (NON-STANDARD, for SRCC / PCC).
 
   GAIC's SRCC / PCC need a score for every candidate, which a set-prediction model does not give.
@@ -354,8 +369,14 @@ def gaic_result_keys(ks: Iterable[int] = GAIC_KS, ns: Iterable[int] = GAIC_NS) -
   ks, ns = list(ks), list(ns)
   keys = [f'acc{k}_{n}' for n in ns for k in ks] + [f'acc{n}' for n in ns]
   keys += [f'wacc{k}_{n}' for n in ns for k in ks]
-  return keys + ['srcc', 'pcc', 'num_srcc_images', 'num_pcc_images', 'mapped_iou_mean',
-                 'num_images']
+  return keys + [
+      'srcc',
+      'pcc',
+      'num_srcc_images',
+      'num_pcc_images',
+      'mapped_iou_mean',
+      'num_images',
+  ]
 
 
 class GaicMetrics:
@@ -376,8 +397,12 @@ class GaicMetrics:
     * 'num_images': number of images added.
   """
 
-  def __init__(self, ks: Sequence[int] = GAIC_KS, ns: Sequence[int] = GAIC_NS,
-               srcc_iou_threshold: float = 0.5) -> None:
+  def __init__(
+      self,
+      ks: Sequence[int] = GAIC_KS,
+      ns: Sequence[int] = GAIC_NS,
+      srcc_iou_threshold: float = 0.5,
+  ) -> None:
     self.ks = tuple(ks)
     self.ns = tuple(ns)
     self.srcc_iou_threshold = srcc_iou_threshold
@@ -389,8 +414,13 @@ class GaicMetrics:
   def __len__(self) -> int:
     return len(self._per_image)
 
-  def add(self, ranked_pred_xyxy: Any, pred_conf: Optional[Any], candidates_xyxy: Any,
-          candidate_mos: Any) -> dict[str, float]:
+  def add(
+      self,
+      ranked_pred_xyxy: Any,
+      pred_conf: Optional[Any],
+      candidates_xyxy: Any,
+      candidate_mos: Any,
+  ) -> dict[str, float]:
     """Adds one image.
 
     Args:
@@ -416,8 +446,9 @@ class GaicMetrics:
       self._top1_iou.append(top1)
     srcc = pcc = math.nan
     if pred_conf is not None:
-      scores = candidate_scores_from_predictions(ranked_pred_xyxy, pred_conf, cands,
-                                                 self.srcc_iou_threshold)
+      scores = candidate_scores_from_predictions(
+          ranked_pred_xyxy, pred_conf, cands, self.srcc_iou_threshold
+      )
       srcc, pcc = srcc_pcc(scores, mos)
       if not math.isnan(srcc):
         self._srcc.append(srcc)
@@ -467,9 +498,11 @@ def _format_cell(value: Any) -> str:
   return str(value).replace('|', '\\|')
 
 
-def format_markdown_table(rows: Mapping[str, Mapping[str, Any]],
-                          columns: Optional[list[str]] = None,
-                          title: Optional[str] = None) -> str:
+def format_markdown_table(
+    rows: Mapping[str, Mapping[str, Any]],
+    columns: Optional[list[str]] = None,
+    title: Optional[str] = None,
+) -> str:
   """Renders method -> metrics as a Markdown table.
 
   Args:

@@ -33,9 +33,9 @@ from clipcrop_jax.owlvit import model as owl_model
 MODES = features.QUERY_MODES  # 'full', 'main', 'key', 'base', 'image'
 # Which selections form the union box (`ClipCropConfig.selection_union`): the roles they come from.
 SELECTION_UNIONS = {
-    'all': features.ROLES,                # the paper's Eq. 3: every selection
-    'subject': ('caption', 'subject'),    # the whole request and the subject keywords
-    'caption': ('caption',),              # the whole request alone
+    'all': features.ROLES,  # the paper's Eq. 3: every selection
+    'subject': ('caption', 'subject'),  # the whole request and the subject keywords
+    'caption': ('caption',),  # the whole request alone
 }
 OFFSET_SPACES = ('logit_cxcywh', 'additive_xyxy')
 _LOGIT_EPS = 1e-4
@@ -101,33 +101,44 @@ class ClipCropConfig:
   def __post_init__(self):
     for field in dataclasses.fields(self):  # types first: a wrong type fails here, not in JAX
       _check_field_type(field.name, getattr(self, field.name), field.default)
-    for name in ('decoder_layers', 'decoder_width', 'decoder_heads', 'decoder_mlp_dim',
-                 'num_queries'):
+    for name in (
+        'decoder_layers',
+        'decoder_width',
+        'decoder_heads',
+        'decoder_mlp_dim',
+        'num_queries',
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f'ClipCropConfig.{name}={getattr(self, name)!r}; expected >= 1.')
     if self.decoder_width % self.decoder_heads:
-      raise ValueError(f'ClipCropConfig.decoder_width={self.decoder_width} is not divisible by '
-                       f'decoder_heads={self.decoder_heads}.')
+      raise ValueError(
+          f'ClipCropConfig.decoder_width={self.decoder_width} is not divisible by '
+          f'decoder_heads={self.decoder_heads}.'
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'ClipCropConfig.dropout_rate={self.dropout_rate!r}; expected [0, 1).')
     if self.mode not in MODES:
       raise ValueError(f'ClipCropConfig.mode={self.mode!r}; expected one of {MODES}.')
     if self.offset_space not in OFFSET_SPACES:
-      raise ValueError(f'ClipCropConfig.offset_space={self.offset_space!r}; expected one of '
-                       f'{OFFSET_SPACES}.')
+      raise ValueError(
+          f'ClipCropConfig.offset_space={self.offset_space!r}; expected one of ' f'{OFFSET_SPACES}.'
+      )
     if self.fuse_top_k < 1:
       raise ValueError(f'ClipCropConfig.fuse_top_k={self.fuse_top_k!r}; expected an integer >= 1.')
     if self.selection_union not in SELECTION_UNIONS:
-      raise ValueError(f'ClipCropConfig.selection_union={self.selection_union!r}; expected one of '
-                       f'{tuple(SELECTION_UNIONS)}.')
+      raise ValueError(
+          f'ClipCropConfig.selection_union={self.selection_union!r}; expected one of '
+          f'{tuple(SELECTION_UNIONS)}.'
+      )
     owl_configs.get_config(self.owlvit)  # raises on an unknown name
 
   @classmethod
   def from_dict(cls, fields: Any, source: str = 'config') -> 'ClipCropConfig':
     """A config from a JSON-like dict; ValueError naming `source` and the bad or unknown field."""
     if not isinstance(fields, dict):
-      raise ValueError(f'{source}: expected a mapping of ClipCropConfig fields, got '
-                       f'{type(fields).__name__}')
+      raise ValueError(
+          f'{source}: expected a mapping of ClipCropConfig fields, got ' f'{type(fields).__name__}'
+      )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -157,16 +168,27 @@ def _check_field_type(name: str, value: Any, default: Any) -> None:
   else:
     ok = isinstance(value, kind)
   if not ok:
-    raise TypeError(f'ClipCropConfig.{name}={value!r} has type {type(value).__name__}; expected '
-                    f'{kind.__name__}.')
+    raise TypeError(
+        f'ClipCropConfig.{name}={value!r} has type {type(value).__name__}; expected '
+        f'{kind.__name__}.'
+    )
 
 
-TINY = ClipCropConfig(owlvit='tiny', decoder_layers=2, decoder_width=32, decoder_heads=2,
-                      decoder_mlp_dim=64, num_queries=12)
+TINY = ClipCropConfig(
+    owlvit='tiny',
+    decoder_layers=2,
+    decoder_width=32,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    num_queries=12,
+)
 
 
-def select_query_tokens(pred_logits: jax.Array, query_mask: Optional[jax.Array] = None,
-                        token_valid: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def select_query_tokens(
+    pred_logits: jax.Array,
+    query_mask: Optional[jax.Array] = None,
+    token_valid: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array]:
   """For each query, the image token with the highest class logit (paper Eq. 2).
 
   Args:
@@ -210,8 +232,9 @@ def query_mask_for_mode(text_queries: jax.Array, mode: str) -> Optional[jax.Arra
   return real
 
 
-def union_selection_mask(selected_mask: jax.Array, query_roles: Optional[jax.Array],
-                         selection_union: str) -> jax.Array:
+def union_selection_mask(
+    selected_mask: jax.Array, query_roles: Optional[jax.Array], selection_union: str
+) -> jax.Array:
   """(B, Q) bool: the selections the union box is made of (`ClipCropConfig.selection_union`).
 
   Args:
@@ -224,8 +247,9 @@ def union_selection_mask(selected_mask: jax.Array, query_roles: Optional[jax.Arr
     The selections of the union's roles; where an image has none, all of its selections.
   """
   if selection_union not in SELECTION_UNIONS:
-    raise ValueError(f'selection_union {selection_union!r}; expected one of '
-                     f'{tuple(SELECTION_UNIONS)}')
+    raise ValueError(
+        f'selection_union {selection_union!r}; expected one of ' f'{tuple(SELECTION_UNIONS)}'
+    )
   if selection_union == 'all' or query_roles is None:
     return selected_mask
   ids = jnp.asarray([features.ROLE_IDS[r] for r in SELECTION_UNIONS[selection_union]])
@@ -239,8 +263,12 @@ def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def filter_selected_boxes(selected_xyxy: jax.Array, mask: jax.Array, target_xyxy: jax.Array,
-                          min_inside_fraction: float = 0.5) -> jax.Array:
+def filter_selected_boxes(
+    selected_xyxy: jax.Array,
+    mask: jax.Array,
+    target_xyxy: jax.Array,
+    min_inside_fraction: float = 0.5,
+) -> jax.Array:
   """Training-time filter of selected boxes (paper §3.3).
 
   A selected box is kept when at least `min_inside_fraction` of its own area lies inside the target
@@ -287,12 +315,15 @@ def _extent_or_square(image_extent: Optional[jax.Array], batch: int) -> jax.Arra
   return jnp.asarray(image_extent, jnp.float32)
 
 
-def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
-                     query_mask: Optional[jax.Array] = None,
-                     target_xyxy: Optional[jax.Array] = None,
-                     image_extent: Optional[jax.Array] = None,
-                     query_roles: Optional[jax.Array] = None,
-                     selection_union: str = 'all') -> dict[str, jax.Array]:
+def select_and_union(
+    encoded: dict[str, jax.Array],
+    query_embeddings: jax.Array,
+    query_mask: Optional[jax.Array] = None,
+    target_xyxy: Optional[jax.Array] = None,
+    image_extent: Optional[jax.Array] = None,
+    query_roles: Optional[jax.Array] = None,
+    selection_union: str = 'all',
+) -> dict[str, jax.Array]:
   """Query selection (paper Eq. 2) and union box (Eq. 3) on an encoded image; no parameters.
 
   Args:
@@ -323,9 +354,14 @@ def select_and_union(encoded: dict[str, jax.Array], query_embeddings: jax.Array,
   union = jax.vmap(box_lib.union_box_xyxy)(selected, in_union)  # nothing selected: whole square
   union = jnp.clip(union, 0.0, jnp.concatenate([extent, extent], axis=-1))
   picked = jnp.take_along_axis(logits, indices[:, None, :], axis=1)[:, 0]
-  return dict(selected_tokens=indices, selected_boxes=selected, selected_mask=mask,
-              selected_logits=jnp.where(mask, picked, -jnp.inf), union_mask=in_union,
-              union_box=union)
+  return dict(
+      selected_tokens=indices,
+      selected_boxes=selected,
+      selected_mask=mask,
+      selected_logits=jnp.where(mask, picked, -jnp.inf),
+      union_mask=in_union,
+      union_box=union,
+  )
 
 
 class ClipCrop(nn.Module):
@@ -341,12 +377,18 @@ class ClipCrop(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.owlvit = owl_model.TextZeroShotDetectionModule(cfg.owlvit_config, self.dtype,
-                                                        cfg.remat_encoder)
+    self.owlvit = owl_model.TextZeroShotDetectionModule(
+        cfg.owlvit_config, self.dtype, cfg.remat_encoder
+    )
     self.decoder = decoder_lib.CropDecoder(
-        num_layers=cfg.decoder_layers, width=cfg.decoder_width, num_heads=cfg.decoder_heads,
-        mlp_dim=cfg.decoder_mlp_dim, num_queries=cfg.num_queries,
-        dropout_rate=cfg.dropout_rate, dtype=self.dtype)
+        num_layers=cfg.decoder_layers,
+        width=cfg.decoder_width,
+        num_heads=cfg.decoder_heads,
+        mlp_dim=cfg.decoder_mlp_dim,
+        num_queries=cfg.num_queries,
+        dropout_rate=cfg.dropout_rate,
+        dtype=self.dtype,
+    )
 
   # ------------------------------------------------------------------ encoder side
 
@@ -367,13 +409,16 @@ class ClipCrop(nn.Module):
 
   # ------------------------------------------------------------------ decoder side
 
-  def crop_from_encoding(self, encoded: dict[str, jax.Array],
-                         query_embeddings: Optional[jax.Array] = None,
-                         query_mask: Optional[jax.Array] = None,
-                         target_xyxy: Optional[jax.Array] = None,
-                         image_extent: Optional[jax.Array] = None,
-                         train: bool = False,
-                         query_roles: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def crop_from_encoding(
+      self,
+      encoded: dict[str, jax.Array],
+      query_embeddings: Optional[jax.Array] = None,
+      query_mask: Optional[jax.Array] = None,
+      target_xyxy: Optional[jax.Array] = None,
+      image_extent: Optional[jax.Array] = None,
+      train: bool = False,
+      query_roles: Optional[jax.Array] = None,
+  ) -> dict[str, jax.Array]:
     """Query selection, union box and decoder on an encoded image.
 
     Args:
@@ -405,36 +450,58 @@ class ClipCrop(nn.Module):
       condition, out = None, {}
     else:
       union_kind = self.config.selection_union
-      out = select_and_union(encoded, query_embeddings, query_mask, target_xyxy, extent,
-                             query_roles, union_kind)
+      out = select_and_union(
+          encoded, query_embeddings, query_mask, target_xyxy, extent, query_roles, union_kind
+      )
       union = out.pop('union_box')
       weights = out['union_mask'].astype(features.dtype)[..., None]
       t_sel = gather_tokens(features, out['selected_tokens'])  # (B, Q, W)
-      condition = (jnp.sum(t_sel * weights, axis=1) /
-                   jnp.maximum(jnp.sum(weights, axis=1), 1.0))
+      condition = jnp.sum(t_sel * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
       if union_kind != 'all':
-        roles = (jnp.zeros(out['selected_tokens'].shape, jnp.int32) if query_roles is None
-                 else jnp.asarray(query_roles, jnp.int32))
+        roles = (
+            jnp.zeros(out['selected_tokens'].shape, jnp.int32)
+            if query_roles is None
+            else jnp.asarray(query_roles, jnp.int32)
+        )
         selections = (out['selected_tokens'], roles, out['selected_mask'])
 
-    dec = self.decoder(features, grid_hw, condition, train=train,
-                       reference_xyxy=union if self.config.reference_embedding else None,
-                       selections=selections)
+    dec = self.decoder(
+        features,
+        grid_hw,
+        condition,
+        train=train,
+        reference_xyxy=union if self.config.reference_embedding else None,
+        selections=selections,
+    )
     hi = jnp.concatenate([extent, extent], axis=-1)[None, :, None, :]  # (1, B, 1, 4)
-    boxes = jnp.clip(box_lib.clip_boxes_xyxy(
-        apply_offsets(union[None, :, None, :], dec['offsets'], self.config.offset_space)), 0.0, hi)
-    out.update(pred_boxes=boxes[-1], quality=dec['quality'][-1],
-               quality_logits=dec['quality_logits'][-1], aux_boxes=boxes,
-               aux_quality_logits=dec['quality_logits'], union_box=union)
+    boxes = jnp.clip(
+        box_lib.clip_boxes_xyxy(
+            apply_offsets(union[None, :, None, :], dec['offsets'], self.config.offset_space)
+        ),
+        0.0,
+        hi,
+    )
+    out.update(
+        pred_boxes=boxes[-1],
+        quality=dec['quality'][-1],
+        quality_logits=dec['quality_logits'][-1],
+        aux_boxes=boxes,
+        aux_quality_logits=dec['quality_logits'],
+        union_box=union,
+    )
     return out
 
-  def __call__(self, images: jax.Array, text_queries: Optional[jax.Array] = None,
-               query_embeddings: Optional[jax.Array] = None,
-               target_xyxy: Optional[jax.Array] = None,
-               image_extent: Optional[jax.Array] = None,
-               train: bool = False,
-               query_mask: Optional[jax.Array] = None,
-               query_roles: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      images: jax.Array,
+      text_queries: Optional[jax.Array] = None,
+      query_embeddings: Optional[jax.Array] = None,
+      target_xyxy: Optional[jax.Array] = None,
+      image_extent: Optional[jax.Array] = None,
+      train: bool = False,
+      query_mask: Optional[jax.Array] = None,
+      query_roles: Optional[jax.Array] = None,
+  ) -> dict[str, jax.Array]:
     """Full model.
 
     Args:
@@ -462,9 +529,9 @@ class ClipCrop(nn.Module):
     if self.is_initializing() and query_embeddings is None:
       # Create the text tower's parameters too, so one init serves every mode.
       self.embed_text(jnp.zeros((images.shape[0], 1, features.MAX_QUERY_LENGTH), jnp.int32))
-    return self.crop_from_encoding(encoded, query_embeddings, query_mask, target_xyxy,
-                                   image_extent, train, query_roles)
-
+    return self.crop_from_encoding(
+        encoded, query_embeddings, query_mask, target_xyxy, image_extent, train, query_roles
+    )
 
   def init_decoder(self, image_features: jax.Array, grid_hw: tuple[int, int]) -> None:
     """Creates the decoder's parameters only (no OWL-ViT); for `init(..., method=...)`.
@@ -485,9 +552,14 @@ class ClipCrop(nn.Module):
       if self.config.selection_union != 'all':
         zeros = jnp.zeros((image_features.shape[0], 1), jnp.int32)
         selections = (zeros, zeros, jnp.ones(zeros.shape, bool))
-    self.decoder(image_features, grid_hw, condition, train=False,
-                 reference_xyxy=union if self.config.reference_embedding else None,
-                 selections=selections)
+    self.decoder(
+        image_features,
+        grid_hw,
+        condition,
+        train=False,
+        reference_xyxy=union if self.config.reference_embedding else None,
+        selections=selections,
+    )
 
 
 def dummy_inputs(config: ClipCropConfig) -> tuple[jax.Array, jax.Array]:
@@ -536,12 +608,15 @@ def check_param_shapes(expected: Any, got: Any, source: str) -> None:
     if path not in got_flat:
       raise ValueError(f'{source}: parameter {name} missing, expected shape {tuple(leaf.shape)}')
     if tuple(jnp.shape(got_flat[path])) != tuple(leaf.shape):
-      raise ValueError(f'{source}: parameter {name} has shape {tuple(jnp.shape(got_flat[path]))},'
-                       f' expected {tuple(leaf.shape)}')
+      raise ValueError(
+          f'{source}: parameter {name} has shape {tuple(jnp.shape(got_flat[path]))},'
+          f' expected {tuple(leaf.shape)}'
+      )
 
 
-def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
-                     seed: int = 0) -> dict[str, Any]:
+def init_from_owlvit(
+    config: ClipCropConfig, owlvit_variables: dict[str, Any], seed: int = 0
+) -> dict[str, Any]:
   """ClipCrop variables with OWL-ViT weights from a checkpoint and a freshly initialised decoder.
 
   The decoder is initialised alone (`init_decoder_params`); its values equal those of
@@ -556,8 +631,11 @@ def init_from_owlvit(config: ClipCropConfig, owlvit_variables: dict[str, Any],
     ValueError naming the first parameter whose shape differs.
   """
   owl = owlvit_variables.get('params', owlvit_variables)
-  check_param_shapes(owl_model.param_shapes(config.owlvit_config)['params'], owl,
-                     f'OWL-ViT weights for config {config.owlvit!r}')
+  check_param_shapes(
+      owl_model.param_shapes(config.owlvit_config)['params'],
+      owl,
+      f'OWL-ViT weights for config {config.owlvit!r}',
+  )
   model = ClipCrop(config)
   decoder = jax.jit(lambda r: init_decoder_params(model, r))(jax.random.PRNGKey(seed))
   return {'params': {'owlvit': owl, 'decoder': decoder}}

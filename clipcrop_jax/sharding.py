@@ -27,8 +27,9 @@ MESH_AXES = ('data', 'model')
 RULE_KINDS = ('replicate', 'shard_largest')
 
 
-def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+    mesh_shape: Sequence[int] = (-1, 1), devices: Optional[Sequence[jax.Device]] = None
+) -> Mesh:
   """A ('data', 'model') mesh over `devices` (default: all devices of all processes).
 
   Args:
@@ -41,17 +42,22 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
   devices = list(jax.devices() if devices is None else devices)
   shape = [int(s) for s in mesh_shape]
   if len(shape) != 2 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'sharding.mesh_shape={tuple(mesh_shape)}: expected (data, model) sizes, '
-                     'at most one of them -1')
+    raise ValueError(
+        f'sharding.mesh_shape={tuple(mesh_shape)}: expected (data, model) sizes, '
+        'at most one of them -1'
+    )
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise ValueError(f'sharding.mesh_shape={tuple(mesh_shape)} does not divide '
-                       f'{len(devices)} devices')
+      raise ValueError(
+          f'sharding.mesh_shape={tuple(mesh_shape)} does not divide ' f'{len(devices)} devices'
+      )
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'sharding.mesh_shape={tuple(mesh_shape)} needs {int(np.prod(shape))} '
-                     f'devices, found {len(devices)}')
+    raise ValueError(
+        f'sharding.mesh_shape={tuple(mesh_shape)} needs {int(np.prod(shape))} '
+        f'devices, found {len(devices)}'
+    )
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -88,8 +94,9 @@ def check_rules(rules: Sequence[Sequence[str]]) -> list[tuple[re.Pattern, str]]:
   return compiled
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]] = (('.*', 'replicate'),)
-                   ) -> Any:
+def tree_shardings(
+    tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]] = (('.*', 'replicate'),)
+) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by the rules."""
   compiled = check_rules(rules)
   model_size = mesh.shape['model']

@@ -34,7 +34,7 @@ from clipcrop_jax import boxes as box_lib
 
 # Which selections make the zero-shot target (`model.SELECTION_UNIONS`): the caption's and the
 # subject keywords'; the context keywords' selections are objects not to cut through.
-ZERO_SHOT_UNION = 'subject'
+ZERO_SHOT_UNION = "subject"
 # Tolerance on the area rule: GAIC keeps a crop if its area is > 0.4999 of the image, i.e. a crop of
 # exactly half the image counts. We keep `fraction > min_area_fraction - _AREA_TOL`.
 _AREA_TOL = 1e-4
@@ -57,8 +57,9 @@ def _validated_target(target_xyxy: np.ndarray | Sequence[float], clip_to_unit: b
     where = " after clipping to the image [0, 1]" if clip_to_unit else ""
     raise ValueError(
         f"target_xyxy {target.tolist()} has zero area{where}; expected (x0, y0, x1, y1) with "
-        "x1 > x0 and y1 > y0" + (" overlapping the image (normalised image coordinates)"
-                                 if clip_to_unit else ""))
+        "x1 > x0 and y1 > y0"
+        + (" overlapping the image (normalised image coordinates)" if clip_to_unit else "")
+    )
   return clipped
 
 
@@ -67,10 +68,12 @@ def _validated_target(target_xyxy: np.ndarray | Sequence[float], clip_to_unit: b
 # ------------------------------------------------------------------------------------------------
 
 
-def gaic_grid_candidates(image_wh: tuple[float, float],
-                         bins: int = 12,
-                         min_area_fraction: float = 0.5,
-                         aspect_range: tuple[float, float] = (0.5, 2.0)) -> np.ndarray:
+def gaic_grid_candidates(
+    image_wh: tuple[float, float],
+    bins: int = 12,
+    min_area_fraction: float = 0.5,
+    aspect_range: tuple[float, float] = (0.5, 2.0),
+) -> np.ndarray:
   """Candidate crops by GAIC's grid-anchor rule (Zeng et al., `generate_bboxes`).
 
   The image is divided into `bins` x `bins` cells; crop corners lie on cell *centres*, so grid line
@@ -126,8 +129,14 @@ def gaic_grid_candidates(image_wh: tuple[float, float],
           aspect = (dx * w) / (dy * h)
           if not lo_aspect < aspect < hi_aspect:
             continue
-          boxes.append((step_x * (ix0 + 0.5), step_y * (iy0 + 0.5), step_x * (ix1 + 0.5),
-                        step_y * (iy1 + 0.5)))
+          boxes.append(
+              (
+                  step_x * (ix0 + 0.5),
+                  step_y * (iy0 + 0.5),
+                  step_x * (ix1 + 0.5),
+                  step_y * (iy1 + 0.5),
+              )
+          )
   return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
@@ -148,14 +157,14 @@ def target_coverage(candidates: np.ndarray, target_xyxy: np.ndarray) -> np.ndarr
   """
   candidates = box_lib.as_boxes_xyxy_np(candidates, "candidates")
   target = _validated_target(target_xyxy, clip_to_unit=False)
-  return (box_lib.pairwise_intersection_xyxy_np(candidates, target[None])[:, 0] /
-          box_lib.area_xyxy_np(target))
+  return box_lib.pairwise_intersection_xyxy_np(candidates, target[None])[
+      :, 0
+  ] / box_lib.area_xyxy_np(target)
 
 
-def filter_containing(candidates: np.ndarray,
-                      target_xyxy: np.ndarray,
-                      min_coverage: float = 1.0,
-                      fallback_k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def filter_containing(
+    candidates: np.ndarray, target_xyxy: np.ndarray, min_coverage: float = 1.0, fallback_k: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
   """Keeps the candidates that contain the target.
 
   A candidate qualifies if coverage = area(candidate ∩ target) / area(target) >= min_coverage.
@@ -212,6 +221,7 @@ class CompositionWeights:
     ideal_margin: wanted gap between target and crop border, as a fraction of the crop's extent
       on that axis.
   """
+
   size: float = 1.0
   thirds: float = 0.5
   margin: float = 0.5
@@ -230,13 +240,16 @@ class CompositionWeights:
       raise ValueError("CompositionWeights: size + thirds + margin + content must be > 0")
     lo, hi = self.ideal_size
     if not 0 <= lo <= hi <= 1:
-      raise ValueError(f"CompositionWeights.ideal_size must satisfy 0 <= low <= high <= 1, "
-                       f"got {self.ideal_size}")
+      raise ValueError(
+          f"CompositionWeights.ideal_size must satisfy 0 <= low <= high <= 1, "
+          f"got {self.ideal_size}"
+      )
     if not self.size_softness > 0:
       raise ValueError(f"CompositionWeights.size_softness must be > 0, got {self.size_softness}")
     if not 0 < self.ideal_margin < 0.5:
-      raise ValueError(f"CompositionWeights.ideal_margin must be in (0, 0.5), "
-                       f"got {self.ideal_margin}")
+      raise ValueError(
+          f"CompositionWeights.ideal_margin must be in (0, 0.5), " f"got {self.ideal_margin}"
+      )
 
 
 # The four rule-of-thirds intersections in the crop's own unit square.
@@ -312,7 +325,7 @@ def composition_score(
   lo, hi = weights.ideal_size
   below = np.clip(lo - size_fraction, 0, None)
   above = np.clip(size_fraction - hi, 0, None)
-  size_term = np.exp(-0.5 * ((below + above) / weights.size_softness)**2)
+  size_term = np.exp(-0.5 * ((below + above) / weights.size_softness) ** 2)
 
   # Rule of thirds.
   centre = np.array([(target[0] + target[2]) / 2, (target[1] + target[3]) / 2])
@@ -322,14 +335,22 @@ def composition_score(
   thirds_term = np.clip(1 - thirds_distance / _MAX_THIRDS_DISTANCE, 0, 1)
 
   # Margin: sides in the order left, top, right, bottom.
-  gaps = np.stack([target[0] - crops[:, 0], target[1] - crops[:, 1], crops[:, 2] - target[2],
-                   crops[:, 3] - target[3]], axis=-1)
+  gaps = np.stack(
+      [
+          target[0] - crops[:, 0],
+          target[1] - crops[:, 1],
+          crops[:, 2] - target[2],
+          crops[:, 3] - target[3],
+      ],
+      axis=-1,
+  )
   room = np.array([target[0], target[1], 1 - target[2], 1 - target[3]])
   extent = np.stack([cw, ch, cw, ch], axis=-1)
   needed = np.minimum(weights.ideal_margin * extent, room[None])
   touching = room[None] <= _BORDER_EPS
-  side = np.where(touching, 1.0,
-                  np.clip(np.divide(gaps, needed, out=np.ones_like(gaps), where=~touching), 0, 1))
+  side = np.where(
+      touching, 1.0, np.clip(np.divide(gaps, needed, out=np.ones_like(gaps), where=~touching), 0, 1)
+  )
   margin_term = side.min(axis=-1) if n else np.zeros(0)
 
   # Content.
@@ -344,8 +365,9 @@ def composition_score(
     else:
       conf = np.asarray(other_scores, dtype=np.float64).reshape(-1)
       if conf.shape[0] != others.shape[0]:
-        raise ValueError(f"other_scores has {conf.shape[0]} entries for {others.shape[0]} "
-                         "other_boxes")
+        raise ValueError(
+            f"other_scores has {conf.shape[0]} entries for {others.shape[0]} " "other_boxes"
+        )
     conf = np.clip(conf, 0, 1)
     other_area = box_lib.area_xyxy_np(others)
     valid = other_area > 0
@@ -357,8 +379,13 @@ def composition_score(
 
   w = weights
   total = w.size + w.thirds + w.margin + w.content
-  scores = (w.size * size_term + w.thirds * thirds_term + w.margin * margin_term +
-            w.content * content_term - w.cut * cut_term) / total
+  scores = (
+      w.size * size_term
+      + w.thirds * thirds_term
+      + w.margin * margin_term
+      + w.content * content_term
+      - w.cut * cut_term
+  ) / total
   terms = {
       "size": size_term,
       "thirds": thirds_term,
@@ -440,8 +467,9 @@ def rank_zero_shot_crops(
   crops_px, _ = filter_containing(candidates_px, target_px, min_coverage=1.0)
   if expand_to_target and np.any(target_coverage(crops_px, target_px) < 1.0):
     crops_px = np.concatenate(
-        [np.minimum(crops_px[:, :2], target_px[:2]),
-         np.maximum(crops_px[:, 2:], target_px[2:])], axis=-1)
+        [np.minimum(crops_px[:, :2], target_px[:2]), np.maximum(crops_px[:, 2:], target_px[2:])],
+        axis=-1,
+    )
     _, first = np.unique(crops_px, axis=0, return_index=True)
     crops_px = crops_px[np.sort(first)]
 
@@ -474,12 +502,17 @@ def token_scores(logits: jax.Array, in_image: jax.Array, query_mask: jax.Array) 
   return jnp.where(in_image, jax.nn.sigmoid(jnp.max(logits, axis=-1)), 0.0)
 
 
-def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray | None,
-                          picked: np.ndarray | None, image_wh: tuple[float, float],
-                          aspect_ratio: float | None = None, top_k: int | None = None,
-                          nms_iou: float | None = None, other_objects: int = 20,
-                          context: np.ndarray | None = None,
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def crops_from_detections(
+    token_boxes_xyxy: np.ndarray,
+    token_scores: np.ndarray | None,
+    picked: np.ndarray | None,
+    image_wh: tuple[float, float],
+    aspect_ratio: float | None = None,
+    top_k: int | None = None,
+    nms_iou: float | None = None,
+    other_objects: int = 20,
+    context: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Zero-shot crops from OWL-ViT detections: the union of the picked boxes is the target.
 
   Args:
@@ -508,12 +541,22 @@ def crops_from_detections(token_boxes_xyxy: np.ndarray, token_scores: np.ndarray
     scores = np.asarray(token_scores, np.float64)
     chosen = set(picked.tolist())
     named = [int(i) for i in (context if context is not None else []) if int(i) not in chosen]
-    keep = [i for i in np.argsort(-scores, kind='stable')[:other_objects]
-            if i not in chosen and i not in named]
+    keep = [
+        i
+        for i in np.argsort(-scores, kind="stable")[:other_objects]
+        if i not in chosen and i not in named
+    ]
     others = boxes[named + keep]
     other_scores = np.concatenate([np.ones(len(named)), scores[keep]])
   if np.prod(target[2:] - target[:2]) <= 0:  # selected boxes lie in the padding: whole image
     target = np.array([0.0, 0.0, 1.0, 1.0])
-  ranked = rank_zero_shot_crops(image_wh, target, others, other_scores,
-                                aspect_ratio=aspect_ratio, top_k=top_k, nms_iou=nms_iou)
+  ranked = rank_zero_shot_crops(
+      image_wh,
+      target,
+      others,
+      other_scores,
+      aspect_ratio=aspect_ratio,
+      top_k=top_k,
+      nms_iou=nms_iou,
+  )
   return np.array([b for b, _ in ranked]), np.array([s for _, s in ranked])

@@ -16,10 +16,17 @@ SEEDS = (0, 1)
 
 
 def get_hyper(h):
-  return h.chainit([
-      h.product([h.sweep('config.model.mode', list(MODES)),
-                 h.sweep('config.seed', list(SEEDS))]),
-      h.product([h.fixed('config.model.mode', 'full'),
-                 h.fixed('config.dataset.mosaic_probs', (1.0, 0.0, 0.0)),
-                 h.fixed('config.seed', 0)]),
-  ])
+  return h.chainit(
+      [
+          h.product(
+              [h.sweep('config.model.mode', list(MODES)), h.sweep('config.seed', list(SEEDS))]
+          ),
+          h.product(
+              [
+                  h.fixed('config.model.mode', 'full'),
+                  h.fixed('config.dataset.mosaic_probs', (1.0, 0.0, 0.0)),
+                  h.fixed('config.seed', 0),
+              ]
+          ),
+      ]
+  )

@@ -46,13 +46,13 @@ def get_config(arg=None):
     raise ValueError(f'gaic_b32.py: variant={arg.variant!r}; expected one of {VARIANTS}')
   config = default_config.get_default_config()
   config.model.update(owlvit=arg.encoder, mode='full', decoder_layers=6, num_queries=90)
-  config.dataset.update(name='gaic/journal', train_split='train',
-                        mosaic_probs=(1 / 3, 1 / 3, 1 / 3))
+  config.dataset.update(
+      name='gaic/journal', train_split='train', mosaic_probs=(1 / 3, 1 / 3, 1 / 3)
+  )
   config.batch_size = 32
   config.num_epochs = 180
   config.optimizer.update(learning_rate=1e-4, end_learning_rate=1e-6)
-  config.eval.update(datasets=(('gaic/journal', 'test'),),
-                     baselines=default_config.BASELINES)
+  config.eval.update(datasets=(('gaic/journal', 'test'),), baselines=default_config.BASELINES)
   if arg.variant in ('main', 'key', 'base'):
     config.model.mode = arg.variant
   if arg.variant == 'base':

@@ -31,10 +31,11 @@ GAIC_B32 = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gaic_b32.py
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, dataset='', variant='full', encoder='clip_b32')
   if arg.dataset not in DATASETS:
-    raise ValueError(f'text_eval.py: dataset={arg.dataset!r}; expected one of {DATASETS} '
-                     '(--config=configs/text_eval.py:horanyi_pr)')
-  config = config_lib.load_config_file(GAIC_B32,
-                                       f'variant={arg.variant},encoder={arg.encoder}')
+    raise ValueError(
+        f'text_eval.py: dataset={arg.dataset!r}; expected one of {DATASETS} '
+        '(--config=configs/text_eval.py:horanyi_pr)'
+    )
+  config = config_lib.load_config_file(GAIC_B32, f'variant={arg.variant},encoder={arg.encoder}')
   config.run = 'eval'
   config.eval.update(datasets=((arg.dataset, 'test'),), base_workdir='')
   return config

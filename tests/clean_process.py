@@ -20,13 +20,15 @@ from typing import Mapping, Optional, Sequence, Union
 _SHARED = ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')
 
 
-def clean_env(home: Union[str, os.PathLike], extra: Optional[Mapping[str, str]] = None
-              ) -> dict[str, str]:
+def clean_env(
+    home: Union[str, os.PathLike], extra: Optional[Mapping[str, str]] = None
+) -> dict[str, str]:
   """The environment of a clean child process whose HOME is `home` (created), plus `extra`."""
   pathlib.Path(home).mkdir(parents=True, exist_ok=True)
   env = {
-      'PATH': os.pathsep.join([os.path.dirname(sys.executable), '/usr/local/bin', '/usr/bin',
-                               '/bin']),
+      'PATH': os.pathsep.join(
+          [os.path.dirname(sys.executable), '/usr/local/bin', '/usr/bin', '/bin']
+      ),
       'HOME': os.fspath(home),
       'LANG': 'C.UTF-8',
   }
@@ -35,19 +37,33 @@ def clean_env(home: Union[str, os.PathLike], extra: Optional[Mapping[str, str]] 
   return env
 
 
-def run(command: Union[str, Sequence[str]], *, env: Mapping[str, str],
-        cwd: Union[str, os.PathLike], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    command: Union[str, Sequence[str]],
+    *,
+    env: Mapping[str, str],
+    cwd: Union[str, os.PathLike],
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
   """Runs `command` (a shell line, run by bash as written, or an argv list) to completion."""
   if isinstance(command, str):
     command = ['bash', '-c', command]
-  return subprocess.run(list(command), env=dict(env), cwd=os.fspath(cwd), capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  return subprocess.run(
+      list(command),
+      env=dict(env),
+      cwd=os.fspath(cwd),
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def describe(result: subprocess.CompletedProcess) -> str:
   """The exit code and the ends of both streams, for an assertion message."""
-  return (f'exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n'
-          f'--- stderr ---\n{result.stderr[-6000:]}')
+  return (
+      f'exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n'
+      f'--- stderr ---\n{result.stderr[-6000:]}'
+  )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

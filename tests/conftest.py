@@ -34,8 +34,10 @@ def synthetic_tiny_dir(tmp_path_factory) -> pathlib.Path:
   code (the builder `python -m clipcrop_jax.build_dataset datasets/synthetic` runs)."""
   pytest.importorskip('tensorflow_datasets')
   from tensorflow_datasets.scripts.cli import build  # pylint: disable=g-import-not-at-top
+
   builder_cls, _ = build._get_builder_cls_and_kwargs(  # pylint: disable=protected-access
-      str(REPO / 'datasets' / 'synthetic'), has_imports=False)
+      str(REPO / 'datasets' / 'synthetic'), has_imports=False
+  )
   data_dir = tmp_path_factory.mktemp('synthetic_tiny')
   builder_cls(config='tiny', data_dir=str(data_dir)).download_and_prepare()
   return data_dir
@@ -57,4 +59,5 @@ def load_config():
         node = node[p]
       node[leaf] = value
     return config
+
   return load

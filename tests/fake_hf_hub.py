@@ -61,14 +61,15 @@ class _File:
 class FakeHub:
   """A loopback Hub server (see the module docstring); use as a context manager."""
 
-  def __init__(self, max_requests: int = 400, lifetime_s: float = 900.0,
-               socket_timeout_s: float = 20.0):
+  def __init__(
+      self, max_requests: int = 400, lifetime_s: float = 900.0, socket_timeout_s: float = 20.0
+  ):
     self.max_requests = max_requests
     self.down = False
     self.overflowed = False
     self.requests: list[tuple[str, str]] = []
-    self._refs: dict[str, dict[str, str]] = {}        # repo -> {revision name: commit}
-    self._commits: dict[str, dict[str, _File]] = {}   # commit -> {filename: file}
+    self._refs: dict[str, dict[str, str]] = {}  # repo -> {revision name: commit}
+    self._commits: dict[str, dict[str, _File]] = {}  # commit -> {filename: file}
     self._lock = threading.Lock()
     hub = self
 
@@ -93,8 +94,13 @@ class FakeHub:
 
   # -- set-up -------------------------------------------------------------------------------
 
-  def add_repo(self, repo_id: str, files: Mapping[str, Content], revision: str = 'main',
-               commit: str | None = None) -> str:
+  def add_repo(
+      self,
+      repo_id: str,
+      files: Mapping[str, Content],
+      revision: str = 'main',
+      commit: str | None = None,
+  ) -> str:
     """Publishes `files` as `revision` of `repo_id` (a new commit); returns the commit hash."""
     served = {name: _File(content) for name, content in files.items()}
     if commit is None:
@@ -157,14 +163,25 @@ class FakeHub:
         commit = revision if revision in refs.values() else None
       file = None if commit is None else self._commits[commit].get(filename)
     if refs is None:
-      self._send(handler, 404, {'X-Error-Code': 'RepoNotFound',
-                                'X-Error-Message': 'Repository not found'})
+      self._send(
+          handler, 404, {'X-Error-Code': 'RepoNotFound', 'X-Error-Message': 'Repository not found'}
+      )
     elif commit is None:
-      self._send(handler, 404, {'X-Error-Code': 'RevisionNotFound',
-                                'X-Error-Message': 'Invalid rev id: ' + revision})
+      self._send(
+          handler,
+          404,
+          {'X-Error-Code': 'RevisionNotFound', 'X-Error-Message': 'Invalid rev id: ' + revision},
+      )
     elif file is None:
-      self._send(handler, 404, {'X-Error-Code': 'EntryNotFound', 'X-Repo-Commit': commit,
-                                'X-Error-Message': 'Entry not found'})
+      self._send(
+          handler,
+          404,
+          {
+              'X-Error-Code': 'EntryNotFound',
+              'X-Repo-Commit': commit,
+              'X-Error-Message': 'Entry not found',
+          },
+      )
     else:
       self._send_file(handler, file, commit, body)
 
@@ -178,9 +195,17 @@ class FakeHub:
 
   @staticmethod
   def _send_file(handler, file: _File, commit: str, body: bool) -> None:
-    start = send_ranged_headers(handler, file.size, {
-        'ETag': f'"{file.etag}"', 'X-Repo-Commit': commit, 'Accept-Ranges': 'bytes',
-        'Content-Type': 'application/octet-stream'}, ranged=body)
+    start = send_ranged_headers(
+        handler,
+        file.size,
+        {
+            'ETag': f'"{file.etag}"',
+            'X-Repo-Commit': commit,
+            'Accept-Ranges': 'bytes',
+            'Content-Type': 'application/octet-stream',
+        },
+        ranged=body,
+    )
     if start is not None and body:
       try:
         for chunk in file.chunks(start):
@@ -189,8 +214,12 @@ class FakeHub:
         pass
 
 
-def send_ranged_headers(handler: http.server.BaseHTTPRequestHandler, size: int,
-                        headers: Mapping[str, str], ranged: bool = True) -> int | None:
+def send_ranged_headers(
+    handler: http.server.BaseHTTPRequestHandler,
+    size: int,
+    headers: Mapping[str, str],
+    ranged: bool = True,
+) -> int | None:
   """Sends the status line and headers of a file of `size` bytes, honouring `Range: bytes=N-`
   (206 with Content-Range; 416 past the end); returns the first byte to send, or None when the
   answer (416) is complete."""

@@ -38,14 +38,18 @@ def main() -> None:
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
+
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', args.devices_per_process)
   jax.config.update('jax_default_matmul_precision', 'highest')
   if args.port:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=f'localhost:{args.port}',
-                               num_processes=args.num_processes, process_id=args.process_id,
-                               initialization_timeout=120)
+    jax.distributed.initialize(
+        coordinator_address=f'localhost:{args.port}',
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=120,
+    )
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -69,13 +73,13 @@ def main() -> None:
   step_fn = trainer.make_step_fn(task, setup, mesh)
 
   size = task.model.config.owlvit_config.image_size
-  full = input_pipeline.random_batch(args.batch, size, config.dataset.max_crops,
-                                     config.dataset.max_queries)
+  full = input_pipeline.random_batch(
+      args.batch, size, config.dataset.max_crops, config.dataset.max_queries
+  )
   per = args.batch // nproc
-  local = {k: v[pid * per:(pid + 1) * per] for k, v in full.items()}
+  local = {k: v[pid * per : (pid + 1) * per] for k, v in full.items()}
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-           for k, v in local.items()}
+  batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
   # Process i's rows must land at rows [i*per, (i+1)*per) of the global array (mesh order).
   gathered = multihost_utils.process_allgather(batch, tiled=True) if nproc > 1 else batch
   for k, v in full.items():
@@ -85,17 +89,30 @@ def main() -> None:
   for _ in range(args.steps):
     state, metrics = step_fn(state, batch)
     losses.append(float(jax.device_get(metrics['loss'])))
-  params = multihost_utils.process_allgather(state.params, tiled=True) if nproc > 1 else (
-      jax.device_get(state.params))
+  params = (
+      multihost_utils.process_allgather(state.params, tiled=True)
+      if nproc > 1
+      else (jax.device_get(state.params))
+  )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if pid == 0:
-    flat = {sharding_lib.path_str(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {
+        sharding_lib.path_str(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     np.savez(out / 'result.npz', losses=np.asarray(losses, np.float64), **flat)
-  (out / f'done_{pid}.json').write_text(json.dumps(dict(
-      process=pid, processes=nproc, devices=jax.device_count(), step=int(
-          jax.device_get(state.step)), losses=losses)))
+  (out / f'done_{pid}.json').write_text(
+      json.dumps(
+          dict(
+              process=pid,
+              processes=nproc,
+              devices=jax.device_count(),
+              step=int(jax.device_get(state.step)),
+              losses=losses,
+          )
+      )
+  )
   if args.port:
     jax.distributed.shutdown()
 

@@ -36,8 +36,10 @@ def cropper(variables):
 @pytest.fixture(scope='module')
 def images():
   """Six differently shaped pictures (a wide one, a tall one, a small one ...)."""
-  return [detect.demo_image(h, w) for h, w in
-          ((360, 540), (300, 300), (500, 200), (90, 160), (240, 700), (410, 380))]
+  return [
+      detect.demo_image(h, w)
+      for h, w in ((360, 540), (300, 300), (500, 200), (90, 160), (240, 700), (410, 380))
+  ]
 
 
 def _boxes(crops):
@@ -67,7 +69,8 @@ def test_list_results_in_order_with_per_file_errors(cropper, images, tmp_path):
   corrupt.write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
   items = paths[:2] + [tmp_path / 'missing.png', corrupt] + paths[2:] + [images[0]]
   alone = [cropper.crop(p, text=TEXT, top_k=3) for p in paths] + [
-      cropper.crop(images[0], text=TEXT, top_k=3)]
+      cropper.crop(images[0], text=TEXT, top_k=3)
+  ]
   results = list(cropper.iter_crops(items, text=TEXT, top_k=3, batch_size=4, num_workers=2))
   assert [r.index for r in results] == list(range(len(items)))
   assert [r.source for r in results] == [str(p) for p in items[:-1]] + [f'images[{len(items) - 1}]']
@@ -130,8 +133,7 @@ def test_reading_is_bounded_and_stops_with_the_caller(cropper, images):
     seen.append(item)
     return cropper.prepare(images[item % len(images)]), None
 
-  results = cropper.iter_crops(range(200), text=TEXT, prepare=prepare, batch_size=2,
-                               num_workers=1)
+  results = cropper.iter_crops(range(200), text=TEXT, prepare=prepare, batch_size=2, num_workers=1)
   first = next(results)
   assert first.index == 0 and first.error is None
   assert len(seen) <= 2 * 2 + 1 + 2  # the look-ahead, plus the refill after the first batch
@@ -141,8 +143,9 @@ def test_reading_is_bounded_and_stops_with_the_caller(cropper, images):
 
 def test_zero_shot_batched_equals_single(variables, images):
   owl_only = {'params': {'owlvit': variables['params']['owlvit']}}
-  zs = cropper_lib.ClipCropper(model_lib.TINY, owl_only, zero_shot_mode=True,
-                               keyword_pipeline=keywords.RULES)
+  zs = cropper_lib.ClipCropper(
+      model_lib.TINY, owl_only, zero_shot_mode=True, keyword_pipeline=keywords.RULES
+  )
   batched = zs.crop(images[:5], text=TEXT, top_k=3, batch_size=4)
   for image, crops in zip(images[:5], batched):
     _assert_same_crops(crops, zs.crop(image, text=TEXT, top_k=3))
@@ -151,8 +154,9 @@ def test_zero_shot_batched_equals_single(variables, images):
 def test_bfloat16_boxes_close_to_float32(variables, images, cropper):
   """bfloat16 compute: every predicted box within BF16_BOX_ATOL (of the padded square) of the
   float32 one, qualities within 0.02, on the tiny model."""
-  bf16 = cropper_lib.ClipCropper(model_lib.TINY, variables, keyword_pipeline=keywords.RULES,
-                                 dtype='bfloat16')
+  bf16 = cropper_lib.ClipCropper(
+      model_lib.TINY, variables, keyword_pipeline=keywords.RULES, dtype='bfloat16'
+  )
   assert bf16.dtype != cropper.dtype
   request = cropper.check_request(text=TEXT)
   inputs = [cropper.prepare(im) for im in images]
@@ -160,16 +164,18 @@ def test_bfloat16_boxes_close_to_float32(variables, images, cropper):
   low = bf16._forward(inputs, bf16.check_request(text=TEXT))  # pylint: disable=protected-access
   n = len(images)
   assert low['pred_boxes'].dtype == np.float32 or low['pred_boxes'].dtype.itemsize == 2
-  np.testing.assert_allclose(np.asarray(low['pred_boxes'][:n], np.float32),
-                             ref['pred_boxes'][:n], atol=BF16_BOX_ATOL)
-  np.testing.assert_allclose(np.asarray(low['quality'][:n], np.float32), ref['quality'][:n],
-                             atol=0.02)
+  np.testing.assert_allclose(
+      np.asarray(low['pred_boxes'][:n], np.float32), ref['pred_boxes'][:n], atol=BF16_BOX_ATOL
+  )
+  np.testing.assert_allclose(
+      np.asarray(low['quality'][:n], np.float32), ref['quality'][:n], atol=0.02
+  )
   assert not np.array_equal(np.asarray(low['pred_boxes'][:n], np.float32), ref['pred_boxes'][:n])
   with pytest.raises(ValueError, match='dtype'):
     cropper_lib.ClipCropper(model_lib.TINY, variables, dtype='float16')
 
 
-_EIGHT_DEVICES = r'''
+_EIGHT_DEVICES = r"""
 import json, sys
 import jax, numpy as np
 from clipcrop_jax import cropper as cropper_lib, keywords, model as model_lib
@@ -184,22 +190,35 @@ shards = {s.device.id: s.data.shape[0] for s in encoded['image_features'].addres
 out = c.crop(images, text='a red square', top_k=3, batch_size=8)
 print(json.dumps({'bucket': c.bucket_size(len(images)), 'spec': str(spec), 'shards': shards,
                   'boxes': [[list(x.box) for x in crops] for crops in out]}))
-'''
+"""
 
 
 def test_batch_split_over_eight_devices(cropper, images):
   """On 8 (fake CPU) devices a 6-image batch is padded to 8 and split one image per device on
   the 'data' axis; the crops equal the single-device ones."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='2',
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
   shapes = [list(im.shape[:2]) for im in images]
-  out = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES, json.dumps(shapes)], env=env,
-                       capture_output=True, text=True, timeout=300, check=False)
+  out = subprocess.run(
+      [sys.executable, '-c', _EIGHT_DEVICES, json.dumps(shapes)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got['bucket'] == 8
   assert "'data'" in got['spec']
   assert sorted(got['shards'].values()) == [1] * 8 and len(got['shards']) == 8
   for boxes, image in zip(got['boxes'], images):
-    np.testing.assert_allclose(np.array(boxes).reshape(-1, 4),
-                               _boxes(cropper.crop(image, text=TEXT, top_k=3)), atol=BOX_ATOL_PX)
+    np.testing.assert_allclose(
+        np.array(boxes).reshape(-1, 4),
+        _boxes(cropper.crop(image, text=TEXT, top_k=3)),
+        atol=BOX_ATOL_PX,
+    )

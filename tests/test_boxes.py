@@ -44,8 +44,9 @@ def test_format_round_trip():
   xyxy = np.sort(rng.uniform(0, 1, (5, 3, 2, 2)), axis=-1).transpose(0, 1, 3, 2).reshape(5, 3, 4)
   cxcywh = box_lib.xyxy_to_cxcywh(xyxy)
   np.testing.assert_allclose(box_lib.cxcywh_to_xyxy(cxcywh), xyxy, atol=1e-6)
-  np.testing.assert_allclose(box_lib.xyxy_to_cxcywh(box_lib.cxcywh_to_xyxy(cxcywh)), cxcywh,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      box_lib.xyxy_to_cxcywh(box_lib.cxcywh_to_xyxy(cxcywh)), cxcywh, atol=1e-6
+  )
 
 
 def test_iou_giou_hand_values():
@@ -119,8 +120,7 @@ def test_union_box_batched_matches_loop():
   assert got.shape == (4, 4)
   for i in range(4):
     sel = np.asarray(boxes[i])[mask[i]]
-    want = ([0, 0, 1, 1] if not len(sel) else
-            np.concatenate([sel[:, :2].min(0), sel[:, 2:].max(0)]))
+    want = [0, 0, 1, 1] if not len(sel) else np.concatenate([sel[:, :2].min(0), sel[:, 2:].max(0)])
     np.testing.assert_allclose(got[i], want, atol=1e-7)
 
 
@@ -150,11 +150,13 @@ def test_as_boxes_np_shapes_and_one_line_errors():
   assert box_lib.as_boxes_xyxy_np([], 'crops').shape == (0, 4)
   same = np.zeros((3, 4))
   assert box_lib.as_boxes_xyxy_np(same, 'crops') is same
-  for bad, match in [([0, 0, 1, 1], r'crops must have shape \(N, 4\)'),
-                     (np.zeros((2, 3)), r'crops must have shape \(N, 4\)'),
-                     (np.zeros((1, 2, 4)), r'crops must have shape \(N, 4\)'),
-                     ([[0, 0, np.nan, 1]], 'crops contains non-finite'),
-                     ([[0, 0, np.inf, 1]], 'crops contains non-finite')]:
+  for bad, match in [
+      ([0, 0, 1, 1], r'crops must have shape \(N, 4\)'),
+      (np.zeros((2, 3)), r'crops must have shape \(N, 4\)'),
+      (np.zeros((1, 2, 4)), r'crops must have shape \(N, 4\)'),
+      ([[0, 0, np.nan, 1]], 'crops contains non-finite'),
+      ([[0, 0, np.inf, 1]], 'crops contains non-finite'),
+  ]:
     with pytest.raises(ValueError, match=match) as err:
       box_lib.as_boxes_xyxy_np(bad, 'crops')
     assert '\n' not in str(err.value)
@@ -183,8 +185,9 @@ def test_pairwise_iou_np_hand_values():
   iou = box_lib.pairwise_iou_xyxy_np(a, b)
   assert iou.dtype == np.float64 and iou.shape == (2, 3)
   np.testing.assert_array_equal(iou, [[1 / 7, 0.5, 0.0], [0.0, 0.0, 0.0]])
-  np.testing.assert_array_equal(box_lib.pairwise_intersection_xyxy_np(a, b),
-                                [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(
+      box_lib.pairwise_intersection_xyxy_np(a, b), [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
+  )
   # A NaN box overlaps nothing (IoU 0), it is not an error here.
   np.testing.assert_array_equal(box_lib.pairwise_iou_xyxy_np([[0, 0, np.nan, 2]], a), [[0, 0]])
   assert box_lib.pairwise_iou_xyxy_np(np.zeros((0, 4)), b).shape == (0, 3)
@@ -212,8 +215,9 @@ def test_union_box_np_matches_jax_union_and_rejects_empty():
   boxes = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.6, 0.3], [0.0, 0.3, 0.05, 0.9]])
   np.testing.assert_array_equal(box_lib.union_box_xyxy_np(boxes), [0.0, 0.1, 0.6, 0.9])
   np.testing.assert_array_equal(box_lib.union_box_xyxy_np([(1, 2, 3, 4)]), [1, 2, 3, 4])
-  np.testing.assert_allclose(box_lib.union_box_xyxy_np(boxes), box_lib.union_box_xyxy(boxes),
-                             atol=1e-7)
+  np.testing.assert_allclose(
+      box_lib.union_box_xyxy_np(boxes), box_lib.union_box_xyxy(boxes), atol=1e-7
+  )
   with pytest.raises(ValueError, match='boxes must hold at least 1 box'):
     box_lib.union_box_xyxy_np(np.zeros((0, 4)))
 
@@ -263,9 +267,19 @@ def test_fuse_top_k_hand_values_and_errors():
   np.testing.assert_allclose(first_scores, np.concatenate([[0.85], scores]), rtol=1e-6)
 
 
-@pytest.mark.parametrize('value, expected', [
-    (None, None), (1.5, 1.5), (2, 2.0), ('16:9', 16 / 9), ('16/9', 16 / 9), (' 4 : 3 ', 4 / 3),
-    ('1.5', 1.5), (np.float32(0.5), 0.5)])
+@pytest.mark.parametrize(
+    'value, expected',
+    [
+        (None, None),
+        (1.5, 1.5),
+        (2, 2.0),
+        ('16:9', 16 / 9),
+        ('16/9', 16 / 9),
+        (' 4 : 3 ', 4 / 3),
+        ('1.5', 1.5),
+        (np.float32(0.5), 0.5),
+    ],
+)
 def test_parse_aspect_ratio_valid(value, expected):
   got = box_lib.parse_aspect_ratio(value)
   if expected is None:
@@ -274,9 +288,24 @@ def test_parse_aspect_ratio_valid(value, expected):
     assert isinstance(got, float) and got == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize('value', [
-    0, -1.0, float('nan'), float('inf'), True, '', 'wide', '16:0', '0:9', '1:2:3', '-4:3', 'inf',
-    [16, 9]])
+@pytest.mark.parametrize(
+    'value',
+    [
+        0,
+        -1.0,
+        float('nan'),
+        float('inf'),
+        True,
+        '',
+        'wide',
+        '16:0',
+        '0:9',
+        '1:2:3',
+        '-4:3',
+        'inf',
+        [16, 9],
+    ],
+)
 def test_parse_aspect_ratio_invalid_quotes_value(value):
   with pytest.raises(ValueError) as err:
     box_lib.parse_aspect_ratio(value)
@@ -292,8 +321,9 @@ def _check_ratio_box(out: np.ndarray, ratio: float, image_wh: tuple[float, float
   assert out[2] <= image_wh[0] + tol and out[3] <= image_wh[1] + tol
 
 
-def _grid_oracle_best_iou(box: np.ndarray, ratio: float, image_wh: tuple[float, float],
-                          n_size: int = 300, n_pos: int = 41) -> float:
+def _grid_oracle_best_iou(
+    box: np.ndarray, ratio: float, image_wh: tuple[float, float], n_size: int = 300, n_pos: int = 41
+) -> float:
   """Best IoU over a (size, x, y) grid of ratio boxes inside the image (no placement assumed)."""
   img_w, img_h = image_wh
   s_max = min(img_w, ratio * img_h)
@@ -375,7 +405,8 @@ def test_fit_aspect_ratio_edge_cases():
   # Exact full-frame ratio returns the whole image.
   np.testing.assert_allclose(
       box_lib.fit_aspect_ratio_xyxy(np.array([10.0, 10.0, 20.0, 20.0]), '4:3', (640, 480)),
-      [0.0, 0.0, 640.0, 480.0])
+      [0.0, 0.0, 640.0, 480.0],
+  )
   with pytest.raises(ValueError):
     box_lib.fit_aspect_ratio_xyxy(np.array([0.0, 0.0, 1.0, 1.0]), None, (10, 10))
   with pytest.raises(ValueError, match='image_wh'):

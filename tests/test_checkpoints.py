@@ -79,7 +79,8 @@ def _assert_same_params(a, b):
 
 @pytest.mark.parametrize('name', ['tiny', 'tiny_v2'])
 def test_three_layouts_load_to_identical_variables_and_outputs(
-    name, tiny_variables, tiny_v2_variables, tmp_path):
+    name, tiny_variables, tiny_v2_variables, tmp_path
+):
   variables = tiny_variables if name == 'tiny' else tiny_v2_variables
   config = get_config(name)
   images, ids = _inputs(config)
@@ -100,9 +101,11 @@ def test_three_layouts_load_to_identical_variables_and_outputs(
 
 def test_saved_layouts_use_legacy_names(tiny_variables, tmp_path):
   """The writer reproduces the released families' raw key names (spec §7.2)."""
-  for layout, root, ln in (('v1', ('optimizer', 'target'), ('ln_1', 'ln_2')),
-                           ('v2', ('params',), ('ln_0', 'ln_1')),
-                           ('current', ('params',), ('ln_0', 'ln_1'))):
+  for layout, root, ln in (
+      ('v1', ('optimizer', 'target'), ('ln_1', 'ln_2')),
+      ('v2', ('params',), ('ln_0', 'ln_1')),
+      ('current', ('params',), ('ln_0', 'ln_1')),
+  ):
     path = ck.save_scenic_checkpoint(tiny_variables, tmp_path / f'{layout}.msgpack', layout)
     raw = ck.read_msgpack(path)
     for key in root:
@@ -171,12 +174,17 @@ def test_chunked_arrays_scalars_and_low_precision(tiny_variables, tmp_path, monk
 
 def test_obsolete_and_unknown_keys_are_dropped(tiny_variables, tmp_path):
   params = jax.tree.map(np.asarray, tiny_variables['params'])
-  params['class_head'] = dict(params['class_head'], padding=np.zeros((1, 32), np.float32),
-                              padding_bias=np.zeros((1,), np.float32))
+  params['class_head'] = dict(
+      params['class_head'],
+      padding=np.zeros((1, 32), np.float32),
+      padding_bias=np.zeros((1,), np.float32),
+  )
   params['obj_mask_head'] = {'Dense_0': {'kernel': np.ones((2, 2), np.float32)}}
   params['objectness_head'] = {'Dense_0': {'kernel': np.ones((64, 64), np.float32)}}
-  tree = {'optimizer': {'target': ck._to_legacy(params, legacy_ln=True), 'state': {'step': 7}},
-          'rng': np.zeros((2,), np.uint32)}
+  tree = {
+      'optimizer': {'target': ck._to_legacy(params, legacy_ln=True), 'state': {'step': 7}},
+      'rng': np.zeros((2,), np.uint32),
+  }
   path = tmp_path / 'extra.msgpack'
   path.write_bytes(flax.serialization.msgpack_serialize(tree))
   module, loaded = ck.load_checkpoint(path, 'tiny')  # objectness params: extra, dropped
@@ -262,16 +270,18 @@ def test_owl2_b16_param_count_and_objectness():
 @pytest.mark.parametrize('name', ['clip_b32', 'clip_b16', 'owl2_b16', 'tiny', 'tiny_v2'])
 def test_infer_config_from_shapes(name):
   config = get_config(name)
-  shapes = {p: jax.ShapeDtypeStruct(s, jnp.float32)
-            for p, s in ck.expected_param_shapes(config).items()}
+  shapes = {
+      p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in ck.expected_param_shapes(config).items()
+  }
   assert ck.infer_config(ck.unflatten_params(shapes)) is config
 
 
 def test_infer_config_custom_and_real_params(tiny_variables):
   assert ck.infer_config(tiny_variables).name == 'tiny'
   config = get_config('tiny').replace(vision_layers=3, image_size=64)
-  shapes = {p: jax.ShapeDtypeStruct(s, jnp.float32)
-            for p, s in ck.expected_param_shapes(config).items()}
+  shapes = {
+      p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in ck.expected_param_shapes(config).items()
+  }
   inferred = ck.infer_config(ck.unflatten_params(shapes))
   assert inferred.name == 'custom'
   assert inferred == config.replace(name='custom')
@@ -289,9 +299,11 @@ def test_wrong_architecture_names_the_parameter(tiny_variables, tmp_path):
   msg = str(e.value)
   assert str(path) in msg and 'objectness_head/Dense_0/' in msg and 'missing' in msg
   assert 'tiny_v2' in msg and '\n' not in msg
-  with pytest.raises(ck.CheckpointError,
-                     match=r'conv1/kernel has shape \(16, 16, 3, 64\), expected '
-                           r'\(32, 32, 3, 768\) for config clip_b32'):
+  with pytest.raises(
+      ck.CheckpointError,
+      match=r'conv1/kernel has shape \(16, 16, 3, 64\), expected '
+      r'\(32, 32, 3, 768\) for config clip_b32',
+  ):
     ck.load_checkpoint(path, get_config('clip_b32'))
 
 
@@ -299,9 +311,11 @@ def test_mis_shaped_tree_names_the_parameter(tiny_variables, tmp_path):
   flat = ck.flatten_params(jax.tree.map(np.asarray, tiny_variables['params']))
   flat['obj_box_head/Dense_1/kernel'] = np.zeros((64, 65), np.float32)
   path = ck.save_scenic_checkpoint(ck.unflatten_params(flat), tmp_path / 'bad.msgpack', 'v2')
-  with pytest.raises(ck.CheckpointError,
-                     match=r'obj_box_head/Dense_1/kernel has shape \(64, 65\), expected '
-                           r'\(64, 64\) for config tiny'):
+  with pytest.raises(
+      ck.CheckpointError,
+      match=r'obj_box_head/Dense_1/kernel has shape \(64, 65\), expected '
+      r'\(64, 64\) for config tiny',
+  ):
     ck.load_checkpoint(path)
   del flat['obj_box_head/Dense_1/kernel']
   with pytest.raises(ck.CheckpointError, match=r'obj_box_head/Dense_1/kernel is missing'):
@@ -326,7 +340,8 @@ def test_unreadable_inputs(tmp_path):
     ck.load_checkpoint(noise)
   truncated = tmp_path / 'truncated.msgpack'
   truncated.write_bytes(
-      flax.serialization.msgpack_serialize({'params': {'x': np.ones(100, np.float32)}})[:200])
+      flax.serialization.msgpack_serialize({'params': {'x': np.ones(100, np.float32)}})[:200]
+  )
   with pytest.raises(ck.CheckpointError, match='corrupt or truncated'):
     ck.load_checkpoint(truncated)
   listed = tmp_path / 'list.msgpack'
@@ -363,9 +378,9 @@ def test_unknown_config_name(tiny_variables, tmp_path):
 def _write_hf_dir(variables, config, directory: pathlib.Path) -> pathlib.Path:
   directory.mkdir(parents=True, exist_ok=True)
   state = ck.scenic_to_hf_state_dict(variables)
-  state['owlv2.visual_projection.weight' if config.objectness
-        else 'owlvit.visual_projection.weight'] = np.zeros(
-            (config.embed_dim, config.vision_width), np.float32)
+  state[
+      'owlv2.visual_projection.weight' if config.objectness else 'owlvit.visual_projection.weight'
+  ] = np.zeros((config.embed_dim, config.vision_width), np.float32)
   safetensors.numpy.save_file(state, str(directory / 'model.safetensors'))
   (directory / 'config.json').write_text(json.dumps(ck.hf_config_dict(config)))
   return directory
@@ -399,7 +414,8 @@ def test_hf_config_mismatch_is_reported(tiny_variables, tmp_path):
 
 def _converter():
   spec = importlib.util.spec_from_file_location(
-      'convert_checkpoint', ROOT / 'tools' / 'convert_checkpoint.py')
+      'convert_checkpoint', ROOT / 'tools' / 'convert_checkpoint.py'
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -422,7 +438,11 @@ def test_converter_round_trip(tiny_v2_variables, tmp_path, capsys):
   hf = _write_hf_dir(tiny_v2_variables, get_config('tiny_v2'), tmp_path / 'hf')
   assert converter.main(['--input', str(hf), '--output', str(tmp_path / 'hf.msgpack')]) == 0
   _assert_same_params(ck.load_checkpoint(tmp_path / 'hf.msgpack')[1], tiny_v2_variables)
-  assert converter.main(['--input', str(src), '--output', str(tmp_path / 'x.msgpack'),
-                         '--config', 'clip_b32']) == 1
+  assert (
+      converter.main(
+          ['--input', str(src), '--output', str(tmp_path / 'x.msgpack'), '--config', 'clip_b32']
+      )
+      == 1
+  )
   assert 'backbone/clip/' in capsys.readouterr().err
   assert not (tmp_path / 'x.msgpack').exists()

@@ -30,27 +30,56 @@ CONFIG_DIR = REPO / 'configs'
 SWEEP_TOOL = REPO / 'tools' / 'launch_sweep.py'
 # Arguments to test per config file (files not listed here: their default only).
 ARGS = {
-    'gaic_b32.py': [None, 'full', 'main', 'key', 'base', 'no_mosaic', 'variant=key',
-                    'base,encoder=clip_b16'],
+    'gaic_b32.py': [
+        None,
+        'full',
+        'main',
+        'key',
+        'base',
+        'no_mosaic',
+        'variant=key',
+        'base,encoder=clip_b16',
+    ],
     'synthetic.py': [None, 'quick'],
-    'text_eval.py': ['horanyi_pr', 'textcrop', 'textcrop,variant=base',
-                     'dataset=horanyi_pr,variant=key', 'horanyi_pr,variant=base,encoder=clip_b16'],
+    'text_eval.py': [
+        'horanyi_pr',
+        'textcrop',
+        'textcrop,variant=base',
+        'dataset=horanyi_pr,variant=key',
+        'horanyi_pr,variant=base,encoder=clip_b16',
+    ],
 }
-GAIC_MODES = {None: 'full', 'full': 'full', 'main': 'main', 'key': 'key', 'base': 'base',
-              'no_mosaic': 'full', 'variant=key': 'key', 'base,encoder=clip_b16': 'base'}
+GAIC_MODES = {
+    None: 'full',
+    'full': 'full',
+    'main': 'main',
+    'key': 'key',
+    'base': 'base',
+    'no_mosaic': 'full',
+    'variant=key': 'key',
+    'base,encoder=clip_b16': 'base',
+}
 # The paper's architecture: B/32 OWL-ViT + 6-layer decoder with 90 queries.
-PAPER_MODEL = dict(owlvit='clip_b32', decoder_layers=6, decoder_width=512, decoder_heads=8,
-                   decoder_mlp_dim=2048, num_queries=90)
+PAPER_MODEL = dict(
+    owlvit='clip_b32',
+    decoder_layers=6,
+    decoder_width=512,
+    decoder_heads=8,
+    decoder_mlp_dim=2048,
+    num_queries=90,
+)
 
 
 def _config_files():
-  return [p for p in sorted(CONFIG_DIR.glob('*.py'))
-          if hasattr(config_lib.load_module(p), 'get_config')]
+  return [
+      p for p in sorted(CONFIG_DIR.glob('*.py')) if hasattr(config_lib.load_module(p), 'get_config')
+  ]
 
 
 def _sweep_files():
-  return [p for p in sorted(CONFIG_DIR.glob('*.py'))
-          if hasattr(config_lib.load_module(p), 'get_hyper')]
+  return [
+      p for p in sorted(CONFIG_DIR.glob('*.py')) if hasattr(config_lib.load_module(p), 'get_hyper')
+  ]
 
 
 def _case_args():
@@ -58,8 +87,10 @@ def _case_args():
 
 
 def _cases():
-  return [pytest.param(path, arg, id=f'{path.name}:{arg}' if arg else path.name)
-          for path, arg in _case_args()]
+  return [
+      pytest.param(path, arg, id=f'{path.name}:{arg}' if arg else path.name)
+      for path, arg in _case_args()
+  ]
 
 
 def load_config(path, arg=None, overrides=()):
@@ -67,8 +98,9 @@ def load_config(path, arg=None, overrides=()):
   spec = f'{path}:{arg}' if arg else str(path)
   argv = ['test', f'--config={spec}', *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      'config', None, 'config', flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return fv.config
 
@@ -93,20 +125,30 @@ def _abstract_params(model_key):
   model = default_config.build_model(config)
   size = model.config.owlvit_config.image_size
   return jax.eval_shape(
-      lambda r: model.init(r, jnp.zeros((1, size, size, 3)),
-                           jnp.ones((1, 1, 16), jnp.int32))['params'], jax.random.PRNGKey(0))
+      lambda r: model.init(r, jnp.zeros((1, size, size, 3)), jnp.ones((1, 1, 16), jnp.int32))[
+          'params'
+      ],
+      jax.random.PRNGKey(0),
+  )
 
 
 def _architecture_key(config):
   # The query mode, dropout and freezing do not change the parameter shapes.
-  return tuple(sorted((k, v) for k, v in config.model.to_dict().items()
-                      if k not in ('mode', 'dropout_rate', 'freeze_encoder')))
+  return tuple(
+      sorted(
+          (k, v)
+          for k, v in config.model.to_dict().items()
+          if k not in ('mode', 'dropout_rate', 'freeze_encoder')
+      )
+  )
 
 
 def _families():
   """{entry point: default config}: every config file extends exactly one of them."""
-  return {'clipcrop_jax.main': default_config.get_default_config(),
-          'clipcrop_jax.detection_train': default_config.get_detection_config()}
+  return {
+      'clipcrop_jax.main': default_config.get_default_config(),
+      'clipcrop_jax.detection_train': default_config.get_detection_config(),
+  }
 
 
 @pytest.mark.parametrize('path,arg', _cases())
@@ -122,12 +164,15 @@ def test_config_loads_and_builds(path, arg):
     assert _schema(config.pipeline.owlvit) == schemas['clipcrop_jax.detection_train']
     assert set(config.pipeline.variants) <= set(config.pipeline.variant_steps.keys())
     config = ml_collections.ConfigDict(
-        {k: v for k, v in config.to_dict().items() if k != 'pipeline'})
+        {k: v for k, v in config.to_dict().items() if k != 'pipeline'}
+    )
   family = [k for k, v in schemas.items() if v == _schema(config)]
   if not family:  # report the differences to the ClipCrop schema
     expected = schemas['clipcrop_jax.main']
-    pytest.fail(f'{path.name}: fields differ from every default config; vs ClipCrop: missing '
-                f'{sorted(expected - _schema(config))}, extra {sorted(_schema(config) - expected)}')
+    pytest.fail(
+        f'{path.name}: fields differ from every default config; vs ClipCrop: missing '
+        f'{sorted(expected - _schema(config))}, extra {sorted(_schema(config) - expected)}'
+    )
   if family[0] != 'clipcrop_jax.main':
     assert config.batch_size > 0
     default_config.build_detection_module(config)  # a known OWL-ViT architecture
@@ -164,17 +209,21 @@ def test_gaic_b32_is_the_paper_run(arg):
   assert tuple(tuple(e) for e in config.eval.datasets) == (('gaic/journal', 'test'),)
   no_mosaic = arg == 'no_mosaic'
   assert tuple(config.dataset.mosaic_probs) == (
-      (1.0, 0.0, 0.0) if no_mosaic else (1 / 3, 1 / 3, 1 / 3))
+      (1.0, 0.0, 0.0) if no_mosaic else (1 / 3, 1 / 3, 1 / 3)
+  )
   assert ('clipcrop_base' in config.eval.baselines) == (config.model.mode != 'base')
 
 
-@pytest.mark.parametrize('bad,expected', [
-    ('nope', "gaic_b32.py: variant='nope'; expected one of"),
-    ('variant=nope', "gaic_b32.py: variant='nope'; expected one of"),
-    ('full,owl=clip_b16', "gaic_b32.py: unknown option 'owl'='clip_b16'"),
-    ('full,main', "gaic_b32.py: unknown option 'main'"),
-    ('full,variant=key', 'gaic_b32.py: variant given twice'),
-])
+@pytest.mark.parametrize(
+    'bad,expected',
+    [
+        ('nope', "gaic_b32.py: variant='nope'; expected one of"),
+        ('variant=nope', "gaic_b32.py: variant='nope'; expected one of"),
+        ('full,owl=clip_b16', "gaic_b32.py: unknown option 'owl'='clip_b16'"),
+        ('full,main', "gaic_b32.py: unknown option 'main'"),
+        ('full,variant=key', 'gaic_b32.py: variant given twice'),
+    ],
+)
 def test_gaic_b32_rejects_bad_arguments(bad, expected):
   with pytest.raises(ValueError) as err:
     config_lib.load_config_file(CONFIG_DIR / 'gaic_b32.py', bad)
@@ -194,19 +243,25 @@ def test_text_eval_config(dataset):
     # Apart from what an evaluation changes, the training run's config.
     config.run, config.eval.datasets = train.run, train.eval.datasets
     assert config.to_dict() == train.to_dict()
-  config = load_config(CONFIG_DIR / 'text_eval.py', f'dataset={dataset},encoder=clip_b16',
-                       ['--config.eval.base_workdir=/w/base'])
+  config = load_config(
+      CONFIG_DIR / 'text_eval.py',
+      f'dataset={dataset},encoder=clip_b16',
+      ['--config.eval.base_workdir=/w/base'],
+  )
   assert config.model.owlvit == 'clip_b16'
   assert config.eval.base_workdir == '/w/base'
   assert 'eval.base_workdir' in config_lib.load_module(CONFIG_DIR / 'text_eval.py').__doc__
 
 
-@pytest.mark.parametrize('bad,expected', [
-    (None, "text_eval.py: dataset=''; expected one of ('horanyi_pr', 'textcrop')"),
-    ('gaic', "text_eval.py: dataset='gaic'; expected one of"),
-    ('textcrop,variant=nope', "gaic_b32.py: variant='nope'"),
-    ('textcrop,seed=1', "text_eval.py: unknown option 'seed'='1'"),
-])
+@pytest.mark.parametrize(
+    'bad,expected',
+    [
+        (None, "text_eval.py: dataset=''; expected one of ('horanyi_pr', 'textcrop')"),
+        ('gaic', "text_eval.py: dataset='gaic'; expected one of"),
+        ('textcrop,variant=nope', "gaic_b32.py: variant='nope'"),
+        ('textcrop,seed=1', "text_eval.py: unknown option 'seed'='1'"),
+    ],
+)
 def test_text_eval_rejects_bad_arguments(bad, expected):
   with pytest.raises(ValueError) as err:
     config_lib.load_config_file(CONFIG_DIR / 'text_eval.py', bad)
@@ -214,8 +269,9 @@ def test_text_eval_rejects_bad_arguments(bad, expected):
 
 
 def test_synthetic_quick_is_its_own_config():
-  full, quick = load_config(CONFIG_DIR / 'synthetic.py'), load_config(CONFIG_DIR / 'synthetic.py',
-                                                                          'quick')
+  full, quick = load_config(CONFIG_DIR / 'synthetic.py'), load_config(
+      CONFIG_DIR / 'synthetic.py', 'quick'
+  )
   assert load_config(CONFIG_DIR / 'synthetic.py', '').to_dict() == full.to_dict()
   assert (full.pipeline.quick, quick.pipeline.quick) == (False, True)
   for config, name in ((full, 'synthetic_crops/default'), (quick, 'synthetic_crops/small')):
@@ -256,9 +312,16 @@ def test_parse_arg_fields_and_types():
   assert _parse('variant=key', **spec) == dict(spec, variant='key')
   assert _parse('quick', **spec) == dict(spec, quick=True)  # bare bool field: True
   assert _parse('key,quick,steps=3,lr=1e-3', **spec) == dict(
-      spec, variant='key', quick=True, steps=3, lr=1e-3)
-  for word, value in (('true', True), ('Yes', True), ('1', True), ('FALSE', False), ('no', False),
-                      ('0', False)):
+      spec, variant='key', quick=True, steps=3, lr=1e-3
+  )
+  for word, value in (
+      ('true', True),
+      ('Yes', True),
+      ('1', True),
+      ('FALSE', False),
+      ('no', False),
+      ('0', False),
+  ):
     got = config_lib.parse_arg(f'quick={word}', **spec).quick
     assert got is value, word
   assert isinstance(config_lib.parse_arg('steps=3', **spec).steps, int)
@@ -266,16 +329,25 @@ def test_parse_arg_fields_and_types():
   assert isinstance(config_lib.parse_arg('x', **spec), ml_collections.ConfigDict)
 
 
-@pytest.mark.parametrize('arg,expected', [
-    ('steps=ten', "test_configs.py: steps='ten': expected an int"),
-    ('lr=fast', "test_configs.py: lr='fast': expected a float"),
-    ('quick=maybe', "test_configs.py: quick='maybe': expected a bool (true/false, yes/no, 1/0)"),
-    ('speed=3', "test_configs.py: unknown option 'speed'='3' in 'speed=3' (options: variant, "
-     "steps, quick, lr)"),
-    ('full,fast', "test_configs.py: unknown option 'fast' in 'full,fast'"),
-    ('steps', 'test_configs.py: steps needs a value'),
-    ('quick,quick=no', 'test_configs.py: quick given twice'),
-])
+@pytest.mark.parametrize(
+    'arg,expected',
+    [
+        ('steps=ten', "test_configs.py: steps='ten': expected an int"),
+        ('lr=fast', "test_configs.py: lr='fast': expected a float"),
+        (
+            'quick=maybe',
+            "test_configs.py: quick='maybe': expected a bool (true/false, yes/no, 1/0)",
+        ),
+        (
+            'speed=3',
+            "test_configs.py: unknown option 'speed'='3' in 'speed=3' (options: variant, "
+            'steps, quick, lr)',
+        ),
+        ('full,fast', "test_configs.py: unknown option 'fast' in 'full,fast'"),
+        ('steps', 'test_configs.py: steps needs a value'),
+        ('quick,quick=no', 'test_configs.py: quick given twice'),
+    ],
+)
 def test_parse_arg_errors_name_the_key_value_and_config(arg, expected):
   with pytest.raises(ValueError) as err:
     config_lib.parse_arg(arg, variant='full', steps=10, quick=False, lr=0.1)
@@ -298,11 +370,15 @@ def test_parse_arg_lazy():
 
 
 def test_load_config_file(tmp_path):
-  (tmp_path / 'plain.py').write_text('import ml_collections\nSTATE = []\n'
-                                     'def get_config():\n  STATE.append(1)\n'
-                                     '  return ml_collections.ConfigDict(dict(n=len(STATE)))\n')
-  (tmp_path / 'witharg.py').write_text('import ml_collections\ndef get_config(arg):\n'
-                                       '  return ml_collections.ConfigDict(dict(arg=arg))\n')
+  (tmp_path / 'plain.py').write_text(
+      'import ml_collections\nSTATE = []\n'
+      'def get_config():\n  STATE.append(1)\n'
+      '  return ml_collections.ConfigDict(dict(n=len(STATE)))\n'
+  )
+  (tmp_path / 'witharg.py').write_text(
+      'import ml_collections\ndef get_config(arg):\n'
+      '  return ml_collections.ConfigDict(dict(arg=arg))\n'
+  )
   (tmp_path / 'none.py').write_text('def get_config():\n  pass\n')
   assert config_lib.load_config_file(tmp_path / 'plain.py').n == 1
   assert config_lib.load_config_file(str(tmp_path / 'plain.py'), '').n == 1  # a fresh module
@@ -327,12 +403,15 @@ def test_load_config_file_matches_config_flags(path, arg):
 
 
 def test_loading_configs_imports_no_jax():
-  code = ('import sys\nfrom clipcrop_jax import config_lib, default_config\n'
-          f'for path, arg in {[(str(p), a) for p, a in _case_args()]!r}:\n'
-          '  config_lib.load_config_file(path, arg)\n'
-          "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))\n")
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                       check=True)
+  code = (
+      'import sys\nfrom clipcrop_jax import config_lib, default_config\n'
+      f'for path, arg in {[(str(p), a) for p, a in _case_args()]!r}:\n'
+      '  config_lib.load_config_file(path, arg)\n'
+      "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))\n"
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, check=True
+  )
   assert out.stdout.strip() == '[]', out.stdout + out.stderr
 
 
@@ -359,6 +438,7 @@ def test_builders():
     default_config.clipcrop_config(config)
   det = load_config(CONFIG_DIR / 'owlvit_detection_tiny.py')
   from clipcrop_jax.owlvit import configs as owl_configs  # pylint: disable=g-import-not-at-top
+
   assert default_config.owlvit_config(det) == owl_configs.get_config('tiny')
   det.dtype = 'bfloat16'
   module = default_config.build_detection_module(det)
@@ -374,10 +454,16 @@ def test_hyper_helpers():
   h = sweep_lib.Hyper()
   assert h.fixed('config.a', 1) == [{'config.a': 1}]
   runs = h.product([h.sweep('config.a', [1, 2]), h.sweep('config.b', ['x', 'y'])])
-  assert runs == [{'config.a': 1, 'config.b': 'x'}, {'config.a': 1, 'config.b': 'y'},
-                  {'config.a': 2, 'config.b': 'x'}, {'config.a': 2, 'config.b': 'y'}]
+  assert runs == [
+      {'config.a': 1, 'config.b': 'x'},
+      {'config.a': 1, 'config.b': 'y'},
+      {'config.a': 2, 'config.b': 'x'},
+      {'config.a': 2, 'config.b': 'y'},
+  ]
   assert h.zipit([h.sweep('config.a', [1, 2]), h.sweep('config.b', [3, 4])]) == [
-      {'config.a': 1, 'config.b': 3}, {'config.a': 2, 'config.b': 4}]
+      {'config.a': 1, 'config.b': 3},
+      {'config.a': 2, 'config.b': 4},
+  ]
   assert len(h.chainit([runs, h.fixed('config.a', 3)])) == 5
   with pytest.raises(ValueError):
     h.zipit([h.sweep('config.a', [1, 2]), h.sweep('config.b', [3])])
@@ -394,8 +480,11 @@ def test_paper_sweep():
   assert len(runs) == 4 * 2 + 1
   names = [sweep_lib.run_name(r) for r in runs]
   assert len(set(names)) == len(names)
-  modes = sorted((r['config.model.mode'], r['config.seed']) for r in runs
-                 if 'config.dataset.mosaic_probs' not in r)
+  modes = sorted(
+      (r['config.model.mode'], r['config.seed'])
+      for r in runs
+      if 'config.dataset.mosaic_probs' not in r
+  )
   assert modes == sorted((m, s) for m in ('base', 'main', 'key', 'full') for s in (0, 1))
   no_mosaic = [r for r in runs if 'config.dataset.mosaic_probs' in r]
   assert len(no_mosaic) == 1 and tuple(no_mosaic[0]['config.dataset.mosaic_probs']) == (1, 0, 0)
@@ -426,14 +515,25 @@ def _sweep_tool():
 
 def test_sweep_tool_prints_commands(tmp_path):
   out = subprocess.run(
-      [sys.executable, str(SWEEP_TOOL), 'configs/gaic_ablation_sweep.py',
-       f'--workdir_root={tmp_path}', '--', '--config.dataset.data_dir=/data'],
-      cwd=REPO, capture_output=True, text=True, check=True)
+      [
+          sys.executable,
+          str(SWEEP_TOOL),
+          'configs/gaic_ablation_sweep.py',
+          f'--workdir_root={tmp_path}',
+          '--',
+          '--config.dataset.data_dir=/data',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+  )
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 9
   for line in lines:
-    assert line.startswith('python -m clipcrop_jax.main --config=configs/gaic_b32.py '
-                           f'--workdir={tmp_path}/')
+    assert line.startswith(
+        'python -m clipcrop_jax.main --config=configs/gaic_b32.py ' f'--workdir={tmp_path}/'
+    )
     assert line.endswith('--config.dataset.data_dir=/data')
   assert any("'--config.dataset.mosaic_probs=(1.0,0.0,0.0)'" in l for l in lines)
   assert not list(tmp_path.iterdir())  # printing launches nothing
@@ -449,8 +549,15 @@ def test_sweep_tool_launch(tmp_path, capsys):
   cwd = os.getcwd()
   os.chdir(REPO)
   try:
-    code = tool.main(['configs/gaic_ablation_sweep.py', f'--workdir_root={root}', '--launch',
-                      '--parallel=3', f'--python={fake}'])
+    code = tool.main(
+        [
+            'configs/gaic_ablation_sweep.py',
+            f'--workdir_root={root}',
+            '--launch',
+            '--parallel=3',
+            f'--python={fake}',
+        ]
+    )
   finally:
     os.chdir(cwd)
   assert code == 1
@@ -462,8 +569,11 @@ def test_sweep_tool_launch(tmp_path, capsys):
   log = (root / 'mode=key,seed=0' / 'sweep.log').read_text()
   assert '-m clipcrop_jax.main' in log and '--config.model.mode=key' in log
 
-  codes = tool.launch([('a', [sys.executable, '-c', 'pass']), ('b', [str(tmp_path / 'nope')])],
-                      str(tmp_path / 'more'), 2)
+  codes = tool.launch(
+      [('a', [sys.executable, '-c', 'pass']), ('b', [str(tmp_path / 'nope')])],
+      str(tmp_path / 'more'),
+      2,
+  )
   assert codes == {'a': 0, 'b': 127}
 
 
@@ -492,42 +602,62 @@ def _tiny():
   return load_config(CONFIG_DIR / 'tiny.py')
 
 
-@pytest.mark.parametrize('field,value,expected', [
-    ('run', 'trian', "run='trian': expected one of"),
-    ('batch_size', -1, 'batch_size=-1: expected an integer >= 1'),
-    ('batch_size', 0, 'batch_size=0: expected an integer >= 1'),
-    ('num_train_steps', -1, 'no training length'),  # with num_epochs = 0 below
-    ('checkpoint.every_steps', 0, 'checkpoint.every_steps=0'),
-    ('checkpoint.keep', 0, 'checkpoint.keep=0'),
-    ('checkpoint.data_resume', 'rewind', "checkpoint.data_resume='rewind'"),
-    ('log_every_steps', 0, 'log_every_steps=0'),
-    ('dtype', 'float16', "dtype='float16'"),
-    ('optimizer.b2', 1.0, 'optimizer.b2=1.0: expected a number in [0, 1)'),
-    ('optimizer.warmup_steps', 50, 'optimizer.warmup_steps=50: longer than num_train_steps=2'),
-    ('optimizer.lr_multipliers', (('owlvit/(', 0.0),), 'optimizer.lr_multipliers='),
-    ('dataset.mosaic_probs', (0.5, 0.6, 0.0), 'dataset.mosaic_probs='),
-    ('dataset.max_crops', 0, 'dataset.max_crops=0'),
-    ('dataset.data_dir', '/no/such/dir', "dataset.data_dir='/no/such/dir': no such directory"),
-    ('init_from.clipcrop', '/no/such/run', "init_from.clipcrop='/no/such/run'"),
-    ('loss.score_min', 5.0, 'loss.score_min=5.0: must be < loss.score_max=5.0'),
-    ('loss.quality_loss', 'ranknet', "loss.quality_loss='ranknet': expected one of ('smooth_l1', "
-     "'pairwise', 'listwise')"),
-    ('loss.quality_target', 'best', "loss.quality_target='best': expected one of ('matched', "
-     "'iou', 'top_iou')"),
-    ('loss.quality_top_k', 0, 'loss.quality_top_k=0: expected an integer >= 1'),
-    ('loss.quality_pointwise_weight', -0.1, 'loss.quality_pointwise_weight=-0.1: expected'),
-    ('loss.quality_temperature', 0.0, 'loss.quality_temperature=0.0: expected a number > 0'),
-    ('loss.matching_solver', 'gpu', "loss.matching_solver='gpu': expected one of ('auto', "
-     "'device', 'host')"),
-    ('sharding.mesh_shape', (-1, -1), 'sharding.mesh_shape=(-1, -1)'),
-    ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
-    ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),
-    ('eval.baselines', ('full_image', 'oracle'), 'eval.baselines='),
-    ('eval.datasets', (), 'eval.datasets=(): expected (tfds name, split) pairs, at least one '
-     "for run='train_and_eval'"),
-    ('dataset.keyword_pipeline', '', "dataset.keyword_pipeline='': expected a spaCy pipeline "
-     "name, or 'rules' for the rule-based extractor"),
-])
+@pytest.mark.parametrize(
+    'field,value,expected',
+    [
+        ('run', 'trian', "run='trian': expected one of"),
+        ('batch_size', -1, 'batch_size=-1: expected an integer >= 1'),
+        ('batch_size', 0, 'batch_size=0: expected an integer >= 1'),
+        ('num_train_steps', -1, 'no training length'),  # with num_epochs = 0 below
+        ('checkpoint.every_steps', 0, 'checkpoint.every_steps=0'),
+        ('checkpoint.keep', 0, 'checkpoint.keep=0'),
+        ('checkpoint.data_resume', 'rewind', "checkpoint.data_resume='rewind'"),
+        ('log_every_steps', 0, 'log_every_steps=0'),
+        ('dtype', 'float16', "dtype='float16'"),
+        ('optimizer.b2', 1.0, 'optimizer.b2=1.0: expected a number in [0, 1)'),
+        ('optimizer.warmup_steps', 50, 'optimizer.warmup_steps=50: longer than num_train_steps=2'),
+        ('optimizer.lr_multipliers', (('owlvit/(', 0.0),), 'optimizer.lr_multipliers='),
+        ('dataset.mosaic_probs', (0.5, 0.6, 0.0), 'dataset.mosaic_probs='),
+        ('dataset.max_crops', 0, 'dataset.max_crops=0'),
+        ('dataset.data_dir', '/no/such/dir', "dataset.data_dir='/no/such/dir': no such directory"),
+        ('init_from.clipcrop', '/no/such/run', "init_from.clipcrop='/no/such/run'"),
+        ('loss.score_min', 5.0, 'loss.score_min=5.0: must be < loss.score_max=5.0'),
+        (
+            'loss.quality_loss',
+            'ranknet',
+            "loss.quality_loss='ranknet': expected one of ('smooth_l1', " "'pairwise', 'listwise')",
+        ),
+        (
+            'loss.quality_target',
+            'best',
+            "loss.quality_target='best': expected one of ('matched', " "'iou', 'top_iou')",
+        ),
+        ('loss.quality_top_k', 0, 'loss.quality_top_k=0: expected an integer >= 1'),
+        ('loss.quality_pointwise_weight', -0.1, 'loss.quality_pointwise_weight=-0.1: expected'),
+        ('loss.quality_temperature', 0.0, 'loss.quality_temperature=0.0: expected a number > 0'),
+        (
+            'loss.matching_solver',
+            'gpu',
+            "loss.matching_solver='gpu': expected one of ('auto', " "'device', 'host')",
+        ),
+        ('sharding.mesh_shape', (-1, -1), 'sharding.mesh_shape=(-1, -1)'),
+        ('sharding.rules', (('.*', 'shard_all'),), 'sharding.rules='),
+        ('model.mode', 'fulll', "model: ClipCropConfig.mode='fulll'"),
+        ('eval.baselines', ('full_image', 'oracle'), 'eval.baselines='),
+        (
+            'eval.datasets',
+            (),
+            'eval.datasets=(): expected (tfds name, split) pairs, at least one '
+            "for run='train_and_eval'",
+        ),
+        (
+            'dataset.keyword_pipeline',
+            '',
+            "dataset.keyword_pipeline='': expected a spaCy pipeline "
+            "name, or 'rules' for the rule-based extractor",
+        ),
+    ],
+)
 def test_validate_config_names_the_bad_field(field, value, expected):
   config = _tiny()
   if field == 'num_train_steps':
@@ -552,8 +682,9 @@ def test_validate_config_lists_every_problem_and_checks_detection():
   det = default_config.get_detection_config()
   config_validation.validate_config(det, task='detection')
   det.loss.focal_alpha, det.dataset.label_templates = 1.5, ('a cat',)
-  with pytest.raises(config_validation.ConfigError,
-                     match=r'label_templates=.*; loss.focal_alpha=1.5'):
+  with pytest.raises(
+      config_validation.ConfigError, match=r'label_templates=.*; loss.focal_alpha=1.5'
+  ):
     config_validation.validate_config(det, task='detection')
   synthetic = load_config(CONFIG_DIR / 'synthetic.py')
   synthetic.pipeline.owlvit.batch_size = 0
@@ -570,7 +701,8 @@ def test_validate_config_synthetic_pipeline_uses_one_dataset():
       "invalid config: pipeline.owlvit.dataset.name='synthetic_crops/small': expected the same "
       "as dataset.name='synthetic_crops/default'; eval.datasets=(('synthetic_crops/small', "
       "'ambiguity'),): expected one pair ('synthetic_crops/default', split) for the pipeline's "
-      'evaluation')
+      'evaluation'
+  )
 
 
 def test_validate_config_names_retired_fields():
@@ -579,14 +711,18 @@ def test_validate_config_names_retired_fields():
   config['mode'] = config.pop('run')
   with pytest.raises(config_validation.ConfigError) as err:
     config_validation.validate_config(ml_collections.ConfigDict(config))
-  assert str(err.value) == ('invalid config: config.mode was renamed to config.run (train | eval '
-                            '| train_and_eval | synthetic_pipeline)')
+  assert str(err.value) == (
+      'invalid config: config.mode was renamed to config.run (train | eval '
+      '| train_and_eval | synthetic_pipeline)'
+  )
   config = load_config(CONFIG_DIR / 'synthetic.py').to_dict()
   config['quick'] = True
   with pytest.raises(config_validation.ConfigError) as err:
     config_validation.validate_config(ml_collections.ConfigDict(config))
-  assert str(err.value) == ('invalid config: config.quick was replaced by the config argument: '
-                            '--config=configs/synthetic.py:quick')
+  assert str(err.value) == (
+      'invalid config: config.quick was replaced by the config argument: '
+      '--config=configs/synthetic.py:quick'
+  )
 
 
 def test_validate_config_workdir(tmp_path):
@@ -605,24 +741,40 @@ def test_validate_config_workdir(tmp_path):
       config_validation.validate_config(config, str(locked / 'run'))
 
 
-@pytest.mark.parametrize('override,expected', [
-    ('--config.foo=1', "--config.foo: the config has no field 'foo' (fields of the config: "),
-    ('--config.optimizer.learning_rat=1.0', "--config.optimizer.learning_rat: config.optimizer "
-     "has no field 'learning_rat' (did you mean learning_rate, end_learning_rate?)"),
-    ('--config.batch_size=abc', "flag --config.batch_size=abc: invalid literal for int()"),
-    ('--config.mode=eval', '--config.mode: config.mode was renamed to config.run (train | eval | '
-     'train_and_eval | synthetic_pipeline); use --config.run=eval'),
-    ('--config.mode', '--config.mode: config.mode was renamed to config.run (train | eval | '
-     'train_and_eval | synthetic_pipeline)'),
-    ('--config.quick=True', '--config.quick: config.quick was replaced by the config argument: '
-     '--config=configs/synthetic.py:quick'),
-])
+@pytest.mark.parametrize(
+    'override,expected',
+    [
+        ('--config.foo=1', "--config.foo: the config has no field 'foo' (fields of the config: "),
+        (
+            '--config.optimizer.learning_rat=1.0',
+            '--config.optimizer.learning_rat: config.optimizer '
+            "has no field 'learning_rat' (did you mean learning_rate, end_learning_rate?)",
+        ),
+        ('--config.batch_size=abc', 'flag --config.batch_size=abc: invalid literal for int()'),
+        (
+            '--config.mode=eval',
+            '--config.mode: config.mode was renamed to config.run (train | eval | '
+            'train_and_eval | synthetic_pipeline); use --config.run=eval',
+        ),
+        (
+            '--config.mode',
+            '--config.mode: config.mode was renamed to config.run (train | eval | '
+            'train_and_eval | synthetic_pipeline)',
+        ),
+        (
+            '--config.quick=True',
+            '--config.quick: config.quick was replaced by the config argument: '
+            '--config=configs/synthetic.py:quick',
+        ),
+    ],
+)
 def test_flag_error_message_names_the_field(override, expected):
   config_file = 'synthetic.py' if 'quick' in override else 'tiny.py'
   argv = ['main', f'--config={CONFIG_DIR / config_file}', override]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      'config', None, 'config', flag_values=fv, lock_config=True, sys_argv=argv
+  )
   with pytest.raises(Exception) as err:  # pylint: disable=broad-except
     fv(argv)
   message = config_validation.flag_error_message(err.value, argv, fv)
@@ -633,8 +785,10 @@ def test_validation_names_match_the_modules_that_use_them():
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
+
   assert default_config.SHARDING_KINDS == sharding.RULE_KINDS
   assert default_config.MATCHING_SOLVERS == matching.SOLVERS
   from clipcrop_jax import model  # pylint: disable=g-import-not-at-top
+
   assert default_config.SELECTION_UNIONS == tuple(model.SELECTION_UNIONS)
   assert main.RUNS == default_config.RUNS

@@ -39,12 +39,15 @@ def cropper():
 @pytest.fixture
 def cli(monkeypatch, cropper):
   """The crop CLI on the shared tiny cropper (`--random-init tiny` as the subprocesses)."""
-  monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random',
-                      classmethod(lambda cls, *a, **kw: cropper))
+  monkeypatch.setattr(
+      cropper_lib.ClipCropper, 'init_random', classmethod(lambda cls, *a, **kw: cropper)
+  )
 
   def run(*argv):
-    return crop_cli.main(['--random-init', 'tiny', '--keyword-pipeline', 'rules',
-                          '--text', TEXT, *map(str, argv)])
+    return crop_cli.main(
+        ['--random-init', 'tiny', '--keyword-pipeline', 'rules', '--text', TEXT, *map(str, argv)]
+    )
+
   return run
 
 
@@ -61,7 +64,7 @@ def _photos(folder: pathlib.Path, n: int, corrupt=()) -> list[pathlib.Path]:
     else:
       h, w = int(rng.integers(24, 72)), int(rng.integers(24, 72))
       image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-      image[h // 4: h // 2, w // 4: w // 2] = (220, 30, 40)
+      image[h // 4 : h // 2, w // 4 : w // 2] = (220, 30, 40)
       Image.fromarray(image).save(path)
     paths.append(path)
   return paths
@@ -72,7 +75,6 @@ def _list_file(path: pathlib.Path, images) -> pathlib.Path:
   lines += [os.path.relpath(p, path.parent) for p in images]
   path.write_text('\n'.join(lines) + '\n')
   return path
-
 
 
 def _summary(out: pathlib.Path) -> dict:
@@ -86,13 +88,21 @@ def test_list_file_comments_relative_paths_and_duplicates(tmp_path):
   images = _photos(tmp_path / 'photos', 3)
   lists = tmp_path / 'lists'
   lists.mkdir()
-  listed = ['# header', '', f'../photos/{images[1].relative_to(tmp_path / "photos")}',
-            '   ', str(images[0]), '  # indented comment', 'missing.jpg']
+  listed = [
+      '# header',
+      '',
+      f'../photos/{images[1].relative_to(tmp_path / "photos")}',
+      '   ',
+      str(images[0]),
+      '  # indented comment',
+      'missing.jpg',
+  ]
   (lists / 'l.txt').write_text('\n'.join(listed))
   paths = crop_cli.read_image_list(str(lists / 'l.txt'))
   assert paths == [images[1], images[0], lists / 'missing.jpg']  # list order, absolute
-  (lists / 'dup.txt').write_text(f'{images[0]}\n# x\n../photos/b/../{images[0].parent.name}/'
-                                 f'{images[0].name}\n')
+  (lists / 'dup.txt').write_text(
+      f'{images[0]}\n# x\n../photos/b/../{images[0].parent.name}/' f'{images[0].name}\n'
+  )
   with pytest.raises(ValueError, match=r'dup\.txt:3: .* is listed twice \(first on line 1\)'):
     crop_cli.read_image_list(str(lists / 'dup.txt'))
   (lists / 'empty.txt').write_text('# nothing\n\n')
@@ -105,7 +115,8 @@ def test_list_file_comments_relative_paths_and_duplicates(tmp_path):
 def test_glob_is_recursive_and_sorted(tmp_path):
   images = _photos(tmp_path / 'photos', 6)
   assert crop_cli.read_image_list(str(tmp_path / 'photos' / '**' / '*.jpg')) == sorted(
-      p for p in images if p.suffix == '.jpg')
+      p for p in images if p.suffix == '.jpg'
+  )
   assert crop_cli.read_image_list(str(tmp_path / 'photos' / '*' / '*')) == sorted(images)
   with pytest.raises(ValueError, match='no files match'):
     crop_cli.read_image_list(str(tmp_path / '*.webp'))
@@ -119,10 +130,13 @@ def test_torn_line_and_unfinished_image_are_redone(tmp_path):
   out.mkdir()
   log_path = out / crop_cli.LOG_FILE
   done = {'index': 0, 'image': '/p/a.jpg', 'name': 'a', 'error': 'corrupt'}
-  log_path.write_text(json.dumps(done) + '\n' +
-                      json.dumps({'index': 2, 'image': '/p/c.jpg',
-                                  'writing': ['c_crop0.jpg', 'c_overlay.png']}) + '\n' +
-                      '{"index": 4, "image": "/p/e.jpg", "na')  # SIGKILL mid-line
+  log_path.write_text(
+      json.dumps(done)
+      + '\n'
+      + json.dumps({'index': 2, 'image': '/p/c.jpg', 'writing': ['c_crop0.jpg', 'c_overlay.png']})
+      + '\n'
+      + '{"index": 4, "image": "/p/e.jpg", "na'
+  )  # SIGKILL mid-line
   (out / 'c_crop0.jpg').write_bytes(b'partial')
   (out / f'{fileio.TMP_PREFIX}c_overlay.png.x1y2').write_bytes(b'half')
   (out / 'other_crop0.jpg').write_bytes(b'not announced')
@@ -169,11 +183,16 @@ def test_other_settings_are_refused_and_a_rerun_does_nothing_twice(cli, tmp_path
   assert _summary(out) == summary
 
 
-@pytest.mark.parametrize('flag', ['--process-index', '--process-count', '--distributed',
-                                  '--coordinator-address', '--merge'])
+@pytest.mark.parametrize(
+    'flag',
+    ['--process-index', '--process-count', '--distributed', '--coordinator-address', '--merge'],
+)
 def test_removed_multi_process_flags_point_to_beam(tmp_path, capsys, monkeypatch, flag):
-  monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random',
-                      classmethod(lambda *a, **kw: pytest.fail('model loaded')))
+  monkeypatch.setattr(
+      cropper_lib.ClipCropper,
+      'init_random',
+      classmethod(lambda *a, **kw: pytest.fail('model loaded')),
+  )
   argv = ['--random-init', 'tiny', '--text', TEXT, '--out', str(tmp_path / 'o'), flag]
   if flag != '--distributed':
     argv.append('1')
@@ -184,15 +203,20 @@ def test_removed_multi_process_flags_point_to_beam(tmp_path, capsys, monkeypatch
 
 
 def test_list_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random',
-                      classmethod(lambda *a, **kw: pytest.fail('model loaded')))
+  monkeypatch.setattr(
+      cropper_lib.ClipCropper,
+      'init_random',
+      classmethod(lambda *a, **kw: pytest.fail('model loaded')),
+  )
   images = _photos(tmp_path / 'photos', 2)
   listed = _list_file(tmp_path / 'list.txt', images)
   base = ['--random-init', 'tiny', '--text', TEXT, '--image-list', str(listed)]
-  bad = [['--out', str(images[0].parent)],  # an input folder
-         ['--out', str(tmp_path)],  # not empty, no list run
-         ['--out', str(tmp_path / 'o'), '--batch-size', '0'],
-         ['--out', str(tmp_path / 'o'), '--overwrite']]
+  bad = [
+      ['--out', str(images[0].parent)],  # an input folder
+      ['--out', str(tmp_path)],  # not empty, no list run
+      ['--out', str(tmp_path / 'o'), '--batch-size', '0'],
+      ['--out', str(tmp_path / 'o'), '--overwrite'],
+  ]
   for extra in bad:
     assert crop_cli.main(base + extra) == 2, extra
     err = capsys.readouterr().err.strip()
@@ -202,7 +226,7 @@ def test_list_arguments_are_checked_before_the_model(tmp_path, capsys, monkeypat
 
 # ---------------------------------------------------------------- a SIGKILL and a rerun
 
-_SLOW_WRITES = textwrap.dedent('''
+_SLOW_WRITES = textwrap.dedent("""
     import sys, time
     from clipcrop_jax import crop
     from clipcrop_jax.owlvit import fileio
@@ -213,16 +237,33 @@ _SLOW_WRITES = textwrap.dedent('''
       return made
     fileio.create_new_bytes = slow
     sys.exit(crop.main(sys.argv[1:]))
-''')
+""")
 
 
 def _process(listed: pathlib.Path, out: pathlib.Path, script=None):
-  argv = ['--random-init', 'tiny', '--keyword-pipeline', 'rules', '--text', TEXT,
-          '--image-list', str(listed), '--out', str(out), '--batch-size', '4']
+  argv = [
+      '--random-init',
+      'tiny',
+      '--keyword-pipeline',
+      'rules',
+      '--text',
+      TEXT,
+      '--image-list',
+      str(listed),
+      '--out',
+      str(out),
+      '--batch-size',
+      '4',
+  ]
   command = ['-c', script] if script else ['-m', 'clipcrop_jax.crop']
-  return subprocess.Popen([sys.executable, *command, *argv], cwd=REPO,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      [sys.executable, *command, *argv],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 @pytest.mark.slow  # two JAX processes
@@ -257,7 +298,8 @@ def test_killed_and_rerun_equals_one_uninterrupted_run(cli, tmp_path):
   assert len(merged['results']) == len(expected['results'])
   for got, want in zip(merged['results'], expected['results']):
     assert {k: v for k, v in got.items() if k != 'crops'} == {
-        k: v for k, v in want.items() if k != 'crops'}
+        k: v for k, v in want.items() if k != 'crops'
+    }
     assert len(got['crops']) == len(want['crops'])
     for a, b in zip(got['crops'], want['crops']):
       np.testing.assert_allclose(a['box_xyxy'], b['box_xyxy'], atol=1e-3)

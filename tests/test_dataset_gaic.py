@@ -36,11 +36,20 @@ def _import_gaic():
 gaic = _import_gaic()
 
 # (H, W) per image; non-square, both orientations, so an x/y mix-up fails.
-SIZES = {'100001': (40, 64), '100002': (48, 32), '100003': (30, 50),
-         '200001': (40, 64), '200002': (36, 54),
-         '300001': (40, 64), '300002': (60, 40)}
-JOURNAL_SPLITS = {'train': ['100001', '100002', '100003'], 'val': ['200001', '200002'],
-                  'test': ['300001', '300002']}
+SIZES = {
+    '100001': (40, 64),
+    '100002': (48, 32),
+    '100003': (30, 50),
+    '200001': (40, 64),
+    '200002': (36, 54),
+    '300001': (40, 64),
+    '300002': (60, 40),
+}
+JOURNAL_SPLITS = {
+    'train': ['100001', '100002', '100003'],
+    'val': ['200001', '200002'],
+    'test': ['300001', '300002'],
+}
 # y1 x1 y2 x2 score, for a 40x64 image: a known box, a -2 crop, a second kept crop; extra
 # whitespace and a blank line.
 LINES_40x64 = '  4 8   20 48 3.75\n\n0 0 40 64 -2\n 10 16 40 64  2.5 \n'
@@ -60,8 +69,10 @@ def _write_jpeg(path, h, w, seed=0):
 
 
 def _captions(splits):
-  return {s: {f'{stem}.jpg': f'caption of {stem} ({s})' for stem in stems}
-          for s, stems in splits.items()}
+  return {
+      s: {f'{stem}.jpg': f'caption of {stem} ({s})' for stem in stems}
+      for s, stems in splits.items()
+  }
 
 
 def _write_captions(manual, splits):
@@ -104,13 +115,16 @@ def make_conference(manual, captions=True):
 def build(tmp_path, manual, config='journal', **kwargs):
   builder = gaic.Gaic(data_dir=tmp_path / 'data', config=config, **kwargs)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual)))
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
+  )
   return builder
 
 
 def examples(builder, split):
-  return {ex['image/id'].decode(): ex
-          for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))}
+  return {
+      ex['image/id'].decode(): ex
+      for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+  }
 
 
 @pytest.fixture(scope='module')
@@ -125,12 +139,15 @@ def test_names_and_features():
   assert [c.name for c in gaic.Gaic.BUILDER_CONFIGS] == ['journal', 'conference']
   assert str(gaic.Gaic.VERSION) in gaic.Gaic.RELEASE_NOTES
   instructions = gaic.Gaic.MANUAL_DOWNLOAD_INSTRUCTIONS
-  for needle in ('1tDdQqDe8dMoMIVi9Z0WWI5vtRViy01nR', 'zzh-tech/ClipCrop', 'valid.json',
-                 'annotations/{train,val,test}'):
+  for needle in (
+      '1tDdQqDe8dMoMIVi9Z0WWI5vtRViy01nR',
+      'zzh-tech/ClipCrop',
+      'valid.json',
+      'annotations/{train,val,test}',
+  ):
     assert needle in instructions
   feats = gaic.Gaic(data_dir='/nonexistent-unused', config='journal').info.features
-  for key in (F.IMAGE, F.FILENAME, F.HEIGHT, F.WIDTH, F.TEXT, F.CROPS, 'image/id',
-              'split_name'):
+  for key in (F.IMAGE, F.FILENAME, F.HEIGHT, F.WIDTH, F.TEXT, F.CROPS, 'image/id', 'split_name'):
     assert key in feats
 
 
@@ -160,8 +177,9 @@ def test_journal_portrait_image(journal):
   ex = examples(journal, 'train')['100002']
   assert (ex[F.HEIGHT], ex[F.WIDTH]) == (48, 32)
   assert ex[F.IMAGE].shape == (48, 32, 3)
-  np.testing.assert_allclose(ex[F.CROPS][F.CROP_BBOX],
-                             [[0, 0, 1, 1], [2 / 48, 3 / 32, 46 / 48, 29 / 32]], rtol=1e-6)
+  np.testing.assert_allclose(
+      ex[F.CROPS][F.CROP_BBOX], [[0, 0, 1, 1], [2 / 48, 3 / 32, 46 / 48, 29 / 32]], rtol=1e-6
+  )
   np.testing.assert_allclose(ex[F.CROPS][F.CROP_SCORE], [4.0, 1.5])
 
 
@@ -192,8 +210,9 @@ def test_conference_config(tmp_path):
   assert test['200001'][F.TEXT] == b'caption of 200001 (val)'
   assert test['300002'][F.TEXT] == b'caption of 300002 (test)'
   ex = examples(builder, 'train')['100001']
-  np.testing.assert_allclose(ex[F.CROPS][F.CROP_BBOX][0], [4 / 40, 8 / 64, 20 / 40, 48 / 64],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      ex[F.CROPS][F.CROP_BBOX][0], [4 / 40, 8 / 64, 20 / 40, 48 / 64], rtol=1e-6
+  )
 
 
 def test_journal_config_rejects_conference_layout(tmp_path):
@@ -212,21 +231,24 @@ def _parse(tmp_path, text, h=40, w=64, skip=False):
   return gaic.parse_annotation_file(os.fspath(path), h, w, report, skip), report
 
 
-@pytest.mark.parametrize('bad_line, reason', [
-    ('4 8 20 48', 'expected 5 fields'),
-    ('4 8 20 48 3.0 1.0', 'expected 5 fields'),
-    ('4 8 20 abc 3.0', 'non-numeric'),
-    ('4 8 20 48 nan', 'non-numeric'),
-    ('4 8 42 48 3.0', 'outside'),       # y2 = H + 2 (x-limit 64 would have accepted it).
-    ('4 8 20 66 3.0', 'outside'),       # x2 = W + 2.
-    ('-2 8 20 48 3.0', 'outside'),
-    ('4 8 4 48 3.0', 'empty box'),
-    ('4 48 20 8 3.0', 'empty box'),
-    ('4 8 20 48 99', r'score 99 is outside \[1, 5\]'),  # would train as (99 - 1) / 4 = 24.5
-    ('4 8 20 48 0.5', r'score 0.5 is outside \[1, 5\]'),
-    ('4 8 20 48 5.01', r'score 5.01 is outside \[1, 5\]'),
-    ('4 8 20 48 -1', r'score -1 is outside \[1, 5\]'),  # only -2 means "ignore"
-])
+@pytest.mark.parametrize(
+    'bad_line, reason',
+    [
+        ('4 8 20 48', 'expected 5 fields'),
+        ('4 8 20 48 3.0 1.0', 'expected 5 fields'),
+        ('4 8 20 abc 3.0', 'non-numeric'),
+        ('4 8 20 48 nan', 'non-numeric'),
+        ('4 8 42 48 3.0', 'outside'),  # y2 = H + 2 (x-limit 64 would have accepted it).
+        ('4 8 20 66 3.0', 'outside'),  # x2 = W + 2.
+        ('-2 8 20 48 3.0', 'outside'),
+        ('4 8 4 48 3.0', 'empty box'),
+        ('4 48 20 8 3.0', 'empty box'),
+        ('4 8 20 48 99', r'score 99 is outside \[1, 5\]'),  # would train as (99 - 1) / 4 = 24.5
+        ('4 8 20 48 0.5', r'score 0.5 is outside \[1, 5\]'),
+        ('4 8 20 48 5.01', r'score 5.01 is outside \[1, 5\]'),
+        ('4 8 20 48 -1', r'score -1 is outside \[1, 5\]'),  # only -2 means "ignore"
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, bad_line, reason):
   with pytest.raises(F.BadDataError, match=reason) as e:
     _parse(tmp_path, f'0 0 40 64 3.0\n\n{bad_line}\n')
@@ -241,15 +263,18 @@ def test_box_within_tolerance_is_clipped(tmp_path):
 
 def test_bad_lines_skipped_and_counted(tmp_path):
   crops, report = _parse(
-      tmp_path, '4 8 20 48 3.0\n1 2 3\n4 8 90 48 3.0\n4 8 4 48 3.0\nx 1 2 3 4\n0 0 40 64 -2\n',
-      skip=True)
+      tmp_path,
+      '4 8 20 48 3.0\n1 2 3\n4 8 90 48 3.0\n4 8 4 48 3.0\nx 1 2 3 4\n0 0 40 64 -2\n',
+      skip=True,
+  )
   assert len(crops) == 1
   assert report.counts == {'malformed_line': 2, 'out_of_bounds': 1, 'empty_box': 1}
 
 
 def test_score_range_is_closed_and_minus_two_ignored(tmp_path):
-  crops, report = _parse(tmp_path, '0 0 40 64 1\n0 0 40 64 5\n0 0 40 64 -2\n0 0 40 64 7\n',
-                         skip=True)
+  crops, report = _parse(
+      tmp_path, '0 0 40 64 1\n0 0 40 64 5\n0 0 40 64 -2\n0 0 40 64 7\n', skip=True
+  )
   np.testing.assert_allclose([c[F.CROP_SCORE] for c in crops], [1.0, 5.0])
   assert report.counts == {'score_out_of_range': 1}
   assert '123.txt:4: score 7 is outside [1, 5]' in report.examples[0]
@@ -280,8 +305,13 @@ def _break(root, manual, kind):
   raise AssertionError(kind)
 
 
-BAD_KINDS = ['malformed_line', 'missing_image', 'unreadable_image', 'missing_annotation',
-             'caption_without_image']
+BAD_KINDS = [
+    'malformed_line',
+    'missing_image',
+    'unreadable_image',
+    'missing_annotation',
+    'caption_without_image',
+]
 
 
 @pytest.mark.parametrize('kind', BAD_KINDS)
@@ -360,8 +390,16 @@ def _gaic_skip(**kwargs):
 
 
 def test_skip_mode_from_env(monkeypatch):
-  for value, expected in [('1', True), (' Yes ', True), ('on', True), ('TRUE', True),
-                          ('0', False), ('', False), ('off', False), ('No', False)]:
+  for value, expected in [
+      ('1', True),
+      (' Yes ', True),
+      ('on', True),
+      ('TRUE', True),
+      ('0', False),
+      ('', False),
+      ('off', False),
+      ('No', False),
+  ]:
     monkeypatch.setenv(data_formats.SKIP_ENV, value)
     assert _gaic_skip() is expected, value
   monkeypatch.delenv(data_formats.SKIP_ENV)
@@ -386,9 +424,21 @@ def _run_build(cmd, tmp_path, data_dir, extra_env=None):
   env.pop(data_formats.SKIP_ENV, None)
   env.update(extra_env or {})
   return subprocess.run(
-      cmd + ['datasets/gaic', '--config', 'journal', f'--manual_dir={tmp_path / "raw"}',
-             f'--data_dir={data_dir}'],
-      cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
+      cmd
+      + [
+          'datasets/gaic',
+          '--config',
+          'journal',
+          f'--manual_dir={tmp_path / "raw"}',
+          f'--data_dir={data_dir}',
+      ],
+      cwd=REPO,
+      env=env,
+      check=True,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 def _check_built(data_dir, counts):
@@ -397,8 +447,9 @@ def _check_built(data_dir, counts):
   assert {s: splits[s].num_examples for s in splits} == counts
   ex = examples(builder, 'val')['200001']
   assert ex[F.TEXT] == b'caption of 200001 (val)'
-  np.testing.assert_allclose(ex[F.CROPS][F.CROP_BBOX][0], [4 / 40, 8 / 64, 20 / 40, 48 / 64],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      ex[F.CROPS][F.CROP_BBOX][0], [4 / 40, 8 / 64, 20 / 40, 48 / 64], rtol=1e-6
+  )
 
 
 @pytest.mark.slow
@@ -406,12 +457,16 @@ def _check_built(data_dir, counts):
     importlib.util.find_spec('apache_beam') is None
     or importlib.util.find_spec('mlcroissant') is None,
     reason='the `tfds` CLI of tensorflow-datasets 4.9.x imports apache_beam and mlcroissant '
-           'at start-up; `python datasets/gaic/gaic.py` is the same build command without them')
+    'at start-up; `python datasets/gaic/gaic.py` is the same build command without them',
+)
 def test_tfds_build_cli(tmp_path):
   make_journal(tmp_path / 'raw', top='GAIC')
   tfds_bin = pathlib.Path(sys.executable).parent / 'tfds'
-  cmd = ([os.fspath(tfds_bin)] if tfds_bin.exists()
-         else [sys.executable, '-m', 'tensorflow_datasets.scripts.cli.main'])
+  cmd = (
+      [os.fspath(tfds_bin)]
+      if tfds_bin.exists()
+      else [sys.executable, '-m', 'tensorflow_datasets.scripts.cli.main']
+  )
   _run_build(cmd + ['build'], tmp_path, tmp_path / 'data')
   _check_built(tmp_path / 'data', {'train': 3, 'val': 2, 'test': 2})
 
@@ -422,26 +477,54 @@ def test_build_command_errors_are_one_line(tmp_path):
   (root / 'annotations/train/100002.txt').write_text('0 0 48 32 4.0\n0 0 48 32 99\n')
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
   env.pop(data_formats.SKIP_ENV, None)
-  cmd = [sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/gaic', '--config',
-         'journal', f'--data_dir={tmp_path / "data"}']
-  bad = subprocess.run(cmd + [f'--manual_dir={tmp_path / "raw"}'], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+  cmd = [
+      sys.executable,
+      '-m',
+      'clipcrop_jax.build_dataset',
+      'datasets/gaic',
+      '--config',
+      'journal',
+      f'--data_dir={tmp_path / "data"}',
+  ]
+  bad = subprocess.run(
+      cmd + [f'--manual_dir={tmp_path / "raw"}'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode == 1, bad.stderr[-3000:]
   assert 'Traceback' not in bad.stderr
   last = bad.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and '100002.txt:2: score 99 is outside [1, 5]' in last
-  missing = subprocess.run(cmd + [f'--manual_dir={tmp_path / "nope"}'], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+  missing = subprocess.run(
+      cmd + [f'--manual_dir={tmp_path / "nope"}'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert missing.returncode == 2 and 'Traceback' not in missing.stderr
   assert missing.stderr.strip().splitlines()[-1] == (
       f'error: --manual_dir={tmp_path / "nope"}: no such folder (see the dataset README for its '
-      'raw files)')
-  typo = subprocess.run(cmd + [f'--manual_dir={tmp_path / "raw"}'], cwd=REPO,
-                        env=dict(env, **{data_formats.SKIP_ENV: 'ture'}), capture_output=True,
-                        text=True, timeout=300)
+      'raw files)'
+  )
+  typo = subprocess.run(
+      cmd + [f'--manual_dir={tmp_path / "raw"}'],
+      cwd=REPO,
+      env=dict(env, **{data_formats.SKIP_ENV: 'ture'}),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert typo.returncode == 2 and 'Traceback' not in typo.stderr, typo.stderr[-3000:]
-  assert typo.stderr.strip().splitlines()[-1].startswith(
-      "error: CLIPCROP_SKIP_BAD_DATA='ture': expected one of")
+  assert (
+      typo.stderr.strip()
+      .splitlines()[-1]
+      .startswith("error: CLIPCROP_SKIP_BAD_DATA='ture': expected one of")
+  )
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def _detr_sine_reference(h: int, w: int, dim: int) -> np.ndarray:
   y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * 2 * np.pi
   x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * 2 * np.pi
   n = dim // 2
-  dim_t = 10000.0**(2 * (np.arange(n) // 2) / n)
+  dim_t = 10000.0 ** (2 * (np.arange(n) // 2) / n)
   pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
   pos_x = np.stack([np.sin(pos_x[..., 0::2]), np.cos(pos_x[..., 1::2])], axis=4).reshape(1, h, w, n)
   pos_y = np.stack([np.sin(pos_y[..., 0::2]), np.cos(pos_y[..., 1::2])], axis=4).reshape(1, h, w, n)
@@ -61,8 +61,16 @@ def test_sine_position_embedding_hand_values():
   assert emb.shape == (6, 8) and emb.dtype == np.float32
   # Cell (row 1, col 0) is row 1 * 3 + 0 = 3. n = 4 features per axis, periods (1, 1, 100, 100).
   y, x = 2 / (2 + 1e-6) * 2 * np.pi, 1 / (3 + 1e-6) * 2 * np.pi
-  want = [np.sin(y), np.cos(y), np.sin(y / 100), np.cos(y / 100),
-          np.sin(x), np.cos(x), np.sin(x / 100), np.cos(x / 100)]
+  want = [
+      np.sin(y),
+      np.cos(y),
+      np.sin(y / 100),
+      np.cos(y / 100),
+      np.sin(x),
+      np.cos(x),
+      np.sin(x / 100),
+      np.cos(x / 100),
+  ]
   np.testing.assert_allclose(emb[3], want, atol=1e-6)
   # Row-major: the y half depends on the row only, the x half on the column only.
   grid = emb.reshape(2, 3, 8)
@@ -73,8 +81,11 @@ def test_sine_position_embedding_hand_values():
 
 def test_sine_position_embedding_matches_detr_reference():
   for h, w, dim in [(6, 6, 32), (4, 7, 512), (1, 5, 12)]:
-    np.testing.assert_allclose(decoder_lib.sine_position_embedding_2d(h, w, dim),
-                               _detr_sine_reference(h, w, dim), atol=1e-6)
+    np.testing.assert_allclose(
+        decoder_lib.sine_position_embedding_2d(h, w, dim),
+        _detr_sine_reference(h, w, dim),
+        atol=1e-6,
+    )
   with pytest.raises(ValueError, match='divisible by 4'):
     decoder_lib.sine_position_embedding_2d(2, 2, 6)
 
@@ -83,14 +94,23 @@ def test_sine_position_embedding_matches_detr_reference():
 # Shapes and parameters.
 
 
-def _expected_num_params(c: int, c_cond: int, width: int, mlp: int, queries: int,
-                         layers: int) -> int:
+def _expected_num_params(
+    c: int, c_cond: int, width: int, mlp: int, queries: int, layers: int
+) -> int:
   """Hand count: every Dense is in * out + out; LayerNorm 2 * W; attention 4 Dense W -> W."""
   dense = lambda i, o: i * o + o
   attention = 4 * dense(width, width)
   layer = 2 * attention + dense(width, mlp) + dense(mlp, width) + 3 * 2 * width
-  return (dense(c, width) + queries * width + dense(c_cond, width) + layers * layer + 2 * width
-          + 2 * dense(width, width) + dense(width, 4) + dense(width, 1))
+  return (
+      dense(c, width)
+      + queries * width
+      + dense(c_cond, width)
+      + layers * layer
+      + 2 * width
+      + 2 * dense(width, width)
+      + dense(width, 4)
+      + dense(width, 1)
+  )
 
 
 @pytest.mark.parametrize('config', [TINY, {}], ids=['tiny', 'default'])
@@ -98,10 +118,12 @@ def test_shapes_with_eval_shape(config):
   model = decoder_lib.CropDecoder(**config)
   tokens = jax.ShapeDtypeStruct((B, P, C), jnp.float32)
   cond = jax.ShapeDtypeStruct((B, C_COND), jnp.float32)
-  variables = jax.eval_shape(functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(0),
-                             tokens, condition=cond)
-  out = jax.eval_shape(functools.partial(model.apply, grid_hw=GRID), variables, tokens,
-                       condition=cond)
+  variables = jax.eval_shape(
+      functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(0), tokens, condition=cond
+  )
+  out = jax.eval_shape(
+      functools.partial(model.apply, grid_hw=GRID), variables, tokens, condition=cond
+  )
   layers, queries = model.num_layers, model.num_queries
   assert out['offsets'].shape == (layers, B, queries, 4)
   assert out['quality'].shape == out['quality_logits'].shape == (layers, B, queries)
@@ -116,11 +138,25 @@ def test_shapes_with_eval_shape(config):
 def test_parameter_tree_names(tiny):
   _, variables, _, _ = tiny
   params = variables['params']
-  assert set(params) == {'input_proj', 'query_embed', 'condition_proj', 'layers_0', 'layers_1',
-                         'decoder_norm', 'offset_head', 'quality_head'}
+  assert set(params) == {
+      'input_proj',
+      'query_embed',
+      'condition_proj',
+      'layers_0',
+      'layers_1',
+      'decoder_norm',
+      'offset_head',
+      'quality_head',
+  }
   assert params['query_embed'].shape == (TINY['num_queries'], TINY['width'])
-  assert set(params['layers_0']) == {'self_attention', 'cross_attention', 'mlp', 'norm_1', 'norm_2',
-                                     'norm_3'}
+  assert set(params['layers_0']) == {
+      'self_attention',
+      'cross_attention',
+      'mlp',
+      'norm_1',
+      'norm_2',
+      'norm_3',
+  }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,8 +176,9 @@ def test_initial_offsets_are_zero_and_quality_in_unit_interval(tiny):
 def _with_random_offset_head(variables, seed: int = 0):
   params = flax.core.unfreeze(variables['params'])
   kernel = params['offset_head']['dense_2']['kernel']
-  params['offset_head']['dense_2']['kernel'] = jax.random.normal(jax.random.PRNGKey(seed),
-                                                                 kernel.shape)
+  params['offset_head']['dense_2']['kernel'] = jax.random.normal(
+      jax.random.PRNGKey(seed), kernel.shape
+  )
   return {'params': params}
 
 
@@ -162,8 +199,9 @@ def test_condition_changes_outputs_and_none_path_runs(tiny):
 def test_init_without_condition_has_no_condition_proj():
   model = decoder_lib.CropDecoder(**TINY)
   tokens, cond = _inputs()
-  variables = jax.eval_shape(functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(1),
-                             tokens)
+  variables = jax.eval_shape(
+      functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(1), tokens
+  )
   assert 'condition_proj' not in variables['params']
   out = jax.eval_shape(functools.partial(model.apply, grid_hw=GRID), variables, tokens)
   assert out['offsets'].shape == (2, B, 7, 4)
@@ -201,7 +239,7 @@ def test_gradients_are_finite(tiny):
   def loss(params):
     out = model.apply({'params': params}, tokens, GRID, cond)
     target = jnp.full(out['offsets'].shape, 0.1)
-    return jnp.mean((out['offsets'] - target)**2) + jnp.mean(out['quality_logits']**2)
+    return jnp.mean((out['offsets'] - target) ** 2) + jnp.mean(out['quality_logits'] ** 2)
 
   grads = jax.jit(jax.grad(loss))(variables['params'])
   leaves = jax.tree_util.tree_leaves_with_path(grads)
@@ -226,7 +264,7 @@ def test_bfloat16_compute_gives_float32_outputs(tiny):
 
 def _np_layer_norm(x, p):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
 
 
@@ -264,11 +302,13 @@ def _np_forward(params, tokens, cond, grid_hw, pre_norm):
       t = t + _np_attention(p['cross_attention'], x + query_pos, memory + memory_pos, memory)
       t = t + mlp(_np_layer_norm(t, p['norm_3']))
     else:
-      t = _np_layer_norm(t + _np_attention(p['self_attention'], t + query_pos, t + query_pos, t),
-                         p['norm_1'])
+      t = _np_layer_norm(
+          t + _np_attention(p['self_attention'], t + query_pos, t + query_pos, t), p['norm_1']
+      )
       t = _np_layer_norm(
           t + _np_attention(p['cross_attention'], t + query_pos, memory + memory_pos, memory),
-          p['norm_2'])
+          p['norm_2'],
+      )
       t = _np_layer_norm(t + mlp(t), p['norm_3'])
     hidden.append(_np_layer_norm(t, params['decoder_norm']))
   hidden = np.stack(hidden)
@@ -282,17 +322,24 @@ def _np_forward(params, tokens, cond, grid_hw, pre_norm):
 def test_forward_matches_numpy_oracle(pre_norm, use_condition):
   model = decoder_lib.CropDecoder(**TINY, pre_norm=pre_norm)
   tokens, cond = _inputs(3)
-  shapes = jax.eval_shape(functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(4),
-                          tokens, condition=cond)['params']
+  shapes = jax.eval_shape(
+      functools.partial(model.init, grid_hw=GRID), jax.random.PRNGKey(4), tokens, condition=cond
+  )['params']
   # Random values everywhere (LayerNorm scales and the zero-initialised head included).
   rng = np.random.default_rng(5)
   np_params = jax.tree_util.tree_map(
-      lambda x: 0.5 * rng.normal(size=x.shape) + (len(x.shape) == 1) * 0.5, shapes)
+      lambda x: 0.5 * rng.normal(size=x.shape) + (len(x.shape) == 1) * 0.5, shapes
+  )
   c = cond if use_condition else None
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), np_params)
   out = _jit_apply(model)({'params': params}, tokens, GRID, c)  # XLA:CPU f32 dots are full f32.
-  offsets, logits = _np_forward(np_params, np.asarray(tokens, np.float64),
-                                None if c is None else np.asarray(c, np.float64), GRID, pre_norm)
+  offsets, logits = _np_forward(
+      np_params,
+      np.asarray(tokens, np.float64),
+      None if c is None else np.asarray(c, np.float64),
+      GRID,
+      pre_norm,
+  )
   np.testing.assert_allclose(out['offsets'], offsets, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(out['quality_logits'], logits, rtol=1e-4, atol=1e-4)
 

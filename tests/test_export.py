@@ -41,7 +41,8 @@ def _write_old_format(directory, params, version=1, config=CFG):
   config.selection_union) wrote it."""
   directory.mkdir()
   data = flax.serialization.msgpack_serialize(
-      jax.tree_util.tree_map(np.asarray, {'params': params}))
+      jax.tree_util.tree_map(np.asarray, {'params': params})
+  )
   (directory / 'params.msgpack').write_bytes(data)
   fields = dataclasses.asdict(config)
   del fields['selection_union']
@@ -76,8 +77,9 @@ def test_round_trip_records_the_keyword_pipeline(params, tmp_path):
 def test_training_only_fields_are_not_written(params, tmp_path):
   """`remat_encoder` says how a model was trained: the directory does not record it (it loads
   as the default), and a directory that does (older versions) still loads."""
-  path = export.save_model(tmp_path / 'model', CFG.replace(remat_encoder=True), params,
-                           keywords.RULES)
+  path = export.save_model(
+      tmp_path / 'model', CFG.replace(remat_encoder=True), params, keywords.RULES
+  )
   meta = json.loads((path / export.CONFIG_FILE).read_text())
   assert 'remat_encoder' not in meta['config']
   assert export.load_model(path).config == CFG
@@ -95,10 +97,10 @@ def test_cropper_uses_the_recorded_pipeline_unless_told(params, tmp_path):
     cropper_lib.ClipCropper(CFG, {'params': params}, keyword_pipeline=None)
 
 
-@pytest.mark.parametrize('pipeline,error', [(None, ValueError), ('', ValueError),
-                                            ('rule', ValueError), (3, TypeError)])
-def test_save_refuses_old_spellings_of_the_rule_based_extractor(params, tmp_path, pipeline,
-                                                                 error):
+@pytest.mark.parametrize(
+    'pipeline,error', [(None, ValueError), ('', ValueError), ('rule', ValueError), (3, TypeError)]
+)
+def test_save_refuses_old_spellings_of_the_rule_based_extractor(params, tmp_path, pipeline, error):
   with pytest.raises(error, match="'rules'"):
     export.save_model(tmp_path / 'model', CFG, params, pipeline)
   assert not (tmp_path / 'model').exists()
@@ -122,11 +124,14 @@ def test_old_spellings_in_a_directory_read_as_rules(params, tmp_path, recorded):
   assert export.load_model(path).keyword_pipeline == keywords.RULES
 
 
-@pytest.mark.parametrize('entries,match', [
-    ({'format_version': 4}, r'format_version 4 was written by a newer clipcrop-jax'),
-    ({'format_version': 'two'}, r"format_version='two'; expected an integer"),
-    ({'keyword_pipeline': 7}, r'keyword pipeline must be a str'),
-])
+@pytest.mark.parametrize(
+    'entries,match',
+    [
+        ({'format_version': 4}, r'format_version 4 was written by a newer clipcrop-jax'),
+        ({'format_version': 'two'}, r"format_version='two'; expected an integer"),
+        ({'keyword_pipeline': 7}, r'keyword pipeline must be a str'),
+    ],
+)
 def test_bad_or_newer_format_is_one_line(params, tmp_path, entries, match):
   path = export.save_model(tmp_path / 'model', CFG, params, keywords.RULES)
   _edit_meta(path, **entries)
@@ -188,7 +193,10 @@ def test_training_workdir_is_looked_up(params, tmp_path):
   _assert_same_params(model.params, params)
   assert cropper_lib.ClipCropper.load(workdir).keyword_pipeline == 'pipe'
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match=r'neither a ClipCrop model directory '
-                                              r'\(clipcrop_config\.json\) nor a training workdir '
-                                              r'with clipcrop/'):
+  with pytest.raises(
+      FileNotFoundError,
+      match=r'neither a ClipCrop model directory '
+      r'\(clipcrop_config\.json\) nor a training workdir '
+      r'with clipcrop/',
+  ):
     export.load_model(tmp_path / 'empty')

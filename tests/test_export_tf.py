@@ -78,8 +78,12 @@ def _inputs(batch: int, queries: int, seed: int):
   images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
   pixels = rng.random((batch, SIZE, SIZE, 3), dtype=np.float32)
   words = ['a dog', 'the boat', 'three cute white dogs', 'a red car', 'sky', 'a woman']
-  tokens = np.stack([tokenizer.tokenize([words[(b + q) % len(words)] for q in range(queries)])
-                     for b in range(batch)]).astype(np.int32)
+  tokens = np.stack(
+      [
+          tokenizer.tokenize([words[(b + q) % len(words)] for q in range(queries)])
+          for b in range(batch)
+      ]
+  ).astype(np.int32)
   if queries > 1:
     tokens[0, -1] = 0
   extent = np.ones((batch, 2), np.float32)
@@ -89,8 +93,9 @@ def _inputs(batch: int, queries: int, seed: int):
 
 
 def _run(signature, **inputs):
-  return {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()})
-          .items()}
+  return {
+      k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,12 +106,17 @@ def _jax_apply(config):
   def apply(params, pixels, tokens, extent):
     out = module.apply({'params': params}, pixels, tokens, image_extent=extent)
     return {'boxes': out['pred_boxes'], 'scores': out['quality']}
+
   return jax.jit(apply)
 
 
 def _jax_clipcrop(config, params, pixels, tokens, extent):
-  out = _jax_apply(config)(params, jnp.asarray(pixels), None if tokens is None
-                           else jnp.asarray(tokens), jnp.asarray(extent))
+  out = _jax_apply(config)(
+      params,
+      jnp.asarray(pixels),
+      None if tokens is None else jnp.asarray(tokens),
+      jnp.asarray(extent),
+  )
   return jax.tree_util.tree_map(np.asarray, out)
 
 
@@ -129,8 +139,12 @@ def test_clipcrop_saved_model_matches_jax_for_two_batch_sizes(clipcrop_saved_mod
   params = cropper.variables['params']
   for batch, queries in ((1, 1), (3, 4)):
     pixels, _, tokens, extent = _inputs(batch, queries, seed=batch)
-    got = _run(loaded.signatures['serving_default'], pixels=pixels, text_queries=tokens,
-               image_extent=extent)
+    got = _run(
+        loaded.signatures['serving_default'],
+        pixels=pixels,
+        text_queries=tokens,
+        image_extent=extent,
+    )
     want = _jax_clipcrop(cropper.config, params, pixels, tokens, extent)
     _assert_close(got, want)
     # Crops stay inside the real image (its extent in the padded square).
@@ -140,10 +154,13 @@ def test_clipcrop_saved_model_matches_jax_for_two_batch_sizes(clipcrop_saved_mod
   assert np.abs(got['boxes'] - unconditioned['boxes']).max() > 1e-3
   # serving_uint8 divides by 255 first (one more batch size).
   _, images, tokens, extent = _inputs(2, 2, seed=7)
-  got_uint8 = _run(loaded.signatures['serving_uint8'], images=images, text_queries=tokens,
-                   image_extent=extent)
-  _assert_close(got_uint8, _jax_clipcrop(cropper.config, params,
-                                         images.astype(np.float32) / 255.0, tokens, extent))
+  got_uint8 = _run(
+      loaded.signatures['serving_uint8'], images=images, text_queries=tokens, image_extent=extent
+  )
+  _assert_close(
+      got_uint8,
+      _jax_clipcrop(cropper.config, params, images.astype(np.float32) / 255.0, tokens, extent),
+  )
 
 
 @pytest.mark.slow
@@ -167,8 +184,12 @@ def test_readme_client_recipe_gives_the_croppers_best_crop(clipcrop_saved_model,
   np.testing.assert_allclose(best, crop.box, atol=1e-2)
   assert np.max(out['scores']) == pytest.approx(crop.score, abs=ATOL)
   # The uint8 signature on the rounded pixels gives nearly the same best crop.
-  out8 = _run(tf.saved_model.load(str(clipcrop_saved_model)).signatures['serving_uint8'],
-              images=images, text_queries=tokens, image_extent=extent)
+  out8 = _run(
+      tf.saved_model.load(str(clipcrop_saved_model)).signatures['serving_uint8'],
+      images=images,
+      text_queries=tokens,
+      image_extent=extent,
+  )
   assert np.argmax(out8['scores'][0]) == np.argmax(out['scores'][0])
 
 
@@ -182,12 +203,14 @@ def test_clipcrop_export_info_and_signatures(clipcrop_saved_model, cropper, mode
   assert info['image_size'] == SIZE and info['platforms'] == ['cpu']
   m = cropper.config.num_queries
   assert info['signatures']['serving_default'] == {
-      'inputs': {'pixels': [[None, SIZE, SIZE, 3], 'float32'],
-                 'text_queries': [[None, None, 16], 'int32'],
-                 'image_extent': [[None, 2], 'float32']},
-      'outputs': {'boxes': [[None, m, 4], 'float32'], 'scores': [[None, m], 'float32']}}
-  assert info['signatures']['serving_uint8']['inputs']['images'] == [[None, SIZE, SIZE, 3],
-                                                                     'uint8']
+      'inputs': {
+          'pixels': [[None, SIZE, SIZE, 3], 'float32'],
+          'text_queries': [[None, None, 16], 'int32'],
+          'image_extent': [[None, 2], 'float32'],
+      },
+      'outputs': {'boxes': [[None, m, 4], 'float32'], 'scores': [[None, m], 'float32']},
+  }
+  assert info['signatures']['serving_uint8']['inputs']['images'] == [[None, SIZE, SIZE, 3], 'uint8']
   # TF Serving reads the same signature (input names, polymorphic batch) from the SavedModel.
   loaded = tf.saved_model.load(str(clipcrop_saved_model))
   spec = loaded.signatures['serving_default'].structured_input_signature[1]
@@ -197,16 +220,19 @@ def test_clipcrop_export_info_and_signatures(clipcrop_saved_model, cropper, mode
 
 @pytest.mark.slow
 def test_clipcrop_base_mode_takes_no_text(cropper, tmp_path):
-  serving = tool.clipcrop_serving(cropper.config, cropper.variables['params'], 'test',
-                                  cropper.keyword_pipeline, mode='base')
+  serving = tool.clipcrop_serving(
+      cropper.config, cropper.variables['params'], 'test', cropper.keyword_pipeline, mode='base'
+  )
   out = tool.save(serving, tmp_path / 'base', platforms=('cpu',))
   signature = tf.saved_model.load(str(out)).signatures['serving_default']
   assert sorted(signature.structured_input_signature[1]) == ['image_extent', 'pixels']
   base = cropper.config.replace(mode='base')
   for batch in (1, 2):
     pixels, _, _, extent = _inputs(batch, 1, seed=10 + batch)
-    _assert_close(_run(signature, pixels=pixels, image_extent=extent),
-                  _jax_clipcrop(base, cropper.variables['params'], pixels, None, extent))
+    _assert_close(
+        _run(signature, pixels=pixels, image_extent=extent),
+        _jax_clipcrop(base, cropper.variables['params'], pixels, None, extent),
+    )
   assert json.loads((out / tool.EXPORT_INFO).read_text())['mode'] == 'base'
 
 
@@ -216,16 +242,24 @@ def test_subject_union_model_takes_query_roles(tmp_path):
   (`keywords.build_query_roles`) gives `ClipCropper.crop`'s best crop."""
   config = model_lib.TINY.replace(selection_union='subject')
   cropper = ClipCropper.init_random(config, seed=5, keyword_pipeline='rules')
-  serving = tool.clipcrop_serving(cropper.config, cropper.variables['params'], 'test',
-                                  cropper.keyword_pipeline)
+  serving = tool.clipcrop_serving(
+      cropper.config, cropper.variables['params'], 'test', cropper.keyword_pipeline
+  )
   with jax.default_matmul_precision('highest'):
     out = tool.save(serving, tmp_path / 'subject', platforms=('cpu',))
   info = json.loads((out / tool.EXPORT_INFO).read_text())
   assert info['selection_union'] == 'subject' and info['role_ids'] == {
-      'caption': 0, 'subject': 1, 'context': 2}
+      'caption': 0,
+      'subject': 1,
+      'context': 2,
+  }
   signature = tf.saved_model.load(str(out)).signatures['serving_default']
   assert sorted(signature.structured_input_signature[1]) == [
-      'image_extent', 'pixels', 'query_roles', 'text_queries']
+      'image_extent',
+      'pixels',
+      'query_roles',
+      'text_queries',
+  ]
   image = np.random.default_rng(6).integers(0, 256, (70, 50, 3), dtype=np.uint8)  # tall
   text = 'the dog next to the bench'
   h, w = image.shape[:2]
@@ -233,12 +267,17 @@ def test_subject_union_model_takes_query_roles(tmp_path):
   queries = keywords.build_query_roles(text, info['mode'], info['keyword_pipeline'])
   tokens = owlvit.tokenize([q.text for q in queries])[None].astype(np.int32)
   roles = np.array([[info['role_ids'][q.role] for q in queries]], np.int32)
-  got = _run(signature, pixels=owlvit.preprocess(image, info['image_size'])[None],
-             text_queries=tokens, query_roles=roles,
-             image_extent=np.array([[w / side, h / side]], np.float32))
+  got = _run(
+      signature,
+      pixels=owlvit.preprocess(image, info['image_size'])[None],
+      text_queries=tokens,
+      query_roles=roles,
+      image_extent=np.array([[w / side, h / side]], np.float32),
+  )
   crop = cropper.crop(image, text=text, top_k=1)[0]
-  np.testing.assert_allclose(got['boxes'][0, np.argmax(got['scores'][0])] * side, crop.box,
-                             atol=1e-2)
+  np.testing.assert_allclose(
+      got['boxes'][0, np.argmax(got['scores'][0])] * side, crop.box, atol=1e-2
+  )
 
 
 def test_image_mode_is_refused_without_a_text_mode(cropper):
@@ -270,10 +309,15 @@ def test_owlvit_v2_saved_model_matches_jax(tmp_path):
     _, images, tokens, _ = _inputs(batch, queries, seed=20 + batch)
     got = _run(signature, images=images, text_queries=tokens)
     ref = apply(variables, jnp.asarray(images, jnp.float32) / 255.0, jnp.asarray(tokens))
-    _assert_close(got, {'boxes': np.asarray(box_lib.cxcywh_to_xyxy(ref['pred_boxes'])),
-                        'logits': np.asarray(ref['pred_logits']),
-                        'scores': np.asarray(jax.nn.sigmoid(ref['pred_logits'])),
-                        'objectness_logits': np.asarray(ref['objectness_logits'])})
+    _assert_close(
+        got,
+        {
+            'boxes': np.asarray(box_lib.cxcywh_to_xyxy(ref['pred_boxes'])),
+            'logits': np.asarray(ref['pred_logits']),
+            'scores': np.asarray(jax.nn.sigmoid(ref['pred_logits'])),
+            'objectness_logits': np.asarray(ref['objectness_logits']),
+        },
+    )
   assert got['boxes'].shape == (1, config.num_tokens, 4)
 
 
@@ -285,10 +329,13 @@ def test_owlvit_v1_outputs_have_no_objectness():
   pixels, tokens = owl_model.dummy_inputs(config, batch_size=2, num_queries=3)
   out = jax.eval_shape(serving.fn, params, pixels, tokens)
   assert {k: v.shape for k, v in out.items()} == {
-      'boxes': (2, config.num_tokens, 4), 'logits': (2, config.num_tokens, 3),
-      'scores': (2, config.num_tokens, 3)}
+      'boxes': (2, config.num_tokens, 4),
+      'logits': (2, config.num_tokens, 3),
+      'scores': (2, config.num_tokens, 3),
+  }
   assert [(i.name, i.dims, i.dtype) for i in serving.inputs] == [
-      ('text_queries', (tool.QUERY_DIM, 16), 'int32')]
+      ('text_queries', (tool.QUERY_DIM, 16), 'int32')
+  ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,14 +349,17 @@ def _error_line(capsys) -> str:
   return err
 
 
-@pytest.mark.parametrize('argv, code, message', [
-    (['--random-init', 'huge'], 2, "unknown config 'huge'"),
-    (['--random-init', 'tiny', '--platforms', 'cpu,gpu'], 2, "--platforms 'cpu,gpu'"),
-    (['--random-init', 'tiny', '--platforms', 'cpu,cpu'], 2, '--platforms'),
-    (['--owlvit', 'x.msgpack', '--mode', 'base'], 2, '--mode applies to ClipCrop'),
-    (['--model', '{tmp}/missing'], 1, 'neither a ClipCrop model directory'),
-    (['--owlvit', '{tmp}/junk.msgpack'], 1, 'junk.msgpack'),
-])
+@pytest.mark.parametrize(
+    'argv, code, message',
+    [
+        (['--random-init', 'huge'], 2, "unknown config 'huge'"),
+        (['--random-init', 'tiny', '--platforms', 'cpu,gpu'], 2, "--platforms 'cpu,gpu'"),
+        (['--random-init', 'tiny', '--platforms', 'cpu,cpu'], 2, '--platforms'),
+        (['--owlvit', 'x.msgpack', '--mode', 'base'], 2, '--mode applies to ClipCrop'),
+        (['--model', '{tmp}/missing'], 1, 'neither a ClipCrop model directory'),
+        (['--owlvit', '{tmp}/junk.msgpack'], 1, 'junk.msgpack'),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(argv, code, message, tmp_path, capsys):
   (tmp_path / 'junk.msgpack').write_bytes(b'not a checkpoint')
   argv = [a.format(tmp=tmp_path) for a in argv] + ['--out', str(tmp_path / 'out')]
@@ -335,9 +385,11 @@ def test_output_directory_policy(tmp_path, capsys):
   saved.mkdir()
   (saved / 'saved_model.pb').write_bytes(b'old')
   (tmp_path / 'empty').mkdir()
-  for out, overwrite, message in ((a_file, True, 'not a directory'),
-                                  (foreign, True, 'not a SavedModel'),
-                                  (saved, False, 'pass --overwrite')):
+  for out, overwrite, message in (
+      (a_file, True, 'not a directory'),
+      (foreign, True, 'not a SavedModel'),
+      (saved, False, 'pass --overwrite'),
+  ):
     with pytest.raises(ValueError, match=message):
       tool.check_out_dir(out, overwrite)
     # The command line refuses before loading anything (the source does not even exist).
@@ -352,8 +404,9 @@ def test_output_directory_policy(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_a_saved_model_atomically(cropper, model_dir, tmp_path, monkeypatch,
-                                                     capsys):
+def test_overwrite_replaces_a_saved_model_atomically(
+    cropper, model_dir, tmp_path, monkeypatch, capsys
+):
   out = tmp_path / 'model'
   fileio.make_writable_dir(out)
   (out / 'saved_model.pb').write_bytes(b'old')
@@ -375,8 +428,11 @@ def test_overwrite_replaces_a_saved_model_atomically(cropper, model_dir, tmp_pat
   assert not (out / 'stale.txt').exists() and tool.is_saved_model(out)
   assert json.loads((out / tool.EXPORT_INFO).read_text())['keyword_pipeline'] == 'rules'
   # The command line reports a conversion failure in one line (exit code 1), --out untouched.
-  monkeypatch.setattr(tool, 'to_tf_module', lambda *a: (_ for _ in ()).throw(
-      NotImplementedError('no lowering for op foo\nlong details')))
+  monkeypatch.setattr(
+      tool,
+      'to_tf_module',
+      lambda *a: (_ for _ in ()).throw(NotImplementedError('no lowering for op foo\nlong details')),
+  )
   before = sorted(p.name for p in out.iterdir())
   assert tool.main(['--model', str(model_dir), '--out', str(out), '--overwrite']) == 1
   assert 'conversion failed (NotImplementedError: no lowering for op foo)' in _error_line(capsys)

@@ -46,19 +46,22 @@ def data_dir(synthetic_tiny_dir):
 def tiny_detection_config(load_config):
   """configs/owlvit_detection_tiny.py (3 steps) on the fixture data, with `updates`."""
   return lambda data_dir, **updates: load_config(
-      'configs/owlvit_detection_tiny.py', **{'dataset.data_dir': str(data_dir), **updates})
+      'configs/owlvit_detection_tiny.py', **{'dataset.data_dir': str(data_dir), **updates}
+  )
 
 
-def test_detection_resume_skips_truncated_step_and_logs_once(data_dir, tiny_detection_config,
-                                                             tmp_path, caplog):
-  config = tiny_detection_config(data_dir, **{'checkpoint.every_steps': 1,
-                                              'checkpoint.keep': 5})
+def test_detection_resume_skips_truncated_step_and_logs_once(
+    data_dir, tiny_detection_config, tmp_path, caplog
+):
+  config = tiny_detection_config(data_dir, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 5})
   work = tmp_path / 'det'
   dt.train_detection(config, str(work), max_steps_this_run=2)
   assert checkpoint_steps(work) == [1, 2]
   # Cut the step's OCDBT index in half (a torn write), as tests/test_train.py does.
-  index = max((work / trainer.CHECKPOINT_DIR / '2' / 'default' / 'd').iterdir(),
-              key=lambda p: p.stat().st_size)
+  index = max(
+      (work / trainer.CHECKPOINT_DIR / '2' / 'default' / 'd').iterdir(),
+      key=lambda p: p.stat().st_size,
+  )
   with index.open('r+b') as f:
     f.truncate(index.stat().st_size // 2)
 
@@ -83,20 +86,41 @@ def _umask() -> int:
   return mask
 
 
-@pytest.mark.parametrize('flags,code,expected', [
-    (['--config.loss.focal_alpa=0.5'], 2,
-     "error: --config.loss.focal_alpa: config.loss has no field 'focal_alpa' (did you mean "
-     'focal_alpha'),
-    (['--config.batch_size=0'], 2, 'error: invalid config: batch_size=0: expected an integer >= 1'),
-    (['--config.model.owlvit=clip_b33'], 2, "error: invalid config: model.owlvit='clip_b33'"),
-    (['--config.dataset.name=nope/x'], 1, "error: dataset 'nope/x' is not prepared in"),
-])
+@pytest.mark.parametrize(
+    'flags,code,expected',
+    [
+        (
+            ['--config.loss.focal_alpa=0.5'],
+            2,
+            "error: --config.loss.focal_alpa: config.loss has no field 'focal_alpa' (did you mean "
+            'focal_alpha',
+        ),
+        (
+            ['--config.batch_size=0'],
+            2,
+            'error: invalid config: batch_size=0: expected an integer >= 1',
+        ),
+        (['--config.model.owlvit=clip_b33'], 2, "error: invalid config: model.owlvit='clip_b33'"),
+        (['--config.dataset.name=nope/x'], 1, "error: dataset 'nope/x' is not prepared in"),
+    ],
+)
 def test_detection_command_line_errors_are_one_line(data_dir, tmp_path, flags, code, expected):
   proc = subprocess.run(
-      [sys.executable, '-m', 'clipcrop_jax.detection_train',
-       '--config=configs/owlvit_detection_tiny.py', f'--workdir={tmp_path / "w"}',
-       f'--config.dataset.data_dir={data_dir}', *flags],
-      cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          '-m',
+          'clipcrop_jax.detection_train',
+          '--config=configs/owlvit_detection_tiny.py',
+          f'--workdir={tmp_path / "w"}',
+          f'--config.dataset.data_dir={data_dir}',
+          *flags,
+      ],
+      cwd=REPO,
+      env=cli_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == code, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-3000:]

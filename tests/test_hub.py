@@ -88,8 +88,9 @@ def server():
   httpd.daemon_threads = True
   httpd.files, httpd.cut, httpd.log = {}, {}, []
   httpd.url = f'http://127.0.0.1:{httpd.server_address[1]}/owl_vit/checkpoints'
-  thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05),
-                            daemon=True)
+  thread = threading.Thread(
+      target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True
+  )
   thread.start()
   try:
     yield httpd
@@ -120,8 +121,13 @@ def _assert_same_params(variables, expected):
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
 
 
-def _write_hf_repo(hub_dir: pathlib.Path, repo_id: str, files: dict[str, bytes],
-                   commit: str = SHA, ref: str = 'main') -> pathlib.Path:
+def _write_hf_repo(
+    hub_dir: pathlib.Path,
+    repo_id: str,
+    files: dict[str, bytes],
+    commit: str = SHA,
+    ref: str = 'main',
+) -> pathlib.Path:
   """Writes `files` in the HF hub cache layout: blobs by SHA-256, relative symlinks in
   snapshots/<commit>/, and refs/<ref> holding the commit. Returns the snapshot folder."""
   repo_dir = hub_dir / f'models--{repo_id.replace("/", "--")}'
@@ -139,9 +145,12 @@ def _write_hf_repo(hub_dir: pathlib.Path, repo_id: str, files: dict[str, bytes],
 
 def _tiny_hf_files(tiny_variables) -> dict[str, bytes]:
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   state = ck.scenic_to_hf_state_dict(tiny_variables)
-  return {'config.json': json.dumps(ck.hf_config_dict(configs.get_config('tiny'))).encode(),
-          'model.safetensors': safetensors.numpy.save(state)}
+  return {
+      'config.json': json.dumps(ck.hf_config_dict(configs.get_config('tiny'))).encode(),
+      'model.safetensors': safetensors.numpy.save(state),
+  }
 
 
 @pytest.fixture
@@ -161,23 +170,41 @@ def hf_env(tmp_path, monkeypatch, tiny_variables):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('text,kind,name,revision', [
-    ('google/owlv2-base-patch16-ensemble', 'hf', 'google/owlv2-base-patch16-ensemble', None),
-    ('hf:google/owlvit-base-patch32@main', 'hf', 'google/owlvit-base-patch32', 'main'),
-    ('hf:owlvit', 'hf', 'owlvit', None),
-    ('org/model.v2@refs/pr/3', 'hf', 'org/model.v2', 'refs/pr/3'),
-    ('clip_vit_b32_b0203fc', 'scenic', 'clip_vit_b32_b0203fc', None),
-    ('owl2-b16-960-st-ngrams_c7e1b9a', 'scenic', 'owl2-b16-960-st-ngrams_c7e1b9a', None),
-    ('scenic:any_file.msgpack', 'scenic', 'any_file.msgpack', None),
-])
+@pytest.mark.parametrize(
+    'text,kind,name,revision',
+    [
+        ('google/owlv2-base-patch16-ensemble', 'hf', 'google/owlv2-base-patch16-ensemble', None),
+        ('hf:google/owlvit-base-patch32@main', 'hf', 'google/owlvit-base-patch32', 'main'),
+        ('hf:owlvit', 'hf', 'owlvit', None),
+        ('org/model.v2@refs/pr/3', 'hf', 'org/model.v2', 'refs/pr/3'),
+        ('clip_vit_b32_b0203fc', 'scenic', 'clip_vit_b32_b0203fc', None),
+        ('owl2-b16-960-st-ngrams_c7e1b9a', 'scenic', 'owl2-b16-960-st-ngrams_c7e1b9a', None),
+        ('scenic:any_file.msgpack', 'scenic', 'any_file.msgpack', None),
+    ],
+)
 def test_parse_name(text, kind, name, revision):
   assert hub.parse_name(text) == hub.HubName(kind, name, revision)
   assert hub.is_name(text)
 
 
-@pytest.mark.parametrize('text', ['owl.msgpack', 'runs/model.msgpack', 'out/model.safetensors',
-                                  'a/b/c', './x/y', '/abs/path', '~/x', 'org/x--y', 'bare_word',
-                                  'org/name@', 'hf:a/b/c', 'scenic:../etc', 'hf:'])
+@pytest.mark.parametrize(
+    'text',
+    [
+        'owl.msgpack',
+        'runs/model.msgpack',
+        'out/model.safetensors',
+        'a/b/c',
+        './x/y',
+        '/abs/path',
+        '~/x',
+        'org/x--y',
+        'bare_word',
+        'org/name@',
+        'hf:a/b/c',
+        'scenic:../etc',
+        'hf:',
+    ],
+)
 def test_not_names(text):
   assert not hub.is_name(text)
   assert not hub.is_name(pathlib.Path('google/owlvit-base-patch32'))  # a Path is always a path
@@ -192,8 +219,9 @@ def test_malformed_prefixed_name_is_one_line_error():
 
 def test_unknown_name_or_missing_path(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(ck.CheckpointError, match='no such file or directory, and not a checkpoint '
-                     'name') as e:
+  with pytest.raises(
+      ck.CheckpointError, match='no such file or directory, and not a checkpoint ' 'name'
+  ) as e:
     ck.load_checkpoint('owl_b32_weights')
   assert '\n' not in str(e.value)
 
@@ -212,8 +240,9 @@ def test_register_validates():
 
 def test_scenic_download_then_cached(scenic_env, tiny_bytes, tiny_variables, tmp_path):
   _serve(scenic_env, TINY_NAME, tiny_bytes)
-  hub.register_scenic_release(TINY_NAME, 'tiny', size=len(tiny_bytes),
-                              sha256=hashlib.sha256(tiny_bytes).hexdigest())
+  hub.register_scenic_release(
+      TINY_NAME, 'tiny', size=len(tiny_bytes), sha256=hashlib.sha256(tiny_bytes).hexdigest()
+  )
   module, variables = ck.load_checkpoint(TINY_NAME, progress=False)
   assert module.config == configs.get_config('tiny')
   _assert_same_params(variables, tiny_variables)
@@ -232,8 +261,7 @@ def test_release_config_is_enforced(scenic_env, tiny_bytes):
     ck.load_checkpoint(TINY_NAME, progress=False)
 
 
-def test_interrupted_download_resumes_with_range(scenic_env, tiny_bytes, tiny_variables,
-                                                 tmp_path):
+def test_interrupted_download_resumes_with_range(scenic_env, tiny_bytes, tiny_variables, tmp_path):
   _serve(scenic_env, TINY_NAME, tiny_bytes)
   cut = len(tiny_bytes) // 3
   scenic_env.cut[f'/owl_vit/checkpoints/{TINY_NAME}'] = cut
@@ -267,8 +295,10 @@ def test_complete_part_file_is_finished_without_a_body(scenic_env, tiny_bytes, t
 def test_truncated_file_fails_the_size_check(scenic_env, tiny_bytes, tmp_path):
   _serve(scenic_env, TINY_NAME, tiny_bytes[:-100])  # a mirror with a short file
   hub.register_scenic_release(TINY_NAME, 'tiny', size=len(tiny_bytes))
-  with pytest.raises(hub.HubError, match=f'downloaded {len(tiny_bytes) - 100} bytes, expected '
-                     f'{len(tiny_bytes)}'):
+  with pytest.raises(
+      hub.HubError,
+      match=f'downloaded {len(tiny_bytes) - 100} bytes, expected ' f'{len(tiny_bytes)}',
+  ):
     ck.load_checkpoint(TINY_NAME, progress=False)
   assert not [p for p in (tmp_path / 'cache' / 'scenic').iterdir() if p.name != '.locks']
 
@@ -318,8 +348,20 @@ def test_scenic_name_in_cropper_and_detect_cli(scenic_env, tiny_bytes, tmp_path,
   cropper = cropper_lib.ClipCropper.load(TINY_NAME, keyword_pipeline='rules')
   assert cropper.zero_shot and TINY_NAME in cropper.model_id
   assert cropper.crop(detect.demo_image(), text='a red square', top_k=2)
-  assert detect.main(['--checkpoint', TINY_NAME, '--query', 'a red square', '--json',
-                      '--out', str(tmp_path / 'o.png')]) == 0
+  assert (
+      detect.main(
+          [
+              '--checkpoint',
+              TINY_NAME,
+              '--query',
+              'a red square',
+              '--json',
+              '--out',
+              str(tmp_path / 'o.png'),
+          ]
+      )
+      == 0
+  )
   assert json.loads(capsys.readouterr().out)['model'] == TINY_NAME
   assert len(scenic_env.log) == 1  # downloaded once
 
@@ -355,8 +397,9 @@ def test_hf_missing_offline_is_one_line(hf_env):
 
 def test_hf_without_huggingface_hub_names_the_extra(hf_env, monkeypatch):
   monkeypatch.setitem(sys.modules, 'huggingface_hub', None)  # import -> ImportError
-  with pytest.raises(hub.HubError,
-                     match=r"need huggingface_hub; pip install 'clipcrop-jax\[hub\]'"):
+  with pytest.raises(
+      hub.HubError, match=r"need huggingface_hub; pip install 'clipcrop-jax\[hub\]'"
+  ):
     ck.load_checkpoint(HF_REPO)
 
 
@@ -365,16 +408,32 @@ def test_hf_transformers_model_from_cache(hf_env, tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   torch.manual_seed(0)
-  text = dict(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=256,
-              max_position_embeddings=16)
-  vision = dict(hidden_size=64, num_attention_heads=1, num_hidden_layers=2,
-                intermediate_size=256, patch_size=16, image_size=96)
-  model = transformers.Owlv2ForObjectDetection(transformers.Owlv2Config(
-      text_config=text, vision_config=vision, projection_dim=64))
+  text = dict(
+      hidden_size=64,
+      num_attention_heads=1,
+      num_hidden_layers=2,
+      intermediate_size=256,
+      max_position_embeddings=16,
+  )
+  vision = dict(
+      hidden_size=64,
+      num_attention_heads=1,
+      num_hidden_layers=2,
+      intermediate_size=256,
+      patch_size=16,
+      image_size=96,
+  )
+  model = transformers.Owlv2ForObjectDetection(
+      transformers.Owlv2Config(text_config=text, vision_config=vision, projection_dim=64)
+  )
   folder = tmp_path / 'saved'
   model.save_pretrained(folder)
-  _write_hf_repo(hf_env / 'hub', 'test-org/owlv2-hf', {
-      f: (folder / f).read_bytes() for f in ('config.json', 'model.safetensors')}, commit='b' * 40)
+  _write_hf_repo(
+      hf_env / 'hub',
+      'test-org/owlv2-hf',
+      {f: (folder / f).read_bytes() for f in ('config.json', 'model.safetensors')},
+      commit='b' * 40,
+  )
   module, variables = ck.load_checkpoint('test-org/owlv2-hf')
   want_module, want = ck.load_checkpoint(folder)
   assert module.config == want_module.config and module.config.objectness
@@ -385,15 +444,23 @@ def _torch_repo(hf_env, tiny_variables, state) -> None:
   torch = pytest.importorskip('torch')
   buffer = io.BytesIO()
   torch.save(state, buffer)
-  _write_hf_repo(hf_env / 'hub', HF_TORCH_REPO, {
-      'config.json': _tiny_hf_files(tiny_variables)['config.json'],
-      'pytorch_model.bin': buffer.getvalue()}, commit='c' * 40)
+  _write_hf_repo(
+      hf_env / 'hub',
+      HF_TORCH_REPO,
+      {
+          'config.json': _tiny_hf_files(tiny_variables)['config.json'],
+          'pytorch_model.bin': buffer.getvalue(),
+      },
+      commit='c' * 40,
+  )
 
 
 def test_hf_pytorch_only_repo_loads_with_weights_only(hf_env, tiny_variables, tmp_path):
   torch = pytest.importorskip('torch')
-  state = {k: torch.from_numpy(np.array(v)) for k, v in
-           ck.scenic_to_hf_state_dict(tiny_variables).items()}
+  state = {
+      k: torch.from_numpy(np.array(v))
+      for k, v in ck.scenic_to_hf_state_dict(tiny_variables).items()
+  }
   _torch_repo(hf_env, tiny_variables, state)
   module, variables = ck.load_checkpoint(HF_TORCH_REPO)
   assert module.config.name == 'tiny'
@@ -437,19 +504,56 @@ def test_crop_cli_with_hf_id_offline(hf_env, tmp_path):
   out = tmp_path / 'crops'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
-      [sys.executable, '-m', 'clipcrop_jax.crop', '--checkpoint', HF_REPO, '--text',
-       'a red square', '--top-k', '2', '--keyword-pipeline', 'rules', '--out', str(out)],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+      [
+          sys.executable,
+          '-m',
+          'clipcrop_jax.crop',
+          '--checkpoint',
+          HF_REPO,
+          '--text',
+          'a red square',
+          '--top-k',
+          '2',
+          '--keyword-pipeline',
+          'rules',
+          '--out',
+          str(out),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads((out / 'crops.json').read_text())
   assert summary['model'] == f'{HF_REPO} (zero-shot)' and summary['results'][0]['crops']
   missing = subprocess.run(
-      [sys.executable, '-m', 'clipcrop_jax.crop', '--checkpoint', 'test-org/absent', '--text',
-       'x', '--out', str(tmp_path / 'none')], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=300, check=False)
+      [
+          sys.executable,
+          '-m',
+          'clipcrop_jax.crop',
+          '--checkpoint',
+          'test-org/absent',
+          '--text',
+          'x',
+          '--out',
+          str(tmp_path / 'none'),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert missing.returncode == 2
-  assert missing.stderr.strip().splitlines()[-1].startswith(
-      'error: checkpoint test-org/absent: not in the Hugging Face cache')
+  assert (
+      missing.stderr.strip()
+      .splitlines()[-1]
+      .startswith('error: checkpoint test-org/absent: not in the Hugging Face cache')
+  )
 
 
 def test_config_accepts_names_for_init_from_owlvit(tmp_path):
@@ -461,10 +565,10 @@ def test_config_accepts_names_for_init_from_owlvit(tmp_path):
     except config_validation.ConfigError as e:
       return str(e)
     return ''
+
   assert 'init_from.owlvit' not in problems('google/owlv2-base-patch16-ensemble')
   assert 'init_from.owlvit' not in problems('clip_vit_b32_b0203fc')
-  assert "init_from.owlvit='runs/missing.msgpack': no such file" in problems(
-      'runs/missing.msgpack')
+  assert "init_from.owlvit='runs/missing.msgpack': no such file" in problems('runs/missing.msgpack')
   existing = tmp_path / 'b32.msgpack'
   existing.write_bytes(b'x')
   assert 'init_from.owlvit' not in problems(str(existing))

@@ -49,13 +49,16 @@ print(json.dumps(out))
 
 
 def _fingerprint(variables) -> float:
-  return float(np.abs(np.asarray(variables['params']['backbone']['clip']['visual']['conv1']
-                                 ['kernel'])).sum())
+  return float(
+      np.abs(np.asarray(variables['params']['backbone']['clip']['visual']['conv1']['kernel'])).sum()
+  )
 
 
 def _hf_files(params, config) -> dict[str, bytes]:
-  return {'config.json': json.dumps(ck.hf_config_dict(config)).encode(),
-          'model.safetensors': safetensors_numpy.save(ck.scenic_to_hf_state_dict(params))}
+  return {
+      'config.json': json.dumps(ck.hf_config_dict(config)).encode(),
+      'model.safetensors': safetensors_numpy.save(ck.scenic_to_hf_state_dict(params)),
+  }
 
 
 @pytest.fixture(scope='module')
@@ -108,20 +111,29 @@ def b16_repo(hub, tmp_path_factory):
   """README_ID on the fake Hub: OWLv2 B/16 (155 M parameters, random) in HF's format."""
   config = configs.get_config('owl2_b16')
   rng = np.random.default_rng(0)
-  flat = {path: rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-          for path, shape in ck.expected_param_shapes(config).items()}
+  flat = {
+      path: rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+      for path, shape in ck.expected_param_shapes(config).items()
+  }
   folder = tmp_path_factory.mktemp('b16')
-  safetensors_numpy.save_file(ck.scenic_to_hf_state_dict(ck.unflatten_params(flat)),
-                              str(folder / 'model.safetensors'))
+  safetensors_numpy.save_file(
+      ck.scenic_to_hf_state_dict(ck.unflatten_params(flat)), str(folder / 'model.safetensors')
+  )
   del flat
-  hub.add_repo(README_ID, {'config.json': json.dumps(ck.hf_config_dict(config)).encode(),
-                           'model.safetensors': folder / 'model.safetensors'})
+  hub.add_repo(
+      README_ID,
+      {
+          'config.json': json.dumps(ck.hf_config_dict(config)).encode(),
+          'model.safetensors': folder / 'model.safetensors',
+      },
+  )
   return README_ID
 
 
 @pytest.mark.slow
-def test_readme_command_downloads_crops_and_then_runs_from_the_cache(hub, b16_repo, user_dir,
-                                                                     tmp_path):
+def test_readme_command_downloads_crops_and_then_runs_from_the_cache(
+    hub, b16_repo, user_dir, tmp_path
+):
   command = _readme_command(f'--checkpoint {b16_repo}')
   env = _env(tmp_path, hub)
   out = user_dir / shlex.split(command)[shlex.split(command).index('--out') + 1]
@@ -133,8 +145,9 @@ def test_readme_command_downloads_crops_and_then_runs_from_the_cache(hub, b16_re
   assert f'/{b16_repo}/resolve/main/model.safetensors' in asked
   summary = json.loads((out / 'crops.json').read_text())
   assert summary['results'][0]['crops'], summary
-  assert (tmp_path / 'home/.cache/huggingface/hub' / f'models--{b16_repo.replace("/", "--")}'
-          ).is_dir()
+  assert (
+      tmp_path / 'home/.cache/huggingface/hub' / f'models--{b16_repo.replace("/", "--")}'
+  ).is_dir()
 
   # The Hub goes down (every request would get 503): the second run uses the cache, asks nothing.
   for child in out.iterdir():
@@ -159,13 +172,17 @@ def test_readme_command_downloads_crops_and_then_runs_from_the_cache(hub, b16_re
 def test_cropper_load_by_id_and_revision_in_a_clean_process(hub, tiny_weights, tmp_path):
   main_commit = hub.commit_of(TINY, 'main')
   names = [TINY, f'{TINY}@v1', f'hf:{TINY}@{main_commit}']
-  result = clean_process.run(['python', '-c', LOAD_SCRIPT, *names], env=_env(tmp_path, hub),
-                             cwd=tmp_path)
+  result = clean_process.run(
+      ['python', '-c', LOAD_SCRIPT, *names], env=_env(tmp_path, hub), cwd=tmp_path
+  )
   assert result.returncode == 0, clean_process.describe(result)
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out.pop('transformers imported') is False
-  want = {TINY: tiny_weights['main'], f'{TINY}@v1': tiny_weights['v1'],
-          f'hf:{TINY}@{main_commit}': tiny_weights['main']}
+  want = {
+      TINY: tiny_weights['main'],
+      f'{TINY}@v1': tiny_weights['v1'],
+      f'hf:{TINY}@{main_commit}': tiny_weights['main'],
+  }
   for name, variables in want.items():
     zero_shot, owlvit, fingerprint = out[name]
     assert zero_shot and owlvit == 'tiny', out
@@ -175,10 +192,25 @@ def test_cropper_load_by_id_and_revision_in_a_clean_process(hub, tiny_weights, t
 
 def test_detect_cli_by_id(hub, user_dir, tmp_path):
   result = clean_process.run(
-      ['python', '-m', 'clipcrop_jax.owlvit.detect', '--checkpoint', TINY, '--image',
-       str(user_dir / 'photo.jpg'), '--query', 'a cat', '--top-k', '2', '--json',
-       '--out', str(tmp_path / 'overlay.png')],
-      env=_env(tmp_path, hub), cwd=tmp_path)
+      [
+          'python',
+          '-m',
+          'clipcrop_jax.owlvit.detect',
+          '--checkpoint',
+          TINY,
+          '--image',
+          str(user_dir / 'photo.jpg'),
+          '--query',
+          'a cat',
+          '--top-k',
+          '2',
+          '--json',
+          '--out',
+          str(tmp_path / 'overlay.png'),
+      ],
+      env=_env(tmp_path, hub),
+      cwd=tmp_path,
+  )
   assert result.returncode == 0, clean_process.describe(result)
   assert (tmp_path / 'overlay.png').stat().st_size > 0
   assert 'a cat' in result.stdout
@@ -189,27 +221,52 @@ def test_detect_cli_by_id(hub, user_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 FAILURES = [
-    ('nobody/nothing',
-     'checkpoint nobody/nothing: no such file or directory, and no model of that name on the '
-     'Hugging Face Hub (404)'),
-    ('some/missing-path',  # a mistyped path that looks like an id
-     'checkpoint some/missing-path: no such file or directory, and no model of that name on the '
-     'Hugging Face Hub (404)'),
-    ('hf:nobody/nothing', 'checkpoint nobody/nothing: no model of that name on the Hugging Face '
-     'Hub (404; a private model needs a token'),
-    (f'{TINY}@v9', f"checkpoint {TINY}@v9: the Hugging Face model {TINY} has no revision 'v9' "
-     '(404)'),
-    (NOT_OWLVIT, f'checkpoint {NOT_OWLVIT}: the repository has no config.json; not a Hugging Face '
-     'OWL-ViT / OWLv2 model'),
+    (
+        'nobody/nothing',
+        'checkpoint nobody/nothing: no such file or directory, and no model of that name on the '
+        'Hugging Face Hub (404)',
+    ),
+    (
+        'some/missing-path',  # a mistyped path that looks like an id
+        'checkpoint some/missing-path: no such file or directory, and no model of that name on the '
+        'Hugging Face Hub (404)',
+    ),
+    (
+        'hf:nobody/nothing',
+        'checkpoint nobody/nothing: no model of that name on the Hugging Face '
+        'Hub (404; a private model needs a token',
+    ),
+    (
+        f'{TINY}@v9',
+        f"checkpoint {TINY}@v9: the Hugging Face model {TINY} has no revision 'v9' " '(404)',
+    ),
+    (
+        NOT_OWLVIT,
+        f'checkpoint {NOT_OWLVIT}: the repository has no config.json; not a Hugging Face '
+        'OWL-ViT / OWLv2 model',
+    ),
 ]
 
 
 @pytest.mark.parametrize('name,message', FAILURES, ids=[n for n, _ in FAILURES])
 def test_crop_cli_failure_is_one_line(hub, user_dir, tmp_path, name, message):
   result = clean_process.run(
-      ['python', '-m', 'clipcrop_jax.crop', '--checkpoint', name, '--image',
-       str(user_dir / 'photo.jpg'), '--text', 'a dog', '--out', str(tmp_path / 'crops')],
-      env=_env(tmp_path, hub), cwd=tmp_path)
+      [
+          'python',
+          '-m',
+          'clipcrop_jax.crop',
+          '--checkpoint',
+          name,
+          '--image',
+          str(user_dir / 'photo.jpg'),
+          '--text',
+          'a dog',
+          '--out',
+          str(tmp_path / 'crops'),
+      ],
+      env=_env(tmp_path, hub),
+      cwd=tmp_path,
+  )
   assert result.returncode == 2, clean_process.describe(result)
   assert message in clean_process.error_line(result)
   assert not (tmp_path / 'crops').exists() or not any((tmp_path / 'crops').iterdir())
@@ -219,13 +276,27 @@ def test_hub_down_without_cache_is_one_line(hub, user_dir, tmp_path):
   hub.down = True
   try:
     result = clean_process.run(
-        ['python', '-m', 'clipcrop_jax.owlvit.detect', '--checkpoint', TINY, '--image',
-         str(user_dir / 'photo.jpg'), '--query', 'a cat'], env=_env(tmp_path, hub), cwd=tmp_path)
+        [
+            'python',
+            '-m',
+            'clipcrop_jax.owlvit.detect',
+            '--checkpoint',
+            TINY,
+            '--image',
+            str(user_dir / 'photo.jpg'),
+            '--query',
+            'a cat',
+        ],
+        env=_env(tmp_path, hub),
+        cwd=tmp_path,
+    )
   finally:
     hub.down = False
   assert result.returncode == 2, clean_process.describe(result)
   line = clean_process.error_line(result)
-  assert f'checkpoint {TINY}: cannot reach the Hugging Face Hub at {hub.endpoint} (HTTP 503)' in line
+  assert (
+      f'checkpoint {TINY}: cannot reach the Hugging Face Hub at {hub.endpoint} (HTTP 503)' in line
+  )
   assert 'not in the cache' in line
 
 
@@ -233,6 +304,7 @@ def test_fake_hub_is_bounded():
   with fake_hf_hub.FakeHub(max_requests=2) as server:
     import urllib.error  # pylint: disable=g-import-not-at-top
     import urllib.request  # pylint: disable=g-import-not-at-top
+
     codes = []
     for _ in range(3):
       try:

@@ -23,8 +23,15 @@ SCANNED = ['clipcrop_jax', 'tools', 'datasets', 'configs']
 
 # Packages whose submodules are part of the top-level API, imported by the package itself.
 # (`tfds.core` is how TFDS's own builder template names its base classes.)
-EAGER_NAMESPACES = ('os', 'numpy', 'jax', 'tensorflow', 'tensorflow_datasets', 'flax.linen',
-                    'torch')
+EAGER_NAMESPACES = (
+    'os',
+    'numpy',
+    'jax',
+    'tensorflow',
+    'tensorflow_datasets',
+    'flax.linen',
+    'torch',
+)
 
 
 def _is_module(name: str, cache: dict[str, bool]) -> bool:

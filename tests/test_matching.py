@@ -50,8 +50,11 @@ def test_matches_scipy_optimum(m, n):
   for b in range(3):
     _check_one_to_one(pred_idx[b], target_idx[b], m, n)
     rows, cols = linear_sum_assignment(cost[b].astype(np.float64))
-    np.testing.assert_allclose(_assignment_cost(cost[b], pred_idx[b], target_idx[b]),
-                               _assignment_cost(cost[b], rows, cols), atol=1e-5)
+    np.testing.assert_allclose(
+        _assignment_cost(cost[b], pred_idx[b], target_idx[b]),
+        _assignment_cost(cost[b], rows, cols),
+        atol=1e-5,
+    )
 
 
 def test_ties_give_an_optimal_assignment():
@@ -79,8 +82,7 @@ def test_padding(m, n, num_real):
     real_cols = np.flatnonzero(mask[b])
     rows, cols = linear_sum_assignment(cost[b][:, real_cols].astype(np.float64))
     got = _assignment_cost(cost[b], pred_idx[b][valid[b]], target_idx[b][valid[b]])
-    np.testing.assert_allclose(got, _assignment_cost(cost[b][:, real_cols], rows, cols),
-                               atol=1e-5)
+    np.testing.assert_allclose(got, _assignment_cost(cost[b][:, real_cols], rows, cols), atol=1e-5)
 
 
 def test_all_padding_row_and_empty_targets():
@@ -93,8 +95,11 @@ def test_all_padding_row_and_empty_targets():
   pred_idx, target_idx, valid = _hungarian(jnp.zeros((2, 3, 0)), jnp.zeros((2, 0), bool))
   assert pred_idx.shape == target_idx.shape == valid.shape == (2, 0)
   pred_idx, target_idx, valid = jax.jit(matching.match)(
-      jnp.asarray(_random_boxes(np.random.default_rng(1), (2, 3))), jnp.full((2, 3), 0.5),
-      jnp.zeros((2, 0, 4)), jnp.zeros((2, 0), bool))
+      jnp.asarray(_random_boxes(np.random.default_rng(1), (2, 3))),
+      jnp.full((2, 3), 0.5),
+      jnp.zeros((2, 0, 4)),
+      jnp.zeros((2, 0), bool),
+  )
   assert pred_idx.shape == (2, 0) and valid.dtype == bool
 
 
@@ -108,7 +113,9 @@ def test_vmap_over_extra_axis():
       rows, cols = linear_sum_assignment(cost[a, b].astype(np.float64))
       np.testing.assert_allclose(
           _assignment_cost(cost[a, b], np.asarray(pred_idx[a, b]), np.asarray(target_idx[a, b])),
-          _assignment_cost(cost[a, b], rows, cols), atol=1e-5)
+          _assignment_cost(cost[a, b], rows, cols),
+          atol=1e-5,
+      )
 
 
 def _giou_np(a: np.ndarray, b: np.ndarray) -> float:
@@ -125,11 +132,15 @@ def _cxcywh_np(box: np.ndarray) -> np.ndarray:
 def test_match_cost_hand_values():
   preds = np.array([[[0.0, 0.0, 0.5, 0.5], [0.2, 0.1, 0.9, 0.8]]], np.float32)
   quality = np.array([[0.3, 0.8]], np.float32)
-  targets = np.array([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]],
-                     np.float32)
+  targets = np.array(
+      [[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]], np.float32
+  )
   mask = np.array([[True, True, False]])
-  cost = np.asarray(matching.match_cost(preds, quality, targets, mask, l1_weight=5.0,
-                                        giou_weight=2.0, quality_weight=1.5))
+  cost = np.asarray(
+      matching.match_cost(
+          preds, quality, targets, mask, l1_weight=5.0, giou_weight=2.0, quality_weight=1.5
+      )
+  )
   assert cost.shape == (1, 2, 3)
   for i in range(2):
     for j in range(2):
@@ -144,17 +155,20 @@ def test_match_cost_hand_values():
 
 def test_match_cost_non_finite_is_bounded():
   preds = np.array([[[np.nan, 0.0, 0.5, 0.5]]], np.float32)
-  cost = matching.match_cost(preds, np.ones((1, 1)), np.array([[[0.0, 0.0, 1.0, 1.0]]]),
-                             np.ones((1, 1), bool))
+  cost = matching.match_cost(
+      preds, np.ones((1, 1)), np.array([[[0.0, 0.0, 1.0, 1.0]]]), np.ones((1, 1), bool)
+  )
   np.testing.assert_array_equal(cost, matching.COST_UPPER_BOUND)
 
 
 def test_match_picks_the_obvious_pairs():
-  targets = np.array([[[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9]]],
-                     np.float32)
+  targets = np.array(
+      [[[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9]]], np.float32
+  )
   preds = targets[:, [2, 0, 1]] + 0.01  # Prediction i is a slightly shifted target perm[i].
   pred_idx, target_idx, valid = jax.jit(matching.match)(
-      preds, jnp.full((1, 3), 0.5), targets, np.array([[True, True, False]]))
+      preds, jnp.full((1, 3), 0.5), targets, np.array([[True, True, False]])
+  )
   pairs = {(int(p), int(t)) for p, t, v in zip(pred_idx[0], target_idx[0], valid[0]) if v}
   assert pairs == {(1, 0), (2, 1)}
   np.testing.assert_array_equal(matching.matched_mask(pred_idx, valid, 3), [[False, True, True]])
@@ -166,8 +180,9 @@ def test_gather_and_scatter_helpers():
   np.testing.assert_array_equal(matching.gather_matched(x, idx), [x[0, [2, 0]], x[1, [1, 1]]])
   np.testing.assert_array_equal(matching.gather_matched(x[..., 0], idx), [[8, 0], [16, 16]])
   values = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
-  placed = matching.scatter_to_preds(values, np.array([[2, 0], [1, 0]]),
-                                     np.array([[True, True], [False, True]]), 3, fill=-1.0)
+  placed = matching.scatter_to_preds(
+      values, np.array([[2, 0], [1, 0]]), np.array([[True, True], [False, True]]), 3, fill=-1.0
+  )
   np.testing.assert_array_equal(placed, [[2.0, -1.0, 1.0], [4.0, -1.0, -1.0]])
 
 
@@ -198,23 +213,27 @@ def test_no_gradient_through_matching():
 # The two solvers ('device': optax under vmap, 'host': SciPy through pure_callback) agree.
 # ------------------------------------------------------------------------------------------------
 
-_BOTH = {s: jax.jit(functools.partial(matching.hungarian_matching, solver=s))
-         for s in ('device', 'host')}
+_BOTH = {
+    s: jax.jit(functools.partial(matching.hungarian_matching, solver=s)) for s in ('device', 'host')
+}
 
 
 def _real_pairs(pred_idx, target_idx, valid) -> set[tuple[int, int]]:
   return {(int(p), int(t)) for p, t, v in zip(pred_idx, target_idx, valid) if v}
 
 
-@pytest.mark.parametrize('m,n,num_real', [
-    (6, 6, 6),  # square, no padding
-    (7, 4, 4),  # M > N
-    (4, 7, 7),  # M < N
-    (6, 9, 3),  # padding, all real fit
-    (4, 9, 7),  # padding, more real than predictions
-    (8, 5, 2),  # M > N with padding
-    (5, 6, 0),  # all padding
-])
+@pytest.mark.parametrize(
+    'm,n,num_real',
+    [
+        (6, 6, 6),  # square, no padding
+        (7, 4, 4),  # M > N
+        (4, 7, 7),  # M < N
+        (6, 9, 3),  # padding, all real fit
+        (4, 9, 7),  # padding, more real than predictions
+        (8, 5, 2),  # M > N with padding
+        (5, 6, 0),  # all padding
+    ],
+)
 def test_device_and_host_solvers_agree(m, n, num_real):
   """Same valid pairs (the optimum is unique for continuous random costs), same real cost (=
   SciPy's on the real columns), padding never valid, under jit and vmap over a layer axis."""
@@ -225,8 +244,10 @@ def test_device_and_host_solvers_agree(m, n, num_real):
   for b in range(batch):
     mask[b, rng.choice(n, num_real, replace=False)] = True
   cost = np.where(mask[None, :, None, :], cost, matching.COST_UPPER_BOUND).astype(np.float32)
-  results = {s: [np.asarray(x) for x in jax.vmap(f, in_axes=(0, None))(cost, mask)]
-             for s, f in _BOTH.items()}
+  results = {
+      s: [np.asarray(x) for x in jax.vmap(f, in_axes=(0, None))(cost, mask)]
+      for s, f in _BOTH.items()
+  }
   for layer in range(layers):
     for b in range(batch):
       pairs = {}
@@ -244,8 +265,9 @@ def test_device_and_host_solvers_agree(m, n, num_real):
       real_cols = np.flatnonzero(mask[b])
       rows, cols = linear_sum_assignment(cost[layer, b][:, real_cols].astype(np.float64))
       got = sum(cost[layer, b, p, t] for p, t in pairs['host'])
-      np.testing.assert_allclose(got, _assignment_cost(cost[layer, b][:, real_cols], rows, cols),
-                                 atol=1e-4)
+      np.testing.assert_allclose(
+          got, _assignment_cost(cost[layer, b][:, real_cols], rows, cols), atol=1e-4
+      )
 
 
 def test_solver_names():
@@ -273,7 +295,7 @@ def test_host_solver_gives_no_gradient_and_works_under_grad():
   np.testing.assert_allclose(grads['host'], grads['device'], atol=1e-6)
 
 
-_SHARDED_SCRIPT = '''
+_SHARDED_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clipcrop_jax.training import matching
@@ -293,15 +315,20 @@ for l in range(3):
     sets = [{(p, t) for p, t, v in zip(*(x[l, b] for x in out[s])) if v} for s in out]
     assert sets[0] == sets[1], (l, b)
 print('SHARDED_OK')
-'''
+"""
 
 
 def test_host_solver_on_a_batch_sharded_over_eight_devices(tmp_path):
   """pure_callback with a batch-sharded cost on 8 fake CPU devices gives the device result."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '8',
-         'PYTHONPATH': str(REPO)}
-  out = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '8', 'PYTHONPATH': str(REPO)}
+  out = subprocess.run(
+      [sys.executable, '-c', _SHARDED_SCRIPT],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert out.returncode == 0 and 'SHARDED_OK' in out.stdout, out.stderr[-3000:]
 
 
@@ -309,6 +336,7 @@ def test_decoder_losses_equal_with_either_solver():
   """The whole set-prediction loss (every decoder layer re-matched, padded crops, an image
   without real crops) and its gradient are the same with the device and the host solver."""
   from clipcrop_jax.training import losses  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(11)
   layers, batch, m, c = 3, 4, 12, 20
   boxes = jnp.asarray(_random_boxes(rng, (layers, batch, m)))

@@ -63,13 +63,15 @@ def test_non_finite_boxes_score_zero_instead_of_raising():
 
 def test_map_to_candidates_dedupe_order_max_outputs_and_tie():
   cands = _unit_boxes(5)
-  preds = np.array([
-      [2.0, 0, 3, 1],    # -> 2, IoU 1
-      [2.1, 0, 3.1, 1],  # -> 2 again (IoU 0.9/1.1): duplicate, dropped
-      [0.0, 0, 1, 0.5],  # -> 0, IoU 0.5
-      [3.5, 0, 4.5, 1],  # IoU 1/3 with both 3 and 4: tie -> lowest index 3
-      [1.0, 0, 2, 1],    # -> 1, IoU 1
-  ])
+  preds = np.array(
+      [
+          [2.0, 0, 3, 1],  # -> 2, IoU 1
+          [2.1, 0, 3.1, 1],  # -> 2 again (IoU 0.9/1.1): duplicate, dropped
+          [0.0, 0, 1, 0.5],  # -> 0, IoU 0.5
+          [3.5, 0, 4.5, 1],  # IoU 1/3 with both 3 and 4: tie -> lowest index 3
+          [1.0, 0, 2, 1],  # -> 1, IoU 1
+      ]
+  )
   idx, ious = metrics.map_to_candidates(preds, cands)
   assert idx.tolist() == [2, 0, 3, 1]
   assert idx.dtype == np.int64
@@ -109,10 +111,22 @@ def test_gaic_image_metrics_hand_values_with_tie_at_fifth():
   got = metrics.gaic_image_metrics([8, 0, 1, 6], _MOS12)
   e5, e6 = math.exp(-0.5), math.exp(-0.6)
   expected = {
-      'acc1_5': 1, 'acc2_5': 1 / 2, 'acc3_5': 2 / 3, 'acc4_5': 1 / 2,
-      'acc1_10': 1, 'acc2_10': 1, 'acc3_10': 1, 'acc4_10': 3 / 4,
-      'wacc1_5': 0, 'wacc2_5': 0, 'wacc3_5': 1 / 3, 'wacc4_5': 1 / 4,
-      'wacc1_10': e6, 'wacc2_10': e6, 'wacc3_10': (1 + 2 * e5) / 3, 'wacc4_10': (1 + 2 * e5) / 4,
+      'acc1_5': 1,
+      'acc2_5': 1 / 2,
+      'acc3_5': 2 / 3,
+      'acc4_5': 1 / 2,
+      'acc1_10': 1,
+      'acc2_10': 1,
+      'acc3_10': 1,
+      'acc4_10': 3 / 4,
+      'wacc1_5': 0,
+      'wacc2_5': 0,
+      'wacc3_5': 1 / 3,
+      'wacc4_5': 1 / 4,
+      'wacc1_10': e6,
+      'wacc2_10': e6,
+      'wacc3_10': (1 + 2 * e5) / 3,
+      'wacc4_10': (1 + 2 * e5) / 4,
   }
   assert set(got) == set(expected)
   for key, value in expected.items():
@@ -175,7 +189,7 @@ def test_gaic_image_metrics_matches_brute_force_oracle():
     c = int(rng.integers(1, 25))
     # Coarse MOS values so that ties (including at the 5th / 10th place) are frequent.
     mos = rng.integers(2, 10, size=c) / 2.0 if trial % 2 else rng.uniform(1, 5, size=c)
-    selection = rng.permutation(c)[:int(rng.integers(0, min(c, 6) + 1))].tolist()
+    selection = rng.permutation(c)[: int(rng.integers(0, min(c, 6) + 1))].tolist()
     got = metrics.gaic_image_metrics(selection, mos)
     for k in (1, 2, 3, 4):
       for n in (5, 10):
@@ -204,21 +218,27 @@ def test_srcc_pcc_matches_scipy_and_handles_constant_input():
 
 def test_candidate_scores_from_predictions_hand_case():
   cands = np.array([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 4, 4]], np.float64)
-  preds = np.array([
-      [0, 0, 2, 2],    # cand 0, IoU 1, conf 0.3
-      [0, 0, 2, 2],    # cand 0, IoU 1, conf 0.8 -> cand 0 keeps the max, 0.8
-      [0, 0, 3, 3],    # IoU 4/9, 4/9, 9/16 -> cand 2 (0.5625), conf 0.9
-      [1, 1, 3, 3.5],  # cand 1: inter 4, union 5 -> 0.8; cand 2: 5/16. conf 0.4
-      [3, 3, 5, 5],    # best cand 2 with IoU 1/19 < 0.5: ignored, conf 1.0
-  ], np.float64)
+  preds = np.array(
+      [
+          [0, 0, 2, 2],  # cand 0, IoU 1, conf 0.3
+          [0, 0, 2, 2],  # cand 0, IoU 1, conf 0.8 -> cand 0 keeps the max, 0.8
+          [0, 0, 3, 3],  # IoU 4/9, 4/9, 9/16 -> cand 2 (0.5625), conf 0.9
+          [1, 1, 3, 3.5],  # cand 1: inter 4, union 5 -> 0.8; cand 2: 5/16. conf 0.4
+          [3, 3, 5, 5],  # best cand 2 with IoU 1/19 < 0.5: ignored, conf 1.0
+      ],
+      np.float64,
+  )
   conf = np.array([0.3, 0.8, 0.9, 0.4, 1.0])
   np.testing.assert_allclose(
-      metrics.candidate_scores_from_predictions(preds, conf, cands), [0.8, 0.4, 0.9])
+      metrics.candidate_scores_from_predictions(preds, conf, cands), [0.8, 0.4, 0.9]
+  )
   np.testing.assert_allclose(
       metrics.candidate_scores_from_predictions(preds, conf, cands, iou_threshold=0.6),
-      [0.8, 0.4, 0.0])
+      [0.8, 0.4, 0.0],
+  )
   np.testing.assert_allclose(
-      metrics.candidate_scores_from_predictions(np.zeros((0, 4)), np.zeros(0), cands), [0, 0, 0])
+      metrics.candidate_scores_from_predictions(np.zeros((0, 4)), np.zeros(0), cands), [0, 0, 0]
+  )
 
 
 # ------------------------------------------------------------------ GaicMetrics
@@ -271,8 +291,10 @@ def test_gaic_metrics_empty_and_no_predictions():
 
 
 def test_format_markdown_table():
-  rows = {'ours': {'iou_mean': 0.55512, 'num_examples': 120},
-          'baseline': {'iou_mean': 1 / 3, 'iou_max': np.float32(0.5)}}
+  rows = {
+      'ours': {'iou_mean': 0.55512, 'num_examples': 120},
+      'baseline': {'iou_mean': 1 / 3, 'iou_max': np.float32(0.5)},
+  }
   text = metrics.format_markdown_table(rows, title='TextCrop')
   assert text.split('\n') == [
       '### TextCrop',
@@ -299,7 +321,8 @@ def test_quality_iou_srcc_matches_scipy_and_is_nan_when_undefined():
       per_ref.append(inter / (100 + 100 - inter))
     ious.append(np.mean(per_ref))
   assert metrics.quality_iou_srcc(boxes, quality, refs) == pytest.approx(
-      stats.spearmanr(quality, ious)[0])
+      stats.spearmanr(quality, ious)[0]
+  )
   # A head that ranks exactly by IoU scores 1; the reverse -1.
   assert metrics.quality_iou_srcc(boxes, np.array(ious), refs) == pytest.approx(1.0)
   assert metrics.quality_iou_srcc(boxes, -np.array(ious), refs) == pytest.approx(-1.0)
@@ -329,7 +352,8 @@ def test_paired_bootstrap_ci_oracle_and_clusters():
   assert (nhi - nlo) < 0.85 * (chi - clo)
   # A constant difference has a zero-width interval; an empty input is refused.
   assert metrics.paired_bootstrap_ci(np.full(5, 0.3), num_resamples=100)[1:] == pytest.approx(
-      (0.3, 0.3))
+      (0.3, 0.3)
+  )
   with pytest.raises(ValueError, match='at least one'):
     metrics.paired_bootstrap_ci([])
   with pytest.raises(ValueError, match='3 cluster labels for 2'):

@@ -34,10 +34,14 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
   env = dict(os.environ)
   env.update(
-      TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
+      TF_CPP_MIN_LOG_LEVEL='2',
+      JAX_PLATFORMS='cpu',
+      CUDA_VISIBLE_DEVICES='',
       # Keep each process's TF / XLA from claiming every core (several run side by side).
-      TF_NUM_INTRAOP_THREADS='1', TF_NUM_INTEROP_THREADS='2',
-      PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p]))
+      TF_NUM_INTRAOP_THREADS='1',
+      TF_NUM_INTEROP_THREADS='2',
+      PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p]),
+  )
   env.pop('XLA_FLAGS', None)  # no inherited --xla_force_host_platform_device_count
   return env
 
@@ -47,8 +51,12 @@ def _tail(path: pathlib.Path, n: int = 4000) -> str:
   return text[-n:]
 
 
-def _run_all(commands: list[list[str]], logdir: pathlib.Path, timeout: float = TIMEOUT_S,
-             cwd: pathlib.Path = ROOT) -> None:
+def _run_all(
+    commands: list[list[str]],
+    logdir: pathlib.Path,
+    timeout: float = TIMEOUT_S,
+    cwd: pathlib.Path = ROOT,
+) -> None:
   """Runs the commands concurrently; on any failure or timeout kills all and shows their logs."""
   logdir.mkdir(parents=True, exist_ok=True)
   procs, logs = [], []
@@ -56,8 +64,7 @@ def _run_all(commands: list[list[str]], logdir: pathlib.Path, timeout: float = T
     log = logdir / f'proc{i}.log'
     logs.append(log)
     with log.open('wb') as f:
-      procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=f,
-                                    stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=f, stderr=subprocess.STDOUT))
   deadline = time.monotonic() + timeout
   failed = None
   try:
@@ -81,8 +88,10 @@ def _run_all(commands: list[list[str]], logdir: pathlib.Path, timeout: float = T
     for p in procs:
       p.wait()
   if failed is not None:
-    details = '\n'.join(f'--- process {i} (rc={p.returncode}) {logs[i]} ---\n{_tail(logs[i])}'
-                        for i, p in enumerate(procs))
+    details = '\n'.join(
+        f'--- process {i} (rc={p.returncode}) {logs[i]} ---\n{_tail(logs[i])}'
+        for i, p in enumerate(procs)
+    )
     pytest.fail(f'{failed}\n{details}', pytrace=False)
 
 
@@ -94,13 +103,26 @@ def _worker(out: pathlib.Path, *extra: str) -> list[str]:
 def test_two_processes_match_single_process(tmp_path):
   port = _free_port()
   common = ['--steps', '3', '--batch', '8', '--devices_per_process', '1']
-  _run_all([
-      _worker(tmp_path / 'multi', '--port', str(port), '--num_processes', '2',
-              '--process_id', str(i), *common) for i in range(2)
-  ] + [
-      # Reference: one process with the same global device count (same reduction layout).
-      _worker(tmp_path / 'single', *[c if c != '1' else '2' for c in common]),
-  ], tmp_path / 'logs')
+  _run_all(
+      [
+          _worker(
+              tmp_path / 'multi',
+              '--port',
+              str(port),
+              '--num_processes',
+              '2',
+              '--process_id',
+              str(i),
+              *common,
+          )
+          for i in range(2)
+      ]
+      + [
+          # Reference: one process with the same global device count (same reduction layout).
+          _worker(tmp_path / 'single', *[c if c != '1' else '2' for c in common]),
+      ],
+      tmp_path / 'logs',
+  )
   for i in range(2):
     done = json.loads((tmp_path / 'multi' / f'done_{i}.json').read_text())
     assert (done['processes'], done['devices'], done['step']) == (2, 2, 3)
@@ -112,8 +134,10 @@ def test_two_processes_match_single_process(tmp_path):
   np.testing.assert_allclose(multi['losses'], single['losses'], rtol=0, atol=1e-5)
   diffs = {k: float(np.max(np.abs(multi[k] - single[k]))) for k in multi.files if k != 'losses'}
   worst = max(diffs, key=diffs.get)
-  print(f'losses {multi["losses"]} vs {single["losses"]}; max param diff {diffs[worst]:.3g} '
-        f'({worst})')
+  print(
+      f'losses {multi["losses"]} vs {single["losses"]}; max param diff {diffs[worst]:.3g} '
+      f'({worst})'
+  )
   assert diffs[worst] <= 1e-5, (worst, diffs[worst])
   assert len(set(multi['losses'].tolist())) > 1  # the parameters changed between steps
 
@@ -123,18 +147,34 @@ def test_main_train_and_eval_two_processes(synthetic_tiny_dir, tmp_path):
   data = synthetic_tiny_dir
   workdir = tmp_path / 'workdir'
   port = _free_port()
-  _run_all([[sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',
-             f'--workdir={workdir}', f'--config.dataset.data_dir={data}',
-             '--config.run=train_and_eval', '--config.distributed.initialize=True',
-             f'--config.distributed.coordinator_address=localhost:{port}',
-             '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}']
-            for i in range(2)], tmp_path / 'logs', timeout=1.5 * TIMEOUT_S)
+  _run_all(
+      [
+          [
+              sys.executable,
+              '-m',
+              'clipcrop_jax.main',
+              '--config=configs/tiny.py',
+              f'--workdir={workdir}',
+              f'--config.dataset.data_dir={data}',
+              '--config.run=train_and_eval',
+              '--config.distributed.initialize=True',
+              f'--config.distributed.coordinator_address=localhost:{port}',
+              '--config.distributed.num_processes=2',
+              f'--config.distributed.process_id={i}',
+          ]
+          for i in range(2)
+      ],
+      tmp_path / 'logs',
+      timeout=1.5 * TIMEOUT_S,
+  )
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps == [1, 2]  # tiny: 2 steps, a checkpoint every step, keep 2
   assert not [p for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name]
   from clipcrop_jax import evaluate  # pylint: disable=g-import-not-at-top
-  info = json.loads(next((data / 'synthetic_crops' / 'tiny').glob('*/dataset_info.json'))
-                    .read_text())
+
+  info = json.loads(
+      next((data / 'synthetic_crops' / 'tiny').glob('*/dataset_info.json')).read_text()
+  )
   sizes = {s['name']: sum(int(n) for n in s['shardLengths']) for s in info['splits']}
   multi = {}
   for split in ('ambiguity', 'test'):
@@ -148,15 +188,28 @@ def test_main_train_and_eval_two_processes(synthetic_tiny_dir, tmp_path):
   assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2]  # written once (process 0)
 
   # The 2-process checkpoint restores in 1 process, whose evaluation gives the same metrics.
-  _run_all([[sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',
-             f'--workdir={workdir}', f'--config.dataset.data_dir={data}', '--config.run=eval']],
-           tmp_path / 'logs_eval')
+  _run_all(
+      [
+          [
+              sys.executable,
+              '-m',
+              'clipcrop_jax.main',
+              '--config=configs/tiny.py',
+              f'--workdir={workdir}',
+              f'--config.dataset.data_dir={data}',
+              '--config.run=eval',
+          ]
+      ],
+      tmp_path / 'logs_eval',
+  )
   for split in ('ambiguity', 'test'):
-    single = json.loads((workdir / evaluate.results_filename('synthetic_crops/tiny', split))
-                        .read_text())
+    single = json.loads(
+        (workdir / evaluate.results_filename('synthetic_crops/tiny', split)).read_text()
+    )
     assert single['num_examples'] == multi[split]['num_examples']
     assert single['methods'].keys() == multi[split]['methods'].keys()
     for method, values in multi[split]['methods'].items():
       for key, value in values.items():
-        assert single['methods'][method][key] == pytest.approx(value, rel=1e-4, abs=1e-5,
-                                                               nan_ok=True), (split, method, key)
+        assert single['methods'][method][key] == pytest.approx(
+            value, rel=1e-4, abs=1e-5, nan_ok=True
+        ), (split, method, key)

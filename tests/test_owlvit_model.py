@@ -22,8 +22,11 @@ def tiny():
 
 
 def _images(cfg, batch=2, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).random(
-      (batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32))
+  return jnp.asarray(
+      np.random.default_rng(seed).random(
+          (batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32
+      )
+  )
 
 
 # ---------------------------------------------------------------- box bias (spec §3.3 numbers)
@@ -56,8 +59,9 @@ def test_box_bias_row_major_token_order():
 # ---------------------------------------------------------------- parameter tree and shapes
 
 
-@pytest.mark.parametrize('name,count', [('clip_b16', 152_396_295), ('clip_l14', 433_102_087),
-                                        ('owl2_l14', 436_824_328)])
+@pytest.mark.parametrize(
+    'name,count', [('clip_b16', 152_396_295), ('clip_l14', 433_102_087), ('owl2_l14', 436_824_328)]
+)
 def test_parameter_counts_match_released_checkpoints(name, count):
   shapes = model_lib.param_shapes(configs.get_config(name))
   leaves = jax.tree_util.tree_leaves(shapes)
@@ -144,9 +148,14 @@ def test_patch_embedding_equals_flax_conv(hw):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *hw, 3), dtype=np.float32))
   ours = clip_lib.PatchEmbedding(8, 16)
   params = ours.init(jax.random.PRNGKey(0), x)
-  ref = jax.lax.conv_general_dilated(x, params['params']['kernel'], (8, 8), 'SAME',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                     precision='highest')
+  ref = jax.lax.conv_general_dilated(
+      x,
+      params['params']['kernel'],
+      (8, 8),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest',
+  )
   with jax.default_matmul_precision('highest'):
     got = ours.apply(params, x)
   assert got.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 16)
@@ -171,10 +180,15 @@ def test_smaller_input_truncates_position_embedding(tiny):
 
 
 def _boxes_and_embeddings():
-  pred = np.array([[0.5, 0.5, 1.0, 1.0],  # whole image
-                   [0.5, 0.5, 0.9, 0.9],  # nearly whole image
-                   [0.2, 0.2, 0.2, 0.2],  # small
-                   [0.5, 0.5, 0.95, 0.95]], np.float32)
+  pred = np.array(
+      [
+          [0.5, 0.5, 1.0, 1.0],  # whole image
+          [0.5, 0.5, 0.9, 0.9],  # nearly whole image
+          [0.2, 0.2, 0.2, 0.2],  # small
+          [0.5, 0.5, 0.95, 0.95],
+      ],
+      np.float32,
+  )
   emb = np.array([[1, 0], [0.2, 0.1], [1, 1], [-1, 0.5]], np.float32)
   return pred, emb
 
@@ -199,8 +213,13 @@ def test_embed_image_query_returns_that_tokens_class_embedding(tiny):
   module, variables = tiny
   image = _images(module.config, batch=1)
   emb, index = image_query.embed_image_query(module, variables, image[0])
-  raw = module.apply(variables, image, method=lambda m, x: m.class_predictor(
-      m.image_embedder(x).reshape(1, -1, m.config.vision_width))['class_embeddings'])
+  raw = module.apply(
+      variables,
+      image,
+      method=lambda m, x: m.class_predictor(
+          m.image_embedder(x).reshape(1, -1, m.config.vision_width)
+      )['class_embeddings'],
+  )
   np.testing.assert_allclose(emb, raw[0, index], atol=1e-6)
   with pytest.raises(ValueError, match='box_xyxy'):
     image_query.embed_image_query(module, variables, image[0], (0.5, 0.5, 0.2, 0.9))
@@ -211,8 +230,20 @@ def test_embed_image_query_returns_that_tokens_class_embedding(tiny):
 
 def test_detect_cli_random_init(tmp_path, capsys):
   out = tmp_path / 'overlay.png'
-  rc = detect.main(['--random-init', 'tiny', '--query', 'a red square', '--query', 'a blue disc',
-                    '--top-k', '2', '--out', str(out)])
+  rc = detect.main(
+      [
+          '--random-init',
+          'tiny',
+          '--query',
+          'a red square',
+          '--query',
+          'a blue disc',
+          '--top-k',
+          '2',
+          '--out',
+          str(out),
+      ]
+  )
   assert rc == 0
   text = capsys.readouterr().out
   assert out.exists() and out.stat().st_size > 0
@@ -232,8 +263,18 @@ def test_detect_boxes_are_in_original_pixels(tiny):
 def test_detect_cli_bad_image_is_one_line_error(tmp_path, capsys):
   bad = tmp_path / 'bad.jpg'
   bad.write_text('not an image')
-  rc = detect.main(['--random-init', 'tiny', '--query', 'x', '--image', str(bad),
-                    '--out', str(tmp_path / 'o.png')])
+  rc = detect.main(
+      [
+          '--random-init',
+          'tiny',
+          '--query',
+          'x',
+          '--image',
+          str(bad),
+          '--out',
+          str(tmp_path / 'o.png'),
+      ]
+  )
   err = capsys.readouterr().err.strip()
   assert rc == 2 and 'bad.jpg' in err and '\n' not in err
 
@@ -271,8 +312,16 @@ def test_per_head_attention_equals_batched_with_mask():
 
 def test_package_exports():
   from clipcrop_jax import owlvit  # pylint: disable=g-import-not-at-top
+
   assert owlvit.tokenize('a photo of a cat')[0, :7].tolist() == [
-      49406, 320, 1125, 539, 320, 2368, 49407]
+      49406,
+      320,
+      1125,
+      539,
+      320,
+      2368,
+      49407,
+  ]
   assert owlvit.get_config('clip_b32').grid_size == 24
   assert callable(owlvit.load_checkpoint) and callable(owlvit.preprocess)
 
@@ -302,21 +351,46 @@ def test_detect_with_image_query_uses_one_shot_embedding(tiny, tmp_path):
   want_emb, _ = image_query.embed_image_query(module, variables, pixels[0])
   np.testing.assert_allclose(emb[0], want_emb, atol=1e-6)
   fmap = module.apply(variables, jnp.asarray(pixels), method=module.image_embedder)
-  logits = module.apply(variables, fmap.reshape(1, -1, fmap.shape[-1]), emb[None],
-                        method=module.class_predictor)['pred_logits'][0, :, 0]
+  logits = module.apply(
+      variables, fmap.reshape(1, -1, fmap.shape[-1]), emb[None], method=module.class_predictor
+  )['pred_logits'][0, :, 0]
   order = np.argsort(-np.asarray(logits))
   assert [d.token for d in dets] == order[:2].tolist() and dets[0].query == 'self'
   assert dets[0].score == pytest.approx(float(jax.nn.sigmoid(logits[order[0]])), abs=1e-5)
   # CLI: text and image queries together; a box on the example image.
   path = tmp_path / 'example.png'
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   Image.fromarray(image).save(path)
-  rc = detect.main(['--random-init', 'tiny', '--query', 'a red square', '--query-image', str(path),
-                    '--query-box', '10,10,60,60', '--top-k', '1',
-                    '--out', str(tmp_path / 'o.png')])
+  rc = detect.main(
+      [
+          '--random-init',
+          'tiny',
+          '--query',
+          'a red square',
+          '--query-image',
+          str(path),
+          '--query-box',
+          '10,10,60,60',
+          '--top-k',
+          '1',
+          '--out',
+          str(tmp_path / 'o.png'),
+      ]
+  )
   assert rc == 0
-  rc = detect.main(['--random-init', 'tiny', '--query-image', str(path), '--query-box', '5,5,1,1',
-                    '--out', str(tmp_path / 'o2.png')])
+  rc = detect.main(
+      [
+          '--random-init',
+          'tiny',
+          '--query-image',
+          str(path),
+          '--query-box',
+          '5,5,1,1',
+          '--out',
+          str(tmp_path / 'o2.png'),
+      ]
+  )
   assert rc == 2 and not (tmp_path / 'o2.png').exists()
 
 
@@ -338,8 +412,10 @@ def test_remat_keeps_parameters_outputs_and_gradients(tiny):
     return jnp.sum(out['pred_logits']) + jnp.sum(out['pred_boxes'] ** 2), out
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
-  results = {r: jax.jit(grad_fn, static_argnums=1)(variables['params'], m)
-             for r, m in ((False, module), (True, remat))}
+  results = {
+      r: jax.jit(grad_fn, static_argnums=1)(variables['params'], m)
+      for r, m in ((False, module), (True, remat))
+  }
   (_, outs_plain), grads_plain = results[False]
   (_, outs_remat), grads_remat = results[True]
   for key in ('pred_logits', 'pred_boxes', 'feature_map'):
@@ -351,9 +427,13 @@ def test_remat_keeps_parameters_outputs_and_gradients(tiny):
   assert np.any(np.asarray(flat_plain[kernel]) != 0)
   for name, g in flat_plain.items():
     np.testing.assert_allclose(flat_remat[name], g, rtol=1e-4, atol=1e-5, err_msg=name)
-  forward = {r: str(jax.make_jaxpr(loss, static_argnums=1)(variables['params'], m))
-             for r, m in ((False, module), (True, remat))}
+  forward = {
+      r: str(jax.make_jaxpr(loss, static_argnums=1)(variables['params'], m))
+      for r, m in ((False, module), (True, remat))
+  }
   assert 'remat' in forward[True] and 'remat' not in forward[False]
-  backward = {r: str(jax.make_jaxpr(grad_fn, static_argnums=1)(variables['params'], m))
-              for r, m in ((False, module), (True, remat))}
+  backward = {
+      r: str(jax.make_jaxpr(grad_fn, static_argnums=1)(variables['params'], m))
+      for r, m in ((False, module), (True, remat))
+  }
   assert backward[True].count('logistic') > backward[False].count('logistic')

@@ -39,12 +39,19 @@ def _which(names) -> str | None:
 def browser():
   binary, driver_path = _which(BROWSERS), _which(DRIVERS)
   if binary is None or driver_path is None:
-    pytest.skip('no headless browser: install Debian\'s chromium and chromium-driver '
-                '(apt-get install -y chromium chromium-driver)')
+    pytest.skip(
+        "no headless browser: install Debian's chromium and chromium-driver "
+        '(apt-get install -y chromium chromium-driver)'
+    )
   options = webdriver.ChromeOptions()
   options.binary_location = binary
-  for arg in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-              '--window-size=1280,900'):
+  for arg in (
+      '--headless=new',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-dev-shm-usage',
+      '--window-size=1280,900',
+  ):
     options.add_argument(arg)
   driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
   yield driver
@@ -73,22 +80,27 @@ def test_playground_uploads_and_draws_ranked_crops(browser, tmp_path):
     browser.find_element(By.ID, 'go').click()
     ui.WebDriverWait(browser, 60).until(
         lambda d: d.execute_script('return window.lastResult !== null')
-        or 'error' in d.find_element(By.ID, 'status').get_attribute('class'))
+        or 'error' in d.find_element(By.ID, 'status').get_attribute('class')
+    )
     status = browser.find_element(By.ID, 'status')
     assert 'error' not in status.get_attribute('class'), status.text
     shown = browser.execute_script('return window.lastResult')
     boxes = browser.find_elements(By.CSS_SELECTOR, '#overlay rect.crop-box')
     thumbs = browser.find_elements(By.CSS_SELECTOR, '#thumbs .thumb')
     view_box = browser.execute_script(
-        "return document.getElementById('overlay').getAttribute('viewBox')")
+        "return document.getElementById('overlay').getAttribute('viewBox')"
+    )
     query_rects = browser.find_elements(By.CSS_SELECTOR, '#overlay rect.query-box')
     legend = [li.text for li in browser.find_elements(By.CSS_SELECTOR, '#queries li')]
     legend_shown = browser.find_element(By.ID, 'legend').is_displayed()
     captions = [t.text for t in thumbs]
     # The same request through the API directly.
     with httpx.Client(timeout=60) as http:
-      direct = http.post(server.url + '/v1/crops', files={'image': ('s.png', photo.read_bytes())},
-                         data={'text': text, 'aspect_ratio': '4:3', 'top_k': '4'}).json()
+      direct = http.post(
+          server.url + '/v1/crops',
+          files={'image': ('s.png', photo.read_bytes())},
+          data={'text': text, 'aspect_ratio': '4:3', 'top_k': '4'},
+      ).json()
     if os.environ.get('CLIPCROP_PLAYGROUND_SCREENSHOT'):
       browser.save_screenshot(os.environ['CLIPCROP_PLAYGROUND_SCREENSHOT'])
   assert shown['crops'] == direct['crops'] and len(shown['crops']) >= 1
@@ -101,9 +113,13 @@ def test_playground_uploads_and_draws_ranked_crops(browser, tmp_path):
   # What each query selected: one dashed box per query, coloured by role, and a line each.
   queries = shown['crops'][0]['queries']
   assert [(q['text'], q['role']) for q in queries] == [
-      (text, 'caption'), ('a red square', 'subject'), ('a blue disc', 'context')]
+      (text, 'caption'),
+      ('a red square', 'subject'),
+      ('a blue disc', 'context'),
+  ]
   assert [r.get_attribute('class') for r in query_rects] == [
-      f'query-box role-{q["role"]}' for q in queries]
+      f'query-box role-{q["role"]}' for q in queries
+  ]
   subject_colour = query_rects[1].get_attribute('stroke')
   assert subject_colour != query_rects[2].get_attribute('stroke')
   for rect, q in zip(query_rects, queries):
@@ -122,6 +138,7 @@ def test_playground_uploads_and_draws_ranked_crops(browser, tmp_path):
   href = link.get_attribute('href')
   assert href.startswith('data:image/png;base64,')
   import base64  # pylint: disable=g-import-not-at-top
+
   thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(href.split(',', 1)[1]))).convert('RGB'))
   x0, y0, x1, y1 = (round(v) for v in shown['crops'][0]['box'])
   want = detect.demo_image()[y0:y1, x0:x1].astype(int)

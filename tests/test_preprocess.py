@@ -33,14 +33,17 @@ def _scenic_colab_reference(image: np.ndarray, size: int, pad_value: float) -> n
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h, w, size, pad_value", [
-    (150, 230, 64, 0.5),  # Downsample (anti-aliasing active), landscape.
-    (211, 97, 96, 0.5),  # Downsample, portrait.
-    (37, 53, 96, 0.5),  # Upsample (no blur).
-    (128, 128, 128, 0.5),  # Identity size.
-    (90, 61, 48, 0.0),  # Evaluator-style black pad.
-    (300, 200, 160, 0.25),
-])
+@pytest.mark.parametrize(
+    "h, w, size, pad_value",
+    [
+        (150, 230, 64, 0.5),  # Downsample (anti-aliasing active), landscape.
+        (211, 97, 96, 0.5),  # Downsample, portrait.
+        (37, 53, 96, 0.5),  # Upsample (no blur).
+        (128, 128, 128, 0.5),  # Identity size.
+        (90, 61, 48, 0.0),  # Evaluator-style black pad.
+        (300, 200, 160, 0.25),
+    ],
+)
 def test_colab_matches_skimage(h, w, size, pad_value):
   image = _random_uint8(h, w, seed=h * w)
   ours = pp.preprocess(image, size, recipe="colab", pad_value=pad_value, exact=True)
@@ -100,10 +103,25 @@ def test_colab_exact_matches_padded_reference_edge_cases():
   """The separable operator vs the literal padded recipe, incl. 1-pixel images, sizes 1-2,
   upsampling and kernels wider than the image (several mirror reflections)."""
   rng = np.random.default_rng(0)
-  cases = [(1, 1, 1), (1, 1, 5), (2, 1, 1), (1, 7, 1), (3, 2, 1), (5, 9, 2), (13, 4, 3),
-           (1, 300, 7), (300, 1, 7), (65, 3, 16), (2, 2, 9), (9, 1, 2), (120, 80, 3)]
-  cases += [tuple(int(v) for v in rng.integers(1, 200, 2)) + (int(rng.integers(1, 90)),)
-            for _ in range(12)]
+  cases = [
+      (1, 1, 1),
+      (1, 1, 5),
+      (2, 1, 1),
+      (1, 7, 1),
+      (3, 2, 1),
+      (5, 9, 2),
+      (13, 4, 3),
+      (1, 300, 7),
+      (300, 1, 7),
+      (65, 3, 16),
+      (2, 2, 9),
+      (9, 1, 2),
+      (120, 80, 3),
+  ]
+  cases += [
+      tuple(int(v) for v in rng.integers(1, 200, 2)) + (int(rng.integers(1, 90)),)
+      for _ in range(12)
+  ]
   for h, w, size in cases:
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     for pad_value in (0.5, 0.0, 0.9):
@@ -112,8 +130,9 @@ def test_colab_exact_matches_padded_reference_edge_cases():
       np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=f"{h}x{w} -> {size}")
 
 
-@pytest.mark.parametrize("h, w, size", [(150, 230, 64), (211, 97, 96), (383, 100, 96),
-                                         (37, 53, 96)])
+@pytest.mark.parametrize(
+    "h, w, size", [(150, 230, 64), (211, 97, 96), (383, 100, 96), (37, 53, 96)]
+)
 def test_colab_fast_equals_exact_below_4x(h, w, size):
   """No pre-reduction while max(H, W) < 4 * size: the default path is the exact one."""
   assert pp._colab_cell_size(max(h, w), size) == 1  # pylint: disable=protected-access
@@ -122,8 +141,9 @@ def test_colab_fast_equals_exact_below_4x(h, w, size):
 
 
 @pytest.mark.parametrize("cell", [2, 3, 5])
-@pytest.mark.parametrize("partial_first", [(False, False), (True, False), (False, True),
-                                           (True, True)])
+@pytest.mark.parametrize(
+    "partial_first", [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_colab_cells_exact_for_cell_constant_images(cell, partial_first):
   """Summing the reference weights over each cell is exact when the image is constant on cells,
   including an incomplete first or last cell and padding on either axis."""
@@ -136,7 +156,8 @@ def test_colab_cells_exact_for_cell_constant_images(cell, partial_first):
     cols = (np.arange(w) + offsets[1]) // cell
     full = cells[rows][:, cols]
     ours = pp._colab_resize(  # pylint: disable=protected-access
-        cells, (h, w), size, 0.5, cell, partial_first)
+        cells, (h, w), size, 0.5, cell, partial_first
+    )
     ref = pp._colab_padded_reference(full, size, 0.5)  # pylint: disable=protected-access
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=f"{h}x{w} -> {size}")
 
@@ -162,27 +183,39 @@ def test_tf_bilinear_hand_computed():
   np.testing.assert_allclose(out[0, :, 0], [0.0, 0.25, 0.75, 1.0], atol=1e-7)
 
 
-@pytest.mark.parametrize("in_hw, out_hw", [((50, 80), (31, 49)), ((20, 30), (64, 96)),
-                                           ((33, 17), (40, 10))])
+@pytest.mark.parametrize(
+    "in_hw, out_hw", [((50, 80), (31, 49)), ((20, 30), (64, 96)), ((33, 17), (40, 10))]
+)
 def test_tf_bilinear_matches_torch(in_hw, out_hw):
   """torch bilinear (align_corners=False, no antialias) uses the same half-pixel rule as TF."""
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).random(in_hw + (3,), dtype=np.float32)
   ours = pp._resize_tf_bilinear(x, *out_hw)  # pylint: disable=protected-access
-  ref = torch.nn.functional.interpolate(
-      torch.from_numpy(x).permute(2, 0, 1)[None], size=out_hw, mode="bilinear",
-      align_corners=False, antialias=False)[0].permute(1, 2, 0).numpy()
+  ref = (
+      torch.nn.functional.interpolate(
+          torch.from_numpy(x).permute(2, 0, 1)[None],
+          size=out_hw,
+          mode="bilinear",
+          align_corners=False,
+          antialias=False,
+      )[0]
+      .permute(1, 2, 0)
+      .numpy()
+  )
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("h, w, size, expected", [
-    (120, 200, 768, (460, 768)),
-    (200, 120, 768, (768, 460)),
-    (480, 640, 768, (576, 768)),
-    (500, 500, 768, (768, 768)),
-    (120, 200, 160, (96, 160)),
-    (1, 5000, 768, (1, 768)),  # Clamped to 1 instead of a zero-size resize.
-])
+@pytest.mark.parametrize(
+    "h, w, size, expected",
+    [
+        (120, 200, 768, (460, 768)),
+        (200, 120, 768, (768, 460)),
+        (480, 640, 768, (576, 768)),
+        (500, 500, 768, (768, 768)),
+        (120, 200, 160, (96, 160)),
+        (1, 5000, 768, (1, 768)),  # Clamped to 1 instead of a zero-size resize.
+    ],
+)
 def test_evaluator_fit_size(h, w, size, expected):
   assert pp.evaluator_fit_size(h, w, size) == expected
 
@@ -200,8 +233,9 @@ def test_evaluator_layout_and_values():
   np.testing.assert_array_equal(grey[:30], out[:30])
 
 
-@pytest.mark.parametrize("h, w, size", [(60, 100, 50), (1000, 31, 96), (31, 1000, 96),
-                                         (37, 53, 96)])
+@pytest.mark.parametrize(
+    "h, w, size", [(60, 100, 50), (1000, 31, 96), (31, 1000, 96), (37, 53, 96)]
+)
 def test_evaluator_uint8_gather_is_bit_identical(h, w, size):
   """Gathering uint8 pixels before the float conversion changes nothing (and bounds memory)."""
   image = _random_uint8(h, w, seed=h)
@@ -261,11 +295,14 @@ def _find_box_normalized(out: np.ndarray, threshold: float = 0.75) -> np.ndarray
 
 
 @pytest.mark.parametrize("recipe", ["colab", "evaluator"])
-@pytest.mark.parametrize("h, w, box_xyxy, size", [
-    (120, 200, (50, 30, 150, 70), 256),  # Upsampling.
-    (120, 200, (50, 30, 150, 70), 160),  # Downsampling.
-    (200, 120, (10, 120, 100, 190), 96),  # Portrait, box near the bottom.
-])
+@pytest.mark.parametrize(
+    "h, w, box_xyxy, size",
+    [
+        (120, 200, (50, 30, 150, 70), 256),  # Upsampling.
+        (120, 200, (50, 30, 150, 70), 160),  # Downsampling.
+        (200, 120, (10, 120, 100, 190), 96),  # Portrait, box near the bottom.
+    ],
+)
 def test_box_roundtrip_geometry(recipe, h, w, box_xyxy, size):
   image = np.zeros((h, w, 3), np.uint8)
   x0, y0, x1, y1 = box_xyxy
@@ -294,10 +331,14 @@ def test_recipes_agree_geometrically():
 
 def test_boxes_to_pixels_known_values():
   # Image 100 high x 200 wide -> padded square of 200 px.
-  boxes = np.array([[0.5, 0.25, 1.0, 0.5],  # The whole real image.
-                    [0.25, 0.25, 0.1, 0.1],
-                    [0.5, 0.75, 0.2, 0.2]],  # Entirely in the padding (y >= 100).
-                   dtype=np.float32)
+  boxes = np.array(
+      [
+          [0.5, 0.25, 1.0, 0.5],  # The whole real image.
+          [0.25, 0.25, 0.1, 0.1],
+          [0.5, 0.75, 0.2, 0.2],
+      ],  # Entirely in the padding (y >= 100).
+      dtype=np.float32,
+  )
   px = pp.boxes_cxcywh_to_pixels_xyxy(boxes, (100, 200))
   assert px.dtype == np.float32
   np.testing.assert_allclose(px[0], [0, 0, 200, 100], atol=1e-4)
@@ -475,7 +516,7 @@ def _assert_image_error(path, match):
 def test_truncated_jpeg(tmp_path):
   Image.fromarray(_random_uint8(64, 80)).save(tmp_path / "full.jpg", quality=90)
   data = (tmp_path / "full.jpg").read_bytes()
-  (tmp_path / "half.jpg").write_bytes(data[:len(data) // 2])
+  (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
   _assert_image_error(tmp_path / "half.jpg", "truncated")
   assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -483,7 +524,7 @@ def test_truncated_jpeg(tmp_path):
 def test_truncated_png(tmp_path):
   Image.fromarray(_random_uint8(64, 80)).save(tmp_path / "full.png")
   data = (tmp_path / "full.png").read_bytes()
-  (tmp_path / "half.png").write_bytes(data[:len(data) // 2])
+  (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
   _assert_image_error(tmp_path / "half.png", "truncated")
 
 
@@ -538,18 +579,21 @@ def test_to_uint8_rgb_dtypes():
   np.testing.assert_array_equal(pp.to_uint8_rgb(rgb.astype(np.float64) / 255.0), rgb)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((0, 4, 3), np.uint8), "empty"),
-    (np.zeros((4, 0), np.uint8), "empty"),
-    (np.zeros((4,), np.uint8), "shape"),
-    (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
-    (np.zeros((4, 4, 2), np.uint8), "channels"),
-    (np.zeros((3, 4, 4), np.uint8)[:, :, :2], "channels"),
-    (np.full((4, 4, 3), 255.0, np.float32), r"\[0, 1\]"),
-    (np.full((4, 4, 3), -0.1, np.float32), r"\[0, 1\]"),
-    (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
-    (np.zeros((4, 4, 3), np.int64), "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+        (np.zeros((4, 0), np.uint8), "empty"),
+        (np.zeros((4,), np.uint8), "shape"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
+        (np.zeros((4, 4, 2), np.uint8), "channels"),
+        (np.zeros((3, 4, 4), np.uint8)[:, :, :2], "channels"),
+        (np.full((4, 4, 3), 255.0, np.float32), r"\[0, 1\]"),
+        (np.full((4, 4, 3), -0.1, np.float32), r"\[0, 1\]"),
+        (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+        (np.zeros((4, 4, 3), np.int64), "dtype"),
+    ],
+)
 def test_to_uint8_rgb_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     pp.to_uint8_rgb(bad)

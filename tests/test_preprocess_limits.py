@@ -11,6 +11,7 @@ bundled with scikit-image (and stated in README "Preprocessing"):
   0.15). For scale: re-encoding the same photos as JPEG q95 moves boxes by 0.0002-0.006 and
   logits by up to 0.024.
 """
+
 # pylint: disable=protected-access
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def _write_bilevel_png(path: pathlib.Path, width: int, height: int) -> None:
   packer = zlib.compressobj(9)
   idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
   ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) +
-                   _png_chunk(b"IEND", b""))
+  path.write_bytes(
+      b"\x89PNG\r\n\x1a\n"
+      + _png_chunk(b"IHDR", ihdr)
+      + _png_chunk(b"IDAT", idat)
+      + _png_chunk(b"IEND", b"")
+  )
 
 
 def _photo(name: str) -> np.ndarray:
@@ -71,8 +76,12 @@ def _save(array: np.ndarray, path: pathlib.Path, orientation: int = 1, **kwargs)
 def test_max_pixels_default_env_and_argument(monkeypatch):
   monkeypatch.delenv(pp.MAX_PIXELS_ENV, raising=False)
   assert pp.max_pixels_limit() == pp.DEFAULT_MAX_PIXELS == 120_000_000
-  for raw, value in [("200000000", 200_000_000), ("2e8", 200_000_000), (" 1_000 ", 1000),
-                     ("", pp.DEFAULT_MAX_PIXELS)]:
+  for raw, value in [
+      ("200000000", 200_000_000),
+      ("2e8", 200_000_000),
+      (" 1_000 ", 1000),
+      ("", pp.DEFAULT_MAX_PIXELS),
+  ]:
     monkeypatch.setenv(pp.MAX_PIXELS_ENV, raw)
     assert pp.max_pixels_limit() == value
   assert pp.max_pixels_limit(5) == 5  # The argument wins over the environment.
@@ -124,16 +133,25 @@ def test_huge_image_refused_from_header(huge_bilevel_png, monkeypatch):
     raise AssertionError("the image was decoded")
 
   monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-  calls = [pp.load_image, lambda p: pp.load_for_model(p, 768), lambda p: pp.preprocess(p, 768),
-           lambda p: pp.preprocess(p, 768, exact=True),
-           lambda p: pp.preprocess(p, 768, recipe="evaluator")]
+  calls = [
+      pp.load_image,
+      lambda p: pp.load_for_model(p, 768),
+      lambda p: pp.preprocess(p, 768),
+      lambda p: pp.preprocess(p, 768, exact=True),
+      lambda p: pp.preprocess(p, 768, recipe="evaluator"),
+  ]
   for call in calls:
     with pytest.raises(pp.ImageError) as info:
       call(huge_bilevel_png)
     message = str(info.value)
     assert message.startswith(str(huge_bilevel_png)) and "\n" not in message
-    for part in ("12000x12000", "144.0 MP", "120.0 MP", "max_pixels=144000000",
-                 f"{pp.MAX_PIXELS_ENV}=144000000"):
+    for part in (
+        "12000x12000",
+        "144.0 MP",
+        "120.0 MP",
+        "max_pixels=144000000",
+        f"{pp.MAX_PIXELS_ENV}=144000000",
+    ):
       assert part in message, (part, message)
 
 
@@ -164,8 +182,9 @@ def test_our_limit_decides_not_pillows(tmp_path, monkeypatch):
 def test_load_for_model_exif_orientation(tmp_path, orientation):
   rng = np.random.default_rng(orientation)
   # k = 1 (max side < 4 * size): must equal the exact path on the EXIF-transposed image.
-  path = _save(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8), tmp_path / "small.png",
-               orientation)
+  path = _save(
+      rng.integers(0, 256, (45, 70, 3), dtype=np.uint8), tmp_path / "small.png", orientation
+  )
   loaded = pp.load_image(path)
   assert loaded.shape[:2] == ((70, 45) if orientation >= 5 else (45, 70))
   pixels, hw = pp.load_for_model(path, 24)
@@ -259,10 +278,13 @@ def test_load_for_model_grey_jpeg_draft(tmp_path, monkeypatch):
 def test_load_for_model_errors(tmp_path):
   Image.fromarray(_photo("astronaut.png")).save(tmp_path / "full.jpg", quality=90)
   data = (tmp_path / "full.jpg").read_bytes()
-  (tmp_path / "half.jpg").write_bytes(data[:len(data) // 2])
+  (tmp_path / "half.jpg").write_bytes(data[: len(data) // 2])
   (tmp_path / "notes.jpg").write_text("not an image")
-  for name, match in [("half.jpg", "truncated"), ("notes.jpg", "not a recognised image"),
-                      ("missing.jpg", "not found")]:
+  for name, match in [
+      ("half.jpg", "truncated"),
+      ("notes.jpg", "not a recognised image"),
+      ("missing.jpg", "not found"),
+  ]:
     with pytest.raises(pp.ImageError, match=match) as info:
       pp.load_for_model(tmp_path / name, 64)
     assert str(info.value).startswith(str(tmp_path / name)) and "\n" not in str(info.value)
@@ -376,9 +398,14 @@ print(json.dumps(result))
 def _peak_memory(call: str, path: pathlib.Path) -> dict:
   env = dict(os.environ)
   env.pop(pp.MAX_PIXELS_ENV, None)
-  proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(PREPROCESSING_PY), call,
-                         str(path)], capture_output=True, text=True, timeout=120, env=env,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", _MEMORY_SCRIPT, str(PREPROCESSING_PY), call, str(path)],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=env,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -388,8 +415,10 @@ def thin_pngs(tmp_path_factory):
   folder = tmp_path_factory.mktemp("thin")
   rng = np.random.default_rng(0)
   wide = rng.integers(0, 256, (20, 10000, 3), dtype=np.uint8)
-  return (_save(wide, folder / "wide_10000x20.png"),
-          _save(np.ascontiguousarray(wide.transpose(1, 0, 2)), folder / "tall_20x10000.png"))
+  return (
+      _save(wide, folder / "wide_10000x20.png"),
+      _save(np.ascontiguousarray(wide.transpose(1, 0, 2)), folder / "tall_20x10000.png"),
+  )
 
 
 @pytest.mark.parametrize("call", ["fast", "exact", "evaluator"])

@@ -43,7 +43,13 @@ README = REPO / 'README.md'
 DOC_FILES = [README] + sorted((REPO / 'docs').glob('*.md'))
 
 RUN, SERVE, WITH_SERVER, HELP, ELSEWHERE, NOT_RUN = (
-    'run', 'serve', 'with_server', 'help', 'elsewhere', 'not_run')
+    'run',
+    'serve',
+    'with_server',
+    'help',
+    'elsewhere',
+    'not_run',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,37 +61,61 @@ class Rule:
 
 RULES = [
     Rule(r'^pip install ', NOT_RUN, 'the installation itself: .ci/run performs it'),
-    Rule(r'--checkpoint google/owlv2-base-patch16-ensemble', ELSEWHERE,
-         'tests/test_hub_online.py::test_readme_command_downloads_crops_and_then_runs_from_the_'
-         'cache'),
+    Rule(
+        r'--checkpoint google/owlv2-base-patch16-ensemble',
+        ELSEWHERE,
+        'tests/test_hub_online.py::test_readme_command_downloads_crops_and_then_runs_from_the_'
+        'cache',
+    ),
     Rule(r'^python -m clipcrop_jax\.crop ', RUN),
     Rule(r'^python -m clipcrop_jax\.owlvit\.detect ', RUN),
     Rule(r'^python -m clipcrop_jax\.serve ', SERVE),
     Rule(r'^curl ', WITH_SERVER),
     Rule(r'^python tools/export_tf\.py ', RUN),
-    Rule(r'^python -m clipcrop_jax\.crop_beam .*--runner DataflowRunner', NOT_RUN,
-         'needs a Google Cloud project; the same pipeline runs locally on the lines above'),
+    Rule(
+        r'^python -m clipcrop_jax\.crop_beam .*--runner DataflowRunner',
+        NOT_RUN,
+        'needs a Google Cloud project; the same pipeline runs locally on the lines above',
+    ),
     Rule(r'^python -m clipcrop_jax\.crop_beam ', RUN),
     Rule(r'^python -m clipcrop_jax\.build_dataset ', RUN),
     Rule(r'^python -m clipcrop_jax\.detection_train ', RUN),
-    Rule(r'^python tools/convert_checkpoint\.py --input clip_vit_b32_b0203fc ', NOT_RUN,
-         "downloads Scenic's 583 MiB B/32 release; the converter runs on the line above"),
+    Rule(
+        r'^python tools/convert_checkpoint\.py --input clip_vit_b32_b0203fc ',
+        NOT_RUN,
+        "downloads Scenic's 583 MiB B/32 release; the converter runs on the line above",
+    ),
     Rule(r'^python tools/convert_checkpoint\.py ', RUN),
     Rule(r'^python tools/launch_sweep\.py ', RUN),  # without --launch: prints the runs' commands
-    Rule(r'^python -m clipcrop_jax\.main --config=configs/synthetic\.py', ELSEWHERE,
-         'tests/test_synthetic_pipeline.py::quick_run'),
-    Rule(r'^python -m clipcrop_jax\.main --config=configs/tiny\.py', ELSEWHERE,
-         'tests/test_train.py::main_command'),
-    Rule(r'^python -m clipcrop_jax\.main --config=configs/(gaic_b32|text_eval)\.py', NOT_RUN,
-         'needs the GAIC / Horanyi-PR data and the B/32 release; every config file is loaded '
-         'and validated by tests/test_configs.py'),
+    Rule(
+        r'^python -m clipcrop_jax\.main --config=configs/synthetic\.py',
+        ELSEWHERE,
+        'tests/test_synthetic_pipeline.py::quick_run',
+    ),
+    Rule(
+        r'^python -m clipcrop_jax\.main --config=configs/tiny\.py',
+        ELSEWHERE,
+        'tests/test_train.py::main_command',
+    ),
+    Rule(
+        r'^python -m clipcrop_jax\.main --config=configs/(gaic_b32|text_eval)\.py',
+        NOT_RUN,
+        'needs the GAIC / Horanyi-PR data and the B/32 release; every config file is loaded '
+        'and validated by tests/test_configs.py',
+    ),
     Rule(r'^python tools/benchmark_\w+\.py', HELP),
     Rule(r'^python tools/keyword_roles\.py ', HELP),  # reads GAIC's released caption files
-    Rule(r'^(OUT=\S+ |GPU_CHECK_TINY=1 )?bash tools/gpu_check\.sh', NOT_RUN,
-         'the GPU check: minutes on a lent GPU machine (its CPU dry run takes minutes too)'),
-    Rule(r'^tfds build ', NOT_RUN,
-         'needs the tfds-cli extra (apache-beam, mlcroissant); the same builders run through '
-         'python -m clipcrop_jax.build_dataset here and in the dataset tests'),
+    Rule(
+        r'^(OUT=\S+ |GPU_CHECK_TINY=1 )?bash tools/gpu_check\.sh',
+        NOT_RUN,
+        'the GPU check: minutes on a lent GPU machine (its CPU dry run takes minutes too)',
+    ),
+    Rule(
+        r'^tfds build ',
+        NOT_RUN,
+        'needs the tfds-cli extra (apache-beam, mlcroissant); the same builders run through '
+        'python -m clipcrop_jax.build_dataset here and in the dataset tests',
+    ),
     Rule(r'^docker run ', NOT_RUN, 'TF Serving in Docker: no Docker engine on CI machines'),
 ]
 
@@ -93,24 +123,27 @@ RULES = [
 PY_RULES = [
     Rule(r'^from clipcrop_jax import ClipCropper$', RUN),
     Rule(r'^results = cropper\.crop\(', NOT_RUN, 'a fragment with your own files and cropper'),
-    Rule(r'^import jax$', NOT_RUN, "downloads Scenic's 583 MiB B/32 release (weights by name are "
-         'tested in tests/test_hub*.py)'),
-    Rule(r'^from clipcrop_jax\.owlvit import heads, model$', NOT_RUN,
-         'continues the block above'),
+    Rule(
+        r'^import jax$',
+        NOT_RUN,
+        "downloads Scenic's 583 MiB B/32 release (weights by name are "
+        'tested in tests/test_hub*.py)',
+    ),
+    Rule(r'^from clipcrop_jax\.owlvit import heads, model$', NOT_RUN, 'continues the block above'),
     Rule(r'^import json, numpy as np, requests$', NOT_RUN, 'asks a TF Serving server'),
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  line: int     # line of its file where the command starts
-  text: str     # continuations joined, trailing comment removed
+  line: int  # line of its file where the command starts
+  text: str  # continuations joined, trailing comment removed
   rule: Rule
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-  file: str     # relative to the repository: README.md, docs/<page>.md
+  file: str  # relative to the repository: README.md, docs/<page>.md
   line: int
   language: str
   body: str
@@ -145,7 +178,7 @@ def readme_blocks(path: pathlib.Path = README) -> list[Block]:
   name = path.relative_to(REPO).as_posix()
   blocks = []
   for m in re.finditer(r'^```(\w*)\n(.*?)^```', text, re.S | re.M):
-    start = text[:m.start()].count('\n') + 2
+    start = text[: m.start()].count('\n') + 2
     language, body = m.group(1), m.group(2)
     commands = []
     if language in ('', 'bash', 'sh', 'shell'):
@@ -182,12 +215,14 @@ def _without_optional(text: str) -> str:
 def test_every_documented_command_has_a_rule():
   blocks = doc_blocks()
   assert {b.file for b in blocks} >= {'README.md', 'docs/cropping.md'}  # docs pages are read
-  missing = [f'{b.file} line {c.line}: {c.text}' for b in blocks for c in b.commands
-             if not c.rule]
+  missing = [f'{b.file} line {c.line}: {c.text}' for b in blocks for c in b.commands if not c.rule]
   assert not missing, 'add a rule (how is this command tested?):\n' + '\n'.join(missing)
   python = [b for b in blocks if b.language == 'python']
-  missing = [f'{b.where}: {b.body.splitlines()[0]}' for b in python
-             if not _rule(b.body.splitlines()[0], PY_RULES)]
+  missing = [
+      f'{b.where}: {b.body.splitlines()[0]}'
+      for b in python
+      if not _rule(b.body.splitlines()[0], PY_RULES)
+  ]
   assert not missing, 'add a PY_RULE for this python block:\n' + '\n'.join(missing)
   kinds = {c.rule.kind for b in blocks for c in b.commands}
   assert {RUN, SERVE, WITH_SERVER} <= kinds  # the parser found the commands
@@ -216,7 +251,8 @@ def test_readme_opens_with_the_two_commands_and_stays_short():
       'pip install -e ".[train]" && python -m clipcrop_jax.main --config=configs/synthetic.py '
       '--workdir=synthetic_run\n'
       'pip install -e ".[test]" && python -m pytest -q\n'
-      '```\n')
+      '```\n'
+  )
   assert len(text.splitlines()) <= 250
 
 
@@ -285,8 +321,18 @@ def user_files(tmp_path_factory, synthetic_tiny_dir) -> pathlib.Path:
   from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp('readme_user')
-  for i, name in enumerate(('photo.jpg', 'dog.jpg', 'cats.jpg', 'shelf.jpg', 'boat.jpg',
-                            'photos/a.jpg', 'photos/b.jpg', 'photos/more/c.jpg')):
+  for i, name in enumerate(
+      (
+          'photo.jpg',
+          'dog.jpg',
+          'cats.jpg',
+          'shelf.jpg',
+          'boat.jpg',
+          'photos/a.jpg',
+          'photos/b.jpg',
+          'photos/more/c.jpg',
+      )
+  ):
     _jpeg(root / name, 360, 480, seed=i)
   _jpeg(root / 'example_mug.jpg', 300, 280, seed=20)  # holds --query-box 40,30,220,260
   ClipCropper.init_random('tiny', seed=0).save(root / 'MODEL_DIR')
@@ -298,7 +344,8 @@ def user_files(tmp_path_factory, synthetic_tiny_dir) -> pathlib.Path:
   (hf / 'config.json').write_text(json.dumps(ck.hf_config_dict(configs.get_config('tiny'))))
   (root / 'requests.jsonl').write_text(
       '{"image": "photos/a.jpg", "text": "the dog"}\n'
-      '{"image": "photos/more/c.jpg", "text": "a cat on a sofa"}\n')
+      '{"image": "photos/more/c.jpg", "text": "a cat on a sofa"}\n'
+  )
   _gaic_journal(root / 'RAW')
   (root / 'DATA').mkdir()
   (root / 'DATA' / 'synthetic_crops').symlink_to(synthetic_tiny_dir / 'synthetic_crops')
@@ -318,9 +365,12 @@ def _folder(user_files: pathlib.Path, where: pathlib.Path) -> pathlib.Path:
       (where / entry.name).symlink_to(entry)
   for name in ('tools', 'configs', 'datasets'):
     (where / name).symlink_to(REPO / name)
-  aliases = {'MODEL_DIR_OR_OWL_CHECKPOINT': 'MODEL_DIR', 'owl2-b16.msgpack': 'owl2_b16.msgpack',
-             # the embedded default's ClipCrop (full) model (README quick start)
-             'synthetic_run/clipcrop_full_subject/clipcrop': 'MODEL_DIR'}
+  aliases = {
+      'MODEL_DIR_OR_OWL_CHECKPOINT': 'MODEL_DIR',
+      'owl2-b16.msgpack': 'owl2_b16.msgpack',
+      # the embedded default's ClipCrop (full) model (README quick start)
+      'synthetic_run/clipcrop_full_subject/clipcrop': 'MODEL_DIR',
+  }
   for alias, target in aliases.items():
     (where / alias).parent.mkdir(parents=True, exist_ok=True)
     (where / alias).symlink_to(user_files / target)
@@ -395,8 +445,7 @@ def _run_serve(command: Command, curls: list[Command], env, cwd) -> None:
     assert ready, f'line {command.line}: {command.text}: not ready\n{log.read()[-4000:]}'
     for curl in curls:
       text = _without_optional(curl.text).replace('127.0.0.1:8000', f'127.0.0.1:{port}')
-      argv_curl = shlex.split(text) + ['--silent', '--show-error', '--write-out',
-                                        '\n%{http_code}']
+      argv_curl = shlex.split(text) + ['--silent', '--show-error', '--write-out', '\n%{http_code}']
       result = clean_process.run(argv_curl, env=env, cwd=cwd, timeout=120)
       assert result.returncode == 0, clean_process.describe(result)
       *body, code = result.stdout.rsplit('\n', 1)
@@ -447,8 +496,9 @@ def test_repeated_blocks_are_run_once():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('block', _runnable_blocks(),
-                         ids=lambda b: f'{b.file}-line-{b.line}'.replace('/', '-'))
+@pytest.mark.parametrize(
+    'block', _runnable_blocks(), ids=lambda b: f'{b.file}-line-{b.line}'.replace('/', '-')
+)
 def test_readme_block_runs_as_written(block, user_files, tmp_path):
   cwd = _folder(user_files, tmp_path / 'user')  # one folder per file and block
   env = clean_process.clean_env(tmp_path / 'home')
@@ -466,13 +516,16 @@ def test_readme_block_runs_as_written(block, user_files, tmp_path):
       argv = shlex.split(command.text)
       script = argv[:2] if argv[1] != '-m' else argv[:3]
       result = clean_process.run(script + ['--help'], env=env, cwd=cwd)
-      assert result.returncode == 0, f'{block.where}, line {command.line}\n' + clean_process.describe(result)
+      assert (
+          result.returncode == 0
+      ), f'{block.where}, line {command.line}\n' + clean_process.describe(result)
     elif kind == RUN:
       for argv in _expand(command.text):
         for value in _outputs(argv):  # the user has no such file yet: this command makes it
           if (cwd / value).is_symlink():
             (cwd / value).unlink()
         result = clean_process.run(argv, env=env, cwd=cwd, timeout=400)
-        assert result.returncode == 0, (f'{block.file} line {command.line}: {" ".join(argv)}\n' +
-                                        clean_process.describe(result))
+        assert (
+            result.returncode == 0
+        ), f'{block.file} line {command.line}: {" ".join(argv)}\n' + clean_process.describe(result)
         _check_outputs(argv, cwd)

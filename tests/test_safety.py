@@ -37,8 +37,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def cropper():
-  return cropper_lib.ClipCropper(CFG, model_lib.init_variables(CFG, seed=3),
-                                 keyword_pipeline=keywords.RULES, model_id='test')
+  return cropper_lib.ClipCropper(
+      CFG, model_lib.init_variables(CFG, seed=3), keyword_pipeline=keywords.RULES, model_id='test'
+  )
 
 
 @pytest.fixture
@@ -50,18 +51,23 @@ def cli(monkeypatch, cropper):
     del cls, args, kwargs
     loads.append(1)
     return cropper
+
   monkeypatch.setattr(cropper_lib.ClipCropper, 'init_random', classmethod(fake_init))
 
   def run(*argv):
     return crop_cli.main(['--random-init', 'tiny', *map(str, argv)])
+
   run.loads = loads
   return run
 
 
 def _save(path, h=120, w=180, seed=0):
   rng = np.random.default_rng(seed)
-  image = detect.demo_image(h, w) if h >= 60 and w >= 60 else rng.integers(
-      0, 255, (h, w, 3), dtype=np.uint8)
+  image = (
+      detect.demo_image(h, w)
+      if h >= 60 and w >= 60
+      else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+  )
   Image.fromarray(image).save(path)
   return path
 
@@ -108,7 +114,7 @@ def test_replace_directory_keeps_old_contents_on_error(tmp_path):
 
 # ---------------------------------------------------------------- ClipCropper.save / load
 
-_SAVE_SCRIPT = textwrap.dedent('''
+_SAVE_SCRIPT = textwrap.dedent("""
     import os, pathlib, signal, sys
     import numpy as np
     from clipcrop_jax import cropper as cropper_lib, model as model_lib
@@ -130,7 +136,7 @@ _SAVE_SCRIPT = textwrap.dedent('''
                       (os, 'replace'), (os, 'rename'), (os, 'fsync'), (fileio, '_exchange')]:
       setattr(mod, name, killing(getattr(mod, name)))
     c.save(target)
-''')
+""")
 
 
 @pytest.mark.slow
@@ -142,8 +148,14 @@ def test_save_killed_at_any_point_leaves_old_or_new_model(cropper, tmp_path):
   old, outcomes = leaf(cropper), []
   for kill_at in range(1, 10):
     ref = tmp_path / f'new_{kill_at}.npy'
-    proc = subprocess.run([sys.executable, '-c', _SAVE_SCRIPT, str(target), str(kill_at), str(ref)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, '-c', _SAVE_SCRIPT, str(target), str(kill_at), str(ref)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
     killed = proc.returncode == -signal.SIGKILL
     assert killed or proc.returncode == 0, proc.stderr[-2000:]
     loaded = leaf(cropper_lib.ClipCropper.load(target))
@@ -172,15 +184,18 @@ def test_save_refuses_a_directory_that_is_not_a_model(cropper, tmp_path):
     cropper.save(tmp_path / 'file')
 
 
-@pytest.mark.parametrize('field,value,match', [
-    ('decoder_width', '32', r'decoder_width=\'32\' has type str; expected int'),
-    ('num_queries', 12.5, 'num_queries=12.5 has type float'),
-    ('freeze_encoder', 'yes', 'freeze_encoder'),
-    ('decoder_heads', 0, 'decoder_heads=0; expected >= 1'),
-    ('decoder_heads', 5, 'not divisible by decoder_heads=5'),
-    ('dropout_rate', 1.5, r'dropout_rate=1.5; expected \[0, 1\)'),
-    ('no_such_field', 1, 'unknown ClipCropConfig field'),
-])
+@pytest.mark.parametrize(
+    'field,value,match',
+    [
+        ('decoder_width', '32', r'decoder_width=\'32\' has type str; expected int'),
+        ('num_queries', 12.5, 'num_queries=12.5 has type float'),
+        ('freeze_encoder', 'yes', 'freeze_encoder'),
+        ('decoder_heads', 0, 'decoder_heads=0; expected >= 1'),
+        ('decoder_heads', 5, 'not divisible by decoder_heads=5'),
+        ('dropout_rate', 1.5, r'dropout_rate=1.5; expected \[0, 1\)'),
+        ('no_such_field', 1, 'unknown ClipCropConfig field'),
+    ],
+)
 def test_load_type_checks_the_config(cropper, tmp_path, field, value, match):
   ckpt = cropper.save(tmp_path / 'ckpt')
   meta = json.loads((ckpt / export.CONFIG_FILE).read_text())
@@ -204,15 +219,17 @@ def test_api_arguments_are_checked_before_any_image_is_encoded(cropper, monkeypa
   real = owl_model.encode_images
   monkeypatch.setattr(owl_model, 'encode_images', lambda *a: calls.append(1) or real(*a))
   images = [detect.demo_image(), detect.demo_image(90, 90)]
-  bad = [(dict(top_k='3'), TypeError, 'top_k must be an integer'),
-         (dict(top_k=0), ValueError, 'top_k must be >= 1'),
-         (dict(min_size='10'), TypeError, 'min_size must be a number'),
-         (dict(min_size=float('nan')), ValueError, 'min_size'),
-         (dict(fuse_top_k=0), ValueError, 'fuse_top_k'),
-         (dict(aspect_ratio=1e9), ValueError, r'outside \[1/100, 100\]'),
-         (dict(text=' '), ValueError, 'non-empty text'),
-         (dict(query_image=detect.demo_image(50, 50)), ValueError, 'not both'),
-         (dict(query_box=(0, 0, 5, 5)), ValueError, 'query_box needs query_image')]
+  bad = [
+      (dict(top_k='3'), TypeError, 'top_k must be an integer'),
+      (dict(top_k=0), ValueError, 'top_k must be >= 1'),
+      (dict(min_size='10'), TypeError, 'min_size must be a number'),
+      (dict(min_size=float('nan')), ValueError, 'min_size'),
+      (dict(fuse_top_k=0), ValueError, 'fuse_top_k'),
+      (dict(aspect_ratio=1e9), ValueError, r'outside \[1/100, 100\]'),
+      (dict(text=' '), ValueError, 'non-empty text'),
+      (dict(query_image=detect.demo_image(50, 50)), ValueError, 'not both'),
+      (dict(query_box=(0, 0, 5, 5)), ValueError, 'query_box needs query_image'),
+  ]
   for kwargs, error, match in bad:
     with pytest.raises(error, match=match):
       cropper.crop(images, **{'text': 'a red square', **kwargs})
@@ -228,8 +245,9 @@ def test_query_box_is_checked_in_query_image_pixels(cropper):
 
 
 def test_encoding_of_another_model_is_refused(cropper):
-  other = cropper_lib.ClipCropper(CFG, model_lib.init_variables(CFG, seed=4),
-                                  keyword_pipeline=keywords.RULES)
+  other = cropper_lib.ClipCropper(
+      CFG, model_lib.init_variables(CFG, seed=4), keyword_pipeline=keywords.RULES
+  )
   enc = other.encode(detect.demo_image())
   with pytest.raises(ValueError, match='another ClipCropper'):
     cropper.crop(enc, text='a red square')
@@ -252,10 +270,12 @@ def test_crops_are_never_below_one_pixel(cropper, hw):
 
 def test_widen_to_min_side_by_hand():
   got = box_lib.widen_to_min_side_xyxy(
-      np.array([[0.2, 0.1, 0.3, 5.0], [9.9, 0, 10, 0.2], [0, 0, 4, 4]]), (10, 20))
+      np.array([[0.2, 0.1, 0.3, 5.0], [9.9, 0, 10, 0.2], [0, 0, 4, 4]]), (10, 20)
+  )
   np.testing.assert_allclose(got, [[0, 0.1, 1, 5], [9, 0, 10, 1], [0, 0, 4, 4]])
-  np.testing.assert_allclose(box_lib.widen_to_min_side_xyxy(np.array([[0.2, 0.1, 0.3, 0.1]]),
-                                                            (0.5, 20)), [[0, 0, 0.5, 1]])
+  np.testing.assert_allclose(
+      box_lib.widen_to_min_side_xyxy(np.array([[0.2, 0.1, 0.3, 0.1]]), (0.5, 20)), [[0, 0, 0.5, 1]]
+  )
 
 
 # ---------------------------------------------------------------- crop CLI
@@ -273,8 +293,7 @@ def test_out_equal_to_the_input_folder_is_refused(cli, tmp_path, capsys):
   assert 'input folder' in capsys.readouterr().err
 
 
-def test_second_run_needs_overwrite_and_leaves_no_stale_files(cli, tmp_path, cropper,
-                                                              monkeypatch):
+def test_second_run_needs_overwrite_and_leaves_no_stale_files(cli, tmp_path, cropper, monkeypatch):
   photos, out = tmp_path / 'photos', tmp_path / 'out'
   photos.mkdir()
   _save(photos / 'a.jpg')
@@ -285,7 +304,8 @@ def test_second_run_needs_overwrite_and_leaves_no_stale_files(cli, tmp_path, cro
 
   def three_crops(items, request, **kw):
     for r in real(items, request, **kw):
-      yield r if r.crops is None else dataclasses.replace(r, crops=three[:request.top_k])
+      yield r if r.crops is None else dataclasses.replace(r, crops=three[: request.top_k])
+
   monkeypatch.setattr(cropper, 'iter_crops_checked', three_crops)
   assert cli('--image', photos, '--text', 'x', '--top-k', 3, '--out', out) == 0
   assert (out / 'a_crop2.jpg').exists() and (out / 'b_crop2.jpg').exists()
@@ -295,8 +315,15 @@ def test_second_run_needs_overwrite_and_leaves_no_stale_files(cli, tmp_path, cro
   assert _snapshot(out) == first
   assert cli('--image', photos, '--text', 'x', '--top-k', 1, '--out', out, '--overwrite') == 0
   names = sorted(p.name for p in out.iterdir())
-  assert names == ['a_crop0.jpg', 'a_overlay.png', 'b_crop0.jpg', 'b_overlay.png', 'crops.json',
-                   'crops.jsonl', 'my_notes.txt']
+  assert names == [
+      'a_crop0.jpg',
+      'a_overlay.png',
+      'b_crop0.jpg',
+      'b_overlay.png',
+      'crops.json',
+      'crops.jsonl',
+      'my_notes.txt',
+  ]
   assert (out / 'my_notes.txt').read_text() == 'mine'
   assert [len(r['crops']) for r in _report(out)['results']] == [1, 1]
   # A folder of other things is never taken over, even with --overwrite.
@@ -321,9 +348,9 @@ def test_same_stem_inputs_get_distinct_outputs(cli, tmp_path):
     w, h = r['image_size_wh']
     overlay = Image.open(out / f'{r["name"]}_overlay.png')
     assert overlay.size == (w, h)  # each image's own overlay, none overwritten
-  assert crop_run_log.output_names([pathlib.Path('a/x.jpg'), pathlib.Path('b/x.jpg'),
-                                pathlib.Path('x_jpg.png'), None]) == ['x', 'x_jpg', 'x_jpg_png',
-                                                                      'demo']
+  assert crop_run_log.output_names(
+      [pathlib.Path('a/x.jpg'), pathlib.Path('b/x.jpg'), pathlib.Path('x_jpg.png'), None]
+  ) == ['x', 'x_jpg', 'x_jpg_png', 'demo']
 
 
 def test_one_bad_image_never_ends_the_folder(cli, tmp_path, cropper, monkeypatch):
@@ -338,6 +365,7 @@ def test_one_bad_image_never_ends_the_folder(cli, tmp_path, cropper, monkeypatch
     if any(i.image_hw == (90, 90) for i in inputs):
       raise RuntimeError('device fell over')
     return real(inputs, request)
+
   monkeypatch.setattr(cropper, '_forward', flaky)
   assert cli('--image', photos, '--text', 'a red square', '--top-k', 2, '--out', out) == 1
   report = _report(out)
@@ -357,11 +385,19 @@ def test_arguments_are_checked_before_the_model_loads(cli, tmp_path, capsys):
   photo = _save(tmp_path / 'a.jpg')
   (tmp_path / 'afile').write_text('x')
   bad_runs = [
-      ['--top-k', '-3'], ['--top-k', '0'], ['--fuse-top-k', '0'], ['--aspect-ratio', '1e9'],
-      ['--aspect-ratio', 'wide'], ['--min-size', 'nan'], ['--min-size', '-1'],
-      ['--text', '   '], ['--query-image', tmp_path / 'missing.png'],
-      ['--out', tmp_path / 'afile'], ['--out', tmp_path / 'afile' / 'sub'],
-      ['--image', tmp_path / 'nothing_here.jpg'], ['--max-pixels', '0'],
+      ['--top-k', '-3'],
+      ['--top-k', '0'],
+      ['--fuse-top-k', '0'],
+      ['--aspect-ratio', '1e9'],
+      ['--aspect-ratio', 'wide'],
+      ['--min-size', 'nan'],
+      ['--min-size', '-1'],
+      ['--text', '   '],
+      ['--query-image', tmp_path / 'missing.png'],
+      ['--out', tmp_path / 'afile'],
+      ['--out', tmp_path / 'afile' / 'sub'],
+      ['--image', tmp_path / 'nothing_here.jpg'],
+      ['--max-pixels', '0'],
   ]
   for extra in bad_runs:
     argv = dict(zip(['--image', '--text', '--out'], [photo, 'a red square', tmp_path / 'o']))
@@ -378,8 +414,10 @@ def test_arguments_are_checked_before_the_model_loads(cli, tmp_path, capsys):
 
 def test_min_size_larger_than_the_image_is_reported(cli, tmp_path):
   photo = _save(tmp_path / 'a.jpg', 100, 150)
-  assert cli('--image', photo, '--text', 'a red square', '--min-size', 500,
-             '--out', tmp_path / 'o') == 1
+  assert (
+      cli('--image', photo, '--text', 'a red square', '--min-size', 500, '--out', tmp_path / 'o')
+      == 1
+  )
   (failed,) = _report(tmp_path / 'o')['failed']
   assert '--min-size 500' in failed['error'] and '150x100' in failed['error']
 
@@ -396,13 +434,14 @@ def test_ctrl_c_keeps_the_images_done(cli, tmp_path, cropper, monkeypatch):
     if len(calls) == 2:
       raise KeyboardInterrupt
     return real(inputs, request)
+
   monkeypatch.setattr(cropper, '_forward', interrupted)
   assert cli('--image', photos, '--text', 'a red square', '--batch-size', 1, '--out', out) == 130
   report = _report(out)
   assert report['interrupted'] and [r['name'] for r in report['results']] == ['0']
 
 
-_KILL_SCRIPT = textwrap.dedent('''
+_KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from clipcrop_jax import crop
     from clipcrop_jax import crop_run_log
@@ -413,7 +452,7 @@ _KILL_SCRIPT = textwrap.dedent('''
         os.kill(os.getpid(), signal.SIGKILL)
     crop_run_log.RunLog.write = write_or_die
     sys.exit(crop.main(sys.argv[1:]))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -422,10 +461,26 @@ def test_killed_folder_run_keeps_results_and_overwrite_cleans_up(tmp_path):
   photos.mkdir()
   for i in range(4):
     _save(photos / f'{i}.jpg', seed=i)
-  argv = ['--random-init', 'tiny', '--keyword-pipeline', 'rules', '--image', str(photos),
-          '--text', 'a red square', '--out', str(out)]
-  proc = subprocess.run([sys.executable, '-c', _KILL_SCRIPT, *argv], cwd=REPO,
-                        capture_output=True, text=True, timeout=600, check=False)
+  argv = [
+      '--random-init',
+      'tiny',
+      '--keyword-pipeline',
+      'rules',
+      '--image',
+      str(photos),
+      '--text',
+      'a red square',
+      '--out',
+      str(out),
+  ]
+  proc = subprocess.run(
+      [sys.executable, '-c', _KILL_SCRIPT, *argv],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   lines = [json.loads(l) for l in (out / crop_cli.LOG_FILE).read_text().splitlines()]
   done = [l for l in lines if 'crops' in l]
@@ -435,8 +490,14 @@ def test_killed_folder_run_keeps_results_and_overwrite_cleans_up(tmp_path):
     assert all((out / f).is_file() for f in l['files'])
   # A re-run into the same folder removes exactly that run's outputs and completes.
   (out / 'keep.txt').write_text('mine')
-  proc = subprocess.run([sys.executable, '-m', 'clipcrop_jax.crop', *argv, '--overwrite'],
-                        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'clipcrop_jax.crop', *argv, '--overwrite'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len(_report(out)['results']) == 4 and (out / 'keep.txt').read_text() == 'mine'
 
@@ -448,17 +509,22 @@ def test_killed_folder_run_keeps_results_and_overwrite_cleans_up(tmp_path):
 def detect_cli(monkeypatch):
   cfg = owl_configs.get_config('tiny')
   built = []
-  model = (owl_model.TextZeroShotDetectionModule(cfg), owl_model.init_variables(cfg, seed=0),
-           'tiny')
+  model = (
+      owl_model.TextZeroShotDetectionModule(cfg),
+      owl_model.init_variables(cfg, seed=0),
+      'tiny',
+  )
 
   def build(args):
     del args
     built.append(1)
     return model
+
   monkeypatch.setattr(detect, '_build_model', build)
 
   def run(*argv):
     return detect.main(['--random-init', 'tiny', *map(str, argv)])
+
   run.built = built
   return run
 
@@ -481,21 +547,42 @@ def test_detect_never_overwrites_an_input_or_an_existing_file(detect_cli, tmp_pa
 def test_detect_out_problems_are_found_before_the_model(detect_cli, tmp_path, capsys):
   photo = _save(tmp_path / 'photo.png')
   (tmp_path / 'afile').write_text('x')
-  for out in [tmp_path / 'noext', tmp_path, tmp_path / 'afile' / 'o.png',
-              tmp_path / 'afile' / 'sub' / 'o.png']:
+  for out in [
+      tmp_path / 'noext',
+      tmp_path,
+      tmp_path / 'afile' / 'o.png',
+      tmp_path / 'afile' / 'sub' / 'o.png',
+  ]:
     assert detect_cli('--image', photo, '--query', 'x', '--out', out) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: --out') and '\n' not in err
   for box in ['0,0,500,10', '-5,0,10,10', '0,0,inf,10']:
-    assert detect_cli('--image', photo, '--query-image', photo, f'--query-box={box}',
-                      '--out', tmp_path / 'o.png') == 2
+    assert (
+        detect_cli(
+            '--image',
+            photo,
+            '--query-image',
+            photo,
+            f'--query-box={box}',
+            '--out',
+            tmp_path / 'o.png',
+        )
+        == 2
+    )
     assert 'px' in capsys.readouterr().err or box.endswith('inf,10')
   assert not detect_cli.built
 
 
-@pytest.mark.parametrize('flag,value', [('--top-k', '-3'), ('--top-k', '0'),
-                                        ('--min-score', 'nan'), ('--min-score', '2'),
-                                        ('--query', ' ')])
+@pytest.mark.parametrize(
+    'flag,value',
+    [
+        ('--top-k', '-3'),
+        ('--top-k', '0'),
+        ('--min-score', 'nan'),
+        ('--min-score', '2'),
+        ('--query', ' '),
+    ],
+)
 def test_detect_refuses_silent_wrong_arguments(detect_cli, tmp_path, flag, value):
   argv = ['--query', 'x', '--out', tmp_path / 'o.png', flag, value]
   with pytest.raises(SystemExit) as info:
@@ -518,13 +605,16 @@ def test_detect_lists_no_padding_or_zero_area_boxes():
 def test_converter_never_overwrites_its_input_and_asks_before_replacing(tmp_path, capsys):
   import importlib.util  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import checkpoints  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('convert_checkpoint',
-                                                REPO / 'tools' / 'convert_checkpoint.py')
+
+  spec = importlib.util.spec_from_file_location(
+      'convert_checkpoint', REPO / 'tools' / 'convert_checkpoint.py'
+  )
   converter = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(converter)
   cfg = owl_configs.get_config('tiny')
-  src = checkpoints.save_scenic_checkpoint(owl_model.init_variables(cfg), tmp_path / 'v1.msgpack',
-                                           layout='v1')
+  src = checkpoints.save_scenic_checkpoint(
+      owl_model.init_variables(cfg), tmp_path / 'v1.msgpack', layout='v1'
+  )
   before = src.read_bytes()
   for argv in (['--output', src], ['--output', src, '--overwrite']):
     assert converter.main(['--input', str(src), *map(str, argv)]) == 2
@@ -540,8 +630,18 @@ def test_unloadable_checkpoint_is_one_line_and_leaves_no_output_folder(tmp_path,
   photo = _save(tmp_path / 'a.jpg')
   (tmp_path / 'junk.msgpack').write_bytes(b'\x00\x01 not msgpack')
   for ckpt in [tmp_path / 'missing', tmp_path / 'junk.msgpack']:
-    rc = crop_cli.main(['--checkpoint', str(ckpt), '--image', str(photo), '--text', 'x',
-                        '--out', str(tmp_path / 'o')])
+    rc = crop_cli.main(
+        [
+            '--checkpoint',
+            str(ckpt),
+            '--image',
+            str(photo),
+            '--text',
+            'x',
+            '--out',
+            str(tmp_path / 'o'),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith('error:') and '\n' not in err
     assert not (tmp_path / 'o').exists()
@@ -552,8 +652,19 @@ def test_pixel_limit_fails_only_that_image(cli, tmp_path):
   photos.mkdir()
   _save(photos / 'big.png', 120, 180)  # 21600 px
   _save(photos / 'small.png', 60, 80)  # 4800 px
-  assert cli('--image', photos, '--text', 'a red square', '--max-pixels', 10000,
-             '--out', tmp_path / 'o') == 1
+  assert (
+      cli(
+          '--image',
+          photos,
+          '--text',
+          'a red square',
+          '--max-pixels',
+          10000,
+          '--out',
+          tmp_path / 'o',
+      )
+      == 1
+  )
   report = _report(tmp_path / 'o')
   assert [r['name'] for r in report['results']] == ['small']
   error = report['failed'][0]['error']
@@ -564,9 +675,11 @@ def test_encode_from_a_path_matches_the_array_and_honours_the_limit(cropper, tmp
   path = _save(tmp_path / 'a.png', 100, 150)
   by_path, by_array = cropper.encode(path), cropper.encode(np.asarray(Image.open(path)))
   assert by_path.image_hw == by_array.image_hw == (100, 150)
-  np.testing.assert_allclose(by_path.encoded['pred_boxes'], by_array.encoded['pred_boxes'],
-                             atol=1e-6)
-  limited = cropper_lib.ClipCropper(CFG, cropper.variables, keyword_pipeline=keywords.RULES,
-                                    max_pixels=1000)
+  np.testing.assert_allclose(
+      by_path.encoded['pred_boxes'], by_array.encoded['pred_boxes'], atol=1e-6
+  )
+  limited = cropper_lib.ClipCropper(
+      CFG, cropper.variables, keyword_pipeline=keywords.RULES, max_pixels=1000
+  )
   with pytest.raises(ValueError, match='a.png.*above the decoding limit'):
     limited.encode(path)

@@ -53,12 +53,22 @@ def _image(i: int) -> np.ndarray:
 
 def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
   """A valid PNG header claiming width x height pixels (10 GP) followed by a tiny IDAT."""
+
   def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+    return (
+        struct.pack('>I', len(data))
+        + kind
+        + data
+        + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
   ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
-          + chunk(b'IEND', b''))
+  return (
+      b'\x89PNG\r\n\x1a\n'
+      + chunk(b'IHDR', ihdr)
+      + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+      + chunk(b'IEND', b'')
+  )
 
 
 @pytest.fixture(scope='module')
@@ -81,8 +91,10 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def client(cropper):
-  app = serve_http.create_app(cropper, serve_service.ServeConfig(
-      max_upload_bytes=300_000, max_text_chars=200, max_top_k=20, **FAST))
+  app = serve_http.create_app(
+      cropper,
+      serve_service.ServeConfig(max_upload_bytes=300_000, max_text_chars=200, max_top_k=20, **FAST),
+  )
   with testclient.TestClient(app) as c:
     yield c
 
@@ -150,8 +162,9 @@ def test_crop_jpg_is_the_best_crop_resized(client, cropper, images):
   assert r.headers['content-type'] == 'image/jpeg'
   assert Image.open(io.BytesIO(r.content)).size == (64, 48)
   best = _post(client, data, text=TEXT, top_k=1, aspect_ratio='64:48').json()['crops'][0]
-  np.testing.assert_allclose([float(v) for v in r.headers['x-crop-box'].split(',')],
-                             best['box'], atol=0.01)
+  np.testing.assert_allclose(
+      [float(v) for v in r.headers['x-crop-box'].split(',')], best['box'], atol=0.01
+  )
   # Only a width: the height follows the crop's own aspect ratio.
   r = _post(client, data, '/v1/crop.jpg', text=TEXT, width=50, aspect_ratio='1:2')
   assert r.status_code == 200, r.text
@@ -211,7 +224,7 @@ def _good_png():
 
 def _truncated_png():
   data = _good_png()
-  return data[:len(data) // 2]
+  return data[: len(data) // 2]
 
 
 BAD_REQUESTS = {
@@ -223,8 +236,10 @@ BAD_REQUESTS = {
     'urlencoded_body': (415, lambda c: c.post('/v1/crops', data={'text': TEXT})),
     'huge_text': (413, lambda c: _post(c, _good_png(), text='dog ' * 1000)),
     'bad_aspect_ratio': (422, lambda c: _post(c, _good_png(), text=TEXT, aspect_ratio='1000:1')),
-    'unparsable_aspect_ratio': (422, lambda c: _post(c, _good_png(), text=TEXT,
-                                                     aspect_ratio='wide')),
+    'unparsable_aspect_ratio': (
+        422,
+        lambda c: _post(c, _good_png(), text=TEXT, aspect_ratio='wide'),
+    ),
     'top_k_zero': (422, lambda c: _post(c, _good_png(), text=TEXT, top_k=0)),
     'top_k_above_limit': (422, lambda c: _post(c, _good_png(), text=TEXT, top_k=21)),
     'top_k_not_a_number': (422, lambda c: _post(c, _good_png(), text=TEXT, top_k='three')),
@@ -232,20 +247,32 @@ BAD_REQUESTS = {
     'unknown_mode': (422, lambda c: _post(c, _good_png(), text=TEXT, mode='fancy')),
     'whitespace_text': (422, lambda c: _post(c, _good_png(), text='   ')),
     'no_text_no_example': (422, lambda c: _post(c, _good_png())),
-    'text_and_example': (422, lambda c: _post(c, _good_png(), text=TEXT,
-                                              query_image=_good_png())),
+    'text_and_example': (422, lambda c: _post(c, _good_png(), text=TEXT, query_image=_good_png())),
     'bad_example_image': (400, lambda c: _post(c, _good_png(), query_image=_truncated_png())),
     'missing_image': (422, lambda c: c.post('/v1/crops', files={'text': (None, TEXT)})),
-    'server_path_as_image': (422, lambda c: c.post('/v1/crops', files={
-        'image': (None, str(REPO / 'README.md')), 'text': (None, TEXT)})),
+    'server_path_as_image': (
+        422,
+        lambda c: c.post(
+            '/v1/crops', files={'image': (None, str(REPO / 'README.md')), 'text': (None, TEXT)}
+        ),
+    ),
     'upload_too_large': (413, lambda c: _post(c, os.urandom(400_000), text=TEXT)),
-    'chunked_upload_too_large': (413, lambda c: c.post(
-        '/v1/crops', content=(b'x' * 100_000 for _ in range(5)),
-        headers={'content-type': 'multipart/form-data; boundary=b'})),
-    'jpg_width_too_large': (422, lambda c: _post(c, _good_png(), '/v1/crop.jpg', text=TEXT,
-                                                 width=5000)),
-    'jpg_no_crop_fits': (422, lambda c: _post(c, _good_png(), '/v1/crop.jpg', text=TEXT,
-                                              min_size=10_000)),
+    'chunked_upload_too_large': (
+        413,
+        lambda c: c.post(
+            '/v1/crops',
+            content=(b'x' * 100_000 for _ in range(5)),
+            headers={'content-type': 'multipart/form-data; boundary=b'},
+        ),
+    ),
+    'jpg_width_too_large': (
+        422,
+        lambda c: _post(c, _good_png(), '/v1/crop.jpg', text=TEXT, width=5000),
+    ),
+    'jpg_no_crop_fits': (
+        422,
+        lambda c: _post(c, _good_png(), '/v1/crop.jpg', text=TEXT, min_size=10_000),
+    ),
     'unknown_path': (404, lambda c: c.get('/v1/nothing')),
 }
 
@@ -264,10 +291,12 @@ def test_bad_input_is_a_4xx_with_one_line_and_the_server_stays_up(client, name):
 def test_bomb_is_refused_before_decoding(client, monkeypatch):
   """The pixel limit is checked on the header: no decoder runs for a bomb."""
   from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+
   loads = []
   original = ImageFile.ImageFile.load
-  monkeypatch.setattr(ImageFile.ImageFile, 'load',
-                      lambda self, *a: loads.append(self.size) or original(self, *a))
+  monkeypatch.setattr(
+      ImageFile.ImageFile, 'load', lambda self, *a: loads.append(self.size) or original(self, *a)
+  )
   _assert_error(_post(client, _bomb_png(), text=TEXT), 413)
   assert loads == []
 
@@ -278,11 +307,19 @@ def test_bearer_token(cropper, images):
   with testclient.TestClient(app) as c:
     r = _post(c, data, text=TEXT)
     assert 'missing' in _assert_error(r, 401) and r.headers['www-authenticate'] == 'Bearer'
-    r = c.post('/v1/crops', files={'image': ('p.png', data)}, data={'text': TEXT},
-               headers={'Authorization': 'Bearer wrong'})
+    r = c.post(
+        '/v1/crops',
+        files={'image': ('p.png', data)},
+        data={'text': TEXT},
+        headers={'Authorization': 'Bearer wrong'},
+    )
     assert 'wrong' in _assert_error(r, 401)
-    r = c.post('/v1/crops', files={'image': ('p.png', data)}, data={'text': TEXT},
-               headers={'Authorization': 'Bearer s3cret-token'})
+    r = c.post(
+        '/v1/crops',
+        files={'image': ('p.png', data)},
+        data={'text': TEXT},
+        headers={'Authorization': 'Bearer s3cret-token'},
+    )
     assert r.status_code == 200, r.text
     assert c.get('/healthz').status_code == 200  # probes stay open
 
@@ -292,7 +329,8 @@ def test_cors_is_off_by_default_and_opt_in(client, cropper):
   assert 'access-control-allow-origin' not in client.options('/v1/crops', headers=preflight).headers
   assert 'access-control-allow-origin' not in client.get('/healthz', headers=preflight).headers
   app = serve_http.create_app(
-      cropper, serve_service.ServeConfig(cors_origins=('https://cms.example',), **FAST))
+      cropper, serve_service.ServeConfig(cors_origins=('https://cms.example',), **FAST)
+  )
   with testclient.TestClient(app) as c:
     r = c.options('/v1/crops', headers=preflight)
     assert r.headers['access-control-allow-origin'] == 'https://cms.example'
@@ -331,7 +369,8 @@ def test_cache_hit_equals_cold_and_skips_the_encoder(cropper, images):
 def test_cache_is_bounded_in_bytes(cropper, images):
   one = serve_service.encoding_nbytes(cropper.encode(_image(0)))
   app = serve_http.create_app(
-      cropper, serve_service.ServeConfig(cache_bytes=one + one // 2, **FAST))
+      cropper, serve_service.ServeConfig(cache_bytes=one + one // 2, **FAST)
+  )
   service = app.state.service
   (a, _), (b, _) = images[0], images[1]
   with testclient.TestClient(app) as c:
@@ -379,6 +418,7 @@ def _concurrently(fn, args: list) -> list:
   def call(arg):
     barrier.wait()
     return fn(arg)
+
   with concurrent.futures.ThreadPoolExecutor(len(args)) as pool:
     return list(pool.map(call, args))
 
@@ -387,10 +427,15 @@ def test_micro_batched_answers_equal_one_at_a_time(cropper, images):
   config = serve_service.ServeConfig(max_batch=4, batch_wait_ms=1500, warmup=False)
   app = serve_http.create_app(cropper, config)
   with serve_testing.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
+
     def ask(i):
       data, _ = images[i]
-      return http.post(server.url + '/v1/crops', files={'image': ('p.png', data)},
-                       data={'text': TEXT, 'top_k': '3'})
+      return http.post(
+          server.url + '/v1/crops',
+          files={'image': ('p.png', data)},
+          data={'text': TEXT, 'top_k': '3'},
+      )
+
     answers = _concurrently(ask, [0, 1, 2, 3])
   assert app.state.service.batcher.batch_sizes == {4: 1}  # one forward for all four
   for i, r in enumerate(answers):
@@ -403,13 +448,20 @@ def test_overload_gets_503_and_no_lost_or_duplicated_answers(cropper, images):
   app = serve_http.create_app(cropper, config)
   expected = {i: cropper.crop(images[i % 6][1], text=TEXT, top_k=2) for i in range(6)}
   with serve_testing.BackgroundServer(app, config) as server, httpx.Client(timeout=60) as http:
+
     def ask(i):
       data, _ = images[i % 6]
-      return i, http.post(server.url + '/v1/crops', files={'image': ('p.png', data)},
-                          data={'text': TEXT, 'top_k': '2'}, headers={'X-Request-Id': f'r{i}'})
+      return i, http.post(
+          server.url + '/v1/crops',
+          files={'image': ('p.png', data)},
+          data={'text': TEXT, 'top_k': '2'},
+          headers={'X-Request-Id': f'r{i}'},
+      )
+
     answers = _concurrently(ask, list(range(18)))
-    after = http.post(server.url + '/v1/crops', files={'image': ('p.png', images[0][0])},
-                      data={'text': TEXT})
+    after = http.post(
+        server.url + '/v1/crops', files={'image': ('p.png', images[0][0])}, data={'text': TEXT}
+    )
   statuses = [r.status_code for _, r in answers]
   assert set(statuses) == {200, 503} and statuses.count(200) >= 3
   for i, r in answers:
@@ -423,8 +475,10 @@ def test_overload_gets_503_and_no_lost_or_duplicated_answers(cropper, images):
 
 
 def test_timeout_is_504_and_the_job_is_dropped(cropper, images):
-  app = serve_http.create_app(cropper, serve_service.ServeConfig(timeout_s=0.3, max_batch=2,
-                                                    batch_wait_ms=1500, warmup=False))
+  app = serve_http.create_app(
+      cropper,
+      serve_service.ServeConfig(timeout_s=0.3, max_batch=2, batch_wait_ms=1500, warmup=False),
+  )
   service = app.state.service
   with testclient.TestClient(app) as c:
     assert 'within 0.3 s' in _assert_error(_post(c, images[5][0], text=TEXT), 504)
@@ -437,12 +491,15 @@ def test_timeout_is_504_and_the_job_is_dropped(cropper, images):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--max-batch', '0'], 'max_batch must be >= 1'),
-    (['--timeout-s', '0'], 'timeout_s must be > 0'),
-    (['--token-file', '/nonexistent/token'], '--token-file /nonexistent/token'),
-    (['--keyword-pipeline', ''], 'keyword'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--max-batch', '0'], 'max_batch must be >= 1'),
+        (['--timeout-s', '0'], 'timeout_s must be > 0'),
+        (['--token-file', '/nonexistent/token'], '--token-file /nonexistent/token'),
+        (['--keyword-pipeline', ''], 'keyword'),
+    ],
+)
 def test_cli_refuses_bad_flags_before_loading(argv, message, capsys, tmp_path):
   assert serve_http.main(['--random-init', 'no-such-config'] + argv) == 2
   assert message in capsys.readouterr().err
@@ -461,18 +518,40 @@ def test_cli_serves_and_shuts_down_gracefully(images, tmp_path):
   token = tmp_path / 'token'
   token.write_text('tok-123\n')
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'clipcrop_jax.serve', '--random-init', 'tiny', '--port', str(port),
-       '--keyword-pipeline', 'rules', '--max-batch', '2', '--batch-wait-ms', '2000',
-       '--token-file', str(token)],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [
+          sys.executable,
+          '-m',
+          'clipcrop_jax.serve',
+          '--random-init',
+          'tiny',
+          '--port',
+          str(port),
+          '--keyword-pipeline',
+          'rules',
+          '--max-batch',
+          '2',
+          '--batch-wait-ms',
+          '2000',
+          '--token-file',
+          str(token),
+      ],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
   url = f'http://127.0.0.1:{port}'
   try:
     serve_testing.wait_until_ready(url, lambda: proc.poll() is None, timeout_s=120)
     with httpx.Client(timeout=60) as http:
       with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(http.post, url + '/v1/crops',
-                              files={'image': ('p.png', images[0][0])}, data={'text': TEXT},
-                              headers={'Authorization': 'Bearer tok-123'})
+        pending = pool.submit(
+            http.post,
+            url + '/v1/crops',
+            files={'image': ('p.png', images[0][0])},
+            data={'text': TEXT},
+            headers={'Authorization': 'Bearer tok-123'},
+        )
         time.sleep(0.7)  # admitted, waiting for a batch partner
         proc.send_signal(signal.SIGTERM)
         answer = pending.result()
@@ -491,12 +570,16 @@ def test_one_status_table_over_typed_refusals():
   """`serving.errors.STATUS` maps types (never message words) to statuses; the pixel-limit answer
   drops the API's way round the limit."""
   too_large = pp.ImageTooLargeError('image', 300, 200, 1000)
-  cases = [(too_large, 413), (pp.NotAnImageError('image: not a recognised image file'), 415),
-           (pp.ImageError('image: corrupt or truncated image data (x)'), 400),
-           (serve_errors.Busy('busy', {'Retry-After': '2'}), 503),
-           (serve_errors.TextTooLong('text has 9 characters'), 413),
-           (serve_errors.InvalidRequest('top_k must be >= 1, got 0'), 422),
-           (serve_errors.TimedOut('no answer within 1 s'), 504), (RuntimeError('bug'), 500)]
+  cases = [
+      (too_large, 413),
+      (pp.NotAnImageError('image: not a recognised image file'), 415),
+      (pp.ImageError('image: corrupt or truncated image data (x)'), 400),
+      (serve_errors.Busy('busy', {'Retry-After': '2'}), 503),
+      (serve_errors.TextTooLong('text has 9 characters'), 413),
+      (serve_errors.InvalidRequest('top_k must be >= 1, got 0'), 422),
+      (serve_errors.TimedOut('no answer within 1 s'), 504),
+      (RuntimeError('bug'), 500),
+  ]
   for error, status in cases:
     assert serve_errors.status_of(error) == status, error
   assert serve_errors.message_of(too_large) == too_large.summary

@@ -31,8 +31,11 @@ def _boxes_overlap(a, b):
 def test_import_does_not_need_tensorflow():
   import subprocess
   import sys
-  code = ('import sys; import clipcrop_jax.data.synthetic; '
-          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+
+  code = (
+      'import sys; import clipcrop_jax.data.synthetic; '
+      'assert "tensorflow" not in sys.modules, "tensorflow imported"'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
@@ -53,7 +56,7 @@ def test_image_size_configurable_and_non_square():
   s = _scene(0, image_size=(200, 300))
   assert s.image.shape == (200, 300, 3) and s.image.dtype == np.uint8
   grid = zero_shot.gaic_grid_candidates((300, 200))
-  np.testing.assert_array_equal(s.candidates[:len(grid)], grid)
+  np.testing.assert_array_equal(s.candidates[: len(grid)], grid)
   assert len(grid) < len(s.candidates) <= len(grid) + S.NUM_FREE_CROPS
   sizes = {_scene(i, base_size=160).image.shape[:2] for i in SEEDS}
   assert len(sizes) > 1 and any(h != w for h, w in sizes)
@@ -84,8 +87,13 @@ def _strip_sizes(text):
 def _holds(word, a, b):
   """Whether `a` <word> `b` holds for the box centres (pixel xyxy objects)."""
   ca, cb = (np.array([(o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2]) for o in (a, b))
-  return {'to the left of': ca[0] < cb[0], 'to the right of': ca[0] > cb[0],
-          'above': ca[1] < cb[1], 'below': ca[1] > cb[1], 'next to': True}[word]
+  return {
+      'to the left of': ca[0] < cb[0],
+      'to the right of': ca[0] > cb[0],
+      'above': ca[1] < cb[1],
+      'below': ca[1] > cb[1],
+      'next to': True,
+  }[word]
 
 
 def _near_two(objects, a):
@@ -147,7 +155,8 @@ def test_relation_caption_scores_treat_the_landmark_as_other():
   a = s.target_indices[0]
   others = np.array([o.box for j, o in enumerate(s.objects) if j != a])
   np.testing.assert_allclose(
-      s.scores, S.score_candidates(s.candidates, s.objects[a].box, others, (s.height, s.width)))
+      s.scores, S.score_candidates(s.candidates, s.objects[a].box, others, (s.height, s.width))
+  )
 
 
 @pytest.mark.parametrize('make', [_scene, _amb], ids=['scene', 'ambiguity'])
@@ -163,7 +172,7 @@ def test_referring_phrases(make):
       with_phrase += 1
       assert phrase.startswith(obj.name + ' ') and not phrase.startswith(('a ', 'the '))
       word = next(w for w in ('next to',) + S.DIRECTIONS if phrase.startswith(f'{obj.name} {w} '))
-      rest = _strip_sizes(phrase[len(f'{obj.name} {word} '):]).split(' ', 1)[1]
+      rest = _strip_sizes(phrase[len(f'{obj.name} {word} ') :]).split(' ', 1)[1]
       b = next(j for j, o in enumerate(ex.objects) if o.name == rest)
       assert b in _near_two(ex.objects, a) and _holds(word, obj, ex.objects[b]), phrase
   assert 0.35 < with_phrase / n < 0.65
@@ -190,7 +199,7 @@ def test_free_form_candidates(i):
   # containing the caption's target; some of them are smaller than any grid crop can be.
   s = _scene(i)
   h, w = s.height, s.width
-  free = s.candidates[len(zero_shot.gaic_grid_candidates((w, h))):]
+  free = s.candidates[len(zero_shot.gaic_grid_candidates((w, h))) :]
   t = s.target_xyxy
   # All of them, unless the (union) target is big (seeds 0-11 all get 32; 11 and 16 get ~20).
   assert len(free) == S.NUM_FREE_CROPS or (t[2] - t[0]) * (t[3] - t[1]) > 0.1 * h * w
@@ -228,8 +237,9 @@ def test_references_outscore_most_training_candidates_of_the_same_target():
     for t in range(2):
       others = np.delete(boxes, t, axis=0)
       ref = S.score_candidates(ex.reference_crops[t], boxes[t], others, hw)
-      grid = S.score_candidates(zero_shot.gaic_grid_candidates((ex.width, ex.height)), boxes[t],
-                                others, hw)
+      grid = S.score_candidates(
+          zero_shot.gaic_grid_candidates((ex.width, ex.height)), boxes[t], others, hw
+      )
       assert np.all(ref >= 2) and ref.mean() > np.median(grid)
 
 
@@ -273,7 +283,8 @@ def test_ambiguity_images_and_references_unchanged(i):
 
 def test_ambiguity_validation_split_is_disjoint():
   assert S.SPLIT_IDS['ambiguity_validation'] not in {
-      v for k, v in S.SPLIT_IDS.items() if k != 'ambiguity_validation'}
+      v for k, v in S.SPLIT_IDS.items() if k != 'ambiguity_validation'
+  }
   test = {_pixels_and_refs_hash(_amb(i)) for i in range(6)}
   val = [S.generate_ambiguity_example(S.rng_for(0, 'ambiguity_validation', i)) for i in range(6)]
   assert not test & {_pixels_and_refs_hash(ex) for ex in val}
@@ -336,8 +347,7 @@ def test_bbox_convention_on_known_object():
   assert box[0] == pytest.approx(100, abs=1) and box[2] == pytest.approx(141, abs=1)
   assert box[1] == pytest.approx(40, abs=1) and box[3] == pytest.approx(81, abs=1)
   ymin, xmin, ymax, xmax = S.tfds_bbox(box, (h, w))
-  assert (ymin, xmin, ymax, xmax) == pytest.approx(
-      (box[1] / h, box[0] / w, box[3] / h, box[2] / w))
+  assert (ymin, xmin, ymax, xmax) == pytest.approx((box[1] / h, box[0] / w, box[3] / h, box[2] / w))
   assert ymin == pytest.approx(40 / 200, abs=0.01) and xmin == pytest.approx(100 / 300, abs=0.01)
 
 
@@ -361,7 +371,8 @@ def tiny_builder(tmp_path_factory):
   from tensorflow_datasets.scripts.cli import build  # pylint: disable=g-import-not-at-top
   # The same lookup `tfds build datasets/synthetic` does.
   builder_cls, kwargs = build._get_builder_cls_and_kwargs(  # pylint: disable=protected-access
-      str(REPO / 'datasets' / 'synthetic'), has_imports=False)
+      str(REPO / 'datasets' / 'synthetic'), has_imports=False
+  )
   assert builder_cls.__name__ == 'SyntheticCrops' and not kwargs
   builder = builder_cls(config='tiny', data_dir=str(tmp_path_factory.mktemp('tfds')))
   builder.download_and_prepare()
@@ -371,14 +382,29 @@ def tiny_builder(tmp_path_factory):
 def test_builder_counts_and_features(tiny_builder):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
+
   assert tiny_builder.name == 'synthetic_crops'
   splits = tiny_builder.info.splits
   assert str(tiny_builder.info.version) == '1.3.0'
   assert {k: splits[k].num_examples for k in splits} == {
-      'train': 8, 'validation': 4, 'test': 4, 'ambiguity': 12, 'ambiguity_validation': 12}
+      'train': 8,
+      'validation': 4,
+      'test': 4,
+      'ambiguity': 12,
+      'ambiguity_validation': 12,
+  }
   keys = set(tiny_builder.info.features.keys())
-  assert {F.IMAGE, F.FILENAME, F.HEIGHT, F.WIDTH, F.TEXT, F.CROPS, 'objects',
-          'target/bbox', 'caption_kind'} <= keys
+  assert {
+      F.IMAGE,
+      F.FILENAME,
+      F.HEIGHT,
+      F.WIDTH,
+      F.TEXT,
+      F.CROPS,
+      'objects',
+      'target/bbox',
+      'caption_kind',
+  } <= keys
   assert set(tiny_builder.info.features['objects'].keys()) == {'bbox', 'name', 'phrase'}
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
     assert ex[F.IMAGE].shape == (ex[F.HEIGHT], ex[F.WIDTH], 3)
@@ -402,7 +428,8 @@ def test_builder_counts_and_features(tiny_builder):
 def test_builder_configs(tiny_builder):
   configs = {c.name: c for c in type(tiny_builder).BUILDER_CONFIGS}
   assert set(configs) == {'default', 'small', 'tiny'} | {
-      f'{size}_seed{s}' for size in ('default', 'small') for s in range(1, 10)}
+      f'{size}_seed{s}' for size in ('default', 'small') for s in range(1, 10)
+  }
   sizes = lambda c: (c.num_train, c.num_validation, c.num_test, c.num_ambiguity, c.base_size)
   for s in range(1, 10):
     for size in ('default', 'small'):
@@ -415,23 +442,25 @@ def test_builder_configs(tiny_builder):
 def test_builder_matches_generator_and_bbox_convention(tiny_builder):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import features as F  # pylint: disable=g-import-not-at-top
+
   config = tiny_builder.builder_config
   checked_non_square = False
   for ex in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
     index = int(ex[F.FILENAME].decode().split('_')[1].split('.')[0])
-    scene = S.generate_scene(S.rng_for(config.seed, 'train', index), base_size=config.base_size,
-                             aspects=config.aspects)
+    scene = S.generate_scene(
+        S.rng_for(config.seed, 'train', index), base_size=config.base_size, aspects=config.aspects
+    )
     h, w = scene.image.shape[:2]
     assert (ex[F.HEIGHT], ex[F.WIDTH]) == (h, w)
     assert ex[F.TEXT].decode() == scene.caption
     got = ex['objects']['bbox']
-    want = np.array([[o.box[1] / h, o.box[0] / w, o.box[3] / h, o.box[2] / w]
-                     for o in scene.objects])
+    want = np.array(
+        [[o.box[1] / h, o.box[0] / w, o.box[3] / h, o.box[2] / w] for o in scene.objects]
+    )
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert [n.decode() for n in ex['objects']['name']] == [o.name for o in scene.objects]
     assert tuple(p.decode() for p in ex['objects']['phrase']) == scene.phrases
-    np.testing.assert_allclose(
-        ex['target/bbox'], S.tfds_bbox(scene.target_xyxy, (h, w)), atol=1e-6)
+    np.testing.assert_allclose(ex['target/bbox'], S.tfds_bbox(scene.target_xyxy, (h, w)), atol=1e-6)
     np.testing.assert_allclose(ex[F.CROPS][F.CROP_SCORE], scene.scores, atol=1e-6)
     # The decoded image has the object's colour at the centre of its (ymin, xmin, ymax, xmax) box.
     if h != w:
@@ -447,16 +476,26 @@ def test_input_pipeline_on_built_dataset(tiny_builder):
   """Builder output -> training (mosaic) and eval pipelines -> batches the model can take."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
   train = input_pipeline.make_train_dataset(
-      tiny_builder.as_dataset(split='train', shuffle_files=False), image_size=96, batch_size=2,
-      max_crops=128, seed=0, shuffle_buffer=8)
+      tiny_builder.as_dataset(split='train', shuffle_files=False),
+      image_size=96,
+      batch_size=2,
+      max_crops=128,
+      seed=0,
+      shuffle_buffer=8,
+  )
   batch = next(iter(tfds.as_numpy(train)))
   assert batch['image'].shape == (2, 96, 96, 3) and batch['crops'].shape == (2, 128, 4)
   assert batch['crop_mask'].any(axis=1).all()
   boxes = batch['crops'][batch['crop_mask']]
   assert (boxes[:, 2] > boxes[:, 0]).all() and boxes.min() >= 0 and boxes.max() <= 1
-  ev = input_pipeline.make_eval_dataset(tiny_builder.as_dataset(split='test', shuffle_files=False),
-                                        image_size=96, batch_size=3, max_crops=128)
+  ev = input_pipeline.make_eval_dataset(
+      tiny_builder.as_dataset(split='test', shuffle_files=False),
+      image_size=96,
+      batch_size=3,
+      max_crops=128,
+  )
   batches = list(tfds.as_numpy(ev))
   assert sum(int(b['mask'].sum()) for b in batches) == 4
   # Eval boxes map back to the stored pixels: crops * max(H, W) equals bbox * (W, H).
@@ -465,9 +504,11 @@ def test_input_pipeline_on_built_dataset(tiny_builder):
   n = len(ref['crops']['score'])
   side = max(ref['height'], ref['width'])
   y0, x0, y1, x1 = ref['crops']['bbox'][0]
-  np.testing.assert_allclose(first['crops'][0, 0] * side,
-                             [x0 * ref['width'], y0 * ref['height'], x1 * ref['width'],
-                              y1 * ref['height']], atol=1e-3)
+  np.testing.assert_allclose(
+      first['crops'][0, 0] * side,
+      [x0 * ref['width'], y0 * ref['height'], x1 * ref['width'], y1 * ref['height']],
+      atol=1e-3,
+  )
   assert int(first['crop_mask'][0].sum()) == n
 
 
@@ -498,6 +539,7 @@ def _example_hash(ex) -> str:
 
   def put(v):
     h.update(bytes(v) if isinstance(v, (bytes, bytearray)) else repr(v).encode())
+
   for key in sorted(ex):
     h.update(key.encode())
     v = ex[key]
@@ -536,8 +578,14 @@ def test_two_target_captions_and_references():
     a, b = ex.objects[0], ex.objects[1]
     stripped = _strip_sizes(ex.pair_caption)
     assert ' and ' in ex.pair_caption and a.name in stripped and b.name in stripped
-    union = np.array([min(a.box[0], b.box[0]), min(a.box[1], b.box[1]),
-                      max(a.box[2], b.box[2]), max(a.box[3], b.box[3])])
+    union = np.array(
+        [
+            min(a.box[0], b.box[0]),
+            min(a.box[1], b.box[1]),
+            max(a.box[2], b.box[2]),
+            max(a.box[3], b.box[3]),
+        ]
+    )
     np.testing.assert_allclose(ex.pair_target_xyxy, union)
     refs = ex.pair_reference_crops
     assert refs.shape == (4, 4)

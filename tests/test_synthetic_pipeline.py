@@ -46,20 +46,27 @@ MIN_QUALITY_IOU_SRCC = 0.3
 
 
 def _seed_result(seed, full, other, images):
-  rows = {'clipcrop_full': {'iou_mean': float(np.mean(full)), 'iou_max': 1.0, 'num_examples': 4},
-          'zero_shot': {'iou_mean': float(np.mean(other)), 'iou_max': 0.5, 'num_examples': 4}}
-  return dict(seed=seed, rows=rows, image_ids=images,
-              per_example={'clipcrop_full': list(full), 'zero_shot': list(other)})
+  rows = {
+      'clipcrop_full': {'iou_mean': float(np.mean(full)), 'iou_max': 1.0, 'num_examples': 4},
+      'zero_shot': {'iou_mean': float(np.mean(other)), 'iou_max': 0.5, 'num_examples': 4},
+  }
+  return dict(
+      seed=seed,
+      rows=rows,
+      image_ids=images,
+      per_example={'clipcrop_full': list(full), 'zero_shot': list(other)},
+  )
 
 
 def test_aggregate_mean_std_and_paired_intervals():
   images = ['a.jpg', 'a.jpg', 'b.jpg', 'b.jpg']
-  per_seed = [_seed_result(0, [0.6, 0.5, 0.7, 0.4], [0.3, 0.4, 0.2, 0.3], images),
-              _seed_result(1, [0.5, 0.5, 0.6, 0.6], [0.4, 0.3, 0.3, 0.2], images)]
+  per_seed = [
+      _seed_result(0, [0.6, 0.5, 0.7, 0.4], [0.3, 0.4, 0.2, 0.3], images),
+      _seed_result(1, [0.5, 0.5, 0.6, 0.6], [0.4, 0.3, 0.3, 0.2], images),
+  ]
   agg = synthetic_pipeline.aggregate(per_seed, num_resamples=2000)
   assert agg['rows']['clipcrop_full']['iou_mean'] == pytest.approx((0.55 + 0.55) / 2)
-  assert agg['rows_std']['zero_shot']['iou_mean'] == pytest.approx(
-      np.std([0.3, 0.3], ddof=1))
+  assert agg['rows_std']['zero_shot']['iou_mean'] == pytest.approx(np.std([0.3, 0.3], ddof=1))
   iv = agg['intervals']['zero_shot']
   diffs = np.array([0.3, 0.1, 0.5, 0.1, 0.1, 0.2, 0.3, 0.4])
   assert iv['difference'] == pytest.approx(diffs.mean())
@@ -80,15 +87,18 @@ def test_aggregate_per_caption_class():
   kinds = ['name', 'relation', 'pair'] * 2
   full0, other0 = [0.6, 0.5, 0.7, 0.4, 0.3, 0.9], [0.3, 0.5, 0.2, 0.3, 0.4, 0.1]
   full1, other1 = [0.5, 0.4, 0.6, 0.6, 0.2, 0.8], [0.4, 0.4, 0.3, 0.2, 0.3, 0.2]
-  per_seed = [dict(_seed_result(0, full0, other0, images), caption_kinds=kinds),
-              dict(_seed_result(1, full1, other1, images), caption_kinds=kinds)]
+  per_seed = [
+      dict(_seed_result(0, full0, other0, images), caption_kinds=kinds),
+      dict(_seed_result(1, full1, other1, images), caption_kinds=kinds),
+  ]
   agg = synthetic_pipeline.aggregate(per_seed, num_resamples=2000)
   assert list(agg['by_class']) == ['name', 'relation', 'pair']  # report order
   pair = agg['by_class']['pair']
   per_seed_means = [np.mean([0.7, 0.9]), np.mean([0.6, 0.8])]
   assert pair['rows']['clipcrop_full']['iou_mean'] == pytest.approx(np.mean(per_seed_means))
   assert pair['rows']['clipcrop_full']['iou_mean_std'] == pytest.approx(
-      np.std(per_seed_means, ddof=1))
+      np.std(per_seed_means, ddof=1)
+  )
   assert pair['rows']['zero_shot']['num_examples'] == 4
   iv = pair['intervals']['zero_shot']
   diffs = np.array([0.5, 0.8, 0.3, 0.6])  # full - zero-shot on the four pair examples
@@ -99,8 +109,9 @@ def test_aggregate_per_caption_class():
   # The overall interval pools every class.
   assert agg['intervals']['zero_shot']['num_examples'] == 12
   # Results of an older dataset (no caption classes) have no per-class part.
-  plain = synthetic_pipeline.aggregate([_seed_result(0, [0.5] * 4, [0.4] * 4, images[:4])],
-                                       num_resamples=100)
+  plain = synthetic_pipeline.aggregate(
+      [_seed_result(0, [0.5] * 4, [0.4] * 4, images[:4])], num_resamples=100
+  )
   assert plain['by_class'] == {}
 
 
@@ -108,17 +119,24 @@ def test_report_has_a_per_class_table(tmp_path):
   config = config_lib.load_config_file(REPO / 'configs' / 'synthetic.py', 'quick')
   images = ['a.jpg'] * 3 + ['b.jpg'] * 3
   kinds = ['name', 'relation', 'pair'] * 2
-  result = dict(_seed_result(0, [0.6, 0.5, 0.7, 0.4, 0.3, 0.9], [0.3] * 6, images),
-                caption_kinds=kinds)
+  result = dict(
+      _seed_result(0, [0.6, 0.5, 0.7, 0.4, 0.3, 0.9], [0.3] * 6, images), caption_kinds=kinds
+  )
   result['grounding'] = {}
-  result['validation'] = {m: dict(fuse_top_k=1, iou_mean=0.5, quality_iou_srcc=0.4)
-                          for m in config.pipeline.variants}
-  result['union_validation'] = {u: dict(fuse_top_k=2, iou_mean=0.4 + 0.1 * (u == 'subject'),
-                                        quality_iou_srcc=0.3)
-                                for u in config.pipeline.selection_union_choices}
+  result['validation'] = {
+      m: dict(fuse_top_k=1, iou_mean=0.5, quality_iou_srcc=0.4) for m in config.pipeline.variants
+  }
+  result['union_validation'] = {
+      u: dict(fuse_top_k=2, iou_mean=0.4 + 0.1 * (u == 'subject'), quality_iou_srcc=0.3)
+      for u in config.pipeline.selection_union_choices
+  }
   result['selection_union'] = 'subject'
-  summary = dict(synthetic_pipeline.aggregate([result], num_resamples=200), seeds=[0],
-                 per_seed=[result], timings={'total': 1.0})
+  summary = dict(
+      synthetic_pipeline.aggregate([result], num_resamples=200),
+      seeds=[0],
+      per_seed=[result],
+      timings={'total': 1.0},
+  )
   report = synthetic_pipeline.write_report(config, tmp_path, summary).read_text()
   assert '## Per caption class' in report
   assert '| method | one name (2) | relation (2) | two targets (2) | overall |' in report
@@ -131,7 +149,8 @@ def test_claims_are_worded_from_the_interval():
   straddles = dict(difference=0.01, low=-0.02, high=0.04)
   below = dict(difference=-0.05, low=-0.08, high=-0.01)
   assert synthetic_pipeline.claim('clipcrop_base', above) == (
-      'ClipCrop (full) > ClipCrop-base: +0.2000 [+0.1800, +0.2200]')
+      'ClipCrop (full) > ClipCrop-base: +0.2000 [+0.1800, +0.2200]'
+  )
   assert '≈ (interval includes 0)' in synthetic_pipeline.claim('clipcrop_key', straddles)
   assert synthetic_pipeline.claim('zero_shot', below).startswith('ClipCrop (full) < Zero-shot')
 
@@ -160,16 +179,20 @@ def test_run_over_seeds_writes_per_seed_dirs_report_and_summary(tmp_path, monkey
     seen.append((c.seed, c.dataset.name, work))
     timings['3. training'] = timings.get('3. training', 0.0) + 1.0
     result = _seed_result(c.seed, [0.6, 0.5, 0.7, 0.6], [0.3, 0.4, 0.3, 0.3], images)
-    result['grounding'] = {'validation': dict(accuracy=0.5, chance=0.02, mean_top_iou=0.4,
-                                              num_objects=10)}
-    result['validation'] = {m: dict(fuse_top_k=3, iou_mean=0.5, quality_iou_srcc=0.4)
-                            for m in config.pipeline.variants}
+    result['grounding'] = {
+        'validation': dict(accuracy=0.5, chance=0.02, mean_top_iou=0.4, num_objects=10)
+    }
+    result['validation'] = {
+        m: dict(fuse_top_k=3, iou_mean=0.5, quality_iou_srcc=0.4) for m in config.pipeline.variants
+    }
     return result, {}
 
   monkeypatch.setattr(synthetic_pipeline, 'run_seed', fake_run_seed)
   summary = synthetic_pipeline.run(config, str(tmp_path))
-  assert [(s, n) for s, n, _ in seen] == [(3, 'synthetic_crops/small_seed3'),
-                                          (4, 'synthetic_crops/small_seed4')]
+  assert [(s, n) for s, n, _ in seen] == [
+      (3, 'synthetic_crops/small_seed3'),
+      (4, 'synthetic_crops/small_seed4'),
+  ]
   assert [w for _, _, w in seen] == [tmp_path / 'seed_3', tmp_path / 'seed_4']
   assert summary['seeds'] == [3, 4] and summary['timings']['3. training'] == 2.0
   report = (tmp_path / synthetic_pipeline.REPORT_FILE).read_text()
@@ -207,17 +230,33 @@ def test_quick_run_learns_text_conditioned_cropping(quick_run):
     by_class = summary['by_class'][kind]['rows']
     for row, margin in margins.items():
       assert by_class['clipcrop_full']['iou_mean'] >= by_class[row]['iou_mean'] + margin, (
-          kind, row, by_class)
+          kind,
+          row,
+          by_class,
+      )
   g = summary['grounding']['validation']
   assert g['accuracy'] >= GROUNDING_OVER_CHANCE * g['chance'], g
   report = (workdir / synthetic_pipeline.REPORT_FILE).read_text()
-  for name in ('ClipCrop (full)', 'ClipCrop-base', 'Zero-shot crop', 'OWL-ViT top box',
-               'Centre crop', 'Full image', 'Union box', 'grounding', '95 % interval',
-               'ambiguity_validation', 'quality↔IoU', 'Per caption class', 'two targets'):
+  for name in (
+      'ClipCrop (full)',
+      'ClipCrop-base',
+      'Zero-shot crop',
+      'OWL-ViT top box',
+      'Centre crop',
+      'Full image',
+      'Union box',
+      'grounding',
+      '95 % interval',
+      'ambiguity_validation',
+      'quality↔IoU',
+      'Per caption class',
+      'two targets',
+  ):
     assert name in report
   assert summary['per_seed'][0]['validation']['full']['quality_iou_srcc'] >= MIN_QUALITY_IOU_SRCC
   # fuse_top_k was chosen on the validation split, and the exported models carry the choice.
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
+
   validation = summary['per_seed'][0]['validation']
   config = _config('')
   folders = summary['per_seed'][0]['folders']
@@ -240,9 +279,11 @@ def test_quick_run_learns_text_conditioned_cropping(quick_run):
   # difference of the two rows' means.
   iv = summary['intervals']['clipcrop_base']
   assert iv['difference'] == pytest.approx(
-      rows['clipcrop_full']['iou_mean'] - rows['clipcrop_base']['iou_mean'], abs=1e-9)
+      rows['clipcrop_full']['iou_mean'] - rows['clipcrop_base']['iou_mean'], abs=1e-9
+  )
   assert iv['low'] <= iv['difference'] <= iv['high']
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(workdir / synthetic_pipeline.EXAMPLES_FILE) as im:
     assert im.size[0] > 200 and im.size[1] > 200
   assert json.loads((workdir / synthetic_pipeline.SUMMARY_FILE).read_text())['quick'] is True
@@ -266,17 +307,25 @@ def test_same_seed_same_numbers(quick_run, tmp_path):
 def test_select_on_validation_candidates_parse_and_apply():
   tool = config_lib.load_module(REPO / 'tools' / 'select_on_validation.py')
   name, overrides = tool.parse_candidate(
-      'rank:loss.quality_loss=pairwise,loss.positive_threshold=5.0,loss.selection_filter=False')
+      'rank:loss.quality_loss=pairwise,loss.positive_threshold=5.0,loss.selection_filter=False'
+  )
   assert name == 'rank'
-  assert overrides == {'loss.quality_loss': 'pairwise', 'loss.positive_threshold': 5.0,
-                       'loss.selection_filter': False}
+  assert overrides == {
+      'loss.quality_loss': 'pairwise',
+      'loss.positive_threshold': 5.0,
+      'loss.selection_filter': False,
+  }
   assert tool.parse_candidate('paper:') == ('paper', {})
   config = config_lib.load_config_file(REPO / 'configs' / 'synthetic.py', 'quick')
   changed = tool.apply_overrides(config, {'loss.quality_loss': 'listwise', 'loss.quality_top_k': 2})
   assert changed.loss.quality_loss == 'listwise' and changed.loss.quality_top_k == 2
   assert config.loss.quality_loss == 'pairwise' and config.loss.quality_top_k == 4  # a copy
-  assert tool.apply_overrides(config, {'pipeline.variant_steps.full': 10}).pipeline.variant_steps[
-      'full'] == 10
+  assert (
+      tool.apply_overrides(config, {'pipeline.variant_steps.full': 10}).pipeline.variant_steps[
+          'full'
+      ]
+      == 10
+  )
   with pytest.raises(KeyError, match='loss.nope'):
     tool.apply_overrides(config, {'loss.nope': 1})
   with pytest.raises(ValueError, match='NAME:key=value'):

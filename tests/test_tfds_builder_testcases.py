@@ -83,11 +83,14 @@ class HoranyiPrTest(_ManualDirMixin, tfds.testing.DatasetBuilderTestCase):
   @classmethod
   def make_fixture(cls, path):
     w, h = ht_fixtures.W, ht_fixtures.H
-    ht_fixtures._simple(path, [  # pylint: disable=protected-access
-        {'image': 'a.jpg', 'caption': 'a dog', 'boxes': [[4, 6, 20, 18], [0, 0, w, h]]},
-        {'image': 'b.jpg', 'caption': 'a cat', 'boxes': [[10, 2, 30, 22]]},
-        {'image': 'a.jpg', 'caption': 'the sky', 'boxes': [[0, 0, 40, 12]]},
-    ])
+    ht_fixtures._simple(
+        path,
+        [  # pylint: disable=protected-access
+            {'image': 'a.jpg', 'caption': 'a dog', 'boxes': [[4, 6, 20, 18], [0, 0, w, h]]},
+            {'image': 'b.jpg', 'caption': 'a cat', 'boxes': [[10, 2, 30, 22]]},
+            {'image': 'a.jpg', 'caption': 'the sky', 'boxes': [[0, 0, 40, 12]]},
+        ],
+    )
 
 
 class TextCropTest(_ManualDirMixin, tfds.testing.DatasetBuilderTestCase):
@@ -100,7 +103,7 @@ class TextCropTest(_ManualDirMixin, tfds.testing.DatasetBuilderTestCase):
     rect = ht_fixtures._rect  # pylint: disable=protected-access
     boxes_dog = [((4, 6), (20, 18)), ((20, 18), (4, 6)), ((4, 18), (20, 6)), ((20, 6), (4, 18))]
     boxes_boat = [((10, 2), (30, 20))] * 4
-    shapes = ([rect('a dog', *b) for b in boxes_dog] + [rect('a boat', *b) for b in boxes_boat])
+    shapes = [rect('a dog', *b) for b in boxes_dog] + [rect('a boat', *b) for b in boxes_boat]
     ht_fixtures._labelme(path, 'img1', shapes)  # pylint: disable=protected-access
     ht_fixtures._labelme(path, 'img2', [rect('sky', (0, 0), (40, 10))])  # pylint: disable=protected-access
 

@@ -47,20 +47,26 @@ def test_tuple_and_numpy_strings():
   np.testing.assert_array_equal(tokenizer.tokenize(np.array(["a cat", "a dog"])), ref)
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("&amp; html &lt;b&gt;", "& html <b>"),
-    ("\ufb01 ligature", "fi ligature"),  # U+FB01 LATIN SMALL LIGATURE FI.
-    ("&amp;amp; twice", "& twice"),  # HTML unescaped twice.
-    ("  A\tPhoto \n\n of  a CAT  ", "a photo of a cat"),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("&amp; html &lt;b&gt;", "& html <b>"),
+        ("\ufb01 ligature", "fi ligature"),  # U+FB01 LATIN SMALL LIGATURE FI.
+        ("&amp;amp; twice", "& twice"),  # HTML unescaped twice.
+        ("  A\tPhoto \n\n of  a CAT  ", "a photo of a cat"),
+    ],
+)
 def test_cleaning(raw, clean):
   np.testing.assert_array_equal(tokenizer.tokenize(raw), tokenizer.tokenize(clean))
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("&amp; html &lt;b&gt;", "& html <b>"),
-    ("\ufb01 ligature", "fi ligature"),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("&amp; html &lt;b&gt;", "& html <b>"),
+        ("\ufb01 ligature", "fi ligature"),
+    ],
+)
 def test_cleaning_is_needed(raw, clean):
   """The BPE backend alone (no ftfy / HTML cleaning) gives different ids for these pairs."""
   bpe = tokenizer._bpe()  # pylint: disable=protected-access
@@ -143,12 +149,15 @@ def test_unknown_truncation():
     tokenizer.tokenize("a cat", truncation="left")
 
 
-@pytest.mark.parametrize("texts, index", [
-    ("", 0),
-    (["a cat", "dog", "   "], 2),
-    (["a cat", "\t\n"], 1),
-    (["&nbsp;"], 0),  # Becomes U+00A0, stripped as whitespace.
-])
+@pytest.mark.parametrize(
+    "texts, index",
+    [
+        ("", 0),
+        (["a cat", "dog", "   "], 2),
+        (["a cat", "\t\n"], 1),
+        (["&nbsp;"], 0),  # Becomes U+00A0, stripped as whitespace.
+    ],
+)
 def test_empty_query(texts, index):
   with pytest.raises(ValueError, match=f"text query {index} is empty"):
     tokenizer.tokenize(texts)
@@ -173,6 +182,7 @@ def _hf_clip_tokenizer():
   """Builds transformers' CLIPTokenizer from the merges embedded in instant_clip_tokenizer."""
   transformers = pytest.importorskip("transformers")
   import instant_clip_tokenizer  # pylint: disable=g-import-not-at-top
+
   pkg_dir = os.path.dirname(instant_clip_tokenizer.__file__)
   blob = b""
   for fname in os.listdir(pkg_dir):
@@ -185,8 +195,11 @@ def _hf_clip_tokenizer():
   lines = blob[start:].split(b"\n", 48896)[1:48895]
   merges = [tuple(line.decode("utf-8").split(" ")) for line in lines]
   # GPT-2 byte -> unicode symbol table (printable bytes map to themselves).
-  byte_ids = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-              + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+  byte_ids = (
+      list(range(ord("!"), ord("~") + 1))
+      + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+      + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+  )
   chars = byte_ids[:]
   extra = 0
   for b in range(256):
@@ -195,8 +208,12 @@ def _hf_clip_tokenizer():
       chars.append(256 + extra)
       extra += 1
   symbols = [chr(c) for c in chars]
-  vocab_list = (symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-                + ["<|startoftext|>", "<|endoftext|>"])
+  vocab_list = (
+      symbols
+      + [s + "</w>" for s in symbols]
+      + ["".join(m) for m in merges]
+      + ["<|startoftext|>", "<|endoftext|>"]
+  )
   assert len(vocab_list) == 49408
   vocab = {tok: i for i, tok in enumerate(vocab_list)}
   return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
@@ -210,9 +227,14 @@ def test_matches_hf_clip_tokenizer():
   """
   hf = _hf_clip_tokenizer()
   texts = [
-      "a photo of a cat", "Don't PANIC!! 123 emigre na\u00efve caf\u00e9", "x!y",
-      "\u6771\u4eac\u30bf\u30ef\u30fc \U0001f642", "rocket  ship\twith NASA badge",
-      "star-spangled banner", "it's 3.14 o'clock", "\u0130stanbul",
+      "a photo of a cat",
+      "Don't PANIC!! 123 emigre na\u00efve caf\u00e9",
+      "x!y",
+      "\u6771\u4eac\u30bf\u30ef\u30fc \U0001f642",
+      "rocket  ship\twith NASA badge",
+      "star-spangled banner",
+      "it's 3.14 o'clock",
+      "\u0130stanbul",
   ]
   for text in texts:
     expected = hf(text)["input_ids"]

@@ -52,8 +52,11 @@ def truncate_step_file(step_dir: pathlib.Path) -> pathlib.Path:
 def flat_params(tree) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  return {sharding_lib.path_str(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+
+  return {
+      sharding_lib.path_str(p): np.asarray(v)
+      for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+  }
 
 
 def assert_trees_close(a, b, atol):
@@ -64,11 +67,18 @@ def assert_trees_close(a, b, atol):
 
 
 def subprocess_env(cache_dir, devices: int = 1) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='2',
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
+  flags = [
+      f
+      for f in env.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+  ]
   if devices > 1:
     flags.append(f'--xla_force_host_platform_device_count={devices}')
   env['XLA_FLAGS'] = ' '.join(flags)
@@ -77,8 +87,15 @@ def subprocess_env(cache_dir, devices: int = 1) -> dict[str, str]:
 
 
 def main_command(workdir, data_dir, *flags) -> list[str]:
-  return [sys.executable, '-m', 'clipcrop_jax.main', '--config=configs/tiny.py',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}', *flags]
+  return [
+      sys.executable,
+      '-m',
+      'clipcrop_jax.main',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      f'--config.dataset.data_dir={data_dir}',
+      *flags,
+  ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,10 +113,18 @@ def synthetic_data(synthetic_tiny_dir) -> pathlib.Path:
 def tiny_config(load_config):
   """`tiny_config(data_dir, **{'a.b': v})`: configs/tiny.py (as `config_flags` loads it) on the
   fixture data, STEPS steps, evaluated on the ambiguity and test splits."""
-  return lambda data_dir, **updates: load_config('configs/tiny.py', **{
-      'dataset.data_dir': str(data_dir), 'num_train_steps': STEPS,
-      'eval.datasets': (('synthetic_crops/tiny', 'ambiguity'), ('synthetic_crops/tiny', 'test')),
-      **updates})
+  return lambda data_dir, **updates: load_config(
+      'configs/tiny.py',
+      **{
+          'dataset.data_dir': str(data_dir),
+          'num_train_steps': STEPS,
+          'eval.datasets': (
+              ('synthetic_crops/tiny', 'ambiguity'),
+              ('synthetic_crops/tiny', 'test'),
+          ),
+          **updates,
+      },
+  )
 
 
 @pytest.fixture(scope='module')
@@ -107,9 +132,12 @@ def compile_cache(tmp_path_factory):
   """A persistent XLA compilation cache shared by this module's runs (restored afterwards)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
   cache_dir = tmp_path_factory.mktemp('jax_cache')
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
+  old = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   jax.config.update('jax_compilation_cache_dir', str(cache_dir))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   compilation_cache.reset_cache()
@@ -122,23 +150,37 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope='module', autouse=True)
 def background(request, synthetic_data, compile_cache, tmp_path_factory):
   """Starts the selected 8-device subprocess runs now, so they overlap the in-process tests."""
-  selected = {item.originalname for item in request.session.items
-              if item.module is request.module}
+  selected = {item.originalname for item in request.session.items if item.module is request.module}
   procs = {}
   root = tmp_path_factory.mktemp('background')
   if BACKGROUND_TESTS[0] in selected:
     workdir = root / 'eight'
     log = (root / 'eight.log').open('w')
-    procs['eight'] = (subprocess.Popen(
-        main_command(workdir, synthetic_data), cwd=REPO, env=subprocess_env(compile_cache, 8),
-        stdout=log, stderr=subprocess.STDOUT), workdir, root / 'eight.log')
+    procs['eight'] = (
+        subprocess.Popen(
+            main_command(workdir, synthetic_data),
+            cwd=REPO,
+            env=subprocess_env(compile_cache, 8),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ),
+        workdir,
+        root / 'eight.log',
+    )
   if BACKGROUND_TESTS[1] in selected:
     out = root / 'equivalence.npz'
     log = (root / 'equivalence.log').open('w')
-    procs['equivalence'] = (subprocess.Popen(
-        [sys.executable, str(REPO / 'tests' / 'train_subprocess.py'), str(out)], cwd=REPO,
-        env=subprocess_env(compile_cache, 8), stdout=log, stderr=subprocess.STDOUT),
-                            out, root / 'equivalence.log')
+    procs['equivalence'] = (
+        subprocess.Popen(
+            [sys.executable, str(REPO / 'tests' / 'train_subprocess.py'), str(out)],
+            cwd=REPO,
+            env=subprocess_env(compile_cache, 8),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ),
+        out,
+        root / 'equivalence.log',
+    )
   yield procs
   for proc, *_ in procs.values():
     if proc.poll() is None:
@@ -163,6 +205,7 @@ def wait_for(background, name):
 def pulse(synthetic_data, tiny_config, tmp_path_factory):
   """train_and_eval of configs/tiny.py (3 steps, checkpoint every step, keep 2) in-process."""
   from clipcrop_jax import main  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.mktemp('pulse')
   config = tiny_config(synthetic_data)
   results = main.run(config, str(workdir))
@@ -195,6 +238,7 @@ def _full_image_iou_mean(data_dir, split) -> float:
   """IoU-Mean of the whole image against the reference crops, straight from the TFDS data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
   builder = input_pipeline.dataset_builder('synthetic_crops/tiny', str(data_dir))
   means = []
   for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
@@ -230,6 +274,7 @@ def test_pulse_exported_cropper_crops(pulse):
   from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   workdir, config, _ = pulse
   c = cropper.ClipCropper.load(workdir / 'clipcrop')
   assert c.config == default_config.clipcrop_config(config)
@@ -253,8 +298,11 @@ def test_pulse_exported_cropper_crops(pulse):
 def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path):
   from clipcrop_jax import export  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
-  config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 2, 'checkpoint.keep': 5,
-                                          'checkpoint.data_resume': 'replay'})
+
+  config = tiny_config(
+      synthetic_data,
+      **{'checkpoint.every_steps': 2, 'checkpoint.keep': 5, 'checkpoint.data_resume': 'replay'},
+  )
   split, whole = tmp_path / 'split', tmp_path / 'whole'
   first = clipcrop_task.train(config, str(split), max_steps_this_run=2)
   assert int(first.step) == 2
@@ -269,8 +317,9 @@ def test_resume_matches_uninterrupted_run(synthetic_data, tiny_config, tmp_path)
   for step in (1, 2, 3):  # step 3 ran after the resume: same data (replay), rng and Adam state
     assert split_loss[step] == pytest.approx(whole_loss[step], abs=1e-6), step
   assert_trees_close(resumed.params, reference.params, atol=1e-6)
-  assert_trees_close(export.load_model(str(split)).params,
-                     export.load_model(str(whole)).params, atol=1e-6)
+  assert_trees_close(
+      export.load_model(str(split)).params, export.load_model(str(whole)).params, atol=1e-6
+  )
   # A third call finds the run finished and changes nothing.
   again = clipcrop_task.train(config, str(split))
   assert int(again.step) == STEPS and checkpoint_steps(split) == [2, 3]
@@ -281,6 +330,7 @@ def test_resume_skips_unusable_newest_steps(synthetic_data, tiny_config, tmp_pat
   before, logs why, moves the bad folder aside (nothing deleted), saves that step again, and
   metrics.jsonl keeps one record per step."""
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   config = tiny_config(synthetic_data, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 5})
   work = tmp_path / 'work'
   clipcrop_task.train(config, str(work), max_steps_this_run=2)
@@ -314,6 +364,7 @@ def test_final_state_skips_unusable_steps_read_only(pulse, tmp_path, caplog):
   error is one line naming every step and why."""
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   workdir, config, _ = pulse
   copy = tmp_path / 'work'
   shutil.copytree(workdir, copy)
@@ -341,29 +392,41 @@ def test_metrics_jsonl_rewrite_on_resume(tmp_path):
   """Records after the resumed step (and a line torn by a kill) go; `replace` keeps one
   (step, kind) record; the rewrite is atomic."""
   from clipcrop_jax.training import metric_log  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'metrics.jsonl'
-  rows = [{'step': s, 'kind': k, 'loss': 1.0} for s, k in ((1, 'train'), (2, 'train'),
-                                                            (2, 'eval'), (3, 'train'))]
+  rows = [
+      {'step': s, 'kind': k, 'loss': 1.0}
+      for s, k in ((1, 'train'), (2, 'train'), (2, 'eval'), (3, 'train'))
+  ]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 4, "ki')
   logger = metric_log.MetricLogger(str(tmp_path), resume_step=2)
   assert [(r['step'], r['kind']) for r in read_metrics(tmp_path)] == [
-      (1, 'train'), (2, 'train'), (2, 'eval')]
+      (1, 'train'),
+      (2, 'train'),
+      (2, 'eval'),
+  ]
   logger.write(3, {'loss': 0.5})
   logger.write(2, {'accuracy': 0.7}, kind='eval', replace=True)
   logger.close()
   records = read_metrics(tmp_path)
   assert [(r['step'], r['kind']) for r in records] == [
-      (1, 'train'), (2, 'train'), (3, 'train'), (2, 'eval')]
+      (1, 'train'),
+      (2, 'train'),
+      (3, 'train'),
+      (2, 'eval'),
+  ]
   assert records[-1]['accuracy'] == 0.7
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.clipcrop-tmp')] == []
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_data, tiny_config,
-                                                              tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    synthetic_data, tiny_config, tmp_path, monkeypatch
+):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   real = clipcrop_task.make_train_iterator
 
   def poisoned(*args, **kwargs):
@@ -388,15 +451,21 @@ def test_init_from_owlvit_keeps_frozen_encoder(synthetic_data, tiny_config, tmp_
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit.configs import get_config  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(7)
-  flat = {path: (1.0 + 0.1 * rng.standard_normal(shape) if path.endswith('/scale')
-                 else 0.05 * rng.standard_normal(shape)).astype(np.float32)
-          for path, shape in ck.expected_param_shapes(get_config('tiny')).items()}
-  path = ck.save_scenic_checkpoint({'params': ck.unflatten_params(flat)},
-                                   tmp_path / 'owl.msgpack')
+  flat = {
+      path: (
+          1.0 + 0.1 * rng.standard_normal(shape)
+          if path.endswith('/scale')
+          else 0.05 * rng.standard_normal(shape)
+      ).astype(np.float32)
+      for path, shape in ck.expected_param_shapes(get_config('tiny')).items()
+  }
+  path = ck.save_scenic_checkpoint({'params': ck.unflatten_params(flat)}, tmp_path / 'owl.msgpack')
   expected = ck.load_checkpoint(path)[1]['params']
-  config = tiny_config(synthetic_data, **{'init_from.owlvit': str(path),
-                                          'checkpoint.every_steps': 100})
+  config = tiny_config(
+      synthetic_data, **{'init_from.owlvit': str(path), 'checkpoint.every_steps': 100}
+  )
   assert config.model.freeze_encoder
   workdir = tmp_path / 'work'
   state = clipcrop_task.train(config, str(workdir))
@@ -421,9 +490,19 @@ def test_main_eval_run_on_trained_workdir(pulse, synthetic_data, compile_cache, 
   for f in copy.glob('eval_*.json'):
     f.unlink()
   proc = subprocess.run(
-      main_command(copy, synthetic_data, '--config.run=eval', f'--config.num_train_steps={STEPS}',
-                   '--config.eval.baselines=("full_image",)'),
-      cwd=REPO, env=subprocess_env(compile_cache), capture_output=True, text=True, timeout=300)
+      main_command(
+          copy,
+          synthetic_data,
+          '--config.run=eval',
+          f'--config.num_train_steps={STEPS}',
+          '--config.eval.baselines=("full_image",)',
+      ),
+      cwd=REPO,
+      env=subprocess_env(compile_cache),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   for name in ('eval_synthetic_crops_tiny_ambiguity.json', 'eval_synthetic_crops_tiny.json'):
     result = json.loads((copy / name).read_text())
@@ -432,45 +511,72 @@ def test_main_eval_run_on_trained_workdir(pulse, synthetic_data, compile_cache, 
   again = json.loads((copy / 'eval_synthetic_crops_tiny_ambiguity.json').read_text())
   for method in ('clipcrop', 'full_image'):  # the same checkpoint gives the same numbers
     assert again['methods'][method]['iou_mean'] == pytest.approx(
-        original['methods'][method]['iou_mean'], abs=1e-5)
+        original['methods'][method]['iou_mean'], abs=1e-5
+    )
   assert checkpoint_steps(copy) == [2, 3]  # eval does not train
 
 
 def test_main_unknown_config_field_fails(synthetic_data, tmp_path):
-  proc = subprocess.run(main_command(tmp_path / 'w', synthetic_data, '--config.foo=1'),
-                        cwd=REPO, env=subprocess_env(tmp_path / 'cache'), capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+      main_command(tmp_path / 'w', synthetic_data, '--config.foo=1'),
+      cwd=REPO,
+      env=subprocess_env(tmp_path / 'cache'),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       "error: --config.foo: the config has no field 'foo' (fields of the config: batch_size, "
       'checkpoint, dataset, distributed, dtype, eval, init_from, log_every_steps, loss, model, '
-      'num_epochs, num_train_steps, optimizer, run, seed, sharding)']
+      'num_epochs, num_train_steps, optimizer, run, seed, sharding)'
+  ]
   assert not (tmp_path / 'w').exists()
 
 
-@pytest.mark.parametrize('flag,expected', [
-    ('--config.model.decoder_layrs=2',
-     "error: --config.model.decoder_layrs: config.model has no field 'decoder_layrs' (did you "
-     'mean decoder_layers'),
-    ('--config.batch_size=-1', 'error: invalid config: batch_size=-1: expected an integer >= 1'),
-    ('--config.batch_size=abc', 'error: flag --config.batch_size=abc: invalid literal'),
-    ('--config.checkpoint.data_resume=rewind',
-     "error: invalid config: checkpoint.data_resume='rewind': expected one of"),
-    ('--config.dataset.mosaic_probs=(0.5,0.6,0.0)', 'error: invalid config: dataset.mosaic_probs'),
-    ('--config.dataset.data_dir=/no/such/dir',
-     "error: invalid config: dataset.data_dir='/no/such/dir': no such directory"),
-    ('WORKDIR_IS_A_FILE', 'error: invalid config: workdir='),
-    ('--wokdir=/tmp', "error: Unknown command line flag 'wokdir'"),
-])
+@pytest.mark.parametrize(
+    'flag,expected',
+    [
+        (
+            '--config.model.decoder_layrs=2',
+            "error: --config.model.decoder_layrs: config.model has no field 'decoder_layrs' (did you "
+            'mean decoder_layers',
+        ),
+        (
+            '--config.batch_size=-1',
+            'error: invalid config: batch_size=-1: expected an integer >= 1',
+        ),
+        ('--config.batch_size=abc', 'error: flag --config.batch_size=abc: invalid literal'),
+        (
+            '--config.checkpoint.data_resume=rewind',
+            "error: invalid config: checkpoint.data_resume='rewind': expected one of",
+        ),
+        (
+            '--config.dataset.mosaic_probs=(0.5,0.6,0.0)',
+            'error: invalid config: dataset.mosaic_probs',
+        ),
+        (
+            '--config.dataset.data_dir=/no/such/dir',
+            "error: invalid config: dataset.data_dir='/no/such/dir': no such directory",
+        ),
+        ('WORKDIR_IS_A_FILE', 'error: invalid config: workdir='),
+        ('--wokdir=/tmp', "error: Unknown command line flag 'wokdir'"),
+    ],
+)
 def test_main_usage_errors_are_one_line_before_any_work(synthetic_data, tmp_path, flag, expected):
   """Exit code 2, one `error:` line, in about a second: no dataset, model or workdir made."""
   workdir = tmp_path / 'w'
   if flag == 'WORKDIR_IS_A_FILE':
     workdir.write_text('not a folder')
     flag = '--config.seed=0'
-  proc = subprocess.run(main_command(workdir, synthetic_data, flag), cwd=REPO,
-                        env=subprocess_env(tmp_path / 'cache'), capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+      main_command(workdir, synthetic_data, flag),
+      cwd=REPO,
+      env=subprocess_env(tmp_path / 'cache'),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(expected), lines
@@ -481,14 +587,20 @@ def test_main_run_errors_are_one_line(synthetic_data, compile_cache, tmp_path):
   """A run that cannot go on (here: nothing restores) exits 1 with one `error:` line."""
   workdir = tmp_path / 'w'
   (workdir / 'checkpoints' / '5').mkdir(parents=True)
-  proc = subprocess.run(main_command(workdir, synthetic_data, '--config.run=eval'), cwd=REPO,
-                        env=subprocess_env(compile_cache), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+      main_command(workdir, synthetic_data, '--config.run=eval'),
+      cwd=REPO,
+      env=subprocess_env(compile_cache),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
       f'error: no usable checkpoint in {workdir}/checkpoints: step 5: empty folder (nothing was '
-      'moved or deleted; repair or remove these step folders, or use a new workdir)')
+      'moved or deleted; repair or remove these step folders, or use a new workdir)'
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,20 +629,28 @@ def test_sharding_equivalence_subprocess(background):
   data = np.load(out)
   assert int(data['one/num_model_sharded']) == 0 and int(data['data8/num_model_sharded']) == 0
   assert int(data['model2/num_model_sharded']) > 0, 'no parameter was sharded over model'
-  names = sorted(k[len('one/step2/'):] for k in data.files if k.startswith('one/step2/'))
-  assert any(n.startswith('owlvit/') for n in names) and any(n.startswith('decoder/') for n in names)
+  names = sorted(k[len('one/step2/') :] for k in data.files if k.startswith('one/step2/'))
+  assert any(n.startswith('owlvit/') for n in names) and any(
+      n.startswith('decoder/') for n in names
+  )
   # The steps really move the decoder (far above the tolerance) and leave the frozen encoder.
   moved = {n: float(np.max(np.abs(data[f'one/step2/{n}'] - data[f'one/init/{n}']))) for n in names}
   assert max(moved.values()) > 1e-3
   assert all(v == 0.0 for n, v in moved.items() if n.startswith('owlvit/'))
   assert np.all(np.isfinite(data['one/losses'])), log[-2000:]
   for run in ('data8', 'model2'):
-    np.testing.assert_allclose(data[f'{run}/losses'], data['one/losses'], rtol=0, atol=1e-5,
-                               err_msg=run)
+    np.testing.assert_allclose(
+        data[f'{run}/losses'], data['one/losses'], rtol=0, atol=1e-5, err_msg=run
+    )
     for n in names:
       for key in ('init', 'step1', 'step2'):
-        np.testing.assert_allclose(data[f'{run}/{key}/{n}'], data[f'one/{key}/{n}'], rtol=0,
-                                   atol=1e-5, err_msg=f'{run} {key} {n}')
+        np.testing.assert_allclose(
+            data[f'{run}/{key}/{n}'],
+            data[f'one/{key}/{n}'],
+            rtol=0,
+            atol=1e-5,
+            err_msg=f'{run} {key} {n}',
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -558,16 +678,21 @@ def test_bfloat16_training_tracks_float32(load_config):
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
-  configs = {d: load_config('configs/tiny.py', dtype=d, num_train_steps=BF16_STEPS)
-             for d in ('float32', 'bfloat16')}
+  configs = {
+      d: load_config('configs/tiny.py', dtype=d, num_train_steps=BF16_STEPS)
+      for d in ('float32', 'bfloat16')
+  }
   mesh = sharding_lib.make_mesh(configs['float32'].sharding.mesh_shape)
   tasks = {d: clipcrop_task.ClipCropTask(c) for d, c in configs.items()}
   # Parameters and optimizer state are float32 in both: one set-up, one initial state.
   setup = trainer.setup_state(tasks['float32'], mesh, BF16_STEPS)
   initial = trainer.fresh_state(tasks['float32'], setup)
-  host = input_pipeline.random_batch(8, tasks['float32'].model.config.owlvit_config.image_size,
-                                     configs['float32'].dataset.max_crops,
-                                     configs['float32'].dataset.max_queries)
+  host = input_pipeline.random_batch(
+      8,
+      tasks['float32'].model.config.owlvit_config.image_size,
+      configs['float32'].dataset.max_crops,
+      configs['float32'].dataset.max_queries,
+  )
   batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh)) for k, v in host.items()}
   curves = {}
   for dtype, task in tasks.items():

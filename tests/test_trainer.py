@@ -55,8 +55,12 @@ def test_make_train_step_is_one_optimizer_update():
   schedule = optax.linear_schedule(0.1, 0.0, 10)
   optimizer = optax.adamw(schedule)
   params = {'w': jnp.asarray([0.3, 0.2, -0.1])}
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.PRNGKey(0),
+  )
   batch = {'x': jnp.asarray([1.0, 2.0, 3.0])}
   step = jax.jit(trainer.make_train_step(loss_fn, optimizer, schedule))
   new, metrics = step(state, batch)
@@ -83,8 +87,10 @@ def test_decoder_only_init_equals_the_full_init(mode):
   for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(alone)):
     np.testing.assert_array_equal(a, b)
   other = model_lib.init_decoder_params(model, jax.random.PRNGKey(12))
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(other),
-                                                      jax.tree_util.tree_leaves(alone)))
+  assert any(
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(alone))
+  )
 
 
 def test_decoder_only_init_never_touches_owlvit_for_b32():
@@ -106,6 +112,7 @@ def test_clipcrop_fresh_state_from_owlvit_weights(load_config, tmp_path):
   from clipcrop_jax.owlvit import checkpoints as ck  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import model as owl_model  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
+
   owl = owl_model.init_variables(model_lib.TINY.owlvit_config, seed=5)
   path = ck.save_scenic_checkpoint(owl, tmp_path / 'owl.msgpack')
   config = load_config('configs/tiny.py', **{'init_from.owlvit': str(path)})
@@ -114,13 +121,15 @@ def test_clipcrop_fresh_state_from_owlvit_weights(load_config, tmp_path):
   setup = trainer.setup_state(task, mesh, 3)
   state = trainer.fresh_state(task, setup)
   loaded = ck.load_checkpoint(path)[1]['params']
-  for a, b in zip(jax.tree_util.tree_leaves(state.params['owlvit']),
-                  jax.tree_util.tree_leaves(loaded)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(state.params['owlvit']), jax.tree_util.tree_leaves(loaded)
+  ):
     np.testing.assert_array_equal(a, b)
   params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   expected = model_lib.init_params(task.model, params_rng)['decoder']
-  for a, b in zip(jax.tree_util.tree_leaves(state.params['decoder']),
-                  jax.tree_util.tree_leaves(expected)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(state.params['decoder']), jax.tree_util.tree_leaves(expected)
+  ):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(state.rng, state_rng)
   assert int(state.step) == 0

@@ -25,8 +25,9 @@ EXPECTED_COUNTS = {
 }
 
 
-def _brute_force_candidates(image_wh, bins=12, min_area_fraction=Fraction(1, 2),
-                            aspect_range=(Fraction(1, 2), Fraction(2))):
+def _brute_force_candidates(
+    image_wh, bins=12, min_area_fraction=Fraction(1, 2), aspect_range=(Fraction(1, 2), Fraction(2))
+):
   """All pairs of cell centres, filtered with exact rational geometry (no index arithmetic)."""
   w, h = (Fraction(v) for v in image_wh)
   xs = [w * (2 * i + 1) / (2 * bins) for i in range(bins)]
@@ -74,8 +75,12 @@ def test_candidates_match_brute_force(image_wh):
 
 def test_candidates_match_brute_force_other_settings():
   got = zs.gaic_grid_candidates((640, 480), bins=9, min_area_fraction=0.6, aspect_range=(0.8, 1.6))
-  want = _brute_force_candidates((640, 480), bins=9, min_area_fraction=Fraction(6, 10),
-                                 aspect_range=(Fraction(8, 10), Fraction(16, 10)))
+  want = _brute_force_candidates(
+      (640, 480),
+      bins=9,
+      min_area_fraction=Fraction(6, 10),
+      aspect_range=(Fraction(8, 10), Fraction(16, 10)),
+  )
   assert len(got) > 0
   assert _as_set(got) == _rounded(want)
 
@@ -175,8 +180,10 @@ def test_cut_through_penalty():
   inside = [0.15, 0.15, 0.25, 0.25]
   halved = [0.65, 0.3, 0.75, 0.4]  # Half of it inside the crop.
   outside = [0.8, 0.8, 0.9, 0.9]
-  results = {name: zs.composition_score(crop, target, other_boxes=[box])
-             for name, box in (("inside", inside), ("halved", halved), ("outside", outside))}
+  results = {
+      name: zs.composition_score(crop, target, other_boxes=[box])
+      for name, box in (("inside", inside), ("halved", halved), ("outside", outside))
+  }
   score = {name: r[0][0] for name, r in results.items()}
   cut = {name: r[1]["cut"][0] for name, r in results.items()}
   assert score["halved"] < score["inside"] and score["halved"] < score["outside"]
@@ -202,25 +209,29 @@ def test_cut_through_of_quarter_cut_object():
 
 def test_size_term_bump():
   target = [0.4, 0.4, 0.6, 0.6]  # Area 0.04.
-  crops = np.array([
-      [0.3, 0.3, 0.6, 0.6],  # f = 0.04 / 0.09 = 0.44: inside the ideal range.
-      [0.35, 0.4, 0.6, 0.6],  # f = 0.04 / 0.05 = 0.8: too tight.
-      [0.0, 0.0, 1.0, 1.0],  # f = 0.04: too loose.
-  ])
+  crops = np.array(
+      [
+          [0.3, 0.3, 0.6, 0.6],  # f = 0.04 / 0.09 = 0.44: inside the ideal range.
+          [0.35, 0.4, 0.6, 0.6],  # f = 0.04 / 0.05 = 0.8: too tight.
+          [0.0, 0.0, 1.0, 1.0],  # f = 0.04: too loose.
+      ]
+  )
   _, terms = zs.composition_score(crops, target)
   np.testing.assert_allclose(terms["size_fraction"], [0.04 / 0.09, 0.8, 0.04])
   assert terms["size"][0] == pytest.approx(1.0)
-  assert terms["size"][1] == pytest.approx(np.exp(-0.5 * (0.2 / 0.15)**2))
-  assert terms["size"][2] == pytest.approx(np.exp(-0.5 * (0.31 / 0.15)**2))
+  assert terms["size"][1] == pytest.approx(np.exp(-0.5 * (0.2 / 0.15) ** 2))
+  assert terms["size"][2] == pytest.approx(np.exp(-0.5 * (0.31 / 0.15) ** 2))
 
 
 def test_margin_term():
   target = [0.0, 0.3, 0.4, 0.7]  # Touches the left image border.
-  crops = np.array([
-      [0.0, 0.2, 0.6, 0.8],  # Flush with the image border on the left: fine.
-      [0.0, 0.29, 0.6, 0.8],  # Top gap 0.01, below the wanted 0.05 * 0.51 (crop height).
-      [0.0, 0.2, 0.35, 0.8],  # Cuts the target on the right.
-  ])
+  crops = np.array(
+      [
+          [0.0, 0.2, 0.6, 0.8],  # Flush with the image border on the left: fine.
+          [0.0, 0.29, 0.6, 0.8],  # Top gap 0.01, below the wanted 0.05 * 0.51 (crop height).
+          [0.0, 0.2, 0.35, 0.8],  # Cuts the target on the right.
+      ]
+  )
   _, terms = zs.composition_score(crops, target)
   assert terms["margin"][0] == pytest.approx(1.0)
   assert terms["margin"][1] == pytest.approx(0.01 / (0.05 * 0.51))
@@ -357,8 +368,9 @@ def test_rank_target_larger_than_any_candidate():
   target_px = np.array(target) * [640, 480, 640, 480]
   assert ranked and all(box_lib.contains_xyxy_np(b, target_px, tol=1e-6) for b, _ in ranked)
   # Without expansion: the best-covering grid crops (which cannot contain it).
-  plain = zs.rank_zero_shot_crops((640, 480), target, expand_to_target=False, top_k=None,
-                                  nms_iou=None)
+  plain = zs.rank_zero_shot_crops(
+      (640, 480), target, expand_to_target=False, top_k=None, nms_iou=None
+  )
   cands = zs.gaic_grid_candidates((640, 480))
   best = zs.target_coverage(cands, target_px).max()
   boxes = np.array([b for b, _ in plain])
@@ -369,12 +381,12 @@ def test_rank_target_larger_than_any_candidate():
 def test_rank_target_outside_image_is_clipped():
   target = [-0.2, 0.3, 0.4, 0.7]
   clipped = [0.0, 0.3, 0.4, 0.7]
-  assert zs.rank_zero_shot_crops((640, 480), target) == zs.rank_zero_shot_crops((640, 480),
-                                                                                clipped)
+  assert zs.rank_zero_shot_crops((640, 480), target) == zs.rank_zero_shot_crops((640, 480), clipped)
 
 
-@pytest.mark.parametrize("target", [[0.3, 0.3, 0.3, 0.6], [0.5, 0.5, 0.4, 0.6],
-                                    [1.2, 0.2, 1.5, 0.6]])
+@pytest.mark.parametrize(
+    "target", [[0.3, 0.3, 0.3, 0.6], [0.5, 0.5, 0.4, 0.6], [1.2, 0.2, 1.5, 0.6]]
+)
 def test_rank_zero_area_target_raises(target):
   with pytest.raises(ValueError, match="zero area"):
     zs.rank_zero_shot_crops((640, 480), target)

@@ -32,6 +32,7 @@ def tiny_config():
   split, wrong reduction, wrong sharded update) still shows up far above the tolerance.
   """
   from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   config = config_lib.load_config_file(REPO / 'configs' / 'tiny.py')
   config.optimizer.update(learning_rate=1e-2, end_learning_rate=1e-2, eps=1.0, grad_clip_norm=0.0)
   # A random decoder predicts near-duplicate boxes: their matching costs then tie up to the
@@ -61,14 +62,21 @@ def make_batch(image_size: int, max_crops: int, max_queries: int, seed: int = 0)
       n = int(rng.integers(2, 8))
       text[b, q, :n] = rng.integers(1, 49000, n)
       text[b, q, n - 1] = 49407  # end of text
-  return dict(image=image, crops=crops, crop_scores=scores, crop_mask=mask,
-              image_extent=extent, text_queries=text)
+  return dict(
+      image=image,
+      crops=crops,
+      crop_scores=scores,
+      crop_mask=mask,
+      image_extent=extent,
+      text_queries=text,
+  )
 
 
 def run_on_mesh(config, mesh, batch_np):
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import clipcrop_task  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
+
   task = clipcrop_task.ClipCropTask(config)
   setup = trainer.setup_state(task, mesh, 4)
   state = trainer.fresh_state(task, setup)
@@ -82,8 +90,10 @@ def run_on_mesh(config, mesh, batch_np):
     losses.append(float(metrics['loss']))
     after.append(jax.device_get(state.params))
     print(f'step {len(losses)}: {time.time() - t:.1f} s', flush=True)
-  specs = {sharding_lib.path_str(p): str(leaf.sharding.spec)
-           for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+  specs = {
+      sharding_lib.path_str(p): str(leaf.sharding.spec)
+      for p, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+  }
   return init_params, after, np.asarray(losses), specs
 
 
@@ -91,13 +101,15 @@ def main(out_path: str) -> None:
   jax.config.update('jax_default_matmul_precision', 'highest')
   from clipcrop_jax import default_config  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config()
   owl = default_config.clipcrop_config(config).owlvit_config
   batch = make_batch(owl.image_size, 12, config.dataset.max_queries)
   sharded = tiny_config()
-  sharded.sharding.update(mesh_shape=(4, 2), rules=(('owlvit/.*kernel', 'shard_largest'),
-                                                    ('.*', 'replicate')))
+  sharded.sharding.update(
+      mesh_shape=(4, 2), rules=(('owlvit/.*kernel', 'shard_largest'), ('.*', 'replicate'))
+  )
   runs = {
       'one': (config, sharding_lib.make_mesh((1, 1), jax.devices()[:1])),
       'data8': (config, sharding_lib.make_mesh((-1, 1))),
@@ -107,13 +119,18 @@ def main(out_path: str) -> None:
   for name, (cfg, mesh) in runs.items():
     init_params, after, losses, specs = run_on_mesh(cfg, mesh, batch)
     out[f'{name}/losses'] = losses
-    out[f'{name}/num_model_sharded'] = np.asarray(
-        sum('model' in s for s in specs.values()))
+    out[f'{name}/num_model_sharded'] = np.asarray(sum('model' in s for s in specs.values()))
     for i, params in enumerate(after):
-      out.update({f'{name}/step{i + 1}/{sharding_lib.path_str(p)}': np.asarray(v)
-                  for p, v in jax.tree_util.tree_leaves_with_path(params)})
-    flat0 = {sharding_lib.path_str(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_leaves_with_path(init_params)}
+      out.update(
+          {
+              f'{name}/step{i + 1}/{sharding_lib.path_str(p)}': np.asarray(v)
+              for p, v in jax.tree_util.tree_leaves_with_path(params)
+          }
+      )
+    flat0 = {
+        sharding_lib.path_str(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(init_params)
+    }
     out.update({f'{name}/init/{k}': v for k, v in flat0.items()})
     print(name, dict(mesh.shape), losses, flush=True)
   np.savez(out_path, **out)

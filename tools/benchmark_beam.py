@@ -37,12 +37,14 @@ def make_images(folder: pathlib.Path, count: int, size: tuple[int, int], seed: i
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, check=False)
+  result = subprocess.run(
+      [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, check=False
+  )
   elapsed = time.perf_counter() - start
   if result.returncode != 0:
-    raise RuntimeError(f'{" ".join(argv[:3])} failed ({result.returncode}): '
-                       f'{result.stderr[-2000:]}')
+    raise RuntimeError(
+        f'{" ".join(argv[:3])} failed ({result.returncode}): ' f'{result.stderr[-2000:]}'
+    )
   return elapsed
 
 
@@ -65,28 +67,67 @@ def main() -> int:
       times = {}
       for n in (n1, n2):
         folder = root / f'images{n}'
-        cli = ['-m', 'clipcrop_jax.crop', '--random-init', model, '--keyword-pipeline', 'rules',
-               '--image', str(folder), '--text', 'a red square', '--batch-size',
-               str(args.batch_size), '--out', str(root / f'cli_{model}_{n}')]
-        beam = ['-m', 'clipcrop_jax.crop_beam', '--random_init', model, '--keyword_pipeline',
-                'rules', '--input', str(folder / '*.jpg'), '--text', 'a red square',
-                '--batch_size', str(args.batch_size), '--output', str(root / f'beam_{model}_{n}'),
-                '--runner', 'DirectRunner']
+        cli = [
+            '-m',
+            'clipcrop_jax.crop',
+            '--random-init',
+            model,
+            '--keyword-pipeline',
+            'rules',
+            '--image',
+            str(folder),
+            '--text',
+            'a red square',
+            '--batch-size',
+            str(args.batch_size),
+            '--out',
+            str(root / f'cli_{model}_{n}'),
+        ]
+        beam = [
+            '-m',
+            'clipcrop_jax.crop_beam',
+            '--random_init',
+            model,
+            '--keyword_pipeline',
+            'rules',
+            '--input',
+            str(folder / '*.jpg'),
+            '--text',
+            'a red square',
+            '--batch_size',
+            str(args.batch_size),
+            '--output',
+            str(root / f'beam_{model}_{n}'),
+            '--runner',
+            'DirectRunner',
+        ]
         times[('cli', n)] = timed(cli, env)
         times[('beam', n)] = timed(beam, env)
-        print(f'{model} N={n}: cli {times[("cli", n)]:.1f} s, beam {times[("beam", n)]:.1f} s',
-              flush=True)
+        print(
+            f'{model} N={n}: cli {times[("cli", n)]:.1f} s, beam {times[("beam", n)]:.1f} s',
+            flush=True,
+        )
       per = {k: (times[(k, n2)] - times[(k, n1)]) / (n2 - n1) for k in ('cli', 'beam')}
-      rows.append((model, per['cli'], per['beam'], per['beam'] / per['cli'],
-                   times[('cli', n2)], times[('beam', n2)]))
+      rows.append(
+          (
+              model,
+              per['cli'],
+              per['beam'],
+              per['beam'] / per['cli'],
+              times[('cli', n2)],
+              times[('beam', n2)],
+          )
+      )
   print(f'\n{w}x{h} JPEGs, batch {args.batch_size}, N = {n1} and {n2} images, random weights\n')
   print('| model | CLI s/image | Beam s/image | Beam / CLI | CLI wall, N2 | Beam wall, N2 |')
   print('|---|---:|---:|---:|---:|---:|')
   for model, cli, beam, ratio, wc, wb in rows:
     print(f'| {model} | {cli:.3f} | {beam:.3f} | {ratio:.2f}x | {wc:.1f} s | {wb:.1f} s |')
   for model, cli, beam, ratio, wc, wb in rows:
-    print(f'RESULT|beam_vs_cli|{model}|cli_s_per_image={cli:.4f}|beam_s_per_image={beam:.4f}|'
-          f'ratio={ratio:.3f}|cli_wall={wc:.1f}|beam_wall={wb:.1f}')
+    print(
+        f'RESULT|beam_vs_cli|{model}|cli_s_per_image={cli:.4f}|beam_s_per_image={beam:.4f}|'
+        f'ratio={ratio:.3f}|cli_wall={wc:.1f}|beam_wall={wb:.1f}'
+    )
   return 0
 
 

@@ -40,15 +40,30 @@ from clipcrop_jax import keywords as keywords_lib
 from clipcrop_jax import model as model_lib
 from clipcrop_jax.owlvit import detect
 
-TEXTS = ['a woman and three dogs on the boat', 'a red car', 'two people on a bench',
-         'the lighthouse', 'a cat on a sofa', 'children playing football', 'a bowl of fruit',
-         'the mountain at sunset', 'a man skiing on the mountainside', 'a cup of coffee']
+TEXTS = [
+    'a woman and three dogs on the boat',
+    'a red car',
+    'two people on a bench',
+    'the lighthouse',
+    'a cat on a sofa',
+    'children playing football',
+    'a bowl of fruit',
+    'the mountain at sunset',
+    'a man skiing on the mountainside',
+    'a cup of coffee',
+]
 
 
 # Dense peak TFLOP/s per device kind (bf16 / fp32-with-TF32), for MFU.
-PEAK_TFLOPS = {'H200': (989.0, 494.0), 'H100': (989.0, 494.0), 'A100': (312.0, 156.0),
-               'L4': (121.0, 60.0), 'TPU v4': (275.0, 275.0), 'TPU v5 lite': (197.0, 197.0),
-               'TPU v5p': (459.0, 459.0)}
+PEAK_TFLOPS = {
+    'H200': (989.0, 494.0),
+    'H100': (989.0, 494.0),
+    'A100': (312.0, 156.0),
+    'L4': (121.0, 60.0),
+    'TPU v4': (275.0, 275.0),
+    'TPU v5 lite': (197.0, 197.0),
+    'TPU v5p': (459.0, 459.0),
+}
 
 
 def write_jpegs(folder: pathlib.Path, n: int, size: tuple[int, int]) -> list[pathlib.Path]:
@@ -87,8 +102,11 @@ def model_flops_per_image(cropper, batch: int, text: str) -> float:
   q = jax.ShapeDtypeStruct((batch,) + request.queries.shape[1:], request.queries.dtype)
   m = jax.ShapeDtypeStruct((batch,) + request.query_mask.shape[1:], bool)
   ext = jax.ShapeDtypeStruct((batch, 2), np.float32)
-  dec = jax.jit(lambda v, e, q, m, x: cropper.module.apply(
-      v, e, q, m, None, x, method=cropper.module.crop_from_encoding))
+  dec = jax.jit(
+      lambda v, e, q, m, x: cropper.module.apply(
+          v, e, q, m, None, x, method=cropper.module.crop_from_encoding
+      )
+  )
   cost = dec.lower(cropper.variables, encoded, q, m, ext).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return (total + float(cost.get('flops', 0.0))) / batch
@@ -98,15 +116,19 @@ def run_folder(args) -> None:
   """Batch 1 (the baseline) vs batched `iter_crops` over a folder of JPEGs, per model."""
   dev = jax.devices()[0]
   w, h = (int(v) for v in args.image_size.split('x'))
-  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
-        f'{args.images} JPEGs of {w}x{h} px, text {TEXTS[0]!r}', flush=True)
+  print(
+      f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
+      f'{args.images} JPEGs of {w}x{h} px, text {TEXTS[0]!r}',
+      flush=True,
+  )
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     paths = write_jpegs(pathlib.Path(tmp), args.images, (w, h))
     for name in args.owlvit.split(','):
       # 'tiny': the tiny test model (`model.TINY`); an OWL-ViT name: it + the paper's decoder.
-      cropper = cropper_lib.ClipCropper.init_random(name, keyword_pipeline=keywords_lib.RULES,
-                                                    dtype=args.dtype)
+      cropper = cropper_lib.ClipCropper.init_random(
+          name, keyword_pipeline=keywords_lib.RULES, dtype=args.dtype
+      )
       request = dict(text=TEXTS[0], top_k=3)
       cropper.crop(paths[0], **request)  # compile batch 1
       n1 = min(len(paths), args.baseline_images)
@@ -131,19 +153,28 @@ def run_folder(args) -> None:
         if peak:
           flops = model_flops_per_image(cropper, cropper.bucket_size(bs), TEXTS[0])
           mfu = f'{100 * flops * batched / peak:.1f}%'
-        rows.append(f'{name:10s} {bs:5d} {one:10.2f} {batched:12.2f} {batched / one:7.2f}x '
-                    f'{mfu:>6s} {in_memory:11.2f}')
+        rows.append(
+            f'{name:10s} {bs:5d} {one:10.2f} {batched:12.2f} {batched / one:7.2f}x '
+            f'{mfu:>6s} {in_memory:11.2f}'
+        )
         print(rows[-1], flush=True)
         # One machine-readable line for tools/gpu_check.sh's table: RESULT|what|value|unit|baseline.
-        print(f'RESULT|crops/s {name} {args.dtype} batch {bs}, {w}x{h} JPEGs|{batched:.1f}|img/s|'
-              f'batch-1 {one:.1f} img/s ({batched / one:.2f}x), MFU {mfu}, pre-decoded '
-              f'{in_memory:.1f} img/s', flush=True)
-  print(f'{"model":10s} {"batch":>5s} {"batch-1/s":>10s} {"batched/s":>12s} {"ratio":>8s} '
-        f'{"MFU":>6s} {"decoded/s":>11s}')
+        print(
+            f'RESULT|crops/s {name} {args.dtype} batch {bs}, {w}x{h} JPEGs|{batched:.1f}|img/s|'
+            f'batch-1 {one:.1f} img/s ({batched / one:.2f}x), MFU {mfu}, pre-decoded '
+            f'{in_memory:.1f} img/s',
+            flush=True,
+        )
+  print(
+      f'{"model":10s} {"batch":>5s} {"batch-1/s":>10s} {"batched/s":>12s} {"ratio":>8s} '
+      f'{"MFU":>6s} {"decoded/s":>11s}'
+  )
   print('\n'.join(rows))
-  print('images/s over the whole folder (decode + encoder + decoder + NMS); batch-1 = crop(path) '
-        'per file, the baseline measured in the same run; decoded/s = batched from images '
-        'already decoded and preprocessed (device + post-processing only).')
+  print(
+      'images/s over the whole folder (decode + encoder + decoder + NMS); batch-1 = crop(path) '
+      'per file, the baseline measured in the same run; decoded/s = batched from images '
+      'already decoded and preprocessed (device + post-processing only).'
+  )
 
 
 def main():
@@ -154,12 +185,20 @@ def main():
   parser.add_argument('--keywords', choices=['rules', 'spacy'], default='rules')
   parser.add_argument('--batch_size', default='8', help='comma-separated (--mode folder)')
   parser.add_argument('--images', type=int, default=32, help='JPEGs in the folder')
-  parser.add_argument('--baseline_images', type=int, default=16,
-                      help='images the batch-1 baseline crops (its images/s is a rate)')
+  parser.add_argument(
+      '--baseline_images',
+      type=int,
+      default=16,
+      help='images the batch-1 baseline crops (its images/s is a rate)',
+  )
   parser.add_argument('--image_size', default='4000x3000', help='WxH of the JPEGs (12 MP)')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-  parser.add_argument('--peak_tflops', type=float, default=0.0,
-                      help='device peak for MFU (default: known devices; none on CPU)')
+  parser.add_argument(
+      '--peak_tflops',
+      type=float,
+      default=0.0,
+      help='device peak for MFU (default: known devices; none on CPU)',
+  )
   args = parser.parse_args()
   if args.mode == 'folder':
     run_folder(args)
@@ -169,8 +208,10 @@ def main():
   pipeline = keywords_lib.DEFAULT_PIPELINE if args.keywords == 'spacy' else keywords_lib.RULES
   cropper = cropper_lib.ClipCropper.init_random(config, keyword_pipeline=pipeline)
   image = detect.demo_image(600, 900)
-  print(f'ClipCrop on {args.owlvit} ({config.owlvit_config.image_size} px), decoder '
-        f'{config.decoder_layers}x{config.decoder_width}, {config.num_queries} queries')
+  print(
+      f'ClipCrop on {args.owlvit} ({config.owlvit_config.image_size} px), decoder '
+      f'{config.decoder_layers}x{config.decoder_width}, {config.num_queries} queries'
+  )
 
   def one():
     cropper.crop(image, text=TEXTS[0])
@@ -195,8 +236,10 @@ def main():
     print(f'round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}s' for k, v in times.items()), flush=True)
   med = {k: statistics.median(v) for k, v in times.items()}
   print(f"1 query/image:   {med['one']:.2f} s/image  ({1 / med['one']:.2f} requests/s)")
-  print(f"10 queries/image: {med['ten_reuse']:.2f} s/image ({10 / med['ten_reuse']:.2f} requests/s)"
-        f" vs re-encoding {med['ten_naive']:.2f} s: {med['ten_naive'] / med['ten_reuse']:.2f}x")
+  print(
+      f"10 queries/image: {med['ten_reuse']:.2f} s/image ({10 / med['ten_reuse']:.2f} requests/s)"
+      f" vs re-encoding {med['ten_naive']:.2f} s: {med['ten_naive'] / med['ten_reuse']:.2f}x"
+  )
 
 
 if __name__ == '__main__':

@@ -24,8 +24,9 @@ import tensorflow as tf
 from clipcrop_jax.data import input_pipeline as ip
 
 
-def synthetic_dataset(num: int, height: int, width: int, num_crops: int,
-                      seed: int = 0) -> tf.data.Dataset:
+def synthetic_dataset(
+    num: int, height: int, width: int, num_crops: int, seed: int = 0
+) -> tf.data.Dataset:
   rng = np.random.default_rng(seed)
   images, boxes, scores = [], [], []
   for _ in range(num):
@@ -36,18 +37,29 @@ def synthetic_dataset(num: int, height: int, width: int, num_crops: int,
     y1, x1 = y0 + rng.uniform(0.5, 0.6, num_crops), x0 + rng.uniform(0.5, 0.6, num_crops)
     boxes.append(np.stack([y0, x0, y1, x1], -1).astype(np.float32))
     scores.append(rng.uniform(1, 5, num_crops).astype(np.float32))
-  return tf.data.Dataset.from_tensor_slices({
-      'image': images, 'image/filename': [f'{i}.jpg' for i in range(num)],
-      'height': np.full(num, height, np.int32), 'width': np.full(num, width, np.int32),
-      'text': ['a woman and three dogs on the boat'] * num,
-      'crops': {'bbox': np.stack(boxes), 'score': np.stack(scores)}})
+  return tf.data.Dataset.from_tensor_slices(
+      {
+          'image': images,
+          'image/filename': [f'{i}.jpg' for i in range(num)],
+          'height': np.full(num, height, np.int32),
+          'width': np.full(num, width, np.int32),
+          'text': ['a woman and three dogs on the boat'] * num,
+          'crops': {'bbox': np.stack(boxes), 'score': np.stack(scores)},
+      }
+  )
 
 
 def bench_pipeline(args) -> float:
   ds = synthetic_dataset(args.num_images, 600, 900, args.crops)
-  ds = ip.make_train_dataset(ds, image_size=args.size, batch_size=args.batch, max_crops=96,
-                             seed=0, shuffle_buffer=args.num_images,
-                             mosaic_probs=tuple(float(p) for p in args.mosaic_probs.split(',')))
+  ds = ip.make_train_dataset(
+      ds,
+      image_size=args.size,
+      batch_size=args.batch,
+      max_crops=96,
+      seed=0,
+      shuffle_buffer=args.num_images,
+      mosaic_probs=tuple(float(p) for p in args.mosaic_probs.split(',')),
+  )
   options = tf.data.Options()
   options.threading.private_threadpool_size = args.threads
   ds = ds.with_options(options)
@@ -72,8 +84,11 @@ def bench_model(args) -> float:
   variables = model_lib.init_variables(config, seed=0)
   module = model_lib.ClipCrop(config)
   images = jnp.full((args.model_batch, size, size, 3), 0.5, jnp.float32)
-  text = jnp.asarray(np.tile(tokenizer.tokenize(['a woman and three dogs on the boat'])[None],
-                             (args.model_batch, 1, 1)))
+  text = jnp.asarray(
+      np.tile(
+          tokenizer.tokenize(['a woman and three dogs on the boat'])[None], (args.model_batch, 1, 1)
+      )
+  )
   extent = jnp.ones((args.model_batch, 2), jnp.float32)
   forward = jax.jit(lambda v, x, t, e: module.apply(v, x, t, image_extent=e)['pred_boxes'])
   forward(variables, images, text, extent).block_until_ready()  # compile
@@ -82,8 +97,10 @@ def bench_model(args) -> float:
     t0 = time.perf_counter()
     forward(variables, images, text, extent).block_until_ready()
     times.append(time.perf_counter() - t0)
-  print(f'model: ClipCrop {args.owlvit} ({size} px) forward, batch {args.model_batch}: '
-        f'{np.median(times) * 1e3:.0f} ms on {jax.devices()[0].platform}')
+  print(
+      f'model: ClipCrop {args.owlvit} ({size} px) forward, batch {args.model_batch}: '
+      f'{np.median(times) * 1e3:.0f} ms on {jax.devices()[0].platform}'
+  )
   return args.model_batch / float(np.median(times))
 
 
@@ -94,8 +111,11 @@ def main():
   parser.add_argument('--threads', type=int, default=2, help='tf.data private thread pool')
   parser.add_argument('--num-images', type=int, default=32)
   parser.add_argument('--crops', type=int, default=90)
-  parser.add_argument('--mosaic-probs', default='0.3333,0.3333,0.3333',
-                      help='1x1,2x2,3x3 weights ("1,0,0": single images, the slowest case)')
+  parser.add_argument(
+      '--mosaic-probs',
+      default='0.3333,0.3333,0.3333',
+      help='1x1,2x2,3x3 weights ("1,0,0": single images, the slowest case)',
+  )
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--batches', type=int, default=10)
   parser.add_argument('--owlvit', default='clip_b32')
@@ -105,16 +125,22 @@ def main():
   args = parser.parse_args()
 
   pipe = bench_pipeline(args)
-  print(f'pipeline: {pipe:.1f} examples/s ({args.size} px, batch {args.batch}, '
-        f'{args.threads} tf.data threads, 600x900 JPEG, {args.crops} crops, mosaic probs '
-        f'{args.mosaic_probs})')
+  print(
+      f'pipeline: {pipe:.1f} examples/s ({args.size} px, batch {args.batch}, '
+      f'{args.threads} tf.data threads, 600x900 JPEG, {args.crops} crops, mosaic probs '
+      f'{args.mosaic_probs})'
+  )
   if args.skip_model:
     return
   model = bench_model(args)
-  print(f'model forward: {model:.2f} examples/s (batch {args.model_batch}, linear scaling '
-        f'assumed)')
-  print(f'ratio pipeline / model forward = {pipe / model:.1f} (target >= 2 for the training step; '
-        f'forward-only underestimates the step time, so the real ratio is higher)')
+  print(
+      f'model forward: {model:.2f} examples/s (batch {args.model_batch}, linear scaling '
+      f'assumed)'
+  )
+  print(
+      f'ratio pipeline / model forward = {pipe / model:.1f} (target >= 2 for the training step; '
+      f'forward-only underestimates the step time, so the real ratio is higher)'
+  )
 
 
 if __name__ == '__main__':

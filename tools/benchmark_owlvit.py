@@ -44,8 +44,18 @@ from clipcrop_jax.owlvit import heads
 from clipcrop_jax.owlvit import model as model_lib
 from clipcrop_jax.owlvit import tokenizer as tokenizer_lib
 
-QUERIES = ['a cat', 'a dog', 'a remote control', 'a sofa', 'a person', 'a photo of a bird',
-           'a red car', 'the sky', 'a tree', 'a lamp']
+QUERIES = [
+    'a cat',
+    'a dog',
+    'a remote control',
+    'a sofa',
+    'a person',
+    'a photo of a bird',
+    'a red car',
+    'the sky',
+    'a tree',
+    'a lamp',
+]
 
 
 def _hf_model(cfg: configs.OwlViTConfig, threads: int, device: str = 'cpu'):
@@ -55,18 +65,29 @@ def _hf_model(cfg: configs.OwlViTConfig, threads: int, device: str = 'cpu'):
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  hf_cls, cfg_cls = ((transformers.Owlv2ForObjectDetection, transformers.Owlv2Config)
-                     if cfg.objectness else
-                     (transformers.OwlViTForObjectDetection, transformers.OwlViTConfig))
+  hf_cls, cfg_cls = (
+      (transformers.Owlv2ForObjectDetection, transformers.Owlv2Config)
+      if cfg.objectness
+      else (transformers.OwlViTForObjectDetection, transformers.OwlViTConfig)
+  )
   hf_cfg = cfg_cls(
-      text_config=dict(hidden_size=cfg.text_width, num_attention_heads=cfg.text_heads,
-                       num_hidden_layers=cfg.text_layers, intermediate_size=4 * cfg.text_width,
-                       max_position_embeddings=cfg.max_query_length),
-      vision_config=dict(hidden_size=cfg.vision_width, num_attention_heads=cfg.vision_heads,
-                         num_hidden_layers=cfg.vision_layers,
-                         intermediate_size=4 * cfg.vision_width, patch_size=cfg.patch_size,
-                         image_size=cfg.image_size),
-      projection_dim=cfg.embed_dim)
+      text_config=dict(
+          hidden_size=cfg.text_width,
+          num_attention_heads=cfg.text_heads,
+          num_hidden_layers=cfg.text_layers,
+          intermediate_size=4 * cfg.text_width,
+          max_position_embeddings=cfg.max_query_length,
+      ),
+      vision_config=dict(
+          hidden_size=cfg.vision_width,
+          num_attention_heads=cfg.vision_heads,
+          num_hidden_layers=cfg.vision_layers,
+          intermediate_size=4 * cfg.vision_width,
+          patch_size=cfg.patch_size,
+          image_size=cfg.image_size,
+      ),
+      projection_dim=cfg.embed_dim,
+  )
   return hf_cls(hf_cfg).eval().to(device)
 
 
@@ -83,17 +104,34 @@ def main():
   parser.add_argument('--config', default='clip_b32')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--threads', type=int, default=os.cpu_count())
-  parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                      help="torch device for HF; auto: 'cuda' when torch sees one, else 'cpu'")
-  parser.add_argument('--repeats', type=int, default=1,
-                      help='back-to-back calls per timed sample (times are per call)')
-  parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32',
-                      help='ours: module compute dtype; HF: torch.autocast dtype (bfloat16)')
-  parser.add_argument('--f32_matmul', choices=['tf32', 'highest'], default='tf32',
-                      help='CUDA only: float32 matmul precision of both (JAX default = TF32)')
+  parser.add_argument(
+      '--device',
+      choices=['auto', 'cpu', 'cuda'],
+      default='auto',
+      help="torch device for HF; auto: 'cuda' when torch sees one, else 'cpu'",
+  )
+  parser.add_argument(
+      '--repeats',
+      type=int,
+      default=1,
+      help='back-to-back calls per timed sample (times are per call)',
+  )
+  parser.add_argument(
+      '--dtype',
+      choices=['float32', 'bfloat16'],
+      default='float32',
+      help='ours: module compute dtype; HF: torch.autocast dtype (bfloat16)',
+  )
+  parser.add_argument(
+      '--f32_matmul',
+      choices=['tf32', 'highest'],
+      default='tf32',
+      help='CUDA only: float32 matmul precision of both (JAX default = TF32)',
+  )
   args = parser.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top
+
   device = args.device
   if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -103,43 +141,62 @@ def main():
       jax.config.update('jax_default_matmul_precision', 'highest')
     torch.set_float32_matmul_precision('high' if args.f32_matmul == 'tf32' else 'highest')
     torch.backends.cudnn.allow_tf32 = args.f32_matmul == 'tf32'
-    precision = (f', f32 matmuls {args.f32_matmul} (jax_default_matmul_precision='
-                 f'{getattr(jax.config, "jax_default_matmul_precision", "?")}, torch '
-                 f'{torch.get_float32_matmul_precision()}), torch device '
-                 f'{torch.cuda.get_device_name()}, jax device {jax.devices()[0].device_kind}')
+    precision = (
+        f', f32 matmuls {args.f32_matmul} (jax_default_matmul_precision='
+        f'{getattr(jax.config, "jax_default_matmul_precision", "?")}, torch '
+        f'{torch.get_float32_matmul_precision()}), torch device '
+        f'{torch.cuda.get_device_name()}, jax device {jax.devices()[0].device_kind}'
+    )
   cfg = configs.get_config(args.config)
   if cfg.embed_dim != cfg.text_width:
     # HF's class head projects to the text width, so it cannot express embed_dim != text_width
     # (the `tiny` configs); benchmark both with embed_dim = text_width instead.
-    print(f'note: {cfg.name} has embed_dim {cfg.embed_dim} != text_width {cfg.text_width}, which '
-          f'HF cannot express; using embed_dim {cfg.text_width} for both')
+    print(
+        f'note: {cfg.name} has embed_dim {cfg.embed_dim} != text_width {cfg.text_width}, which '
+        f'HF cannot express; using embed_dim {cfg.text_width} for both'
+    )
     cfg = cfg.replace(embed_dim=cfg.text_width)
-  print(f'config {cfg.name}: {cfg.image_size} px, patch {cfg.patch_size}, backend '
-        f'{jax.default_backend()}, {jax.device_count()} device(s), torch threads {args.threads}, '
-        f'OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
-        + (f', HF on {device}, dtype {args.dtype}, {args.repeats} call(s) per sample{precision}'
-           if (device, args.dtype, args.repeats) != ('cpu', 'float32', 1) else ''))
+  print(
+      f'config {cfg.name}: {cfg.image_size} px, patch {cfg.patch_size}, backend '
+      f'{jax.default_backend()}, {jax.device_count()} device(s), torch threads {args.threads}, '
+      f'OMP_WAIT_POLICY={os.environ["OMP_WAIT_POLICY"]}, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+      + (
+          f', HF on {device}, dtype {args.dtype}, {args.repeats} call(s) per sample{precision}'
+          if (device, args.dtype, args.repeats) != ('cpu', 'float32', 1)
+          else ''
+      )
+  )
   if device == 'cuda' and jax.default_backend() != 'gpu':
     print(f'WARNING: HF runs on CUDA but JAX on {jax.default_backend()}')
 
   dtype = jnp.dtype(args.dtype)
-  module = (model_lib.TextZeroShotDetectionModule(cfg) if dtype == jnp.float32 else
-            model_lib.TextZeroShotDetectionModule(cfg, dtype=dtype))
+  module = (
+      model_lib.TextZeroShotDetectionModule(cfg)
+      if dtype == jnp.float32
+      else model_lib.TextZeroShotDetectionModule(cfg, dtype=dtype)
+  )
   variables = model_lib.init_variables(cfg, seed=0)
   hf = _hf_model(cfg, args.threads, device)
   sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
   if device != 'cpu':
-    print(f'HF {type(hf).__name__}: attention {getattr(hf.config, "_attn_implementation", "?")}, '
-          f'{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params on {device}')
-  autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if args.dtype == 'bfloat16'
-              else contextlib.nullcontext)
+    print(
+        f'HF {type(hf).__name__}: attention {getattr(hf.config, "_attn_implementation", "?")}, '
+        f'{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params on {device}'
+    )
+  autocast = (
+      (lambda: torch.autocast(device, dtype=torch.bfloat16))
+      if args.dtype == 'bfloat16'
+      else contextlib.nullcontext
+  )
 
   rng = np.random.default_rng(0)
   image = rng.random((1, cfg.image_size, cfg.image_size, 3), dtype=np.float32)
   tokens = tokenizer_lib.tokenize(QUERIES)  # (10, 16)
   pixel_values = torch.from_numpy(
       ((image - np.array(configs.IMAGE_MEAN)) / np.array(configs.IMAGE_STD))
-      .astype(np.float32).transpose(0, 3, 1, 2)).to(device)
+      .astype(np.float32)
+      .transpose(0, 3, 1, 2)
+  ).to(device)
 
   # --- ours ---
   forward = jax.jit(module.apply)
@@ -159,13 +216,15 @@ def main():
   def ours_ten():
     encoded = model_lib.encode_images(module, variables, x)  # once per image
     boxes = encoded['pred_boxes']
-    outs = [score_query(variables, encoded['class_terms'], jnp.asarray(tokens[None, i:i + 1]))
-            for i in range(10)]
+    outs = [
+        score_query(variables, encoded['class_terms'], jnp.asarray(tokens[None, i : i + 1]))
+        for i in range(10)
+    ]
     jax.block_until_ready((boxes, outs))
 
   # --- HF ---
   def hf_call(i):
-    ids = torch.from_numpy(tokens[i:i + 1].astype(np.int64)).to(device)
+    ids = torch.from_numpy(tokens[i : i + 1].astype(np.int64)).to(device)
     with torch.inference_mode(), autocast():
       hf(input_ids=ids, attention_mask=(ids > 0).long(), pixel_values=pixel_values)
 
@@ -203,14 +262,20 @@ def main():
   med = {k: statistics.median(v) for k, v in res.items()}
   ratio_one = [h / o for h, o in zip(res['hf_one'], res['ours_one'])]
   ratio_ten = [h / o for h, o in zip(res['hf_ten'], res['ours_ten'])]
-  print(f"per image:      ours {med['ours_one']:{tfmt}} s ({1 / med['ours_one']:.2f} img/s), "
-        f"HF {med['hf_one']:{tfmt}} s ({1 / med['hf_one']:.2f} img/s), "
-        f'median ratio HF/ours {statistics.median(ratio_one):.2f}x')
-  print(f"10 calls/image: ours {med['ours_ten']:{tfmt}} s, HF {med['hf_ten']:{tfmt}} s, "
-        f'median ratio HF/ours {statistics.median(ratio_ten):.2f}x')
+  print(
+      f"per image:      ours {med['ours_one']:{tfmt}} s ({1 / med['ours_one']:.2f} img/s), "
+      f"HF {med['hf_one']:{tfmt}} s ({1 / med['hf_one']:.2f} img/s), "
+      f'median ratio HF/ours {statistics.median(ratio_one):.2f}x'
+  )
+  print(
+      f"10 calls/image: ours {med['ours_ten']:{tfmt}} s, HF {med['hf_ten']:{tfmt}} s, "
+      f'median ratio HF/ours {statistics.median(ratio_ten):.2f}x'
+  )
   # One machine-readable line for tools/gpu_check.sh's table: RESULT|what|value|unit|baseline.
-  print(f"RESULT|OWL-ViT {cfg.name} forward, batch 1, {args.dtype}|{med['ours_one'] * 1e3:.2f}|"
-        f"ms/image|HF {med['hf_one'] * 1e3:.2f} ms ({statistics.median(ratio_one):.2f}x)")
+  print(
+      f"RESULT|OWL-ViT {cfg.name} forward, batch 1, {args.dtype}|{med['ours_one'] * 1e3:.2f}|"
+      f"ms/image|HF {med['hf_one'] * 1e3:.2f} ms ({statistics.median(ratio_one):.2f}x)"
+  )
 
 
 if __name__ == '__main__':

@@ -40,8 +40,9 @@ import time
 import numpy as np
 from PIL import Image
 
-PREPROCESSING_PY = (pathlib.Path(__file__).resolve().parent.parent / "clipcrop_jax" / "owlvit" /
-                    "preprocessing.py")
+PREPROCESSING_PY = (
+    pathlib.Path(__file__).resolve().parent.parent / "clipcrop_jax" / "owlvit" / "preprocessing.py"
+)
 
 PATHS = ("before", "fast (path)", "fast (array)", "exact (array)")
 
@@ -90,12 +91,26 @@ def _vm_hwm_kib(pid: int) -> int | None:
   return None
 
 
-def measure(which: str, image: pathlib.Path, size: int, repeats: int, timeout: float,
-            out_npy: pathlib.Path) -> dict:
+def measure(
+    which: str, image: pathlib.Path, size: int, repeats: int, timeout: float, out_npy: pathlib.Path
+) -> dict:
   """Runs one path in a fresh interpreter; returns times, peak MiB and whether it was killed."""
   proc = subprocess.Popen(
-      [sys.executable, "-c", _CHILD, str(PREPROCESSING_PY), which, str(image), str(size),
-       str(repeats), str(out_npy)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-c",
+          _CHILD,
+          str(PREPROCESSING_PY),
+          which,
+          str(image),
+          str(size),
+          str(repeats),
+          str(out_npy),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   start, peak_kib, killed = time.monotonic(), 0, False
   while proc.poll() is None:
     peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid) or 0)
@@ -149,10 +164,18 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=int, default=768, help="model input side (768 for B/32)")
   parser.add_argument("--repeats", type=int, default=5, help="warm calls per measurement")
-  parser.add_argument("--before-repeats", type=int, default=0,
-                      help="warm calls of the slow 'before' path (its first call is always timed)")
-  parser.add_argument("--before-timeout", type=float, default=60.0,
-                      help="seconds before a 'before' run is killed (0: no limit)")
+  parser.add_argument(
+      "--before-repeats",
+      type=int,
+      default=0,
+      help="warm calls of the slow 'before' path (its first call is always timed)",
+  )
+  parser.add_argument(
+      "--before-timeout",
+      type=float,
+      default=60.0,
+      help="seconds before a 'before' run is killed (0: no limit)",
+  )
   parser.add_argument("--skip-before", action="store_true", help="do not run the old path")
   args = parser.parse_args(argv)
   if not os.path.exists("/proc/self/status"):
@@ -162,10 +185,14 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     folder = pathlib.Path(tmp)
     images = write_images(folder)
-    print(f"size {args.size}, {os.cpu_count()} CPUs, time = median of {args.repeats} warm calls "
-          f"('before': the first call), peak = RSS high-water mark above the post-import RSS\n")
-    header = (f"{'image':22s} {'path':14s} {'time':>10s} {'1st call':>9s} {'peak':>10s} "
-              f"{'time x':>8s} {'peak x':>8s} {'max|d|':>8s}")
+    print(
+        f"size {args.size}, {os.cpu_count()} CPUs, time = median of {args.repeats} warm calls "
+        f"('before': the first call), peak = RSS high-water mark above the post-import RSS\n"
+    )
+    header = (
+        f"{'image':22s} {'path':14s} {'time':>10s} {'1st call':>9s} {'peak':>10s} "
+        f"{'time x':>8s} {'peak x':>8s} {'max|d|':>8s}"
+    )
     print(header)
     print("-" * len(header))
     for label, image in images.items():
@@ -176,9 +203,14 @@ def main(argv=None) -> int:
         slow = which == "before"
         out_npy = folder / "output.npy"
         out_npy.unlink(missing_ok=True)
-        results[which] = measure(which, image, args.size,
-                                 args.before_repeats if slow else args.repeats,
-                                 args.before_timeout if slow else 0, out_npy)
+        results[which] = measure(
+            which,
+            image,
+            args.size,
+            args.before_repeats if slow else args.repeats,
+            args.before_timeout if slow else 0,
+            out_npy,
+        )
       exact = results["exact (array)"]["output"]
       before = results.get("before")
       for which, r in results.items():
@@ -191,8 +223,10 @@ def main(argv=None) -> int:
           ratio_m = f"{mark}{before['peak_mib'] / max(r['peak_mib'], 1):.0f}x"
         diff = "" if r["output"] is None else f"{np.abs(r['output'] - exact).max():.4f}"
         peak = f"{'>' if r['killed'] else ''}{r['peak_mib']:.0f} MiB"
-        print(f"{label:22s} {which:14s} {_fmt_time(r):>10s} {r['first']:8.3f}s {peak:>10s} "
-              f"{ratio_t:>8s} {ratio_m:>8s} {diff:>8s}")
+        print(
+            f"{label:22s} {which:14s} {_fmt_time(r):>10s} {r['first']:8.3f}s {peak:>10s} "
+            f"{ratio_t:>8s} {ratio_m:>8s} {diff:>8s}"
+        )
         label = ""
   return 0
 

@@ -57,6 +57,7 @@ CONFIGS = {'tiny': ('tiny.py', None), 'b32': ('gaic_b32.py', 'full')}
 
 def load_config(name: str):
   from clipcrop_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   file, arg = CONFIGS[name]
   return config_lib.load_config_file(REPO / 'configs' / file, arg)
 
@@ -67,15 +68,29 @@ def ensure_dataset(data_dir: str, dataset: str) -> None:
   if any((p / 'dataset_info.json').is_file() for p in root.glob('*.*.*')):
     return
   print(f'building synthetic_crops/{dataset} in {data_dir} ...', flush=True)
-  out = subprocess.run([sys.executable, '-m', 'clipcrop_jax.build_dataset', 'datasets/synthetic',
-                        '--config', dataset, '--data_dir', data_dir], cwd=REPO,
-                       capture_output=True, text=True, check=False)
+  out = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'clipcrop_jax.build_dataset',
+          'datasets/synthetic',
+          '--config',
+          dataset,
+          '--data_dir',
+          data_dir,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   if out.returncode:
     sys.exit(f'building synthetic_crops/{dataset} failed:\n{out.stdout}\n{out.stderr}')
 
 
 def _peak_memory_gib() -> float | None:
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
     stats = jax.local_devices()[0].memory_stats()
   except Exception:  # pylint: disable=broad-except
@@ -85,8 +100,14 @@ def _peak_memory_gib() -> float | None:
   return stats['peak_bytes_in_use'] / 2**30
 
 
-def synthetic_setup(name: str, batch_size: int, args, solver: str = 'auto',
-                    trainable: bool = False, remat: bool = False):
+def synthetic_setup(
+    name: str,
+    batch_size: int,
+    args,
+    solver: str = 'auto',
+    trainable: bool = False,
+    remat: bool = False,
+):
   """(task, state, step_fn, batch, optimizer groups) of one model on a fixed random batch."""
   import jax  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -111,21 +132,22 @@ def synthetic_setup(name: str, batch_size: int, args, solver: str = 'auto',
   state = trainer.fresh_state(task, setup)
   step_fn = trainer.make_step_fn(task, setup, mesh)
   size = task.model.config.owlvit_config.image_size
-  host = input_pipeline.random_batch(batch_size, size, config.dataset.max_crops,
-                                     config.dataset.max_queries)
+  host = input_pipeline.random_batch(
+      batch_size, size, config.dataset.max_crops, config.dataset.max_queries
+  )
   batch_sharding = sharding_lib.batch_sharding(mesh)
   batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in host.items()}
   return task, setup, state, step_fn, batch, groups
 
 
-def benchmark_synthetic(name: str, batch_size: int, args, solver: str = 'auto'
-                        ) -> dict[str, float]:
+def benchmark_synthetic(name: str, batch_size: int, args, solver: str = 'auto') -> dict[str, float]:
   """Step-only timing of one model on a fixed random batch (no input pipeline, no TensorFlow)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   t_setup = time.perf_counter()
   task, _, state, step_fn, batch, groups = synthetic_setup(
-      name, batch_size, args, solver, args.trainable_encoder, args.remat)
+      name, batch_size, args, solver, args.trainable_encoder, args.remat
+  )
   size = task.model.config.owlvit_config.image_size
   setup_s = time.perf_counter() - t_setup
   print(f'  {name} batch {batch_size}: set-up {setup_s:.1f} s', flush=True)
@@ -144,22 +166,38 @@ def benchmark_synthetic(name: str, batch_size: int, args, solver: str = 'auto'
   n = args.steps
   state, metrics, step_s = _timed_steps(step_fn, state, batch, n)
   metrics = jax.device_get(metrics)
-  return dict(batch=batch_size, image_size=size, steps=n, compile_s=compile_s, setup_s=setup_s,
-              steps_per_s=n / step_s, step=n * batch_size / step_s, first_loss=first_loss,
-              loss=float(metrics['loss']), grad_norm=float(metrics['grad_norm']),
-              peak_gib=_peak_memory_gib(), groups=groups)
+  return dict(
+      batch=batch_size,
+      image_size=size,
+      steps=n,
+      compile_s=compile_s,
+      setup_s=setup_s,
+      steps_per_s=n / step_s,
+      step=n * batch_size / step_s,
+      first_loss=first_loss,
+      loss=float(metrics['loss']),
+      grad_norm=float(metrics['grad_norm']),
+      peak_gib=_peak_memory_gib(),
+      groups=groups,
+  )
 
 
 def run_synthetic(models: list[str], batch_sizes: list[int], args) -> None:
   import math  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
-  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
-        f'{args.steps} timed steps, synthetic batch (step only), encoder '
-        f'{"trainable" if args.trainable_encoder else "frozen"}'
-        f'{" + remat" if args.remat else ""}', flush=True)
-  header = (f'{"model":6s} {"batch":>5s} {"px":>4s} {"solver":>6s} {"steps/s":>8s} {"ex/s":>9s} '
-            f'{"compile s":>9s} {"peak GiB":>8s} {"loss[0]":>8s} {"loss[-1]":>8s}')
+  print(
+      f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
+      f'{args.steps} timed steps, synthetic batch (step only), encoder '
+      f'{"trainable" if args.trainable_encoder else "frozen"}'
+      f'{" + remat" if args.remat else ""}',
+      flush=True,
+  )
+  header = (
+      f'{"model":6s} {"batch":>5s} {"px":>4s} {"solver":>6s} {"steps/s":>8s} {"ex/s":>9s} '
+      f'{"compile s":>9s} {"peak GiB":>8s} {"loss[0]":>8s} {"loss[-1]":>8s}'
+  )
   rows, finite = [], True
   for m in models:
     for bs in batch_sizes:
@@ -167,15 +205,20 @@ def run_synthetic(models: list[str], batch_sizes: list[int], args) -> None:
         r = benchmark_synthetic(m, bs, args, solver)
         finite &= all(math.isfinite(r[k]) for k in ('first_loss', 'loss', 'grad_norm'))
         peak = '-' if r['peak_gib'] is None else f'{r["peak_gib"]:.2f}'
-        rows.append(f'{m:6s} {bs:5d} {r["image_size"]:4d} {solver:>6s} {r["steps_per_s"]:8.3f} '
-                    f'{r["step"]:9.2f} {r["compile_s"]:9.1f} {peak:>8s} {r["first_loss"]:8.4f} '
-                    f'{r["loss"]:8.4f}')
+        rows.append(
+            f'{m:6s} {bs:5d} {r["image_size"]:4d} {solver:>6s} {r["steps_per_s"]:8.3f} '
+            f'{r["step"]:9.2f} {r["compile_s"]:9.1f} {peak:>8s} {r["first_loss"]:8.4f} '
+            f'{r["loss"]:8.4f}'
+        )
         print(f'  {m} batch {bs}: {r["groups"]}; grad_norm {r["grad_norm"]:.4g}', flush=True)
         print(header + '\n' + rows[-1], flush=True)
         encoder = 'trainable' if args.trainable_encoder else 'frozen'
-        print(f'RESULT|train step {m} {encoder}{" remat" if args.remat else ""} {args.dtype} '
-              f'batch {bs}, {solver} matching|{r["step"]:.1f}|examples/s|set-up {r["setup_s"]:.1f} '
-              f's (random init), first step {r["compile_s"]:.1f} s, peak {peak} GiB', flush=True)
+        print(
+            f'RESULT|train step {m} {encoder}{" remat" if args.remat else ""} {args.dtype} '
+            f'batch {bs}, {solver} matching|{r["step"]:.1f}|examples/s|set-up {r["setup_s"]:.1f} '
+            f's (random init), first step {r["compile_s"]:.1f} s, peak {peak} GiB',
+            flush=True,
+        )
   print(header)
   print('\n'.join(rows))
   print(f'all losses and grad norms finite: {finite}')
@@ -204,7 +247,8 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
   from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
 
   task, setup, state, step_fn, batch, _ = synthetic_setup(
-      name, batch_size, args, solver, args.trainable_encoder, args.remat)
+      name, batch_size, args, solver, args.trainable_encoder, args.remat
+  )
   model, n = task.model, args.steps
   loss_kw = clipcrop_task.loss_kwargs(task.config)
   rng = jax.random.PRNGKey(0)
@@ -219,23 +263,49 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
   def decoder(variables, encoded, embeddings, batch):
     queries = batch[F.TEXT_QUERIES]
     mask = (queries[..., 0] > 0) & model_lib.query_mask_for_mode(queries, model.config.mode)
-    target = clipcrop_task.best_crop_xyxy(batch[F.CROP_BOXES], batch[F.CROP_SCORES], batch[F.CROP_MASK])
-    return model.apply(variables, encoded, embeddings, mask, target, batch[F.IMAGE_EXTENT], True,
-                       method=model.crop_from_encoding, rngs={'dropout': rng})
+    target = clipcrop_task.best_crop_xyxy(
+        batch[F.CROP_BOXES], batch[F.CROP_SCORES], batch[F.CROP_MASK]
+    )
+    return model.apply(
+        variables,
+        encoded,
+        embeddings,
+        mask,
+        target,
+        batch[F.IMAGE_EXTENT],
+        True,
+        method=model.crop_from_encoding,
+        rngs={'dropout': rng},
+    )
 
   @jax.jit
   def match_all_layers(out, batch):
-    positives = losses.select_positives(batch[F.CROP_SCORES], batch[F.CROP_MASK],
-                                        loss_kw['positive_threshold'])
-    return jax.vmap(lambda b, q: matching.match(
-        b, jax.nn.sigmoid(q), batch[F.CROP_BOXES], positives, loss_kw['matching_solver'],
-        l1_weight=loss_kw['l1_weight'], giou_weight=loss_kw['giou_weight'],
-        quality_weight=loss_kw['quality_weight']))(out['aux_boxes'], out['aux_quality_logits'])
+    positives = losses.select_positives(
+        batch[F.CROP_SCORES], batch[F.CROP_MASK], loss_kw['positive_threshold']
+    )
+    return jax.vmap(
+        lambda b, q: matching.match(
+            b,
+            jax.nn.sigmoid(q),
+            batch[F.CROP_BOXES],
+            positives,
+            loss_kw['matching_solver'],
+            l1_weight=loss_kw['l1_weight'],
+            giou_weight=loss_kw['giou_weight'],
+            quality_weight=loss_kw['quality_weight'],
+        )
+    )(out['aux_boxes'], out['aux_quality_logits'])
 
   @jax.jit
   def loss_terms(out, batch):
-    return losses.decoder_losses(out['aux_boxes'], out['aux_quality_logits'], batch[F.CROP_BOXES],
-                                 batch[F.CROP_SCORES], batch[F.CROP_MASK], **loss_kw)
+    return losses.decoder_losses(
+        out['aux_boxes'],
+        out['aux_quality_logits'],
+        batch[F.CROP_BOXES],
+        batch[F.CROP_SCORES],
+        batch[F.CROP_MASK],
+        **loss_kw,
+    )
 
   grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
 
@@ -264,34 +334,51 @@ def benchmark_phases(name: str, batch_size: int, args, solver: str) -> dict[str,
 
 def run_phases(models: list[str], batch_sizes: list[int], args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
-  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
-        f'{args.steps} timed calls per phase, synthetic batch, encoder '
-        f'{"trainable" if args.trainable_encoder else "frozen"}', flush=True)
-  lines = [f'{"model":6s} {"batch":>5s} {"solver":>6s} {"phase":26s} {"ms/step":>9s} '
-           f'{"% of step":>9s}']
+  print(
+      f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}, '
+      f'{args.steps} timed calls per phase, synthetic batch, encoder '
+      f'{"trainable" if args.trainable_encoder else "frozen"}',
+      flush=True,
+  )
+  lines = [
+      f'{"model":6s} {"batch":>5s} {"solver":>6s} {"phase":26s} {"ms/step":>9s} '
+      f'{"% of step":>9s}'
+  ]
   for m in models:
     for bs in batch_sizes:
       for solver in args.solvers:
         times = benchmark_phases(m, bs, args, solver)
         full = times['full train step']
         for phase, sec in times.items():
-          lines.append(f'{m:6s} {bs:5d} {solver:>6s} {phase:26s} {1e3 * sec:9.2f} '
-                       f'{100 * sec / full:8.1f}%')
-        print('\n'.join(lines[-len(times):]), flush=True)
-        print(f'RESULT|train step phases {m} batch {bs} {args.dtype}, {solver} matching|'
-              f'{1e3 * full:.1f}|ms/step|' + ', '.join(
-                  f'{phase} {100 * sec / full:.0f}%' for phase, sec in times.items()
-                  if phase != 'full train step'), flush=True)
+          lines.append(
+              f'{m:6s} {bs:5d} {solver:>6s} {phase:26s} {1e3 * sec:9.2f} '
+              f'{100 * sec / full:8.1f}%'
+          )
+        print('\n'.join(lines[-len(times) :]), flush=True)
+        print(
+            f'RESULT|train step phases {m} batch {bs} {args.dtype}, {solver} matching|'
+            f'{1e3 * full:.1f}|ms/step|'
+            + ', '.join(
+                f'{phase} {100 * sec / full:.0f}%'
+                for phase, sec in times.items()
+                if phase != 'full train step'
+            ),
+            flush=True,
+        )
   print('\n'.join(lines))
-  print('phases are separate jitted functions (XLA fuses across them inside the full step, so they '
-        'need not add up); "loss forward + backward" is the whole model and loss differentiated.')
+  print(
+      'phases are separate jitted functions (XLA fuses across them inside the full step, so they '
+      'need not add up); "loss forward + backward" is the whole model and loss differentiated.'
+  )
 
 
 def _device_memory_bytes() -> tuple[int, str]:
   """(bytes one device may use, where that number came from): the allocator's limit on
   accelerators; on CPU the machine's RAM (all devices share it)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
     stats = jax.local_devices()[0].memory_stats() or {}
   except Exception:  # pylint: disable=broad-except
@@ -306,11 +393,18 @@ def _step_memory_bytes(step_fn, state, batch_size: int, like: dict) -> int:
   """Device bytes one compiled train step at `batch_size` needs (XLA's memory analysis:
   arguments + outputs + temporaries - donated aliases, per device), without running it."""
   import jax  # pylint: disable=g-import-not-at-top
-  batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=v.sharding)
-           for k, v in like.items()}
+
+  batch = {
+      k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=v.sharding)
+      for k, v in like.items()
+  }
   stats = step_fn.lower(state, batch).compile().memory_analysis()
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
-             stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return int(
+      stats.argument_size_in_bytes
+      + stats.output_size_in_bytes
+      + stats.temp_size_in_bytes
+      - stats.alias_size_in_bytes
+  )
 
 
 def estimate_max_batch(name: str, args, trainable: bool, remat: bool) -> dict[str, float]:
@@ -320,10 +414,12 @@ def estimate_max_batch(name: str, args, trainable: bool, remat: bool) -> dict[st
   enough (no step runs, so an out-of-memory never happens); `--max_batch_verify` then runs one
   step at the estimate."""
   import jax  # pylint: disable=g-import-not-at-top
+
   b0 = max(int(args.max_batch_probe), jax.device_count())
   b0 -= b0 % jax.device_count()
-  _, _, state, step_fn, batch, _ = synthetic_setup(name, b0, args, args.solvers[0], trainable,
-                                                   remat)
+  _, _, state, step_fn, batch, _ = synthetic_setup(
+      name, b0, args, args.solvers[0], trainable, remat
+  )
   need0 = _step_memory_bytes(step_fn, state, b0, batch)
   need1 = _step_memory_bytes(step_fn, state, 2 * b0, batch)
   per_example = max(1, (need1 - need0) / b0)
@@ -331,12 +427,19 @@ def estimate_max_batch(name: str, args, trainable: bool, remat: bool) -> dict[st
   limit, source = _device_memory_bytes()
   largest = int((0.95 * limit - fixed) // per_example)
   largest -= largest % jax.device_count()
-  result = dict(largest=largest, per_example_mib=per_example / 2**20, fixed_gib=fixed / 2**30,
-                limit_gib=limit / 2**30, source=source, verified=None)
+  result = dict(
+      largest=largest,
+      per_example_mib=per_example / 2**20,
+      fixed_gib=fixed / 2**30,
+      limit_gib=limit / 2**30,
+      source=source,
+      verified=None,
+  )
   if args.max_batch_verify and largest > 0:
     try:
-      _, _, state, step_fn, batch, _ = synthetic_setup(name, largest, args, args.solvers[0],
-                                                       trainable, remat)
+      _, _, state, step_fn, batch, _ = synthetic_setup(
+          name, largest, args, args.solvers[0], trainable, remat
+      )
       _block(step_fn(state, batch))
       result['verified'] = True
     except Exception as e:  # pylint: disable=broad-except
@@ -350,25 +453,35 @@ def estimate_max_batch(name: str, args, trainable: bool, remat: bool) -> dict[st
 
 def run_max_batch(models: list[str], args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
-  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}: largest '
-        f'train batch that fits, estimated from XLA memory analysis at batch '
-        f'{args.max_batch_probe} and twice that', flush=True)
-  modes = {'frozen': (False, False), 'trainable': (True, False),
-           'trainable+remat': (True, True)}
-  lines = [f'{"model":6s} {"encoder":16s} {"largest batch":>13s} {"MiB/example":>11s} '
-           f'{"fixed GiB":>9s} {"limit GiB":>9s} {"ran":>5s}']
+  print(
+      f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}: largest '
+      f'train batch that fits, estimated from XLA memory analysis at batch '
+      f'{args.max_batch_probe} and twice that',
+      flush=True,
+  )
+  modes = {'frozen': (False, False), 'trainable': (True, False), 'trainable+remat': (True, True)}
+  lines = [
+      f'{"model":6s} {"encoder":16s} {"largest batch":>13s} {"MiB/example":>11s} '
+      f'{"fixed GiB":>9s} {"limit GiB":>9s} {"ran":>5s}'
+  ]
   for m in models:
     for label in args.max_batch_modes.split(','):
       trainable, remat = modes[label]
       r = estimate_max_batch(m, args, trainable, remat)
       ran = '-' if r['verified'] is None else ('yes' if r['verified'] else 'OOM')
-      lines.append(f'{m:6s} {label:16s} {r["largest"]:13d} {r["per_example_mib"]:11.1f} '
-                   f'{r["fixed_gib"]:9.2f} {r["limit_gib"]:9.1f} {ran:>5s}')
+      lines.append(
+          f'{m:6s} {label:16s} {r["largest"]:13d} {r["per_example_mib"]:11.1f} '
+          f'{r["fixed_gib"]:9.2f} {r["limit_gib"]:9.1f} {ran:>5s}'
+      )
       print(lines[-1], flush=True)
-      print(f'RESULT|largest train batch {m} {label} {args.dtype}|{r["largest"]}|examples|'
-            f'{r["per_example_mib"]:.1f} MiB/example, limit {r["limit_gib"]:.0f} GiB '
-            f'({r["source"]}), run at it: {ran}', flush=True)
+      print(
+          f'RESULT|largest train batch {m} {label} {args.dtype}|{r["largest"]}|examples|'
+          f'{r["per_example_mib"]:.1f} MiB/example, limit {r["limit_gib"]:.0f} GiB '
+          f'({r["source"]}), run at it: {ran}',
+          flush=True,
+      )
   print('\n'.join(lines))
 
 
@@ -379,6 +492,7 @@ def benchmark_matching(args) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import matching  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
   rng = np.random.default_rng(0)
   layers, preds, slots = 6, 90, 128
@@ -390,20 +504,25 @@ def benchmark_matching(args) -> None:
     quality = jnp.asarray(rng.uniform(size=(layers, bs, preds)), jnp.float32)
     t_centres = rng.uniform(0.2, 0.8, (bs, slots, 2))
     t_sizes = rng.uniform(0.1, 0.4, (bs, slots, 2))
-    targets = jnp.asarray(np.concatenate([t_centres - t_sizes, t_centres + t_sizes], -1),
-                          jnp.float32)
+    targets = jnp.asarray(
+        np.concatenate([t_centres - t_sizes, t_centres + t_sizes], -1), jnp.float32
+    )
     mask = jnp.asarray(np.arange(slots)[None] < rng.integers(3, 91, (bs, 1)))
     times = {}
     for solver in ('device', 'host'):
       fn = jax.jit(jax.vmap(lambda b, q, s=solver: matching.match(b, q, targets, mask, s)))
       times[solver] = _time_fn(fn, boxes, quality, n=args.steps)
-    rows.append(f'{bs:5d} {1e3 * times["device"]:10.2f} {1e3 * times["host"]:10.2f} '
-                f'{times["device"] / times["host"]:8.2f}x')
+    rows.append(
+        f'{bs:5d} {1e3 * times["device"]:10.2f} {1e3 * times["host"]:10.2f} '
+        f'{times["device"] / times["host"]:8.2f}x'
+    )
     print(rows[-1], flush=True)
-    print(f'RESULT|matching {bs}x{preds}x{slots}, {layers} layers ({dev.platform})|'
-          f'{1e3 * times["host"]:.2f}|ms host|device {1e3 * times["device"]:.2f} ms '
-          f'({times["device"] / times["host"]:.2f}x); auto = {matching.default_solver()}',
-          flush=True)
+    print(
+        f'RESULT|matching {bs}x{preds}x{slots}, {layers} layers ({dev.platform})|'
+        f'{1e3 * times["host"]:.2f}|ms host|device {1e3 * times["device"]:.2f} ms '
+        f'({times["device"] / times["host"]:.2f}x); auto = {matching.default_solver()}',
+        flush=True,
+    )
   print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}): {args.steps} calls each')
   print(f'{"batch":>5s} {"device ms":>10s} {"host ms":>10s} {"dev/host":>9s}')
   print('\n'.join(rows))
@@ -421,6 +540,7 @@ def _timed_steps(step_fn, state, batch, n: int):
 
 def _block(tree):
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.block_until_ready(tree)
 
 
@@ -433,8 +553,9 @@ def benchmark(name: str, args) -> dict[str, float]:
   from clipcrop_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config = load_config(name)
-  config.dataset.update(name=f'synthetic_crops/{args.dataset}', data_dir=args.data_dir,
-                        train_split='train')
+  config.dataset.update(
+      name=f'synthetic_crops/{args.dataset}', data_dir=args.data_dir, train_split='train'
+  )
   if args.batch_size:
     config.batch_size = args.batch_size
   elif name == 'b32':
@@ -485,10 +606,18 @@ def benchmark(name: str, args) -> dict[str, float]:
   input_s = time.perf_counter() - t0
 
   loss = float(jax.device_get(metrics['loss']))
-  return dict(batch=bs, image_size=model.config.owlvit_config.image_size, steps=n,
-              first_batch_s=first_batch, compile_s=compile_s,
-              step=n * bs / step_s, step_input=n * bs / step_input_s, input=n * bs / input_s,
-              wait=wait / step_input_s, loss=loss)
+  return dict(
+      batch=bs,
+      image_size=model.config.owlvit_config.image_size,
+      steps=n,
+      first_batch_s=first_batch,
+      compile_s=compile_s,
+      step=n * bs / step_s,
+      step_input=n * bs / step_input_s,
+      input=n * bs / input_s,
+      wait=wait / step_input_s,
+      loss=loss,
+  )
 
 
 def benchmark_setup(name: str, args) -> dict[str, float]:
@@ -507,8 +636,9 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
   config.num_train_steps = 10_000
   with tempfile.TemporaryDirectory() as tmp:
     owl = owl_model.init_variables(clipcrop_task.ClipCropTask(config).model.config.owlvit_config, 1)
-    config.init_from.owlvit = str(owl_ckpt.save_scenic_checkpoint(
-        jax.device_get(owl), pathlib.Path(tmp) / 'owlvit.msgpack'))
+    config.init_from.owlvit = str(
+        owl_ckpt.save_scenic_checkpoint(jax.device_get(owl), pathlib.Path(tmp) / 'owlvit.msgpack')
+    )
     del owl
     mesh = sharding_lib.make_mesh(config.sharding.mesh_shape)
 
@@ -522,8 +652,9 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
       setup = trainer.setup_state(task, mesh, config.num_train_steps)
       state = setup.init(jax.random.PRNGKey(config.seed), {})
       owl = task.pretrained_params(setup.abstract.params)['owlvit']
-      return state.replace(params={**state.params, 'owlvit': trainer.place(
-          owl, setup.shardings.params['owlvit'])})
+      return state.replace(
+          params={**state.params, 'owlvit': trainer.place(owl, setup.shardings.params['owlvit'])}
+      )
 
     times, states = {}, {}
     ways = (('decoder_only', decoder_only), ('full_init', full_init))
@@ -534,71 +665,129 @@ def benchmark_setup(name: str, args) -> dict[str, float]:
       print(f'  {name}: set-up ({label.replace("_", " ")}) {times[label]:.1f} s', flush=True)
   if args.no_setup_baseline:
     return dict(times, full_init=float('nan'), same=None)
-  same = all(np.array_equal(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(jax.device_get(states['decoder_only'].params)),
-      jax.tree_util.tree_leaves(jax.device_get(states['full_init'].params))))
+  same = all(
+      np.array_equal(a, b)
+      for a, b in zip(
+          jax.tree_util.tree_leaves(jax.device_get(states['decoder_only'].params)),
+          jax.tree_util.tree_leaves(jax.device_get(states['full_init'].params)),
+      )
+  )
   return dict(times, same=same)
 
 
 def run_setup(models: list[str], args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   dev = jax.devices()[0]
-  print(f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}: set-up '
-        'from pretrained OWL-ViT weights to the first train state', flush=True)
+  print(
+      f'{jax.device_count()} x {dev.device_kind} ({dev.platform}), dtype {args.dtype}: set-up '
+      'from pretrained OWL-ViT weights to the first train state',
+      flush=True,
+  )
   rows = []
   for m in models:
     r = benchmark_setup(m, args)
-    print(f'RESULT|train set-up {m} from OWL-ViT weights (decoder-only init)|'
-          f'{r["decoder_only"]:.1f}|s|full init {r["full_init"]:.1f} s', flush=True)
-    rows.append(f'{m:6s} {r["full_init"]:15.1f} {r["decoder_only"]:15.1f} '
-                f'{r["full_init"] / r["decoder_only"]:8.2f}x {str(r["same"]):>16s}')
-  print(f'{"model":6s} {"full init s":>15s} {"decoder only s":>15s} {"speed-up":>9s} '
-        f'{"same parameters":>16s}')
+    print(
+        f'RESULT|train set-up {m} from OWL-ViT weights (decoder-only init)|'
+        f'{r["decoder_only"]:.1f}|s|full init {r["full_init"]:.1f} s',
+        flush=True,
+    )
+    rows.append(
+        f'{m:6s} {r["full_init"]:15.1f} {r["decoder_only"]:15.1f} '
+        f'{r["full_init"] / r["decoder_only"]:8.2f}x {str(r["same"]):>16s}'
+    )
+  print(
+      f'{"model":6s} {"full init s":>15s} {"decoder only s":>15s} {"speed-up":>9s} '
+      f'{"same parameters":>16s}'
+  )
   print('\n'.join(rows))
-  print('full init = the baseline (a random init of the whole model, then the loaded encoder '
-        'put in place), measured in the same run.')
+  print(
+      'full init = the baseline (a random init of the whole model, then the loaded encoder '
+      'put in place), measured in the same run.'
+  )
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', default='tiny,b32', help='comma-separated: tiny, b32')
-  parser.add_argument('--data_dir', default='',
-                      help='synthetic_crops/<dataset> lives here (required without --synthetic)')
+  parser.add_argument(
+      '--data_dir',
+      default='',
+      help='synthetic_crops/<dataset> lives here (required without --synthetic)',
+  )
   parser.add_argument('--dataset', choices=['tiny', 'default'], default='tiny')
-  parser.add_argument('--batch_size', default='0',
-                      help='0: the config batch for tiny (8), 2 for b32; a comma-separated list '
-                      'runs each in turn')
+  parser.add_argument(
+      '--batch_size',
+      default='0',
+      help='0: the config batch for tiny (8), 2 for b32; a comma-separated list '
+      'runs each in turn',
+  )
   parser.add_argument('--steps', type=int, default=5, help='timed steps per measurement')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps/batches first')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-  parser.add_argument('--keyword_pipeline', default=None,
-                      help="spaCy pipeline for keywords ('rules' = rule-based); default: the config's")
-  parser.add_argument('--synthetic', action='store_true',
-                      help='step only on a fixed random batch: no dataset, no TensorFlow')
-  parser.add_argument('--setup', action='store_true',
-                      help='set-up time from pretrained OWL-ViT weights: full vs decoder-only init')
-  parser.add_argument('--no_setup_baseline', action='store_true',
-                      help='--setup: time the decoder-only set-up alone (no full-init baseline)')
-  parser.add_argument('--trainable_encoder', action='store_true',
-                      help='--synthetic: fine-tune OWL-ViT (freeze_encoder=False) instead')
-  parser.add_argument('--remat', action='store_true',
-                      help='--synthetic / --phases: model.remat_encoder=True')
-  parser.add_argument('--matching_solver', default='auto',
-                      help='--synthetic / --phases: loss.matching_solver, a comma-separated list '
-                      'of auto, device, host runs each in turn (e.g. device,host)')
-  parser.add_argument('--phases', action='store_true',
-                      help='ms per step of encoder, decoder, matching, losses, optimizer and the '
-                      'full step on a fixed random batch')
-  parser.add_argument('--max_batch', action='store_true',
-                      help='largest batch that fits (estimated from XLA memory analysis), per '
-                      'encoder mode of --max_batch_modes')
+  parser.add_argument(
+      '--keyword_pipeline',
+      default=None,
+      help="spaCy pipeline for keywords ('rules' = rule-based); default: the config's",
+  )
+  parser.add_argument(
+      '--synthetic',
+      action='store_true',
+      help='step only on a fixed random batch: no dataset, no TensorFlow',
+  )
+  parser.add_argument(
+      '--setup',
+      action='store_true',
+      help='set-up time from pretrained OWL-ViT weights: full vs decoder-only init',
+  )
+  parser.add_argument(
+      '--no_setup_baseline',
+      action='store_true',
+      help='--setup: time the decoder-only set-up alone (no full-init baseline)',
+  )
+  parser.add_argument(
+      '--trainable_encoder',
+      action='store_true',
+      help='--synthetic: fine-tune OWL-ViT (freeze_encoder=False) instead',
+  )
+  parser.add_argument(
+      '--remat', action='store_true', help='--synthetic / --phases: model.remat_encoder=True'
+  )
+  parser.add_argument(
+      '--matching_solver',
+      default='auto',
+      help='--synthetic / --phases: loss.matching_solver, a comma-separated list '
+      'of auto, device, host runs each in turn (e.g. device,host)',
+  )
+  parser.add_argument(
+      '--phases',
+      action='store_true',
+      help='ms per step of encoder, decoder, matching, losses, optimizer and the '
+      'full step on a fixed random batch',
+  )
+  parser.add_argument(
+      '--max_batch',
+      action='store_true',
+      help='largest batch that fits (estimated from XLA memory analysis), per '
+      'encoder mode of --max_batch_modes',
+  )
   parser.add_argument('--max_batch_modes', default='frozen,trainable,trainable+remat')
-  parser.add_argument('--max_batch_probe', type=int, default=8,
-                      help='--max_batch: compile the step at this batch and twice it')
-  parser.add_argument('--max_batch_verify', action='store_true',
-                      help='--max_batch: then run one step at the estimate')
-  parser.add_argument('--matching', action='store_true',
-                      help='time the matching of one B/32-size step, device vs host solver')
+  parser.add_argument(
+      '--max_batch_probe',
+      type=int,
+      default=8,
+      help='--max_batch: compile the step at this batch and twice it',
+  )
+  parser.add_argument(
+      '--max_batch_verify',
+      action='store_true',
+      help='--max_batch: then run one step at the estimate',
+  )
+  parser.add_argument(
+      '--matching',
+      action='store_true',
+      help='time the matching of one B/32-size step, device vs host solver',
+  )
   args = parser.parse_args(argv)
   args.solvers = [s.strip() for s in args.matching_solver.split(',') if s.strip()]
   if not args.solvers or any(s not in ('auto', 'device', 'host') for s in args.solvers):
@@ -615,10 +804,13 @@ def main(argv=None) -> None:
     run_setup(models, args)
     return
   if args.max_batch:
-    if any(m not in ('frozen', 'trainable', 'trainable+remat')
-           for m in args.max_batch_modes.split(',')):
-      parser.error(f'--max_batch_modes {args.max_batch_modes!r}: expected frozen, trainable, '
-                   'trainable+remat')
+    if any(
+        m not in ('frozen', 'trainable', 'trainable+remat') for m in args.max_batch_modes.split(',')
+    ):
+      parser.error(
+          f'--max_batch_modes {args.max_batch_modes!r}: expected frozen, trainable, '
+          'trainable+remat'
+      )
     run_max_batch(models, args)
     return
   if args.matching:
@@ -640,14 +832,20 @@ def main(argv=None) -> None:
 
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   import jax  # pylint: disable=g-import-not-at-top
+
   ensure_dataset(args.data_dir, args.dataset)
-  print(f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), '
-        f'dtype {args.dtype}, {args.steps} timed steps, synthetic_crops/{args.dataset}')
-  header = (f'{"model":6s} {"batch":>5s} {"px":>4s} {"step ex/s":>10s} {"step+input":>11s} '
-            f'{"(ratio)":>8s} {"input ex/s":>11s} {"(ratio)":>8s} {"input wait":>10s} '
-            f'{"compile s":>9s}')
+  print(
+      f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), '
+      f'dtype {args.dtype}, {args.steps} timed steps, synthetic_crops/{args.dataset}'
+  )
+  header = (
+      f'{"model":6s} {"batch":>5s} {"px":>4s} {"step ex/s":>10s} {"step+input":>11s} '
+      f'{"(ratio)":>8s} {"input ex/s":>11s} {"(ratio)":>8s} {"input wait":>10s} '
+      f'{"compile s":>9s}'
+  )
   rows = []
   for m in models:
     for bs in batch_sizes:
@@ -656,12 +854,15 @@ def main(argv=None) -> None:
       rows.append(
           f'{m:6s} {r["batch"]:5d} {r["image_size"]:4d} {r["step"]:10.3f} '
           f'{r["step_input"]:11.3f} {r["step_input"] / r["step"]:7.2f}x {r["input"]:11.2f} '
-          f'{r["input"] / r["step"]:7.2f}x {100 * r["wait"]:9.1f}% {r["compile_s"]:9.1f}')
+          f'{r["input"] / r["step"]:7.2f}x {100 * r["wait"]:9.1f}% {r["compile_s"]:9.1f}'
+      )
       print(f'  {m}: loss {r["loss"]:.4f}, first batch {r["first_batch_s"]:.1f} s', flush=True)
   print(header)
   print('\n'.join(rows))
-  print('ratios: against "step ex/s" (jitted train_step on a cached batch) of the same run; '
-        'input wait = time in next(iterator) / step+input wall time.')
+  print(
+      'ratios: against "step ex/s" (jitted train_step on a cached batch) of the same run; '
+      'input wait = time in next(iterator) / step+input wall time.'
+  )
 
 
 if __name__ == '__main__':

@@ -26,15 +26,24 @@ from clipcrop_jax.owlvit import fileio
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   """Parses the command line."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--input', required=True,
-                      help='Scenic msgpack file, HF directory or .safetensors file.')
+  parser.add_argument(
+      '--input', required=True, help='Scenic msgpack file, HF directory or .safetensors file.'
+  )
   parser.add_argument('--output', required=True, help='Output .msgpack file.')
-  parser.add_argument('--config', default=None,
-                      help='Expected config name (e.g. clip_b32); default: inferred.')
-  parser.add_argument('--layout', default='current', choices=('current', 'v2', 'v1'),
-                      help='Layout of the written file (default: current).')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='Replace an existing --output file (never the --input).')
+  parser.add_argument(
+      '--config', default=None, help='Expected config name (e.g. clip_b32); default: inferred.'
+  )
+  parser.add_argument(
+      '--layout',
+      default='current',
+      choices=('current', 'v2', 'v1'),
+      help='Layout of the written file (default: current).',
+  )
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='Replace an existing --output file (never the --input).',
+  )
   return parser.parse_args(argv)
 
 
@@ -42,8 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the conversion; returns a process exit code (0 ok, 1 checkpoint error, 2 usage)."""
   args = parse_args(argv)
   try:  # The output is checked before the (possibly long) load.
-    fileio.check_output_file(args.output, inputs=[args.input], overwrite=args.overwrite,
-                             flag='--output')
+    fileio.check_output_file(
+        args.output, inputs=[args.input], overwrite=args.overwrite, flag='--output'
+    )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

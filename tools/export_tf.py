@@ -107,8 +107,13 @@ EXTENT_INPUT = InputSpec('image_extent', (2,), 'float32')
 ROLES_INPUT = InputSpec('query_roles', (QUERY_DIM,), 'int32')
 
 
-def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
-                     keyword_pipeline: str, mode: Optional[str] = None) -> ServingModel:
+def clipcrop_serving(
+    config: model_lib.ClipCropConfig,
+    params: Any,
+    source: str,
+    keyword_pipeline: str,
+    mode: Optional[str] = None,
+) -> ServingModel:
   """The ClipCrop serving function: pixels, text tokens, image extent -> boxes, scores.
 
   Args:
@@ -125,8 +130,10 @@ def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
   """
   mode = config.mode if mode is None else mode
   if mode not in EXPORT_MODES:
-    raise ValueError(f'mode {mode!r}: the export takes text queries ({", ".join(TEXT_MODES)}) or '
-                     "none ('base'); an 'image'-mode model needs --mode with one of those")
+    raise ValueError(
+        f'mode {mode!r}: the export takes text queries ({", ".join(TEXT_MODES)}) or '
+        "none ('base'); an 'image'-mode model needs --mode with one of those"
+    )
   config = config.replace(mode=mode)
   module = model_lib.ClipCrop(config)
 
@@ -138,41 +145,68 @@ def clipcrop_serving(config: model_lib.ClipCropConfig, params: Any, source: str,
 
     def fn(params, pixels, image_extent):
       return outputs(module.apply({'params': params}, pixels, image_extent=image_extent))
+
   elif config.selection_union == 'all':
     inputs = (_text_input(config.owlvit_config.max_query_length), EXTENT_INPUT)
 
     def fn(params, pixels, text_queries, image_extent):
-      return outputs(module.apply({'params': params}, pixels, text_queries,
-                                  image_extent=image_extent))
+      return outputs(
+          module.apply({'params': params}, pixels, text_queries, image_extent=image_extent)
+      )
+
   else:  # the union depends on the queries' roles
     inputs = (_text_input(config.owlvit_config.max_query_length), ROLES_INPUT, EXTENT_INPUT)
 
     def fn(params, pixels, text_queries, query_roles, image_extent):
-      return outputs(module.apply({'params': params}, pixels, text_queries,
-                                  image_extent=image_extent, query_roles=query_roles))
-  info = {'kind': 'clipcrop', 'source': source, 'mode': mode,
-          'keyword_pipeline': keyword_pipeline, 'config': dataclasses.asdict(config),
-          'owlvit_config': config.owlvit, 'selection_union': config.selection_union,
-          'role_ids': dict(features.ROLE_IDS)}
+      return outputs(
+          module.apply(
+              {'params': params},
+              pixels,
+              text_queries,
+              image_extent=image_extent,
+              query_roles=query_roles,
+          )
+      )
+
+  info = {
+      'kind': 'clipcrop',
+      'source': source,
+      'mode': mode,
+      'keyword_pipeline': keyword_pipeline,
+      'config': dataclasses.asdict(config),
+      'owlvit_config': config.owlvit,
+      'selection_union': config.selection_union,
+      'role_ids': dict(features.ROLE_IDS),
+  }
   return ServingModel('clipcrop', fn, params, config.owlvit_config.image_size, inputs, info)
 
 
-def owlvit_serving(module: owl_model.TextZeroShotDetectionModule, params: Any,
-                   source: str) -> ServingModel:
+def owlvit_serving(
+    module: owl_model.TextZeroShotDetectionModule, params: Any, source: str
+) -> ServingModel:
   """The OWL-ViT serving function: pixels, text tokens -> boxes, logits, scores (+ objectness)."""
   cfg = module.config
 
   def fn(params, pixels, text_queries):
     out = module.apply({'params': params}, pixels, text_queries)
-    result = {'boxes': box_lib.cxcywh_to_xyxy(out['pred_boxes']),
-              'logits': out['pred_logits'], 'scores': jax.nn.sigmoid(out['pred_logits'])}
+    result = {
+        'boxes': box_lib.cxcywh_to_xyxy(out['pred_boxes']),
+        'logits': out['pred_logits'],
+        'scores': jax.nn.sigmoid(out['pred_logits']),
+    }
     if cfg.objectness:
       result['objectness_logits'] = out['objectness_logits']
     return result
-  info = {'kind': 'owlvit', 'source': source, 'owlvit_config': cfg.name,
-          'architecture': dataclasses.asdict(cfg)}
-  return ServingModel('owlvit', fn, params, cfg.image_size,
-                      (_text_input(cfg.max_query_length),), info)
+
+  info = {
+      'kind': 'owlvit',
+      'source': source,
+      'owlvit_config': cfg.name,
+      'architecture': dataclasses.asdict(cfg),
+  }
+  return ServingModel(
+      'owlvit', fn, params, cfg.image_size, (_text_input(cfg.max_query_length),), info
+  )
 
 
 def _import_tf():
@@ -181,8 +215,10 @@ def _import_tf():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError(f'the TensorFlow export needs TensorFlow ({e}); install it with '
-                       "pip install 'clipcrop-jax[data]' (tensorflow-cpu)") from None
+    raise RuntimeError(
+        f'the TensorFlow export needs TensorFlow ({e}); install it with '
+        "pip install 'clipcrop-jax[data]' (tensorflow-cpu)"
+    ) from None
   return tf, jax2tf
 
 
@@ -199,13 +235,23 @@ def to_tf_module(serving: ServingModel, platforms: Sequence[str] = DEFAULT_PLATF
     return '(b, ' + ', '.join(str(d) for d in dims) + ')'
 
   converted = jax2tf.convert(
-      serving.fn, with_gradient=False, native_serialization_platforms=tuple(platforms),
-      polymorphic_shapes=[None, poly((s, s, 3))] + [poly(i.dims) for i in serving.inputs])
+      serving.fn,
+      with_gradient=False,
+      native_serialization_platforms=tuple(platforms),
+      polymorphic_shapes=[None, poly((s, s, 3))] + [poly(i.dims) for i in serving.inputs],
+  )
   module = tf.Module()
   module.params = tf.nest.map_structure(
-      lambda p: tf.Variable(np.asarray(p), trainable=False), serving.params)
-  extra = [tf.TensorSpec([None] + [None if d == QUERY_DIM else d for d in i.dims],
-                         tf.as_dtype(i.dtype), name=i.name) for i in serving.inputs]
+      lambda p: tf.Variable(np.asarray(p), trainable=False), serving.params
+  )
+  extra = [
+      tf.TensorSpec(
+          [None] + [None if d == QUERY_DIM else d for d in i.dims],
+          tf.as_dtype(i.dtype),
+          name=i.name,
+      )
+      for i in serving.inputs
+  ]
 
   def from_pixels(pixels, *inputs):
     return converted(module.params, pixels, *inputs)
@@ -215,23 +261,35 @@ def to_tf_module(serving: ServingModel, platforms: Sequence[str] = DEFAULT_PLATF
 
   image_shape = [None, s, s, 3]
   module.serve_pixels = tf.function(
-      from_pixels, autograph=False,
-      input_signature=[tf.TensorSpec(image_shape, tf.float32, name='pixels')] + extra)
+      from_pixels,
+      autograph=False,
+      input_signature=[tf.TensorSpec(image_shape, tf.float32, name='pixels')] + extra,
+  )
   module.serve_uint8 = tf.function(
-      from_uint8, autograph=False,
-      input_signature=[tf.TensorSpec(image_shape, tf.uint8, name='images')] + extra)
-  signatures = {SIGNATURE_PIXELS: module.serve_pixels.get_concrete_function(),
-                SIGNATURE_UINT8: module.serve_uint8.get_concrete_function()}
+      from_uint8,
+      autograph=False,
+      input_signature=[tf.TensorSpec(image_shape, tf.uint8, name='images')] + extra,
+  )
+  signatures = {
+      SIGNATURE_PIXELS: module.serve_pixels.get_concrete_function(),
+      SIGNATURE_UINT8: module.serve_uint8.get_concrete_function(),
+  }
   return module, signatures
 
 
 def _signature_info(signatures) -> dict[str, Any]:
   """{signature: {'inputs': {name: [shape, dtype]}, 'outputs': {...}}}; None = any size."""
+
   def describe(name, spec):
     return name, [spec.shape.as_list(), spec.dtype.name]
-  return {name: {'inputs': dict(describe(s.name, s) for s in fn.structured_input_signature[0]),
-                 'outputs': dict(describe(k, t) for k, t in fn.structured_outputs.items())}
-          for name, fn in signatures.items()}
+
+  return {
+      name: {
+          'inputs': dict(describe(s.name, s) for s in fn.structured_input_signature[0]),
+          'outputs': dict(describe(k, t) for k, t in fn.structured_outputs.items()),
+      }
+      for name, fn in signatures.items()
+  }
 
 
 def is_saved_model(path: pathlib.Path) -> bool:
@@ -251,11 +309,14 @@ def check_out_dir(out: Any, overwrite: bool) -> pathlib.Path:
     raise ValueError(f'--out {out}: exists and is not a directory')
   if out.is_dir() and any(out.iterdir()):
     if not is_saved_model(out):
-      raise ValueError(f'--out {out}: a non-empty directory that is not a SavedModel; never '
-                       'replacing it, choose a new or empty directory')
+      raise ValueError(
+          f'--out {out}: a non-empty directory that is not a SavedModel; never '
+          'replacing it, choose a new or empty directory'
+      )
     if not overwrite:
-      raise ValueError(f'--out {out}: a SavedModel exists there; choose another directory or '
-                       'pass --overwrite')
+      raise ValueError(
+          f'--out {out}: a SavedModel exists there; choose another directory or ' 'pass --overwrite'
+      )
   try:
     fileio.make_writable_dir(out.parent)
   except OSError as e:
@@ -263,8 +324,12 @@ def check_out_dir(out: Any, overwrite: bool) -> pathlib.Path:
   return out
 
 
-def save(serving: ServingModel, out: Any, overwrite: bool = False,
-         platforms: Sequence[str] = DEFAULT_PLATFORMS) -> pathlib.Path:
+def save(
+    serving: ServingModel,
+    out: Any,
+    overwrite: bool = False,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> pathlib.Path:
   """Converts `serving` and writes the SavedModel (plus EXPORT_INFO) to `out`, atomically.
 
   Raises:
@@ -273,10 +338,15 @@ def save(serving: ServingModel, out: Any, overwrite: bool = False,
   tf, _ = _import_tf()
   out = check_out_dir(out, overwrite)
   module, signatures = to_tf_module(serving, platforms)
-  info = dict(serving.info, format_version=EXPORT_FORMAT_VERSION, platforms=list(platforms),
-              image_size=serving.image_size, jax_version=jax.__version__,
-              tensorflow_version=tf.__version__,
-              signatures=_signature_info(signatures))
+  info = dict(
+      serving.info,
+      format_version=EXPORT_FORMAT_VERSION,
+      platforms=list(platforms),
+      image_size=serving.image_size,
+      jax_version=jax.__version__,
+      tensorflow_version=tf.__version__,
+      signatures=_signature_info(signatures),
+  )
   with fileio.replace_directory(out) as tmp:
     tf.saved_model.save(module, str(tmp), signatures=signatures)
     (tmp / EXPORT_INFO).parent.mkdir()
@@ -294,11 +364,17 @@ def load_serving(args: argparse.Namespace) -> ServingModel:
     return owlvit_serving(module, variables['params'], str(args.owlvit))
   if args.model is not None:
     exported = export.load_model(args.model)
-    return clipcrop_serving(exported.config, exported.params, str(args.model),
-                            exported.keyword_pipeline, args.mode)
+    return clipcrop_serving(
+        exported.config, exported.params, str(args.model), exported.keyword_pipeline, args.mode
+    )
   cropper = ClipCropper.init_random(args.random_init, seed=args.seed)
-  return clipcrop_serving(cropper.config, cropper.variables['params'], cropper.model_id,
-                          cropper.keyword_pipeline, args.mode)
+  return clipcrop_serving(
+      cropper.config,
+      cropper.variables['params'],
+      cropper.model_id,
+      cropper.keyword_pipeline,
+      args.mode,
+  )
 
 
 def parse_platforms(value: str) -> tuple[str, ...]:
@@ -306,8 +382,10 @@ def parse_platforms(value: str) -> tuple[str, ...]:
   names = tuple(p.strip().lower() for p in value.split(','))
   bad = [p for p in names if p not in PLATFORMS]
   if bad or not names or len(set(names)) != len(names):
-    raise ValueError(f'--platforms {value!r}: expected distinct names among '
-                     f'{", ".join(PLATFORMS)}, comma-separated')
+    raise ValueError(
+        f'--platforms {value!r}: expected distinct names among '
+        f'{", ".join(PLATFORMS)}, comma-separated'
+    )
   return names
 
 
@@ -316,21 +394,39 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--model', help='ClipCrop model directory (or a training workdir).')
-  source.add_argument('--random-init', metavar='CONFIG',
-                      help="ClipCrop with random weights: 'tiny' or an OWL-ViT config name.")
-  source.add_argument('--owlvit', metavar='CHECKPOINT',
-                      help='Plain OWL-ViT: any checkpoint clipcrop_jax.owlvit.load_checkpoint '
-                      'reads.')
-  parser.add_argument('--out', required=True,
-                      help='SavedModel directory (TF Serving: <base>/<model name>/<version>).')
-  parser.add_argument('--mode', choices=EXPORT_MODES, default=None,
-                      help="ClipCrop query mode (default: the model's); 'base' takes no text.")
+  source.add_argument(
+      '--random-init',
+      metavar='CONFIG',
+      help="ClipCrop with random weights: 'tiny' or an OWL-ViT config name.",
+  )
+  source.add_argument(
+      '--owlvit',
+      metavar='CHECKPOINT',
+      help='Plain OWL-ViT: any checkpoint clipcrop_jax.owlvit.load_checkpoint ' 'reads.',
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help='SavedModel directory (TF Serving: <base>/<model name>/<version>).',
+  )
+  parser.add_argument(
+      '--mode',
+      choices=EXPORT_MODES,
+      default=None,
+      help="ClipCrop query mode (default: the model's); 'base' takes no text.",
+  )
   parser.add_argument('--seed', type=int, default=0, help='--random-init seed (default 0).')
-  parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
-                      help='Platforms the SavedModel runs on, comma-separated among '
-                      f'{", ".join(PLATFORMS)} (default: %(default)s).')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='Replace an existing SavedModel at --out (nothing else is replaced).')
+  parser.add_argument(
+      '--platforms',
+      default=','.join(DEFAULT_PLATFORMS),
+      help='Platforms the SavedModel runs on, comma-separated among '
+      f'{", ".join(PLATFORMS)} (default: %(default)s).',
+  )
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='Replace an existing SavedModel at --out (nothing else is replaced).',
+  )
   return parser.parse_args(argv)
 
 
@@ -360,10 +456,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first = (str(e).splitlines() or [''])[0]  # jax2tf errors run to many lines
     print(f'error: conversion failed ({type(e).__name__}: {first})', file=sys.stderr)
     return 1
-  print(f'exported: {serving.kind} ({serving.info["owlvit_config"]}, image size '
-        f'{serving.image_size}, platforms {",".join(platforms)})')
-  print(f'signatures: {SIGNATURE_PIXELS} (float32 pixels), {SIGNATURE_UINT8} (uint8 images); '
-        f'inputs after the image: {", ".join(i.name for i in serving.inputs)}')
+  print(
+      f'exported: {serving.kind} ({serving.info["owlvit_config"]}, image size '
+      f'{serving.image_size}, platforms {",".join(platforms)})'
+  )
+  print(
+      f'signatures: {SIGNATURE_PIXELS} (float32 pixels), {SIGNATURE_UINT8} (uint8 images); '
+      f'inputs after the image: {", ".join(i.name for i in serving.inputs)}'
+  )
   print(f'wrote: {out}')
   return 0
 

@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clipcrop_jax.experiments import sweeps as sweep_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def launch(cmds: list[tuple[str, list[str]]], workdir_root: str, parallel: int,
-           popen=subprocess.Popen) -> dict[str, int]:
+def launch(
+    cmds: list[tuple[str, list[str]]], workdir_root: str, parallel: int, popen=subprocess.Popen
+) -> dict[str, int]:
   """Runs the commands, at most `parallel` at a time; returns {run name: exit code}."""
   pending, running, codes = list(cmds), {}, {}
   while pending or running:
@@ -56,14 +57,17 @@ def main(argv=None) -> int:
   extra = []
   if '--' in argv:
     i = argv.index('--')
-    argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = argv[:i], argv[i + 1 :]
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('sweep_file')
   parser.add_argument('--workdir_root', required=True)
   parser.add_argument('--launch', action='store_true', help='run the commands')
   parser.add_argument('--parallel', type=int, default=1, help='runs at a time with --launch')
-  parser.add_argument('--python', default=sys.executable if '--launch' in argv else 'python',
-                      help='interpreter in the commands')
+  parser.add_argument(
+      '--python',
+      default=sys.executable if '--launch' in argv else 'python',
+      help='interpreter in the commands',
+  )
   args = parser.parse_args(argv)
   cmds = sweep_lib.commands(args.sweep_file, args.workdir_root, extra, python=args.python)
   for _, c in cmds:
@@ -72,8 +76,10 @@ def main(argv=None) -> int:
     return 0
   codes = launch(cmds, args.workdir_root, args.parallel)
   failed = sorted(n for n, c in codes.items() if c != 0)
-  print(f'[sweep] {len(codes) - len(failed)}/{len(codes)} runs succeeded'
-        + (f'; failed: {", ".join(failed)}' if failed else ''))
+  print(
+      f'[sweep] {len(codes) - len(failed)}/{len(codes)} runs succeeded'
+      + (f'; failed: {", ".join(failed)}' if failed else '')
+  )
   return 1 if failed else 0
 
 

@@ -42,8 +42,8 @@ def _photo(width: int, height: int) -> bytes:
   rng = np.random.default_rng(0)
   img = np.zeros((height, width, 3), np.uint8)
   img[:] = (135, 190, 235)
-  img[int(height * 0.65):] = (70, 150, 60)
-  img[height // 3:height * 2 // 3, width // 10:width // 3] = (210, 30, 40)
+  img[int(height * 0.65) :] = (70, 150, 60)
+  img[height // 3 : height * 2 // 3, width // 10 : width // 3] = (210, 30, 40)
   yy, xx = np.mgrid[:height, :width]
   img[(yy - height * 0.4) ** 2 + (xx - width * 0.7) ** 2 < (height * 0.2) ** 2] = (30, 60, 200)
   img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
@@ -70,9 +70,19 @@ class Server:
   def __init__(self, model: str, flags: list[str]):
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
-    self.argv = [sys.executable, '-m', 'clipcrop_jax.serve', '--random-init', model,
-                 '--port', str(self.port), '--keyword-pipeline', 'rules',
-                 '--log-level', 'warning'] + flags
+    self.argv = [
+        sys.executable,
+        '-m',
+        'clipcrop_jax.serve',
+        '--random-init',
+        model,
+        '--port',
+        str(self.port),
+        '--keyword-pipeline',
+        'rules',
+        '--log-level',
+        'warning',
+    ] + flags
 
   def __enter__(self) -> 'Server':
     self.proc = subprocess.Popen(self.argv, cwd=REPO)
@@ -100,8 +110,11 @@ def run_clients(url: str, clients: int, duration: float, image_for) -> dict:
         n = next(counter)
         started = time.perf_counter()
         try:
-          r = http.post(url + '/v1/crops', files={'image': ('photo.jpg', image_for(n))},
-                        data={'text': TEXTS[n % len(TEXTS)], 'top_k': '3'})
+          r = http.post(
+              url + '/v1/crops',
+              files={'image': ('photo.jpg', image_for(n))},
+              data={'text': TEXTS[n % len(TEXTS)], 'top_k': '3'},
+          )
         except httpx.HTTPError as e:
           with lock:
             errors.append(f'{type(e).__name__}: {e}')
@@ -124,10 +137,16 @@ def run_clients(url: str, clients: int, duration: float, image_for) -> dict:
     t.join()
   wall = time.monotonic() - started
   ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-  return {'answers': len(latencies), 'throughput': len(latencies) / wall,
-          'p50': np.percentile(ms, 50), 'p95': np.percentile(ms, 95),
-          'p99': np.percentile(ms, 99), '503': statuses.count(503), 'errors': len(errors),
-          'first_error': errors[0] if errors else ''}
+  return {
+      'answers': len(latencies),
+      'throughput': len(latencies) / wall,
+      'p50': np.percentile(ms, 50),
+      'p95': np.percentile(ms, 95),
+      'p99': np.percentile(ms, 99),
+      '503': statuses.count(503),
+      'errors': len(errors),
+      'first_error': errors[0] if errors else '',
+  }
 
 
 def main(argv=None) -> int:
@@ -146,22 +165,31 @@ def main(argv=None) -> int:
   hit = lambda n: jpeg  # pylint: disable=unnecessary-lambda-assignment
   batching = ['--max-batch', str(args.max_batch), '--batch-wait-ms', str(args.batch_wait_ms)]
   rows = []
-  print(f'model {args.model}, {args.clients} clients, {args.duration:g} s per scenario, '
-        f'{width}x{height} JPEG uploads', flush=True)
+  print(
+      f'model {args.model}, {args.clients} clients, {args.duration:g} s per scenario, '
+      f'{width}x{height} JPEG uploads',
+      flush=True,
+  )
   with Server(args.model, ['--max-batch', '1']) as server:
     rows.append(('batching off / cold', run_clients(server.url, args.clients, args.duration, cold)))
   with Server(args.model, batching) as server:
     rows.append(('batching on / cold', run_clients(server.url, args.clients, args.duration, cold)))
     rows.append(('batching on / hit', run_clients(server.url, args.clients, args.duration, hit)))
   with Server(args.model, batching + ['--max-queue', str(args.max_queue)]) as server:
-    rows.append((f'overload 2x ({2 * args.max_queue} clients, max_queue {args.max_queue}), cold',
-                 run_clients(server.url, 2 * args.max_queue, args.duration, cold)))
+    rows.append(
+        (
+            f'overload 2x ({2 * args.max_queue} clients, max_queue {args.max_queue}), cold',
+            run_clients(server.url, 2 * args.max_queue, args.duration, cold),
+        )
+    )
   base = rows[0][1]['throughput']
   print('\n| scenario | answers/s | vs baseline | p50 ms | p95 ms | p99 ms | 503 | errors |')
   print('|---|---|---|---|---|---|---|---|')
   for name, r in rows:
-    print(f"| {name} | {r['throughput']:.1f} | {r['throughput'] / base:.2f}x | {r['p50']:.0f} | "
-          f"{r['p95']:.0f} | {r['p99']:.0f} | {r['503']} | {r['errors']} |")
+    print(
+        f"| {name} | {r['throughput']:.1f} | {r['throughput'] / base:.2f}x | {r['p50']:.0f} | "
+        f"{r['p95']:.0f} | {r['p99']:.0f} | {r['503']} | {r['errors']} |"
+    )
   for name, r in rows:
     if r['errors']:
       print(f"{name}: first error: {r['first_error']}")

@@ -51,6 +51,7 @@ def parse_candidate(text: str) -> tuple[str, dict[str, object]]:
 def apply_overrides(config, overrides: dict[str, object]):
   """A copy of `config` with the dotted `overrides` set (each key must exist)."""
   import ml_collections
+
   c = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
     *parents, leaf = key.split('.')
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
   from clipcrop_jax import config_validation
   from clipcrop_jax.experiments import synthetic_pipeline as sp
   from clipcrop_jax.training import clipcrop_task
+
   path, _, arg = args.config.partition(':')
   base = config_lib.load_config_file(path, arg or None)
   work = pathlib.Path(args.workdir)
@@ -96,19 +98,30 @@ def main(argv=None) -> int:
     out = work / 'select' / cand / f'clipcrop_{args.mode}'
     state = clipcrop_task.train(v, str(out))
     chosen = sp.validation_choice(cc, v, state, out)
-    results[cand] = dict(overrides=overrides, iou_mean_by_k=chosen['iou_mean_by_k'],
-                         best_k=chosen['fuse_top_k'], quality_iou_srcc=chosen['quality_iou_srcc'])
-  lines = [f'ClipCrop-{args.mode} on `{name}` [{split}], seed {args.seed}', '',
-           '| candidate | overrides | IoU-Mean (k=1) | best k | IoU-Mean (best k) | '
-           'quality↔IoU SRCC |', '|---|---|---:|---:|---:|---:|']
+    results[cand] = dict(
+        overrides=overrides,
+        iou_mean_by_k=chosen['iou_mean_by_k'],
+        best_k=chosen['fuse_top_k'],
+        quality_iou_srcc=chosen['quality_iou_srcc'],
+    )
+  lines = [
+      f'ClipCrop-{args.mode} on `{name}` [{split}], seed {args.seed}',
+      '',
+      '| candidate | overrides | IoU-Mean (k=1) | best k | IoU-Mean (best k) | '
+      'quality↔IoU SRCC |',
+      '|---|---|---:|---:|---:|---:|',
+  ]
   for cand, r in results.items():
     ov = ', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '(config)'
-    lines.append(f'| {cand} | {ov} | {r["iou_mean_by_k"][min(r["iou_mean_by_k"])]:.4f} | {r["best_k"]} | '
-                 f'{r["iou_mean_by_k"][r["best_k"]]:.4f} | {r["quality_iou_srcc"]:.3f} |')
+    lines.append(
+        f'| {cand} | {ov} | {r["iou_mean_by_k"][min(r["iou_mean_by_k"])]:.4f} | {r["best_k"]} | '
+        f'{r["iou_mean_by_k"][r["best_k"]]:.4f} | {r["quality_iou_srcc"]:.3f} |'
+    )
   table = '\n'.join(lines) + '\n'
   fileio.atomic_write_text(work / 'select' / 'selection.md', table)
-  fileio.atomic_write_text(work / 'select' / 'selection.json',
-                           json.dumps(results, indent=1, default=float))
+  fileio.atomic_write_text(
+      work / 'select' / 'selection.json', json.dumps(results, indent=1, default=float)
+  )
   print(table)
   return 0
 

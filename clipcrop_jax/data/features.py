@@ -45,24 +45,23 @@ OBJECT_BBOX = 'bbox'
 # ------------------------------------------------------------------------------------------------
 
 # ClipCrop batches.
-IMAGES = 'image'                # float32 (B, S, S, 3) in [0, 1], padded + resized
-CROP_BOXES = 'crops'            # float32 (B, N, 4) reference / candidate crops
-CROP_SCORES = 'crop_scores'     # float32 (B, N) their scores (GAIC MOS; 1 for reference crops)
-CROP_MASK = 'crop_mask'         # bool (B, N) real (not padding) crops
-IMAGE_EXTENT = 'image_extent'   # float32 (B, 2) (w, h) of the real image in the padded square
-TEXT_QUERIES = 'text_queries'   # int32 (B, Q, MAX_QUERY_LENGTH) [full text, keywords...], 0 = pad
-QUERY_ROLES = 'query_roles'     # int32 (B, Q) each text query's role (ROLE_IDS; 0 on padding)
-EXAMPLE_MASK = 'mask'           # bool (B,) real (not padding) examples of an eval batch
-TRAIN_KEYS = (IMAGES, CROP_BOXES, CROP_SCORES, CROP_MASK, IMAGE_EXTENT, TEXT_QUERIES,
-              QUERY_ROLES)
+IMAGES = 'image'  # float32 (B, S, S, 3) in [0, 1], padded + resized
+CROP_BOXES = 'crops'  # float32 (B, N, 4) reference / candidate crops
+CROP_SCORES = 'crop_scores'  # float32 (B, N) their scores (GAIC MOS; 1 for reference crops)
+CROP_MASK = 'crop_mask'  # bool (B, N) real (not padding) crops
+IMAGE_EXTENT = 'image_extent'  # float32 (B, 2) (w, h) of the real image in the padded square
+TEXT_QUERIES = 'text_queries'  # int32 (B, Q, MAX_QUERY_LENGTH) [full text, keywords...], 0 = pad
+QUERY_ROLES = 'query_roles'  # int32 (B, Q) each text query's role (ROLE_IDS; 0 on padding)
+EXAMPLE_MASK = 'mask'  # bool (B,) real (not padding) examples of an eval batch
+TRAIN_KEYS = (IMAGES, CROP_BOXES, CROP_SCORES, CROP_MASK, IMAGE_EXTENT, TEXT_QUERIES, QUERY_ROLES)
 EVAL_KEYS = TRAIN_KEYS + (HEIGHT, WIDTH, EXAMPLE_MASK)
 INPUT_FEATURES = (IMAGE, CROPS, TEXT, HEIGHT, WIDTH)  # the TFDS features the pipeline reads
 
 # Detection batches (`detection_train`).
-BOXES = 'boxes'                 # float32 (B, N, 4) object boxes
-BOX_MASK = 'box_mask'           # bool (B, N) real objects
-LABELS = 'labels'               # str (B, N) object labels (host side only)
-LABEL_IDS = 'label_ids'         # int32 (B, N) index of each object's label among the queries
+BOXES = 'boxes'  # float32 (B, N, 4) object boxes
+BOX_MASK = 'box_mask'  # bool (B, N) real objects
+LABELS = 'labels'  # str (B, N) object labels (host side only)
+LABEL_IDS = 'label_ids'  # int32 (B, N) index of each object's label among the queries
 DETECTION_TRAIN_KEYS = (IMAGES, BOXES, BOX_MASK, LABEL_IDS, TEXT_QUERIES)
 
 # ------------------------------------------------------------------------------------------------
@@ -93,10 +92,12 @@ def common_features(**extras: Any):
       HEIGHT: tf.int32,
       WIDTH: tf.int32,
       TEXT: tfds.features.Text(),
-      CROPS: tfds.features.Sequence({
-          CROP_BBOX: tfds.features.BBoxFeature(),
-          CROP_SCORE: tf.float32,
-      }),
+      CROPS: tfds.features.Sequence(
+          {
+              CROP_BBOX: tfds.features.BBoxFeature(),
+              CROP_SCORE: tf.float32,
+          }
+      ),
   }
   features.update(extras)
   return features

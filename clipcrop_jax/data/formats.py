@@ -72,23 +72,33 @@ class ReferenceCropsBuilderMixin:
   def _reference_info(self, description: str, homepage: str, citation: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets.core  # pylint: disable=g-import-not-at-top,unused-import
+
     return tfds.core.DatasetInfo(
-        builder=self, description=description,
+        builder=self,
+        description=description,
         features=tfds.features.FeaturesDict(features.common_features()),
-        homepage=homepage, citation=citation, disable_shuffling=True)
+        homepage=homepage,
+        citation=citation,
+        disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     return {'test': self._generate_examples(dl_manager.manual_dir)}
 
   def _generate_examples(self, manual_dir):
     from absl import logging  # pylint: disable=g-import-not-at-top
+
     skip = skip_bad_data_from_env() if self._skip_bad_data is None else self._skip_bad_data
     self.skip_report = features.SkipReport()
     yield from self._reference_examples(manual_dir, skip)
     logging.info('%s: %s', self.name, self.skip_report.summary())
     if self.skip_report.counts:
-      logging.warning('%s: %s; first messages:\n  %s', self.name, self.skip_report.summary(),
-                      '\n  '.join(self.skip_report.examples))
+      logging.warning(
+          '%s: %s; first messages:\n  %s',
+          self.name,
+          self.skip_report.summary(),
+          '\n  '.join(self.skip_report.examples),
+      )
 
   def _reference_examples(self, manual_dir, skip: bool):
     raise NotImplementedError
@@ -107,8 +117,10 @@ def skip_bad_data_from_env() -> bool:
     return False
   if value in _SKIP_TRUE:
     return True
-  raise ValueError(f'{SKIP_ENV}={raw!r}: expected one of {"/".join(_SKIP_TRUE)} (skip bad data) '
-                   f'or {"/".join(_SKIP_FALSE[1:])} (raise), or unset.')
+  raise ValueError(
+      f'{SKIP_ENV}={raw!r}: expected one of {"/".join(_SKIP_TRUE)} (skip bad data) '
+      f'or {"/".join(_SKIP_FALSE[1:])} (raise), or unset.'
+  )
 
 
 class _Skipped(Exception):
@@ -155,7 +167,9 @@ def load_image(path: pathlib.Path, where: str) -> LoadedImage:
         buf = io.BytesIO()
         im.convert('RGB').save(buf, format='JPEG', quality=95)
         data = buf.getvalue()
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... pylint: disable=broad-except
+  except (
+      Exception
+  ) as e:  # PIL raises OSError, SyntaxError, ValueError, ... pylint: disable=broad-except
     err = features.BadDataError(f'{where}: cannot read image {path}: {e}')
     err.reason = UNREADABLE_IMAGE
     raise err from e
@@ -175,8 +189,11 @@ def pixel_box_to_bbox(box, height: int, width: int, where: str, ctx: _Ctx):
   x0, y0, x1, y1 = box
   t = TOLERANCE_PX
   if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
-    raise ctx.bad(OUT_OF_BOUNDS, f'{where}: box (x0, y0, x1, y1) = {tuple(box)} lies outside '
-                  f'the {width}x{height} (w x h) image by more than {t} px')
+    raise ctx.bad(
+        OUT_OF_BOUNDS,
+        f'{where}: box (x0, y0, x1, y1) = {tuple(box)} lies outside '
+        f'the {width}x{height} (w x h) image by more than {t} px',
+    )
   x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
   y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
   if x1 <= x0 or y1 <= y0:
@@ -227,8 +244,9 @@ class _LastImage:
 # Simple JSON format.
 
 
-def simple_format_examples(manual_dir, report: features.SkipReport,
-                           skip_bad_data: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def simple_format_examples(
+    manual_dir, report: features.SkipReport, skip_bad_data: bool
+) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields (key, example) from `manual_dir/annotations.json` (one example per entry)."""
   manual_dir = pathlib.Path(manual_dir)
   ann_path = manual_dir / SIMPLE_ANNOTATIONS
@@ -237,8 +255,9 @@ def simple_format_examples(manual_dir, report: features.SkipReport,
     raise features.BadDataError(f'{ann_path}: annotation file not found (see the dataset README).')
   entries = _read_json(ann_path)
   if not isinstance(entries, list):
-    raise features.BadDataError(f'{ann_path}: expected a JSON list of entries, got '
-                                f'{type(entries).__name__}')
+    raise features.BadDataError(
+        f'{ann_path}: expected a JSON list of entries, got ' f'{type(entries).__name__}'
+    )
   ctx = _Ctx(report, skip_bad_data)
   cache = _LastImage()
   for index, entry in enumerate(entries):
@@ -275,8 +294,10 @@ def _simple_entry(entry, where, images_dir, ctx, cache) -> dict[str, Any]:
       except TypeError as e:
         raise ctx.bad(MALFORMED_BOX, f'{box_where}: {e}') from e
       if x1 < x0 or y1 < y0:
-        raise ctx.bad(MALFORMED_BOX, f'{box_where}: expected x0 <= x1 and y0 <= y1 '
-                      f'(pixel x0, y0, x1, y1), got {box}')
+        raise ctx.bad(
+            MALFORMED_BOX,
+            f'{box_where}: expected x0 <= x1 and y0 <= y1 ' f'(pixel x0, y0, x1, y1), got {box}',
+        )
       bboxes.append(pixel_box_to_bbox((x0, y0, x1, y1), image.height, image.width, box_where, ctx))
     except _Skipped:
       continue
@@ -300,8 +321,9 @@ def labelme_files(manual_dir) -> list[pathlib.Path]:
   return []
 
 
-def _labelme_image_path(json_path: pathlib.Path, image_path: str,
-                        images_dir: pathlib.Path) -> pathlib.Path:
+def _labelme_image_path(
+    json_path: pathlib.Path, image_path: str, images_dir: pathlib.Path
+) -> pathlib.Path:
   """labelme's imagePath is relative to the JSON file; fall back to images/<basename>."""
   image_path = image_path.replace('\\', '/')  # labelme on Windows writes backslashes.
   candidate = json_path.parent / image_path
@@ -311,15 +333,17 @@ def _labelme_image_path(json_path: pathlib.Path, image_path: str,
   return fallback if fallback.is_file() else candidate
 
 
-def labelme_examples(manual_dir, report: features.SkipReport,
-                     skip_bad_data: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+def labelme_examples(
+    manual_dir, report: features.SkipReport, skip_bad_data: bool
+) -> Iterator[tuple[str, dict[str, Any]]]:
   """Yields (key, example) per (image, label) from the labelme files of `manual_dir`."""
   manual_dir = pathlib.Path(manual_dir)
   files = labelme_files(manual_dir)
   if not files:
     raise features.BadDataError(
         f'{manual_dir}: no labelme *.json in {LABELME_DIR}/ or {IMAGES_DIR}/ and no '
-        f'{SIMPLE_ANNOTATIONS} (see the dataset README).')
+        f'{SIMPLE_ANNOTATIONS} (see the dataset README).'
+    )
   ctx = _Ctx(report, skip_bad_data)
   for json_path in files:
     try:
@@ -353,15 +377,21 @@ def _labelme_file(json_path, manual_dir, ctx) -> Iterator[tuple[str, dict[str, A
   image_path = _labelme_image_path(json_path, data['imagePath'], images_dir)
   image = _load_image_ctx(image_path, f'{where} (imagePath {data["imagePath"]!r})', ctx)
   if (ann_h, ann_w) != (image.height, image.width):
-    raise ctx.bad(SIZE_MISMATCH, f'{where}: imageHeight x imageWidth = {ann_h:g} x {ann_w:g} '
-                  f'but {image_path} is {image.height} x {image.width} (h x w, EXIF-oriented)')
+    raise ctx.bad(
+        SIZE_MISMATCH,
+        f'{where}: imageHeight x imageWidth = {ann_h:g} x {ann_w:g} '
+        f'but {image_path} is {image.height} x {image.width} (h x w, EXIF-oriented)',
+    )
   try:
     filename = image_path.resolve().relative_to(images_dir.resolve()).as_posix()
   except ValueError:
     filename = image_path.name
 
-  labels = [s['label'].strip() for s in data['shapes']
-            if isinstance(s, dict) and isinstance(s.get('label'), str) and s['label'].strip()]
+  labels = [
+      s['label'].strip()
+      for s in data['shapes']
+      if isinstance(s, dict) and isinstance(s.get('label'), str) and s['label'].strip()
+  ]
   groups: dict[str, list] = collections.OrderedDict()
   for s, shape in enumerate(data['shapes']):
     try:
@@ -385,8 +415,10 @@ def _labelme_shape(shape, where, image: LoadedImage, ctx):
   label, points = shape.get('label'), shape.get('points')
   shape_type = shape.get('shape_type')  # Absent in old labelme files = polygon.
   if shape_type != 'rectangle':
-    raise ctx.bad(NON_RECTANGLE, f'{where} (label {label!r}): shape_type {shape_type!r}, only '
-                  "'rectangle' is supported")
+    raise ctx.bad(
+        NON_RECTANGLE,
+        f'{where} (label {label!r}): shape_type {shape_type!r}, only ' "'rectangle' is supported",
+    )
   if not isinstance(label, str) or not label.strip():
     raise ctx.bad(MALFORMED_BOX, f'{where}: "label" (the text) must be a non-empty string')
   try:

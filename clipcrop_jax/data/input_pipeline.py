@@ -84,8 +84,10 @@ def _crops(example: dict[str, Any]) -> tuple[tf.Tensor, tf.Tensor]:
   else:
     boxes = example[f'{F.CROPS}/{F.CROP_BBOX}']
     scores = example[f'{F.CROPS}/{F.CROP_SCORE}']
-  return (tf.reshape(tf.cast(boxes, tf.float32), (-1, 4)),
-          tf.reshape(tf.cast(scores, tf.float32), (-1,)))
+  return (
+      tf.reshape(tf.cast(boxes, tf.float32), (-1, 4)),
+      tf.reshape(tf.cast(scores, tf.float32), (-1,)),
+  )
 
 
 def decode_image(image: tf.Tensor) -> tf.Tensor:
@@ -99,10 +101,14 @@ def yxyx_to_xyxy(boxes: tf.Tensor) -> tf.Tensor:
   return tf.gather(boxes, [1, 0, 3, 2], axis=-1)
 
 
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: float = 32 / 255,
-                 contrast: tuple[float, float] = (0.5, 1.5),
-                 saturation: tuple[float, float] = (0.5, 1.5),
-                 hue: float = 18 / 360) -> tf.Tensor:
+def color_jitter(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    brightness: float = 32 / 255,
+    contrast: tuple[float, float] = (0.5, 1.5),
+    saturation: tuple[float, float] = (0.5, 1.5),
+    hue: float = 18 / 360,
+) -> tf.Tensor:
   """Photometric distortion of a float [0, 1] RGB image (any shape (..., 3)); output in [0, 1].
 
   Boxes are unaffected. `seed`: int32/int64 (2,) stateless seed.
@@ -149,15 +155,16 @@ def flip_coin(seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
   return tf.random.stateless_uniform((), tf.cast(seed, tf.int64)) < prob
 
 
-def random_flip_with_text(image: tf.Tensor, boxes_xyxy: tf.Tensor, text: tf.Tensor,
-                          seed: tf.Tensor, prob: float = 0.5
-                          ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def random_flip_with_text(
+    image: tf.Tensor, boxes_xyxy: tf.Tensor, text: tf.Tensor, seed: tf.Tensor, prob: float = 0.5
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Horizontal flip with probability `prob` (`flip_coin(seed)`): xyxy boxes normalised to the
   image are mirrored and so is `text` (a string tensor of any shape: a caption, or per-object
   labels; `mirror_text`)."""
   flipped = flip_coin(seed, prob)
-  image, boxes_xyxy = tf.cond(flipped, lambda: flip_left_right(image, boxes_xyxy),
-                              lambda: (image, boxes_xyxy))
+  image, boxes_xyxy = tf.cond(
+      flipped, lambda: flip_left_right(image, boxes_xyxy), lambda: (image, boxes_xyxy)
+  )
   text = tf.convert_to_tensor(text, tf.string)
   return image, boxes_xyxy, tf.cond(flipped, lambda: mirror_text(text), lambda: text)
 
@@ -180,8 +187,13 @@ def pad_to_square_and_resize(image: tf.Tensor, size) -> tuple[tf.Tensor, tf.Tens
   out_h = tf.minimum(tf.cast(tf.math.ceil(tf.cast(h, tf.float32) * scale), tf.int32) + 2, size)
   out_w = tf.minimum(tf.cast(tf.math.ceil(tf.cast(w, tf.float32) * scale), tf.int32) + 2, size)
   resized = tf.raw_ops.ScaleAndTranslate(
-      images=padded[None], size=tf.stack([out_h, out_w]), scale=tf.stack([scale, scale]),
-      translation=tf.zeros([2], tf.float32), kernel_type='triangle', antialias=True)[0]
+      images=padded[None],
+      size=tf.stack([out_h, out_w]),
+      scale=tf.stack([scale, scale]),
+      translation=tf.zeros([2], tf.float32),
+      kernel_type='triangle',
+      antialias=True,
+  )[0]
   resized = tf.image.pad_to_bounding_box(resized, 0, 0, size, size) + PAD_VALUE
   extent = tf.cast(tf.stack([w, h]), tf.float32) / tf.cast(m, tf.float32)
   return tf.clip_by_value(resized, 0.0, 1.0), extent
@@ -193,8 +205,9 @@ def _content_mask(size, extent: tf.Tensor) -> tf.Tensor:
   return (centres[:, None, None] < extent[1]) & (centres[None, :, None] < extent[0])
 
 
-def pad_crops(boxes: tf.Tensor, scores: tf.Tensor, max_crops: int,
-              truncate: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def pad_crops(
+    boxes: tf.Tensor, scores: tf.Tensor, max_crops: int, truncate: bool = True
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Pads (N, 4) boxes / (N,) scores to `max_crops` rows; returns (boxes, scores, mask).
 
   With `truncate`, more than `max_crops` crops keep the `max_crops` best-scoring ones (in their
@@ -206,8 +219,13 @@ def pad_crops(boxes: tf.Tensor, scores: tf.Tensor, max_crops: int,
     keep = tf.sort(tf.math.top_k(scores, k=k, sorted=False).indices)
     boxes, scores = tf.gather(boxes, keep), tf.gather(scores, keep)
   else:
-    with tf.control_dependencies([tf.debugging.assert_less_equal(
-        n, max_crops, message='example has more crops than max_crops')]):
+    with tf.control_dependencies(
+        [
+            tf.debugging.assert_less_equal(
+                n, max_crops, message='example has more crops than max_crops'
+            )
+        ]
+    ):
       boxes = tf.identity(boxes)
   n = tf.shape(scores)[0]
   pad = max_crops - n
@@ -217,9 +235,15 @@ def pad_crops(boxes: tf.Tensor, scores: tf.Tensor, max_crops: int,
   return boxes, scores, mask
 
 
-def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
-                       seed: Optional[tf.Tensor] = None, truncate: bool = True,
-                       jitter: bool = True, flip: bool = True) -> dict[str, tf.Tensor]:
+def preprocess_example(
+    example: dict[str, Any],
+    size: int,
+    max_crops: int,
+    seed: Optional[tf.Tensor] = None,
+    truncate: bool = True,
+    jitter: bool = True,
+    flip: bool = True,
+) -> dict[str, tf.Tensor]:
   """One example -> padded square, xyxy crops in the square, mask and extent (see module doc).
 
   Args:
@@ -261,8 +285,9 @@ def preprocess_example(example: dict[str, Any], size: int, max_crops: int,
   return out
 
 
-def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
-           size: Optional[int] = None) -> dict[str, tf.Tensor]:
+def mosaic(
+    tiles: dict[str, tf.Tensor], seed: tf.Tensor, size: Optional[int] = None
+) -> dict[str, tf.Tensor]:
   """A k x k mosaic of k*k preprocessed examples (stacked on a leading axis, k = sqrt(count)).
 
   Args:
@@ -287,9 +312,10 @@ def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
 
   def grid():
     small = tf.cond(
-        tf.shape(images)[1] == cell, lambda: images,
-        lambda: tf.image.resize(images, tf.stack([cell, cell]), method='bilinear',
-                                antialias=True))
+        tf.shape(images)[1] == cell,
+        lambda: images,
+        lambda: tf.image.resize(images, tf.stack([cell, cell]), method='bilinear', antialias=True),
+    )
     small = tf.reshape(small, tf.stack([k, k, cell, cell, 3]))
     canvas = tf.reshape(tf.transpose(small, [0, 2, 1, 3, 4]), tf.stack([k * cell, k * cell, 3]))
     canvas = tf.image.pad_to_bounding_box(canvas - PAD_VALUE, 0, 0, size, size) + PAD_VALUE
@@ -304,8 +330,14 @@ def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
   grid_extent = tf.fill([2], tf.cast(k * cell, tf.float32) / size)
   extent = tf.cond(k > 1, lambda: grid_extent, lambda: tiles[F.IMAGE_EXTENT][0])
   out = {key: value[target] for key, value in tiles.items()}
-  out.update({F.IMAGES: image, F.CROP_BOXES: crops,
-              F.IMAGE_EXTENT: tf.ensure_shape(extent, (2,)), 'mosaic_grid': k})
+  out.update(
+      {
+          F.IMAGES: image,
+          F.CROP_BOXES: crops,
+          F.IMAGE_EXTENT: tf.ensure_shape(extent, (2,)),
+          'mosaic_grid': k,
+      }
+  )
   return out
 
 
@@ -314,36 +346,48 @@ def mosaic(tiles: dict[str, tf.Tensor], seed: tf.Tensor,
 # ------------------------------------------------------------------------------------------------
 
 
-def split_for_process(split: str, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None, drop_remainder: bool = True) -> Any:
+def split_for_process(
+    split: str,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    drop_remainder: bool = True,
+) -> Any:
   """This host's part of a TFDS split (a `tfds.even_splits` item, usable as `split=`).
 
   Defaults to jax's process index and count: `tfds.split_for_jax_process(split)` with
   `drop_remainder=True`, so every host sees the same number of examples.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index, process_count = jax.process_index(), jax.process_count()
   return tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
 
 
 def _tokenize(text: tf.Tensor, max_len: int = F.MAX_QUERY_LENGTH) -> tf.Tensor:
   """int32 (1, max_len) CLIP tokens of a string scalar (zeros for an empty text)."""
+
   def tok(t):
     from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
+
     t = t.item() if isinstance(t, np.ndarray) else t
     t = t.decode('utf-8') if isinstance(t, bytes) else str(t)
     if not t.strip():
       return np.zeros((1, max_len), np.int32)
     return tokenizer.tokenize([t], max_len=max_len).astype(np.int32)
+
   tokens = tf.numpy_function(tok, [text], tf.int32, stateful=False)
   return tf.ensure_shape(tokens, (1, max_len))
 
 
-def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
-                     keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
-                     num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+def add_text_queries(
+    ds: tf.data.Dataset,
+    max_queries: int = 8,
+    keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+) -> tf.data.Dataset:
   """Adds `text_queries` int32 (max_queries, L): CLIP tokens of [full text, keyword 1, ...], and
   `query_roles` int32 (max_queries,): each query's role (`features.ROLE_IDS`: the full text is
   'caption', keywords 'subject' or 'context').
@@ -362,22 +406,25 @@ def add_text_queries(ds: tf.data.Dataset, max_queries: int = 8,
     text = text.item() if isinstance(text, np.ndarray) else text
     if text not in cache:
       from clipcrop_jax.owlvit import tokenizer  # pylint: disable=g-import-not-at-top
+
       decoded = text.decode('utf-8') if isinstance(text, bytes) else str(text)
       out = np.zeros((max_queries, F.MAX_QUERY_LENGTH), np.int32)
       roles = np.zeros((max_queries,), np.int32)
       if decoded.strip():
         found = keywords.build_query_roles(decoded, 'full', pipeline=keyword_pipeline)
         found = found[:max_queries]
-        out[:len(found)] = tokenizer.tokenize([q.text for q in found],
-                                              max_len=F.MAX_QUERY_LENGTH)
-        roles[:len(found)] = [F.ROLE_IDS[q.role] for q in found]
+        out[: len(found)] = tokenizer.tokenize([q.text for q in found], max_len=F.MAX_QUERY_LENGTH)
+        roles[: len(found)] = [F.ROLE_IDS[q.role] for q in found]
       cache[text] = (out, roles)
     return cache[text]
 
   def add(ex):
     q, roles = tf.numpy_function(queries, [ex[F.TEXT]], (tf.int32, tf.int32), stateful=False)
-    return {**ex, F.TEXT_QUERIES: tf.ensure_shape(q, (max_queries, F.MAX_QUERY_LENGTH)),
-            F.QUERY_ROLES: tf.ensure_shape(roles, (max_queries,))}
+    return {
+        **ex,
+        F.TEXT_QUERIES: tf.ensure_shape(q, (max_queries, F.MAX_QUERY_LENGTH)),
+        F.QUERY_ROLES: tf.ensure_shape(roles, (max_queries,)),
+    }
 
   return ds.map(add, num_parallel_calls=num_parallel_calls, deterministic=True)
 
@@ -391,34 +438,50 @@ def _grid_key_weights(mosaic_probs: Sequence[float]) -> np.ndarray:
   """Per-*input* probabilities of k so that output mosaics have probabilities `mosaic_probs`."""
   probs = np.asarray(mosaic_probs, np.float64)
   if probs.shape != (3,) or (probs < 0).any() or probs.sum() <= 0:
-    raise ValueError(f'mosaic_probs must be 3 non-negative weights (1x1, 2x2, 3x3), got '
-                     f'{mosaic_probs}')
+    raise ValueError(
+        f'mosaic_probs must be 3 non-negative weights (1x1, 2x2, 3x3), got ' f'{mosaic_probs}'
+    )
   w = probs / probs.sum() * np.array(GRIDS, np.float64) ** 2
   return w / w.sum()
 
 
-def _add_text_features(ds: tf.data.Dataset, tokenize_text: bool, max_queries: Optional[int],
-                       keyword_pipeline: str, num_parallel_calls: int
-                       ) -> tf.data.Dataset:
+def _add_text_features(
+    ds: tf.data.Dataset,
+    tokenize_text: bool,
+    max_queries: Optional[int],
+    keyword_pipeline: str,
+    num_parallel_calls: int,
+) -> tf.data.Dataset:
   """`text_tokens` (with `tokenize_text`) and `text_queries` (with `max_queries`) per example."""
   if tokenize_text:
-    ds = ds.map(lambda ex: {**ex, 'text_tokens': _tokenize(ex[F.TEXT])},
-                num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.map(
+        lambda ex: {**ex, 'text_tokens': _tokenize(ex[F.TEXT])},
+        num_parallel_calls=num_parallel_calls,
+        deterministic=True,
+    )
   if max_queries:
     ds = add_text_queries(ds, max_queries, keyword_pipeline, num_parallel_calls)
   return ds
 
 
-def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
-                       max_crops: int = 96, seed: int = 0,
-                       mosaic_probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
-                       shuffle_buffer: int = 1000, num_epochs: Optional[int] = None,
-                       jitter: bool = True, flip: bool = True,
-                       tokenize_text: bool = False,
-                       max_queries: Optional[int] = None,
-                       keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
-                       num_parallel_calls: int = tf.data.AUTOTUNE,
-                       prefetch: int = 2) -> tf.data.Dataset:
+def make_train_dataset(
+    ds: tf.data.Dataset,
+    *,
+    image_size: int,
+    batch_size: int,
+    max_crops: int = 96,
+    seed: int = 0,
+    mosaic_probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3),
+    shuffle_buffer: int = 1000,
+    num_epochs: Optional[int] = None,
+    jitter: bool = True,
+    flip: bool = True,
+    tokenize_text: bool = False,
+    max_queries: Optional[int] = None,
+    keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
   """Training batches (per host) from a dataset of `clipcrop_jax.data.features` examples.
 
   `ds` should already be this host's part (`split_for_process`); decode the images here (TFDS
@@ -436,44 +499,66 @@ def make_train_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
     # k is drawn first, so each tile is preprocessed straight to its mosaic cell side S // k.
     u = tf.random.stateless_uniform((), _seed_for(seed, index, 1))
     grid = 1 + tf.reduce_sum(tf.cast(u >= cum[:2], tf.int32))
-    out = preprocess_example(example, image_size // grid, max_crops,
-                             seed=_seed_for(seed, index, 0), jitter=jitter, flip=flip)
+    out = preprocess_example(
+        example,
+        image_size // grid,
+        max_crops,
+        seed=_seed_for(seed, index, 0),
+        jitter=jitter,
+        flip=flip,
+    )
     out['_grid'] = tf.cast(grid, tf.int64)
     return out
 
   ds = ds.map(tile, num_parallel_calls=num_parallel_calls, deterministic=True)
   if cum[0] >= 1.0:  # single images only
-    ds = ds.map(lambda ex: {**{k: v for k, v in ex.items() if k != '_grid'},
-                            F.IMAGES: tf.ensure_shape(ex[F.IMAGES], (image_size, image_size, 3)),
-                            'mosaic_grid': tf.constant(1, tf.int32)})
+    ds = ds.map(
+        lambda ex: {
+            **{k: v for k, v in ex.items() if k != '_grid'},
+            F.IMAGES: tf.ensure_shape(ex[F.IMAGES], (image_size, image_size, 3)),
+            'mosaic_grid': tf.constant(1, tf.int32),
+        }
+    )
   else:
     ds = ds.group_by_window(
         key_func=lambda ex: ex['_grid'],
         reduce_func=lambda key, window: window.batch(key * key, drop_remainder=True),
-        window_size_func=lambda key: key * key)
+        window_size_func=lambda key: key * key,
+    )
     ds = ds.enumerate().map(
-        lambda i, tiles: mosaic({k: v for k, v in tiles.items() if k != '_grid'},
-                                _seed_for(seed, i, 2), image_size),
-        num_parallel_calls=num_parallel_calls, deterministic=True)
+        lambda i, tiles: mosaic(
+            {k: v for k, v in tiles.items() if k != '_grid'}, _seed_for(seed, i, 2), image_size
+        ),
+        num_parallel_calls=num_parallel_calls,
+        deterministic=True,
+    )
   ds = _add_text_features(ds, tokenize_text, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(prefetch) if prefetch else ds
 
 
-def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
-                      max_crops: int = 96, tokenize_text: bool = False,
-                      max_queries: Optional[int] = None,
-                      keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
-                      num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+def make_eval_dataset(
+    ds: tf.data.Dataset,
+    *,
+    image_size: int,
+    batch_size: int,
+    max_crops: int = 96,
+    tokenize_text: bool = False,
+    max_queries: Optional[int] = None,
+    keyword_pipeline: str = keywords.DEFAULT_PIPELINE,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+) -> tf.data.Dataset:
   """Evaluation batches: no augmentation, every candidate kept, padded final batch.
 
   Each batch has the module-doc keys plus `mask` (bool (B,), False for padding examples); string
   keys of padding rows are ''. An example with more than `max_crops` candidates is an error.
   `max_queries` adds `text_queries` (`add_text_queries`).
   """
-  ds = ds.map(lambda ex: preprocess_example(ex, image_size, max_crops, seed=None,
-                                            truncate=False),
-              num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.map(
+      lambda ex: preprocess_example(ex, image_size, max_crops, seed=None, truncate=False),
+      num_parallel_calls=num_parallel_calls,
+      deterministic=True,
+  )
   ds = _add_text_features(ds, tokenize_text, max_queries, keyword_pipeline, num_parallel_calls)
   ds = ds.map(lambda ex: {**ex, F.EXAMPLE_MASK: tf.constant(True)})
   ds = ds.batch(batch_size)
@@ -483,8 +568,7 @@ def make_eval_dataset(ds: tf.data.Dataset, *, image_size: int, batch_size: int,
     out = {}
     for key, value in batch.items():
       padding = [[0, pad]] + [[0, 0]] * (value.shape.rank - 1)
-      out[key] = tf.ensure_shape(tf.pad(value, padding),
-                                 [batch_size] + value.shape.as_list()[1:])
+      out[key] = tf.ensure_shape(tf.pad(value, padding), [batch_size] + value.shape.as_list()[1:])
     return out
 
   return ds.map(pad_batch).prefetch(2)
@@ -506,12 +590,18 @@ def to_global_batches(dataset: tf.data.Dataset, sharding: Any) -> Iterator[dict[
   String features (text, filename) stay host-local numpy arrays of bytes.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   if isinstance(sharding, jax.sharding.Mesh):
     sharding = jax.sharding.NamedSharding(sharding, jax.sharding.PartitionSpec('data'))
   for batch in dataset.as_numpy_iterator():
-    yield {key: (value if value.dtype.kind in 'OSU'
-                 else jax.make_array_from_process_local_data(sharding, value))
-           for key, value in batch.items()}
+    yield {
+        key: (
+            value
+            if value.dtype.kind in 'OSU'
+            else jax.make_array_from_process_local_data(sharding, value)
+        )
+        for key, value in batch.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,16 +624,21 @@ def dataset_builder(name: str, data_dir: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets.core.constants  # pylint: disable=g-import-not-at-top,unused-import
   from clipcrop_jax import errors  # pylint: disable=g-import-not-at-top
+
   root = pathlib.Path(os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)) / name
-  versions = sorted((p for p in root.glob('*.*.*') if (p / 'dataset_info.json').is_file()),
-                    key=lambda p: tuple(int(v) for v in p.name.split('.') if v.isdigit()))
+  versions = sorted(
+      (p for p in root.glob('*.*.*') if (p / 'dataset_info.json').is_file()),
+      key=lambda p: tuple(int(v) for v in p.name.split('.') if v.isdigit()),
+  )
   if not versions:
     family, _, config = name.partition('/')
     folder = BUILDER_FOLDERS.get(family, family)
     raise errors.DatasetNotPreparedError(
         f'dataset {name!r} is not prepared in {root.parent}; build it with `python -m '
-        f'clipcrop_jax.build_dataset datasets/{folder}' + (f' --config {config}' if config else '')
-        + f' --data_dir {root.parent}` (add --manual_dir=<raw files> for real datasets)')
+        f'clipcrop_jax.build_dataset datasets/{folder}'
+        + (f' --config {config}' if config else '')
+        + f' --data_dir {root.parent}` (add --manual_dir=<raw files> for real datasets)'
+    )
   return tfds.builder_from_directory(os.fspath(versions[-1]))
 
 
@@ -552,8 +647,9 @@ def input_features(example: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in example.items() if k in F.INPUT_FEATURES}
 
 
-def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
-                 seed: int = 1234) -> dict[str, np.ndarray]:
+def random_batch(
+    batch: int, image_size: int, max_crops: int, max_queries: int, seed: int = 1234
+) -> dict[str, np.ndarray]:
   """A fixed random batch with the `F.TRAIN_KEYS` shapes (NumPy), for benchmarks / tests.
 
   Images uniform in [0, 1); 3..max_crops real crops per example (xyxy in [0, 1], scores 1..5,
@@ -579,12 +675,20 @@ def random_batch(batch: int, image_size: int, max_crops: int, max_queries: int,
     for q in range(1 + b % max_queries):
       length = int(rng.integers(2, 8))
       text_queries[b, q, 0] = 49406
-      text_queries[b, q, 1:length - 1] = rng.integers(1, 49000, size=length - 2)
+      text_queries[b, q, 1 : length - 1] = rng.integers(1, 49000, size=length - 2)
       text_queries[b, q, length - 1] = 49407
-  roles = np.where(np.arange(max_queries) == 0, F.ROLE_IDS['caption'],
-                   np.where(np.arange(max_queries) % 2 == 1, F.ROLE_IDS['subject'],
-                            F.ROLE_IDS['context']))
+  roles = np.where(
+      np.arange(max_queries) == 0,
+      F.ROLE_IDS['caption'],
+      np.where(np.arange(max_queries) % 2 == 1, F.ROLE_IDS['subject'], F.ROLE_IDS['context']),
+  )
   query_roles = np.where(text_queries[..., 0] > 0, roles[None], 0).astype(np.int32)
-  return {F.IMAGES: image, F.CROP_BOXES: crops, F.CROP_SCORES: crop_scores,
-          F.CROP_MASK: crop_mask, F.IMAGE_EXTENT: image_extent,
-          F.TEXT_QUERIES: text_queries, F.QUERY_ROLES: query_roles}
+  return {
+      F.IMAGES: image,
+      F.CROP_BOXES: crops,
+      F.CROP_SCORES: crop_scores,
+      F.CROP_MASK: crop_mask,
+      F.IMAGE_EXTENT: image_extent,
+      F.TEXT_QUERIES: text_queries,
+      F.QUERY_ROLES: query_roles,
+  }

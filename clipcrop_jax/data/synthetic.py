@@ -51,8 +51,15 @@ DEFAULT_ASPECTS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3)
 # The simulated annotators' taste: the composition weights that score the training candidates and
 # rank the ambiguity split's reference crops (ideal target size suited to these small objects).
 ANNOTATOR_WEIGHTS = zero_shot.CompositionWeights(
-    size=1.0, thirds=0.5, margin=1.0, content=0.1, cut=1.0, ideal_size=(0.1, 0.35),
-    size_softness=0.1, ideal_margin=0.08)
+    size=1.0,
+    thirds=0.5,
+    margin=1.0,
+    content=0.1,
+    cut=1.0,
+    ideal_size=(0.1, 0.35),
+    size_softness=0.1,
+    ideal_margin=0.08,
+)
 # Free-form candidates per training scene, besides the GAIC grid (`scene_candidates`).
 NUM_FREE_CROPS = 32
 # Area (fraction of the image) and aspect (width / height) ranges of free-form crops.
@@ -75,6 +82,7 @@ class SceneObject:
 @dataclasses.dataclass
 class Scene:
   """One image with a caption and scored GAIC candidates (train / validation / test)."""
+
   image: np.ndarray  # (H, W, 3) uint8
   objects: list[SceneObject]
   caption: str
@@ -98,6 +106,7 @@ class Scene:
 @dataclasses.dataclass
 class AmbiguityExample:
   """One image, two captions naming different far-apart targets, four reference crops each."""
+
   image: np.ndarray  # (H, W, 3) uint8
   objects: list[SceneObject]
   captions: tuple[str, str]
@@ -131,8 +140,9 @@ def rng_for(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_IDS[split], int(index)]))
 
 
-def sample_image_size(rng: np.random.Generator, base_size: int = 256,
-                      aspects: Sequence[float] = DEFAULT_ASPECTS) -> tuple[int, int]:
+def sample_image_size(
+    rng: np.random.Generator, base_size: int = 256, aspects: Sequence[float] = DEFAULT_ASPECTS
+) -> tuple[int, int]:
   """(H, W) with H * W ~ base_size**2 and W / H drawn from `aspects` (keep them in [1/2, 2))."""
   aspect = float(aspects[int(rng.integers(len(aspects)))])
   w = int(round(base_size * math.sqrt(aspect)))
@@ -222,8 +232,14 @@ def _shape_polygon(shape: str, radius: float, rotation: float) -> list[tuple[flo
   return [(float(r * np.cos(a)), float(r * np.sin(a))) for r, a in zip(radii, angles)]
 
 
-def draw_object(canvas: Image.Image, colour: str, shape: str, centre: tuple[float, float],
-                extent: float, rotation: float = 0.0) -> tuple[float, float, float, float]:
+def draw_object(
+    canvas: Image.Image,
+    colour: str,
+    shape: str,
+    centre: tuple[float, float],
+    extent: float,
+    rotation: float = 0.0,
+) -> tuple[float, float, float, float]:
   """Draws a shape of nominal diameter `extent` at `centre`; returns its tight pixel box."""
   r = extent / 2
   pad = 2
@@ -239,8 +255,12 @@ def draw_object(canvas: Image.Image, colour: str, shape: str, centre: tuple[floa
     draw.polygon([(cx + px, cy + py) for px, py in poly], fill=255)
   canvas.paste(COLOURS[colour], (ox, oy), mask)
   ys, xs = np.nonzero(np.asarray(mask))
-  return (float(ox + xs.min()), float(oy + ys.min()), float(ox + xs.max() + 1),
-          float(oy + ys.max() + 1))
+  return (
+      float(ox + xs.min()),
+      float(oy + ys.min()),
+      float(ox + xs.max() + 1),
+      float(oy + ys.max() + 1),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,15 +291,25 @@ def _sample_attributes(rng: np.random.Generator, used: set[tuple[str, str]]) -> 
       return pair
 
 
-def _place(rng: np.random.Generator, image_hw, placed: list[_Placement], used, size: str,
-           region: tuple[float, float, float, float] | None = None,
-           attempts: int = 200) -> _Placement | None:
+def _place(
+    rng: np.random.Generator,
+    image_hw,
+    placed: list[_Placement],
+    used,
+    size: str,
+    region: tuple[float, float, float, float] | None = None,
+    attempts: int = 200,
+) -> _Placement | None:
   """Rejection-samples one non-overlapping object inside `region` (default: the safe region)."""
   h, w = image_hw
   sx0, sy0, sx1, sy1 = _safe_region(image_hw)
   if region is not None:
-    sx0, sy0, sx1, sy1 = max(sx0, region[0]), max(sy0, region[1]), min(sx1, region[2]), min(
-        sy1, region[3])
+    sx0, sy0, sx1, sy1 = (
+        max(sx0, region[0]),
+        max(sy0, region[1]),
+        min(sx1, region[2]),
+        min(sy1, region[3]),
+    )
   gap = 0.03 * min(h, w)
   lo, hi = SIZES[size]
   for _ in range(attempts):
@@ -312,8 +342,9 @@ def _render(rng: np.random.Generator, image_hw, placements: list[_Placement]):
 # ------------------------------------------------------------------------------------------------
 
 
-def describe(obj: SceneObject, rng: np.random.Generator, article: bool = True,
-             size_word_prob: float = 0.3) -> str:
+def describe(
+    obj: SceneObject, rng: np.random.Generator, article: bool = True, size_word_prob: float = 0.3
+) -> str:
   """'[a | an | the] [big | small] <colour> <shape>': size word with `size_word_prob`, 'the' or
   'a' / 'an' 50/50 with `article`."""
   words = [obj.colour, obj.shape]
@@ -353,12 +384,13 @@ def _near_neighbour(objects: Sequence[SceneObject], a: int, rng: np.random.Gener
   centres = np.array([_centre(o) for o in objects])
   dist = np.linalg.norm(centres - centres[a], axis=1)
   dist[a] = np.inf
-  nearest = np.argsort(dist, kind='stable')[:min(2, len(objects) - 1)]
+  nearest = np.argsort(dist, kind='stable')[: min(2, len(objects) - 1)]
   return int(nearest[int(rng.integers(len(nearest)))]) if len(nearest) > 1 else int(nearest[0])
 
 
-def referring_phrases(objects: Sequence[SceneObject], rng: np.random.Generator,
-                      prob: float = 0.5) -> tuple[str, ...]:
+def referring_phrases(
+    objects: Sequence[SceneObject], rng: np.random.Generator, prob: float = 0.5
+) -> tuple[str, ...]:
   """Per object, with probability `prob`: '<colour> <shape> <relation_word> <describe(N)>' for N
   one of its two nearest objects (e.g. 'red circle to the left of the big blue square'; no leading
   article), else ''. All '' for a scene of one object."""
@@ -372,9 +404,12 @@ def referring_phrases(objects: Sequence[SceneObject], rng: np.random.Generator,
   return tuple(phrases)
 
 
-def scene_caption(objects: Sequence[SceneObject], rng: np.random.Generator,
-                  pair_prob: float = 0.2, relation_prob: float = 0.3
-                  ) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
+def scene_caption(
+    objects: Sequence[SceneObject],
+    rng: np.random.Generator,
+    pair_prob: float = 0.2,
+    relation_prob: float = 0.3,
+) -> tuple[str, str, tuple[int, ...], tuple[int, ...]]:
   """A training caption (grammar in the module docstring).
 
   Returns:
@@ -382,22 +417,32 @@ def scene_caption(objects: Sequence[SceneObject], rng: np.random.Generator,
     (A,) for 'name' and 'relation', (A, B) for 'pair'; mentioned = targets plus a relation's B.
   """
   if not (pair_prob >= 0 and relation_prob >= 0 and pair_prob + relation_prob <= 1):
-    raise ValueError(f'pair_prob={pair_prob}, relation_prob={relation_prob}: need two '
-                     'probabilities >= 0 with a sum <= 1')
+    raise ValueError(
+        f'pair_prob={pair_prob}, relation_prob={relation_prob}: need two '
+        'probabilities >= 0 with a sum <= 1'
+    )
   u = rng.random()
   a = int(rng.integers(len(objects)))
   if len(objects) < 2 or u >= pair_prob + relation_prob:
     return describe(objects[a], rng, article=rng.random() < 0.7), 'name', (a,), (a,)
   b = _near_neighbour(objects, a, rng)
   if u < pair_prob:
-    return (f'{describe(objects[a], rng)} and {describe(objects[b], rng)}', 'pair', (a, b),
-            (a, b))
-  return (f'{describe(objects[a], rng)} {relation_word(objects[a], objects[b], rng)} '
-          f'{describe(objects[b], rng)}', 'relation', (a,), (a, b))
+    return (f'{describe(objects[a], rng)} and {describe(objects[b], rng)}', 'pair', (a, b), (a, b))
+  return (
+      f'{describe(objects[a], rng)} {relation_word(objects[a], objects[b], rng)} '
+      f'{describe(objects[b], rng)}',
+      'relation',
+      (a,),
+      (a, b),
+  )
 
 
-def score_candidates(candidates: np.ndarray, target_xyxy: np.ndarray, other_boxes: np.ndarray,
-                     image_hw: tuple[int, int]) -> np.ndarray:
+def score_candidates(
+    candidates: np.ndarray,
+    target_xyxy: np.ndarray,
+    other_boxes: np.ndarray,
+    image_hw: tuple[int, int],
+) -> np.ndarray:
   """Scores pixel candidates 1..5 by the rule in the module docstring; (N,) float32."""
   h, w = image_hw
   scale = np.array([w, h, w, h], dtype=np.float64)
@@ -416,14 +461,16 @@ def score_candidates(candidates: np.ndarray, target_xyxy: np.ndarray, other_boxe
 # ------------------------------------------------------------------------------------------------
 
 
-def generate_scene(rng: np.random.Generator,
-                   image_size: tuple[int, int] | None = None,
-                   num_objects: tuple[int, int] = (3, 6),
-                   pair_prob: float = 0.2,
-                   relation_prob: float = 0.3,
-                   phrase_prob: float = 0.5,
-                   base_size: int = 256,
-                   aspects: Sequence[float] = DEFAULT_ASPECTS) -> Scene:
+def generate_scene(
+    rng: np.random.Generator,
+    image_size: tuple[int, int] | None = None,
+    num_objects: tuple[int, int] = (3, 6),
+    pair_prob: float = 0.2,
+    relation_prob: float = 0.3,
+    phrase_prob: float = 0.5,
+    base_size: int = 256,
+    aspects: Sequence[float] = DEFAULT_ASPECTS,
+) -> Scene:
   """A scene with a caption, ~120 scored candidates (`scene_candidates`) and object phrases.
 
   Args:
@@ -438,8 +485,9 @@ def generate_scene(rng: np.random.Generator,
     pair: also draw the two-target caption '<A> and <B>' and its references (`pair_*`; drawn
       after everything else, so the two one-target captions are the same with or without it).
   """
-  image_hw = tuple(image_size) if image_size is not None else sample_image_size(
-      rng, base_size, aspects)
+  image_hw = (
+      tuple(image_size) if image_size is not None else sample_image_size(rng, base_size, aspects)
+  )
   lo, hi = num_objects
   for _ in range(100):
     n = int(rng.integers(lo, hi + 1))
@@ -460,18 +508,25 @@ def generate_scene(rng: np.random.Generator,
   image, objects = _render(rng, image_hw, placed)
   caption, kind, target_indices, mentioned = scene_caption(objects, rng, pair_prob, relation_prob)
   target = box_lib.union_box_xyxy_np([objects[i].box for i in target_indices])
-  others = np.array([o.box for i, o in enumerate(objects) if i not in target_indices],
-                    dtype=np.float64).reshape(-1, 4)
+  others = np.array(
+      [o.box for i, o in enumerate(objects) if i not in target_indices], dtype=np.float64
+  ).reshape(-1, 4)
   candidates = scene_candidates(rng, image_hw, target)
   scores = score_candidates(candidates, target, others, image_hw)
   phrases = referring_phrases(objects, rng, phrase_prob)
-  return Scene(image, objects, caption, kind, target_indices, mentioned, target, candidates,
-               scores, phrases)
+  return Scene(
+      image, objects, caption, kind, target_indices, mentioned, target, candidates, scores, phrases
+  )
 
 
-def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
-                        target: Sequence[float], samples: int, margin: float = 0.0,
-                        area_range: tuple[float, float] = FREE_CROP_AREA) -> np.ndarray:
+def sample_crops_around(
+    rng: np.random.Generator,
+    image_hw: tuple[int, int],
+    target: Sequence[float],
+    samples: int,
+    margin: float = 0.0,
+    area_range: tuple[float, float] = FREE_CROP_AREA,
+) -> np.ndarray:
   """Free-form crops containing `target`, as the simulated annotators draw them.
 
   Draws `samples` crops with area uniform in `area_range` (fraction of H * W) and log-uniform
@@ -507,8 +562,12 @@ def sample_crops_around(rng: np.random.Generator, image_hw: tuple[int, int],
   return np.stack([x0, y0, x0 + cw, y0 + ch], axis=1)[ok]
 
 
-def scene_candidates(rng: np.random.Generator, image_hw: tuple[int, int],
-                     target: Sequence[float], num_free: int = NUM_FREE_CROPS) -> np.ndarray:
+def scene_candidates(
+    rng: np.random.Generator,
+    image_hw: tuple[int, int],
+    target: Sequence[float],
+    num_free: int = NUM_FREE_CROPS,
+) -> np.ndarray:
   """A training scene's candidate crops: the GAIC grid, then up to `num_free` free-form crops.
 
   The free-form crops are the first `num_free` that fit of `4 * num_free` draws of
@@ -521,17 +580,24 @@ def scene_candidates(rng: np.random.Generator, image_hw: tuple[int, int],
   return np.concatenate([grid, free], axis=0)
 
 
-def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, others,
-                     n: int = 4, samples: int = 400, margin: float = 0.04,
-                     area_range: tuple[float, float] = FREE_CROP_AREA,
-                     iou_steps: Sequence[float] = (0.7, 0.8, 0.9)) -> np.ndarray | None:
+def _reference_crops(
+    rng: np.random.Generator,
+    image_hw,
+    target,
+    other_target,
+    others,
+    n: int = 4,
+    samples: int = 400,
+    margin: float = 0.04,
+    area_range: tuple[float, float] = FREE_CROP_AREA,
+    iou_steps: Sequence[float] = (0.7, 0.8, 0.9),
+) -> np.ndarray | None:
   """`n` diverse, well-composed crops containing `target` (with a margin) and < half of
   `other_target` (None: no such object), ranked by `composition_score` with ANNOTATOR_WEIGHTS;
   picked greedily with pairwise IoU below the first of `iou_steps` that allows `n`; None if
   too few."""
   h, w = image_hw
-  crops = sample_crops_around(rng, image_hw, target, samples, margin=margin,
-                              area_range=area_range)
+  crops = sample_crops_around(rng, image_hw, target, samples, margin=margin, area_range=area_range)
   if len(crops) < n:
     return None
   scale = np.array([w, h, w, h], dtype=np.float64)
@@ -540,29 +606,36 @@ def _reference_crops(rng: np.random.Generator, image_hw, target, other_target, o
     crops = crops[cov_other < 0.5]
   if len(crops) < n:
     return None
-  q, _ = zero_shot.composition_score(crops / scale, np.asarray(target) / scale,
-                                     np.asarray(others).reshape(-1, 4) / scale,
-                                     weights=ANNOTATOR_WEIGHTS)
+  q, _ = zero_shot.composition_score(
+      crops / scale,
+      np.asarray(target) / scale,
+      np.asarray(others).reshape(-1, 4) / scale,
+      weights=ANNOTATOR_WEIGHTS,
+  )
   order = np.argsort(-q, kind='stable')
   for iou_max in iou_steps:
     picked: list[int] = []
     for i in order:
-      if all(box_lib.pairwise_iou_xyxy_np(crops[i:i + 1], crops[j:j + 1])[0, 0] < iou_max
-             for j in picked):
+      if all(
+          box_lib.pairwise_iou_xyxy_np(crops[i : i + 1], crops[j : j + 1])[0, 0] < iou_max
+          for j in picked
+      ):
         picked.append(int(i))
         if len(picked) == n:
           return crops[picked]
   return None
 
 
-def generate_ambiguity_example(rng: np.random.Generator,
-                               image_size: tuple[int, int] | None = None,
-                               num_distractors: tuple[int, int] = (1, 3),
-                               relation_prob: float = 0.5,
-                               phrase_prob: float = 0.5,
-                               base_size: int = 256,
-                               aspects: Sequence[float] = DEFAULT_ASPECTS,
-                               pair: bool = True) -> AmbiguityExample:
+def generate_ambiguity_example(
+    rng: np.random.Generator,
+    image_size: tuple[int, int] | None = None,
+    num_distractors: tuple[int, int] = (1, 3),
+    relation_prob: float = 0.5,
+    phrase_prob: float = 0.5,
+    base_size: int = 256,
+    aspects: Sequence[float] = DEFAULT_ASPECTS,
+    pair: bool = True,
+) -> AmbiguityExample:
   """Two equally salient targets far apart, two captions, four reference crops per caption.
 
   Args:
@@ -576,8 +649,9 @@ def generate_ambiguity_example(rng: np.random.Generator,
     pair: also draw the two-target caption '<A> and <B>' and its references (`pair_*`; drawn
       after everything else, so the two one-target captions are the same with or without it).
   """
-  image_hw = tuple(image_size) if image_size is not None else sample_image_size(
-      rng, base_size, aspects)
+  image_hw = (
+      tuple(image_size) if image_size is not None else sample_image_size(rng, base_size, aspects)
+  )
   h, w = image_hw
   for _ in range(100):
     horizontal = w > h or (w == h and rng.random() < 0.5)
@@ -623,16 +697,25 @@ def generate_ambiguity_example(rng: np.random.Generator,
         captions.append(names[t])
         kinds.append('name')
     phrases = referring_phrases(objects, rng, phrase_prob)
-    example = AmbiguityExample(image, objects, tuple(captions), tuple(kinds), (0, 1),
-                               boxes[:2].copy(), np.stack(refs), phrases)
+    example = AmbiguityExample(
+        image,
+        objects,
+        tuple(captions),
+        tuple(kinds),
+        (0, 1),
+        boxes[:2].copy(),
+        np.stack(refs),
+        phrases,
+    )
     if pair:  # drawn last: the examples above are those of version 1.2.0
       example = _with_pair_caption(rng, example, boxes)
     return example
   raise RuntimeError(f'could not build an ambiguity example of size {image_hw}')
 
 
-def _with_pair_caption(rng: np.random.Generator, example: AmbiguityExample,
-                       boxes: np.ndarray) -> AmbiguityExample:
+def _with_pair_caption(
+    rng: np.random.Generator, example: AmbiguityExample, boxes: np.ndarray
+) -> AmbiguityExample:
   """`example` with its two-target caption '<A> and <B>' (random order) and four reference crops
   that contain both targets with a margin, well composed for their union (ANNOTATOR_WEIGHTS,
   the distractors as objects not to cut); the whole image when no such crops exist."""
@@ -644,11 +727,23 @@ def _with_pair_caption(rng: np.random.Generator, example: AmbiguityExample,
   area_range = (max(FREE_CROP_AREA[0], min(fraction, 1.0)), 1.0)
   refs = None
   for margin in (0.04, 0.0):
-    refs = _reference_crops(rng, (h, w), union, None, boxes[2:], margin=margin,
-                            area_range=area_range, iou_steps=(0.7, 0.8, 0.9, 0.95, 0.99))
+    refs = _reference_crops(
+        rng,
+        (h, w),
+        union,
+        None,
+        boxes[2:],
+        margin=margin,
+        area_range=area_range,
+        iou_steps=(0.7, 0.8, 0.9, 0.95, 0.99),
+    )
     if refs is not None:
       break
   if refs is None:
     refs = np.tile(np.array([0.0, 0.0, w, h]), (4, 1))
-  return dataclasses.replace(example, pair_caption=f'{names[0]} and {names[1]}',
-                             pair_target_xyxy=union, pair_reference_crops=refs)
+  return dataclasses.replace(
+      example,
+      pair_caption=f'{names[0]} and {names[1]}',
+      pair_target_xyxy=union,
+      pair_reference_crops=refs,
+  )

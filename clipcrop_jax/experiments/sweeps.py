@@ -64,6 +64,7 @@ def chainit(lists: Sequence[list[Run]]) -> list[Run]:
 
 class Hyper:
   """The `h` handed to `get_hyper(h)`."""
+
   fixed = staticmethod(fixed)
   sweep = staticmethod(sweep)
   product = staticmethod(product)
@@ -110,15 +111,21 @@ def load_sweep(path: str) -> tuple[str, list[Run]]:
   return base, runs
 
 
-def commands(path: str, workdir_root: str, extra: Sequence[str] = (),
-             python: str = 'python') -> list[tuple[str, list[str]]]:
+def commands(
+    path: str, workdir_root: str, extra: Sequence[str] = (), python: str = 'python'
+) -> list[tuple[str, list[str]]]:
   """[(run name, argv)] of `python -m clipcrop_jax.main` for every run of the sweep file."""
   base, runs = load_sweep(path)
   out = []
   for r in runs:
     name = run_name(r)
-    argv = [python, '-m', 'clipcrop_jax.main', f'--config={base}',
-            f'--workdir={os.path.join(workdir_root, name)}']
+    argv = [
+        python,
+        '-m',
+        'clipcrop_jax.main',
+        f'--config={base}',
+        f'--workdir={os.path.join(workdir_root, name)}',
+    ]
     argv += [f'--{k}={format_value(v)}' for k, v in r.items()]
     out.append((name, argv + list(extra)))
   return out

@@ -59,13 +59,28 @@ BOOTSTRAP_RESAMPLES = 10000
 CAPTION_CLASSES = {'name': 'one name', 'relation': 'relation', 'pair': 'two targets'}
 EXAMPLES_FILE = 'examples.png'
 SUMMARY_FILE = 'summary.json'
-ROW_ORDER = ('full_image', 'centre_crop', 'owlvit_top_box', 'union_box', 'zero_shot',
-             'clipcrop_base', 'clipcrop_main', 'clipcrop_key', 'clipcrop_full')
+ROW_ORDER = (
+    'full_image',
+    'centre_crop',
+    'owlvit_top_box',
+    'union_box',
+    'zero_shot',
+    'clipcrop_base',
+    'clipcrop_main',
+    'clipcrop_key',
+    'clipcrop_full',
+)
 ROW_NAMES = {
-    'full_image': 'Full image', 'centre_crop': 'Centre crop (mean size)',
-    'owlvit_top_box': 'OWL-ViT top box', 'union_box': 'Union box', 'zero_shot': 'Zero-shot crop',
-    'clipcrop_base': 'ClipCrop-base', 'clipcrop_main': 'ClipCrop-main',
-    'clipcrop_key': 'ClipCrop-key', 'clipcrop_full': 'ClipCrop (full)'}
+    'full_image': 'Full image',
+    'centre_crop': 'Centre crop (mean size)',
+    'owlvit_top_box': 'OWL-ViT top box',
+    'union_box': 'Union box',
+    'zero_shot': 'Zero-shot crop',
+    'clipcrop_base': 'ClipCrop-base',
+    'clipcrop_main': 'ClipCrop-main',
+    'clipcrop_key': 'ClipCrop-key',
+    'clipcrop_full': 'ClipCrop (full)',
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,12 +99,22 @@ def ensure_dataset(name: str, data_dir: str) -> None:
   folder = pathlib.Path(__file__).resolve().parents[2] / 'datasets' / 'synthetic'
   source = folder / 'synthetic.py'
   if not source.is_file():
-    raise FileNotFoundError(f'{source} not found: the synthetic builder lives in the source '
-                            'checkout (pip install -e . from the repository)')
+    raise FileNotFoundError(
+        f'{source} not found: the synthetic builder lives in the source '
+        'checkout (pip install -e . from the repository)'
+    )
   logging.info('Building %s into %s ...', name, data_dir)
   # The same command as `tfds build datasets/synthetic` (see clipcrop_jax.build_dataset).
-  cmd = [sys.executable, '-m', 'clipcrop_jax.build_dataset', str(folder), '--config',
-         name.split('/')[1], '--data_dir', data_dir]
+  cmd = [
+      sys.executable,
+      '-m',
+      'clipcrop_jax.build_dataset',
+      str(folder),
+      '--config',
+      name.split('/')[1],
+      '--data_dir',
+      data_dir,
+  ]
   result = subprocess.run(cmd, check=False, capture_output=True, text=True)
   if result.returncode:
     raise RuntimeError(f'building {name} failed ({" ".join(cmd)}):\n{result.stderr[-3000:]}')
@@ -104,6 +129,7 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
   """Trains the detector; returns (checkpoint path, grounding results on val and ambiguity)."""
   from clipcrop_jax.owlvit import checkpoints as owl_ckpt  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.training import detection_task  # pylint: disable=g-import-not-at-top
+
   det = ml_collections.ConfigDict(c.pipeline.owlvit.to_dict())
   det.seed = c.seed
   det.dataset.data_dir = c.dataset.data_dir
@@ -117,9 +143,15 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
   grounding = {}
   for split in ('validation', 'ambiguity'):
     grounding[split] = detection_task.evaluate_grounding(
-        module, variables, builder, split, batch_size=det.eval.batch_size,
-        max_objects=det.dataset.max_objects, max_labels=det.dataset.max_labels,
-        label_key=det.dataset.label_key)
+        module,
+        variables,
+        builder,
+        split,
+        batch_size=det.eval.batch_size,
+        max_objects=det.dataset.max_objects,
+        max_labels=det.dataset.max_labels,
+        label_key=det.dataset.label_key,
+    )
     logging.info('OWL-ViT grounding on %s: %s', split, grounding[split])
   return str(ckpt), grounding
 
@@ -129,8 +161,9 @@ def train_owlvit(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[s
 # ------------------------------------------------------------------------------------------------
 
 
-def variant_config(c: ml_collections.ConfigDict, mode: str, owlvit_ckpt: str,
-                   selection_union: str | None = None) -> ml_collections.ConfigDict:
+def variant_config(
+    c: ml_collections.ConfigDict, mode: str, owlvit_ckpt: str, selection_union: str | None = None
+) -> ml_collections.ConfigDict:
   """The training config of ClipCrop-`mode` (with `selection_union` when given)."""
   v = ml_collections.ConfigDict(c.to_dict())
   v.model.mode = mode
@@ -153,22 +186,29 @@ def variant_dir(c: ml_collections.ConfigDict, mode: str, selection_union: str) -
 Trained = dict[str, tuple[ml_collections.ConfigDict, Any, str]]  # mode: (config, state, folder)
 
 
-def train_full_candidates(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str
-                          ) -> Trained:
+def train_full_candidates(
+    c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str
+) -> Trained:
   """Trains ClipCrop (full) once per `pipeline.selection_union_choices`; {union: (config,
   final state, run folder)}."""
   out = {}
   for union in c.pipeline.selection_union_choices:
     v = variant_config(c, 'full', owlvit_ckpt, union)
     folder = variant_dir(c, 'full', union)
-    logging.info('Training ClipCrop-full (selection_union=%s) for %d steps', union,
-                 v.num_train_steps)
+    logging.info(
+        'Training ClipCrop-full (selection_union=%s) for %d steps', union, v.num_train_steps
+    )
     out[union] = (v, clipcrop_task.train(v, str(workdir / folder)), folder)
   return out
 
 
-def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_ckpt: str,
-                   selection_union: str, modes: Sequence[str]) -> Trained:
+def train_variants(
+    c: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    owlvit_ckpt: str,
+    selection_union: str,
+    modes: Sequence[str],
+) -> Trained:
   """Trains the `modes` with `selection_union`; returns {mode: (config, final state, folder)}."""
   out = {}
   for mode in modes:
@@ -184,8 +224,9 @@ def train_variants(c: ml_collections.ConfigDict, workdir: pathlib.Path, owlvit_c
 # ------------------------------------------------------------------------------------------------
 
 
-def _eval_config(v: ml_collections.ConfigDict, baselines: Sequence[str] = (),
-                 fuse_top_k: int | None = None) -> ml_collections.ConfigDict:
+def _eval_config(
+    v: ml_collections.ConfigDict, baselines: Sequence[str] = (), fuse_top_k: int | None = None
+) -> ml_collections.ConfigDict:
   ve = ml_collections.ConfigDict(v.to_dict())
   ve.eval.baselines = tuple(baselines)
   if fuse_top_k is not None:
@@ -193,8 +234,9 @@ def _eval_config(v: ml_collections.ConfigDict, baselines: Sequence[str] = (),
   return ve
 
 
-def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: Trained
-                         ) -> dict[str, dict[str, Any]]:
+def choose_on_validation(
+    c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: Trained
+) -> dict[str, dict[str, Any]]:
   """{name: {'fuse_top_k': chosen k, 'iou_mean': validation IoU-Mean at k, 'iou_mean_by_k',
   'quality_iou_srcc'}} for every entry of `trained` ({name: (config, state, folder)}): its
   `fuse_top_k` chosen on `pipeline.validation_split` (the highest IoU-Mean among
@@ -202,36 +244,53 @@ def choose_on_validation(c: ml_collections.ConfigDict, workdir: pathlib.Path, tr
   out = {}
   for name, (v, state, folder) in trained.items():
     out[name] = validation_choice(c, v, state, workdir / folder)
-    logging.info('%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f', folder,
-                 c.pipeline.validation_split, out[name]['iou_mean_by_k'],
-                 out[name]['fuse_top_k'], out[name]['quality_iou_srcc'])
+    logging.info(
+        '%s on %s: IoU-Mean by fuse_top_k %s -> %d; quality<->IoU SRCC %.3f',
+        folder,
+        c.pipeline.validation_split,
+        out[name]['iou_mean_by_k'],
+        out[name]['fuse_top_k'],
+        out[name]['quality_iou_srcc'],
+    )
     _set_exported_fuse_top_k(workdir / folder / export.EXPORT_DIR, out[name]['fuse_top_k'])
   return out
 
 
-def choose_selection_union(c: ml_collections.ConfigDict, validation: dict[str, dict[str, Any]]
-                           ) -> str:
+def choose_selection_union(
+    c: ml_collections.ConfigDict, validation: dict[str, dict[str, Any]]
+) -> str:
   """The `pipeline.selection_union_choices` entry whose ClipCrop (full) has the highest IoU-Mean
   on the validation split (at its chosen fuse_top_k); ties go to the earlier choice."""
   choices = list(c.pipeline.selection_union_choices)
   return max(choices, key=lambda u: (validation[u]['iou_mean'], -choices.index(u)))
 
 
-def validation_choice(c: ml_collections.ConfigDict, v: ml_collections.ConfigDict, state: Any,
-                      workdir: pathlib.Path) -> dict[str, Any]:
+def validation_choice(
+    c: ml_collections.ConfigDict, v: ml_collections.ConfigDict, state: Any, workdir: pathlib.Path
+) -> dict[str, Any]:
   """One trained variant (config `v`, final `state`) on `pipeline.validation_split`:
   {'fuse_top_k': the k of `pipeline.fuse_top_k_choices` with the highest IoU-Mean (ties to the
   smaller k), 'iou_mean': its IoU-Mean, 'iou_mean_by_k', 'quality_iou_srcc'}; the eval file goes
   to `workdir`."""
   choices = sorted({int(k) for k in c.pipeline.fuse_top_k_choices})
   summary = evaluate.evaluate_dataset(
-      _eval_config(v), state.params, sharding_lib.mesh_of(state.params), c.eval.datasets[0][0],
-      c.pipeline.validation_split, str(workdir), int(jax.device_get(state.step)),
-      fuse_choices=choices)
+      _eval_config(v),
+      state.params,
+      sharding_lib.mesh_of(state.params),
+      c.eval.datasets[0][0],
+      c.pipeline.validation_split,
+      str(workdir),
+      int(jax.device_get(state.step)),
+      fuse_choices=choices,
+  )
   by_k = {k: summary['methods'][f'{evaluate.FUSE_PREFIX}{k}']['iou_mean'] for k in choices}
   best = max(choices, key=lambda k: (by_k[k], -k))
-  return dict(fuse_top_k=best, iou_mean=by_k[best], iou_mean_by_k=by_k,
-              quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'])
+  return dict(
+      fuse_top_k=best,
+      iou_mean=by_k[best],
+      iou_mean_by_k=by_k,
+      quality_iou_srcc=summary['methods']['clipcrop']['quality_iou_srcc'],
+  )
 
 
 def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
@@ -240,8 +299,9 @@ def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
     return
   loaded = export.load_model(model_dir)
   if loaded.config.fuse_top_k != k:
-    export.save_model(model_dir, loaded.config.replace(fuse_top_k=k), loaded.params,
-                      loaded.keyword_pipeline)
+    export.save_model(
+        model_dir, loaded.config.replace(fuse_top_k=k), loaded.params, loaded.keyword_pipeline
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,8 +309,12 @@ def _set_exported_fuse_top_k(model_dir: pathlib.Path, k: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: Trained,
-                 fuse_top_k: dict[str, int] | None = None) -> dict[str, dict]:
+def evaluate_all(
+    c: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    trained: Trained,
+    fuse_top_k: dict[str, int] | None = None,
+) -> dict[str, dict]:
   """{row name: metrics (with 'per_example_iou_mean')} on the test split (`eval.datasets`):
   baselines (with the full model's encoder, which every variant shares) and every ClipCrop
   variant ({mode: (config, state, folder)}), each ranked with its chosen `fuse_top_k` (default:
@@ -259,12 +323,18 @@ def evaluate_all(c: ml_collections.ConfigDict, workdir: pathlib.Path, trained: T
   fuse_top_k = fuse_top_k or {}
   rows: dict[str, dict] = {}
   for mode, (v, state, folder) in trained.items():
-    baselines = tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (
-        mode == 'full') else ()
+    baselines = (
+        tuple(b for b in c.eval.baselines if b != 'clipcrop_base') if (mode == 'full') else ()
+    )
     summary = evaluate.evaluate_dataset(
-        _eval_config(v, baselines, fuse_top_k.get(mode)), state.params,
-        sharding_lib.mesh_of(state.params), name, split, str(workdir / folder),
-        int(jax.device_get(state.step)))
+        _eval_config(v, baselines, fuse_top_k.get(mode)),
+        state.params,
+        sharding_lib.mesh_of(state.params),
+        name,
+        split,
+        str(workdir / folder),
+        int(jax.device_get(state.step)),
+    )
     for method, result in summary['methods'].items():
       rows['clipcrop_' + mode if method == 'clipcrop' else method] = result
   return {k: rows[k] for k in ROW_ORDER if k in rows}
@@ -275,9 +345,11 @@ def split_examples(c: ml_collections.ConfigDict, split: str) -> tuple[list[str],
   captions of one image share its name (the clusters of the bootstrap); the class is the
   dataset's `caption_kind` (`CAPTION_CLASSES`), '' when it has none."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = input_pipeline.dataset_builder(c.dataset.name, c.dataset.data_dir)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()}
+  )
   images, kinds = [], []
   for ex in tfds.as_numpy(ds):
     images.append(ex['image/filename'].decode('utf-8'))
@@ -303,8 +375,9 @@ def seed_config(c: ml_collections.ConfigDict, seed: int) -> ml_collections.Confi
   return s
 
 
-def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RESAMPLES
-              ) -> dict[str, Any]:
+def aggregate(
+    per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, Any]:
   """Mean / std over seeds of every row and metric, and for ClipCrop (full) against every other
   row the paired bootstrap 95 % interval of the IoU-Mean difference (`metrics.
   paired_bootstrap_ci`: per-example differences pooled over seeds, the captions of an image
@@ -318,8 +391,9 @@ def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RES
       mean[r][key] = float(values.mean())
       std[r][key] = _std(values)
   clusters = np.array([f'{s["seed"]}/{img}' for s in per_seed for img in s['image_ids']])
-  kinds = np.array([k for s in per_seed
-                    for k in s.get('caption_kinds') or [''] * len(s['image_ids'])])
+  kinds = np.array(
+      [k for s in per_seed for k in s.get('caption_kinds') or [''] * len(s['image_ids'])]
+  )
   intervals = _intervals(per_seed, rows, clusters, np.ones(len(clusters), bool), num_resamples)
   by_class = {}
   for kind in CAPTION_CLASSES:
@@ -327,17 +401,35 @@ def aggregate(per_seed: list[dict[str, Any]], num_resamples: int = BOOTSTRAP_RES
       continue
     class_rows = {}
     for r in rows:
-      values = np.array([np.mean(np.asarray(s['per_example'][r])[np.asarray(
-          s.get('caption_kinds') or [''] * len(s['image_ids'])) == kind]) for s in per_seed])
-      class_rows[r] = dict(iou_mean=float(values.mean()), iou_mean_std=_std(values),
-                           num_examples=int(np.sum(kinds == kind)))
-    by_class[kind] = dict(rows=class_rows, intervals=_intervals(
-        per_seed, rows, clusters, kinds == kind, num_resamples))
+      values = np.array(
+          [
+              np.mean(
+                  np.asarray(s['per_example'][r])[
+                      np.asarray(s.get('caption_kinds') or [''] * len(s['image_ids'])) == kind
+                  ]
+              )
+              for s in per_seed
+          ]
+      )
+      class_rows[r] = dict(
+          iou_mean=float(values.mean()),
+          iou_mean_std=_std(values),
+          num_examples=int(np.sum(kinds == kind)),
+      )
+    by_class[kind] = dict(
+        rows=class_rows,
+        intervals=_intervals(per_seed, rows, clusters, kinds == kind, num_resamples),
+    )
   return dict(rows=mean, rows_std=std, intervals=intervals, by_class=by_class)
 
 
-def _intervals(per_seed: list[dict[str, Any]], rows: Sequence[str], clusters: np.ndarray,
-               selected: np.ndarray, num_resamples: int) -> dict[str, dict[str, float]]:
+def _intervals(
+    per_seed: list[dict[str, Any]],
+    rows: Sequence[str],
+    clusters: np.ndarray,
+    selected: np.ndarray,
+    num_resamples: int,
+) -> dict[str, dict[str, float]]:
   """{row: paired bootstrap interval of full - row} over the pooled examples `selected`."""
   if 'clipcrop_full' not in rows or not np.any(selected):
     return {}
@@ -347,8 +439,9 @@ def _intervals(per_seed: list[dict[str, Any]], rows: Sequence[str], clusters: np
     if r == 'clipcrop_full':
       continue
     other = np.concatenate([s['per_example'][r] for s in per_seed])[selected]
-    d, lo, hi = metrics_lib.paired_bootstrap_ci(full - other, list(clusters[selected]),
-                                                num_resamples=num_resamples)
+    d, lo, hi = metrics_lib.paired_bootstrap_ci(
+        full - other, list(clusters[selected]), num_resamples=num_resamples
+    )
     out[r] = dict(difference=d, low=lo, high=hi, num_examples=int(len(full)))
   return out
 
@@ -370,11 +463,15 @@ FULL_COLOUR = (255, 30, 30)
 BASE_COLOUR = (60, 90, 255)
 
 
-def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                       per_example_full: Sequence[float] | None = None,
-                       num_first: int = 6, num_failures: int = 6,
-                       out: pathlib.Path | None = None,
-                       full_dir: str = 'clipcrop_full') -> pathlib.Path:
+def write_examples_png(
+    c: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    per_example_full: Sequence[float] | None = None,
+    num_first: int = 6,
+    num_failures: int = 6,
+    out: pathlib.Path | None = None,
+    full_dir: str = 'clipcrop_full',
+) -> pathlib.Path:
   """A contact sheet of test examples, one panel per (image, caption): the caption's reference
   crops (thin green), ClipCrop (full)'s top crop (red) and ClipCrop-base's (blue; the same for
   both captions of an image, since base ignores the text), the whole caption under the panel
@@ -385,6 +482,7 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   from clipcrop_jax import cropper as cropper_lib  # pylint: disable=g-import-not-at-top
+
   full = cropper_lib.ClipCropper.load(workdir / full_dir / export.EXPORT_DIR)
   base_dir = workdir / 'clipcrop_base' / export.EXPORT_DIR
   base = cropper_lib.ClipCropper.load(base_dir) if base_dir.is_dir() else None
@@ -398,12 +496,16 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   first = [i for idx in by_image.values() for i in idx][:num_first]
   failures: list[int] = []
   if per_example_full is not None and len(per_example_full) == len(examples):
-    failures = [int(i) for i in np.argsort(np.asarray(per_example_full), kind='stable')
-                if int(i) not in first][:num_failures]
+    failures = [
+        int(i)
+        for i in np.argsort(np.asarray(per_example_full), kind='stable')
+        if int(i) not in first
+    ][:num_failures]
   sections = [('First test examples (every caption of each image)', first)]
   if failures:
-    sections.append(('Failures: the lowest IoU-Mean of ClipCrop (full) on the test split',
-                     failures))
+    sections.append(
+        ('Failures: the lowest IoU-Mean of ClipCrop (full) on the test split', failures)
+    )
 
   font = ImageFont.load_default(size=12)
   title_font = ImageFont.load_default(size=14)
@@ -418,9 +520,11 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
   height = legend_h + len(sections) * 24 + rows * (panel_h + pad) + pad
   sheet = Image.new('RGB', (width, height), 'white')
   draw = ImageDraw.Draw(sheet)
-  legend = [(REFERENCE_COLOUR, 1, 'reference crops (4 annotators)'),
-            (FULL_COLOUR, 3, 'ClipCrop (full), top crop'),
-            (BASE_COLOUR, 3, 'ClipCrop-base, top crop (ignores the text)')]
+  legend = [
+      (REFERENCE_COLOUR, 1, 'reference crops (4 annotators)'),
+      (FULL_COLOUR, 3, 'ClipCrop (full), top crop'),
+      (BASE_COLOUR, 3, 'ClipCrop-base, top crop (ignores the text)'),
+  ]
   x = pad
   for colour, w, label in legend:
     draw.rectangle([x, 14, x + 26, 30], outline=colour, width=w)
@@ -441,8 +545,11 @@ def write_examples_png(c: ml_collections.ConfigDict, workdir: pathlib.Path,
       pd = ImageDraw.Draw(panel)
       text = ex['text'].decode('utf-8')
       for y0, x0, y1, x1 in ex['crops']['bbox']:
-        pd.rectangle([x0 * w * scale, y0 * h * scale, x1 * w * scale, y1 * h * scale],
-                     outline=REFERENCE_COLOUR, width=1)
+        pd.rectangle(
+            [x0 * w * scale, y0 * h * scale, x1 * w * scale, y1 * h * scale],
+            outline=REFERENCE_COLOUR,
+            width=1,
+        )
       for model, colour in ((base, BASE_COLOUR), (full, FULL_COLOUR)):
         if model is not None:
           crop = model.crop(image, text, top_k=1)[0]
@@ -482,8 +589,9 @@ def _interval_text(iv: dict[str, float] | None) -> str:
   return f'{iv["difference"]:+.3f} [{iv["low"]:+.3f}, {iv["high"]:+.3f}]'
 
 
-def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: dict[str, Any]
-                 ) -> pathlib.Path:
+def write_report(
+    c: ml_collections.ConfigDict, workdir: pathlib.Path, result: dict[str, Any]
+) -> pathlib.Path:
   """WORK/report.md from `result` (see `run`)."""
   name, split = c.eval.datasets[0]
   seeds = result['seeds']
@@ -492,61 +600,98 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
   n = int(agg['rows'][next(iter(agg['rows']))]['num_examples'])
   val = c.pipeline.validation_split
   lines = [
-      '# ClipCrop on the synthetic set (embedded default)', '',
+      '# ClipCrop on the synthetic set (embedded default)',
+      '',
       f'Dataset `{name}` (data seed = training seed; seeds {", ".join(map(str, seeds))}'
       f'{", quick budgets" if c.pipeline.quick else ""}). Test split `{split}`: {n} (image, '
       'text) examples per seed: two far-apart salient objects per image and a caption for each '
       "('one name' \"the red circle\" or 'relation' \"the red circle to the left of the blue "
-      "square\", which names the other target too), plus one naming both ('two targets' \"the "
-      'red circle and the blue square\"); four reference crops per caption. Every choice was '
+      'square", which names the other target too), plus one naming both (\'two targets\' "the '
+      'red circle and the blue square"); four reference crops per caption. Every choice was '
       f'made on `{val}` (disjoint images, same generator); `{split}` was evaluated once, at the '
-      'end, with the chosen settings.', '',
+      'end, with the chosen settings.',
+      '',
       f'## Test split: top-1 crop vs the reference crops ({len(seeds)} seed'
       f'{"s" if len(seeds) > 1 else ""}' + (', mean ± std over seeds)' if len(seeds) > 1 else ')'),
-      '', '| method | IoU-Mean | IoU-Max |', '|---|---:|---:|']
+      '',
+      '| method | IoU-Mean | IoU-Max |',
+      '|---|---:|---:|',
+  ]
   for r, m in agg['rows'].items():
     s = agg['rows_std'][r]
-    lines.append(f'| {ROW_NAMES[r]} | {_pm(m["iou_mean"], s["iou_mean"])} | '
-                 f'{_pm(m["iou_max"], s["iou_max"])} |')
+    lines.append(
+        f'| {ROW_NAMES[r]} | {_pm(m["iou_mean"], s["iou_mean"])} | '
+        f'{_pm(m["iou_max"], s["iou_max"])} |'
+    )
   if agg['intervals']:
     pooled = next(iter(agg['intervals'].values()))['num_examples']
-    lines += ['', '## ClipCrop (full) against every other row', '',
-              f'IoU-Mean difference, full minus row, with a paired bootstrap 95 % interval '
-              f'({BOOTSTRAP_RESAMPLES} resamples; the {pooled} per-example differences pooled '
-              'over seeds, the captions of an image resampled together). A claim is made '
-              'only where the interval excludes 0.', '',
-              '| row | full − row | 95 % interval |', '|---|---:|---:|']
+    lines += [
+        '',
+        '## ClipCrop (full) against every other row',
+        '',
+        f'IoU-Mean difference, full minus row, with a paired bootstrap 95 % interval '
+        f'({BOOTSTRAP_RESAMPLES} resamples; the {pooled} per-example differences pooled '
+        'over seeds, the captions of an image resampled together). A claim is made '
+        'only where the interval excludes 0.',
+        '',
+        '| row | full − row | 95 % interval |',
+        '|---|---:|---:|',
+    ]
     for r, iv in agg['intervals'].items():
-      lines.append(f'| {ROW_NAMES[r]} | {iv["difference"]:+.4f} | '
-                   f'[{iv["low"]:+.4f}, {iv["high"]:+.4f}] |')
+      lines.append(
+          f'| {ROW_NAMES[r]} | {iv["difference"]:+.4f} | '
+          f'[{iv["low"]:+.4f}, {iv["high"]:+.4f}] |'
+      )
     lines += [''] + [f'- {claim(r, iv)}' for r, iv in agg['intervals'].items()]
   if agg.get('by_class'):
     classes = list(agg['by_class'])
-    lines += ['', '## Per caption class', '',
-              'IoU-Mean per class (mean ± std over seeds) and, for ClipCrop (full) against each '
-              'row, the paired bootstrap 95 % interval of the difference within the class.', '',
-              '| method | ' + ' | '.join(
-                  f'{CAPTION_CLASSES[k]} ({_class_size(agg, k)})' for k in classes) +
-              ' | overall |',
-              '|---|' + '---:|' * (len(classes) + 1)]
+    lines += [
+        '',
+        '## Per caption class',
+        '',
+        'IoU-Mean per class (mean ± std over seeds) and, for ClipCrop (full) against each '
+        'row, the paired bootstrap 95 % interval of the difference within the class.',
+        '',
+        '| method | '
+        + ' | '.join(f'{CAPTION_CLASSES[k]} ({_class_size(agg, k)})' for k in classes)
+        + ' | overall |',
+        '|---|' + '---:|' * (len(classes) + 1),
+    ]
     for r in agg['rows']:
-      cells = [_pm(agg['by_class'][k]['rows'][r]['iou_mean'],
-                   agg['by_class'][k]['rows'][r]['iou_mean_std']) for k in classes]
-      lines.append(f'| {ROW_NAMES[r]} | ' + ' | '.join(cells) +
-                   f' | {_pm(agg["rows"][r]["iou_mean"], agg["rows_std"][r]["iou_mean"])} |')
-    lines += ['', '| full − row | ' + ' | '.join(CAPTION_CLASSES[k] for k in classes) +
-              ' | overall |', '|---|' + '---:|' * (len(classes) + 1)]
+      cells = [
+          _pm(
+              agg['by_class'][k]['rows'][r]['iou_mean'],
+              agg['by_class'][k]['rows'][r]['iou_mean_std'],
+          )
+          for k in classes
+      ]
+      lines.append(
+          f'| {ROW_NAMES[r]} | '
+          + ' | '.join(cells)
+          + f' | {_pm(agg["rows"][r]["iou_mean"], agg["rows_std"][r]["iou_mean"])} |'
+      )
+    lines += [
+        '',
+        '| full − row | ' + ' | '.join(CAPTION_CLASSES[k] for k in classes) + ' | overall |',
+        '|---|' + '---:|' * (len(classes) + 1),
+    ]
     for r, iv in agg['intervals'].items():
       cells = [_interval_text(agg['by_class'][k]['intervals'].get(r)) for k in classes]
       lines.append(f'| {ROW_NAMES[r]} | ' + ' | '.join(cells) + f' | {_interval_text(iv)} |')
-  lines += ['', f'## Chosen on the validation split `{val}`', '',
-            f'`fuse_top_k` (box voting over the k highest-quality crops) per variant and seed, '
-            f'chosen among {tuple(sorted(c.pipeline.fuse_top_k_choices))} by IoU-Mean on `{val}`; '
-            'quality↔IoU: mean over examples of the Spearman correlation between the predicted '
-            'quality of every crop and its IoU-Mean with the references (how well the quality '
-            'head ranks its own crops).', '',
-            '| variant | fuse_top_k (per seed) | IoU-Mean (validation, chosen k) | quality↔IoU '
-            'rank correlation |', '|---|---|---:|---:|']
+  lines += [
+      '',
+      f'## Chosen on the validation split `{val}`',
+      '',
+      f'`fuse_top_k` (box voting over the k highest-quality crops) per variant and seed, '
+      f'chosen among {tuple(sorted(c.pipeline.fuse_top_k_choices))} by IoU-Mean on `{val}`; '
+      'quality↔IoU: mean over examples of the Spearman correlation between the predicted '
+      'quality of every crop and its IoU-Mean with the references (how well the quality '
+      'head ranks its own crops).',
+      '',
+      '| variant | fuse_top_k (per seed) | IoU-Mean (validation, chosen k) | quality↔IoU '
+      'rank correlation |',
+      '|---|---|---:|---:|',
+  ]
   for mode in c.pipeline.variants:
     ks = [str(s['validation'][mode]['fuse_top_k']) for s in per_seed]
     if mode == 'full' and per_seed[0].get('union_validation'):
@@ -554,38 +699,60 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
         uv = [s['union_validation'][union] for s in per_seed]
         um = np.array([u['iou_mean'] for u in uv])
         uc = np.array([u['quality_iou_srcc'] for u in uv])
-        lines.append(f'| ClipCrop-full, selection_union={union!r} | '
-                     f'{", ".join(str(u["fuse_top_k"]) for u in uv)} | '
-                     f'{_pm(float(um.mean()), _std(um))} | {_pm(float(uc.mean()), _std(uc))} |')
+        lines.append(
+            f'| ClipCrop-full, selection_union={union!r} | '
+            f'{", ".join(str(u["fuse_top_k"]) for u in uv)} | '
+            f'{_pm(float(um.mean()), _std(um))} | {_pm(float(uc.mean()), _std(uc))} |'
+        )
     vm = np.array([s['validation'][mode]['iou_mean'] for s in per_seed])
     vc = np.array([s['validation'][mode]['quality_iou_srcc'] for s in per_seed])
-    lines.append(f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), _std(vm))} | '
-                 f'{_pm(float(vc.mean()), _std(vc))} |')
+    lines.append(
+        f'| ClipCrop-{mode} | {", ".join(ks)} | {_pm(float(vm.mean()), _std(vm))} | '
+        f'{_pm(float(vc.mean()), _std(vc))} |'
+    )
   if per_seed[0].get('union_validation'):
-    lines += ['', f'`selection_union` (which selections make the union box the crops start from: '
-              "'all' is the paper's Eq. 3, 'subject' the caption and its subject keywords, the "
-              'context keywords reaching the decoder as role-tagged tokens), chosen per seed among '
-              f'{tuple(c.pipeline.selection_union_choices)} by ClipCrop (full)\'s IoU-Mean on '
-              f'`{val}`: ' + ', '.join(f'seed {s["seed"]}: {s["selection_union"]!r}'
-                                     for s in per_seed) + '. Every other variant of a seed is '
-              'trained with its choice.']
-  lines += ['', f'Fixed in `configs/synthetic.py`, chosen on `{val}` (`docs/embedded_benchmark.md`; '
-            '`tools/select_on_validation.py`): the quality objective '
-            f'(`loss.quality_loss={c.loss.quality_loss!r}`, '
-            f'`loss.quality_target={c.loss.quality_target!r}`), the positives '
-            f'(`loss.positive_threshold={c.loss.positive_threshold}`) and the selection filter '
-            f'(`loss.selection_filter={c.loss.selection_filter}`). Step budgets and loss weights '
-            'were not re-tuned.', '',
-            '## OWL-ViT grounding (trained from scratch on the synthetic detection boxes)', '',
-            '| seed | split | accuracy | chance | mean top-box IoU | objects |',
-            '|---|---|---:|---:|---:|---:|']
+    lines += [
+        '',
+        f'`selection_union` (which selections make the union box the crops start from: '
+        "'all' is the paper's Eq. 3, 'subject' the caption and its subject keywords, the "
+        'context keywords reaching the decoder as role-tagged tokens), chosen per seed among '
+        f"{tuple(c.pipeline.selection_union_choices)} by ClipCrop (full)'s IoU-Mean on "
+        f'`{val}`: '
+        + ', '.join(f'seed {s["seed"]}: {s["selection_union"]!r}' for s in per_seed)
+        + '. Every other variant of a seed is '
+        'trained with its choice.',
+    ]
+  lines += [
+      '',
+      f'Fixed in `configs/synthetic.py`, chosen on `{val}` (`docs/embedded_benchmark.md`; '
+      '`tools/select_on_validation.py`): the quality objective '
+      f'(`loss.quality_loss={c.loss.quality_loss!r}`, '
+      f'`loss.quality_target={c.loss.quality_target!r}`), the positives '
+      f'(`loss.positive_threshold={c.loss.positive_threshold}`) and the selection filter '
+      f'(`loss.selection_filter={c.loss.selection_filter}`). Step budgets and loss weights '
+      'were not re-tuned.',
+      '',
+      '## OWL-ViT grounding (trained from scratch on the synthetic detection boxes)',
+      '',
+      '| seed | split | accuracy | chance | mean top-box IoU | objects |',
+      '|---|---|---:|---:|---:|---:|',
+  ]
   for s in per_seed:
     for split_name, g in s['grounding'].items():
-      lines.append(f'| {s["seed"]} | {split_name} | {g["accuracy"]:.4f} | {g["chance"]:.4f} | '
-                   f'{g["mean_top_iou"]:.4f} | {int(g["num_objects"])} |')
-  lines += ['', 'Accuracy: the top-scoring token for an object\'s name has IoU >= 0.5 with that '
-            'object; chance: a uniformly random token.', '',
-            '## Time per stage (s, all seeds)', '', '| stage | seconds |', '|---|---:|']
+      lines.append(
+          f'| {s["seed"]} | {split_name} | {g["accuracy"]:.4f} | {g["chance"]:.4f} | '
+          f'{g["mean_top_iou"]:.4f} | {int(g["num_objects"])} |'
+      )
+  lines += [
+      '',
+      "Accuracy: the top-scoring token for an object's name has IoU >= 0.5 with that "
+      'object; chance: a uniformly random token.',
+      '',
+      '## Time per stage (s, all seeds)',
+      '',
+      '| stage | seconds |',
+      '|---|---:|',
+  ]
   lines += [f'| {k} | {v:.1f} |' for k, v in result['timings'].items()]
   lines += ['', f'![examples]({EXAMPLES_FILE})', '']
   path = workdir / REPORT_FILE
@@ -598,8 +765,9 @@ def write_report(c: ml_collections.ConfigDict, workdir: pathlib.Path, result: di
 # ------------------------------------------------------------------------------------------------
 
 
-def run_seed(c: ml_collections.ConfigDict, work: pathlib.Path, timings: dict[str, float]
-             ) -> tuple[dict[str, Any], dict[str, tuple[ml_collections.ConfigDict, Any]]]:
+def run_seed(
+    c: ml_collections.ConfigDict, work: pathlib.Path, timings: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, tuple[ml_collections.ConfigDict, Any]]]:
   """The five stages for one seed's config (`seed_config`) in `work`; adds to `timings`."""
   work.mkdir(parents=True, exist_ok=True)
 
@@ -611,36 +779,75 @@ def run_seed(c: ml_collections.ConfigDict, work: pathlib.Path, timings: dict[str
 
   val = c.pipeline.validation_split
   timed('1. build dataset', ensure_dataset, c.dataset.name, c.dataset.data_dir)
-  owlvit_ckpt, grounding = timed('2. OWL-ViT detection training + grounding eval', train_owlvit,
-                                 c, work)
+  owlvit_ckpt, grounding = timed(
+      '2. OWL-ViT detection training + grounding eval', train_owlvit, c, work
+  )
   trained: Trained = {}
   union_validation: dict[str, dict[str, Any]] = {}
   union = c.pipeline.selection_union_choices[0]
   if 'full' in c.pipeline.variants:  # full once per union choice; the best on validation wins
-    candidates = timed('3a. ClipCrop (full) training per selection_union', train_full_candidates,
-                       c, work, owlvit_ckpt)
-    union_validation = timed(f'4a. choices on {val} (fuse_top_k, selection_union)',
-                             choose_on_validation, c, work, candidates)
+    candidates = timed(
+        '3a. ClipCrop (full) training per selection_union',
+        train_full_candidates,
+        c,
+        work,
+        owlvit_ckpt,
+    )
+    union_validation = timed(
+        f'4a. choices on {val} (fuse_top_k, selection_union)',
+        choose_on_validation,
+        c,
+        work,
+        candidates,
+    )
     union = choose_selection_union(c, union_validation)
     trained['full'] = candidates[union]
   others = [m for m in c.pipeline.variants if m != 'full']
-  trained.update(timed('3b. ClipCrop training (' + ', '.join(others) + ')', train_variants, c,
-                       work, owlvit_ckpt, union, others))
-  validation = timed(f'4b. choices on {val} (fuse_top_k)', choose_on_validation, c, work,
-                     {m: t for m, t in trained.items() if m != 'full'})
+  trained.update(
+      timed(
+          '3b. ClipCrop training (' + ', '.join(others) + ')',
+          train_variants,
+          c,
+          work,
+          owlvit_ckpt,
+          union,
+          others,
+      )
+  )
+  validation = timed(
+      f'4b. choices on {val} (fuse_top_k)',
+      choose_on_validation,
+      c,
+      work,
+      {m: t for m, t in trained.items() if m != 'full'},
+  )
   if 'full' in trained:
     validation['full'] = union_validation[union]
   validation = {m: validation[m] for m in c.pipeline.variants}
-  rows = timed(f'5. evaluation on {c.eval.datasets[0][1]}', evaluate_all, c, work, trained,
-               {m: v['fuse_top_k'] for m, v in validation.items()})
+  rows = timed(
+      f'5. evaluation on {c.eval.datasets[0][1]}',
+      evaluate_all,
+      c,
+      work,
+      trained,
+      {m: v['fuse_top_k'] for m, v in validation.items()},
+  )
   image_ids, caption_kinds = split_examples(c, c.eval.datasets[0][1])
   per_example = {r: m.pop('per_example_iou_mean') for r, m in rows.items()}
   for m in rows.values():
     m.pop('quality_iou_srcc', None)  # reported on validation, not on the test split
-  result = dict(seed=c.seed, rows=rows, grounding=grounding, validation=validation,
-                selection_union=union, union_validation=union_validation,
-                folders={m: t[2] for m, t in trained.items()},
-                per_example=per_example, image_ids=image_ids, caption_kinds=caption_kinds)
+  result = dict(
+      seed=c.seed,
+      rows=rows,
+      grounding=grounding,
+      validation=validation,
+      selection_union=union,
+      union_validation=union_validation,
+      folders={m: t[2] for m, t in trained.items()},
+      per_example=per_example,
+      image_ids=image_ids,
+      caption_kinds=caption_kinds,
+  )
   return result, trained
 
 
@@ -660,18 +867,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for i, seed in enumerate(seeds):
     sc = seed_config(c, seed)
     seed_work = work if len(seeds) == 1 else work / f'seed_{seed}'
-    logging.info('Seed %d (%d of %d): dataset %s, workdir %s', seed, i + 1, len(seeds),
-                 sc.dataset.name, seed_work)
+    logging.info(
+        'Seed %d (%d of %d): dataset %s, workdir %s',
+        seed,
+        i + 1,
+        len(seeds),
+        sc.dataset.name,
+        seed_work,
+    )
     result, trained = run_seed(sc, seed_work, timings)
     per_seed.append(result)
     if i == 0 and 'full' in trained:
       t = time.time()
-      write_examples_png(sc, seed_work, result['per_example'].get('clipcrop_full'),
-                         out=work / EXAMPLES_FILE, full_dir=trained['full'][2])
+      write_examples_png(
+          sc,
+          seed_work,
+          result['per_example'].get('clipcrop_full'),
+          out=work / EXAMPLES_FILE,
+          full_dir=trained['full'][2],
+      )
       timings['6. examples.png'] = time.time() - t
   timings['total'] = sum(timings.values())
-  summary = dict(aggregate(per_seed), seeds=seeds, per_seed=per_seed, timings=timings,
-                 grounding=per_seed[0]['grounding'], seed=c.seed, quick=c.pipeline.quick)
+  summary = dict(
+      aggregate(per_seed),
+      seeds=seeds,
+      per_seed=per_seed,
+      timings=timings,
+      grounding=per_seed[0]['grounding'],
+      seed=c.seed,
+      quick=c.pipeline.quick,
+  )
   report = write_report(c, work, summary)
   fileio.atomic_write_text(work / SUMMARY_FILE, json.dumps(summary, indent=1, default=float))
   logging.info('Report: %s\n%s', report, report.read_text())

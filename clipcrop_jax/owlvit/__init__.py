@@ -1,13 +1,13 @@
 """Scenic-compatible OWL-ViT / OWLv2 in Flax: model, checkpoints, tokenizer, preprocessing.
 
-  from clipcrop_jax import owlvit
-  module, variables = owlvit.load_checkpoint('owl2-b16-960-st-ngrams_c7e1b9a')  # Scenic release,
-  # or 'google/owlv2-base-patch16-ensemble' (HF id), a Scenic msgpack file or an HF directory
-  pixels = owlvit.preprocess(owlvit.load_image('cat.jpg'), module.config.image_size)[None]
-  tokens = owlvit.tokenize(['a cat', 'a remote'])[None]
-  out = module.apply(variables, pixels, tokens)   # pred_boxes, pred_logits, ...
-  q = owlvit.query_embeddings(module, variables, ['a cat'],      # (Q, D): texts, then examples
-                              [owlvit.ImageQuery('cat', owlvit.load_image('example.jpg'))])
+from clipcrop_jax import owlvit
+module, variables = owlvit.load_checkpoint('owl2-b16-960-st-ngrams_c7e1b9a')  # Scenic release,
+# or 'google/owlv2-base-patch16-ensemble' (HF id), a Scenic msgpack file or an HF directory
+pixels = owlvit.preprocess(owlvit.load_image('cat.jpg'), module.config.image_size)[None]
+tokens = owlvit.tokenize(['a cat', 'a remote'])[None]
+out = module.apply(variables, pixels, tokens)   # pred_boxes, pred_logits, ...
+q = owlvit.query_embeddings(module, variables, ['a cat'],      # (Q, D): texts, then examples
+                            [owlvit.ImageQuery('cat', owlvit.load_image('example.jpg'))])
 """
 
 import importlib
@@ -45,8 +45,23 @@ def __getattr__(name):
 
 
 __all__ = [
-    'CheckpointError', 'load_checkpoint', 'save_scenic_checkpoint', 'hub', 'CONFIGS', 'get_config',
-    'OwlViTConfig', 'embed_image_query', 'ImageQuery', 'query_embeddings', 'init_variables',
-    'TextZeroShotDetectionModule', 'boxes_cxcywh_to_pixels_xyxy', 'DEFAULT_MAX_PIXELS',
-    'ImageError', 'load_for_model', 'load_image', 'preprocess', 'tokenize',
+    'CheckpointError',
+    'load_checkpoint',
+    'save_scenic_checkpoint',
+    'hub',
+    'CONFIGS',
+    'get_config',
+    'OwlViTConfig',
+    'embed_image_query',
+    'ImageQuery',
+    'query_embeddings',
+    'init_variables',
+    'TextZeroShotDetectionModule',
+    'boxes_cxcywh_to_pixels_xyxy',
+    'DEFAULT_MAX_PIXELS',
+    'ImageError',
+    'load_for_model',
+    'load_image',
+    'preprocess',
+    'tokenize',
 ]

@@ -28,7 +28,7 @@ def xyxy_to_cxcywh(boxes: jax.Array) -> jax.Array:
 def area_xyxy(boxes: jax.Array) -> jax.Array:
   """(..., 4) -> (...,); degenerate boxes have area 0."""
   boxes = jnp.asarray(boxes)
-  return (jnp.clip(boxes[..., 2] - boxes[..., 0], 0) * jnp.clip(boxes[..., 3] - boxes[..., 1], 0))
+  return jnp.clip(boxes[..., 2] - boxes[..., 0], 0) * jnp.clip(boxes[..., 3] - boxes[..., 1], 0)
 
 
 def pairwise_iou_and_union_xyxy(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -24,6 +24,6 @@ def sniff(path: pathlib.Path) -> str:
     header_len = int.from_bytes(head[:8], 'little')
     if 0 < header_len < 100_000_000:
       return 'safetensors'
-  if 0x80 <= head[0] <= 0x8f or head[0] in (0xde, 0xdf):  # fixmap / map16 / map32
+  if 0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF):  # fixmap / map16 / map32
     return 'msgpack'
   return 'unknown'

@@ -100,7 +100,8 @@ def param_count(params: Mapping[str, Any]) -> int:
 def _unwrap_variables(variables_or_params: Mapping[str, Any]) -> Mapping[str, Any]:
   """{'params': tree} or a bare params tree -> the params tree."""
   if 'backbone' not in variables_or_params and isinstance(
-      variables_or_params.get('params'), Mapping):
+      variables_or_params.get('params'), Mapping
+  ):
     return variables_or_params['params']
   return variables_or_params
 
@@ -114,7 +115,8 @@ def _pickle_error(path: PathLike) -> CheckpointError:
   return CheckpointError(
       f'checkpoint {path}: looks like a PyTorch pickle; pickles are never unpickled (they can run '
       'arbitrary code). Convert it to safetensors first, e.g. '
-      '`model.save_pretrained(dir, safe_serialization=True)`, and load that directory.')
+      '`model.save_pretrained(dir, safe_serialization=True)`, and load that directory.'
+  )
 
 
 def read_msgpack(path: PathLike) -> dict[str, Any]:
@@ -135,16 +137,20 @@ def read_msgpack(path: PathLike) -> dict[str, Any]:
   if kind == 'pickle':
     raise _pickle_error(path)
   if kind != 'msgpack':
-    raise CheckpointError(f'checkpoint {path}: not a msgpack map (file kind: {kind}); expected '
-                          'a Scenic/Flax msgpack checkpoint or a Hugging Face safetensors model.')
+    raise CheckpointError(
+        f'checkpoint {path}: not a msgpack map (file kind: {kind}); expected '
+        'a Scenic/Flax msgpack checkpoint or a Hugging Face safetensors model.'
+    )
   try:
     restored = flax.serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types on corrupt input.
     raise CheckpointError(
-        f'checkpoint {path}: corrupt or truncated msgpack ({type(e).__name__}: {e})') from e
+        f'checkpoint {path}: corrupt or truncated msgpack ({type(e).__name__}: {e})'
+    ) from e
   if not isinstance(restored, dict):
-    raise CheckpointError(f'checkpoint {path}: not a msgpack map (decoded a '
-                          f'{type(restored).__name__})')
+    raise CheckpointError(
+        f'checkpoint {path}: not a msgpack map (decoded a ' f'{type(restored).__name__})'
+    )
   return restored
 
 
@@ -171,7 +177,8 @@ def _locate_params(restored: Mapping[str, Any], source: str) -> tuple[Mapping[st
   keys = ', '.join(sorted(map(str, restored))[:8])
   raise CheckpointError(
       f'checkpoint {source}: no OWL-ViT parameters found (expected optimizer/target, params, or '
-      f"a tree with 'backbone'; top-level keys: {keys})")
+      f"a tree with 'backbone'; top-level keys: {keys})"
+  )
 
 
 def _fix_block_names(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +192,10 @@ def _fix_block_names(flat: Mapping[str, Any]) -> dict[str, Any]:
     base = f'backbone/clip/{tower}/transformer/'
     if any(p.startswith(f'{base}resblocks_0/ln_2/') for p in fixed):
       pattern = re.compile(f'^({re.escape(base)}resblocks_\\d+/)ln_([12])/')
-      fixed = {pattern.sub(lambda m: f'{m.group(1)}ln_{int(m.group(2)) - 1}/', p): v
-               for p, v in fixed.items()}
+      fixed = {
+          pattern.sub(lambda m: f'{m.group(1)}ln_{int(m.group(2)) - 1}/', p): v
+          for p, v in fixed.items()
+      }
   return fixed
 
 
@@ -228,7 +237,8 @@ def normalize_scenic_params(restored: Mapping[str, Any], source: str = '<memory>
     if dropped:
       logging.info('checkpoint %s: dropping obsolete class_head keys %s.', source, dropped)
       out['class_head'] = {
-          k: v for k, v in out['class_head'].items() if k not in _OBSOLETE_CLASS_HEAD_KEYS}
+          k: v for k, v in out['class_head'].items() if k not in _OBSOLETE_CLASS_HEAD_KEYS
+      }
   flat = _fix_block_names(flatten_params(out))
   flat = {p: _to_float32(v, p, source) for p, v in flat.items()}
   return unflatten_params(flat)
@@ -241,14 +251,15 @@ def normalize_scenic_params(restored: Mapping[str, Any], source: str = '<memory>
 
 def _get(flat: Mapping[str, Any], path: str, source: str) -> tuple[int, ...]:
   if path not in flat:
-    raise CheckpointError(f'checkpoint {source}: parameter {path} is missing; cannot infer the '
-                          'architecture')
+    raise CheckpointError(
+        f'checkpoint {source}: parameter {path} is missing; cannot infer the ' 'architecture'
+    )
   return tuple(np.shape(flat[path]))
 
 
 def _count_blocks(flat: Mapping[str, Any], tower: str) -> int:
   prefix = f'backbone/clip/{tower}/transformer/resblocks_'
-  return len({p[len(prefix):].split('/')[0] for p in flat if p.startswith(prefix)})
+  return len({p[len(prefix) :].split('/')[0] for p in flat if p.startswith(prefix)})
 
 
 def infer_config(params: Mapping[str, Any], source: str = '<memory>') -> OwlViTConfig:
@@ -269,26 +280,39 @@ def infer_config(params: Mapping[str, Any], source: str = '<memory>') -> OwlViTC
   flat = flatten_params(_unwrap_variables(params))
   patch, patch_w, channels, vision_width = _get(flat, 'backbone/clip/visual/conv1/kernel', source)
   if patch != patch_w or channels != 3:
-    raise CheckpointError(f'checkpoint {source}: backbone/clip/visual/conv1/kernel has shape '
-                          f'{(patch, patch_w, channels, vision_width)}; expected (p, p, 3, W)')
+    raise CheckpointError(
+        f'checkpoint {source}: backbone/clip/visual/conv1/kernel has shape '
+        f'{(patch, patch_w, channels, vision_width)}; expected (p, p, 3, W)'
+    )
   rows = _get(flat, 'backbone/clip/visual/positional_embedding', source)[0]
   grid = math.isqrt(max(rows - 1, 0))
   if grid * grid != rows - 1 or grid == 0:
-    raise CheckpointError(f'checkpoint {source}: backbone/clip/visual/positional_embedding has '
-                          f'{rows} rows; expected 1 + g*g')
+    raise CheckpointError(
+        f'checkpoint {source}: backbone/clip/visual/positional_embedding has '
+        f'{rows} rows; expected 1 + g*g'
+    )
   vocab, text_width = _get(flat, 'backbone/clip/text/token_embedding/embedding', source)
   max_len = _get(flat, 'backbone/clip/text/positional_embedding', source)[0]
   embed_dim = _get(flat, 'class_head/Dense_0/kernel', source)[-1]
   fields = dict(
-      image_size=grid * patch, patch_size=patch, vision_width=vision_width,
-      vision_layers=_count_blocks(flat, 'visual'), text_width=text_width,
-      text_layers=_count_blocks(flat, 'text'), embed_dim=embed_dim,
-      objectness=any(p.startswith('objectness_head/') for p in flat), vocab_size=vocab,
-      max_query_length=max_len, native_image_grid_size=None)
+      image_size=grid * patch,
+      patch_size=patch,
+      vision_width=vision_width,
+      vision_layers=_count_blocks(flat, 'visual'),
+      text_width=text_width,
+      text_layers=_count_blocks(flat, 'text'),
+      embed_dim=embed_dim,
+      objectness=any(p.startswith('objectness_head/') for p in flat),
+      vocab_size=vocab,
+      max_query_length=max_len,
+      native_image_grid_size=None,
+  )
   for width, what in ((vision_width, 'vision'), (text_width, 'text')):
     if width % HEAD_DIM:
-      raise CheckpointError(f'checkpoint {source}: {what} width {width} is not a multiple of the '
-                            f'head width {HEAD_DIM}')
+      raise CheckpointError(
+          f'checkpoint {source}: {what} width {width} is not a multiple of the '
+          f'head width {HEAD_DIM}'
+      )
   for config in CONFIGS.values():
     if all(getattr(config, k) == v for k, v in fields.items()):
       return config
@@ -298,6 +322,7 @@ def infer_config(params: Mapping[str, Any], source: str = '<memory>') -> OwlViTC
 def _detector_class() -> type[Any]:
   """`TextZeroShotDetectionModule`, imported lazily (model code may import this module)."""
   from clipcrop_jax.owlvit import model  # pylint: disable=g-import-not-at-top
+
   return model.TextZeroShotDetectionModule
 
 
@@ -311,10 +336,19 @@ def _expected_shapes_cached(config: OwlViTConfig) -> tuple[tuple[str, tuple[int,
 
 
 # Order in which `validate_params` reports problems: the most telling parameters first.
-_CHECK_ORDER = ('backbone/clip/visual/conv1', 'backbone/clip/visual/positional_embedding',
-                'backbone/clip/visual', 'backbone/clip/text/token_embedding',
-                'backbone/clip/text/positional_embedding', 'backbone/clip/text', 'backbone',
-                'class_head', 'obj_box_head', 'objectness_head', '')
+_CHECK_ORDER = (
+    'backbone/clip/visual/conv1',
+    'backbone/clip/visual/positional_embedding',
+    'backbone/clip/visual',
+    'backbone/clip/text/token_embedding',
+    'backbone/clip/text/positional_embedding',
+    'backbone/clip/text',
+    'backbone',
+    'class_head',
+    'obj_box_head',
+    'objectness_head',
+    '',
+)
 
 
 def _check_order_key(path: str) -> tuple[int, list[Any]]:
@@ -332,8 +366,9 @@ def expected_param_shapes(config: OwlViTConfig) -> dict[str, tuple[int, ...]]:
   return dict(sorted(_expected_shapes_cached(config), key=lambda kv: _check_order_key(kv[0])))
 
 
-def validate_params(params: Mapping[str, Any], config: OwlViTConfig,
-                    source: str = '<memory>') -> None:
+def validate_params(
+    params: Mapping[str, Any], config: OwlViTConfig, source: str = '<memory>'
+) -> None:
   """Checks that `params` has every parameter of the module for `config` with the right shape.
 
   Extra parameters are allowed (logged); `load_checkpoint` drops them.
@@ -350,16 +385,25 @@ def validate_params(params: Mapping[str, Any], config: OwlViTConfig,
   expected = expected_param_shapes(config)
   for path, shape in expected.items():
     if path not in flat:
-      raise CheckpointError(f'checkpoint {source}: parameter {path} is missing (expected shape '
-                            f'{shape} for config {config.name})')
+      raise CheckpointError(
+          f'checkpoint {source}: parameter {path} is missing (expected shape '
+          f'{shape} for config {config.name})'
+      )
     got = tuple(np.shape(flat[path]))
     if got != shape:
-      raise CheckpointError(f'checkpoint {source}: parameter {path} has shape {got}, expected '
-                            f'{shape} for config {config.name}')
+      raise CheckpointError(
+          f'checkpoint {source}: parameter {path} has shape {got}, expected '
+          f'{shape} for config {config.name}'
+      )
   extra = [p for p in flat if p not in expected]
   if extra:
-    logging.warning('checkpoint %s: ignoring %d unexpected parameter(s) for config %s, e.g. %s',
-                    source, len(extra), config.name, extra[:3])
+    logging.warning(
+        'checkpoint %s: ignoring %d unexpected parameter(s) for config %s, e.g. %s',
+        source,
+        len(extra),
+        config.name,
+        extra[:3],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,12 +427,18 @@ _FIXED = {
     'logit_scale': ('backbone/clip/logit_scale', 'scalar'),
     'vision_model.embeddings.class_embedding': ('backbone/clip/visual/class_embedding', 'id'),
     'vision_model.embeddings.patch_embedding.weight': ('backbone/clip/visual/conv1/kernel', 'conv'),
-    'vision_model.embeddings.position_embedding.weight':
-        ('backbone/clip/visual/positional_embedding', 'id'),
-    'text_model.embeddings.token_embedding.weight':
-        ('backbone/clip/text/token_embedding/embedding', 'id'),
-    'text_model.embeddings.position_embedding.weight':
-        ('backbone/clip/text/positional_embedding', 'id'),
+    'vision_model.embeddings.position_embedding.weight': (
+        'backbone/clip/visual/positional_embedding',
+        'id',
+    ),
+    'text_model.embeddings.token_embedding.weight': (
+        'backbone/clip/text/token_embedding/embedding',
+        'id',
+    ),
+    'text_model.embeddings.position_embedding.weight': (
+        'backbone/clip/text/positional_embedding',
+        'id',
+    ),
     'text_projection.weight': ('backbone/clip/text/text_projection/kernel', 'linear'),
 }
 _FIXED_LN = {
@@ -411,7 +461,7 @@ def _hf_block_rule(rest: str) -> Optional[tuple[str, str]]:
     kind = 'linear' if leaf == 'weight' else 'id'
     return f'mlp/{_MLP[module[4:]]}/{"kernel" if leaf == "weight" else "bias"}', kind
   if module.startswith('self_attn.'):
-    proj = module[len('self_attn.'):]
+    proj = module[len('self_attn.') :]
     if proj in _ATTN:
       return f'attn/{_ATTN[proj]}/{"kernel" if leaf == "weight" else "bias"}', f'qkv_{leaf}'
     if proj == 'out_proj':
@@ -498,7 +548,7 @@ def hf_to_scenic_params(state_dict: Mapping[str, np.ndarray], source: str = '<me
     stripped = name
     for prefix in _HF_PREFIXES:
       if name.startswith(prefix):
-        stripped = name[len(prefix):]
+        stripped = name[len(prefix) :]
         break
     if stripped.endswith(_HF_IGNORED_SUFFIXES) or stripped == 'visual_projection.weight':
       continue
@@ -509,19 +559,26 @@ def hf_to_scenic_params(state_dict: Mapping[str, np.ndarray], source: str = '<me
     path, kind = rule
     arr = _to_float32(value, name, source)
     if kind.startswith(('qkv', 'out')) and arr.shape[0 if kind != 'out_weight' else 1] % HEAD_DIM:
-      raise CheckpointError(f'checkpoint {source}: {name} has shape {arr.shape}; attention width '
-                            f'must be a multiple of the head width {HEAD_DIM}')
+      raise CheckpointError(
+          f'checkpoint {source}: {name} has shape {arr.shape}; attention width '
+          f'must be a multiple of the head width {HEAD_DIM}'
+      )
     flat[path] = np.asarray(_hf_to_scenic_array(arr, kind), order='C')
   if unknown:
-    logging.warning('checkpoint %s: ignoring %d unknown HF tensor(s), e.g. %s', source,
-                    len(unknown), unknown[:3])
+    logging.warning(
+        'checkpoint %s: ignoring %d unknown HF tensor(s), e.g. %s',
+        source,
+        len(unknown),
+        unknown[:3],
+    )
   if not flat:
     raise CheckpointError(f'checkpoint {source}: no OWL-ViT tensors found in the safetensors file')
   return unflatten_params(flat)
 
 
-def scenic_to_hf_state_dict(params: Mapping[str, Any],
-                            model_type: Optional[str] = None) -> dict[str, np.ndarray]:
+def scenic_to_hf_state_dict(
+    params: Mapping[str, Any], model_type: Optional[str] = None
+) -> dict[str, np.ndarray]:
   """Scenic params -> HF OwlViT/Owlv2ForObjectDetection state dict (float32, contiguous).
 
   HF's `visual_projection.weight` has no Scenic counterpart and is not emitted.
@@ -594,13 +651,24 @@ def hf_config_dict(config: OwlViTConfig) -> dict[str, Any]:
       'model_type': model_type,
       'projection_dim': config.embed_dim,
       'text_config': dict(
-          common, hidden_size=config.text_width, num_hidden_layers=config.text_layers,
-          num_attention_heads=config.text_heads, intermediate_size=4 * config.text_width,
-          max_position_embeddings=config.max_query_length, vocab_size=config.vocab_size),
+          common,
+          hidden_size=config.text_width,
+          num_hidden_layers=config.text_layers,
+          num_attention_heads=config.text_heads,
+          intermediate_size=4 * config.text_width,
+          max_position_embeddings=config.max_query_length,
+          vocab_size=config.vocab_size,
+      ),
       'vision_config': dict(
-          common, hidden_size=config.vision_width, num_hidden_layers=config.vision_layers,
-          num_attention_heads=config.vision_heads, intermediate_size=4 * config.vision_width,
-          image_size=config.image_size, patch_size=config.patch_size, num_channels=3),
+          common,
+          hidden_size=config.vision_width,
+          num_hidden_layers=config.vision_layers,
+          num_attention_heads=config.vision_heads,
+          intermediate_size=4 * config.vision_width,
+          image_size=config.image_size,
+          patch_size=config.patch_size,
+          num_channels=3,
+      ),
   }
 
 
@@ -611,38 +679,46 @@ def _check_hf_config(hf: Mapping[str, Any], config: OwlViTConfig, source: str) -
   checks = [
       ('vision_config.hidden_size', vision.get('hidden_size'), config.vision_width),
       ('vision_config.num_hidden_layers', vision.get('num_hidden_layers'), config.vision_layers),
-      ('vision_config.num_attention_heads', vision.get('num_attention_heads'),
-       config.vision_heads),
-      ('vision_config.intermediate_size', vision.get('intermediate_size'),
-       4 * config.vision_width),
+      ('vision_config.num_attention_heads', vision.get('num_attention_heads'), config.vision_heads),
+      ('vision_config.intermediate_size', vision.get('intermediate_size'), 4 * config.vision_width),
       ('vision_config.patch_size', vision.get('patch_size'), config.patch_size),
       ('vision_config.image_size', vision.get('image_size'), config.image_size),
       ('text_config.hidden_size', text.get('hidden_size'), config.text_width),
       ('text_config.num_hidden_layers', text.get('num_hidden_layers'), config.text_layers),
       ('text_config.num_attention_heads', text.get('num_attention_heads'), config.text_heads),
       ('text_config.intermediate_size', text.get('intermediate_size'), 4 * config.text_width),
-      ('text_config.max_position_embeddings', text.get('max_position_embeddings'),
-       config.max_query_length),
+      (
+          'text_config.max_position_embeddings',
+          text.get('max_position_embeddings'),
+          config.max_query_length,
+      ),
       ('text_config.vocab_size', text.get('vocab_size'), config.vocab_size),
       ('projection_dim', hf.get('projection_dim'), config.embed_dim),
   ]
   for field, value, expected in checks:
     if value is not None and value != expected:
-      raise CheckpointError(f'checkpoint {source}: config.json {field}={value} does not match '
-                            f'the weights / config {config.name} ({expected})')
+      raise CheckpointError(
+          f'checkpoint {source}: config.json {field}={value} does not match '
+          f'the weights / config {config.name} ({expected})'
+      )
   for name, sub in (('vision_config', vision), ('text_config', text)):
     act = sub.get('hidden_act')
     if act is not None and act != 'quick_gelu':
-      raise CheckpointError(f'checkpoint {source}: config.json {name}.hidden_act={act!r}; '
-                            "only 'quick_gelu' (CLIP) is supported")
+      raise CheckpointError(
+          f'checkpoint {source}: config.json {name}.hidden_act={act!r}; '
+          "only 'quick_gelu' (CLIP) is supported"
+      )
     eps = sub.get('layer_norm_eps')
     if eps is not None and abs(eps - 1e-5) > 1e-12:
-      logging.warning('checkpoint %s: %s.layer_norm_eps=%g ignored (Scenic uses 1e-5).', source,
-                      name, eps)
+      logging.warning(
+          'checkpoint %s: %s.layer_norm_eps=%g ignored (Scenic uses 1e-5).', source, name, eps
+      )
   model_type = hf.get('model_type')
   if model_type in ('owlvit', 'owlv2') and (model_type == 'owlv2') != config.objectness:
-    raise CheckpointError(f'checkpoint {source}: config.json model_type={model_type!r} but config '
-                          f'{config.name} has objectness={config.objectness}')
+    raise CheckpointError(
+        f'checkpoint {source}: config.json model_type={model_type!r} but config '
+        f'{config.name} has objectness={config.objectness}'
+    )
 
 
 def read_hf_checkpoint(path: PathLike) -> tuple[Params, Optional[dict[str, Any]]]:
@@ -654,6 +730,7 @@ def read_hf_checkpoint(path: PathLike) -> tuple[Params, Optional[dict[str, Any]]
       from the same directory when present).
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path)
   directory = path if path.is_dir() else path.parent
   if path.is_dir():
@@ -669,8 +746,9 @@ def read_hf_checkpoint(path: PathLike) -> tuple[Params, Optional[dict[str, Any]]
     try:
       state_dict.update(safetensors.numpy.load_file(str(f)))
     except Exception as e:  # safetensors raises its own error types.
-      raise CheckpointError(f'checkpoint {f}: cannot read safetensors ({type(e).__name__}: '
-                            f'{e})') from e
+      raise CheckpointError(
+          f'checkpoint {f}: cannot read safetensors ({type(e).__name__}: ' f'{e})'
+      ) from e
   hf_config = None
   if (directory / _HF_CONFIG).is_file():
     try:
@@ -714,8 +792,10 @@ def read_checkpoint_params(path: PathLike) -> tuple[Params, Optional[dict[str, A
       return normalize_scenic_params(read_msgpack(latest), str(latest)), None
     if any(f.suffix in _PICKLE_SUFFIXES for f in path.iterdir()):
       raise _pickle_error(path)
-    raise CheckpointError(f'checkpoint {path}: directory has neither {_HF_WEIGHTS} (+ '
-                          f'{_HF_CONFIG}) nor a flax checkpoint_<step> file')
+    raise CheckpointError(
+        f'checkpoint {path}: directory has neither {_HF_WEIGHTS} (+ '
+        f'{_HF_CONFIG}) nor a flax checkpoint_<step> file'
+    )
   if path.suffix.lower() in _PICKLE_SUFFIXES:
     raise _pickle_error(path)
   if path.suffix.lower() == '.safetensors' or _sniff(path) == 'safetensors':
@@ -723,8 +803,12 @@ def read_checkpoint_params(path: PathLike) -> tuple[Params, Optional[dict[str, A
   return normalize_scenic_params(read_msgpack(path), str(path)), None
 
 
-def load_checkpoint(path: PathLike, config: Union[OwlViTConfig, str, None] = None, *,
-                    progress: Optional[bool] = None) -> tuple[Any, dict[str, Any]]:
+def load_checkpoint(
+    path: PathLike,
+    config: Union[OwlViTConfig, str, None] = None,
+    *,
+    progress: Optional[bool] = None,
+) -> tuple[Any, dict[str, Any]]:
   """Loads an OWL-ViT / OWLv2 checkpoint into a ready-to-apply module and variables.
 
   Args:
@@ -747,6 +831,7 @@ def load_checkpoint(path: PathLike, config: Union[OwlViTConfig, str, None] = Non
       first missing / mis-shaped parameter path).
   """
   from clipcrop_jax.owlvit import hub  # pylint: disable=g-import-not-at-top
+
   path, release_config = hub.locate(path, progress=progress)
   config = release_config if config is None else config
   source = str(path)
@@ -775,15 +860,16 @@ def _to_legacy(params: Mapping[str, Any], legacy_ln: bool) -> Params:
     parts = path.split('/')
     for i, part in enumerate(parts):
       if part.startswith('resblocks_'):
-        parts[i] = 'resblocks.' + part[len('resblocks_'):]
+        parts[i] = 'resblocks.' + part[len('resblocks_') :]
         if i + 1 < len(parts):
           parts[i + 1] = renames.get(parts[i + 1], parts[i + 1])
     flat['/'.join(parts)] = value
   return unflatten_params(flat)
 
 
-def save_scenic_checkpoint(variables_or_params: Mapping[str, Any], path: PathLike,
-                           layout: str = 'current') -> pathlib.Path:
+def save_scenic_checkpoint(
+    variables_or_params: Mapping[str, Any], path: PathLike, layout: str = 'current'
+) -> pathlib.Path:
   """Writes params as a single-file Flax msgpack checkpoint, atomically.
 
   Args:
@@ -812,4 +898,3 @@ def save_scenic_checkpoint(variables_or_params: Mapping[str, Any], path: PathLik
   path.parent.mkdir(parents=True, exist_ok=True)
   # Atomic, with a normal new file's permissions (0666 & ~umask; mkstemp alone gives 0600).
   return fileio.atomic_write_bytes(path, data)
-

@@ -69,7 +69,8 @@ class MultiHeadAttention(nn.Module):
     width = x.shape[-1]
     heads, depth = self.num_heads, HEAD_DIM
     proj = lambda name: _KernelAndBias(  # pylint: disable=g-long-lambda
-        (width, heads, depth), (heads, depth), 0, (1, 2), name=name)()
+        (width, heads, depth), (heads, depth), 0, (1, 2), name=name
+    )()
     (wq, bq), (wk, bk), (wv, bv) = proj('query'), proj('key'), proj('value')
     wo, bo = _KernelAndBias((heads, depth, width), (width,), (0, 1), 2, name='out')()
 
@@ -90,8 +91,13 @@ class MultiHeadAttention(nn.Module):
     return y @ wo.reshape(heads * depth, width).astype(self.dtype) + bo.astype(self.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: Optional[jax.Array] = None, per_head: bool = False) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array] = None,
+    per_head: bool = False,
+) -> jax.Array:
   """softmax(q·kᵀ)·v with the softmax in float32; q, k, v (B, H, N, 64), q already scaled.
 
   mask: bool broadcastable to (B, 1, N, N), True = attend; masked logits are replaced by the
@@ -99,8 +105,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   logits in cache and is ~20% faster on CPU; the result is identical.
   """
   if per_head:
-    heads = [dot_product_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], mask)
-             for h in range(q.shape[1])]
+    heads = [
+        dot_product_attention(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], mask)
+        for h in range(q.shape[1])
+    ]
     return jnp.concatenate(heads, axis=1)
   logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
   if mask is not None:
@@ -173,8 +181,9 @@ def truncate_positional_embedding(posemb: jax.Array, grid_hw: tuple[int, int]) -
     return posemb
   if h > native or w > native:
     raise ValueError(
-        f'Input grid {h}x{w} is larger than the checkpoint\'s native {native}x{native} grid; '
-        'resize the image to the model\'s image size (see clipcrop_jax.owlvit.preprocessing).')
+        f"Input grid {h}x{w} is larger than the checkpoint's native {native}x{native} grid; "
+        "resize the image to the model's image size (see clipcrop_jax.owlvit.preprocessing)."
+    )
   patches = posemb[1:].reshape(native, native, -1)[:h, :w].reshape(h * w, -1)
   return jnp.concatenate([posemb[:1], patches], axis=0)
 
@@ -208,14 +217,19 @@ class VisionTransformer(nn.Module):
 
     scale = self.width**-0.5
     cls = self.param('class_embedding', nn.initializers.normal(scale), (self.width,), jnp.float32)
-    posemb = self.param('positional_embedding', nn.initializers.normal(scale),
-                        (1 + self.native_grid**2, self.width), jnp.float32)
+    posemb = self.param(
+        'positional_embedding',
+        nn.initializers.normal(scale),
+        (1 + self.native_grid**2, self.width),
+        jnp.float32,
+    )
     cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     x = x + truncate_positional_embedding(posemb, (h, w)).astype(x.dtype)[None]
     x = nn.LayerNorm(epsilon=CLIP_LN_EPS, name='ln_pre')(x)
-    x = Transformer(self.num_layers, self.width // HEAD_DIM, self.dtype, self.remat,
-                    name='transformer')(x)
+    x = Transformer(
+        self.num_layers, self.width // HEAD_DIM, self.dtype, self.remat, name='transformer'
+    )(x)
     return nn.LayerNorm(epsilon=CLIP_LN_EPS, name='ln_post')(x)
 
 
@@ -235,12 +249,17 @@ class PatchEmbedding(nn.Module):
     """images: (B, H, W, C). Returns (B, ceil(H/p), ceil(W/p), width)."""
     p = self.patch_size
     b, height, width, c = images.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-                        (p, p, c, self.width), jnp.float32).astype(self.dtype)
+    kernel = self.param(
+        'kernel',
+        nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+        (p, p, c, self.width),
+        jnp.float32,
+    ).astype(self.dtype)
     images = images.astype(self.dtype)
     if height % p or width % p:
       return jax.lax.conv_general_dilated(
-          images, kernel, (p, p), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+          images, kernel, (p, p), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
     h, w = height // p, width // p
     x = images.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)
     return jnp.einsum('bhwk,kd->bhwd', x, kernel.reshape(p * p * c, self.width))
@@ -272,23 +291,31 @@ class TextEncoder(nn.Module):
     """text: int (N, L), 0 = padding. Returns unnormalised embeddings (N, D)."""
     length = text.shape[-1]
     if length > self.max_len:
-      raise ValueError(f'Text length {length} exceeds the model\'s {self.max_len} positions.')
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
-                 name='token_embedding')(text)
-    posemb = self.param('positional_embedding', nn.initializers.normal(0.01),
-                        (self.max_len, self.width), jnp.float32)
+      raise ValueError(f"Text length {length} exceeds the model's {self.max_len} positions.")
+    x = nn.Embed(
+        self.vocab_size,
+        self.width,
+        embedding_init=nn.initializers.normal(0.02),
+        name='token_embedding',
+    )(text)
+    posemb = self.param(
+        'positional_embedding',
+        nn.initializers.normal(0.01),
+        (self.max_len, self.width),
+        jnp.float32,
+    )
     x = (x + posemb[None, :length]).astype(self.dtype)
     # Padding mask (both query and key positions must be real tokens) AND causal mask, as in Scenic.
     pad = text > 0
     mask = pad[:, None, :, None] & pad[:, None, None, :]
     mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
-    x = Transformer(self.num_layers, self.width // HEAD_DIM, self.dtype, self.remat,
-                    name='transformer')(x, mask)
+    x = Transformer(
+        self.num_layers, self.width // HEAD_DIM, self.dtype, self.remat, name='transformer'
+    )(x, mask)
     x = nn.LayerNorm(epsilon=CLIP_LN_EPS, name='ln_final')(x)
     # Pool at the EOT token (the largest id); first occurrence, as jnp.argmax.
     x = jnp.take_along_axis(x, jnp.argmax(text, axis=-1)[:, None, None], axis=1)[:, 0]
-    return nn.Dense(self.out_features, use_bias=False, dtype=self.dtype,
-                    name='text_projection')(x)
+    return nn.Dense(self.out_features, use_bias=False, dtype=self.dtype, name='text_projection')(x)
 
 
 class CLIP(nn.Module):
@@ -302,15 +329,25 @@ class CLIP(nn.Module):
   def setup(self):
     cfg = self.config
     self.visual = VisionTransformer(
-        patch_size=cfg.patch_size, width=cfg.vision_width, num_layers=cfg.vision_layers,
-        native_grid=cfg.native_image_grid_size or cfg.grid_size, dtype=self.dtype,
-        remat=self.remat)
+        patch_size=cfg.patch_size,
+        width=cfg.vision_width,
+        num_layers=cfg.vision_layers,
+        native_grid=cfg.native_image_grid_size or cfg.grid_size,
+        dtype=self.dtype,
+        remat=self.remat,
+    )
     self.text = TextEncoder(
-        vocab_size=cfg.vocab_size, width=cfg.text_width, num_layers=cfg.text_layers,
-        out_features=cfg.embed_dim, max_len=cfg.max_query_length, dtype=self.dtype,
-        remat=self.remat)
-    self.logit_scale = self.param('logit_scale', nn.initializers.constant(np.log(1 / 0.07)), (),
-                                  jnp.float32)
+        vocab_size=cfg.vocab_size,
+        width=cfg.text_width,
+        num_layers=cfg.text_layers,
+        out_features=cfg.embed_dim,
+        max_len=cfg.max_query_length,
+        dtype=self.dtype,
+        remat=self.remat,
+    )
+    self.logit_scale = self.param(
+        'logit_scale', nn.initializers.constant(np.log(1 / 0.07)), (), jnp.float32
+    )
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     return self.visual(images)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-
 # CLIP pixel statistics; normalisation happens *inside* the model, as in Scenic.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,30 +69,87 @@ class OwlViTConfig:
     """Number of image tokens P = g² (class token excluded)."""
     return self.grid_size**2
 
-  def replace(self, **changes) -> "OwlViTConfig":
+  def replace(self, **changes) -> 'OwlViTConfig':
     return dataclasses.replace(self, **changes)
 
 
 CONFIGS: dict[str, OwlViTConfig] = {
     c.name: c
     for c in [
-        OwlViTConfig('clip_b32', image_size=768, patch_size=32, vision_width=768,
-                     vision_layers=12, text_width=512, text_layers=12, embed_dim=512),
-        OwlViTConfig('clip_b16', image_size=768, patch_size=16, vision_width=768,
-                     vision_layers=12, text_width=512, text_layers=12, embed_dim=512),
-        OwlViTConfig('clip_l14', image_size=840, patch_size=14, vision_width=1024,
-                     vision_layers=24, text_width=768, text_layers=12, embed_dim=768),
-        OwlViTConfig('owl2_b16', image_size=960, patch_size=16, vision_width=768,
-                     vision_layers=12, text_width=512, text_layers=12, embed_dim=512,
-                     objectness=True),
-        OwlViTConfig('owl2_l14', image_size=1008, patch_size=14, vision_width=1024,
-                     vision_layers=24, text_width=768, text_layers=12, embed_dim=768,
-                     objectness=True),
+        OwlViTConfig(
+            'clip_b32',
+            image_size=768,
+            patch_size=32,
+            vision_width=768,
+            vision_layers=12,
+            text_width=512,
+            text_layers=12,
+            embed_dim=512,
+        ),
+        OwlViTConfig(
+            'clip_b16',
+            image_size=768,
+            patch_size=16,
+            vision_width=768,
+            vision_layers=12,
+            text_width=512,
+            text_layers=12,
+            embed_dim=512,
+        ),
+        OwlViTConfig(
+            'clip_l14',
+            image_size=840,
+            patch_size=14,
+            vision_width=1024,
+            vision_layers=24,
+            text_width=768,
+            text_layers=12,
+            embed_dim=768,
+        ),
+        OwlViTConfig(
+            'owl2_b16',
+            image_size=960,
+            patch_size=16,
+            vision_width=768,
+            vision_layers=12,
+            text_width=512,
+            text_layers=12,
+            embed_dim=512,
+            objectness=True,
+        ),
+        OwlViTConfig(
+            'owl2_l14',
+            image_size=1008,
+            patch_size=14,
+            vision_width=1024,
+            vision_layers=24,
+            text_width=768,
+            text_layers=12,
+            embed_dim=768,
+            objectness=True,
+        ),
         # Tiny variants for tests and the random-init demo: 96 px, 16 px patches -> 6x6 grid.
-        OwlViTConfig('tiny', image_size=96, patch_size=16, vision_width=64, vision_layers=2,
-                     text_width=64, text_layers=2, embed_dim=32),
-        OwlViTConfig('tiny_v2', image_size=96, patch_size=16, vision_width=64, vision_layers=2,
-                     text_width=64, text_layers=2, embed_dim=32, objectness=True),
+        OwlViTConfig(
+            'tiny',
+            image_size=96,
+            patch_size=16,
+            vision_width=64,
+            vision_layers=2,
+            text_width=64,
+            text_layers=2,
+            embed_dim=32,
+        ),
+        OwlViTConfig(
+            'tiny_v2',
+            image_size=96,
+            patch_size=16,
+            vision_width=64,
+            vision_layers=2,
+            text_width=64,
+            text_layers=2,
+            embed_dim=32,
+            objectness=True,
+        ),
     ]
 }
 
@@ -111,6 +167,5 @@ def get_config(name: str) -> OwlViTConfig:
   """Returns the named OWL-ViT config; raises ValueError listing the known names."""
   key = ALIASES.get(name, name)
   if key not in CONFIGS:
-    raise ValueError(
-        f'Unknown OWL-ViT config {name!r}; known: {", ".join(sorted(CONFIGS))}.')
+    raise ValueError(f'Unknown OWL-ViT config {name!r}; known: {", ".join(sorted(CONFIGS))}.')
   return CONFIGS[key]

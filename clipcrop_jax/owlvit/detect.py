@@ -53,9 +53,16 @@ def demo_image(height: int = 360, width: int = 540) -> np.ndarray:
   return np.asarray(img)
 
 
-def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), top_k: int = 3,
-           min_score: float = 0.0, recipe: str = 'colab',
-           image_queries: Sequence[ImageQuery] = ()) -> list[Detection]:
+def detect(
+    module,
+    variables,
+    image: np.ndarray,
+    queries: Sequence[str] = (),
+    top_k: int = 3,
+    min_score: float = 0.0,
+    recipe: str = 'colab',
+    image_queries: Sequence[ImageQuery] = (),
+) -> list[Detection]:
   """Runs the detector on one uint8 image and returns the top-k boxes per query.
 
   Args:
@@ -90,20 +97,27 @@ def detect(module, variables, image: np.ndarray, queries: Sequence[str] = (), to
   boxes = pp.boxes_cxcywh_to_pixels_xyxy(pred_boxes, (h, w))
   # Tokens of the padding, and boxes with no area once clipped to the image, are no detections.
   extent = (w / max(h, w), h / max(h, w))  # the real image in [0, 1] of the padded square
-  valid = (np.asarray(heads.token_in_image(pred_boxes, extent))
-           & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+  valid = (
+      np.asarray(heads.token_in_image(pred_boxes, extent))
+      & (boxes[:, 2] > boxes[:, 0])
+      & (boxes[:, 3] > boxes[:, 1])
+  )
   scores = np.where(valid[:, None], 1.0 / (1.0 + np.exp(-logits)), -1.0)  # < any min_score
   detections = []
   for q, label in enumerate(labels):
     for token in np.argsort(-scores[:, q], kind='stable')[:top_k]:
       if scores[token, q] >= min_score:
-        detections.append(Detection(label, float(scores[token, q]),
-                                    tuple(float(v) for v in boxes[token]), int(token)))
+        detections.append(
+            Detection(
+                label, float(scores[token, q]), tuple(float(v) for v in boxes[token]), int(token)
+            )
+        )
   return detections
 
 
-def draw_overlay(image: np.ndarray, detections: Sequence[Detection],
-                 queries: Sequence[str]) -> Image.Image:
+def draw_overlay(
+    image: np.ndarray, detections: Sequence[Detection], queries: Sequence[str]
+) -> Image.Image:
   """Draws each detection's box and 'query score' label on a copy of the image."""
   img = Image.fromarray(image).convert('RGB')
   draw = ImageDraw.Draw(img)
@@ -111,8 +125,9 @@ def draw_overlay(image: np.ndarray, detections: Sequence[Detection],
   for det in detections:
     color = COLORS[list(queries).index(det.query) % len(COLORS)]
     draw.rectangle(det.box, outline=color, width=width)
-    draw.text((det.box[0] + width + 1, det.box[1] + width), f'{det.query} {det.score:.2f}',
-              fill=color)
+    draw.text(
+        (det.box[0] + width + 1, det.box[1] + width), f'{det.query} {det.score:.2f}', fill=color
+    )
   return img
 
 
@@ -123,8 +138,11 @@ def _build_model(args):
 
   if args.random_init:
     cfg = configs.get_config(args.random_init)
-    return (model_lib.TextZeroShotDetectionModule(cfg),
-            model_lib.init_variables(cfg, seed=args.seed), f'random-init {cfg.name}')
+    return (
+        model_lib.TextZeroShotDetectionModule(cfg),
+        model_lib.init_variables(cfg, seed=args.seed),
+        f'random-init {cfg.name}',
+    )
   module, variables = checkpoints.load_checkpoint(args.checkpoint)
   return module, variables, str(args.checkpoint)
 
@@ -143,30 +161,56 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m clipcrop_jax.owlvit.detect',
-      description='OWL-ViT text-query detection; prints boxes in original-image pixels.')
+      description='OWL-ViT text-query detection; prints boxes in original-image pixels.',
+  )
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint',
-                   help='Scenic msgpack file or Hugging Face directory, or a name: a Hugging Face '
-                   'id (google/owlvit-base-patch32, hf:ID@REV) or a Scenic release '
-                   '(clip_vit_b32_b0203fc, scenic:NAME), downloaded once into a cache.')
-  src.add_argument('--random-init', metavar='CONFIG',
-                   help='Random weights of this config (e.g. tiny, clip_b32) instead.')
+  src.add_argument(
+      '--checkpoint',
+      help='Scenic msgpack file or Hugging Face directory, or a name: a Hugging Face '
+      'id (google/owlvit-base-patch32, hf:ID@REV) or a Scenic release '
+      '(clip_vit_b32_b0203fc, scenic:NAME), downloaded once into a cache.',
+  )
+  src.add_argument(
+      '--random-init',
+      metavar='CONFIG',
+      help='Random weights of this config (e.g. tiny, clip_b32) instead.',
+  )
   parser.add_argument('--image', help='Image file (default: a built-in synthetic picture).')
-  parser.add_argument('--query', action='append', default=[],
-                      help='Text query; repeat for several.')
-  parser.add_argument('--query-image', action='append', default=[],
-                      help='Example image used as a query (one-shot); repeat for several.')
-  parser.add_argument('--query-box', action='append', default=[], metavar='X0,Y0,X1,Y1',
-                      help='Region of the n-th --query-image in its pixels (default: whole image).')
+  parser.add_argument(
+      '--query', action='append', default=[], help='Text query; repeat for several.'
+  )
+  parser.add_argument(
+      '--query-image',
+      action='append',
+      default=[],
+      help='Example image used as a query (one-shot); repeat for several.',
+  )
+  parser.add_argument(
+      '--query-box',
+      action='append',
+      default=[],
+      metavar='X0,Y0,X1,Y1',
+      help='Region of the n-th --query-image in its pixels (default: whole image).',
+  )
   parser.add_argument('--top-k', type=int, default=3, help='Boxes per query (default 3).')
   parser.add_argument('--min-score', type=float, default=0.0, help='Score threshold.')
-  parser.add_argument('--recipe', choices=['colab', 'evaluator'], default='colab',
-                      help='Preprocessing: pad 0.5 + anti-aliased resize (colab) or resize + pad '
-                      '0.0 (evaluator).')
-  parser.add_argument('--out', default='detections.png',
-                      help='Overlay image path (.png/.jpg; must not exist unless --overwrite).')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='Replace an existing --out file (never one of the input images).')
+  parser.add_argument(
+      '--recipe',
+      choices=['colab', 'evaluator'],
+      default='colab',
+      help='Preprocessing: pad 0.5 + anti-aliased resize (colab) or resize + pad '
+      '0.0 (evaluator).',
+  )
+  parser.add_argument(
+      '--out',
+      default='detections.png',
+      help='Overlay image path (.png/.jpg; must not exist unless --overwrite).',
+  )
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='Replace an existing --out file (never one of the input images).',
+  )
   parser.add_argument('--json', action='store_true', help='Print JSON instead of a table.')
   parser.add_argument('--seed', type=int, default=0, help='Seed for --random-init.')
   args = parser.parse_args(argv)
@@ -174,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from clipcrop_jax.owlvit import fileio  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import image_query  # pylint: disable=g-import-not-at-top
   from clipcrop_jax.owlvit import preprocessing as pp  # pylint: disable=g-import-not-at-top
+
   if not args.query and not args.query_image:
     parser.error('give at least one --query or --query-image')
   if len(args.query_box) > len(args.query_image):
@@ -185,18 +230,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if any(not q.strip() for q in args.query):
     parser.error('--query is empty (only whitespace)')
   try:  # Arguments and inputs first, the model last: nothing is computed for a bad command.
-    fileio.check_output_file(args.out, suffixes=OVERLAY_SUFFIXES, overwrite=args.overwrite,
-                             inputs=[p for p in [args.image] + args.query_image if p])
+    fileio.check_output_file(
+        args.out,
+        suffixes=OVERLAY_SUFFIXES,
+        overwrite=args.overwrite,
+        inputs=[p for p in [args.image] + args.query_image if p],
+    )
     image = pp.load_image(args.image) if args.image else demo_image()
     image_queries = [
-        image_query.ImageQuery(f'image:{pathlib.Path(path).name}', pp.load_image(path),
-                               _parse_box(args.query_box[i]) if i < len(args.query_box) else None)
-        for i, path in enumerate(args.query_image)]
+        image_query.ImageQuery(
+            f'image:{pathlib.Path(path).name}',
+            pp.load_image(path),
+            _parse_box(args.query_box[i]) if i < len(args.query_box) else None,
+        )
+        for i, path in enumerate(args.query_image)
+    ]
     for q in image_queries:
       image_query.check_query_box(q)
     module, variables, model_id = _build_model(args)
-    detections = detect(module, variables, image, args.query, args.top_k, args.min_score,
-                        args.recipe, image_queries)
+    detections = detect(
+        module, variables, image, args.query, args.top_k, args.min_score, args.recipe, image_queries
+    )
   except (ValueError, OSError) as e:  # ImageError, CheckpointError, bad query: one line.
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -204,7 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   labels = args.query + [q.name for q in image_queries]
   overlay = io.BytesIO()
   draw_overlay(image, detections, labels).convert('RGB').save(
-      overlay, format=OVERLAY_SUFFIXES[pathlib.Path(args.out).suffix.lower()])
+      overlay, format=OVERLAY_SUFFIXES[pathlib.Path(args.out).suffix.lower()]
+  )
   write = fileio.atomic_write_bytes if args.overwrite else fileio.create_new_bytes
   try:
     write(args.out, overlay.getvalue())
@@ -212,12 +267,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: --out {args.out}: {e}', file=sys.stderr)
     return 1
   if args.json:
-    print(json.dumps({'model': model_id, 'image': args.image or '<demo>',
-                      'image_size_hw': list(image.shape[:2]), 'overlay': args.out,
-                      'detections': [dataclasses.asdict(d) for d in detections]}, indent=1))
+    print(
+        json.dumps(
+            {
+                'model': model_id,
+                'image': args.image or '<demo>',
+                'image_size_hw': list(image.shape[:2]),
+                'overlay': args.out,
+                'detections': [dataclasses.asdict(d) for d in detections],
+            },
+            indent=1,
+        )
+    )
   else:
-    print(f'model: {model_id}; image: {args.image or "<demo>"} '
-          f'({image.shape[1]}x{image.shape[0]} px); overlay: {args.out}')
+    print(
+        f'model: {model_id}; image: {args.image or "<demo>"} '
+        f'({image.shape[1]}x{image.shape[0]} px); overlay: {args.out}'
+    )
     print(f'{"query":<24} {"score":>6}  box (x0, y0, x1, y1) px')
     for d in detections:
       box = ', '.join(f'{v:7.1f}' for v in d.box)

@@ -101,9 +101,14 @@ def make_writable_dir(folder: PathLike) -> None:
     pass
 
 
-def check_output_file(path: PathLike, *, suffixes: Sequence[str] = (),
-                      inputs: Sequence[PathLike] = (), overwrite: bool = False,
-                      flag: str = '--out') -> pathlib.Path:
+def check_output_file(
+    path: PathLike,
+    *,
+    suffixes: Sequence[str] = (),
+    inputs: Sequence[PathLike] = (),
+    overwrite: bool = False,
+    flag: str = '--out',
+) -> pathlib.Path:
   """Checks, before any work, that a run may create (or, with `overwrite`, replace) `path`.
 
   Raises ValueError with one line naming `flag` when: the name lacks one of `suffixes`, is a
@@ -134,8 +139,7 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     renameat2 = libc.renameat2
   except (OSError, AttributeError):
     return False
-  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                        ctypes.c_uint]
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
   renameat2.restype = ctypes.c_int
   if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
     return True

@@ -41,8 +41,9 @@ def token_in_image(pred_boxes_cxcywh: Any, image_extent: Any) -> jax.Array:
   return jnp.all(centres <= extent, axis=-1)
 
 
-def logits_from_image_terms(terms: dict[str, jax.Array], query_embeddings: jax.Array,
-                            query_mask: Optional[jax.Array] = None) -> jax.Array:
+def logits_from_image_terms(
+    terms: dict[str, jax.Array], query_embeddings: jax.Array, query_mask: Optional[jax.Array] = None
+) -> jax.Array:
   """Class logits from precomputed image-side terms (see `ClassPredictor.image_terms`).
 
   Args:
@@ -88,12 +89,19 @@ class ClassPredictor(nn.Module):
     'logit_shift' (B, P, 1), 'logit_scale' (B, P, 1) = ELU(.) + 1}.
     """
     raw = self.Dense_0(x)
-    return {'class_embeddings': _l2_normalize(raw), 'raw_class_embeddings': raw,
-            'logit_shift': self.logit_shift(x),
-            'logit_scale': jax.nn.elu(self.logit_scale(x)) + 1}
+    return {
+        'class_embeddings': _l2_normalize(raw),
+        'raw_class_embeddings': raw,
+        'logit_shift': self.logit_shift(x),
+        'logit_scale': jax.nn.elu(self.logit_scale(x)) + 1,
+    }
 
-  def __call__(self, x: jax.Array, query_embeddings: Optional[jax.Array] = None,
-               query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      x: jax.Array,
+      query_embeddings: Optional[jax.Array] = None,
+      query_mask: Optional[jax.Array] = None,
+  ) -> dict[str, jax.Array]:
     """Scores image tokens against queries.
 
     Args:
@@ -110,8 +118,10 @@ class ClassPredictor(nn.Module):
         self.image_terms(x)
       return {'class_embeddings': self.Dense_0(x)}
     terms = self.image_terms(x)
-    return {'pred_logits': logits_from_image_terms(terms, query_embeddings, query_mask),
-            'class_embeddings': terms['class_embeddings']}
+    return {
+        'pred_logits': logits_from_image_terms(terms, query_embeddings, query_mask),
+        'class_embeddings': terms['class_embeddings'],
+    }
 
 
 class PredictorMLP(nn.Module):
@@ -134,8 +144,12 @@ class PredictorMLP(nn.Module):
     hidden = self.hidden_dim or x.shape[-1]
     for i in range(self.num_layers - 1):
       x = nn.gelu(nn.Dense(hidden, dtype=self.dtype, name=f'Dense_{i}')(x), approximate=True)
-    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                    name=f'Dense_{self.num_layers - 1}')(x)
+    return nn.Dense(
+        self.out_dim,
+        kernel_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        name=f'Dense_{self.num_layers - 1}',
+    )(x)
 
 
 def compute_box_bias(grid_h: int, grid_w: int) -> jax.Array:

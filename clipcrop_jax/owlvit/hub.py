@@ -76,10 +76,25 @@ _HF_REPO = re.compile(r'(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*')
 _HF_REVISION = re.compile(r'[\w.][\w./-]*')
 _SCENIC_NAME = re.compile(r'[A-Za-z0-9][\w.-]*')
 # A missing `dir/file.msgpack` is a mistyped path, not a Hugging Face id.
-_FILE_SUFFIXES = ('.msgpack', '.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle',
-                  '.json', '.npz', '.npy', '.h5', '.index')
-_NAME_HELP = ('a Hugging Face id such as google/owlv2-base-patch16-ensemble or hf:ID[@REV], a '
-              'Scenic release such as clip_vit_b32_b0203fc, or scenic:NAME')
+_FILE_SUFFIXES = (
+    '.msgpack',
+    '.safetensors',
+    '.bin',
+    '.pt',
+    '.pth',
+    '.ckpt',
+    '.pkl',
+    '.pickle',
+    '.json',
+    '.npz',
+    '.npy',
+    '.h5',
+    '.index',
+)
+_NAME_HELP = (
+    'a Hugging Face id such as google/owlv2-base-patch16-ensemble or hf:ID[@REV], a '
+    'Scenic release such as clip_vit_b32_b0203fc, or scenic:NAME'
+)
 
 
 class HubError(checkpoint_files.CheckpointError):
@@ -115,28 +130,35 @@ class ScenicRelease:
 
 
 SCENIC_RELEASES: dict[str, ScenicRelease] = {
-    r.name: r for r in [
+    r.name: r
+    for r in [
         ScenicRelease('clip_vit_b32_b0203fc', 'clip_b32', 583),
         ScenicRelease('clip_vit_b16_6171dab', 'clip_b16', 581),
         ScenicRelease('clip_vit_l14_d83d374', 'clip_l14', 1652),
         ScenicRelease('clip_vit_l14_with_masks_6c17944', 'clip_l14', 1844),  # mask head dropped
         ScenicRelease('owl2-b16-960-st-ngrams_c7e1b9a', 'owl2_b16', 590),
         ScenicRelease('owl2-b16-960-st-ngrams-ft-lvisbase_d368398', 'owl2_b16', 590),
-        ScenicRelease('owl2-b16-960-st-ngrams-curated-ft-lvisbase-ens-cold-weight-05_209b65b',
-                      'owl2_b16', 590),
+        ScenicRelease(
+            'owl2-b16-960-st-ngrams-curated-ft-lvisbase-ens-cold-weight-05_209b65b', 'owl2_b16', 590
+        ),
         ScenicRelease('owl2-l14-1008-st-ngrams_0881fd6', 'owl2_l14', 1666),
         ScenicRelease('owl2-l14-1008-st-ngrams-ft-lvisbase_8ca674c', 'owl2_l14', 1666),
-        ScenicRelease('owl2-l14-1008-st-ngrams-ft-lvisbase-ens-cold-weight-04_8ca674c',
-                      'owl2_l14', 1666),
+        ScenicRelease(
+            'owl2-l14-1008-st-ngrams-ft-lvisbase-ens-cold-weight-04_8ca674c', 'owl2_l14', 1666
+        ),
         ScenicRelease('owl2-b16-960-st-ngrams-ft-o365vg_925e87d', 'owl2_b16'),
         ScenicRelease('owl2-l14-1008-st-ngrams-ft-o365vg_ea5f719', 'owl2_l14'),
     ]
 }
 
 
-def register_scenic_release(name: str, config: Optional[str] = None, *,
-                            size: Optional[int] = None,
-                            sha256: Optional[str] = None) -> ScenicRelease:
+def register_scenic_release(
+    name: str,
+    config: Optional[str] = None,
+    *,
+    size: Optional[int] = None,
+    sha256: Optional[str] = None,
+) -> ScenicRelease:
   """Adds (or replaces) a name in `SCENIC_RELEASES`, e.g. a file only a mirror has; returns it."""
   if not _SCENIC_NAME.fullmatch(name) or '..' in name:
     raise ValueError(f'Scenic checkpoint name {name!r}: letters, digits, "-", "_", "." only')
@@ -177,17 +199,22 @@ def parse_name(text: Any) -> Optional[HubName]:
   if not isinstance(text, str):  # pathlib.Path and other PathLikes are always paths.
     return None
   if text.startswith(SCENIC_PREFIX):
-    name = text[len(SCENIC_PREFIX):]
+    name = text[len(SCENIC_PREFIX) :]
     if not _SCENIC_NAME.fullmatch(name) or '..' in name:
       raise HubError(f'checkpoint {text}: not a Scenic file name (letters, digits, "-", "_", ".")')
     return HubName('scenic', name)
   if text in SCENIC_RELEASES:
     return HubName('scenic', text)
   prefixed = text.startswith(HF_PREFIX)
-  repo, at, revision = text[len(HF_PREFIX) if prefixed else 0:].partition('@')
-  valid = (bool(_HF_REPO.fullmatch(repo)) and '--' not in repo and '..' not in repo and
-           not repo.endswith(('.', '-', '.git')) and len(repo) <= 96 and
-           (not at or bool(_HF_REVISION.fullmatch(revision))))
+  repo, at, revision = text[len(HF_PREFIX) if prefixed else 0 :].partition('@')
+  valid = (
+      bool(_HF_REPO.fullmatch(repo))
+      and '--' not in repo
+      and '..' not in repo
+      and not repo.endswith(('.', '-', '.git'))
+      and len(repo) <= 96
+      and (not at or bool(_HF_REVISION.fullmatch(revision)))
+  )
   if prefixed:
     if not valid:
       raise HubError(f'checkpoint {text}: not a Hugging Face model id (ORG/NAME[@REVISION])')
@@ -216,8 +243,9 @@ def scenic_url(name: str) -> str:
   return f'{base.rstrip("/")}/{name}'
 
 
-def locate(checkpoint: PathLike, progress: Optional[bool] = None
-          ) -> tuple[pathlib.Path, Optional[str]]:
+def locate(
+    checkpoint: PathLike, progress: Optional[bool] = None
+) -> tuple[pathlib.Path, Optional[str]]:
   """A checkpoint path or name -> (local path, config name it must match or None).
 
   Args:
@@ -238,8 +266,10 @@ def locate(checkpoint: PathLike, progress: Optional[bool] = None
     return path, None
   name = parse_name(checkpoint)
   if name is None:
-    raise HubError(f'checkpoint {checkpoint}: no such file or directory, and not a checkpoint '
-                   f'name ({_NAME_HELP})')
+    raise HubError(
+        f'checkpoint {checkpoint}: no such file or directory, and not a checkpoint '
+        f'name ({_NAME_HELP})'
+    )
   if name.kind == 'scenic':
     release = SCENIC_RELEASES.get(name.name) or ScenicRelease(name.name)
     return fetch_scenic(release, progress), release.config
@@ -264,9 +294,11 @@ def fetch_scenic(release: ScenicRelease, progress: Optional[bool] = None) -> pat
     except HubError as e:
       raise HubError(f'Scenic checkpoint {release.name}: {e}') from None
   elif release.size is not None and dest.stat().st_size != release.size:
-    raise HubError(f'Scenic checkpoint {release.name}: cached file {dest} has '
-                   f'{dest.stat().st_size} bytes, expected {release.size}; delete it to download '
-                   'again')
+    raise HubError(
+        f'Scenic checkpoint {release.name}: cached file {dest} has '
+        f'{dest.stat().st_size} bytes, expected {release.size}; delete it to download '
+        'again'
+    )
   return dest
 
 
@@ -282,9 +314,16 @@ def _locked(path: pathlib.Path) -> Iterator[None]:
       fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def download(url: str, dest: PathLike, *, size: Optional[int] = None,
-             sha256: Optional[str] = None, progress: Optional[bool] = None,
-             retries: int = _RETRIES, timeout: float = _TIMEOUT_S) -> pathlib.Path:
+def download(
+    url: str,
+    dest: PathLike,
+    *,
+    size: Optional[int] = None,
+    sha256: Optional[str] = None,
+    progress: Optional[bool] = None,
+    retries: int = _RETRIES,
+    timeout: float = _TIMEOUT_S,
+) -> pathlib.Path:
   """Downloads `url` to `dest`: resumable, checked, and atomic.
 
   Bytes go to `<dest>.part` (appended to with an HTTP Range request when it exists); a transfer
@@ -314,8 +353,10 @@ def download(url: str, dest: PathLike, *, size: Optional[int] = None,
       except _Interrupted as e:
         done = part.stat().st_size if part.exists() else 0
         if attempt == retries:
-          raise HubError(f'{url}: download interrupted after {done} bytes ({e}); run again to '
-                         f'resume from {part}') from None
+          raise HubError(
+              f'{url}: download interrupted after {done} bytes ({e}); run again to '
+              f'resume from {part}'
+          ) from None
         logging.warning('%s: download interrupted after %d bytes (%s); resuming', url, done, e)
     try:
       _check_download(part, url, size, sha256)
@@ -340,8 +381,10 @@ def _looks_like_html(head: bytes) -> bool:
 
 
 def _html_error(url: str) -> HubError:
-  return HubError(f'{url}: the server sent an HTML page, not a checkpoint (an error, login or '
-                  'proxy page; check the URL / CLIPCROP_SCENIC_URL)')
+  return HubError(
+      f'{url}: the server sent an HTML page, not a checkpoint (an error, login or '
+      'proxy page; check the URL / CLIPCROP_SCENIC_URL)'
+  )
 
 
 def _transfer(url: str, part: pathlib.Path, progress: Optional[bool], timeout: float) -> None:
@@ -356,8 +399,7 @@ def _transfer(url: str, part: pathlib.Path, progress: Optional[bool], timeout: f
   if offset:
     headers['Range'] = f'bytes={offset}-'
   try:
-    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                      timeout=timeout)
+    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
   except urllib.error.HTTPError as e:
     e.close()
     if e.code == 416 and offset:  # Range past the end: complete already, or a different file.
@@ -390,13 +432,29 @@ def _transfer(url: str, part: pathlib.Path, progress: Optional[bool], timeout: f
     raise HubError(f'{url}: received {done} bytes, more than the {total} announced')
 
 
-def _append(response: Any, part: pathlib.Path, offset: int, total: Optional[int], url: str,
-            progress: Optional[bool]) -> None:
+def _append(
+    response: Any,
+    part: pathlib.Path,
+    offset: int,
+    total: Optional[int],
+    url: str,
+    progress: Optional[bool],
+) -> None:
   """Copies the response body to `part` from `offset` (fsynced), with a progress bar."""
   disable = None if progress is None else not progress
-  with open(part, 'ab' if offset else 'wb') as f, tqdm.tqdm(
-      total=total, initial=offset, unit='B', unit_scale=True, unit_divisor=1024,
-      desc=part.name[:-len('.part')], disable=disable, leave=False) as bar:
+  with (
+      open(part, 'ab' if offset else 'wb') as f,
+      tqdm.tqdm(
+          total=total,
+          initial=offset,
+          unit='B',
+          unit_scale=True,
+          unit_divisor=1024,
+          desc=part.name[: -len('.part')],
+          disable=disable,
+          leave=False,
+      ) as bar,
+  ):
     try:
       while chunk := response.read(_CHUNK):
         if f.tell() == 0 and _looks_like_html(chunk):
@@ -410,13 +468,15 @@ def _append(response: Any, part: pathlib.Path, offset: int, total: Optional[int]
       os.fsync(f.fileno())
 
 
-def _check_download(part: pathlib.Path, url: str, size: Optional[int],
-                    sha256: Optional[str]) -> None:
+def _check_download(
+    part: pathlib.Path, url: str, size: Optional[int], sha256: Optional[str]
+) -> None:
   """Size, checksum and file kind of a complete download; HubError naming the problem."""
   done = part.stat().st_size
   if size is not None and done != size:
-    raise HubError(f'{url}: downloaded {done} bytes, expected {size} (truncated or a different '
-                   'file)')
+    raise HubError(
+        f'{url}: downloaded {done} bytes, expected {size} (truncated or a different ' 'file)'
+    )
   if sha256 is not None:
     digest = hashlib.sha256()
     with open(part, 'rb') as f:
@@ -447,8 +507,9 @@ def _import_hf(label: str) -> types.SimpleNamespace:
     import huggingface_hub.errors
     import huggingface_hub.file_download
   except ImportError:
-    raise HubError(f'checkpoint {label}: Hugging Face ids need huggingface_hub; {HUB_EXTRA_HINT}'
-                   ) from None
+    raise HubError(
+        f'checkpoint {label}: Hugging Face ids need huggingface_hub; {HUB_EXTRA_HINT}'
+    ) from None
   errors = huggingface_hub.errors
   return types.SimpleNamespace(
       constants=huggingface_hub.constants,
@@ -457,7 +518,8 @@ def _import_hf(label: str) -> types.SimpleNamespace:
       from_cache=huggingface_hub.file_download.try_to_load_from_cache,
       # 1.x split EntryNotFoundError into Local- and RemoteEntryNotFoundError; in 0.x the base
       # class is the remote one (its Local subclass is caught first).
-      remote_missing=getattr(errors, 'RemoteEntryNotFoundError', errors.EntryNotFoundError))
+      remote_missing=getattr(errors, 'RemoteEntryNotFoundError', errors.EntryNotFoundError),
+  )
 
 
 def hf_cache_dir() -> Optional[str]:
@@ -497,8 +559,9 @@ def _cause(e: BaseException) -> str:
   return f'{type(inner).__name__}: {_one_line(inner).split(". ")[0]}'[:200]
 
 
-def fetch_hf(repo_id: str, revision: Optional[str] = None, *,
-             could_be_path: bool = False) -> pathlib.Path:
+def fetch_hf(
+    repo_id: str, revision: Optional[str] = None, *, could_be_path: bool = False
+) -> pathlib.Path:
   """A Hugging Face OWL-ViT repo -> local directory with config.json + safetensors weights.
 
   Cached files are used without network access; missing ones are downloaded unless offline.
@@ -526,40 +589,56 @@ def fetch_hf(repo_id: str, revision: Optional[str] = None, *,
       return hf.download(repo_id, filename, revision=revision, cache_dir=cache)
     except errors.LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError)
       cause = _cause(e)
-      raise HubError(f'checkpoint {label}: cannot reach the Hugging Face Hub at '
-                     f'{hf.constants.ENDPOINT}{f" ({cause})" if cause else ""}, and {filename} '
-                     f'is not in the cache {where}') from None
+      raise HubError(
+          f'checkpoint {label}: cannot reach the Hugging Face Hub at '
+          f'{hf.constants.ENDPOINT}{f" ({cause})" if cause else ""}, and {filename} '
+          f'is not in the cache {where}'
+      ) from None
     except hf.remote_missing:
       return None
     except errors.GatedRepoError as e:  # (a subclass of RepositoryNotFoundError)
-      raise HubError(f'checkpoint {label}: a gated model on the Hugging Face Hub '
-                     f'({_http_status(e) or "refused"}); accept its terms on the model page and '
-                     'log in (hf auth login, or HF_TOKEN)') from None
+      raise HubError(
+          f'checkpoint {label}: a gated model on the Hugging Face Hub '
+          f'({_http_status(e) or "refused"}); accept its terms on the model page and '
+          'log in (hf auth login, or HF_TOKEN)'
+      ) from None
     except errors.RepositoryNotFoundError as e:
       status = _http_status(e) or 'not found'
       if could_be_path:
-        raise HubError(f'checkpoint {label}: no such file or directory, and no model of that '
-                       f'name on the Hugging Face Hub ({status})') from None
-      raise HubError(f'checkpoint {label}: no model of that name on the Hugging Face Hub '
-                     f'({status}; a private model needs a token: hf auth login, or HF_TOKEN)'
-                     ) from None
+        raise HubError(
+            f'checkpoint {label}: no such file or directory, and no model of that '
+            f'name on the Hugging Face Hub ({status})'
+        ) from None
+      raise HubError(
+          f'checkpoint {label}: no model of that name on the Hugging Face Hub '
+          f'({status}; a private model needs a token: hf auth login, or HF_TOKEN)'
+      ) from None
     except errors.RevisionNotFoundError as e:
-      raise HubError(f'checkpoint {label}: the Hugging Face model {repo_id} has no revision '
-                     f'{revision!r} ({_http_status(e) or "not found"})') from None
+      raise HubError(
+          f'checkpoint {label}: the Hugging Face model {repo_id} has no revision '
+          f'{revision!r} ({_http_status(e) or "not found"})'
+      ) from None
     except errors.HfHubHTTPError as e:
-      raise HubError(f'checkpoint {label}: {filename}: the Hugging Face Hub answered '
-                     f'{f"HTTP {_http_status(e)}" if _http_status(e) else _one_line(e)[:200]}') from None
+      raise HubError(
+          f'checkpoint {label}: {filename}: the Hugging Face Hub answered '
+          f'{f"HTTP {_http_status(e)}" if _http_status(e) else _one_line(e)[:200]}'
+      ) from None
     except Exception as e:  # pylint: disable=broad-except  # network / disk: one line, no trace
-      raise HubError(f'checkpoint {label}: {filename}: {type(e).__name__}: '
-                     f'{_one_line(e)[:200]}') from None
+      raise HubError(
+          f'checkpoint {label}: {filename}: {type(e).__name__}: ' f'{_one_line(e)[:200]}'
+      ) from None
 
   config = get(_HF_CONFIG)
   if config is None:
     if offline:
-      raise HubError(f'checkpoint {label}: not in the Hugging Face cache {where}, and '
-                     'HF_HUB_OFFLINE is set (no downloads); run once online or unset it')
-    raise HubError(f'checkpoint {label}: the repository has no {_HF_CONFIG}; not a Hugging Face '
-                   'OWL-ViT / OWLv2 model')
+      raise HubError(
+          f'checkpoint {label}: not in the Hugging Face cache {where}, and '
+          'HF_HUB_OFFLINE is set (no downloads); run once online or unset it'
+      )
+    raise HubError(
+        f'checkpoint {label}: the repository has no {_HF_CONFIG}; not a Hugging Face '
+        'OWL-ViT / OWLv2 model'
+    )
   snapshot = pathlib.Path(config).parent
   if get(_HF_SAFETENSORS) is not None:
     return snapshot
@@ -568,18 +647,23 @@ def fetch_hf(repo_id: str, revision: Optional[str] = None, *,
     shards = sorted(set(json.loads(pathlib.Path(index).read_text())['weight_map'].values()))
     missing = [s for s in shards if get(s) is None]
     if missing:
-      raise HubError(f'checkpoint {label}: safetensors shard {missing[0]} is '
-                     f'{"not cached (HF_HUB_OFFLINE is set)" if offline else "missing"}')
+      raise HubError(
+          f'checkpoint {label}: safetensors shard {missing[0]} is '
+          f'{"not cached (HF_HUB_OFFLINE is set)" if offline else "missing"}'
+      )
     return snapshot
   pickle = get(_HF_PICKLE)
   if pickle is not None:
     return _safetensors_from_pytorch(label, repo_id, snapshot, pathlib.Path(pickle))
-  raise HubError(f'checkpoint {label}: no {_HF_SAFETENSORS}, sharded safetensors or {_HF_PICKLE} '
-                 f'{"in the cache (HF_HUB_OFFLINE is set)" if offline else "in the repository"}')
+  raise HubError(
+      f'checkpoint {label}: no {_HF_SAFETENSORS}, sharded safetensors or {_HF_PICKLE} '
+      f'{"in the cache (HF_HUB_OFFLINE is set)" if offline else "in the repository"}'
+  )
 
 
-def _safetensors_from_pytorch(label: str, repo_id: str, snapshot: pathlib.Path,
-                              pickle: pathlib.Path) -> pathlib.Path:
+def _safetensors_from_pytorch(
+    label: str, repo_id: str, snapshot: pathlib.Path, pickle: pathlib.Path
+) -> pathlib.Path:
   """Converts a PyTorch-only snapshot once (torch.load(weights_only=True)) to a cached dir."""
   dest = cache_dir() / 'hf-safetensors' / repo_id.replace('/', '--') / snapshot.name
   if (dest / _HF_SAFETENSORS).is_file():
@@ -587,20 +671,25 @@ def _safetensors_from_pytorch(label: str, repo_id: str, snapshot: pathlib.Path,
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise HubError(f'checkpoint {label}: the repository has only {_HF_PICKLE}, a PyTorch pickle; '
-                   'install torch (pip install torch) to read it with torch.load(weights_only='
-                   'True), which cannot run code, or convert it to safetensors yourself') from None
+    raise HubError(
+        f'checkpoint {label}: the repository has only {_HF_PICKLE}, a PyTorch pickle; '
+        'install torch (pip install torch) to read it with torch.load(weights_only='
+        'True), which cannot run code, or convert it to safetensors yourself'
+    ) from None
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   try:
     state = torch.load(pickle, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch's restricted unpickler errors
-    raise HubError(f'checkpoint {label}: {pickle.name} cannot be read with '
-                   f'torch.load(weights_only=True) ({type(e).__name__}: {_one_line(e)[:200]})'
-                   ) from None
+    raise HubError(
+        f'checkpoint {label}: {pickle.name} cannot be read with '
+        f'torch.load(weights_only=True) ({type(e).__name__}: {_one_line(e)[:200]})'
+    ) from None
   if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
     raise HubError(f'checkpoint {label}: {pickle.name} is not a state dict of tensors')
-  arrays = {k: (v.float() if v.is_floating_point() else v).contiguous().numpy()
-            for k, v in state.items()}
+  arrays = {
+      k: (v.float() if v.is_floating_point() else v).contiguous().numpy() for k, v in state.items()
+  }
   logging.info('checkpoint %s: converting %s to safetensors in %s', label, pickle, dest)
   with fileio.replace_directory(dest) as tmp:
     safetensors.numpy.save_file(arrays, str(tmp / _HF_SAFETENSORS))

@@ -31,8 +31,9 @@ GIOU_RELATIVE_THRESHOLD = 1.2
 WHOLE_IMAGE_XYXY = (0.0, 0.0, 1.0, 1.0)
 
 
-def select_query_token(pred_boxes_cxcywh: jax.Array, class_embeddings: jax.Array,
-                       box_xyxy: Any = WHOLE_IMAGE_XYXY) -> jax.Array:
+def select_query_token(
+    pred_boxes_cxcywh: jax.Array, class_embeddings: jax.Array, box_xyxy: Any = WHOLE_IMAGE_XYXY
+) -> jax.Array:
   """Index of the query token chosen by Scenic's rule, for one image.
 
   Args:
@@ -56,8 +57,9 @@ def select_query_token(pred_boxes_cxcywh: jax.Array, class_embeddings: jax.Array
   return jnp.argmin(jnp.where(selected, similarity, jnp.inf)).astype(jnp.int32)
 
 
-def embed_image_query(module, variables, query_image: Any,
-                      box_xyxy: Optional[Sequence[float]] = None) -> tuple[jax.Array, int]:
+def embed_image_query(
+    module, variables, query_image: Any, box_xyxy: Optional[Sequence[float]] = None
+) -> tuple[jax.Array, int]:
   """Query embedding from an example image (Scenic's one-shot rule).
 
   Args:
@@ -109,20 +111,29 @@ def check_query_box(query: ImageQuery) -> None:
   try:
     x0, y0, x1, y1 = (float(v) for v in query.box)
   except (TypeError, ValueError):
-    raise ValueError(f'query box of {query.name}: expected (x0, y0, x1, y1) pixels, got '
-                     f'{query.box!r}') from None
+    raise ValueError(
+        f'query box of {query.name}: expected (x0, y0, x1, y1) pixels, got ' f'{query.box!r}'
+    ) from None
   if not all(np.isfinite([x0, y0, x1, y1])):
     raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is not finite')
   if not (x1 > x0 and y1 > y0):
-    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 '
-                     'and y1 > y0')
+    raise ValueError(
+        f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x1 > x0 ' 'and y1 > y0'
+    )
   if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-    raise ValueError(f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) px is not '
-                     f'inside the {w}x{h} px query image')
+    raise ValueError(
+        f'query box of {query.name}: ({x0:g}, {y0:g}, {x1:g}, {y1:g}) px is not '
+        f'inside the {w}x{h} px query image'
+    )
 
 
-def query_embeddings(module, variables, texts: Sequence[str] = (),
-                     image_queries: Sequence[ImageQuery] = (), recipe: str = 'colab') -> np.ndarray:
+def query_embeddings(
+    module,
+    variables,
+    texts: Sequence[str] = (),
+    image_queries: Sequence[ImageQuery] = (),
+    recipe: str = 'colab',
+) -> np.ndarray:
   """(Q, D) unnormalised query embeddings: text queries first, then image queries.
 
   Args:

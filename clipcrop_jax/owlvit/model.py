@@ -86,9 +86,12 @@ class TextZeroShotDetectionModule(nn.Module):
     del train
     return self.backbone.embed_text(text_queries)
 
-  def class_predictor(self, image_features: jax.Array,
-                      query_embeddings: Optional[jax.Array] = None,
-                      query_mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def class_predictor(
+      self,
+      image_features: jax.Array,
+      query_embeddings: Optional[jax.Array] = None,
+      query_mask: Optional[jax.Array] = None,
+  ) -> dict[str, jax.Array]:
     """image_features (B, P, W) -> {'class_embeddings' (B, P, D), ['pred_logits' (B, P, Q)]}."""
     return self.class_head(image_features, query_embeddings, query_mask)
 
@@ -97,8 +100,9 @@ class TextZeroShotDetectionModule(nn.Module):
     with `heads.logits_from_image_terms` so a new query costs only the text encoder."""
     return self.class_head.image_terms(image_features)
 
-  def box_predictor(self, image_features: jax.Array,
-                    feature_map: jax.Array) -> dict[str, jax.Array]:
+  def box_predictor(
+      self, image_features: jax.Array, feature_map: jax.Array
+  ) -> dict[str, jax.Array]:
     """image_features (B, P, W), feature_map (B, h, w, W) -> {'pred_boxes': (B, P, 4) cxcywh}."""
     _, h, w, _ = feature_map.shape
     logits = self.obj_box_head(image_features)
@@ -122,15 +126,19 @@ class TextZeroShotDetectionModule(nn.Module):
     feature_map = self.image_embedder(images)
     b, h, w, c = feature_map.shape
     image_features = feature_map.reshape(b, h * w, c)
-    out = {'feature_map': feature_map, 'image_features': image_features,
-           'class_terms': self.class_head_terms(image_features)}
+    out = {
+        'feature_map': feature_map,
+        'image_features': image_features,
+        'class_terms': self.class_head_terms(image_features),
+    }
     out.update(self.box_predictor(image_features, feature_map))
     if self.config.objectness:
       out.update(self.objectness_predictor(image_features))
     return out
 
-  def __call__(self, images: jax.Array, text_queries: jax.Array,
-               train: bool = False) -> dict[str, jax.Array]:
+  def __call__(
+      self, images: jax.Array, text_queries: jax.Array, train: bool = False
+  ) -> dict[str, jax.Array]:
     """Full detector.
 
     Args:
@@ -157,21 +165,24 @@ class TextZeroShotDetectionModule(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def encode_images(module: TextZeroShotDetectionModule, variables: Any,
-                  images: jax.Array) -> dict[str, jax.Array]:
+def encode_images(
+    module: TextZeroShotDetectionModule, variables: Any, images: jax.Array
+) -> dict[str, jax.Array]:
   """jit-compiled `module.encode_image` (compiled once per module config and image shape)."""
   return module.apply(variables, images, method=module.encode_image)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def embed_texts(module: TextZeroShotDetectionModule, variables: Any,
-                text_queries: jax.Array) -> jax.Array:
+def embed_texts(
+    module: TextZeroShotDetectionModule, variables: Any, text_queries: jax.Array
+) -> jax.Array:
   """jit-compiled `module.text_embedder`: int32 (..., L) -> (..., D) unnormalised."""
   return module.apply(variables, text_queries, method=module.text_embedder)
 
 
-def dummy_inputs(config: OwlViTConfig, batch_size: int = 1, num_queries: int = 1
-                 ) -> tuple[jax.Array, jax.Array]:
+def dummy_inputs(
+    config: OwlViTConfig, batch_size: int = 1, num_queries: int = 1
+) -> tuple[jax.Array, jax.Array]:
   """(images, text_queries) to initialise a model built on `config`: float32 zeros
   (B, S, S, 3) and int32 (B, Q, L) queries whose first token is 1 (real, not padding, so that
   every conditioned path of a ClipCrop model creates its parameters). Parameter values depend
@@ -181,12 +192,14 @@ def dummy_inputs(config: OwlViTConfig, batch_size: int = 1, num_queries: int = 1
   return images, text.at[..., 0].set(1)
 
 
-def init_variables(config: OwlViTConfig, seed: int = 0, batch_size: int = 1,
-                   num_queries: int = 1) -> dict[str, Any]:
+def init_variables(
+    config: OwlViTConfig, seed: int = 0, batch_size: int = 1, num_queries: int = 1
+) -> dict[str, Any]:
   """Random variables for `config` ({'params': ...}), jit-compiled init (compiled once per
   config and input shapes; further seeds reuse it)."""
-  return _jitted_init(config)(jax.random.PRNGKey(seed),
-                              *dummy_inputs(config, batch_size, num_queries))
+  return _jitted_init(config)(
+      jax.random.PRNGKey(seed), *dummy_inputs(config, batch_size, num_queries)
+  )
 
 
 @functools.lru_cache(maxsize=8)

@@ -94,12 +94,13 @@ class ImageTooLargeError(ImageError):
   `max_pixels=N` / environment variable) is how a caller's users raise the limit.
   """
 
-  def __init__(self, name: str, width: int, height: int, limit: int,
-               allow: str | None = None):
+  def __init__(self, name: str, width: int, height: int, limit: int, allow: str | None = None):
     self.name, self.width, self.height, self.limit = name, width, height, limit
     self.pixels = width * height
-    self.summary = (f"{name}: image is {width}x{height} = {self.pixels / 1e6:.1f} MP, above the "
-                    f"decoding limit of {limit / 1e6:.1f} MP ({limit} pixels)")
+    self.summary = (
+        f"{name}: image is {width}x{height} = {self.pixels / 1e6:.1f} MP, above the "
+        f"decoding limit of {limit / 1e6:.1f} MP ({limit} pixels)"
+    )
     if allow is None:
       allow = f"pass max_pixels={self.pixels} or set {MAX_PIXELS_ENV}={self.pixels}"
     super().__init__(f"{self.summary}; to decode it anyway {allow}")
@@ -140,8 +141,10 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
         as_float = float("nan")
       value = int(as_float) if np.isfinite(as_float) and as_float.is_integer() else 0
     if value < 1:
-      raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} is not a valid pixel limit; expected a positive "
-                       "integer number of pixels such as 200000000")
+      raise ValueError(
+          f"${MAX_PIXELS_ENV}={raw!r} is not a valid pixel limit; expected a positive "
+          "integer number of pixels such as 200000000"
+      )
     return value
   if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)):
     raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
@@ -194,7 +197,8 @@ def _read_bytes(path_or_file: ImageSource, name: str) -> bytes:
       raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from e
   if not hasattr(path_or_file, "read"):
     raise TypeError(
-        f"load_image expects a path or a binary file object, got {type(path_or_file).__name__}")
+        f"load_image expects a path or a binary file object, got {type(path_or_file).__name__}"
+    )
   try:
     data = path_or_file.read()
   except OSError as e:
@@ -242,8 +246,9 @@ def _pil_to_uint8_rgb(img: Image.Image, name: str) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8).copy()
 
 
-def _decode(path_or_file: ImageSource, max_pixels: int | None,
-            decode_fn: Callable[[Image.Image, str], Any]) -> Any:
+def _decode(
+    path_or_file: ImageSource, max_pixels: int | None, decode_fn: Callable[[Image.Image, str], Any]
+) -> Any:
   """Opens an image file, enforces the pixel limit, and runs `decode_fn(img, name)` on it.
 
   The limit is checked on the header size, before anything is decoded. Pillow's decompression-bomb
@@ -266,7 +271,10 @@ def _decode(path_or_file: ImageSource, max_pixels: int | None,
   if ImageFile.LOAD_TRUNCATED_IMAGES:
     warnings.warn(
         "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code); truncated images may be "
-        "accepted silently", RuntimeWarning, stacklevel=3)
+        "accepted silently",
+        RuntimeWarning,
+        stacklevel=3,
+    )
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -306,8 +314,9 @@ def _decode_full(img: Image.Image, name: str) -> np.ndarray:
     try:
       oriented = ImageOps.exif_transpose(img)
     except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"{name}: ignoring unreadable EXIF orientation ({e})", RuntimeWarning,
-                    stacklevel=4)
+      warnings.warn(
+          f"{name}: ignoring unreadable EXIF orientation ({e})", RuntimeWarning, stacklevel=4
+      )
     oriented.load()
   array = _pil_to_uint8_rgb(oriented, name)
   if array.size == 0:
@@ -363,8 +372,9 @@ def _exif_orientation(img: Image.Image, name: str) -> int:
   try:
     orientation = int(img.getexif().get(0x0112, 1))
   except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(f"{name}: ignoring unreadable EXIF orientation ({e})", RuntimeWarning,
-                  stacklevel=5)
+    warnings.warn(
+        f"{name}: ignoring unreadable EXIF orientation ({e})", RuntimeWarning, stacklevel=5
+    )
     return 1
   return orientation if orientation in _ORIENTATIONS else 1
 
@@ -390,8 +400,9 @@ def _colab_cell_size(m: int, size: int) -> int:
   return max(1, m // (_MIN_OVERSAMPLING * size))
 
 
-def _decode_cells(img: Image.Image, name: str,
-                  size: int) -> tuple[np.ndarray, tuple[int, int], int, tuple[bool, bool]]:
+def _decode_cells(
+    img: Image.Image, name: str, size: int
+) -> tuple[np.ndarray, tuple[int, int], int, tuple[bool, bool]]:
   """`decode_fn` of the fast path: decode at reduced resolution, then orient.
 
   Returns:
@@ -413,8 +424,9 @@ def _decode_cells(img: Image.Image, name: str,
       break
   img.load()
   if img.size != (-(-width // scale), -(-height // scale)):
-    raise AssertionError(f"{name}: draft gave {img.size}, expected scale 1/{scale} of "
-                         f"{(width, height)}")
+    raise AssertionError(
+        f"{name}: draft gave {img.size}, expected scale 1/{scale} of " f"{(width, height)}"
+    )
   orientation = _exif_orientation(img, name)
   factor = max(1, target // scale)
   cells = _reduce_to_rgb(img, factor, name)
@@ -430,13 +442,15 @@ def _decode_cells(img: Image.Image, name: str,
   return np.ascontiguousarray(cells), hw, scale * factor, (flip_y, flip_x)
 
 
-def load_for_model(path_or_file: ImageSource,
-                   size: int,
-                   recipe: str = "colab",
-                   pad_value: float | None = None,
-                   *,
-                   exact: bool = False,
-                   max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def load_for_model(
+    path_or_file: ImageSource,
+    size: int,
+    recipe: str = "colab",
+    pad_value: float | None = None,
+    *,
+    exact: bool = False,
+    max_pixels: int | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
   """Loads an image file straight into an OWL-ViT input, decoding no more pixels than needed.
 
   For the default fast "colab" path a JPEG is decoded with DCT scaling (`Image.draft`) to the
@@ -470,7 +484,8 @@ def load_for_model(path_or_file: ImageSource,
     rgb = load_image(path_or_file, max_pixels=max_pixels)
     return preprocess(rgb, size, recipe, pad_value, exact=exact), rgb.shape[:2]
   cells, hw, cell, partial_first = _decode(
-      path_or_file, max_pixels, lambda img, name: _decode_cells(img, name, size))
+      path_or_file, max_pixels, lambda img, name: _decode_cells(img, name, size)
+  )
   return _colab_resize(cells, hw, size, pad_value, cell, partial_first), hw
 
 
@@ -498,11 +513,15 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
   """
   image = np.asarray(image)
   if image.ndim not in (2, 3):
-    raise ValueError(f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got "
-                     f"shape {image.shape}")
+    raise ValueError(
+        f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got "
+        f"shape {image.shape}"
+    )
   if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"image must have 1, 3 or 4 channels in the last axis; got shape "
-                     f"{image.shape} (channels-first arrays must be transposed to (H, W, C))")
+    raise ValueError(
+        f"image must have 1, 3 or 4 channels in the last axis; got shape "
+        f"{image.shape} (channels-first arrays must be transposed to (H, W, C))"
+    )
   if image.size == 0:
     raise ValueError(f"image is empty (shape {image.shape})")
 
@@ -517,12 +536,15 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
       raise ValueError("float image contains NaN or infinite values")
     lo, hi = float(image.min()), float(image.max())
     if lo < 0.0 or hi > 1.0:
-      raise ValueError(f"float image values must lie in [0, 1]; got range [{lo:g}, {hi:g}] "
-                       "(divide uint8-range floats by 255)")
+      raise ValueError(
+          f"float image values must lie in [0, 1]; got range [{lo:g}, {hi:g}] "
+          "(divide uint8-range floats by 255)"
+      )
     img8 = np.rint(image.astype(np.float64) * 255.0).astype(np.uint8)
   else:
-    raise ValueError(f"unsupported image dtype {image.dtype}; expected uint8, uint16, bool or "
-                     "float in [0, 1]")
+    raise ValueError(
+        f"unsupported image dtype {image.dtype}; expected uint8, uint16, bool or " "float in [0, 1]"
+    )
 
   if img8.ndim == 2:
     img8 = img8[..., None]
@@ -551,8 +573,9 @@ def _mirror(index: np.ndarray, n: int) -> np.ndarray:
 # Memoised: a folder of photos has a few sizes, and building the operator took ~60% of the time
 # of a 1600x1200 JPEG's `load_for_model` at S = 96. The cached arrays are shared, so read-only.
 @functools.lru_cache(maxsize=256)
-def _colab_axis_weights(n: int, m: int, size: int, cell: int = 1,
-                        partial_first: bool = False) -> tuple[sparse.csr_matrix, np.ndarray]:
+def _colab_axis_weights(
+    n: int, m: int, size: int, cell: int = 1, partial_first: bool = False
+) -> tuple[sparse.csr_matrix, np.ndarray]:
   """`_colab_axis_weights_uncached`, memoised; the returned arrays are read-only."""
   weights, real_sum = _colab_axis_weights_uncached(n, m, size, cell, partial_first)
   for array in (weights.data, weights.indices, weights.indptr, real_sum):
@@ -560,9 +583,9 @@ def _colab_axis_weights(n: int, m: int, size: int, cell: int = 1,
   return weights, real_sum
 
 
-def _colab_axis_weights_uncached(n: int, m: int, size: int, cell: int = 1,
-                                 partial_first: bool = False
-                                 ) -> tuple[sparse.csr_matrix, np.ndarray]:
+def _colab_axis_weights_uncached(
+    n: int, m: int, size: int, cell: int = 1, partial_first: bool = False
+) -> tuple[sparse.csr_matrix, np.ndarray]:
   """One axis of the "colab" resize as a sparse matrix over cells of real pixels.
 
   The reference, along one axis of the padded square: a line of m = max(H, W) values (n real
@@ -654,12 +677,14 @@ def _colab_axis_weights_uncached(n: int, m: int, size: int, cell: int = 1,
   keep = weights > 0
   row_index = np.broadcast_to(np.arange(rows)[:, None], j.shape)
   matrix = sparse.csr_matrix(
-      (weights[keep].astype(np.float32), (row_index[keep], j[keep])), shape=(rows, n_cells))
+      (weights[keep].astype(np.float32), (row_index[keep], j[keep])), shape=(rows, n_cells)
+  )
   return matrix, weights.sum(axis=-1)
 
 
-def _separable_apply(image: np.ndarray, rows_op: sparse.csr_matrix,
-                     cols_op: sparse.csr_matrix) -> np.ndarray:
+def _separable_apply(
+    image: np.ndarray, rows_op: sparse.csr_matrix, cols_op: sparse.csr_matrix
+) -> np.ndarray:
   """out[i, j, c] = sum_{y, x} rows_op[i, y] * image[y, x, c] * cols_op[j, x], in float32.
 
   The rows pass runs over bands of input rows converted to float32 a chunk at a time, so memory is
@@ -682,7 +707,7 @@ def _separable_apply(image: np.ndarray, rows_op: sparse.csr_matrix,
   block = max(1, _CHUNK_VALUES // (w * c) * ho // h)  # Output rows per chunk.
   for i0 in range(0, ho, block):
     i1 = min(ho, i0 + block)
-    band = rows_op.indices[rows_op.indptr[i0]:rows_op.indptr[i1]]
+    band = rows_op.indices[rows_op.indptr[i0] : rows_op.indptr[i1]]
     if band.size == 0:
       rows[i0:i1] = 0.0
       continue
@@ -693,8 +718,14 @@ def _separable_apply(image: np.ndarray, rows_op: sparse.csr_matrix,
   return np.ascontiguousarray(out.reshape(wo, ho, c).transpose(1, 0, 2))
 
 
-def _colab_resize(cells: np.ndarray, hw: tuple[int, int], size: int, pad_value: float,
-                  cell: int = 1, partial_first: tuple[bool, bool] = (False, False)) -> np.ndarray:
+def _colab_resize(
+    cells: np.ndarray,
+    hw: tuple[int, int],
+    size: int,
+    pad_value: float,
+    cell: int = 1,
+    partial_first: tuple[bool, bool] = (False, False),
+) -> np.ndarray:
   """The "colab" recipe from uint8 RGB cells, without building the padded square.
 
   With P the (m, m) padded square (m = max(H, W)) and A_y, A_x the per-axis operators of
@@ -728,7 +759,7 @@ def _colab_resize(cells: np.ndarray, hw: tuple[int, int], size: int, pad_value: 
     lo, hi = min(lo, pad_value), max(hi, pad_value)
   np.clip(core, np.float32(lo), np.float32(hi), out=core)
   out = np.full((size, size, 3), pad_value, dtype=np.float32)
-  out[:core.shape[0], :core.shape[1]] = core
+  out[: core.shape[0], : core.shape[1]] = core
   return out
 
 
@@ -869,13 +900,15 @@ def _check_preprocess_args(recipe: str, size: int, pad_value: float | None) -> t
   return int(size), pad_value
 
 
-def preprocess(image: ImageInput,
-               size: int,
-               recipe: str = "colab",
-               pad_value: float | None = None,
-               *,
-               exact: bool = False,
-               max_pixels: int | None = None) -> np.ndarray:
+def preprocess(
+    image: ImageInput,
+    size: int,
+    recipe: str = "colab",
+    pad_value: float | None = None,
+    *,
+    exact: bool = False,
+    max_pixels: int | None = None,
+) -> np.ndarray:
   """Turns one image into an OWL-ViT input (padded to a square and resized, values in [0, 1]).
 
   Recipes:
@@ -931,13 +964,15 @@ def preprocess(image: ImageInput,
   return out
 
 
-def preprocess_batch(images: Sequence[ImageInput],
-                     size: int,
-                     recipe: str = "colab",
-                     pad_value: float | None = None,
-                     *,
-                     exact: bool = False,
-                     max_pixels: int | None = None) -> np.ndarray:
+def preprocess_batch(
+    images: Sequence[ImageInput],
+    size: int,
+    recipe: str = "colab",
+    pad_value: float | None = None,
+    *,
+    exact: bool = False,
+    max_pixels: int | None = None,
+) -> np.ndarray:
   """Applies `preprocess` to each image and stacks the results.
 
   Args:
@@ -953,8 +988,10 @@ def preprocess_batch(images: Sequence[ImageInput],
   """
   if isinstance(images, np.ndarray) and images.ndim == 4:
     images = list(images)
-  outs = [preprocess(im, size, recipe=recipe, pad_value=pad_value, exact=exact,
-                     max_pixels=max_pixels) for im in images]
+  outs = [
+      preprocess(im, size, recipe=recipe, pad_value=pad_value, exact=exact, max_pixels=max_pixels)
+      for im in images
+  ]
   if not outs:
     return np.zeros((0, size, size, 3), dtype=np.float32)
   return np.stack(outs, axis=0)
@@ -1020,7 +1057,8 @@ def pixels_xyxy_to_boxes_cxcywh(boxes_xyxy: np.ndarray, image_hw) -> np.ndarray:
   boxes_xyxy = boxes_xyxy.astype(dtype, copy=False)
   if boxes_xyxy.shape[-1:] != (4,):
     raise ValueError(
-        f"boxes must have a last axis of size 4 (x0, y0, x1, y1), got {boxes_xyxy.shape}")
+        f"boxes must have a last axis of size 4 (x0, y0, x1, y1), got {boxes_xyxy.shape}"
+    )
   h, w = _hw_arrays(image_hw, dtype)
   scale = np.maximum(h, w)
   x0, y0, x1, y1 = np.moveaxis(boxes_xyxy, -1, 0)

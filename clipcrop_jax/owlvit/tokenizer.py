@@ -95,19 +95,22 @@ def _warn_truncated(index: int, num_tokens: int, max_len: int, truncation: str) 
   if truncation == "keep_eot":
     consequence = "the last BPE tokens were dropped and EOT kept at the end"
   else:
-    consequence = ("EOT was dropped, so the text encoder pools the SOT token and the query "
-                   "embedding no longer depends on the text (Scenic behaviour)")
+    consequence = (
+        "EOT was dropped, so the text encoder pools the SOT token and the query "
+        "embedding no longer depends on the text (Scenic behaviour)"
+    )
   warnings.warn(
       f"text query {index} has {num_tokens} tokens including SOT/EOT and was truncated to "
       f"max_len={max_len} tokens ({truncation!r}: {consequence}). This warning is shown once "
       "per process.",
       UserWarning,
-      stacklevel=3)
+      stacklevel=3,
+  )
 
 
-def tokenize(texts: str | Sequence[str],
-             max_len: int = DEFAULT_MAX_LEN,
-             truncation: str = "keep_eot") -> np.ndarray:
+def tokenize(
+    texts: str | Sequence[str], max_len: int = DEFAULT_MAX_LEN, truncation: str = "keep_eot"
+) -> np.ndarray:
   """Tokenizes text queries into fixed-length CLIP token id rows.
 
   Each row is `[SOT] + BPE(clean_text(text)) + [EOT]` followed by `PAD_TOKEN` (0) up to `max_len`.
@@ -130,7 +133,8 @@ def tokenize(texts: str | Sequence[str],
   """
   if truncation not in TRUNCATION_MODES:
     raise ValueError(
-        f"unknown truncation {truncation!r}; expected one of {', '.join(TRUNCATION_MODES)}")
+        f"unknown truncation {truncation!r}; expected one of {', '.join(TRUNCATION_MODES)}"
+    )
   if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
     raise ValueError(f"max_len must be an integer >= 2 (room for SOT and EOT), got {max_len!r}")
   max_len = int(max_len)
@@ -150,12 +154,12 @@ def tokenize(texts: str | Sequence[str],
     if len(tokens) > max_len:
       _warn_truncated(index, len(tokens), max_len, truncation)
       if truncation == "keep_eot":
-        tokens = tokens[:max_len - 1] + [EOT_TOKEN]
+        tokens = tokens[: max_len - 1] + [EOT_TOKEN]
       else:
         tokens = tokens[:max_len]
     rows.append(tokens)
 
   out = np.full((len(rows), max_len), PAD_TOKEN, dtype=np.int32)
   for i, tokens in enumerate(rows):
-    out[i, :len(tokens)] = tokens
+    out[i, : len(tokens)] = tokens
   return out

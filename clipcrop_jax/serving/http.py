@@ -35,8 +35,9 @@ try:
   from starlette import exceptions as starlette_exceptions
   import uvicorn
 except ImportError as e:  # pragma: no cover - depends on the installation
-  raise ImportError(f'clipcrop_jax.serve needs the serve extra ({e}): '
-                    "pip install 'clipcrop-jax[serve]'") from None
+  raise ImportError(
+      f'clipcrop_jax.serve needs the serve extra ({e}): ' "pip install 'clipcrop-jax[serve]'"
+  ) from None
 from PIL import Image
 
 from clipcrop_jax import crop_request
@@ -52,19 +53,20 @@ API_PREFIX = '/v1/'
 _REQUEST_ID = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
 
-def error_response(status: int, message: str, headers: Optional[dict[str, str]] = None
-                   ) -> fastapi_responses.JSONResponse:
-  return fastapi_responses.JSONResponse({'error': ' '.join(str(message).split())}, status,
-                                        headers=headers)
-
-
+def error_response(
+    status: int, message: str, headers: Optional[dict[str, str]] = None
+) -> fastapi_responses.JSONResponse:
+  return fastapi_responses.JSONResponse(
+      {'error': ' '.join(str(message).split())}, status, headers=headers
+  )
 
 
 class QueryOut(pydantic.BaseModel):
   text: str = pydantic.Field(description="the query: the caption, a keyword or '<example image>'")
   role: str = pydantic.Field(description="'caption', 'subject' or 'context'")
   box: Optional[list[float]] = pydantic.Field(
-      description='x0, y0, x1, y1 (pixels) of what the query selected; null: nothing')
+      description='x0, y0, x1, y1 (pixels) of what the query selected; null: nothing'
+  )
   score: float = pydantic.Field(description="the detector's confidence in it, 0..1")
   in_union: bool = pydantic.Field(description='part of the union box the crops start from')
 
@@ -74,10 +76,13 @@ class CropOut(pydantic.BaseModel):
   score: float = pydantic.Field(description='quality score (higher is better)')
   focal_point: list[float] = pydantic.Field(description='x, y: the centre of the crop, pixels')
   fused: bool = pydantic.Field(
-      False, description='the mean box of the fuse_top_k best predictions (box voting), ranked '
-      'first whatever its score')
+      False,
+      description='the mean box of the fuse_top_k best predictions (box voting), ranked '
+      'first whatever its score',
+  )
   queries: list[QueryOut] = pydantic.Field(
-      [], description='the queries used and what each selected (the same for every crop)')
+      [], description='the queries used and what each selected (the same for every crop)'
+  )
 
 
 class CropsOut(pydantic.BaseModel):
@@ -90,12 +95,18 @@ class ErrorOut(pydantic.BaseModel):
   error: str = pydantic.Field(description='what is wrong, in one line')
 
 
-ERROR_RESPONSES = {status: {'model': ErrorOut, 'description': text} for status, text in (
-    (400, 'unreadable image (empty, truncated, corrupt)'), (401, 'missing or wrong bearer token'),
-    (413, 'upload, image pixels or text above the limit'),
-    (415, 'not multipart/form-data, or the upload is not an image'),
-    (422, 'a bad or missing field'), (503, 'busy: retry after Retry-After seconds'),
-    (504, 'no answer within the per-request timeout'))}
+ERROR_RESPONSES = {
+    status: {'model': ErrorOut, 'description': text}
+    for status, text in (
+        (400, 'unreadable image (empty, truncated, corrupt)'),
+        (401, 'missing or wrong bearer token'),
+        (413, 'upload, image pixels or text above the limit'),
+        (415, 'not multipart/form-data, or the upload is not an image'),
+        (422, 'a bad or missing field'),
+        (503, 'busy: retry after Retry-After seconds'),
+        (504, 'no answer within the per-request timeout'),
+    )
+}
 
 
 class _Gate:
@@ -129,8 +140,14 @@ class _Gate:
       else:
         await self.app(scope, self._limited(receive, scope), send_with_id)
     finally:
-      LOG.info('%s %s %s %d %.1f ms', rid, scope['method'], scope['path'], status[0],
-               (time.perf_counter() - started) * 1000)
+      LOG.info(
+          '%s %s %s %d %.1f ms',
+          rid,
+          scope['method'],
+          scope['path'],
+          status[0],
+          (time.perf_counter() - started) * 1000,
+      )
 
   def _refusal(self, scope, headers) -> Optional[fastapi_responses.JSONResponse]:
     if not scope['path'].startswith(API_PREFIX):
@@ -138,18 +155,28 @@ class _Gate:
     if self.config.token is not None:
       given = headers.get('authorization', '')
       if not given.startswith('Bearer '):
-        return error_response(401, 'missing bearer token (Authorization: Bearer <token>)',
-                              {'WWW-Authenticate': 'Bearer'})
-      if not hmac.compare_digest(given[len('Bearer '):].encode(), self.config.token.encode()):
+        return error_response(
+            401,
+            'missing bearer token (Authorization: Bearer <token>)',
+            {'WWW-Authenticate': 'Bearer'},
+        )
+      if not hmac.compare_digest(given[len('Bearer ') :].encode(), self.config.token.encode()):
         return error_response(401, 'wrong bearer token', {'WWW-Authenticate': 'Bearer'})
     if scope['method'] == 'POST' and not headers.get('content-type', '').startswith(
-        'multipart/form-data'):
-      return error_response(415, f"content type {headers.get('content-type', '(none)')!r}; "
-                            'expected multipart/form-data with an image file field')
+        'multipart/form-data'
+    ):
+      return error_response(
+          415,
+          f"content type {headers.get('content-type', '(none)')!r}; "
+          'expected multipart/form-data with an image file field',
+      )
     length = headers.get('content-length')
     if length is not None and (not length.isdigit() or int(length) > self.config.max_upload_bytes):
-      return error_response(413, f'request body of {length} bytes is above the limit of '
-                            f'{self.config.max_upload_bytes} bytes')
+      return error_response(
+          413,
+          f'request body of {length} bytes is above the limit of '
+          f'{self.config.max_upload_bytes} bytes',
+      )
     return None
 
   def _limited(self, receive, scope):
@@ -163,15 +190,18 @@ class _Gate:
       received += len(message.get('body', b''))
       if received > self.config.max_upload_bytes:
         raise starlette_exceptions.HTTPException(
-            413, f'request body is above the limit of {self.config.max_upload_bytes} bytes')
+            413, f'request body is above the limit of {self.config.max_upload_bytes} bytes'
+        )
       return message
+
     return limited_receive
 
 
 def _crop_fields(
     text: Optional[str] = fastapi.Form(None, description='what to crop to'),
     top_k: Optional[int] = fastapi.Form(
-        None, description=f'number of crops (default {crop_request.DEFAULT_TOP_K})'),
+        None, description=f'number of crops (default {crop_request.DEFAULT_TOP_K})'
+    ),
     aspect_ratio: Optional[str] = fastapi.Form(None, description="'16:9', '4/3', 1.5"),
     min_size: Optional[float] = fastapi.Form(None, description='min crop side, pixels'),
     mode: Optional[str] = fastapi.Form(None, description='full, main, key, base or image'),
@@ -190,12 +220,21 @@ async def _read_upload(upload: Any, name: str) -> Optional[bytes]:
 
 
 def _crops_json(crops: Sequence[cropper_lib.Crop]) -> list[dict[str, Any]]:
-  return [{'box': list(c.box), 'score': c.score, 'focal_point': list(c.focal_point),
-           'fused': c.fused, 'queries': [q.to_json() for q in c.queries]} for c in crops]
+  return [
+      {
+          'box': list(c.box),
+          'score': c.score,
+          'focal_point': list(c.focal_point),
+          'fused': c.fused,
+          'queries': [q.to_json() for q in c.queries],
+      }
+      for c in crops
+  ]
 
 
-def _resized_jpeg(image: bytes, box: Sequence[float], width: Optional[int],
-                  height: Optional[int], max_pixels: int) -> bytes:
+def _resized_jpeg(
+    image: bytes, box: Sequence[float], width: Optional[int], height: Optional[int], max_pixels: int
+) -> bytes:
   """The box cut from the full-resolution image (EXIF-oriented, as the model saw it), resized to
   width x height (one of them: the other keeps the crop's aspect ratio), as JPEG bytes."""
   rgb = pp.load_image(service_lib.named_file(image, 'image'), max_pixels)
@@ -211,9 +250,9 @@ def _resized_jpeg(image: bytes, box: Sequence[float], width: Optional[int],
   return out.getvalue()
 
 
-def create_app(cropper: cropper_lib.ClipCropper,
-               config: service_lib.ServeConfig = service_lib.ServeConfig()
-               ) -> fastapi.FastAPI:
+def create_app(
+    cropper: cropper_lib.ClipCropper, config: service_lib.ServeConfig = service_lib.ServeConfig()
+) -> fastapi.FastAPI:
   """The FastAPI application serving `cropper` (the `CropService` is `app.state.service`)."""
   service = service_lib.CropService(cropper, config, run_in_thread=concurrency.run_in_threadpool)
 
@@ -224,14 +263,22 @@ def create_app(cropper: cropper_lib.ClipCropper,
     service.stop()
 
   app = fastapi.FastAPI(
-      title='clipcrop-jax crop service', version='1',
+      title='clipcrop-jax crop service',
+      version='1',
       description='ClipCrop: crops photos to a text or an example image. Multipart uploads only; '
-      'URLs and server paths are never read.', lifespan=lifespan)
+      'URLs and server paths are never read.',
+      lifespan=lifespan,
+  )
   app.state.service = service
   if config.cors_origins:
     from fastapi.middleware import cors  # pylint: disable=g-import-not-at-top
-    app.add_middleware(cors.CORSMiddleware, allow_origins=list(config.cors_origins),
-                       allow_methods=['GET', 'POST'], allow_headers=['Authorization'])
+
+    app.add_middleware(
+        cors.CORSMiddleware,
+        allow_origins=list(config.cors_origins),
+        allow_methods=['GET', 'POST'],
+        allow_headers=['Authorization'],
+    )
   app.add_middleware(_Gate, config=config)
 
   @app.exception_handler(errors.ServiceError)
@@ -258,57 +305,81 @@ def create_app(cropper: cropper_lib.ClipCropper,
     image_bytes = await _read_upload(image, 'image')
     if image_bytes is None:
       raise errors.InvalidRequest('image: an uploaded image file is required')
-    crops, job = await service.crop(image_bytes, await _read_upload(query_image, 'query_image'),
-                                    fields)
+    crops, job = await service.crop(
+        image_bytes, await _read_upload(query_image, 'query_image'), fields
+    )
     h, w = job.image.image_hw
     return image_bytes, crops, (w, h), {'X-Encoding-Cache': 'hit' if job.cache_hit else 'miss'}
 
-  @app.post('/v1/crops', response_model=CropsOut, responses=ERROR_RESPONSES,
-            summary='Ranked crops of an image, for a text or an example image')
+  @app.post(
+      '/v1/crops',
+      response_model=CropsOut,
+      responses=ERROR_RESPONSES,
+      summary='Ranked crops of an image, for a text or an example image',
+  )
   async def crops_endpoint(
       image: fastapi.UploadFile = fastapi.File(description='the photo to crop'),
       query_image: Optional[fastapi.UploadFile] = fastapi.File(
-          None, description='an example image (instead of text)'),
-      fields: service_lib.CropFields = fastapi.Depends(_crop_fields)):
+          None, description='an example image (instead of text)'
+      ),
+      fields: service_lib.CropFields = fastapi.Depends(_crop_fields),
+  ):
     _, crops, image_wh, headers = await answer(image, query_image, fields)
     return fastapi_responses.JSONResponse(
         {'crops': _crops_json(crops), 'model': cropper.model_id, 'image_size': list(image_wh)},
-        headers=headers)
+        headers=headers,
+    )
 
-  @app.post('/v1/crop.jpg', response_class=fastapi_responses.Response,
-            responses={200: {'content': {'image/jpeg': {}}, 'description': 'the best crop'},
-                       **ERROR_RESPONSES},
-            summary='The best crop as a JPEG, resized to width x height')
+  @app.post(
+      '/v1/crop.jpg',
+      response_class=fastapi_responses.Response,
+      responses={
+          200: {'content': {'image/jpeg': {}}, 'description': 'the best crop'},
+          **ERROR_RESPONSES,
+      },
+      summary='The best crop as a JPEG, resized to width x height',
+  )
   async def crop_jpg_endpoint(
       image: fastapi.UploadFile = fastapi.File(description='the photo to crop'),
       query_image: Optional[fastapi.UploadFile] = fastapi.File(
-          None, description='an example image (instead of text)'),
+          None, description='an example image (instead of text)'
+      ),
       width: Optional[int] = fastapi.Form(None, description='output width, pixels'),
       height: Optional[int] = fastapi.Form(None, description='output height, pixels'),
-      fields: service_lib.CropFields = fastapi.Depends(_crop_fields)):
+      fields: service_lib.CropFields = fastapi.Depends(_crop_fields),
+  ):
     for name, value in (('width', width), ('height', height)):
       if value is not None and not 1 <= value <= config.max_output_side:
-        raise errors.InvalidRequest(
-            f'{name} must be in [1, {config.max_output_side}], got {value}')
+        raise errors.InvalidRequest(f'{name} must be in [1, {config.max_output_side}], got {value}')
     if width and height and fields.aspect_ratio is None:
       fields.aspect_ratio = f'{width}:{height}'  # the crop has the output's shape: no stretching
     fields.top_k = 1
     image_bytes, crops, _, headers = await answer(image, query_image, fields)
     if not crops:
       raise errors.InvalidRequest('no crop satisfies min_size / aspect_ratio on this image')
-    jpeg = await concurrency.run_in_threadpool(_resized_jpeg, image_bytes, crops[0].box, width,
-                                               height, config.max_pixels)
-    headers.update({'X-Crop-Box': ','.join(f'{v:.2f}' for v in crops[0].box),
-                    'X-Crop-Score': f'{crops[0].score:.6g}'})
+    jpeg = await concurrency.run_in_threadpool(
+        _resized_jpeg, image_bytes, crops[0].box, width, height, config.max_pixels
+    )
+    headers.update(
+        {
+            'X-Crop-Box': ','.join(f'{v:.2f}' for v in crops[0].box),
+            'X-Crop-Score': f'{crops[0].score:.6g}',
+        }
+    )
     return fastapi_responses.Response(jpeg, media_type='image/jpeg', headers=headers)
 
   @app.get('/healthz', summary='The process is up')
   async def healthz():
-    return {'status': 'ok', 'in_progress': service.in_progress, 'cached_images': len(service.cache),
-            'cache_bytes': service.cache.bytes}
+    return {
+        'status': 'ok',
+        'in_progress': service.in_progress,
+        'cached_images': len(service.cache),
+        'cache_bytes': service.cache.bytes,
+    }
 
-  @app.get('/readyz', summary='The model is loaded and compiled',
-           responses={503: {'model': ErrorOut}})
+  @app.get(
+      '/readyz', summary='The model is loaded and compiled', responses={503: {'model': ErrorOut}}
+  )
   async def readyz():
     if not service.ready.is_set():
       return error_response(503, 'warming up (compiling the model)')
@@ -322,40 +393,74 @@ def create_app(cropper: cropper_lib.ClipCropper,
   return app
 
 
-def uvicorn_config(app, host: str, port: int, config: service_lib.ServeConfig, **kwargs
-                   ) -> uvicorn.Config:
+def uvicorn_config(
+    app, host: str, port: int, config: service_lib.ServeConfig, **kwargs
+) -> uvicorn.Config:
   """uvicorn settings of the service: our access log instead of uvicorn's, and a graceful
   shutdown that waits up to one request timeout (+ 5 s) for the requests in flight."""
-  return uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
-                        timeout_graceful_shutdown=int(config.timeout_s) + 5, **kwargs)
+  return uvicorn.Config(
+      app,
+      host=host,
+      port=port,
+      access_log=False,
+      log_config=None,
+      timeout_graceful_shutdown=int(config.timeout_s) + 5,
+      **kwargs,
+  )
 
 
 def _parser() -> argparse.ArgumentParser:
   defaults = service_lib.ServeConfig()
-  parser = argparse.ArgumentParser(prog='python -m clipcrop_jax.serve',
-                                   description='HTTP crop service with a playground page at /.')
+  parser = argparse.ArgumentParser(
+      prog='python -m clipcrop_jax.serve',
+      description='HTTP crop service with a playground page at /.',
+  )
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument('--checkpoint', help='ClipCrop model dir (or training workdir), or an OWL-ViT '
-                   'checkpoint (zero-shot mode).')
-  src.add_argument('--random-init', metavar='CONFIG',
-                   help="Random weights ('tiny', or an OWL-ViT config name) for tests and demos.")
+  src.add_argument(
+      '--checkpoint',
+      help='ClipCrop model dir (or training workdir), or an OWL-ViT '
+      'checkpoint (zero-shot mode).',
+  )
+  src.add_argument(
+      '--random-init',
+      metavar='CONFIG',
+      help="Random weights ('tiny', or an OWL-ViT config name) for tests and demos.",
+  )
   parser.add_argument('--host', default='127.0.0.1')
   parser.add_argument('--port', type=int, default=8000)
-  parser.add_argument('--keyword-pipeline', default=None,
-                      help="Keyword extractor (a spaCy pipeline or 'rules'); default: the model's.")
+  parser.add_argument(
+      '--keyword-pipeline',
+      default=None,
+      help="Keyword extractor (a spaCy pipeline or 'rules'); default: the model's.",
+  )
   for field in dataclasses.fields(service_lib.ServeConfig):
     if field.name in ('token', 'cors_origins', 'warmup'):
       continue
     default = getattr(defaults, field.name)
-    parser.add_argument('--' + field.name.replace('_', '-'), type=type(default), default=default,
-                        help=f'(default {default})')
-  parser.add_argument('--dtype', choices=sorted(default_config.DTYPES), default='float32',
-                      help='Compute dtype (bfloat16 on accelerators; parameters stay float32).')
+    parser.add_argument(
+        '--' + field.name.replace('_', '-'),
+        type=type(default),
+        default=default,
+        help=f'(default {default})',
+    )
+  parser.add_argument(
+      '--dtype',
+      choices=sorted(default_config.DTYPES),
+      default='float32',
+      help='Compute dtype (bfloat16 on accelerators; parameters stay float32).',
+  )
   parser.add_argument('--token-file', help='Require "Authorization: Bearer <the file\'s text>".')
-  parser.add_argument('--cors-origin', action='append', default=[],
-                      help='Allow this origin (repeat for more); default: CORS off.')
-  parser.add_argument('--no-warmup', action='store_true',
-                      help='Ready at once; each batch shape compiles on first use.')
+  parser.add_argument(
+      '--cors-origin',
+      action='append',
+      default=[],
+      help='Allow this origin (repeat for more); default: CORS off.',
+  )
+  parser.add_argument(
+      '--no-warmup',
+      action='store_true',
+      help='Ready at once; each batch shape compiles on first use.',
+  )
   parser.add_argument('--log-level', default='info', choices=['debug', 'info', 'warning', 'error'])
   return parser
 
@@ -372,33 +477,44 @@ def _read_token(path: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(),
-                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  logging.basicConfig(
+      level=args.log_level.upper(), format='%(asctime)s %(levelname)s %(name)s: %(message)s'
+  )
   from clipcrop_jax import keywords  # pylint: disable=g-import-not-at-top
+
   try:  # every argument before the model is loaded
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(service_lib.ServeConfig)
-              if f.name not in ('token', 'cors_origins', 'warmup')}
-    config = service_lib.ServeConfig(**values, cors_origins=tuple(args.cors_origin),
-                         token=_read_token(args.token_file) if args.token_file else None,
-                         warmup=not args.no_warmup)
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(service_lib.ServeConfig)
+        if f.name not in ('token', 'cors_origins', 'warmup')
+    }
+    config = service_lib.ServeConfig(
+        **values,
+        cors_origins=tuple(args.cors_origin),
+        token=_read_token(args.token_file) if args.token_file else None,
+        warmup=not args.no_warmup,
+    )
     crop_request.check_int('--port', args.port, minimum=0)
     if args.keyword_pipeline is not None:
       keywords.check_pipeline(args.keyword_pipeline)
     if args.random_init:
       cropper = cropper_lib.ClipCropper.init_random(
-          args.random_init, keyword_pipeline=args.keyword_pipeline,
-          dtype=args.dtype)
+          args.random_init, keyword_pipeline=args.keyword_pipeline, dtype=args.dtype
+      )
     else:
-      cropper = cropper_lib.ClipCropper.load(args.checkpoint,
-                                             keyword_pipeline=args.keyword_pipeline,
-                                             dtype=args.dtype)
+      cropper = cropper_lib.ClipCropper.load(
+          args.checkpoint, keyword_pipeline=args.keyword_pipeline, dtype=args.dtype
+      )
   except (ValueError, TypeError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   LOG.info('serving %s on http://%s:%d', cropper.model_id, args.host, args.port)
   try:
-    uvicorn.Server(uvicorn_config(create_app(cropper, config), args.host, args.port, config,
-                                  log_level=args.log_level)).run()
+    uvicorn.Server(
+        uvicorn_config(
+            create_app(cropper, config), args.host, args.port, config, log_level=args.log_level
+        )
+    ).run()
   except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raises it
     return 130
   return 0

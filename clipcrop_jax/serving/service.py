@@ -68,8 +68,15 @@ class ServeConfig:
   warmup: bool = True
 
   def __post_init__(self):
-    for name in ('max_batch', 'max_queue', 'max_upload_bytes', 'max_pixels', 'max_text_chars',
-                 'max_top_k', 'max_output_side'):
+    for name in (
+        'max_batch',
+        'max_queue',
+        'max_upload_bytes',
+        'max_pixels',
+        'max_text_chars',
+        'max_top_k',
+        'max_output_side',
+    ):
       crop_request.check_int(name, getattr(self, name))
     crop_request.check_int('cache_bytes', self.cache_bytes, minimum=0)
     crop_request.check_real('batch_wait_ms', self.batch_wait_ms)
@@ -98,7 +105,8 @@ class EncodingCache:
     self.bytes = 0
     self.hits = self.misses = 0
     self._items: collections.OrderedDict[str, tuple[cropper_lib.Encoding, int]] = (
-        collections.OrderedDict())
+        collections.OrderedDict()
+    )
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -241,8 +249,12 @@ class CropService:
     images_encoded: images that went through the image encoder.
   """
 
-  def __init__(self, cropper: cropper_lib.ClipCropper, config: ServeConfig = ServeConfig(),
-               run_in_thread: Optional[Callable[..., Awaitable[Any]]] = None):
+  def __init__(
+      self,
+      cropper: cropper_lib.ClipCropper,
+      config: ServeConfig = ServeConfig(),
+      run_in_thread: Optional[Callable[..., Awaitable[Any]]] = None,
+  ):
     """`run_in_thread(fn, *args)`: awaits `fn(*args)` run in a worker thread (default
     `asyncio.to_thread`; the HTTP layer passes its framework's thread pool)."""
     self.cropper = cropper
@@ -293,8 +305,11 @@ class CropService:
       if self._admitted >= self.config.max_queue:
         waves = math.ceil(self._admitted / self.config.max_batch)
         retry = min(60, max(1, math.ceil(waves * self._batch_seconds)))
-        raise errors.Busy(f'busy: {self._admitted} requests in progress (max_queue '
-                          f'{self.config.max_queue}); retry later', {'Retry-After': str(retry)})
+        raise errors.Busy(
+            f'busy: {self._admitted} requests in progress (max_queue '
+            f'{self.config.max_queue}); retry later',
+            {'Retry-After': str(retry)},
+        )
       self._admitted += 1
 
   def release(self) -> None:
@@ -314,8 +329,9 @@ class CropService:
     if top_k > self.config.max_top_k:
       raise ValueError(f'top_k must be <= {self.config.max_top_k}, got {top_k}')
     if fields.text is not None and len(fields.text) > self.config.max_text_chars:
-      raise errors.TextTooLong(f'text has {len(fields.text)} characters; the limit is '
-                               f'{self.config.max_text_chars}')
+      raise errors.TextTooLong(
+          f'text has {len(fields.text)} characters; the limit is ' f'{self.config.max_text_chars}'
+      )
 
   def make_job(self, image: bytes, query_image: Optional[bytes], fields: CropFields) -> Job:
     """Checks the request, embeds its query and looks the image up / decodes it (blocking: run
@@ -327,15 +343,21 @@ class CropService:
     if query_image is not None:
       query = pp.load_image(named_file(query_image, 'query_image'), self.config.max_pixels)
     request = self.cropper.check_request(
-        text=fields.text, query_image=query, top_k=top_k,
-        aspect_ratio=fields.aspect_ratio, min_size=fields.min_size, mode=fields.mode)
+        text=fields.text,
+        query_image=query,
+        top_k=top_k,
+        aspect_ratio=fields.aspect_ratio,
+        min_size=fields.min_size,
+        mode=fields.mode,
+    )
     key = hashlib.sha256(image).hexdigest()
     encoding = self.cache.get(key) if self.config.cache_bytes else None
     if encoding is not None:
       return Job(key, encoding, request, cache_hit=True)
     size = self.cropper.config.owlvit_config.image_size
-    pixels, image_hw = pp.load_for_model(named_file(image, 'image'), size,
-                                         max_pixels=self.config.max_pixels)
+    pixels, image_hw = pp.load_for_model(
+        named_file(image, 'image'), size, max_pixels=self.config.max_pixels
+    )
     return Job(key, cropper_lib.ModelInput(pixels, image_hw), request, cache_hit=False)
 
   def _run_batch(self, jobs: list[Job]) -> None:
@@ -350,22 +372,28 @@ class CropService:
           to_encode.setdefault(job.key, job.image)
         else:  # encoded by an earlier batch since the job was made
           job.image, job.cache_hit = cached, True
-    encoded = dict(zip(to_encode, self.cropper.encode_batch(
-        list(to_encode.values()), batch_size=self.config.max_batch)))
+    encoded = dict(
+        zip(
+            to_encode,
+            self.cropper.encode_batch(list(to_encode.values()), batch_size=self.config.max_batch),
+        )
+    )
     self.images_encoded += len(encoded)
     for key, encoding in encoded.items():
       if self.config.cache_bytes:
         self.cache.put(key, encoding)
     for job in jobs:
       try:
-        job.future.set_result(self.cropper.crop_checked(encoded.get(job.key, job.image),
-                                                        job.request))
+        job.future.set_result(
+            self.cropper.crop_checked(encoded.get(job.key, job.image), job.request)
+        )
       except Exception as e:  # pylint: disable=broad-except  # this job's error, not the batch's
         job.future.set_exception(e)
     self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
 
-  async def crop(self, image: bytes, query_image: Optional[bytes], fields: CropFields
-                 ) -> tuple[list[cropper_lib.Crop], Job]:
+  async def crop(
+      self, image: bytes, query_image: Optional[bytes], fields: CropFields
+  ) -> tuple[list[cropper_lib.Crop], Job]:
     """Admission, checks, batching, timeout: the crops (best first) and the finished job.
 
     Raises:
@@ -374,9 +402,11 @@ class CropService:
     """
     self.admit()
     try:
+
       async def run() -> tuple[list[cropper_lib.Crop], Job]:
         job = await self.run_in_thread(self.make_job, image, query_image, fields)
         return await asyncio.wrap_future(self.batcher.submit(job)), job
+
       return await asyncio.wait_for(run(), self.config.timeout_s)
     except asyncio.TimeoutError:
       raise errors.TimedOut(f'no answer within {self.config.timeout_s:g} s') from None

@@ -17,21 +17,27 @@ from clipcrop_jax.serving import service as service_lib
 class BackgroundServer:
   """The app on 127.0.0.1 (a free port unless given) in a daemon thread, for tests and tools.
 
-    with BackgroundServer(http.create_app(cropper)) as server:
-      httpx.get(server.url + '/healthz')
+  with BackgroundServer(http.create_app(cropper)) as server:
+    httpx.get(server.url + '/healthz')
   """
 
-  def __init__(self, app, config: service_lib.ServeConfig = service_lib.ServeConfig(),
-               port: int = 0):
+  def __init__(
+      self, app, config: service_lib.ServeConfig = service_lib.ServeConfig(), port: int = 0
+  ):
     self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     self._socket.bind(('127.0.0.1', port))
     self.port = self._socket.getsockname()[1]
     self.url = f'http://127.0.0.1:{self.port}'
-    self.server = uvicorn.Server(http.uvicorn_config(app, '127.0.0.1', self.port, config,
-                                                log_level='warning'))
-    self._thread = threading.Thread(target=self.server.run, kwargs={'sockets': [self._socket]},
-                                    name='clipcrop-uvicorn', daemon=True)
+    self.server = uvicorn.Server(
+        http.uvicorn_config(app, '127.0.0.1', self.port, config, log_level='warning')
+    )
+    self._thread = threading.Thread(
+        target=self.server.run,
+        kwargs={'sockets': [self._socket]},
+        name='clipcrop-uvicorn',
+        daemon=True,
+    )
 
   def __enter__(self) -> 'BackgroundServer':
     self._thread.start()

@@ -34,20 +34,26 @@ TrainState = Any  # `trainer.TrainState` (any pytree with a `step`)
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(config.checkpoint.keep)),
-                                         create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options)
+
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max(1, int(config.checkpoint.keep)), create=True
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options
+  )
 
 
 def save_checkpoint(manager, state: TrainState) -> None:
   """Saves `state` at its step; raises if Orbax skips it (it does when a step >= it exists)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint.args  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
   step = int(jax.device_get(state.step))
   if manager.save(step, args=ocp.args.StandardSave(state)) is False:
-    raise RuntimeError(f'Orbax did not save step {step} in {manager.directory}: it already holds '
-                       f'step {manager.latest_step()}')
+    raise RuntimeError(
+        f'Orbax did not save step {step} in {manager.directory}: it already holds '
+        f'step {manager.latest_step()}'
+    )
   manager.wait_until_finished()
 
 
@@ -73,8 +79,8 @@ def _error_summary(error: BaseException) -> str:
 def _abandoned_read(report: Any) -> bool:
   """An "Exception ignored" report left by a read of a failed Orbax restore."""
   return inspect.iscoroutine(report.object) or (
-      isinstance(report.exc_value, RuntimeError) and 'Event loop is closed' in str(
-          report.exc_value))
+      isinstance(report.exc_value, RuntimeError) and 'Event loop is closed' in str(report.exc_value)
+  )
 
 
 def _unretrieved_read_error(record: python_logging.LogRecord) -> bool:
@@ -110,18 +116,21 @@ def _quiet_abandoned_reads() -> Iterator[Callable[[], None]]:
     sys.unraisablehook = hook
 
 
-def _restore_step(checkpointer, step_dir: pathlib.Path, abstract_state: TrainState
-                  ) -> tuple[Optional[TrainState], Optional[str]]:
+def _restore_step(
+    checkpointer, step_dir: pathlib.Path, abstract_state: TrainState
+) -> tuple[Optional[TrainState], Optional[str]]:
   """(state, None) from one step folder, restored as `CheckpointManager` does, or (None, why)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint.args  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
   if not any(step_dir.iterdir()):
     return None, 'empty folder'
   reason = None
   with _quiet_abandoned_reads() as settle:
     try:
       restored = checkpointer.restore(
-          step_dir, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract_state)))
+          step_dir, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract_state))
+      )
     except Exception as e:  # pylint: disable=broad-except
       reason = _error_summary(e)
     if reason is not None:  # outside the `except`: its traceback no longer holds the reads
@@ -145,15 +154,23 @@ def _set_aside(workdir: str, failed: list[tuple[int, str]]) -> None:
       while target.exists():
         target, k = root / f'{step}.{k}', k + 1
       os.rename(pathlib.Path(workdir) / CHECKPOINT_DIR / str(step), target)
-      logging.warning('Moved the unusable checkpoint step %d (%s) to %s; nothing was deleted. '
-                      'Training goes on and saves step %d again.', step, reason, target, step)
+      logging.warning(
+          'Moved the unusable checkpoint step %d (%s) to %s; nothing was deleted. '
+          'Training goes on and saves step %d again.',
+          step,
+          reason,
+          target,
+          step,
+      )
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices('clipcrop_set_aside_checkpoints')
 
 
-def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
-                   ) -> tuple[Optional[TrainState], Optional[int]]:
+def restore_latest(
+    workdir: str, abstract_state: TrainState, *, set_aside: bool
+) -> tuple[Optional[TrainState], Optional[int]]:
   """The newest checkpoint of `<workdir>/checkpoints` that restores, as (state, step).
 
   Step folders are listed here (not by Orbax's CheckpointManager, which an empty or corrupt step
@@ -178,6 +195,7 @@ def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
       and why; nothing is moved).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   directory = pathlib.Path(workdir) / CHECKPOINT_DIR
   failed: list[tuple[int, str]] = []
   state, restored_step = None, None
@@ -189,8 +207,12 @@ def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
         restored_step = step
         break
       failed.append((step, reason))
-      logging.warning('Checkpoint step %d in %s is unusable (%s); trying the previous step.',
-                      step, directory, reason)
+      logging.warning(
+          'Checkpoint step %d in %s is unusable (%s); trying the previous step.',
+          step,
+          directory,
+          reason,
+      )
   finally:
     checkpointer.close()
   if state is None and failed:
@@ -198,7 +220,8 @@ def restore_latest(workdir: str, abstract_state: TrainState, *, set_aside: bool
         f'no usable checkpoint in {directory}: '
         + '; '.join(f'step {s}: {r}' for s, r in failed)
         + ' (nothing was moved or deleted; repair or remove these step folders, or use a new '
-        'workdir)')
+        'workdir)'
+    )
   if failed and set_aside:
     _set_aside(workdir, failed)
   return state, restored_step

@@ -62,14 +62,16 @@ DIAGNOSTIC_NAMES = ('matched_iou_mean',)
 DEFAULT_WEIGHTS = {'loss_l1': 5.0, 'loss_giou': 2.0, 'loss_quality': 1.0}
 
 
-def normalise_scores(scores: jax.Array, score_min: float = 1.0,
-                     score_max: float = 5.0) -> jax.Array:
+def normalise_scores(
+    scores: jax.Array, score_min: float = 1.0, score_max: float = 5.0
+) -> jax.Array:
   """Maps scores linearly so score_min -> 0 and score_max -> 1, without clipping; same shape."""
   return (jnp.asarray(scores, jnp.float32) - score_min) / (score_max - score_min)
 
 
-def select_positives(crop_scores: jax.Array, crop_mask: jax.Array,
-                     threshold: float = 4.0) -> jax.Array:
+def select_positives(
+    crop_scores: jax.Array, crop_mask: jax.Array, threshold: float = 4.0
+) -> jax.Array:
   """Positive crops: score >= threshold, else (if an example has none) those tied at its max.
 
   Args:
@@ -88,13 +90,15 @@ def select_positives(crop_scores: jax.Array, crop_mask: jax.Array,
   return jnp.where(jnp.any(above, axis=1, keepdims=True), above, at_best)
 
 
-def quality_targets(pred_boxes_xyxy: jax.Array,
-                    matched: jax.Array,
-                    matched_score: jax.Array,
-                    crop_boxes_xyxy: jax.Array,
-                    crop_scores_norm: jax.Array,
-                    crop_mask: jax.Array,
-                    smoothing_iou: Optional[float] = 0.9) -> jax.Array:
+def quality_targets(
+    pred_boxes_xyxy: jax.Array,
+    matched: jax.Array,
+    matched_score: jax.Array,
+    crop_boxes_xyxy: jax.Array,
+    crop_scores_norm: jax.Array,
+    crop_mask: jax.Array,
+    smoothing_iou: Optional[float] = 0.9,
+) -> jax.Array:
   """Quality target of every prediction (no gradient).
 
   Args:
@@ -124,8 +128,9 @@ def quality_targets(pred_boxes_xyxy: jax.Array,
   return jax.lax.stop_gradient(targets)
 
 
-def count_positives(crop_scores: jax.Array, crop_mask: jax.Array,
-                    threshold: float = 4.0) -> jax.Array:
+def count_positives(
+    crop_scores: jax.Array, crop_mask: jax.Array, threshold: float = 4.0
+) -> jax.Array:
   """Number of positives in the batch as a float32 scalar (not clamped; psum it across shards)."""
   return jnp.sum(select_positives(crop_scores, crop_mask, threshold).astype(jnp.float32))
 
@@ -135,10 +140,12 @@ def count_ranked_images(crop_mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.any(jnp.asarray(crop_mask, bool), axis=1).astype(jnp.float32))
 
 
-def iou_quality_targets(pred_boxes_xyxy: jax.Array,
-                        crop_boxes_xyxy: jax.Array,
-                        crop_scores_norm: jax.Array,
-                        crop_mask: jax.Array) -> jax.Array:
+def iou_quality_targets(
+    pred_boxes_xyxy: jax.Array,
+    crop_boxes_xyxy: jax.Array,
+    crop_scores_norm: jax.Array,
+    crop_mask: jax.Array,
+) -> jax.Array:
   """Score/IoU-aware quality target of every prediction, matched or not (no gradient).
 
   target_i = max over real crops c of IoU(pred_i, crop_c) * crop_scores_norm_c: a prediction is
@@ -172,9 +179,9 @@ def top_crops_mask(crop_scores: jax.Array, crop_mask: jax.Array, k: int) -> jax.
   return picked & real
 
 
-def top_iou_targets(pred_boxes_xyxy: jax.Array,
-                    crop_boxes_xyxy: jax.Array,
-                    references: jax.Array) -> jax.Array:
+def top_iou_targets(
+    pred_boxes_xyxy: jax.Array, crop_boxes_xyxy: jax.Array, references: jax.Array
+) -> jax.Array:
   """Quality target of every prediction: its mean IoU with the image's reference crops (no grad).
 
   The same quantity as IoU-Mean (Horanyi-PR / TextCrop score a crop against an example's few
@@ -196,8 +203,9 @@ def top_iou_targets(pred_boxes_xyxy: jax.Array,
   return jax.lax.stop_gradient(mean)
 
 
-def pairwise_ranking_loss(logits: jax.Array, targets: jax.Array, image_mask: jax.Array,
-                          margin: float = PAIRWISE_MARGIN) -> jax.Array:
+def pairwise_ranking_loss(
+    logits: jax.Array, targets: jax.Array, image_mask: jax.Array, margin: float = PAIRWISE_MARGIN
+) -> jax.Array:
   """Per-image pairwise ranking loss of the quality logits (RankNet form).
 
   For every ordered pair (i, j) of one image's predictions with targets_i > targets_j + margin,
@@ -221,15 +229,16 @@ def pairwise_ranking_loss(logits: jax.Array, targets: jax.Array, image_mask: jax
   """
   logits = jnp.asarray(logits, jnp.float32)
   targets = jnp.asarray(targets, jnp.float32)
-  pairs = (targets[:, :, None] > targets[:, None, :] + margin)  # (B, M, M) i above j
+  pairs = targets[:, :, None] > targets[:, None, :] + margin  # (B, M, M) i above j
   pairs = pairs & jnp.asarray(image_mask, bool)[:, None, None]
   per_pair = jax.nn.softplus(logits[:, None, :] - logits[:, :, None])  # (B, M, M) -(l_i - l_j)
   num_pairs = jnp.sum(pairs.astype(jnp.float32), axis=(1, 2))  # (B,)
   return jnp.sum(jnp.where(pairs, per_pair, 0.0), axis=(1, 2)) / jnp.maximum(num_pairs, 1.0)
 
 
-def listwise_ranking_loss(logits: jax.Array, targets: jax.Array, image_mask: jax.Array,
-                          temperature: float) -> jax.Array:
+def listwise_ranking_loss(
+    logits: jax.Array, targets: jax.Array, image_mask: jax.Array, temperature: float
+) -> jax.Array:
   """Per-image ListNet loss: cross-entropy of softmax(logits) under softmax(targets / temperature).
 
   ListNet: Cao et al., "Learning to Rank: From Pairwise Approach to Listwise Approach", ICML 2007.
@@ -249,16 +258,18 @@ def listwise_ranking_loss(logits: jax.Array, targets: jax.Array, image_mask: jax
   return jnp.where(jnp.asarray(image_mask, bool), cross_entropy, 0.0)
 
 
-def quality_objective(pred_quality: jax.Array,
-                      quality_logits: Optional[jax.Array],
-                      targets: jax.Array,
-                      crop_mask: jax.Array,
-                      *,
-                      quality_loss: str = 'smooth_l1',
-                      quality_pointwise_weight: float = 0.1,
-                      quality_temperature: float = 0.2,
-                      num_predictions: Optional[jax.Array] = None,
-                      num_images: Optional[jax.Array] = None) -> jax.Array:
+def quality_objective(
+    pred_quality: jax.Array,
+    quality_logits: Optional[jax.Array],
+    targets: jax.Array,
+    crop_mask: jax.Array,
+    *,
+    quality_loss: str = 'smooth_l1',
+    quality_pointwise_weight: float = 0.1,
+    quality_temperature: float = 0.2,
+    num_predictions: Optional[jax.Array] = None,
+    num_images: Optional[jax.Array] = None,
+) -> jax.Array:
   """The 'loss_quality' term: one of `QUALITY_LOSSES` towards `targets`.
 
   Args:
@@ -303,29 +314,31 @@ def quality_objective(pred_quality: jax.Array,
   return jnp.sum(per_image) / num_images + quality_pointwise_weight * pointwise
 
 
-def set_prediction_losses(pred_boxes_xyxy: jax.Array,
-                          pred_quality: jax.Array,
-                          crops_xyxy: jax.Array,
-                          crop_scores: jax.Array,
-                          crop_mask: jax.Array,
-                          *,
-                          positive_threshold: float = 4.0,
-                          score_min: float = 1.0,
-                          score_max: float = 5.0,
-                          smoothing_iou: Optional[float] = 0.9,
-                          l1_weight: float = 5.0,
-                          giou_weight: float = 2.0,
-                          quality_weight: float = 1.0,
-                          quality_logits: Optional[jax.Array] = None,
-                          quality_loss: str = 'smooth_l1',
-                          quality_target: str = 'matched',
-                          quality_pointwise_weight: float = 0.1,
-                          quality_temperature: float = 0.2,
-                          quality_top_k: int = 4,
-                          matching_solver: str = 'device',
-                          num_positives: Optional[jax.Array] = None,
-                          num_predictions: Optional[jax.Array] = None,
-                          num_images: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+def set_prediction_losses(
+    pred_boxes_xyxy: jax.Array,
+    pred_quality: jax.Array,
+    crops_xyxy: jax.Array,
+    crop_scores: jax.Array,
+    crop_mask: jax.Array,
+    *,
+    positive_threshold: float = 4.0,
+    score_min: float = 1.0,
+    score_max: float = 5.0,
+    smoothing_iou: Optional[float] = 0.9,
+    l1_weight: float = 5.0,
+    giou_weight: float = 2.0,
+    quality_weight: float = 1.0,
+    quality_logits: Optional[jax.Array] = None,
+    quality_loss: str = 'smooth_l1',
+    quality_target: str = 'matched',
+    quality_pointwise_weight: float = 0.1,
+    quality_temperature: float = 0.2,
+    quality_top_k: int = 4,
+    matching_solver: str = 'device',
+    num_positives: Optional[jax.Array] = None,
+    num_predictions: Optional[jax.Array] = None,
+    num_images: Optional[jax.Array] = None,
+) -> dict[str, jax.Array]:
   """Losses of one decoder layer's predictions.
 
   Args:
@@ -372,8 +385,15 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
   scores_norm = normalise_scores(crop_scores, score_min, score_max)  # (B, C)
 
   pred_idx, crop_idx, valid = matching.match(
-      pred_boxes_xyxy, pred_quality, crops_xyxy, positives, matching_solver,
-      l1_weight=l1_weight, giou_weight=giou_weight, quality_weight=quality_weight)  # (B, K) each
+      pred_boxes_xyxy,
+      pred_quality,
+      crops_xyxy,
+      positives,
+      matching_solver,
+      l1_weight=l1_weight,
+      giou_weight=giou_weight,
+      quality_weight=quality_weight,
+  )  # (B, K) each
   src = matching.gather_matched(pred_boxes_xyxy, pred_idx)  # (B, K, 4)
   tgt = matching.gather_matched(crops_xyxy, crop_idx)  # (B, K, 4)
   weight = valid.astype(jnp.float32)  # (B, K)
@@ -390,19 +410,27 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
   if quality_target == 'matched':
     matched = matching.matched_mask(pred_idx, valid, num_preds)  # (B, M)
     matched_score = matching.scatter_to_preds(
-        matching.gather_matched(scores_norm, crop_idx), pred_idx, valid, num_preds)  # (B, M)
-    targets = quality_targets(pred_boxes_xyxy, matched, matched_score, crops_xyxy, scores_norm,
-                              crop_mask, smoothing_iou)  # (B, M)
+        matching.gather_matched(scores_norm, crop_idx), pred_idx, valid, num_preds
+    )  # (B, M)
+    targets = quality_targets(
+        pred_boxes_xyxy, matched, matched_score, crops_xyxy, scores_norm, crop_mask, smoothing_iou
+    )  # (B, M)
   elif quality_target == 'iou':
     targets = iou_quality_targets(pred_boxes_xyxy, crops_xyxy, scores_norm, crop_mask)  # (B, M)
   else:
     references = top_crops_mask(crop_scores, crop_mask, quality_top_k)
     targets = top_iou_targets(pred_boxes_xyxy, crops_xyxy, references)  # (B, M)
   loss_quality = quality_objective(
-      pred_quality, quality_logits, targets, crop_mask, quality_loss=quality_loss,
+      pred_quality,
+      quality_logits,
+      targets,
+      crop_mask,
+      quality_loss=quality_loss,
       quality_pointwise_weight=quality_pointwise_weight,
-      quality_temperature=quality_temperature, num_predictions=num_predictions,
-      num_images=num_images)
+      quality_temperature=quality_temperature,
+      num_predictions=num_predictions,
+      num_images=num_images,
+  )
 
   iou = box_lib.elementwise_iou_xyxy(src, tgt)  # (B, K)
   matched_iou_mean = jnp.sum(iou * weight) / jnp.maximum(jnp.sum(weight), 1.0)
@@ -415,9 +443,11 @@ def set_prediction_losses(pred_boxes_xyxy: jax.Array,
   }
 
 
-def total_loss(per_layer_terms: Sequence[Mapping[str, jax.Array]],
-               weights: Optional[Mapping[str, float]] = None,
-               aux: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total_loss(
+    per_layer_terms: Sequence[Mapping[str, jax.Array]],
+    weights: Optional[Mapping[str, float]] = None,
+    aux: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of the loss terms of the decoder layers, and a flat dict of all terms.
 
   Args:
@@ -448,15 +478,17 @@ def total_loss(per_layer_terms: Sequence[Mapping[str, jax.Array]],
   return loss, flat
 
 
-def decoder_losses(aux_boxes_xyxy: jax.Array,
-                   aux_quality_logits: jax.Array,
-                   crops_xyxy: jax.Array,
-                   crop_scores: jax.Array,
-                   crop_mask: jax.Array,
-                   *,
-                   weights: Optional[Mapping[str, float]] = None,
-                   aux_loss: bool = True,
-                   **loss_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+def decoder_losses(
+    aux_boxes_xyxy: jax.Array,
+    aux_quality_logits: jax.Array,
+    crops_xyxy: jax.Array,
+    crop_scores: jax.Array,
+    crop_mask: jax.Array,
+    *,
+    weights: Optional[Mapping[str, float]] = None,
+    aux_loss: bool = True,
+    **loss_kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Losses of every decoder layer (each re-matched, as DETR) combined by `total_loss`.
 
   Args:
@@ -481,8 +513,15 @@ def decoder_losses(aux_boxes_xyxy: jax.Array,
     aux_boxes_xyxy, aux_logits = aux_boxes_xyxy[-1:], aux_logits[-1:]
 
   def one_layer(boxes, logits):
-    return set_prediction_losses(boxes, jax.nn.sigmoid(logits), crops_xyxy, crop_scores,
-                                 crop_mask, quality_logits=logits, **loss_kwargs)
+    return set_prediction_losses(
+        boxes,
+        jax.nn.sigmoid(logits),
+        crops_xyxy,
+        crop_scores,
+        crop_mask,
+        quality_logits=logits,
+        **loss_kwargs,
+    )
 
   stacked = jax.vmap(one_layer)(aux_boxes_xyxy, aux_logits)  # dict of (L',) arrays
   computed = [{k: v[i] for k, v in stacked.items()} for i in range(aux_boxes_xyxy.shape[0])]
@@ -496,13 +535,24 @@ def decoder_losses(aux_boxes_xyxy: jax.Array,
 # ------------------------------------------------------------------------------------------------
 
 
-def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_mask: jax.Array,
-                   target_boxes_xyxy: jax.Array, target_labels: jax.Array,
-                   target_mask: jax.Array, *, focal_alpha: float = 0.25,
-                   focal_gamma: float = 2.0, cost_class: float = 2.0, cost_l1: float = 5.0,
-                   cost_giou: float = 2.0, weight_class: float = 2.0, weight_l1: float = 5.0,
-                   weight_giou: float = 2.0, matching_solver: str = 'device'
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def detection_loss(
+    pred_logits: jax.Array,
+    pred_boxes_cxcywh: jax.Array,
+    query_mask: jax.Array,
+    target_boxes_xyxy: jax.Array,
+    target_labels: jax.Array,
+    target_mask: jax.Array,
+    *,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    cost_class: float = 2.0,
+    cost_l1: float = 5.0,
+    cost_giou: float = 2.0,
+    weight_class: float = 2.0,
+    weight_l1: float = 5.0,
+    weight_giou: float = 2.0,
+    matching_solver: str = 'device',
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Set-prediction detection loss.
 
   Args:
@@ -523,9 +573,17 @@ def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_m
   query_mask = jnp.asarray(query_mask, bool)
   b, p, q = pred_logits.shape
   pred_idx, target_idx, valid = matching.detection_match(
-      pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels, target_mask,
-      focal_alpha=focal_alpha, focal_gamma=focal_gamma, cost_class=cost_class,
-      cost_l1=cost_l1, cost_giou=cost_giou)
+      pred_logits,
+      pred_boxes_cxcywh,
+      target_boxes_xyxy,
+      target_labels,
+      target_mask,
+      focal_alpha=focal_alpha,
+      focal_gamma=focal_gamma,
+      cost_class=cost_class,
+      cost_l1=cost_l1,
+      cost_giou=cost_giou,
+  )
   num_objects = jnp.sum(target_mask.astype(jnp.float32))
   norm = jnp.maximum(num_objects, 1.0)
 
@@ -534,8 +592,9 @@ def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_m
   pair_token = jax.nn.one_hot(pred_idx, p) * valid[..., None]  # (B, K, P)
   pair_label = jax.nn.one_hot(matched_labels, q)  # (B, K, Q)
   targets = jnp.minimum(jnp.einsum('bkp,bkq->bpq', pair_token, pair_label), 1.0)
-  focal = optax.sigmoid_focal_loss(pred_logits.astype(jnp.float32), targets, alpha=focal_alpha,
-                                   gamma=focal_gamma)
+  focal = optax.sigmoid_focal_loss(
+      pred_logits.astype(jnp.float32), targets, alpha=focal_alpha, gamma=focal_gamma
+  )
   loss_class = jnp.sum(jnp.where(query_mask[:, None, :], focal, 0.0)) / norm
 
   # Box terms on the matched pairs.
@@ -547,5 +606,10 @@ def detection_loss(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array, query_m
   loss_giou = jnp.sum(jnp.where(valid, 1.0 - giou, 0.0)) / norm
 
   loss = weight_class * loss_class + weight_l1 * loss_l1 + weight_giou * loss_giou
-  return loss, {'loss': loss, 'loss_class': loss_class, 'loss_l1': loss_l1,
-                'loss_giou': loss_giou, 'num_objects': num_objects}
+  return loss, {
+      'loss': loss,
+      'loss_class': loss_class,
+      'loss_l1': loss_l1,
+      'loss_giou': loss_giou,
+      'num_objects': num_objects,
+  }

@@ -56,14 +56,16 @@ def resolve_solver(solver: str) -> str:
   return default_solver() if solver == 'auto' else solver
 
 
-def match_cost(pred_boxes_xyxy: jax.Array,
-               pred_quality: jax.Array,
-               target_boxes_xyxy: jax.Array,
-               target_mask: jax.Array,
-               *,
-               l1_weight: float = 5.0,
-               giou_weight: float = 2.0,
-               quality_weight: float = 1.0) -> jax.Array:
+def match_cost(
+    pred_boxes_xyxy: jax.Array,
+    pred_quality: jax.Array,
+    target_boxes_xyxy: jax.Array,
+    target_mask: jax.Array,
+    *,
+    l1_weight: float = 5.0,
+    giou_weight: float = 2.0,
+    quality_weight: float = 1.0,
+) -> jax.Array:
   """Pairwise matching cost between predictions and targets.
 
   Args:
@@ -89,8 +91,9 @@ def match_cost(pred_boxes_xyxy: jax.Array,
   cost_quality = -jnp.asarray(pred_quality)[:, :, None]
   cost = l1_weight * cost_l1 - giou_weight * giou + quality_weight * cost_quality  # (B, M, N)
   cost = jnp.where(jnp.asarray(target_mask, dtype=bool)[:, None, :], cost, COST_UPPER_BOUND)
-  return jnp.nan_to_num(cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND,
-                        neginf=-COST_UPPER_BOUND)
+  return jnp.nan_to_num(
+      cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND, neginf=-COST_UPPER_BOUND
+  )
 
 
 def _solvable_cost(cost: jax.Array, mask: jax.Array) -> jax.Array:
@@ -130,26 +133,25 @@ def _scipy_assignment(cost: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, n
   ~20 real crops of 128 slots this is several times faster than solving the padded matrix.
   """
   from scipy import optimize  # pylint: disable=g-import-not-at-top
+
   cost = np.asarray(cost)
   lead, (num_preds, num_targets) = cost.shape[:-2], cost.shape[-2:]
   flat = cost.reshape((-1, num_preds, num_targets))
-  masks = np.broadcast_to(np.asarray(mask, bool), lead + (num_targets,)).reshape(
-      (-1, num_targets))
+  masks = np.broadcast_to(np.asarray(mask, bool), lead + (num_targets,)).reshape((-1, num_targets))
   num_pairs = min(num_preds, num_targets)
   rows = np.empty((flat.shape[0], num_pairs), np.int32)
   cols = np.empty((flat.shape[0], num_pairs), np.int32)
   for i, (c, m) in enumerate(zip(flat, masks)):
     real = np.flatnonzero(m)
     r, k = optimize.linear_sum_assignment(c[:, real].astype(np.float64))
-    free_rows = np.setdiff1d(np.arange(num_preds), r)[:num_pairs - len(r)]
-    free_cols = np.flatnonzero(~m)[:len(free_rows)]
+    free_rows = np.setdiff1d(np.arange(num_preds), r)[: num_pairs - len(r)]
+    free_cols = np.flatnonzero(~m)[: len(free_rows)]
     rows[i] = np.concatenate([r, free_rows])
     cols[i] = np.concatenate([real[k], free_cols])
   return rows.reshape(lead + (num_pairs,)), cols.reshape(lead + (num_pairs,))
 
 
-def _host_assignment(solvable: jax.Array, target_mask: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
+def _host_assignment(solvable: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(B, M, N) cost, (B, N) mask -> (pred_idx, target_idx) (B, K) int32 from SciPy via
   `jax.pure_callback`.
 
@@ -158,13 +160,14 @@ def _host_assignment(solvable: jax.Array, target_mask: jax.Array
   """
   batch, num_preds, num_targets = solvable.shape
   out = jax.ShapeDtypeStruct((batch, min(num_preds, num_targets)), jnp.int32)
-  return jax.pure_callback(_scipy_assignment, (out, out), solvable, target_mask,
-                           vmap_method='expand_dims')
+  return jax.pure_callback(
+      _scipy_assignment, (out, out), solvable, target_mask, vmap_method='expand_dims'
+  )
 
 
-def hungarian_matching(cost: jax.Array,
-                       target_mask: jax.Array,
-                       solver: str = 'device') -> tuple[jax.Array, jax.Array, jax.Array]:
+def hungarian_matching(
+    cost: jax.Array, target_mask: jax.Array, solver: str = 'device'
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Minimum-cost assignment of predictions to targets, per example; no gradient.
 
   Real targets always win over padding: all of them are matched when their number is <= M, the
@@ -204,12 +207,14 @@ def hungarian_matching(cost: jax.Array,
   return tuple(jnp.take_along_axis(x, order, axis=1) for x in (pred_idx, target_idx, valid))
 
 
-def match(pred_boxes_xyxy: jax.Array,
-          pred_quality: jax.Array,
-          target_boxes_xyxy: jax.Array,
-          target_mask: jax.Array,
-          solver: str = 'device',
-          **weights: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def match(
+    pred_boxes_xyxy: jax.Array,
+    pred_quality: jax.Array,
+    target_boxes_xyxy: jax.Array,
+    target_mask: jax.Array,
+    solver: str = 'device',
+    **weights: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`match_cost` then `hungarian_matching`; `weights` are match_cost's keyword weights.
 
   Args:
@@ -246,8 +251,9 @@ def gather_matched(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def scatter_to_preds(values: jax.Array, pred_idx: jax.Array, valid: jax.Array,
-                     num_preds: int, fill: float = 0.0) -> jax.Array:
+def scatter_to_preds(
+    values: jax.Array, pred_idx: jax.Array, valid: jax.Array, num_preds: int, fill: float = 0.0
+) -> jax.Array:
   """Per-pair values (B, K) placed at their predictions -> (B, M); `fill` where unmatched.
 
   Pairs with valid False are ignored. Each prediction is in at most one pair.
@@ -272,33 +278,58 @@ def focal_class_cost(logits: jax.Array, alpha: float = 0.25, gamma: float = 2.0)
   """DETR / Scenic focal matching cost of a logit for the positive class (lower = better):
   alpha (1-p)^g (-log p) - (1-alpha) p^g (-log(1-p)), p = sigmoid(logit)."""
   p = jax.nn.sigmoid(logits)
-  pos = alpha * (1 - p)**gamma * -jax.nn.log_sigmoid(logits)
+  pos = alpha * (1 - p) ** gamma * -jax.nn.log_sigmoid(logits)
   neg = (1 - alpha) * p**gamma * -jax.nn.log_sigmoid(-logits)
   return pos - neg
 
 
-def detection_match_cost(pred_logits: jax.Array, pred_boxes_cxcywh: jax.Array,
-                         target_boxes_xyxy: jax.Array, target_labels: jax.Array,
-                         target_mask: jax.Array, *, focal_alpha: float = 0.25,
-                         focal_gamma: float = 2.0, cost_class: float = 2.0,
-                         cost_l1: float = 5.0, cost_giou: float = 2.0) -> jax.Array:
+def detection_match_cost(
+    pred_logits: jax.Array,
+    pred_boxes_cxcywh: jax.Array,
+    target_boxes_xyxy: jax.Array,
+    target_labels: jax.Array,
+    target_mask: jax.Array,
+    *,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    cost_class: float = 2.0,
+    cost_l1: float = 5.0,
+    cost_giou: float = 2.0,
+) -> jax.Array:
   """(B, P, N) cost: cost_class * focal cost + cost_l1 * L1(cxcywh) - cost_giou * GIoU."""
   pred_xyxy = box_lib.cxcywh_to_xyxy(pred_boxes_cxcywh)
   box_cost = match_cost(
-      pred_xyxy, jnp.zeros(pred_xyxy.shape[:2], jnp.float32), target_boxes_xyxy, target_mask,
-      l1_weight=cost_l1, giou_weight=cost_giou, quality_weight=0.0)
-  class_cost = focal_class_cost(target_logits(pred_logits, target_labels).astype(jnp.float32),
-                                focal_alpha, focal_gamma)
-  cost = jnp.where(jnp.asarray(target_mask, bool)[:, None, :], box_cost + cost_class * class_cost,
-                   box_cost)
-  return jnp.nan_to_num(cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND,
-                        neginf=-COST_UPPER_BOUND)
+      pred_xyxy,
+      jnp.zeros(pred_xyxy.shape[:2], jnp.float32),
+      target_boxes_xyxy,
+      target_mask,
+      l1_weight=cost_l1,
+      giou_weight=cost_giou,
+      quality_weight=0.0,
+  )
+  class_cost = focal_class_cost(
+      target_logits(pred_logits, target_labels).astype(jnp.float32), focal_alpha, focal_gamma
+  )
+  cost = jnp.where(
+      jnp.asarray(target_mask, bool)[:, None, :], box_cost + cost_class * class_cost, box_cost
+  )
+  return jnp.nan_to_num(
+      cost, nan=COST_UPPER_BOUND, posinf=COST_UPPER_BOUND, neginf=-COST_UPPER_BOUND
+  )
 
 
-def detection_match(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
-                    target_mask, solver: str = 'device', **cost_kw):
+def detection_match(
+    pred_logits,
+    pred_boxes_cxcywh,
+    target_boxes_xyxy,
+    target_labels,
+    target_mask,
+    solver: str = 'device',
+    **cost_kw,
+):
   """Hungarian matching (`solver` of `SOLVERS`) -> (pred_idx, target_idx, valid), each
   (B, min(P, N))."""
-  cost = detection_match_cost(pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels,
-                              target_mask, **cost_kw)
+  cost = detection_match_cost(
+      pred_logits, pred_boxes_cxcywh, target_boxes_xyxy, target_labels, target_mask, **cost_kw
+  )
   return hungarian_matching(cost, target_mask, solver)

@@ -56,20 +56,28 @@ class MetricLogger:
     if self.jsonl is not None and resume_step is not None:
       dropped = _rewrite_jsonl(self.jsonl, lambda r: int(r['step']) <= resume_step)
       if dropped:
-        logging.info('%s: dropped %d record(s) after step %d (the interrupted run wrote them '
-                     'after its last usable checkpoint; they are written again)', self.jsonl,
-                     dropped, resume_step)
+        logging.info(
+            '%s: dropped %d record(s) after step %d (the interrupted run wrote them '
+            'after its last usable checkpoint; they are written again)',
+            self.jsonl,
+            dropped,
+            resume_step,
+        )
     try:
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
       self.writer = metric_writers.create_default_writer(
-          workdir, just_logging=not self.is_main, asynchronous=False)
+          workdir, just_logging=not self.is_main, asynchronous=False
+      )
     except ImportError:  # clu / tensorboard not installed: JSONL only
-      logging.warning('clu is not installed: no TensorBoard summaries (pip install '
-                      '"clipcrop-jax[train]")')
+      logging.warning(
+          'clu is not installed: no TensorBoard summaries (pip install ' '"clipcrop-jax[train]")'
+      )
       self.writer = None
 
-  def write(self, step: int, scalars: dict[str, float], kind: str = 'train',
-            replace: bool = False) -> None:
+  def write(
+      self, step: int, scalars: dict[str, float], kind: str = 'train', replace: bool = False
+  ) -> None:
     """Logs `scalars` at `step`; `replace` first drops an earlier (step, kind) record."""
     scalars = {k: float(v) for k, v in scalars.items()}
     if self.writer is not None:

@@ -87,8 +87,10 @@ def _compile_rules(rules: Optional[Sequence[Rule]]) -> list[tuple[re.Pattern, fl
       raise ValueError(f'lr_multipliers[{i}]: invalid regex {pattern!r}: {e}') from e
     multiplier = float(multiplier)
     if not np.isfinite(multiplier) or multiplier < 0:
-      raise ValueError(f'lr_multipliers[{i}]: multiplier must be finite and >= 0, '
-                       f'got {multiplier} for {pattern!r}.')
+      raise ValueError(
+          f'lr_multipliers[{i}]: multiplier must be finite and >= 0, '
+          f'got {multiplier} for {pattern!r}.'
+      )
     compiled.append((regex, multiplier))
   return compiled
 
@@ -175,8 +177,7 @@ def describe(params: PyTree, rules: Optional[Sequence[Rule]]) -> str:
   return '; '.join(parts)
 
 
-def default_lr_multipliers(freeze_encoder: bool,
-                           encoder_multiplier: float = 0.1) -> list[Rule]:
+def default_lr_multipliers(freeze_encoder: bool, encoder_multiplier: float = 0.1) -> list[Rule]:
   """Default rules for the OWL-ViT encoder (everything under 'owlvit').
 
   Args:
@@ -208,15 +209,22 @@ def make_schedule(config: Any) -> optax.Schedule:
     ValueError: on missing or invalid fields.
   """
   total_steps = _get(config, 'total_steps')
-  if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) \
-      or total_steps <= 0:
+  if (
+      isinstance(total_steps, bool)
+      or not isinstance(total_steps, (int, np.integer))
+      or total_steps <= 0
+  ):
     raise ValueError(f'total_steps must be an int > 0, got {total_steps!r}.')
   total_steps = int(total_steps)
   warmup_steps = _get(config, 'warmup_steps', 0) or 0
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) \
-      or not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f'warmup_steps must be an int in [0, total_steps={total_steps}], '
-                     f'got {warmup_steps!r}.')
+  if (
+      isinstance(warmup_steps, bool)
+      or not isinstance(warmup_steps, (int, np.integer))
+      or not 0 <= warmup_steps <= total_steps
+  ):
+    raise ValueError(
+        f'warmup_steps must be an int in [0, total_steps={total_steps}], ' f'got {warmup_steps!r}.'
+    )
   warmup_steps = int(warmup_steps)
   peak = float(_get(config, 'learning_rate'))
   end = float(_get(config, 'end_learning_rate', 0.0) or 0.0)
@@ -229,8 +237,12 @@ def make_schedule(config: Any) -> optax.Schedule:
     return optax.linear_schedule(0.0, peak, warmup_steps)
   if warmup_steps > 0:
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=total_steps, end_value=end)
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=end,
+    )
   if peak == 0.0:
     return optax.constant_schedule(end)
   return optax.cosine_decay_schedule(peak, total_steps, alpha=end / peak)
@@ -248,8 +260,9 @@ def _decay_mask(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(config: Any, params: PyTree
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: Any, params: PyTree
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with cosine schedule, global-norm clipping and per-group learning-rate multipliers.
 
   The chain is: zero the gradients of frozen parameters, clip by global norm (so the norm is
@@ -291,8 +304,13 @@ def make_optimizer(config: Any, params: PyTree
       transforms[label] = optax.set_to_zero()
     else:
       transforms[label] = optax.adamw(
-          learning_rate=_scaled(schedule, mult), b1=b1, b2=b2, eps=eps,
-          weight_decay=weight_decay, mask=_decay_mask)
+          learning_rate=_scaled(schedule, mult),
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          weight_decay=weight_decay,
+          mask=_decay_mask,
+      )
 
   steps = []
   if FROZEN_LABEL in transforms:

@@ -53,6 +53,7 @@ LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Arr
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs. `step` counts optimizer updates (= batches consumed)."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -88,6 +89,7 @@ class Task:
   def dataset_builder(self):
     """The prepared TFDS dataset `config.dataset.name` (fails early on missing features)."""
     from clipcrop_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
     return input_pipeline.dataset_builder(self.config.dataset.name, self.config.dataset.data_dir)
 
   def init_params(self, rng: jax.Array, pretrained: dict[str, Params]) -> Params:
@@ -101,13 +103,13 @@ class Task:
     del abstract_params
     return {}
 
-  def train_batches(self, builder, mesh: jax.sharding.Mesh, start_step: int
-                    ) -> Iterator[Batch]:
+  def train_batches(self, builder, mesh: jax.sharding.Mesh, start_step: int) -> Iterator[Batch]:
     """Global training batches after `start_step` consumed ones (`data_position`)."""
     raise NotImplementedError
 
-  def loss_fn(self, params: Params, batch: Batch, rng: jax.Array
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss_fn(
+      self, params: Params, batch: Batch, rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, scalar terms) of a global batch; `rng` is this step's (dropout) key."""
     raise NotImplementedError
 
@@ -117,12 +119,14 @@ class Task:
     the task's `finish`)."""
     return -1
 
-  def evaluate(self, state: TrainState, step: int, builder, logger: metric_log.MetricLogger
-               ) -> None:
+  def evaluate(
+      self, state: TrainState, step: int, builder, logger: metric_log.MetricLogger
+  ) -> None:
     """An evaluation during training, at `step` (a multiple of `eval_every_steps`)."""
 
-  def finish(self, state: TrainState, workdir: str, builder, logger: metric_log.MetricLogger
-             ) -> None:
+  def finish(
+      self, state: TrainState, workdir: str, builder, logger: metric_log.MetricLogger
+  ) -> None:
     """Once all steps are done (also on a re-run of a finished workdir): the export."""
 
 
@@ -138,8 +142,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   kwargs = {}
   if d.coordinator_address:
-    kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                  process_id=d.process_id)
+    kwargs = dict(
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+    )
   # Cross-process collectives on CPU need gloo (the default from some jax version on; older
   # versions default to none). Only the CPU client reads it, so GPU / TPU runs are unaffected.
   if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
@@ -160,8 +167,12 @@ class _QuietLibraries(python_logging.Filter):
     return not any(f'/{p}/' in path for p in _QUIET_PACKAGES)
 
 
-def run_command(config: Optional[ml_collections.ConfigDict], workdir: Optional[str],
-                run: Callable[[], Any], task: str = 'clipcrop') -> None:
+def run_command(
+    config: Optional[ml_collections.ConfigDict],
+    workdir: Optional[str],
+    run: Callable[[], Any],
+    task: str = 'clipcrop',
+) -> None:
   """The frame of the training command lines (`clipcrop_jax.main`, `detection_train`).
 
   Checks `config` and `workdir` (`config_validation.validate_config`; a problem is one `error:`
@@ -178,6 +189,7 @@ def run_command(config: Optional[ml_collections.ConfigDict], workdir: Optional[s
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep the accelerators for JAX
   initialize_distributed(config)
   try:
@@ -193,8 +205,10 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int
     return int(config.num_train_steps)
   steps = int(config.num_epochs * num_examples // config.batch_size)
   if steps <= 0:
-    raise ValueError(f'num_epochs={config.num_epochs} x {num_examples} examples / batch_size='
-                     f'{config.batch_size} gives no training step; set num_train_steps')
+    raise ValueError(
+        f'num_epochs={config.num_epochs} x {num_examples} examples / batch_size='
+        f'{config.batch_size} gives no training step; set num_train_steps'
+    )
   return steps
 
 
@@ -208,8 +222,9 @@ def data_position(config: ml_collections.ConfigDict, start_step: int) -> tuple[i
   """
   seed, mode = int(config.seed), config.checkpoint.data_resume
   if mode not in default_config.DATA_RESUME:
-    raise ValueError(f'checkpoint.data_resume={mode!r}; expected one of '
-                     f'{default_config.DATA_RESUME}')
+    raise ValueError(
+        f'checkpoint.data_resume={mode!r}; expected one of ' f'{default_config.DATA_RESUME}'
+    )
   if not start_step:
     return seed, 0
   if mode == 'replay':
@@ -218,8 +233,9 @@ def data_position(config: ml_collections.ConfigDict, start_step: int) -> tuple[i
   return int(jax.random.randint(key, (), 0, 2**30)), 0
 
 
-def optimizer_config(config: ml_collections.ConfigDict, total_steps: int
-                     ) -> ml_collections.ConfigDict:
+def optimizer_config(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> ml_collections.ConfigDict:
   """`config.optimizer` with `total_steps` (the schedule's length) set."""
   opt = ml_collections.ConfigDict(config.optimizer.to_dict())
   opt.total_steps = total_steps
@@ -242,6 +258,7 @@ class Setup:
       `Task.pretrained_params` after `place` ({} = random init). Donates `pretrained`.
     optimizer, schedule: from `optim.make_optimizer`.
   """
+
   abstract: TrainState
   shardings: TrainState
   init: Callable[[jax.Array, dict[str, Params]], TrainState]
@@ -253,22 +270,30 @@ def setup_state(task: Task, mesh: jax.sharding.Mesh, total_steps: int) -> Setup:
   """Shapes (by `jax.eval_shape`, nothing is computed), shardings and the jitted init."""
   config = task.config
   abstract_params = jax.eval_shape(lambda r: task.init_params(r, {}), jax.random.PRNGKey(0))
-  optimizer, schedule = optim.make_optimizer(optimizer_config(config, total_steps),
-                                             abstract_params)
+  optimizer, schedule = optim.make_optimizer(optimizer_config(config, total_steps), abstract_params)
 
   def init(rng, pretrained):
     params_rng, state_rng = jax.random.split(rng)
     params = task.init_params(params_rng, pretrained)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=state_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=state_rng,
+    )
 
   abstract = jax.eval_shape(lambda r: init(r, {}), jax.random.PRNGKey(0))
   shardings = sharding_lib.tree_shardings(abstract, mesh, config.sharding.rules)
   abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return Setup(abstract=abstract, shardings=shardings,
-               init=jax.jit(init, out_shardings=shardings, donate_argnums=1),
-               optimizer=optimizer, schedule=schedule)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  return Setup(
+      abstract=abstract,
+      shardings=shardings,
+      init=jax.jit(init, out_shardings=shardings, donate_argnums=1),
+      optimizer=optimizer,
+      schedule=schedule,
+  )
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -284,43 +309,57 @@ def fresh_state(task: Task, setup: Setup) -> TrainState:
   return setup.init(jax.random.PRNGKey(task.config.seed), pretrained)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """(state, global batch) -> (next state, scalar metrics): one optimizer update of `loss_fn`.
 
   The metrics are `loss_fn`'s terms plus 'loss', 'grad_norm' and 'learning_rate' (of this step).
   `loss_fn` gets the step's rng, `fold_in(state.rng, state.step)` (dropout).
   """
+
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**terms, 'loss': loss, 'grad_norm': optax.tree_utils.tree_norm(grads),
-               'learning_rate': schedule(state.step)}
+    metrics = {
+        **terms,
+        'loss': loss,
+        'grad_norm': optax.tree_utils.tree_norm(grads),
+        'learning_rate': schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
   return train_step
 
 
-def jit_train_step(train_step: Callable[[TrainState, Batch], Any], shardings: TrainState,
-                   mesh: jax.sharding.Mesh) -> Callable[[TrainState, Batch], Any]:
+def jit_train_step(
+    train_step: Callable[[TrainState, Batch], Any], shardings: TrainState, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, Batch], Any]:
   """`train_step` jitted as training runs it: state sharded by `shardings` (and donated),
   batch on 'data', scalar metrics replicated."""
-  return jax.jit(train_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+      train_step,
+      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)),
+      donate_argnums=0,
+  )
 
 
-def make_step_fn(task: Task, setup: Setup, mesh: jax.sharding.Mesh
-                 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_step_fn(
+    task: Task, setup: Setup, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The task's train step as `train` runs it (`make_train_step` + `jit_train_step`)."""
-  return jit_train_step(make_train_step(task.loss_fn, setup.optimizer, setup.schedule),
-                        setup.shardings, mesh)
+  return jit_train_step(
+      make_train_step(task.loss_fn, setup.optimizer, setup.schedule), setup.shardings, mesh
+  )
 
 
 def host_params(state: TrainState) -> Params:
   """The parameters as host NumPy arrays on every process (gathered across processes)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(state.params, tiled=True)
   return jax.device_get(state.params)
@@ -335,8 +374,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """`<workdir>/config.json` (atomically: a reader never sees half of it), process 0."""
   if jax.process_index() == 0:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    fileio.atomic_write_text(pathlib.Path(workdir) / CONFIG_FILE,
-                             config.to_json_best_effort(indent=1))
+    fileio.atomic_write_text(
+        pathlib.Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=1)
+    )
 
 
 def format_eta(seconds: float) -> str:
@@ -347,16 +387,22 @@ def format_eta(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
-def check_finite(history: list[dict[str, float]], first_step: int, last_good: Optional[int],
-                  workdir: str) -> None:
+def check_finite(
+    history: list[dict[str, float]], first_step: int, last_good: Optional[int], workdir: str
+) -> None:
   for i, m in enumerate(history):
     if not math.isfinite(m['loss']):
-      where = (f'the last good checkpoint (step {last_good}) is kept in '
-               f'{os.path.join(workdir, CHECKPOINT_DIR)}' if last_good is not None
-               else 'no checkpoint was written')
-      raise errors.NonFiniteLossError(f'loss is {m["loss"]} at step {first_step + i + 1}; training '
-                               f'stopped ({where}). Lower optimizer.learning_rate or check the '
-                               'data.')
+      where = (
+          f'the last good checkpoint (step {last_good}) is kept in '
+          f'{os.path.join(workdir, CHECKPOINT_DIR)}'
+          if last_good is not None
+          else 'no checkpoint was written'
+      )
+      raise errors.NonFiniteLossError(
+          f'loss is {m["loss"]} at step {first_step + i + 1}; training '
+          f'stopped ({where}). Lower optimizer.learning_rate or check the '
+          'data.'
+      )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,12 +410,23 @@ def check_finite(history: list[dict[str, float]], first_step: int, last_good: Op
 # ------------------------------------------------------------------------------------------------
 
 
-def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], state: Any,
-              batches: Iterator[Any], *, config: ml_collections.ConfigDict, workdir: str,
-              manager, logger: metric_log.MetricLogger, start: int, end: int, total: int,
-              last_good: Optional[int], desc: str = 'train',
-              log_terms: tuple[str, ...] = (),
-              on_step: Optional[Callable[[Any, int], None]] = None) -> Any:
+def run_steps(
+    step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]],
+    state: Any,
+    batches: Iterator[Any],
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    manager,
+    logger: metric_log.MetricLogger,
+    start: int,
+    end: int,
+    total: int,
+    last_good: Optional[int],
+    desc: str = 'train',
+    log_terms: tuple[str, ...] = (),
+    on_step: Optional[Callable[[Any, int], None]] = None,
+) -> Any:
   """The training loop shared by ClipCrop and OWL-ViT detection training.
 
   Runs steps start+1 .. end: fetches a batch (timing the wait for input), applies `step_fn`,
@@ -380,10 +437,18 @@ def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], s
   after every step (evaluation hooks). A progress bar shows on process 0. Returns the state.
   """
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+
   history: list[Any] = []
   t_log, step_log, wait = time.time(), start, 0.0
-  bar = tqdm.tqdm(total=total, initial=start, desc=desc, unit='step',
-                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  bar = tqdm.tqdm(
+      total=total,
+      initial=start,
+      desc=desc,
+      unit='step',
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+      mininterval=2.0,
+  )
   try:
     for step in range(start + 1, end + 1):
       t0 = time.time()
@@ -399,13 +464,23 @@ def run_steps(step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]], s
         mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         elapsed = max(time.time() - t_log, 1e-9)
         rate = (step - step_log) / elapsed
-        mean.update(steps_per_sec=rate, examples_per_sec=rate * config.batch_size,
-                    input_wait_fraction=wait / elapsed)
+        mean.update(
+            steps_per_sec=rate,
+            examples_per_sec=rate * config.batch_size,
+            input_wait_fraction=wait / elapsed,
+        )
         logger.write(step, mean)
         terms = ''.join(f', {k.replace("loss_", "")} {mean[k]:.4f}' for k in log_terms if k in mean)
-        logging.info('step %d/%d | loss %.4f%s | %.2f steps/s | input wait %.0f%% | ETA %s',
-                     step, total, mean['loss'], terms, rate, 100 * mean['input_wait_fraction'],
-                     format_eta((total - step) / max(rate, 1e-9)))
+        logging.info(
+            'step %d/%d | loss %.4f%s | %.2f steps/s | input wait %.0f%% | ETA %s',
+            step,
+            total,
+            mean['loss'],
+            terms,
+            rate,
+            100 * mean['input_wait_fraction'],
+            format_eta((total - step) / max(rate, 1e-9)),
+        )
         bar.set_postfix(loss=f'{mean["loss"]:.4f}')
         history, t_log, step_log, wait = [], time.time(), step, 0.0
       if save_now:
@@ -445,8 +520,11 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
   builder = task.dataset_builder()
   total = num_train_steps(config, builder.info.splits[config.dataset.train_split].num_examples)
   setup = setup_state(task, mesh, total)
-  logging.info('Mesh %s; %s', dict(mesh.shape), optim.describe(setup.abstract.params,
-                                                                config.optimizer.lr_multipliers))
+  logging.info(
+      'Mesh %s; %s',
+      dict(mesh.shape),
+      optim.describe(setup.abstract.params, config.optimizer.lr_multipliers),
+  )
 
   state, last_good = checkpointing.restore_latest(workdir, setup.abstract, set_aside=True)
   if state is not None:
@@ -462,12 +540,22 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
   logger = metric_log.MetricLogger(workdir, resume_step=start)
   try:
     if start < end:
-      state = run_steps(make_step_fn(task, setup, mesh), state, task.train_batches(builder, mesh, start), config=config,
-                        workdir=workdir, manager=manager, logger=logger, start=start, end=end,
-                        total=total, last_good=last_good, desc=task.name,
-                        log_terms=task.log_terms,
-                        on_step=lambda s, step: _periodic_eval(task, s, step, total, builder,
-                                                               logger))
+      state = run_steps(
+          make_step_fn(task, setup, mesh),
+          state,
+          task.train_batches(builder, mesh, start),
+          config=config,
+          workdir=workdir,
+          manager=manager,
+          logger=logger,
+          start=start,
+          end=end,
+          total=total,
+          last_good=last_good,
+          desc=task.name,
+          log_terms=task.log_terms,
+          on_step=lambda s, step: _periodic_eval(task, s, step, total, builder, logger),
+      )
     if int(jax.device_get(state.step)) >= total:
       task.finish(state, workdir, builder, logger)
   finally:
@@ -476,8 +564,9 @@ def train(task: Task, workdir: str, max_steps_this_run: Optional[int] = None) ->
   return state
 
 
-def _periodic_eval(task: Task, state: TrainState, step: int, total: int, builder,
-                   logger: metric_log.MetricLogger) -> None:
+def _periodic_eval(
+    task: Task, state: TrainState, step: int, total: int, builder, logger: metric_log.MetricLogger
+) -> None:
   every = task.eval_every_steps
   if every > 0 and step % every == 0 and step != total:
     task.evaluate(state, step, builder, logger)
@@ -497,7 +586,9 @@ def restore_for_eval(task: Task, workdir: str) -> tuple[TrainState, jax.sharding
   setup = setup_state(task, mesh, max(1, config.num_train_steps))
   state, step = checkpointing.restore_latest(workdir, setup.abstract, set_aside=False)
   if state is None:
-    raise errors.NoCheckpointError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} '
-                                   '(train first, or point --workdir at a trained run)')
+    raise errors.NoCheckpointError(
+        f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)} '
+        '(train first, or point --workdir at a trained run)'
+    )
   logging.info('Restored %s at step %d', os.path.join(workdir, CHECKPOINT_DIR), step)
   return state, mesh

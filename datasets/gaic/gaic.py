@@ -104,8 +104,9 @@ def _split_clashes(files: dict[str, list[str]]) -> tuple[dict[str, str], dict[st
   return unique, {stem: names for stem, names in files.items() if len(names) > 1}
 
 
-def parse_annotation_file(path: str, height: int, width: int, report: F.SkipReport,
-                          skip_bad_data: bool) -> list[dict[str, Any]]:
+def parse_annotation_file(
+    path: str, height: int, width: int, report: F.SkipReport, skip_bad_data: bool
+) -> list[dict[str, Any]]:
   """Parses one GAIC annotation txt into `crops` entries (bbox normalised, score float32).
 
   Lines are `y1 x1 y2 x2 score` in pixels of the original image (row first). Blank lines and
@@ -122,54 +123,74 @@ def parse_annotation_file(path: str, height: int, width: int, report: F.SkipRepo
     where = f'{path}:{lineno}'
     fields = line.split()
     if len(fields) != 5:
-      report.handle(F.BadDataError(
-          f'{where}: expected 5 fields "y1 x1 y2 x2 score", got {len(fields)}: {line!r}'),
-          skip_bad_data, 'malformed_line')
+      report.handle(
+          F.BadDataError(
+              f'{where}: expected 5 fields "y1 x1 y2 x2 score", got {len(fields)}: {line!r}'
+          ),
+          skip_bad_data,
+          'malformed_line',
+      )
       continue
     try:
       values = [float(v) for v in fields]
     except ValueError:
       values = None
     if values is None or not all(math.isfinite(v) for v in values):
-      report.handle(F.BadDataError(f'{where}: non-numeric value in {line!r}'),
-                    skip_bad_data, 'malformed_line')
+      report.handle(
+          F.BadDataError(f'{where}: non-numeric value in {line!r}'), skip_bad_data, 'malformed_line'
+      )
       continue
     y1, x1, y2, x2, score = values
     if score == IGNORE_SCORE:
       continue
     if not SCORE_MIN <= score <= SCORE_MAX:
-      report.handle(F.BadDataError(
-          f'{where}: score {score:g} is outside [{SCORE_MIN:g}, {SCORE_MAX:g}] (GAIC mean '
-          f'opinion scores; {IGNORE_SCORE:g} = ignore)'),
-          skip_bad_data, 'score_out_of_range')
+      report.handle(
+          F.BadDataError(
+              f'{where}: score {score:g} is outside [{SCORE_MIN:g}, {SCORE_MAX:g}] (GAIC mean '
+              f'opinion scores; {IGNORE_SCORE:g} = ignore)'
+          ),
+          skip_bad_data,
+          'score_out_of_range',
+      )
       continue
     tol = BOUNDS_TOLERANCE_PX
-    if (min(y1, x1, y2, x2) < -tol or max(y1, y2) > height + tol
-        or max(x1, x2) > width + tol):
-      report.handle(F.BadDataError(
-          f'{where}: box y1 x1 y2 x2 = {y1:g} {x1:g} {y2:g} {x2:g} lies outside the '
-          f'{height}x{width} (HxW) image by more than {tol:g} px'),
-          skip_bad_data, 'out_of_bounds')
+    if min(y1, x1, y2, x2) < -tol or max(y1, y2) > height + tol or max(x1, x2) > width + tol:
+      report.handle(
+          F.BadDataError(
+              f'{where}: box y1 x1 y2 x2 = {y1:g} {x1:g} {y2:g} {x2:g} lies outside the '
+              f'{height}x{width} (HxW) image by more than {tol:g} px'
+          ),
+          skip_bad_data,
+          'out_of_bounds',
+      )
       continue
     y1, y2 = (min(max(v, 0.0), float(height)) for v in (y1, y2))
     x1, x2 = (min(max(v, 0.0), float(width)) for v in (x1, x2))
     if y2 <= y1 or x2 <= x1:
-      report.handle(F.BadDataError(
-          f'{where}: empty box y1 x1 y2 x2 = {y1:g} {x1:g} {y2:g} {x2:g} '
-          '(needs y2 > y1 and x2 > x1)'),
-          skip_bad_data, 'empty_box')
+      report.handle(
+          F.BadDataError(
+              f'{where}: empty box y1 x1 y2 x2 = {y1:g} {x1:g} {y2:g} {x2:g} '
+              '(needs y2 > y1 and x2 > x1)'
+          ),
+          skip_bad_data,
+          'empty_box',
+      )
       continue
-    crops.append({
-        F.CROP_BBOX: tfds.features.BBox(
-            ymin=y1 / height, xmin=x1 / width, ymax=y2 / height, xmax=x2 / width),
-        F.CROP_SCORE: np.float32(score),
-    })
+    crops.append(
+        {
+            F.CROP_BBOX: tfds.features.BBox(
+                ymin=y1 / height, xmin=x1 / width, ymax=y2 / height, xmax=x2 / width
+            ),
+            F.CROP_SCORE: np.float32(score),
+        }
+    )
   return crops
 
 
 def _read_image(path: str):
   """Returns (encodable image, height, width); raises BadDataError when unreadable."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as img:
       img.load()  # Decodes the pixels: catches truncated / corrupt files.
@@ -188,15 +209,19 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release: journal (GAICD-3336) and conference (GAICD-1236) configs, '
-               'ClipCrop GAIC-Text-Annotations captions.',
+      'ClipCrop GAIC-Text-Annotations captions.',
   }
   BUILDER_CONFIGS = [
       GaicConfig(
-          name='journal', layout='journal',
-          description='GAICD-3336 (TPAMI journal version): train 2636 / val 200 / test 500.'),
+          name='journal',
+          layout='journal',
+          description='GAICD-3336 (TPAMI journal version): train 2636 / val 200 / test 500.',
+      ),
       GaicConfig(
-          name='conference', layout='conference',
-          description='GAICD-1236 (CVPR conference version): train 1036 / test 200.'),
+          name='conference',
+          layout='conference',
+          description='GAICD-1236 (CVPR conference version): train 1036 / test 200.',
+      ),
   ]
   DEFAULT_CONFIG_NAME = 'journal'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -236,10 +261,14 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict(F.common_features(**{
-            'image/id': tfds.features.Text(),  # File stem, e.g. '235093'.
-            'split_name': tfds.features.Text(),  # GAIC folder: 'train', 'val' or 'test'.
-        })),
+        features=tfds.features.FeaturesDict(
+            F.common_features(
+                **{
+                    'image/id': tfds.features.Text(),  # File stem, e.g. '235093'.
+                    'split_name': tfds.features.Text(),  # GAIC folder: 'train', 'val' or 'test'.
+                }
+            )
+        ),
         supervised_keys=None,
         homepage='https://github.com/HuiZeng/Grid-Anchor-based-Image-Cropping-Pytorch',
         citation=_CITATION,
@@ -263,8 +292,7 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.layout == 'journal':
       return all(os.path.isdir(os.path.join(annotations, s)) for s in self._split_names)
     # Conference: flat annotations folder (and no journal val split).
-    return (bool(_list_txt(annotations))
-            and not os.path.isdir(os.path.join(images, 'val')))
+    return bool(_list_txt(annotations)) and not os.path.isdir(os.path.join(images, 'val'))
 
   def _find_root(self, manual_dir: str) -> str:
     """The folder holding images/ and annotations/ in this config's layout (depth <= 2)."""
@@ -280,28 +308,40 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
           names = sorted(os.listdir(folder))
         except OSError:
           continue
-        nxt += [os.path.join(folder, n) for n in names
-                if not n.startswith('.') and n not in ('images', 'annotations', TEXT_DIR)
-                and os.path.isdir(os.path.join(folder, n))]
+        nxt += [
+            os.path.join(folder, n)
+            for n in names
+            if not n.startswith('.')
+            and n not in ('images', 'annotations', TEXT_DIR)
+            and os.path.isdir(os.path.join(folder, n))
+        ]
       if found:
         break
       level = nxt
     layout = self.builder_config.layout
     if len(found) > 1:
-      raise F.BadDataError(f'{manual_dir}: several folders match the GAIC {layout} layout: '
-                           f'{found}; point --manual_dir at one of them.')
+      raise F.BadDataError(
+          f'{manual_dir}: several folders match the GAIC {layout} layout: '
+          f'{found}; point --manual_dir at one of them.'
+      )
     if not found:
-      want = ('images/{train,val,test}/ and annotations/{train,val,test}/'
-              if layout == 'journal' else 'images/{train,test}/ and a flat annotations/')
+      want = (
+          'images/{train,val,test}/ and annotations/{train,val,test}/'
+          if layout == 'journal'
+          else 'images/{train,test}/ and a flat annotations/'
+      )
       raise F.BadDataError(
           f'{manual_dir}: no folder (up to two levels down) has the GAIC {layout} layout '
-          f'({want}); see datasets/gaic/README.md (Gaic.MANUAL_DOWNLOAD_INSTRUCTIONS)')
+          f'({want}); see datasets/gaic/README.md (Gaic.MANUAL_DOWNLOAD_INSTRUCTIONS)'
+      )
     return found[0]
 
   def _find_text_dir(self, manual_dir: str, root: str) -> str | None:
-    for folder in (os.path.join(manual_dir, TEXT_DIR),
-                   os.path.join(manual_dir, 'ClipCrop', TEXT_DIR),
-                   os.path.join(root, TEXT_DIR)):
+    for folder in (
+        os.path.join(manual_dir, TEXT_DIR),
+        os.path.join(manual_dir, 'ClipCrop', TEXT_DIR),
+        os.path.join(root, TEXT_DIR),
+    ):
       if os.path.isdir(folder):
         return folder
     return None
@@ -314,15 +354,18 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
     for split, name in TEXT_FILES.items():
       path = os.path.join(text_dir, name)
       if not os.path.isfile(path):
-        raise F.BadDataError(f'{path}: missing ({text_dir} must hold train.json, valid.json '
-                             'and test.json from zzh-tech/ClipCrop)')
+        raise F.BadDataError(
+            f'{path}: missing ({text_dir} must hold train.json, valid.json '
+            'and test.json from zzh-tech/ClipCrop)'
+        )
       try:
         with open(path, encoding='utf-8') as f:
           data = json.load(f)
       except (ValueError, UnicodeDecodeError) as e:
         raise F.BadDataError(f'{path}: not valid JSON ({e})') from e
       if not isinstance(data, dict) or not all(
-          isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+          isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+      ):
         raise F.BadDataError(f'{path}: expected a flat {{"<file>.jpg": "<caption>"}} object')
       out[split] = (data, path)
     return out
@@ -335,8 +378,12 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
     root = self._find_root(manual_dir)
     text_dir = self._find_text_dir(manual_dir, root)
     captions = self._load_captions(text_dir)
-    logging.info('GAIC %s: raw files in %s, captions: %s', self.builder_config.name, root,
-                 text_dir or "none (text='')")
+    logging.info(
+        'GAIC %s: raw files in %s, captions: %s',
+        self.builder_config.name,
+        root,
+        text_dir or "none (text='')",
+    )
     # Caption lookup: for the journal version each split has its own file; the conference
     # images are a subset of the journal ones (train -> train, test -> val + test), so they
     # look up the union.
@@ -352,8 +399,9 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
         split: self._generate_examples(
             split=split,
             image_dir=os.path.join(root, 'images', split),
-            annotation_dir=(os.path.join(ann, split)
-                            if self.builder_config.layout == 'journal' else ann),
+            annotation_dir=(
+                os.path.join(ann, split) if self.builder_config.layout == 'journal' else ann
+            ),
             captions=split_captions[split][0],
             caption_path=split_captions[split][1],
             has_captions=bool(captions),
@@ -361,8 +409,9 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
         for split in self._split_names
     }
 
-  def _match_files(self, split: str, image_dir: str, annotation_dir: str, report: F.SkipReport
-                   ) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str], set[str]]:
+  def _match_files(
+      self, split: str, image_dir: str, annotation_dir: str, report: F.SkipReport
+  ) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str], set[str]]:
     """Pairs images and annotation files by stem; every ambiguous stem is reported.
 
     Annotations are matched to images by file stem, so a stem must name one image and one
@@ -379,71 +428,113 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
     annotations, ann_clashes = _split_clashes(_list_txt(annotation_dir))
     conference = self.builder_config.layout != 'journal'
     images_root = os.path.dirname(image_dir)
-    other_splits = {s: _list_images(os.path.join(images_root, s))
-                    for s in self._split_names if conference and s != split}
+    other_splits = {
+        s: _list_images(os.path.join(images_root, s))
+        for s in self._split_names
+        if conference and s != split
+    }
     for stem, names in sorted(clashes.items()):
-      report.handle(F.BadDataError(
-          f'{image_dir}: {" and ".join(names)} share the stem {stem!r}, so {stem}.txt cannot be '
-          'matched to one image; rename or remove one of them'), skip, 'ambiguous_image')
+      report.handle(
+          F.BadDataError(
+              f'{image_dir}: {" and ".join(names)} share the stem {stem!r}, so {stem}.txt cannot be '
+              'matched to one image; rename or remove one of them'
+          ),
+          skip,
+          'ambiguous_image',
+      )
     known_stems = set(all_files).union(*other_splits.values())
     for stem, paths in sorted(ann_clashes.items()):
       # Reported in the split of its image (conference: in the first split when it has none).
       if stem in all_files or (stem not in known_stems and split == self._split_names[0]):
-        report.handle(F.BadDataError(
-            f'{" and ".join(paths)}: two annotation files for the image stem {stem!r}; remove '
-            'one of them'), skip, 'ambiguous_annotation')
+        report.handle(
+            F.BadDataError(
+                f'{" and ".join(paths)}: two annotation files for the image stem {stem!r}; remove '
+                'one of them'
+            ),
+            skip,
+            'ambiguous_annotation',
+        )
     for other, files in other_splits.items():
       for stem in sorted(set(images) & set(files)):
-        report.handle(F.BadDataError(
-            f'{annotations.get(stem, stem + ".txt")}: matches {images_root}/{split}/'
-            f'{images[stem]} and {images_root}/{other}/{files[stem][0]}; the flat conference '
-            'annotation folder needs a distinct stem per image'), skip, 'ambiguous_image')
-    images = {stem: name for stem, name in images.items()
-              if stem not in ann_clashes and not any(stem in f for f in other_splits.values())}
+        report.handle(
+            F.BadDataError(
+                f'{annotations.get(stem, stem + ".txt")}: matches {images_root}/{split}/'
+                f'{images[stem]} and {images_root}/{other}/{files[stem][0]}; the flat conference '
+                'annotation folder needs a distinct stem per image'
+            ),
+            skip,
+            'ambiguous_image',
+        )
+    images = {
+        stem: name
+        for stem, name in images.items()
+        if stem not in ann_clashes and not any(stem in f for f in other_splits.values())
+    }
     return all_files, images, annotations, set(clashes) | set(ann_clashes)
 
-  def _generate_examples(self, *, split: str, image_dir: str, annotation_dir: str,
-                         captions: dict[str, str], caption_path: str | None,
-                         has_captions: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _generate_examples(
+      self,
+      *,
+      split: str,
+      image_dir: str,
+      annotation_dir: str,
+      captions: dict[str, str],
+      caption_path: str | None,
+      has_captions: bool,
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
     report = F.SkipReport()
     self.skip_reports[split] = report
     skip = self.skip_bad_data
-    all_files, images, annotations, consumed = self._match_files(split, image_dir,
-                                                                 annotation_dir, report)
+    all_files, images, annotations, consumed = self._match_files(
+        split, image_dir, annotation_dir, report
+    )
     conference = self.builder_config.layout != 'journal'
 
     if not conference:
       # Annotation txt without an image (the flat conference folder mixes train and test, so
       # that check is done on both splits together, below).
       for stem in sorted(set(annotations) - set(images) - consumed):
-        report.handle(F.BadDataError(
-            f'{annotations[stem]}: annotation without image (no {stem}.jpg in {image_dir})'),
-            skip, 'missing_image')
+        report.handle(
+            F.BadDataError(
+                f'{annotations[stem]}: annotation without image (no {stem}.jpg in {image_dir})'
+            ),
+            skip,
+            'missing_image',
+        )
       # Caption without an image.
       if caption_path is not None:
         filenames = {name for names in all_files.values() for name in names}
         for key in sorted(captions):
           if key not in filenames:
-            report.handle(F.BadDataError(
-                f'{caption_path}: caption key {key!r} has no image in {image_dir}'),
-                skip, 'caption_without_image')
+            report.handle(
+                F.BadDataError(f'{caption_path}: caption key {key!r} has no image in {image_dir}'),
+                skip,
+                'caption_without_image',
+            )
     else:
       all_images = set()
       for s in self._split_names:
         all_images |= set(_list_images(os.path.join(os.path.dirname(image_dir), s)))
       if split == self._split_names[0]:
         for stem in sorted(set(annotations) - all_images - consumed):
-          report.handle(F.BadDataError(
-              f'{annotations[stem]}: annotation without image (no {stem}.jpg in '
-              f'{os.path.dirname(image_dir)}/{{train,test}})'), skip, 'missing_image')
+          report.handle(
+              F.BadDataError(
+                  f'{annotations[stem]}: annotation without image (no {stem}.jpg in '
+                  f'{os.path.dirname(image_dir)}/{{train,test}})'
+              ),
+              skip,
+              'missing_image',
+          )
 
     n_ok = n_no_caption = 0
     for stem, filename in images.items():
       image_path = os.path.join(image_dir, filename)
       if stem not in annotations:
-        report.handle(F.BadDataError(
-            f'{image_path}: no annotation file {stem}.txt in {annotation_dir}'),
-            skip, 'missing_annotation')
+        report.handle(
+            F.BadDataError(f'{image_path}: no annotation file {stem}.txt in {annotation_dir}'),
+            skip,
+            'missing_annotation',
+        )
         continue
       try:
         image, height, width = _read_image(image_path)
@@ -452,9 +543,13 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
         continue
       crops = parse_annotation_file(annotations[stem], height, width, report, skip)
       if not crops:
-        report.handle(F.BadDataError(
-            f'{annotations[stem]}: no usable crop (every line empty, -2 or skipped)'),
-            skip, 'no_crops')
+        report.handle(
+            F.BadDataError(
+                f'{annotations[stem]}: no usable crop (every line empty, -2 or skipped)'
+            ),
+            skip,
+            'no_crops',
+        )
         continue
       text = captions.get(filename, '')
       if has_captions and filename not in captions:
@@ -471,12 +566,18 @@ class Gaic(tfds.core.GeneratorBasedBuilder):
           'split_name': split,
       }
     if n_no_caption:
-      logging.warning('GAIC %s/%s: %d images without a caption (text=\'\')',
-                      self.builder_config.name, split, n_no_caption)
-    logging.info('GAIC %s/%s: %d examples; %s', self.builder_config.name, split, n_ok,
-                 report.summary())
+      logging.warning(
+          "GAIC %s/%s: %d images without a caption (text='')",
+          self.builder_config.name,
+          split,
+          n_no_caption,
+      )
+    logging.info(
+        'GAIC %s/%s: %d examples; %s', self.builder_config.name, split, n_ok, report.summary()
+    )
 
 
 if __name__ == '__main__':  # same as `python -m clipcrop_jax.build_dataset`
   from clipcrop_jax import build_dataset  # pylint: disable=g-import-not-at-top
+
   build_dataset.main()

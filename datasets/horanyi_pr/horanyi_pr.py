@@ -28,8 +28,7 @@ _CITATION = r"""
 """
 
 
-class HoranyiPr(data_formats.ReferenceCropsBuilderMixin,
-                tfds.core.GeneratorBasedBuilder):
+class HoranyiPr(data_formats.ReferenceCropsBuilderMixin, tfds.core.GeneratorBasedBuilder):
   """Horanyi-PR: images, a caption each and reference crops (all score 1.0)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -52,8 +51,10 @@ class HoranyiPr(data_formats.ReferenceCropsBuilderMixin,
   def _info(self) -> tfds.core.DatasetInfo:
     return self._reference_info(
         description='Caption-guided cropping test set of Horanyi et al. (PR 2022): one example '
-                    'per (image, caption) with all reference crops (score 1.0).',
-        homepage='https://arxiv.org/abs/2201.02280', citation=_CITATION)
+        'per (image, caption) with all reference crops (score 1.0).',
+        homepage='https://arxiv.org/abs/2201.02280',
+        citation=_CITATION,
+    )
 
   def _reference_examples(self, manual_dir, skip: bool):
     yield from data_formats.simple_format_examples(manual_dir, self.skip_report, skip)

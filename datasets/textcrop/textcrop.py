@@ -55,14 +55,18 @@ class TextCrop(data_formats.ReferenceCropsBuilderMixin, tfds.core.GeneratorBased
   def _info(self) -> tfds.core.DatasetInfo:
     return self._reference_info(
         description='Text-guided cropping test set compiled for ClipCrop: one example per '
-                    '(image, text) with all reference crops (score 1.0).',
-        homepage='https://arxiv.org/abs/2211.11492', citation=_CITATION)
+        '(image, text) with all reference crops (score 1.0).',
+        homepage='https://arxiv.org/abs/2211.11492',
+        citation=_CITATION,
+    )
 
   def _reference_examples(self, manual_dir, skip: bool):
     if (manual_dir / data_formats.SIMPLE_ANNOTATIONS).exists():
       if data_formats.labelme_files(manual_dir):
-        logging.warning('textcrop: %s exists, so the labelme *.json files are ignored.',
-                        manual_dir / data_formats.SIMPLE_ANNOTATIONS)
+        logging.warning(
+            'textcrop: %s exists, so the labelme *.json files are ignored.',
+            manual_dir / data_formats.SIMPLE_ANNOTATIONS,
+        )
       yield from data_formats.simple_format_examples(manual_dir, self.skip_report, skip)
     else:
       yield from data_formats.labelme_examples(manual_dir, self.skip_report, skip)
