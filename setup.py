@@ -46,12 +46,17 @@ SERVE_REQUIRE = [  # the crop service (python -m clipcrop_jax.serve)
     "python-multipart>=0.0.9",  # multipart form uploads
 ]
 
+# Formatter and linter, configured in pyproject.toml and run by .ci/run (exact versions: a new
+# release may format differently, and the check fails on any drift).
+LINT_REQUIRE = ["pyink==26.5.1", "ruff==0.17.6"]
+
 EXTRAS_REQUIRE = {
     "data": DATA_REQUIRE,
     "train": TRAIN_REQUIRE,
     "hub": HUB_REQUIRE,
     "serve": SERVE_REQUIRE,
     "beam": BEAM_REQUIRE,
+    "lint": LINT_REQUIRE,
     # Only for the `tfds` console script itself (tensorflow-datasets 4.9.x imports these at its
     # start-up); `python -m clipcrop_jax.build_dataset` runs the same build without them.
     "tfds-cli": DATA_REQUIRE + BEAM_REQUIRE + ["mlcroissant>=1.0"],
@@ -65,6 +70,7 @@ EXTRAS_REQUIRE = {
         "httpx>=0.27",  # the service's test client and tools/load_test.py
         "selenium>=4.20",  # the playground in a real (Debian chromium) headless browser
     ]
+    + LINT_REQUIRE
     + TRAIN_REQUIRE
     + HUB_REQUIRE
     + SERVE_REQUIRE
