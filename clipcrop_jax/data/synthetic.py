@@ -1,6 +1,6 @@
 """Procedurally generated text-conditioned cropping scenes (pure numpy + Pillow, no TF).
 
-The data of the `synthetic` TFDS builder (`datasets/synthetic`; docs/training.md describes the
+The data of the `synthetic` TFDS builder (`datasets/synthetic`, whose README describes the
 scenes, captions, candidate crops and their scores). A scene is a few coloured shapes on a
 textured background, every (colour, shape) pair at most once; a caption names a target (one
 object, two, or one by its relation to another); GAIC grid and free-form candidate crops are
